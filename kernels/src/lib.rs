@@ -1,0 +1,1 @@
+//! wafersim-kernels: per-PE programs for the operations of a training step.

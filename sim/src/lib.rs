@@ -1,0 +1,1 @@
+//! wafersim-sim: a CS-2-style wafer-scale fabric simulator.

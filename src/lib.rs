@@ -1,0 +1,12 @@
+//! wafersim: sparse training on a simulated wafer-scale dataflow accelerator.
+//!
+//! This crate is the runtime on top of the machine (`wafersim-sim`) and its device programs
+//! (`wafersim-kernels`): the GPT model and its checkpoints, static sparsity masks, the plain CPU
+//! reference training step (the oracle), analytic FLOP accounting, the compiler from a model to
+//! kernel instances on fabric regions, the host side of weight streaming, reports and the CLI.
+//!
+//! Dependencies point one way, `wafersim -> wafersim-kernels -> wafersim-sim`: nothing below
+//! this crate knows what a transformer is. See `ARCHITECTURE.md` for the map.
+
+pub mod cli;
+pub mod model;
