@@ -1,0 +1,622 @@
+//! The instructions a task can execute, with their cost: [`TaskCtx`].
+//!
+//! A task body runs to completion when the core picks it. Each call on the context executes one
+//! instruction on the PE's SRAM at once and adds its cycles to the task's running total; the core
+//! is busy for `task_switch_cycles` plus that total. Vector instructions cost
+//! `issue_cycles + ceil(len / simd_width)` with the width of their class and types
+//! ([`crate::SimdWidths`]); transcendentals cost `exp_cycles_per_element` per element.
+//!
+//! Fabric input and output are asynchronous, as DSD operations with `.async = true` are on the
+//! hardware: [`TaskCtx::send`], [`TaskCtx::recv`] and [`TaskCtx::recv_add_send`] start a
+//! microthread that moves at most one wavelet per cycle in the background and may activate or
+//! unblock a task when it finishes. Operations on the same color run one after another in issue
+//! order. Values to send are read when the send is issued.
+//!
+//! Numerics: `f32` instructions compute in `f32`; `f16` instructions compute each element in
+//! `f32` and round the result to `f16` once. Operands are read before the destination is written
+//! (an instruction whose destination overlaps a source at another offset sees the old values).
+//!
+//! A misused instruction (wrong types, out-of-bounds vector, a color without a route to or from
+//! the core) does nothing but records an error; the run then stops with [`crate::RunError::Task`].
+
+use half::f16;
+
+use crate::config::FabricConfig;
+use crate::geometry::Coord;
+use crate::memory::{DType, Sram, VecRef};
+use crate::program::{TaskId, Then};
+use crate::stats::PeStats;
+use crate::wavelet::{Color, Wavelet};
+
+/// Run state of one task.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct TaskFlags {
+    pub active: bool,
+    pub blocked: bool,
+}
+
+/// How a receive combines each arriving value with the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecvMode {
+    /// `dst[i] = wavelet`.
+    Store,
+    /// `dst[i] += wavelet`.
+    Add,
+}
+
+/// A microthread operation in progress.
+#[derive(Debug)]
+pub(crate) struct AsyncOp {
+    pub kind: AsyncKind,
+    /// Queue read from (core input queue), if any.
+    pub in_queue: Option<u32>,
+    /// Queue written to (the router's RAMP input buffer), if any.
+    pub out_queue: Option<u32>,
+    pub in_color: Option<Color>,
+    pub out_color: Option<Color>,
+    pub done: u32,
+    pub len: u32,
+    /// Earliest cycle of the first element.
+    pub start_at: u64,
+    /// Earliest cycle of the next element (one per cycle).
+    pub next_at: u64,
+    pub then: Then,
+    pub issued_by: &'static str,
+}
+
+#[derive(Debug)]
+pub(crate) enum AsyncKind {
+    Send { wavelets: Vec<Wavelet> },
+    Recv { dst: VecRef, mode: RecvMode },
+    RecvAddSend { local: VecRef },
+}
+
+/// The colors a core can read from and write to, with their queue ids.
+#[derive(Clone, Copy)]
+pub(crate) struct CoreLinks<'a> {
+    /// `(color, core input queue)` for every route delivering to RAMP.
+    pub inputs: &'a [(Color, u32)],
+    /// `(color, router RAMP input buffer)` for every route accepting from RAMP.
+    pub outputs: &'a [(Color, u32)],
+}
+
+/// What a running task sees of its PE: the instruction set.
+pub struct TaskCtx<'a> {
+    pub(crate) config: &'a FabricConfig,
+    pub(crate) coord: Coord,
+    pub(crate) now: u64,
+    pub(crate) cycles: u64,
+    pub(crate) wavelet: Option<Wavelet>,
+    pub(crate) sram: &'a mut Sram,
+    pub(crate) tasks: &'a mut [TaskFlags],
+    pub(crate) ops: &'a mut Vec<AsyncOp>,
+    pub(crate) stats: &'a mut PeStats,
+    pub(crate) links: CoreLinks<'a>,
+    pub(crate) name: &'static str,
+    pub(crate) error: Option<String>,
+}
+
+impl TaskCtx<'_> {
+    /// This PE's position.
+    pub fn coord(&self) -> Coord {
+        self.coord
+    }
+
+    /// The payload that triggered this data task (a local task gets an error and `0`).
+    pub fn wavelet(&mut self) -> Wavelet {
+        match self.wavelet {
+            Some(w) => w,
+            None => {
+                self.fail("a local task has no wavelet".into());
+                Wavelet(0)
+            }
+        }
+    }
+
+    /// Cycles charged to this task so far (excluding the task switch).
+    pub fn cycles(&self) -> u64 {
+        self.cycles
+    }
+
+    /// Charges `n` cycles of scalar work (address arithmetic, loop control, scalar math).
+    pub fn scalar_cycles(&mut self, n: u64) {
+        self.cycles += n;
+    }
+
+    fn fail(&mut self, reason: String) {
+        if self.error.is_none() {
+            self.error = Some(reason);
+        }
+    }
+
+    fn checked(&mut self, op: &str, v: VecRef) -> Option<std::ops::Range<usize>> {
+        match self.sram.range(v) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.fail(format!("{op}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn same_len(&mut self, op: &str, dst: VecRef, src: VecRef) -> bool {
+        if dst.len != src.len {
+            self.fail(format!(
+                "{op}: operand lengths differ ({} vs {})",
+                dst.len, src.len
+            ));
+            return false;
+        }
+        true
+    }
+
+    fn charge_vector(&mut self, len: u32, width: u32) {
+        self.cycles += u64::from(self.config.issue_cycles) + u64::from(len.div_ceil(width));
+        self.stats.vector_elements += u64::from(len);
+    }
+
+    fn arith_width(&self, dtype: DType) -> u32 {
+        match dtype {
+            DType::F32 => self.config.simd.arith_f32,
+            DType::F16 => self.config.simd.arith_f16,
+        }
+    }
+
+    fn fmac_width(&mut self, op: &str, dst: DType, src: DType) -> Option<u32> {
+        let s = &self.config.simd;
+        match (dst, src) {
+            (DType::F32, DType::F32) => Some(s.fmac_f32),
+            (DType::F16, DType::F16) => Some(s.fmac_f16),
+            (DType::F32, DType::F16) => Some(s.fmac_mixed),
+            (DType::F16, DType::F32) => {
+                self.fail(format!("{op}: cannot accumulate f32 products into f16"));
+                None
+            }
+        }
+    }
+
+    fn get(&self, dtype: DType, i: usize) -> f32 {
+        match dtype {
+            DType::F32 => self.sram.f32s[i],
+            DType::F16 => self.sram.f16s[i].to_f32(),
+        }
+    }
+
+    fn set(&mut self, dtype: DType, i: usize, value: f32) {
+        match dtype {
+            DType::F32 => self.sram.f32s[i] = value,
+            DType::F16 => self.sram.f16s[i] = f16::from_f32(value),
+        }
+    }
+
+    /// A copy of `v`'s elements widened to f32.
+    fn gather(&self, v: VecRef, range: std::ops::Range<usize>) -> Vec<f32> {
+        match v.dtype() {
+            DType::F32 => self.sram.f32s[range].to_vec(),
+            DType::F16 => self.sram.f16s[range].iter().map(|h| h.to_f32()).collect(),
+        }
+    }
+
+    /// `dst[i] = f(dst[i], a[i], b[i])` for same-length operands; `b` may be absent.
+    fn elementwise(
+        &mut self,
+        op: &str,
+        dst: VecRef,
+        a: VecRef,
+        b: Option<VecRef>,
+        f: impl Fn(f32, f32, f32) -> f32,
+    ) -> bool {
+        if !self.same_len(op, dst, a) || b.is_some_and(|b| !self.same_len(op, dst, b)) {
+            return false;
+        }
+        let (Some(rd), Some(ra)) = (self.checked(op, dst), self.checked(op, a)) else {
+            return false;
+        };
+        let rb = match b {
+            Some(b) => match self.checked(op, b) {
+                Some(r) => Some((b, r)),
+                None => return false,
+            },
+            None => None,
+        };
+        let va = self.gather(a, ra);
+        let vb = rb.map(|(b, r)| self.gather(b, r));
+        for (k, i) in rd.enumerate() {
+            let old = self.get(dst.dtype(), i);
+            let y = vb.as_ref().map_or(0.0, |vb| vb[k]);
+            self.set(dst.dtype(), i, f(old, va[k], y));
+        }
+        true
+    }
+
+    fn require_same_type(&mut self, op: &str, dst: VecRef, others: &[VecRef]) -> bool {
+        if others.iter().any(|o| o.dtype() != dst.dtype()) {
+            self.fail(format!("{op}: operands must all be {}", dst.dtype().name()));
+            return false;
+        }
+        true
+    }
+
+    /// AXPY: `dst += a * s` (`@fmacs`/`@fmach`/`@fmachs` by types). Counts `len` FMACs.
+    pub fn fmac(&mut self, dst: VecRef, a: VecRef, s: f32) {
+        let Some(width) = self.fmac_width("fmac", dst.dtype(), a.dtype()) else {
+            return;
+        };
+        if !self.same_len("fmac", dst, a) {
+            return;
+        }
+        if dst.dtype() == DType::F32 && a.dtype() == DType::F32 {
+            let (Some(rd), Some(ra)) = (self.checked("fmac", dst), self.checked("fmac", a)) else {
+                return;
+            };
+            axpy_f32(&mut self.sram.f32s, rd, ra, s);
+        } else {
+            let s = round_to(a.dtype(), s);
+            if !self.elementwise("fmac", dst, a, None, |d, x, _| d + x * s) {
+                return;
+            }
+        }
+        self.stats.fmacs += u64::from(dst.len);
+        self.charge_vector(dst.len, width);
+    }
+
+    /// `dst += a * b` element-wise. Counts `len` FMACs.
+    pub fn fma(&mut self, dst: VecRef, a: VecRef, b: VecRef) {
+        if a.dtype() != b.dtype() {
+            self.fail("fma: the two factors must have one type".into());
+            return;
+        }
+        let Some(width) = self.fmac_width("fma", dst.dtype(), a.dtype()) else {
+            return;
+        };
+        if self.elementwise("fma", dst, a, Some(b), |d, x, y| d + x * y) {
+            self.stats.fmacs += u64::from(dst.len);
+            self.charge_vector(dst.len, width);
+        }
+    }
+
+    fn arith(&mut self, op: &str, dst: VecRef, a: VecRef, b: VecRef, f: fn(f32, f32) -> f32) {
+        if !self.require_same_type(op, dst, &[a, b]) {
+            return;
+        }
+        if self.elementwise(op, dst, a, Some(b), |_, x, y| f(x, y)) {
+            let width = self.arith_width(dst.dtype());
+            self.charge_vector(dst.len, width);
+        }
+    }
+
+    /// `dst = a + b`.
+    pub fn add(&mut self, dst: VecRef, a: VecRef, b: VecRef) {
+        self.arith("add", dst, a, b, |x, y| x + y);
+    }
+
+    /// `dst = a - b`.
+    pub fn sub(&mut self, dst: VecRef, a: VecRef, b: VecRef) {
+        self.arith("sub", dst, a, b, |x, y| x - y);
+    }
+
+    /// `dst = a * b` element-wise.
+    pub fn mul(&mut self, dst: VecRef, a: VecRef, b: VecRef) {
+        self.arith("mul", dst, a, b, |x, y| x * y);
+    }
+
+    /// `dst = max(a, b)` element-wise.
+    pub fn max(&mut self, dst: VecRef, a: VecRef, b: VecRef) {
+        if !self.require_same_type("max", dst, &[a, b]) {
+            return;
+        }
+        if self.elementwise("max", dst, a, Some(b), |_, x, y| x.max(y)) {
+            self.charge_vector(dst.len, self.config.simd.max);
+        }
+    }
+
+    fn with_scalar(&mut self, op: &str, dst: VecRef, a: VecRef, s: f32, f: fn(f32, f32) -> f32) {
+        if !self.require_same_type(op, dst, &[a]) {
+            return;
+        }
+        let s = round_to(a.dtype(), s);
+        if self.elementwise(op, dst, a, None, |_, x, _| f(x, s)) {
+            let width = self.arith_width(dst.dtype());
+            self.charge_vector(dst.len, width);
+        }
+    }
+
+    /// `dst = a * s`.
+    pub fn scale(&mut self, dst: VecRef, a: VecRef, s: f32) {
+        self.with_scalar("scale", dst, a, s, |x, s| x * s);
+    }
+
+    /// `dst = a + s`.
+    pub fn add_scalar(&mut self, dst: VecRef, a: VecRef, s: f32) {
+        self.with_scalar("add_scalar", dst, a, s, |x, s| x + s);
+    }
+
+    /// `dst = a`, converting between `f32` and `f16` if the types differ (at width 1).
+    pub fn mov(&mut self, dst: VecRef, a: VecRef) {
+        let width = match (dst.dtype(), a.dtype()) {
+            (DType::F32, DType::F32) => self.config.simd.mov_f32,
+            (DType::F16, DType::F16) => self.config.simd.mov_f16,
+            _ => 1,
+        };
+        if self.elementwise("mov", dst, a, None, |_, x, _| x) {
+            self.charge_vector(dst.len, width);
+        }
+    }
+
+    /// `dst = s` everywhere.
+    pub fn fill(&mut self, dst: VecRef, s: f32) {
+        let Some(rd) = self.checked("fill", dst) else {
+            return;
+        };
+        for i in rd {
+            self.set(dst.dtype(), i, s);
+        }
+        let width = match dst.dtype() {
+            DType::F32 => self.config.simd.mov_f32,
+            DType::F16 => self.config.simd.mov_f16,
+        };
+        self.charge_vector(dst.len, width);
+    }
+
+    fn transcendental(&mut self, op: &str, dst: VecRef, a: VecRef, f: fn(f32) -> f32) {
+        if !self.require_same_type(op, dst, &[a]) {
+            return;
+        }
+        if self.elementwise(op, dst, a, None, |_, x, _| f(x)) {
+            self.cycles += u64::from(self.config.issue_cycles)
+                + u64::from(dst.len) * u64::from(self.config.exp_cycles_per_element);
+            self.stats.vector_elements += u64::from(dst.len);
+        }
+    }
+
+    /// `dst = exp(a)`.
+    pub fn exp(&mut self, dst: VecRef, a: VecRef) {
+        self.transcendental("exp", dst, a, f32::exp);
+    }
+
+    /// `dst = tanh(a)`.
+    pub fn tanh(&mut self, dst: VecRef, a: VecRef) {
+        self.transcendental("tanh", dst, a, f32::tanh);
+    }
+
+    /// The sum of `a`, accumulated in `f32` in element order.
+    pub fn sum(&mut self, a: VecRef) -> f32 {
+        let Some(ra) = self.checked("sum", a) else {
+            return 0.0;
+        };
+        let total =
+            (0..a.len as usize).fold(0.0f32, |acc, k| acc + self.get(a.dtype(), ra.start + k));
+        let width = self.arith_width(a.dtype());
+        self.charge_vector(a.len, width);
+        total
+    }
+
+    /// The dot product of `a` and `b`, accumulated in `f32` in element order. Counts FMACs.
+    pub fn dot(&mut self, a: VecRef, b: VecRef) -> f32 {
+        if !self.same_len("dot", a, b) || !self.require_same_type("dot", a, &[b]) {
+            return 0.0;
+        }
+        let (Some(ra), Some(rb)) = (self.checked("dot", a), self.checked("dot", b)) else {
+            return 0.0;
+        };
+        let t = a.dtype();
+        let total = (0..a.len as usize).fold(0.0f32, |acc, k| {
+            acc + self.get(t, ra.start + k) * self.get(t, rb.start + k)
+        });
+        let width = self.fmac_width("dot", DType::F32, t).unwrap_or(1);
+        self.stats.fmacs += u64::from(a.len);
+        self.charge_vector(a.len, width);
+        total
+    }
+
+    /// The largest element of `a` (`-inf` if empty).
+    pub fn max_reduce(&mut self, a: VecRef) -> f32 {
+        let Some(ra) = self.checked("max_reduce", a) else {
+            return 0.0;
+        };
+        let m = (0..a.len as usize).fold(f32::NEG_INFINITY, |m, k| {
+            m.max(self.get(a.dtype(), ra.start + k))
+        });
+        self.charge_vector(a.len, self.config.simd.max);
+        m
+    }
+
+    /// Element 0 of `v`, as a scalar load (one issue).
+    pub fn load(&mut self, v: VecRef) -> f32 {
+        let Some(r) = self.checked("load", v) else {
+            return 0.0;
+        };
+        self.cycles += u64::from(self.config.issue_cycles);
+        self.get(v.dtype(), r.start)
+    }
+
+    /// Writes `value` to element 0 of `v` (one issue).
+    pub fn store(&mut self, v: VecRef, value: f32) {
+        let Some(r) = self.checked("store", v) else {
+            return;
+        };
+        self.cycles += u64::from(self.config.issue_cycles);
+        self.set(v.dtype(), r.start, value);
+    }
+
+    /// Marks `task` runnable.
+    pub fn activate(&mut self, task: TaskId) {
+        if let Some(t) = self.task_flags(task) {
+            t.active = true;
+        }
+    }
+
+    /// Blocks `task`: it will not be picked until unblocked.
+    pub fn block(&mut self, task: TaskId) {
+        if let Some(t) = self.task_flags(task) {
+            t.blocked = true;
+        }
+    }
+
+    /// Unblocks `task`.
+    pub fn unblock(&mut self, task: TaskId) {
+        if let Some(t) = self.task_flags(task) {
+            t.blocked = false;
+        }
+    }
+
+    fn task_flags(&mut self, task: TaskId) -> Option<&mut TaskFlags> {
+        if usize::from(task.0) >= self.tasks.len() {
+            self.fail(format!("no task {} on this PE", task.0));
+            return None;
+        }
+        self.tasks.get_mut(usize::from(task.0))
+    }
+
+    fn queue_of(&mut self, op: &str, color: Color, output: bool) -> Option<u32> {
+        let table = if output {
+            self.links.outputs
+        } else {
+            self.links.inputs
+        };
+        let found = table.iter().find(|(c, _)| *c == color).map(|&(_, q)| q);
+        if found.is_none() {
+            let dir = if output {
+                "accepts it from RAMP"
+            } else {
+                "delivers it to RAMP"
+            };
+            self.fail(format!("{op}: no route on {color} {dir}"));
+        }
+        found
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        &mut self,
+        kind: AsyncKind,
+        len: u32,
+        in_color: Option<Color>,
+        out_color: Option<Color>,
+        in_queue: Option<u32>,
+        out_queue: Option<u32>,
+        then: Then,
+    ) {
+        self.cycles += u64::from(self.config.issue_cycles);
+        let start_at = self.now + u64::from(self.config.task_switch_cycles) + self.cycles;
+        self.ops.push(AsyncOp {
+            kind,
+            in_queue,
+            out_queue,
+            in_color,
+            out_color,
+            done: 0,
+            len,
+            start_at,
+            next_at: start_at,
+            then,
+            issued_by: self.name,
+        });
+    }
+
+    /// Sends the elements of `src` on `color`, one wavelet each: an `f32` payload, or for `f16`
+    /// the sparse form with the element's position in `src` as index.
+    pub fn send(&mut self, color: Color, src: VecRef, then: Then) {
+        let Some(range) = self.checked("send", src) else {
+            return;
+        };
+        let wavelets: Vec<Wavelet> = match src.dtype() {
+            DType::F32 => self.sram.f32s[range]
+                .iter()
+                .map(|&v| Wavelet::from_f32(v))
+                .collect(),
+            DType::F16 => self.sram.f16s[range]
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| Wavelet::sparse(v, i as u16))
+                .collect(),
+        };
+        self.send_wavelets(color, wavelets, then);
+    }
+
+    /// Sends the given wavelets on `color` (for payloads the task builds itself).
+    pub fn send_wavelets(&mut self, color: Color, wavelets: Vec<Wavelet>, then: Then) {
+        let Some(q) = self.queue_of("send", color, true) else {
+            return;
+        };
+        let len = wavelets.len() as u32;
+        self.start(
+            AsyncKind::Send { wavelets },
+            len,
+            None,
+            Some(color),
+            None,
+            Some(q),
+            then,
+        );
+    }
+
+    /// Receives `dst.len` wavelets of `color` into `dst` (stored or added, as `f32` payloads, or
+    /// as the fp16 low half for an `f16` destination).
+    pub fn recv(&mut self, color: Color, dst: VecRef, mode: RecvMode, then: Then) {
+        if self.checked("recv", dst).is_none() {
+            return;
+        }
+        let Some(q) = self.queue_of("recv", color, false) else {
+            return;
+        };
+        let kind = AsyncKind::Recv { dst, mode };
+        self.start(kind, dst.len, Some(color), None, Some(q), None, then);
+    }
+
+    /// For each element: receive a wavelet on `in_color`, add `local[i]`, send the sum on
+    /// `out_color` (one step of a chain reduction, `@fadds(fabout, fabin, mem)`). `f32` only.
+    pub fn recv_add_send(&mut self, in_color: Color, local: VecRef, out_color: Color, then: Then) {
+        if local.dtype() != DType::F32 {
+            self.fail("recv_add_send: the local vector must be f32".into());
+            return;
+        }
+        if self.checked("recv_add_send", local).is_none() {
+            return;
+        }
+        let (Some(qi), Some(qo)) = (
+            self.queue_of("recv_add_send", in_color, false),
+            self.queue_of("recv_add_send", out_color, true),
+        ) else {
+            return;
+        };
+        let kind = AsyncKind::RecvAddSend { local };
+        self.start(
+            kind,
+            local.len,
+            Some(in_color),
+            Some(out_color),
+            Some(qi),
+            Some(qo),
+            then,
+        );
+    }
+}
+
+fn round_to(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::F32 => x,
+        DType::F16 => f16::from_f32(x).to_f32(),
+    }
+}
+
+/// `y[rd] += s * x[ra]` within one arena, element by element in order when the ranges overlap.
+fn axpy_f32(arena: &mut [f32], rd: std::ops::Range<usize>, ra: std::ops::Range<usize>, s: f32) {
+    if rd.end <= ra.start || ra.end <= rd.start {
+        let (dst, src) = if rd.start < ra.start {
+            let (lo, hi) = arena.split_at_mut(ra.start);
+            (&mut lo[rd], &hi[..ra.len()])
+        } else {
+            let (lo, hi) = arena.split_at_mut(rd.start);
+            (&mut hi[..rd.len()], &lo[ra])
+        };
+        for (d, x) in dst.iter_mut().zip(src) {
+            *d += x * s;
+        }
+    } else {
+        let src: Vec<f32> = arena[ra].to_vec();
+        for (d, x) in arena[rd].iter_mut().zip(&src) {
+            *d += x * s;
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Programs shared by the integration tests and the benches.
+
+pub mod spmv;
