@@ -9,4 +9,5 @@
 //! this crate knows what a transformer is. See `ARCHITECTURE.md` for the map.
 
 pub mod cli;
+pub mod flops;
 pub mod model;

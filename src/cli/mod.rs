@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod flops;
 mod presets;
 
 /// Simulate sparse training on a wafer-scale dataflow accelerator.
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// List the built-in model presets with their shapes and parameter counts.
     Presets(presets::Args),
+    /// Analytic FLOPs of one training step, dense against sparse, per sparsity.
+    Flops(flops::Args),
 }
 
 /// Marks an error as the user's input being wrong (exit code 2), as opposed to a failure while
@@ -52,6 +55,7 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Presets(args) => presets::run(args),
+        Command::Flops(args) => flops::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
