@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod init;
+mod inspect;
 mod presets;
 
 /// Simulate sparse training on a wafer-scale dataflow accelerator.
@@ -22,6 +24,10 @@ struct Cli {
 enum Command {
     /// List the built-in model presets with their shapes and parameter counts.
     Presets(presets::Args),
+    /// Write a freshly initialised Hugging Face GPT-2 checkpoint folder.
+    Init(init::Args),
+    /// Show a checkpoint's shape, parameter counts and the sparsity of its matrices.
+    Inspect(inspect::Args),
 }
 
 /// Marks an error as the user's input being wrong (exit code 2), as opposed to a failure while
@@ -52,6 +58,8 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Presets(args) => presets::run(args),
+        Command::Init(args) => init::run(args),
+        Command::Inspect(args) => inspect::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
