@@ -471,25 +471,43 @@ fn stage_and_commit(
 
 /// Refuses parameters whose shapes do not match `config` (they could not be read back).
 fn check_against_config(path: &Path, config: &GptConfig, tensors: &[HfTensor<'_>]) -> Result<()> {
-    let layout = hf_layout(config);
-    if layout.len() != tensors.len() {
-        let name = match layout.get(tensors.len()) {
-            Some((bare, _)) => prefixed(bare),
-            None => "h.*".to_string(),
-        };
-        return Err(ModelError::MissingTensor {
+    let layout: Vec<(String, Vec<usize>)> = hf_layout(config)
+        .into_iter()
+        .map(|(bare, shape)| (prefixed(&bare), shape))
+        .collect();
+    let expected: HashMap<&str, &Vec<usize>> =
+        layout.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    let written: HashMap<&str, &Vec<usize>> =
+        tensors.iter().map(|(n, s, _)| (n.as_str(), s)).collect();
+    if let Some((name, _, _)) = tensors
+        .iter()
+        .find(|(n, _, _)| !expected.contains_key(n.as_str()))
+    {
+        return Err(ModelError::UnexpectedTensor {
             path: path.to_path_buf(),
-            name,
+            name: name.clone(),
         });
     }
-    for ((_, expected), (name, got, _)) in layout.iter().zip(tensors) {
-        if expected != got {
-            return Err(ModelError::Shape {
-                path: path.to_path_buf(),
-                name: name.clone(),
-                expected: expected.clone(),
-                got: got.clone(),
-            });
+    if let Some((name, _)) = layout
+        .iter()
+        .find(|(n, _)| !written.contains_key(n.as_str()))
+    {
+        return Err(ModelError::MissingTensor {
+            path: path.to_path_buf(),
+            name: name.clone(),
+        });
+    }
+    for (name, got, _) in tensors {
+        match expected.get(name.as_str()) {
+            Some(&want) if want != got => {
+                return Err(ModelError::Shape {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    expected: want.clone(),
+                    got: got.clone(),
+                });
+            }
+            _ => {}
         }
     }
     Ok(())
@@ -1180,6 +1198,21 @@ mod tests {
         let err = save_checkpoint(&out, &tiny(), &init_params(&other, 1)).unwrap_err();
         assert!(
             matches!(err, ModelError::Shape { ref name, .. } if name == "transformer.h.0.mlp.c_fc.weight"),
+            "{err}"
+        );
+        assert!(!out.exists());
+        // One layer too many or too few: the first extra or missing tensor is named.
+        let (mut more, mut fewer) = (tiny(), tiny());
+        more.n_layer = 3;
+        fewer.n_layer = 1;
+        let err = save_checkpoint(&out, &tiny(), &init_params(&more, 1)).unwrap_err();
+        assert!(
+            matches!(err, ModelError::UnexpectedTensor { ref name, .. } if name == "transformer.h.2.ln_1.weight"),
+            "{err}"
+        );
+        let err = save_checkpoint(&out, &tiny(), &init_params(&fewer, 1)).unwrap_err();
+        assert!(
+            matches!(err, ModelError::MissingTensor { ref name, .. } if name == "transformer.h.1.ln_1.weight"),
             "{err}"
         );
         assert!(!out.exists());
