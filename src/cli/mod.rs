@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod flops;
+mod init;
+mod inspect;
 mod presets;
 
 /// Simulate sparse training on a wafer-scale dataflow accelerator.
@@ -25,6 +27,10 @@ enum Command {
     Presets(presets::Args),
     /// Analytic FLOPs of one training step, dense against sparse, per sparsity.
     Flops(flops::Args),
+    /// Write a freshly initialised Hugging Face GPT-2 checkpoint folder.
+    Init(init::Args),
+    /// Show a checkpoint's shape, parameter counts and the sparsity of its matrices.
+    Inspect(inspect::Args),
 }
 
 /// Marks an error as the user's input being wrong (exit code 2), as opposed to a failure while
@@ -56,6 +62,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Presets(args) => presets::run(args),
         Command::Flops(args) => flops::run(args),
+        Command::Init(args) => init::run(args),
+        Command::Inspect(args) => inspect::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
