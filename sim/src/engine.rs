@@ -71,6 +71,8 @@ fn injector_kind(port: Port) -> u64 {
 struct Queue {
     items: VecDeque<(Wavelet, u64)>,
     color: Color,
+    /// Index of the owner's route for `color`.
+    route: u16,
     /// Where its wavelets arrive from (RAMP for a router buffer fed by the core, and for a
     /// core input queue).
     port: Port,
@@ -309,9 +311,11 @@ impl Simulator {
 
     fn new_queue(&mut self, owner: u32, color: Color, port: Port, core_input: bool) -> u32 {
         let consumer = comp(owner, if core_input { CORE } else { ROUTER });
+        let route = self.pes[owner as usize].route(color).expect("queues exist only for routes");
         self.queues.push(Queue {
             items: VecDeque::new(),
             color,
+            route: route as u16,
             port,
             owner,
             core_input,
@@ -616,12 +620,9 @@ impl Run {
             let Some(w) = queue.head_ready(t) else {
                 continue;
             };
-            let pe = &self.sim.pes[slot as usize];
-            let r = pe
-                .route(queue.color)
-                .expect("a buffer exists only for a route");
-            let route = &pe.routes[r];
-            if route.tx.iter().any(|p| used.contains(p)) {
+            let r = usize::from(queue.route);
+            let route = &self.sim.pes[slot as usize].routes[r];
+            if route.tx.intersects(used) {
                 again = true; // lost arbitration for a port: try next cycle
                 continue;
             }
@@ -638,7 +639,7 @@ impl Run {
             let stats = &mut self.sim.pes[slot as usize].stats;
             stats.router_forwards += 1;
             stats.router_wait_cycles += t - ready;
-            used = PortSet::of(&tx.iter().chain(used.iter()).collect::<Vec<_>>());
+            used = used.union(tx);
             last_granted = Some(k);
             if self.sim.queues[q as usize].head_ready(t + 1).is_some() {
                 again = true;

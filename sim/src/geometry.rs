@@ -119,6 +119,16 @@ impl PortSet {
         self.0 == 0
     }
 
+    /// The ports in either set.
+    pub fn union(self, other: PortSet) -> PortSet {
+        PortSet(self.0 | other.0)
+    }
+
+    /// Whether the sets share a port.
+    pub fn intersects(self, other: PortSet) -> bool {
+        self.0 & other.0 != 0
+    }
+
     /// Number of ports in the set.
     pub fn len(self) -> usize {
         self.0.count_ones() as usize
