@@ -10,4 +10,5 @@
 
 pub mod cli;
 pub mod model;
+pub mod reference;
 pub mod sparsity;
