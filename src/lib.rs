@@ -11,3 +11,5 @@
 pub mod cli;
 pub mod flops;
 pub mod model;
+pub mod reference;
+pub mod sparsity;
