@@ -247,23 +247,17 @@ pub enum FlopError {
 
 /// Checks that `sparsity` is a number in `[0, 1)` and returns it.
 pub fn check_sparsity(sparsity: f64) -> Result<f64, FlopError> {
-    if (0.0..1.0).contains(&sparsity) {
-        Ok(sparsity)
-    } else {
-        Err(FlopError::Sparsity { value: sparsity })
-    }
+    crate::sparsity::validate(sparsity).map_err(|_| FlopError::Sparsity { value: sparsity })
 }
 
 /// THE definition of how many nonzeros a matrix of `numel` elements keeps at `sparsity`:
 /// `numel - round(sparsity * numel)`, with `f64::round` (halves away from zero).
 ///
-/// The mask module prunes exactly `round(sparsity * numel)` entries by this same formula, so the
+/// It is [`crate::sparsity::pruned_count`] read from the other side, so the
 /// analytic sparse FLOPs and the simulator's executed FMACs agree to the unit. Callers check
 /// `sparsity` with [`check_sparsity`] first; out-of-range values are clamped to `[0, numel]`.
 pub fn nnz_for(numel: u64, sparsity: f64) -> u64 {
-    let pruned = (sparsity * numel as f64).round();
-    // `as` saturates (NaN -> 0), and `min` keeps the result in range for any input.
-    numel - (pruned as u64).min(numel)
+    numel - crate::sparsity::pruned_count(numel as usize, sparsity) as u64
 }
 
 /// `[forward, input_grad, weight_grad]` FLOPs of one linear layer `Y[T x N] = X[T x K] W[K x N]`
