@@ -1,1 +1,84 @@
-//! wafersim-kernels: per-PE programs for the operations of a training step.
+//! wafersim-kernels: the device programs of a training step, as task graphs on a fabric region.
+//!
+//! Each kernel places its data on a rectangular [`Region`] of PEs in the shared layout
+//! ([`layout`]: tokens over rows, features over columns, feature-major tiles), emits the routes,
+//! colors and tasks of every PE, runs on `wafersim-sim`, and reads its outputs back. Inputs that
+//! stay on the wafer between kernels (activations) are placed in SRAM before cycle 0; weights
+//! are streamed from the host during the run, and weight gradients stream out to it.
+//!
+//! What this crate is not: it knows tensors, tiles and fabric regions, but nothing of GPT. The
+//! model, the order of kernels in a training step and the optimizer live in the `wafersim`
+//! crate.
+
+#![allow(missing_docs)]
+
+pub mod chain;
+mod error;
+pub mod join;
+pub mod layout;
+pub mod matmul;
+pub mod sparse;
+
+pub use error::KernelError;
+pub use layout::{Region, Split, Tiling};
+pub use matmul::{MatmulPlan, MatmulRun, StreamMatmul};
+pub use sparse::StreamedMatrix;
+
+use wafersim_sim::FabricConfig;
+
+/// Storage precision of activations and streamed weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// fp32 everywhere; a streamed weight takes two wavelets (index, value).
+    F32,
+    /// fp16 activations and weights (one sparse wavelet per weight), fp32 accumulation.
+    F16,
+}
+
+impl Precision {
+    /// Bytes of one stored activation.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Precision::F32 => 4,
+            Precision::F16 => 2,
+        }
+    }
+}
+
+/// Checks that `region` lies on the fabric and has no more rows than `tokens` and no more
+/// columns than `features`, so no PE is left without work.
+fn check_region(
+    kernel: &'static str,
+    config: &FabricConfig,
+    region: Region,
+    tokens: usize,
+    features: usize,
+) -> Result<(), KernelError> {
+    let shape = |reason: String| Err(KernelError::Shape { kernel, reason });
+    if region.cols == 0 || region.rows == 0 {
+        return shape("the region is empty".into());
+    }
+    let (x_end, y_end) = (
+        u64::from(region.origin.x) + u64::from(region.cols),
+        u64::from(region.origin.y) + u64::from(region.rows),
+    );
+    if x_end > u64::from(config.width) || y_end > u64::from(config.height) {
+        return shape(format!(
+            "region {} x {} at {} does not fit the {} x {} fabric",
+            region.cols, region.rows, region.origin, config.width, config.height
+        ));
+    }
+    if region.rows as usize > tokens {
+        return shape(format!(
+            "the region has {} rows but there are only {tokens} tokens",
+            region.rows
+        ));
+    }
+    if region.cols as usize > features {
+        return shape(format!(
+            "the region has {} columns but only {features} features to split",
+            region.cols
+        ));
+    }
+    Ok(())
+}

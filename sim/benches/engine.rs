@@ -17,7 +17,10 @@ fn spmv_64x64(c: &mut Criterion) {
     let config = FabricConfig::rectangle(64, 64).unwrap();
     let run = || {
         let (program, _) = spmv::build(&problem, config.clone(), 64, 64);
-        Simulator::new(program).unwrap().run(RunOptions::default()).unwrap()
+        Simulator::new(program)
+            .unwrap()
+            .run(RunOptions::default())
+            .unwrap()
     };
     let stats = run().stats;
     eprintln!(
@@ -36,19 +39,37 @@ fn hops_row(c: &mut Criterion) {
     let build = || {
         let mut p = Program::new(FabricConfig::rectangle(k, 1).unwrap()).unwrap();
         for x in 0..k {
-            p.route(Coord::new(x, 0), Color(0), Port::West, Port::East).unwrap();
+            p.route(Coord::new(x, 0), Color(0), Port::West, Port::East)
+                .unwrap();
         }
         p.collect(Coord::new(k - 1, 0), Port::East).unwrap();
-        p.inject(Coord::new(0, 0), Port::West, (0..n).map(|i| (Color(0), Wavelet(i)))).unwrap();
+        p.inject(
+            Coord::new(0, 0),
+            Port::West,
+            (0..n).map(|i| (Color(0), Wavelet(i))),
+        )
+        .unwrap();
         p
     };
-    let stats = Simulator::new(build()).unwrap().run(RunOptions::default()).unwrap().stats;
-    eprintln!("hops_row_256: {} hops, {} events", stats.total.router_forwards, stats.events);
+    let stats = Simulator::new(build())
+        .unwrap()
+        .run(RunOptions::default())
+        .unwrap()
+        .stats;
+    eprintln!(
+        "hops_row_256: {} hops, {} events",
+        stats.total.router_forwards, stats.events
+    );
     let mut group = c.benchmark_group("engine");
     group.sample_size(10);
     group.throughput(Throughput::Elements(stats.total.router_forwards));
     group.bench_function("hops_row_256", |b| {
-        b.iter(|| Simulator::new(build()).unwrap().run(RunOptions::default()).unwrap())
+        b.iter(|| {
+            Simulator::new(build())
+                .unwrap()
+                .run(RunOptions::default())
+                .unwrap()
+        })
     });
     group.finish();
 }

@@ -311,7 +311,9 @@ impl Simulator {
 
     fn new_queue(&mut self, owner: u32, color: Color, port: Port, core_input: bool) -> u32 {
         let consumer = comp(owner, if core_input { CORE } else { ROUTER });
-        let route = self.pes[owner as usize].route(color).expect("queues exist only for routes");
+        let route = self.pes[owner as usize]
+            .route(color)
+            .expect("queues exist only for routes");
         self.queues.push(Queue {
             items: VecDeque::new(),
             color,
@@ -814,6 +816,12 @@ impl Run {
                 let sum =
                     received.expect("has an input").f32() + pe.sram.f32s[range.start + k as usize];
                 Some(Wavelet::from_f32(sum))
+            }
+            AsyncKind::RecvStoreSend { dst } => {
+                let dst = *dst;
+                let w = received.expect("has an input");
+                store_received(&mut pe.sram, dst, k, w, RecvMode::Store);
+                Some(w)
             }
         };
         let op = &mut pe.ops[i];

@@ -272,6 +272,12 @@ impl Program {
         Ok(id)
     }
 
+    /// The id the next task created on `pe` will get (tasks that refer to each other in a cycle
+    /// can be written by naming ids before creating them).
+    pub fn next_task_id(&mut self, pe: Coord) -> Result<TaskId, BuildError> {
+        Ok(TaskId(self.pe_mut(pe)?.tasks.len() as u16))
+    }
+
     /// A data task on `pe`: runs once per wavelet of `color` reaching the core.
     pub fn data_task(
         &mut self,

@@ -69,6 +69,7 @@ pub(crate) enum AsyncKind {
     Send { wavelets: Vec<Wavelet> },
     Recv { dst: VecRef, mode: RecvMode },
     RecvAddSend { local: VecRef },
+    RecvStoreSend { dst: VecRef },
 }
 
 /// The colors a core can read from and write to, with their queue ids.
@@ -584,6 +585,36 @@ impl TaskCtx<'_> {
         self.start(
             kind,
             local.len,
+            Some(in_color),
+            Some(out_color),
+            Some(qi),
+            Some(qo),
+            then,
+        );
+    }
+}
+
+impl TaskCtx<'_> {
+    /// For each element: receive a wavelet on `in_color`, store it in `dst[i]` and send it on
+    /// `out_color` (a store-and-forward hop of an all-gather through the core). `f32` only.
+    pub fn recv_store_send(&mut self, in_color: Color, dst: VecRef, out_color: Color, then: Then) {
+        if dst.dtype() != DType::F32 {
+            self.fail("recv_store_send: the destination must be f32".into());
+            return;
+        }
+        if self.checked("recv_store_send", dst).is_none() {
+            return;
+        }
+        let (Some(qi), Some(qo)) = (
+            self.queue_of("recv_store_send", in_color, false),
+            self.queue_of("recv_store_send", out_color, true),
+        ) else {
+            return;
+        };
+        let kind = AsyncKind::RecvStoreSend { dst };
+        self.start(
+            kind,
+            dst.len,
             Some(in_color),
             Some(out_color),
             Some(qi),

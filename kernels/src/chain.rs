@@ -1,0 +1,279 @@
+//! Collectives along the rows and columns of a region, built as chains of neighbouring PEs.
+//!
+//! A chain alternates two colors per direction (PE column `c` sends east on `east[c % 2]` and
+//! receives from the west on the other), so each PE's input and output of one direction are
+//! different colors and every route is a plain one-in, one-out route. The plans below return the
+//! [`Op`]s one PE issues; because operations of one color run in issue order, issuing the plans
+//! of every PE at once pipelines the whole collective.
+//!
+//! - [`RowChain::reduce_scatter`]: the partial sums of each owner's segment flow east (from the
+//!   PEs west of the owner) and west (from the PEs east of it) and are added on the way.
+//! - [`RowChain::all_gather`]: every PE's segment is stored and forwarded by every other PE of the
+//!   row, eastward and westward.
+//! - [`ColumnChain::reduce_south`]: a vector summed down a column and sent off the fabric's
+//!   south edge to the host.
+
+use wafersim_sim::{BuildError, Color, Port, PortSet, Program, RecvMode, VecRef};
+
+use crate::join::Op;
+use crate::layout::Region;
+
+/// The colors of the east- and west-bound chains of a row.
+#[derive(Clone, Copy, Debug)]
+pub struct RowChain {
+    pub east: [Color; 2],
+    pub west: [Color; 2],
+}
+
+impl RowChain {
+    fn east_out(&self, c: usize) -> Color {
+        self.east[c % 2]
+    }
+
+    fn east_in(&self, c: usize) -> Color {
+        self.east[(c + 1) % 2]
+    }
+
+    fn west_out(&self, c: usize) -> Color {
+        self.west[c % 2]
+    }
+
+    fn west_in(&self, c: usize) -> Color {
+        self.west[(c + 1) % 2]
+    }
+
+    /// The routes of region column `c`, row `r`.
+    pub fn install(
+        &self,
+        p: &mut Program,
+        region: Region,
+        c: u32,
+        r: u32,
+    ) -> Result<(), BuildError> {
+        let pe = region.pe(c, r);
+        let cu = c as usize;
+        if c + 1 < region.cols {
+            p.route(pe, self.east_out(cu), Port::Ramp, Port::East)?;
+            p.route(pe, self.west_in(cu), Port::East, Port::Ramp)?;
+        }
+        if c > 0 {
+            p.route(pe, self.east_in(cu), Port::West, Port::Ramp)?;
+            p.route(pe, self.west_out(cu), Port::Ramp, Port::West)?;
+        }
+        Ok(())
+    }
+
+    /// PE column `c`'s part of summing `segments` into their owners. Each segment is
+    /// `(owner column, this PE's partial sums, where the owner keeps the result)`; the result
+    /// reference is used only on the owner, which must already hold its own partial sums there.
+    /// Segments must come in increasing owner order, the same on every PE.
+    pub fn reduce_scatter(
+        &self,
+        c: usize,
+        cols: usize,
+        segments: &[(usize, VecRef, VecRef)],
+    ) -> Vec<Op> {
+        let mut ops = Vec::new();
+        for &(b, partial, result) in segments {
+            if b > c {
+                ops.push(if c == 0 {
+                    Op::Send {
+                        out: self.east_out(c),
+                        src: partial,
+                    }
+                } else {
+                    Op::RecvAddSend {
+                        inp: self.east_in(c),
+                        local: partial,
+                        out: self.east_out(c),
+                    }
+                });
+            } else if b < c {
+                ops.push(if c + 1 == cols {
+                    Op::Send {
+                        out: self.west_out(c),
+                        src: partial,
+                    }
+                } else {
+                    Op::RecvAddSend {
+                        inp: self.west_in(c),
+                        local: partial,
+                        out: self.west_out(c),
+                    }
+                });
+            } else {
+                if c > 0 {
+                    ops.push(Op::Recv {
+                        inp: self.east_in(c),
+                        dst: result,
+                        mode: RecvMode::Add,
+                    });
+                }
+                if c + 1 < cols {
+                    ops.push(Op::Recv {
+                        inp: self.west_in(c),
+                        dst: result,
+                        mode: RecvMode::Add,
+                    });
+                }
+            }
+        }
+        ops
+    }
+
+    /// PE column `c`'s part of gathering every column's segment into every PE. Each entry is
+    /// `(owner column, where the segment lands on this PE)`; `own` is this PE's segment, which
+    /// the caller has already copied to its landing place. Entries in increasing owner order.
+    pub fn all_gather(
+        &self,
+        c: usize,
+        cols: usize,
+        segments: &[(usize, VecRef)],
+        own: VecRef,
+    ) -> Vec<Op> {
+        let mut ops = Vec::new();
+        for &(b, dst) in segments.iter().filter(|(b, _)| *b < c) {
+            debug_assert!(b < c);
+            ops.push(if c + 1 == cols {
+                Op::Recv {
+                    inp: self.east_in(c),
+                    dst,
+                    mode: RecvMode::Store,
+                }
+            } else {
+                Op::RecvStoreSend {
+                    inp: self.east_in(c),
+                    dst,
+                    out: self.east_out(c),
+                }
+            });
+        }
+        if c + 1 < cols {
+            ops.push(Op::Send {
+                out: self.east_out(c),
+                src: own,
+            });
+        }
+        for &(_, dst) in segments.iter().rev().filter(|(b, _)| *b > c) {
+            ops.push(if c == 0 {
+                Op::Recv {
+                    inp: self.west_in(c),
+                    dst,
+                    mode: RecvMode::Store,
+                }
+            } else {
+                Op::RecvStoreSend {
+                    inp: self.west_in(c),
+                    dst,
+                    out: self.west_out(c),
+                }
+            });
+        }
+        if c > 0 {
+            ops.push(Op::Send {
+                out: self.west_out(c),
+                src: own,
+            });
+        }
+        ops
+    }
+}
+
+/// The colors of a south-bound chain down a column, ending off the fabric's south edge.
+#[derive(Clone, Copy, Debug)]
+pub struct ColumnChain {
+    pub south: [Color; 2],
+}
+
+impl ColumnChain {
+    fn out(&self, r: usize) -> Color {
+        self.south[r % 2]
+    }
+
+    fn inp(&self, r: usize) -> Color {
+        self.south[(r + 1) % 2]
+    }
+
+    /// The routes of region column `c`, row `r`; the last row's output continues through the PEs
+    /// below the region to the fabric's south edge.
+    pub fn install(
+        &self,
+        p: &mut Program,
+        region: Region,
+        c: u32,
+        r: u32,
+    ) -> Result<(), BuildError> {
+        let pe = region.pe(c, r);
+        p.route(pe, self.out(r as usize), Port::Ramp, Port::South)?;
+        if r > 0 {
+            p.route(pe, self.inp(r as usize), Port::North, Port::Ramp)?;
+        }
+        Ok(())
+    }
+
+    /// Routes carrying region column `c`'s output past the region to the south edge, and the
+    /// sink collecting it there.
+    pub fn install_exit(
+        &self,
+        p: &mut Program,
+        region: Region,
+        c: u32,
+    ) -> Result<wafersim_sim::SinkId, BuildError> {
+        let color = self.out(region.rows as usize - 1);
+        let bottom = p.config().height;
+        let x = region.origin.x + c;
+        for y in region.origin.y + region.rows..bottom {
+            p.route(
+                wafersim_sim::Coord::new(x, y),
+                color,
+                Port::North,
+                Port::South,
+            )?;
+        }
+        p.collect(wafersim_sim::Coord::new(x, bottom - 1), Port::South)
+    }
+
+    /// Row `r`'s part of summing `v` down the column and out of the south edge.
+    pub fn reduce_south(&self, r: usize, v: VecRef) -> Op {
+        if r == 0 {
+            Op::Send {
+                out: self.out(r),
+                src: v,
+            }
+        } else {
+            Op::RecvAddSend {
+                inp: self.inp(r),
+                local: v,
+                out: self.out(r),
+            }
+        }
+    }
+}
+
+/// Routes a host stream of `color` from the fabric's north edge down region column `c`,
+/// delivering it to every PE of the column; returns where to inject it.
+pub fn feed_column_from_north(
+    p: &mut Program,
+    region: Region,
+    c: u32,
+    color: Color,
+) -> Result<wafersim_sim::Coord, BuildError> {
+    let x = region.origin.x + c;
+    for y in 0..region.origin.y {
+        p.route(
+            wafersim_sim::Coord::new(x, y),
+            color,
+            Port::North,
+            Port::South,
+        )?;
+    }
+    for r in 0..region.rows {
+        let tx = if r + 1 < region.rows {
+            PortSet::of(&[Port::Ramp, Port::South])
+        } else {
+            Port::Ramp.into()
+        };
+        p.route(region.pe(c, r), color, Port::North, tx)?;
+    }
+    Ok(wafersim_sim::Coord::new(x, 0))
+}

@@ -1,0 +1,345 @@
+//! The weight-streamed sparse matrix product `Y[T x N] = X[T x K] W[K x N] (+ b)`: the forward
+//! pass of a linear layer and, fed `dY` and `W^T`, its input gradient.
+//!
+//! Placement (DESIGN.md section 3): PE (c, r) of an R x C region holds `X[T_r, K_c]`
+//! feature-major. `W` is never resident: the host streams its kept entries down each PE column,
+//! those with input index in `K_c` down column c, multicast to every row, output column by output
+//! column. A pruned weight is never sent, so it never wakes a task and costs nothing.
+//!
+//! Output columns are processed in chunks small enough for a partial-sum buffer `P[T_r x chunk]`
+//! to fit the PE. Each streamed entry `(n, k, w)` fires the weight task once: one AXPY
+//! `P[:, n] += w X[:, k]` of length `T_r`. The wavelet's 16-bit index carries
+//! `(n - chunk start) * |K_c| + (k - K_c start)`, so the task needs no per-column header; index
+//! `0xFFFF` ends the chunk. Then the row reduce-scatters its partial sums (chains east and west,
+//! [`crate::chain::RowChain`]) so that output feature `n` lands on the PE column owning it in the
+//! split of `N` over the columns: `Y[T_r, N_c]`, feature-major, exactly as a following kernel
+//! wants its input. The weight task stays blocked until the reduction of its chunk is done.
+//!
+//! Precision: in `F16`, `X` is stored in fp16 and each weight travels as one sparse wavelet (fp16
+//! value + index); products accumulate in fp32 (`@fmachs`). In `F32`, a weight needs two
+//! wavelets, its index and then its fp32 value, so the weight task runs twice per weight.
+//!
+//! FMACs executed: `T x nnz(W)` exactly (every entry meets every token once).
+
+use std::ops::Range;
+
+use half::f16;
+use wafersim_sim::{
+    Buf, Color, DType, FabricConfig, Program, RunOptions, Simulator, Stats, TaskId, Wavelet,
+};
+
+use crate::chain::{RowChain, feed_column_from_north};
+use crate::error::KernelError;
+use crate::join::{self, ARMS, Join};
+use crate::layout::{Region, Split, Tiling};
+use crate::sparse::StreamedMatrix;
+use crate::{Precision, check_region};
+
+/// Name used in errors and reports.
+pub const KERNEL: &str = "stream_matmul";
+
+const WEIGHTS: Color = Color(0);
+const ROW: RowChain = RowChain {
+    east: [Color(1), Color(2)],
+    west: [Color(3), Color(4)],
+};
+/// The weight index that ends a chunk.
+const END_OF_CHUNK: u16 = u16::MAX;
+
+/// One product to run.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamMatmul<'a> {
+    pub region: Region,
+    /// Tokens `T` (rows of `x`).
+    pub tokens: usize,
+    /// `X`, `T x K` row-major.
+    pub x: &'a [f32],
+    /// `W`, `K x N`: its kept entries are streamed.
+    pub w: &'a StreamedMatrix,
+    /// Added to every row of `Y` by the PEs owning each output feature.
+    pub bias: Option<&'a [f32]>,
+    pub precision: Precision,
+}
+
+/// How the product is cut.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MatmulPlan {
+    /// `X` over the region.
+    pub input: Tiling,
+    /// `Y` over the region.
+    pub output: Tiling,
+    /// Output-column chunks, in stream order.
+    pub chunks: Vec<Range<usize>>,
+    /// SRAM used by the fullest PE, in bytes.
+    pub sram_bytes: u64,
+}
+
+/// The product and what it cost.
+#[derive(Clone, Debug)]
+pub struct MatmulRun {
+    /// `Y`, `T x N` row-major.
+    pub y: Vec<f32>,
+    pub plan: MatmulPlan,
+    pub stats: Stats,
+}
+
+impl StreamMatmul<'_> {
+    fn check(&self, config: &FabricConfig) -> Result<(), KernelError> {
+        let shape = |reason: String| {
+            Err(KernelError::Shape {
+                kernel: KERNEL,
+                reason,
+            })
+        };
+        let (t, k, n) = (self.tokens, self.w.rows(), self.w.cols());
+        if self.x.len() != t * k {
+            return shape(format!("X has {} values, expected {t} x {k}", self.x.len()));
+        }
+        if self.bias.is_some_and(|b| b.len() != n) {
+            return shape(format!(
+                "the bias has {} values, expected {n}",
+                self.bias.map_or(0, <[f32]>::len)
+            ));
+        }
+        check_region(KERNEL, config, self.region, t, k.min(n))
+    }
+
+    /// Cuts the product so that every PE's buffers fit its SRAM.
+    pub fn plan(&self, config: &FabricConfig) -> Result<MatmulPlan, KernelError> {
+        self.check(config)?;
+        let (t, k, n) = (self.tokens, self.w.rows(), self.w.cols());
+        let input = Tiling::new(self.region, t, k);
+        let output = Tiling::new(self.region, t, n);
+        let (t_max, k_max, n_max) = (
+            input.tokens.max_len(),
+            input.features.max_len(),
+            output.features.max_len(),
+        );
+        let x_bytes = (t_max * k_max) as u64 * self.precision.bytes();
+        let fixed = x_bytes + (t_max * n_max) as u64 * 4 + n_max as u64 * 4 + 4;
+        let available = u64::from(config.sram_bytes);
+        let per_column = t_max as u64 * 4;
+        let by_sram = available.saturating_sub(fixed) / per_column;
+        let by_index = usize::from(END_OF_CHUNK) / k_max;
+        let chunk = (by_sram as usize).min(by_index).min(n);
+        if chunk == 0 {
+            return Err(KernelError::DoesNotFit {
+                kernel: KERNEL,
+                needed: fixed + per_column,
+                available,
+                what: format!(
+                    "X tile {t_max} x {k_max}, Y tile {t_max} x {n_max} and one partial-sum column"
+                ),
+                hint: "use a bigger fabric or fewer tokens".into(),
+            });
+        }
+        let chunks = (0..n.div_ceil(chunk))
+            .map(|i| i * chunk..((i + 1) * chunk).min(n))
+            .collect();
+        Ok(MatmulPlan {
+            input,
+            output,
+            chunks,
+            sram_bytes: fixed + per_column * chunk as u64,
+        })
+    }
+
+    /// The program and the buffers holding `Y`.
+    pub fn build(
+        &self,
+        config: &FabricConfig,
+    ) -> Result<(Program, MatmulPlan, Vec<Buf>), KernelError> {
+        let plan = self.plan(config)?;
+        let mut p = Program::new(config.clone())?;
+        let mut outputs = Vec::new();
+        for r in 0..self.region.rows {
+            for c in 0..self.region.cols {
+                outputs.push(self.place_pe(&mut p, &plan, c, r)?);
+            }
+        }
+        for c in 0..self.region.cols {
+            let at = feed_column_from_north(&mut p, self.region, c, WEIGHTS)?;
+            p.inject(
+                at,
+                wafersim_sim::Port::North,
+                self.stream(&plan, c as usize),
+            )?;
+        }
+        Ok((p, plan, outputs))
+    }
+
+    /// Builds, runs and reads back the product.
+    pub fn run(
+        &self,
+        config: &FabricConfig,
+        options: RunOptions,
+    ) -> Result<MatmulRun, KernelError> {
+        let (program, plan, outputs) = self.build(config)?;
+        let executed = Simulator::new(program)?.run(options)?;
+        let mut y = vec![0.0; self.tokens * self.w.cols()];
+        let mut i = 0;
+        for r in 0..self.region.rows {
+            for c in 0..self.region.cols {
+                let tile = executed
+                    .read(self.region.pe(c, r), outputs[i])
+                    .expect("placed");
+                plan.output.untile(&tile, &mut y, c as usize, r as usize);
+                i += 1;
+            }
+        }
+        Ok(MatmulRun {
+            y,
+            plan,
+            stats: executed.stats,
+        })
+    }
+
+    /// The host stream of PE column `c`: per chunk, its kept entries then an end marker.
+    fn stream(&self, plan: &MatmulPlan, c: usize) -> Vec<(Color, Wavelet)> {
+        let ks = plan.input.features.block(c);
+        let k_len = ks.len();
+        let mut out = Vec::new();
+        for chunk in &plan.chunks {
+            for n in chunk.clone() {
+                for (k, v) in self.w.column(n).filter(|(k, _)| ks.contains(k)) {
+                    let index = ((n - chunk.start) * k_len + (k - ks.start)) as u16;
+                    match self.precision {
+                        Precision::F16 => {
+                            out.push((WEIGHTS, Wavelet::sparse(f16::from_f32(v), index)))
+                        }
+                        Precision::F32 => {
+                            out.push((WEIGHTS, Wavelet(u32::from(index))));
+                            out.push((WEIGHTS, Wavelet::from_f32(v)));
+                        }
+                    }
+                }
+            }
+            out.push((WEIGHTS, Wavelet::sparse(f16::ZERO, END_OF_CHUNK)));
+        }
+        out
+    }
+
+    /// Buffers, routes and tasks of one PE; returns its `Y` buffer.
+    fn place_pe(
+        &self,
+        p: &mut Program,
+        plan: &MatmulPlan,
+        c: u32,
+        r: u32,
+    ) -> Result<Buf, KernelError> {
+        let pe = self.region.pe(c, r);
+        let (cu, ru) = (c as usize, r as usize);
+        let t_len = plan.input.tokens.block(ru).len() as u32;
+        let k_len = plan.input.features.block(cu).len() as u32;
+        let outs = plan.output.features;
+        let own = outs.block(cu);
+        let chunk_max = plan.chunks.iter().map(|ch| ch.len()).max().unwrap_or(0) as u32;
+
+        let tile = plan.input.tile(self.x, cu, ru);
+        let x = match self.precision {
+            Precision::F32 => p.alloc_f32(pe, "x", &tile)?,
+            Precision::F16 => p.alloc_f16(
+                pe,
+                "x",
+                &tile.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(),
+            )?,
+        };
+        let y = p.alloc_zeros(pe, "y", DType::F32, own.len() * t_len as usize)?;
+        let partial = p.alloc_zeros(pe, "partial", DType::F32, (chunk_max * t_len) as usize)?;
+        let bias = match self.bias {
+            Some(b) => Some(p.alloc_f32(pe, "bias", &b[own.clone()])?),
+            None => None,
+        };
+        ROW.install(p, self.region, c, r)?;
+
+        let base = p.next_task_id(pe)?.0;
+        let finish_id = TaskId(base + ARMS as u16);
+        let weights_id = TaskId(base + ARMS as u16 + 1);
+        let join = Join::place(p, pe, finish_id)?;
+        let chunks = plan.chunks.len();
+        let own_columns = own.len() as u32;
+        let mut finished = 0;
+        let finish = p.local_task(pe, "chunk_done", move |ctx| {
+            ctx.fill(partial.all(), 0.0);
+            finished += 1;
+            if finished == chunks
+                && let Some(bias) = bias
+            {
+                for j in 0..own_columns {
+                    let b = ctx.load(bias.at(j));
+                    let column = y.slice(j * t_len, t_len);
+                    ctx.add_scalar(column, column, b);
+                }
+            }
+            ctx.unblock(weights_id);
+        })?;
+        debug_assert_eq!(finish, finish_id);
+
+        let chunk_list = plan.chunks.clone();
+        let cols = self.region.cols as usize;
+        let precision = self.precision;
+        let mut chunk_index = 0;
+        let mut pending_index: Option<u16> = None;
+        let weights = p.data_task(pe, WEIGHTS, "weight", move |ctx| {
+            let w = ctx.wavelet();
+            let (index, value) = match precision {
+                Precision::F16 => (w.index(), w.value_f16().to_f32()),
+                Precision::F32 => match pending_index.take() {
+                    Some(index) => (index, w.f32()),
+                    None if w.index() == END_OF_CHUNK => (END_OF_CHUNK, 0.0),
+                    None => {
+                        pending_index = Some(w.0 as u16);
+                        return;
+                    }
+                },
+            };
+            if index == END_OF_CHUNK {
+                ctx.block(weights_id);
+                let chunk = chunk_list[chunk_index].clone();
+                chunk_index += 1;
+                let segments = owner_segments(ctx, &chunk, outs, cu, partial, y, t_len);
+                let ops = ROW.reduce_scatter(cu, cols, &segments);
+                join::issue(ctx, &ops, &join);
+                return;
+            }
+            ctx.scalar_cycles(1); // split the index into (column, input feature)
+            let (n, k) = (u32::from(index) / k_len, u32::from(index) % k_len);
+            ctx.fmac(
+                partial.slice(n * t_len, t_len),
+                x.slice(k * t_len, t_len),
+                value,
+            );
+        })?;
+        debug_assert_eq!(weights, weights_id);
+        Ok(y)
+    }
+}
+
+/// The pieces of `chunk` each owner column reduces, as `(owner, partial sums, owner's result)`;
+/// this PE's own piece is copied into its result first.
+fn owner_segments(
+    ctx: &mut wafersim_sim::TaskCtx<'_>,
+    chunk: &Range<usize>,
+    outs: Split,
+    c: usize,
+    partial: Buf,
+    y: Buf,
+    t_len: u32,
+) -> Vec<(usize, wafersim_sim::VecRef, wafersim_sim::VecRef)> {
+    let mut segments = Vec::new();
+    for b in 0..outs.parts {
+        let owned = outs.block(b);
+        let (lo, hi) = (chunk.start.max(owned.start), chunk.end.min(owned.end));
+        if lo >= hi {
+            continue;
+        }
+        let len = (hi - lo) as u32 * t_len;
+        let part = partial.slice((lo - chunk.start) as u32 * t_len, len);
+        let result = y.slice((lo - owned.start) as u32 * t_len, len);
+        if b == c {
+            ctx.mov(result, part);
+        }
+        segments.push((b, part, result));
+    }
+    segments
+}

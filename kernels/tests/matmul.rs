@@ -1,0 +1,166 @@
+//! The weight-streamed product on the fabric against a plain CPU product.
+
+use wafersim_kernels::*;
+use wafersim_sim::{FabricConfig, RunOptions};
+
+/// A deterministic value in [-0.5, 0.5) from an index and a salt (a hash, not a RNG crate).
+fn value(i: usize, salt: u64) -> f32 {
+    let mut h =
+        (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^= h >> 31;
+    h = h.wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^= h >> 29;
+    (h % 1_000_003) as f32 / 1_000_003.0 - 0.5
+}
+
+/// A `k x n` matrix keeping about `1 - sparsity` of its entries.
+fn weights(k: usize, n: usize, sparsity: f64, salt: u64) -> StreamedMatrix {
+    let data: Vec<f32> = (0..k * n).map(|i| value(i, salt)).collect();
+    let keep: Vec<bool> = (0..k * n)
+        .map(|i| f64::from(value(i, salt + 7) + 0.5) >= sparsity)
+        .collect();
+    StreamedMatrix::from_dense(k, n, &data, Some(&keep))
+}
+
+fn cpu_product(x: &[f32], w: &StreamedMatrix, bias: Option<&[f32]>, t: usize) -> Vec<f64> {
+    let (k, n) = (w.rows(), w.cols());
+    let dense = w.to_dense();
+    (0..t * n)
+        .map(|i| {
+            let (row, col) = (i / n, i % n);
+            let dot: f64 = (0..k)
+                .map(|j| f64::from(x[row * k + j]) * f64::from(dense[j * n + col]))
+                .sum();
+            dot + bias.map_or(0.0, |b| f64::from(b[col]))
+        })
+        .collect()
+}
+
+fn max_rel_error(got: &[f32], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (f64::from(*g) - w).abs() / scale)
+        .fold(0.0, f64::max)
+}
+
+fn check(
+    t: usize,
+    k: usize,
+    n: usize,
+    sparsity: f64,
+    cols: u32,
+    rows: u32,
+    precision: Precision,
+    bias: bool,
+) -> MatmulRun {
+    let x: Vec<f32> = (0..t * k).map(|i| value(i, 1)).collect();
+    let w = weights(k, n, sparsity, 2);
+    let b: Vec<f32> = (0..n).map(|i| value(i, 3)).collect();
+    let config = FabricConfig::rectangle(cols + 1, rows + 1).unwrap();
+    let kernel = StreamMatmul {
+        region: Region::at_origin(cols, rows),
+        tokens: t,
+        x: &x,
+        w: &w,
+        bias: bias.then_some(&b[..]),
+        precision,
+    };
+    let run = kernel.run(&config, RunOptions::default()).unwrap();
+    let want = cpu_product(&x, &w, bias.then_some(&b[..]), t);
+    let tolerance = match precision {
+        Precision::F32 => 1e-6,
+        // fp16 storage of x and w: each rounding is within 2^-11 relative; products and sums
+        // in fp32. 1e-2 of the largest output bounds k = 64 terms comfortably.
+        Precision::F16 => 1e-2,
+    };
+    let err = max_rel_error(&run.y, &want);
+    assert!(
+        err < tolerance,
+        "t {t} k {k} n {n} s {sparsity} {cols}x{rows} {precision:?}: error {err}"
+    );
+    // One FMAC per kept weight per token, whatever the layout.
+    assert_eq!(run.stats.total.fmacs, (t * w.nnz()) as u64, "FMACs");
+    run
+}
+
+#[test]
+fn products_match_the_cpu_on_many_layouts() {
+    for (t, k, n, s, cols, rows) in [
+        (4, 4, 4, 0.0, 1, 1),
+        (8, 16, 12, 0.5, 2, 2),
+        (16, 24, 40, 0.75, 4, 3),
+        (10, 7, 9, 0.3, 3, 5),
+        (32, 64, 48, 0.9, 8, 4),
+        (6, 30, 5, 0.0, 5, 2),
+    ] {
+        check(t, k, n, s, cols, rows, Precision::F32, false);
+        check(t, k, n, s, cols, rows, Precision::F32, true);
+        check(t, k, n, s, cols, rows, Precision::F16, true);
+    }
+}
+
+#[test]
+fn many_chunks_when_the_partial_sums_do_not_fit_at_once() {
+    // On 2 x 2 PEs with T = 128, K = 40, N = 200, a PE holds X 64 x 20 (5,120 B) and Y 64 x 100
+    // (25,600 B) plus the bias (400 B) and a counter: 31,124 B of 49,152. The rest takes
+    // 18,028 / (64 x 4) = 70 partial-sum columns: chunks of 70, 70 and 60.
+    let run = check(128, 40, 200, 0.5, 2, 2, Precision::F32, true);
+    assert_eq!(run.plan.chunks, vec![0..70, 70..140, 140..200]);
+}
+
+#[test]
+fn the_input_gradient_is_the_same_kernel_on_the_transpose() {
+    // dX = dY W^T: stream W^T's entries; compare with the CPU product by W^T.
+    let (t, k, n) = (12, 20, 16);
+    let dy: Vec<f32> = (0..t * n).map(|i| value(i, 5)).collect();
+    let w = weights(k, n, 0.6, 6);
+    let wt = w.transpose();
+    let config = FabricConfig::rectangle(4, 3).unwrap();
+    let kernel = StreamMatmul {
+        region: Region::at_origin(4, 3),
+        tokens: t,
+        x: &dy,
+        w: &wt,
+        bias: None,
+        precision: Precision::F32,
+    };
+    let run = kernel.run(&config, RunOptions::default()).unwrap();
+    let want = cpu_product(&dy, &wt, None, t);
+    assert!(max_rel_error(&run.y, &want) < 1e-6);
+    assert_eq!(run.stats.total.fmacs, (t * w.nnz()) as u64);
+}
+
+#[test]
+fn sparsity_saves_cycles() {
+    let dense = check(64, 128, 128, 0.0, 4, 4, Precision::F16, false);
+    let sparse = check(64, 128, 128, 0.75, 4, 4, Precision::F16, false);
+    assert!(sparse.stats.cycles < dense.stats.cycles);
+    eprintln!(
+        "dense {} sparse {} cycles",
+        dense.stats.cycles, sparse.stats.cycles
+    );
+}
+
+#[test]
+fn a_layer_too_big_for_the_pes_is_refused_with_the_bytes() {
+    let x = vec![0.0; 2048 * 64];
+    let w = StreamedMatrix::from_dense(64, 64, &vec![0.0; 64 * 64], None);
+    let kernel = StreamMatmul {
+        region: Region::at_origin(1, 1),
+        tokens: 2048,
+        x: &x,
+        w: &w,
+        bias: None,
+        precision: Precision::F32,
+    };
+    let err = kernel
+        .plan(&FabricConfig::rectangle(1, 1).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("stream_matmul does not fit: a PE needs"),
+        "{err}"
+    );
+    assert!(err.contains("49152"), "{err}");
+}
