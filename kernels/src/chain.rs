@@ -12,6 +12,8 @@
 //!   row, eastward and westward.
 //! - [`ColumnChain::reduce_south`]: a vector summed down a column and sent off the fabric's
 //!   south edge to the host.
+//! - [`RowAllReduce`]: a vector summed along a row into its last column, then multicast back
+//!   west to every PE of the row (two phases, each issued after the previous finished).
 
 use wafersim_sim::{BuildError, Color, Port, PortSet, Program, RecvMode, VecRef};
 
@@ -176,6 +178,79 @@ impl RowChain {
             });
         }
         ops
+    }
+}
+
+/// The colors of a row all-reduce: an east-bound summing chain and a west-bound multicast.
+#[derive(Clone, Copy, Debug)]
+pub struct RowAllReduce {
+    pub east: [Color; 2],
+    pub broadcast: Color,
+}
+
+impl RowAllReduce {
+    /// The routes of region column `c`, row `r`.
+    pub fn install(
+        &self,
+        p: &mut Program,
+        region: Region,
+        c: u32,
+        r: u32,
+    ) -> Result<(), BuildError> {
+        let pe = region.pe(c, r);
+        let cu = c as usize;
+        if region.cols == 1 {
+            return Ok(());
+        }
+        if c + 1 < region.cols {
+            p.route(pe, self.east[cu % 2], Port::Ramp, Port::East)?;
+            let tx = if c > 0 {
+                PortSet::of(&[Port::Ramp, Port::West])
+            } else {
+                Port::Ramp.into()
+            };
+            p.route(pe, self.broadcast, Port::East, tx)?;
+        } else {
+            p.route(pe, self.broadcast, Port::Ramp, Port::West)?;
+        }
+        if c > 0 {
+            p.route(pe, self.east[(cu + 1) % 2], Port::West, Port::Ramp)?;
+        }
+        Ok(())
+    }
+
+    /// Phase 1 at column `c`: sum `v` eastward; the last column ends with the row's total.
+    pub fn reduce_ops(&self, c: usize, cols: usize, v: VecRef) -> Vec<Op> {
+        let (out, inp) = (self.east[c % 2], self.east[(c + 1) % 2]);
+        match (c, c + 1 == cols) {
+            (_, true) if cols == 1 => vec![],
+            (0, _) => vec![Op::Send { out, src: v }],
+            (_, true) => vec![Op::Recv {
+                inp,
+                dst: v,
+                mode: RecvMode::Add,
+            }],
+            _ => vec![Op::RecvAddSend { inp, local: v, out }],
+        }
+    }
+
+    /// Phase 2 at column `c`, issued once phase 1 has finished there: the last column sends the
+    /// total west, every other column receives it into `v`.
+    pub fn broadcast_ops(&self, c: usize, cols: usize, v: VecRef) -> Vec<Op> {
+        if cols == 1 {
+            vec![]
+        } else if c + 1 == cols {
+            vec![Op::Send {
+                out: self.broadcast,
+                src: v,
+            }]
+        } else {
+            vec![Op::Recv {
+                inp: self.broadcast,
+                dst: v,
+                mode: RecvMode::Store,
+            }]
+        }
     }
 }
 

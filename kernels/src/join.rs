@@ -52,7 +52,8 @@ impl Op {
         }
     }
 
-    fn issue(self, ctx: &mut TaskCtx<'_>, then: Then) {
+    /// Starts the operation, doing `then` when it finishes.
+    pub fn issue(self, ctx: &mut TaskCtx<'_>, then: Then) {
         match self {
             Op::Send { out, src } => ctx.send(out, src, then),
             Op::Recv { inp, dst, mode } => ctx.recv(inp, dst, mode, then),
