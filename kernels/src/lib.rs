@@ -18,11 +18,13 @@ pub mod join;
 pub mod layout;
 pub mod matmul;
 pub mod sparse;
+pub mod weight_grad;
 
 pub use error::KernelError;
 pub use layout::{Region, Split, Tiling};
 pub use matmul::{MatmulPlan, MatmulRun, StreamMatmul};
 pub use sparse::StreamedMatrix;
+pub use weight_grad::{WeightGrad, WeightGradPlan, WeightGradRun};
 
 use wafersim_sim::FabricConfig;
 
@@ -36,6 +38,14 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// The simulator's element type for stored activations.
+    pub fn dtype(self) -> wafersim_sim::DType {
+        match self {
+            Precision::F32 => wafersim_sim::DType::F32,
+            Precision::F16 => wafersim_sim::DType::F16,
+        }
+    }
+
     /// Bytes of one stored activation.
     pub fn bytes(self) -> u64 {
         match self {

@@ -595,13 +595,10 @@ impl TaskCtx<'_> {
 }
 
 impl TaskCtx<'_> {
-    /// For each element: receive a wavelet on `in_color`, store it in `dst[i]` and send it on
-    /// `out_color` (a store-and-forward hop of an all-gather through the core). `f32` only.
+    /// For each element: receive a wavelet on `in_color`, store it in `dst[i]` (as `f32`, or the
+    /// fp16 low half for an `f16` destination) and send it on unchanged on `out_color` (a
+    /// store-and-forward hop of an all-gather through the core).
     pub fn recv_store_send(&mut self, in_color: Color, dst: VecRef, out_color: Color, then: Then) {
-        if dst.dtype() != DType::F32 {
-            self.fail("recv_store_send: the destination must be f32".into());
-            return;
-        }
         if self.checked("recv_store_send", dst).is_none() {
             return;
         }
