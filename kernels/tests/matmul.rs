@@ -44,6 +44,7 @@ fn max_rel_error(got: &[f32], want: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check(
     t: usize,
     k: usize,
