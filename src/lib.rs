@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod flops;
+pub mod gemm;
 pub mod model;
 pub mod reference;
 pub mod sparsity;

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod flops;
+mod gemm;
 mod init;
 mod inspect;
 mod presets;
@@ -27,6 +28,8 @@ enum Command {
     Presets(presets::Args),
     /// Analytic FLOPs of one training step, dense against sparse, per sparsity.
     Flops(flops::Args),
+    /// Run one sparse linear layer on the simulated fabric against its dense baseline.
+    Gemm(gemm::Args),
     /// Write a freshly initialised Hugging Face GPT-2 checkpoint folder.
     Init(init::Args),
     /// Show a checkpoint's shape, parameter counts and the sparsity of its matrices.
@@ -49,6 +52,28 @@ pub fn bad_input(what: impl Into<String>, err: impl Into<anyhow::Error>) -> anyh
     err.into().context(BadInput(what.into()))
 }
 
+/// The fabric named by `--fabric`: a preset (`wse2`, `wse3`), `WxH`, or a `.toml`/`.json` file
+/// overriding a preset.
+pub fn load_fabric(spec: &str) -> anyhow::Result<wafersim_sim::FabricConfig> {
+    let is_file = spec.ends_with(".toml") || spec.ends_with(".json");
+    let config = if is_file {
+        let text =
+            std::fs::read_to_string(spec).map_err(|e| bad_input(format!("--fabric {spec}"), e))?;
+        wafersim_sim::FabricConfig::from_file_text(spec, &text, spec.ends_with(".json"))
+    } else {
+        wafersim_sim::FabricConfig::from_spec(spec)
+    };
+    config.map_err(|e| bad_input("--fabric", e))
+}
+
+/// Writes `value` as pretty JSON to `path`, atomically (a failure leaves no partial file).
+pub fn write_json(path: &std::path::Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    crate::model::checkpoint::write_file_atomic(path, text.as_bytes())
+        .map_err(|e| anyhow::Error::new(e).context(format!("writing {}", path.display())))
+}
+
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -62,6 +87,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Presets(args) => presets::run(args),
         Command::Flops(args) => flops::run(args),
+        Command::Gemm(args) => gemm::run(args),
         Command::Init(args) => init::run(args),
         Command::Inspect(args) => inspect::run(args),
     };

@@ -33,6 +33,7 @@ mod check;
 pub mod fixtures;
 mod forward;
 mod ops;
+pub mod products;
 mod tensor;
 
 pub use adamw::{AdamState, AdamW};

@@ -1,0 +1,246 @@
+//! `wafersim gemm`: one linear layer on the fabric, sparse against dense, every number checked
+//! (values against the CPU, executed FLOPs against the analytic count).
+
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+use wafersim_kernels::{Precision, Region};
+
+use super::{bad_input, load_fabric, write_json};
+use crate::flops::Phase;
+use crate::gemm::{GemmReport, GemmSpec, PhaseResult, run_gemm};
+
+/// Arguments of `wafersim gemm`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Tokens T (rows of X).
+    #[arg(long, value_name = "T")]
+    m: usize,
+    /// Input features K.
+    #[arg(long, value_name = "K")]
+    k: usize,
+    /// Output features N.
+    #[arg(long, value_name = "N")]
+    n: usize,
+    /// Fraction of W pruned, in [0, 1).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "S",
+        allow_hyphen_values = true
+    )]
+    sparsity: f64,
+    /// The machine: wse2, wse3, WxH (wse2 parameters on a W x H rectangle), or a .toml/.json file.
+    #[arg(long, value_name = "FABRIC")]
+    fabric: String,
+    /// Which pass of the layer to run.
+    #[arg(long, value_enum, default_value = "all")]
+    phase: PhaseArg,
+    /// Storage precision of activations and streamed weights.
+    #[arg(long, value_enum, default_value = "fp32")]
+    dtype: DtypeArg,
+    /// Seed of the data and the mask.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Run on a COLSxROWS region at the fabric's corner [default: the largest that has work].
+    #[arg(long, value_name = "COLSxROWS")]
+    region: Option<String>,
+    /// Also write the results as JSON (schema wafersim.gemm/v1).
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PhaseArg {
+    Fwd,
+    BwdData,
+    BwdWeight,
+    All,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DtypeArg {
+    Fp32,
+    Fp16,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let fabric = load_fabric(&args.fabric)?;
+    let sparsity =
+        crate::sparsity::validate(args.sparsity).map_err(|e| bad_input("--sparsity", e))?;
+    let region = args.region.as_deref().map(parse_region).transpose()?;
+    let spec = GemmSpec {
+        tokens: args.m,
+        k: args.k,
+        n: args.n,
+        sparsity,
+        phases: match args.phase {
+            PhaseArg::Fwd => vec![Phase::Forward],
+            PhaseArg::BwdData => vec![Phase::InputGrad],
+            PhaseArg::BwdWeight => vec![Phase::WeightGrad],
+            PhaseArg::All => Phase::ALL.to_vec(),
+        },
+        precision: match args.dtype {
+            DtypeArg::Fp32 => Precision::F32,
+            DtypeArg::Fp16 => Precision::F16,
+        },
+        seed: args.seed,
+        region,
+    };
+    let report = run_gemm(&spec, &fabric).map_err(|e| match e {
+        crate::gemm::GemmError::Empty { .. } | crate::gemm::GemmError::Sparsity(_) => {
+            bad_input("gemm", e)
+        }
+        crate::gemm::GemmError::Kernel(wafersim_kernels::KernelError::Shape { .. }) => {
+            bad_input("--region", e)
+        }
+        other => anyhow::Error::new(other),
+    })?;
+    print_report(&report, &fabric);
+    if let Some(path) = &args.json {
+        write_json(path, &report_json(&report, &fabric))?;
+    }
+    Ok(())
+}
+
+fn parse_region(text: &str) -> anyhow::Result<Region> {
+    let parsed = text
+        .split_once(['x', 'X'])
+        .and_then(|(c, r)| Some((c.trim().parse::<u32>().ok()?, r.trim().parse::<u32>().ok()?)));
+    match parsed {
+        Some((cols, rows)) if cols > 0 && rows > 0 => Ok(Region::at_origin(cols, rows)),
+        _ => Err(bad_input(
+            "--region",
+            anyhow::anyhow!("\"{text}\" is not COLSxROWS such as 16x8"),
+        )),
+    }
+}
+
+fn print_report(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) {
+    let s = &r.spec;
+    println!(
+        "gemm Y[{} x {}] = X[{} x {}] W[{} x {}], sparsity {} ({} of {} weights kept), {}",
+        s.tokens,
+        s.n,
+        s.tokens,
+        s.k,
+        s.k,
+        s.n,
+        s.sparsity,
+        r.nnz,
+        s.k * s.n,
+        if s.precision == Precision::F32 {
+            "fp32"
+        } else {
+            "fp16"
+        }
+    );
+    println!(
+        "fabric {} ({} x {} PEs, {} MHz), region {} x {} PEs",
+        fabric.name, fabric.width, fabric.height, fabric.clock_mhz, r.region.cols, r.region.rows
+    );
+    println!();
+    println!(
+        "{:<16} {:>12} {:>12} {:>9} {:>9} {:>14} {:>11} {:>6}  dominant cost of the sparse run",
+        "phase",
+        "cycles",
+        "dense cycles",
+        "cycle red",
+        "FLOP red",
+        "FLOPs executed",
+        "max rel err",
+        "util"
+    );
+    for p in &r.phases {
+        print_row(p);
+    }
+    if r.phases.len() > 1 {
+        let (c, d) = (r.cycles(), r.dense_cycles());
+        let f: u64 = r.phases.iter().map(|p| p.flops_executed).sum();
+        let fd: u64 = r.phases.iter().map(|p| p.flops_dense).sum();
+        println!(
+            "{:<16} {:>12} {:>12} {:>8.3}x {:>8.3}x {:>14}",
+            "all",
+            c,
+            d,
+            d as f64 / c as f64,
+            fd as f64 / f.max(1) as f64,
+            f
+        );
+    }
+    let us = r.cycles() as f64 / f64::from(fabric.clock_mhz);
+    println!(
+        "\nsparse step: {us:.1} us at {} MHz; ideal cycle reduction 1/density = {:.3}x",
+        fabric.clock_mhz,
+        (s.k * s.n) as f64 / r.nnz.max(1) as f64
+    );
+}
+
+fn print_row(p: &PhaseResult) {
+    println!(
+        "{:<16} {:>12} {:>12} {:>8.3}x {:>8.3}x {:>14} {:>11.2e} {:>5.1}%  {}",
+        p.phase.name(),
+        p.cycles,
+        p.dense_cycles,
+        p.cycle_reduction(),
+        p.flop_reduction(),
+        p.flops_executed,
+        p.max_rel_error,
+        100.0 * p.utilisation,
+        p.breakdown.dominant()
+    );
+}
+
+fn phase_json(p: &PhaseResult) -> Value {
+    json!({
+        "phase": p.phase.name(),
+        "cycles": p.cycles,
+        "dense_cycles": p.dense_cycles,
+        "cycle_reduction": p.cycle_reduction(),
+        "flops_executed": p.flops_executed,
+        "flops_dense": p.flops_dense,
+        "flop_reduction": p.flop_reduction(),
+        "max_rel_error": p.max_rel_error,
+        "pe_utilisation": p.utilisation,
+        "busiest_pe": {
+            "task_overhead_cycles": p.breakdown.task_overhead,
+            "vector_work_cycles": p.breakdown.vector_work,
+            "communication_cycles": p.breakdown.communication,
+            "dominant": p.breakdown.dominant(),
+        },
+    })
+}
+
+fn report_json(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) -> Value {
+    let s = &r.spec;
+    let (c, d) = (r.cycles(), r.dense_cycles());
+    let f: u64 = r.phases.iter().map(|p| p.flops_executed).sum();
+    let fd: u64 = r.phases.iter().map(|p| p.flops_dense).sum();
+    let pes = r.region.pes() as f64;
+    let busy: f64 = r
+        .phases
+        .iter()
+        .map(|p| p.utilisation * p.cycles as f64 * pes)
+        .sum();
+    json!({
+        "schema": "wafersim.gemm/v1",
+        "units": {
+            "cycles": "fabric clock cycles", "flops": "floating-point operations (1 FMAC = 2)",
+            "max_rel_error": "max |fabric - cpu| / max |cpu|", "pe_utilisation": "busy core cycles / (cycles x region PEs)",
+        },
+        "m": s.tokens, "k": s.k, "n": s.n, "sparsity": s.sparsity, "nnz": r.nnz,
+        "dtype": if s.precision == Precision::F32 { "fp32" } else { "fp16" },
+        "seed": s.seed,
+        "fabric": { "name": fabric.name, "width": fabric.width, "height": fabric.height, "clock_mhz": fabric.clock_mhz },
+        "region": { "cols": r.region.cols, "rows": r.region.rows },
+        "cycles": c,
+        "dense_cycles": d,
+        "cycle_reduction": d as f64 / c as f64,
+        "flops_executed": f,
+        "flops_dense": fd,
+        "flop_reduction": fd as f64 / f.max(1) as f64,
+        "max_rel_error": r.phases.iter().map(|p| p.max_rel_error).fold(0.0, f64::max),
+        "pe_utilisation": busy / (c as f64 * pes),
+        "phases": r.phases.iter().map(phase_json).collect::<Vec<_>>(),
+    })
+}

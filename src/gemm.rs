@@ -1,0 +1,411 @@
+//! One linear layer on the fabric, sparse against dense: the `wafersim gemm` experiment.
+//!
+//! `Y[T x N] = X[T x K] W[K x N]` with `W` pruned to exactly `round(s K N)` zeros (the model's
+//! mask rule), run phase by phase on one region: forward `X W`, input gradient `dY W^T`, masked
+//! weight gradient `X^T dY`. Each phase runs twice, once streaming only the kept weights and once
+//! streaming every weight (the dense baseline on the same fabric and region). Every run is
+//! checked: the values against the plain CPU products of [`crate::reference::products`], and the
+//! executed FMACs against the analytic count of [`crate::flops::linear_flops`], exactly.
+//!
+//! Data are seeded (ChaCha, one stream per matrix), so a run is reproducible.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use wafersim_kernels::{KernelError, Precision, Region, StreamMatmul, StreamedMatrix, WeightGrad};
+use wafersim_sim::{FabricConfig, RunOptions, Stats};
+
+use crate::flops::{self, FlopError, Phase};
+use crate::reference::products;
+use crate::sparsity::{Mask, SparsityError};
+
+/// The experiment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GemmSpec {
+    /// Tokens `T` (rows of `X`).
+    pub tokens: usize,
+    /// Input features `K`.
+    pub k: usize,
+    /// Output features `N`.
+    pub n: usize,
+    /// Fraction of `W` pruned, in `[0, 1)`.
+    pub sparsity: f64,
+    /// Phases to run, in order.
+    pub phases: Vec<Phase>,
+    pub precision: Precision,
+    pub seed: u64,
+    /// The region to run on; `None` picks [`default_region`].
+    pub region: Option<Region>,
+}
+
+/// What one phase measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PhaseResult {
+    pub phase: Phase,
+    /// Cycles of the sparse run.
+    pub cycles: u64,
+    /// Cycles of the same phase with every weight streamed.
+    pub dense_cycles: u64,
+    /// FLOPs the sparse run executed (2 per FMAC).
+    pub flops_executed: u64,
+    /// FLOPs the dense run executed.
+    pub flops_dense: u64,
+    /// Largest absolute error against the CPU, over the largest CPU magnitude.
+    pub max_rel_error: f64,
+    /// Busy cycles over (cycles x PEs of the region), sparse run.
+    pub utilisation: f64,
+    /// Where the sparse run's cycles went on its busiest PE.
+    pub breakdown: Breakdown,
+}
+
+impl PhaseResult {
+    /// Dense cycles over sparse cycles.
+    pub fn cycle_reduction(&self) -> f64 {
+        self.dense_cycles as f64 / self.cycles as f64
+    }
+
+    /// Dense FLOPs over sparse FLOPs.
+    pub fn flop_reduction(&self) -> f64 {
+        self.flops_dense as f64 / self.flops_executed.max(1) as f64
+    }
+}
+
+/// Where a run's cycles went, seen from its busiest PE.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Breakdown {
+    /// Task-switch and issue cycles: the fixed cost of every task, paid per streamed weight.
+    pub task_overhead: u64,
+    /// Everything else the busiest core did (vector work, scalar work).
+    pub vector_work: u64,
+    /// Cycles the busiest core was not busy: waiting for weights, reductions and other traffic.
+    pub communication: u64,
+}
+
+impl Breakdown {
+    /// The largest of the three, by name.
+    pub fn dominant(&self) -> &'static str {
+        let parts = [
+            (self.task_overhead, "per-weight task overhead"),
+            (self.vector_work, "vector work"),
+            (
+                self.communication,
+                "communication (weight stream, reductions)",
+            ),
+        ];
+        parts
+            .iter()
+            .max_by_key(|(v, _)| *v)
+            .map(|(_, name)| *name)
+            .unwrap_or("none")
+    }
+}
+
+/// The whole experiment's result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GemmReport {
+    pub spec: GemmSpec,
+    pub region: Region,
+    /// Kept weights.
+    pub nnz: usize,
+    pub phases: Vec<PhaseResult>,
+}
+
+impl GemmReport {
+    /// Sum of the sparse runs' cycles.
+    pub fn cycles(&self) -> u64 {
+        self.phases.iter().map(|p| p.cycles).sum()
+    }
+
+    /// Sum of the dense runs' cycles.
+    pub fn dense_cycles(&self) -> u64 {
+        self.phases.iter().map(|p| p.dense_cycles).sum()
+    }
+}
+
+/// What can stop a gemm.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GemmError {
+    #[error(transparent)]
+    Sparsity(#[from] SparsityError),
+    #[error(transparent)]
+    Flops(#[from] FlopError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("{what} must be at least 1")]
+    Empty { what: &'static str },
+    #[error(
+        "executed FLOPs {executed} differ from the analytic {analytic} in {phase}: a simulator bug"
+    )]
+    FlopMismatch {
+        phase: &'static str,
+        executed: u64,
+        analytic: u64,
+    },
+}
+
+/// The largest region of the fabric with no more rows than tokens and no more columns than the
+/// smaller feature count.
+pub fn default_region(fabric: &FabricConfig, tokens: usize, k: usize, n: usize) -> Region {
+    let rows = (fabric.height as usize).min(tokens) as u32;
+    let cols = (fabric.width as usize).min(k.min(n)) as u32;
+    Region::at_origin(cols, rows)
+}
+
+/// The layer's operands.
+struct Operands {
+    x: Vec<f32>,
+    dy: Vec<f32>,
+    w: Vec<f32>,
+    mask: Mask,
+}
+
+fn normal_values(seed: u64, stream: u64, len: usize) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    let normal = Normal::new(0.0f32, 1.0).expect("unit normal");
+    (0..len).map(|_| normal.sample(&mut rng)).collect()
+}
+
+fn operands(spec: &GemmSpec) -> Result<Operands, GemmError> {
+    let (t, k, n) = (spec.tokens, spec.k, spec.n);
+    let mask = Mask::random(k, n, spec.sparsity, spec.seed, 3)?;
+    let mut w = normal_values(spec.seed, 1, k * n);
+    mask.zero_pruned(&mut w);
+    Ok(Operands {
+        x: normal_values(spec.seed, 0, t * k),
+        dy: normal_values(spec.seed, 2, t * n),
+        w,
+        mask,
+    })
+}
+
+/// Runs the experiment on `fabric`.
+pub fn run_gemm(spec: &GemmSpec, fabric: &FabricConfig) -> Result<GemmReport, GemmError> {
+    for (what, v) in [
+        ("--m (tokens)", spec.tokens),
+        ("--k", spec.k),
+        ("--n", spec.n),
+    ] {
+        if v == 0 {
+            return Err(GemmError::Empty { what });
+        }
+    }
+    let ops = operands(spec)?;
+    let region = spec
+        .region
+        .unwrap_or_else(|| default_region(fabric, spec.tokens, spec.k, spec.n));
+    let sparse = StreamedMatrix::from_dense(spec.k, spec.n, &ops.w, Some(ops.mask.keep()));
+    let dense = StreamedMatrix::from_dense(spec.k, spec.n, &ops.w, None);
+    let ctx = Ctx {
+        spec,
+        fabric,
+        region,
+        ops: &ops,
+    };
+    let phases = spec
+        .phases
+        .iter()
+        .map(|&phase| ctx.phase(phase, &sparse, &dense))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(GemmReport {
+        spec: spec.clone(),
+        region,
+        nnz: sparse.nnz(),
+        phases,
+    })
+}
+
+struct Ctx<'a> {
+    spec: &'a GemmSpec,
+    fabric: &'a FabricConfig,
+    region: Region,
+    ops: &'a Operands,
+}
+
+impl Ctx<'_> {
+    fn phase(
+        &self,
+        phase: Phase,
+        sparse: &StreamedMatrix,
+        dense: &StreamedMatrix,
+    ) -> Result<PhaseResult, GemmError> {
+        let (s_out, s_stats) = self.run(phase, sparse)?;
+        let (_, d_stats) = self.run(phase, dense)?;
+        let (t, k, n) = (
+            self.spec.tokens as u64,
+            self.spec.k as u64,
+            self.spec.n as u64,
+        );
+        let analytic = flops::linear_flops(t, k, n, sparse.nnz() as u64)?[phase.index()];
+        let analytic_dense = flops::linear_flops(t, k, n, k * n)?[phase.index()];
+        for (executed, expected) in [
+            (2 * s_stats.total.fmacs, analytic),
+            (2 * d_stats.total.fmacs, analytic_dense),
+        ] {
+            if executed != expected {
+                return Err(GemmError::FlopMismatch {
+                    phase: phase.name(),
+                    executed,
+                    analytic: expected,
+                });
+            }
+        }
+        let pes = self.region.pes();
+        Ok(PhaseResult {
+            phase,
+            cycles: s_stats.cycles,
+            dense_cycles: d_stats.cycles,
+            flops_executed: analytic,
+            flops_dense: analytic_dense,
+            max_rel_error: self.error(phase, &s_out),
+            utilisation: s_stats.total.busy_cycles as f64 / (s_stats.cycles.max(1) * pes) as f64,
+            breakdown: breakdown(&s_stats, self.fabric),
+        })
+    }
+
+    /// One phase streaming `w`'s entries: its output (row-major) and statistics.
+    fn run(&self, phase: Phase, w: &StreamedMatrix) -> Result<(Vec<f32>, Stats), GemmError> {
+        let (t, ops, precision, region) =
+            (self.spec.tokens, self.ops, self.spec.precision, self.region);
+        let options = RunOptions::default();
+        Ok(match phase {
+            Phase::Forward => {
+                let run = StreamMatmul {
+                    region,
+                    tokens: t,
+                    x: &ops.x,
+                    w,
+                    bias: None,
+                    precision,
+                }
+                .run(self.fabric, options)?;
+                (run.y, run.stats)
+            }
+            Phase::InputGrad => {
+                let wt = w.transpose();
+                let run = StreamMatmul {
+                    region,
+                    tokens: t,
+                    x: &ops.dy,
+                    w: &wt,
+                    bias: None,
+                    precision,
+                }
+                .run(self.fabric, options)?;
+                (run.y, run.stats)
+            }
+            Phase::WeightGrad => {
+                let run = WeightGrad {
+                    region,
+                    tokens: t,
+                    x: &ops.x,
+                    dy: &ops.dy,
+                    pattern: w,
+                    bias: false,
+                    precision,
+                }
+                .run(self.fabric, options)?;
+                (run.grad.to_dense(), run.stats)
+            }
+        })
+    }
+
+    fn error(&self, phase: Phase, got: &[f32]) -> f64 {
+        let (t, k, n, o) = (self.spec.tokens, self.spec.k, self.spec.n, self.ops);
+        let want = match phase {
+            Phase::Forward => products::matmul(&o.x, &o.w, t, k, n),
+            Phase::InputGrad => products::matmul(&o.dy, &transpose(&o.w, k, n), t, n, k),
+            Phase::WeightGrad => products::masked_weight_grad(&o.x, &o.dy, o.mask.keep(), t, k, n),
+        };
+        let scale = want.iter().fold(f64::MIN_POSITIVE, |m, v| m.max(v.abs()));
+        got.iter()
+            .zip(&want)
+            .map(|(g, w)| (f64::from(*g) - w).abs() / scale)
+            .fold(0.0, f64::max)
+    }
+}
+
+fn transpose(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+    (0..n * k).map(|i| w[(i % k) * n + i / k]).collect()
+}
+
+/// The busiest PE's cycles split into task overhead, other work, and waiting.
+fn breakdown(stats: &Stats, fabric: &FabricConfig) -> Breakdown {
+    let busiest = stats
+        .pes
+        .iter()
+        .map(|(_, s)| s)
+        .max_by_key(|s| s.busy_cycles);
+    let Some(b) = busiest else {
+        return Breakdown {
+            task_overhead: 0,
+            vector_work: 0,
+            communication: stats.cycles,
+        };
+    };
+    let per_task = u64::from(fabric.task_switch_cycles);
+    let task_overhead = (b.tasks_run * per_task).min(b.busy_cycles);
+    Breakdown {
+        task_overhead,
+        vector_work: b.busy_cycles - task_overhead,
+        communication: stats.cycles.saturating_sub(b.busy_cycles),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(sparsity: f64, precision: Precision) -> GemmSpec {
+        GemmSpec {
+            tokens: 16,
+            k: 24,
+            n: 20,
+            sparsity,
+            phases: Phase::ALL.to_vec(),
+            precision,
+            seed: 7,
+            region: Some(Region::at_origin(4, 4)),
+        }
+    }
+
+    #[test]
+    fn every_phase_matches_the_cpu_and_the_flop_count() {
+        let fabric = FabricConfig::rectangle(4, 6).unwrap();
+        for s in [0.0, 0.5, 0.75] {
+            let report = run_gemm(&spec(s, Precision::F32), &fabric).unwrap();
+            // round(s * 480) zeros.
+            assert_eq!(report.nnz, 480 - (s * 480.0f64).round() as usize);
+            for p in &report.phases {
+                assert!(
+                    p.max_rel_error < 1e-6,
+                    "{:?} at {s}: {}",
+                    p.phase,
+                    p.max_rel_error
+                );
+                assert_eq!(p.flops_executed, 2 * 16 * report.nnz as u64);
+                assert_eq!(p.flops_dense, 2 * 16 * 480);
+            }
+        }
+    }
+
+    #[test]
+    fn fp16_stays_within_fp16_rounding() {
+        let fabric = FabricConfig::rectangle(4, 6).unwrap();
+        let report = run_gemm(&spec(0.5, Precision::F16), &fabric).unwrap();
+        for p in &report.phases {
+            // Inputs rounded to fp16 (relative 2^-11 each), fp32 accumulation over <= 24 terms.
+            assert!(p.max_rel_error < 5e-3, "{:?}: {}", p.phase, p.max_rel_error);
+        }
+    }
+
+    #[test]
+    fn a_dense_spec_costs_the_same_as_its_baseline() {
+        let fabric = FabricConfig::rectangle(4, 6).unwrap();
+        let report = run_gemm(&spec(0.0, Precision::F32), &fabric).unwrap();
+        for p in &report.phases {
+            assert_eq!(p.cycles, p.dense_cycles);
+        }
+    }
+}
