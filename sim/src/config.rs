@@ -69,7 +69,8 @@ pub struct FabricConfig {
     pub hop_latency: u32,
     /// Cycles between a router and its own core, either way (2, secondary source).
     pub ramp_latency: u32,
-    /// Cycles to switch to and start a task (assumption: 3).
+    /// Cycles to switch to and start a task (assumption: 3). At least 1: the engine relies on
+    /// every task taking time.
     pub task_switch_cycles: u32,
     /// Cycles to issue one vector instruction before its elements stream (assumption: 1).
     pub issue_cycles: u32,
@@ -236,6 +237,7 @@ impl FabricConfig {
             ("hop_latency", self.hop_latency),
             ("ramp_latency", self.ramp_latency),
             ("clock_mhz", self.clock_mhz),
+            ("task_switch_cycles", self.task_switch_cycles),
             ("sram_banks", self.sram_banks),
             ("exp_cycles_per_element", self.exp_cycles_per_element),
             ("simd.fmac_f16", self.simd.fmac_f16),

@@ -17,17 +17,19 @@
 //!
 //! # Determinism
 //!
-//! The engine wakes components (an injector, a router or a core) at cycles; wakes are processed in
-//! the total order (cycle, PE, component), and duplicates collapse. Every interaction between
+//! The engine wakes components (an injector, a router or a core) at cycles ([`Calendar`]); a
+//! component woken twice in one cycle runs once. Every interaction between
 //! components has a latency of at least one cycle, in both directions: a wavelet pushed at cycle
 //! `t` is visible from `t + latency`, and room freed by a pop at `t` is visible from `t + 1`. So
 //! what a component does at cycle `t` depends only on the state at the start of `t`, whatever
-//! the processing order within the cycle. That is also what lets regions be stepped in parallel.
+//! the processing order within the cycle (trace events are sorted at the end for the same
+//! reason). That is also what lets regions be stepped in parallel.
 //!
 //! Idle cycles cost nothing: the engine jumps from one wake to the next.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::calendar::Calendar;
 
 use crate::config::FabricConfig;
 use crate::error::{BuildError, RunError, SimError, Stuck};
@@ -73,6 +75,8 @@ struct Queue {
     color: Color,
     /// Index of the owner's route for `color`.
     route: u16,
+    /// Position in the owner's router buffers (router buffers only).
+    slot: u8,
     /// Where its wavelets arrive from (RAMP for a router buffer fed by the core, and for a
     /// core input queue).
     port: Port,
@@ -134,6 +138,8 @@ struct Pe {
     routes: Vec<RouteState>,
     /// Router input buffers in arbitration order.
     inbufs: Vec<u32>,
+    /// Bit `i` set when `inbufs[i]` holds a wavelet.
+    occupied: u128,
     rr: usize,
     core_in: Vec<(Color, u32)>,
     core_out: Vec<(Color, u32)>,
@@ -146,6 +152,9 @@ struct Pe {
     busy_until: u64,
     /// Cycle of the last wavelet the core put on its ramp.
     last_ramp_push: Option<u64>,
+    /// Last cycle each component (four injectors, router, core) was woken, to drop duplicate
+    /// wakes.
+    woken: [u64; 6],
     stats: PeStats,
 }
 
@@ -281,6 +290,7 @@ impl Simulator {
                 coord: p.coord,
                 routes,
                 inbufs: Vec::new(),
+                occupied: 0,
                 rr: 0,
                 core_in: Vec::new(),
                 core_out: Vec::new(),
@@ -292,6 +302,7 @@ impl Simulator {
                 ops: Vec::new(),
                 busy_until: 0,
                 last_ramp_push: None,
+                woken: [u64::MAX; 6],
                 stats,
             });
             sim.create_queues(slot as u32)?;
@@ -318,6 +329,7 @@ impl Simulator {
             items: VecDeque::new(),
             color,
             route: route as u16,
+            slot: self.pes[owner as usize].inbufs.len() as u8,
             port,
             owner,
             core_input,
@@ -339,6 +351,14 @@ impl Simulator {
             .collect();
         for (color, rx, tx) in routes {
             for port in rx.iter() {
+                if self.pes[slot as usize].inbufs.len() >= 128 {
+                    let pe = self.pes[slot as usize].coord;
+                    return Err(BuildError::TooMany {
+                        pe,
+                        what: "router input buffers",
+                        limit: 128,
+                    });
+                }
                 let q = self.new_queue(slot, color, port, false);
                 if port == Port::Ramp {
                     self.queues[q as usize].producer = Some(comp(slot, CORE));
@@ -484,7 +504,7 @@ impl Simulator {
 struct Run {
     sim: Simulator,
     options: RunOptions,
-    wakes: BinaryHeap<Reverse<(u64, Comp)>>,
+    wakes: Calendar,
     /// One past the last cycle with any activity.
     end: u64,
     events: u64,
@@ -496,7 +516,7 @@ impl Run {
         Run {
             sim,
             options,
-            wakes: BinaryHeap::new(),
+            wakes: Calendar::new(),
             end: 0,
             events: 0,
             trace: Vec::new(),
@@ -504,7 +524,7 @@ impl Run {
     }
 
     fn wake(&mut self, at: u64, c: Comp) {
-        self.wakes.push(Reverse((at, c)));
+        self.wakes.push(at, c);
     }
 
     fn start(&mut self) {
@@ -521,12 +541,8 @@ impl Run {
     }
 
     fn event_loop(&mut self) -> Result<(), SimError> {
-        let mut last: Option<(u64, Comp)> = None;
-        while let Some(Reverse((t, c))) = self.wakes.pop() {
-            if last == Some((t, c)) {
-                continue;
-            }
-            last = Some((t, c));
+        let mut batch = Vec::new();
+        while let Some(t) = self.wakes.pop_cycle(&mut batch) {
             if let Some(limit) = self.options.cycle_limit
                 && t > limit
             {
@@ -538,12 +554,20 @@ impl Run {
                 }
                 .into());
             }
-            self.events += 1;
-            let slot = (c >> KIND_BITS) as u32;
-            match c & ((1 << KIND_BITS) - 1) {
-                ROUTER => self.router_step(slot, t),
-                CORE => self.core_step(slot, t)?,
-                kind => self.injector_step(slot, kind as usize, t),
+            for c in batch.drain(..) {
+                let slot = (c >> KIND_BITS) as u32;
+                let kind = c & ((1 << KIND_BITS) - 1);
+                let woken = &mut self.sim.pes[slot as usize].woken[kind as usize];
+                if *woken == t {
+                    continue;
+                }
+                *woken = t;
+                self.events += 1;
+                match kind {
+                    ROUTER => self.router_step(slot, t),
+                    CORE => self.core_step(slot, t)?,
+                    kind => self.injector_step(slot, kind as usize, t),
+                }
             }
         }
         let (stuck, stuck_pes) = self.stuck();
@@ -568,6 +592,10 @@ impl Run {
         let queue = &mut self.sim.queues[q as usize];
         queue.push(w, ready);
         let consumer = queue.consumer;
+        if !queue.core_input {
+            let bit = 1u128 << queue.slot;
+            self.sim.pes[queue.owner as usize].occupied |= bit;
+        }
         self.end = self.end.max(ready);
         self.wake(ready, consumer);
     }
@@ -576,7 +604,12 @@ impl Run {
     fn take(&mut self, q: u32, t: u64) -> (Wavelet, u64) {
         let queue = &mut self.sim.queues[q as usize];
         let item = queue.pop(t);
-        if let Some(p) = queue.producer {
+        let producer = queue.producer;
+        if !queue.core_input && queue.items.is_empty() {
+            let bit = 1u128 << queue.slot;
+            self.sim.pes[queue.owner as usize].occupied &= !bit;
+        }
+        if let Some(p) = producer {
             self.wake(t + 1, p);
         }
         self.end = self.end.max(t + 1);
@@ -611,13 +644,23 @@ impl Run {
     }
 
     fn router_step(&mut self, slot: u32, t: u64) {
-        let n = self.sim.pes[slot as usize].inbufs.len();
-        let start = self.sim.pes[slot as usize].rr;
+        let pe = &self.sim.pes[slot as usize];
+        let (n, start) = (pe.inbufs.len(), pe.rr);
         let mut used = PortSet::EMPTY;
         let mut again = false;
         let mut last_granted = None;
-        for k in 0..n {
-            let q = self.sim.pes[slot as usize].inbufs[(start + k) % n];
+        // The occupied buffers, rotated so that bit k is buffer (start + k) mod n.
+        let low = pe.occupied & ((1u128 << start) - 1);
+        let mut pending = (pe.occupied >> start) | if start == 0 { 0 } else { low << (n - start) };
+        while pending != 0 {
+            let k = pending.trailing_zeros() as usize;
+            pending &= pending - 1;
+            let i = if start + k < n {
+                start + k
+            } else {
+                start + k - n
+            };
+            let q = self.sim.pes[slot as usize].inbufs[i];
             let queue = &self.sim.queues[q as usize];
             let Some(w) = queue.head_ready(t) else {
                 continue;
@@ -648,7 +691,7 @@ impl Run {
             }
         }
         if let Some(k) = last_granted {
-            self.sim.pes[slot as usize].rr = (start + k + 1) % n.max(1);
+            self.sim.pes[slot as usize].rr = (start + k + 1) % n;
         }
         if again {
             self.wake(t + 1, comp(slot, ROUTER));
@@ -1097,9 +1140,10 @@ impl Run {
             links,
             total,
         };
-        let trace = options.trace.map(|window| Trace {
-            window,
-            events: trace,
+        let trace = options.trace.map(|window| {
+            let mut events = trace;
+            events.sort_by_key(trace_order);
+            Trace { window, events }
         });
         Executed {
             config,
@@ -1109,6 +1153,16 @@ impl Run {
             sinks,
             trace,
         }
+    }
+}
+
+/// The order of trace events: by start cycle, then PE, then kind (independent of the order the
+/// engine happened to process a cycle's components in).
+fn trace_order(e: &TraceEvent) -> (u64, u32, u32, u8) {
+    match *e {
+        TraceEvent::Task { pe, start, .. } => (start, pe.y, pe.x, 0),
+        TraceEvent::Forward { pe, cycle, .. } => (cycle, pe.y, pe.x, 1),
+        TraceEvent::Async { pe, start, .. } => (start, pe.y, pe.x, 2),
     }
 }
 

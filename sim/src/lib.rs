@@ -38,6 +38,7 @@
 
 #![deny(missing_docs)]
 
+mod calendar;
 mod config;
 mod engine;
 mod error;
