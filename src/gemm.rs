@@ -56,6 +56,8 @@ pub struct PhaseResult {
     pub utilisation: f64,
     /// Where the sparse run's cycles went on its busiest PE.
     pub breakdown: Breakdown,
+    /// The same for the dense run.
+    pub dense_breakdown: Breakdown,
 }
 
 impl PhaseResult {
@@ -67,6 +69,21 @@ impl PhaseResult {
     /// Dense FLOPs over sparse FLOPs.
     pub fn flop_reduction(&self) -> f64 {
         self.flops_dense as f64 / self.flops_executed.max(1) as f64
+    }
+
+    /// Why the cycle reduction falls short of the FLOP reduction: for each part of the busiest
+    /// PE's time, the cycles the sparse run spent beyond the dense run's scaled by the density
+    /// (what perfect scaling would leave), largest first.
+    pub fn shortfall(&self) -> Vec<(&'static str, i64)> {
+        let density = 1.0 / self.flop_reduction();
+        let (s, d) = (self.breakdown.parts(), self.dense_breakdown.parts());
+        let mut excess: Vec<(&'static str, i64)> = s
+            .iter()
+            .zip(d)
+            .map(|(&(name, sv), (_, dv))| (name, sv as i64 - (density * dv as f64).round() as i64))
+            .collect();
+        excess.sort_by_key(|&(_, e)| std::cmp::Reverse(e));
+        excess
     }
 }
 
@@ -82,21 +99,16 @@ pub struct Breakdown {
 }
 
 impl Breakdown {
-    /// The largest of the three, by name.
-    pub fn dominant(&self) -> &'static str {
-        let parts = [
-            (self.task_overhead, "per-weight task overhead"),
-            (self.vector_work, "vector work"),
+    /// The three parts with their names.
+    pub fn parts(&self) -> [(&'static str, u64); 3] {
+        [
+            ("per-weight task overhead", self.task_overhead),
+            ("vector work", self.vector_work),
             (
-                self.communication,
                 "communication (weight stream, reductions)",
+                self.communication,
             ),
-        ];
-        parts
-            .iter()
-            .max_by_key(|(v, _)| *v)
-            .map(|(_, name)| *name)
-            .unwrap_or("none")
+        ]
     }
 }
 
@@ -261,6 +273,7 @@ impl Ctx<'_> {
             max_rel_error: self.error(phase, &s_out),
             utilisation: s_stats.total.busy_cycles as f64 / (s_stats.cycles.max(1) * pes) as f64,
             breakdown: breakdown(&s_stats, self.fabric),
+            dense_breakdown: breakdown(&d_stats, self.fabric),
         })
     }
 

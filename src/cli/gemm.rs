@@ -141,7 +141,7 @@ fn print_report(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) {
     );
     println!();
     println!(
-        "{:<16} {:>12} {:>12} {:>9} {:>9} {:>14} {:>11} {:>6}  dominant cost of the sparse run",
+        "{:<16} {:>12} {:>12} {:>9} {:>9} {:>14} {:>11} {:>6}  main cause of the gap to 1/density",
         "phase",
         "cycles",
         "dense cycles",
@@ -187,8 +187,24 @@ fn print_row(p: &PhaseResult) {
         p.flops_executed,
         p.max_rel_error,
         100.0 * p.utilisation,
-        p.breakdown.dominant()
+        gap_cause(p)
     );
+}
+
+/// The part of the busiest PE's time that scaled worst, with its excess cycles.
+fn gap_cause(p: &PhaseResult) -> String {
+    match p.shortfall().first() {
+        Some(&(name, excess)) if excess > 0 => format!("{name} (+{excess} cycles)"),
+        _ => "none: scales with the density".into(),
+    }
+}
+
+fn breakdown_json(b: &crate::gemm::Breakdown) -> Value {
+    json!({
+        "task_overhead_cycles": b.task_overhead,
+        "vector_work_cycles": b.vector_work,
+        "communication_cycles": b.communication,
+    })
 }
 
 fn phase_json(p: &PhaseResult) -> Value {
@@ -202,12 +218,13 @@ fn phase_json(p: &PhaseResult) -> Value {
         "flop_reduction": p.flop_reduction(),
         "max_rel_error": p.max_rel_error,
         "pe_utilisation": p.utilisation,
-        "busiest_pe": {
-            "task_overhead_cycles": p.breakdown.task_overhead,
-            "vector_work_cycles": p.breakdown.vector_work,
-            "communication_cycles": p.breakdown.communication,
-            "dominant": p.breakdown.dominant(),
-        },
+        "busiest_pe": breakdown_json(&p.breakdown),
+        "busiest_pe_dense": breakdown_json(&p.dense_breakdown),
+        "gap_to_ideal": p
+            .shortfall()
+            .iter()
+            .map(|(name, excess)| json!({"cause": name, "excess_cycles": excess}))
+            .collect::<Vec<_>>(),
     })
 }
 
