@@ -114,8 +114,9 @@ fn loss_and_gradient_match_the_cpu_on_every_layout() {
         let estimate = kernel.estimate_cycles(&config).unwrap();
         let ratio = estimate as f64 / run.stats.cycles as f64;
         eprintln!(
-            "cross-entropy {}x{} at {}: estimate {estimate} exact {} ({ratio:.3})",
-            region.cols, region.rows, region.origin, run.stats.cycles
+            "cross-entropy {}x{} at {}: estimate {estimate} exact {} ({ratio:.3}); loss {} vs \
+             {want_loss} (rel {loss_err:.1e}), dZ error {dz_err:.1e}",
+            region.cols, region.rows, region.origin, run.stats.cycles, run.loss
         );
         assert!(
             (0.75..=1.25).contains(&ratio),

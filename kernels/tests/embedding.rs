@@ -112,6 +112,7 @@ fn the_gather_adds_token_and_position_rows_on_every_layout() {
         let run = kernel.run(&config, RunOptions::default()).unwrap();
         let err = max_rel_error(&run.x, &want);
         assert!(err < 1e-5, "{region:?}: error {err}");
+        eprintln!("gather {region:?}: error {err:.1e}");
         assert_eq!(run.stats.total.fmacs, 0);
         let fullest = run
             .stats
@@ -148,6 +149,7 @@ fn the_gradient_scatter_adds_on_the_host_and_leaves_unused_rows_zero() {
         let err_e = max_rel_error(&run.d_token_table, &want_e);
         let err_p = max_rel_error(&run.d_position_table, &want_p);
         assert!(err_e < 1e-5 && err_p < 1e-5, "{region:?}: {err_e} {err_p}");
+        eprintln!("scatter {region:?}: dE error {err_e:.1e}, dP error {err_p:.1e}");
         for unused in [2, 4, 6, 8, 9, 10, 11] {
             assert!(
                 run.d_token_table[unused * F..(unused + 1) * F]
