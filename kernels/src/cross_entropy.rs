@@ -334,18 +334,23 @@ impl SoftmaxCrossEntropy<'_> {
         Ok(bufs.z)
     }
 
-    /// Cycles predicted by the formula in the module doc, for the largest tile.
-    pub fn estimate_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
-        let plan = self.plan(config)?;
+    /// Cycles predicted by the formula in the module doc, for the largest tile (shapes are not
+    /// checked here: call [`Self::plan`] for that).
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
+        let (cols, rows) = (self.region.cols.max(1), self.region.rows.max(1));
         let est = Estimate {
             config,
-            t: plan.tiling.tokens.max_len() as u64,
-            v: plan.tiling.features.max_len() as u64,
-            cols: u64::from(self.region.cols),
-            rows: u64::from(self.region.rows),
-            below: u64::from(config.height - self.region.origin.y - self.region.rows),
+            t: self.tokens().div_ceil(rows as usize) as u64,
+            v: self.vocab.div_ceil(cols as usize) as u64,
+            cols: u64::from(cols),
+            rows: u64::from(rows),
+            below: u64::from(
+                config
+                    .height
+                    .saturating_sub(self.region.origin.y + self.region.rows),
+            ),
         };
-        Ok(est.total())
+        est.total()
     }
 }
 
@@ -511,7 +516,7 @@ impl Estimate<'_> {
         let (t, v) = (self.t, self.v);
         let local = self.switch()
             + self.vector(t, simd.mov_f32)
-            + (v - 1) * self.vector(t, simd.max)
+            + v.saturating_sub(1) * self.vector(t, simd.max)
             + t * self.issue()
             + t.div_ceil(self.cols) * 2 * self.issue()
             + 2 * self.issue();
@@ -534,7 +539,7 @@ impl Estimate<'_> {
         let local = v * self.vector(t, simd.arith_f32)
             + exp
             + self.vector(t, simd.mov_f32)
-            + (v - 1) * self.vector(t, simd.arith_f32)
+            + v.saturating_sub(1) * self.vector(t, simd.arith_f32)
             + 3 * self.issue();
         if self.cols == 1 {
             return local + 2 * self.switch();

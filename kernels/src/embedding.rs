@@ -232,6 +232,12 @@ impl EmbeddingShape<'_> {
         })
     }
 
+    /// Values of the widest PE column: `T x F_max`.
+    fn column_volume(&self) -> u64 {
+        let widest = self.features.div_ceil(self.region.cols.max(1) as usize);
+        (self.tokens() * widest) as u64
+    }
+
     /// Elements of column `c`'s tile of row `r`.
     fn tile_len(tiling: &Tiling, c: usize, r: usize) -> usize {
         tiling.tokens.block(r).len() * tiling.features.block(c).len()
@@ -281,14 +287,13 @@ impl EmbeddingForward<'_> {
         self.shape.plan(FORWARD_KERNEL, config)
     }
 
-    /// Cycles predicted by the formula in the module doc.
-    pub fn estimate_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
-        let plan = self.plan(config)?;
+    /// Cycles predicted by the formula in the module doc (shapes are not checked here: call
+    /// [`Self::plan`] for that).
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
         let region = self.shape.region;
-        let t = plan.tiling;
-        let stream = 2 * (t.tokens.total * t.features.max_len()) as u64;
+        let stream = 2 * self.shape.column_volume();
         let hops = u64::from(region.origin.y + region.rows) * u64::from(config.hop_latency);
-        Ok(stream + hops + u64::from(config.ramp_latency) + 1)
+        stream + hops + u64::from(config.ramp_latency) + 1
     }
 
     /// The program and the buffers holding `X0` (region row-major).
@@ -411,20 +416,18 @@ impl EmbeddingBackward<'_> {
         s.plan(BACKWARD_KERNEL, config)
     }
 
-    /// Cycles predicted by the formula in the module doc.
-    pub fn estimate_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
-        let plan = self.plan(config)?;
+    /// Cycles predicted by the formula in the module doc (shapes are not checked here: call
+    /// [`Self::plan`] for that).
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
         let region = self.shape.region;
-        let t = plan.tiling;
         let (a, h) = (
             u64::from(config.ramp_latency),
             u64::from(config.hop_latency),
         );
-        let stream = (t.tokens.total * t.features.max_len()) as u64;
-        let chain = u64::from(region.rows - 1) * (2 * a + h);
-        let below = u64::from(config.height - region.origin.y - region.rows + 1) * h;
+        let chain = u64::from(region.rows.saturating_sub(1)) * (2 * a + h);
+        let below = u64::from(config.height.saturating_sub(region.origin.y + region.rows) + 1) * h;
         let start = u64::from(config.task_switch_cycles + config.issue_cycles);
-        Ok(start + stream - 1 + chain + a + below)
+        (start + self.shape.column_volume() + chain + a + below).saturating_sub(1)
     }
 
     /// The program, the plan and the sink below each PE column.
