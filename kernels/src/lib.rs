@@ -13,16 +13,25 @@
 #![allow(missing_docs)]
 
 pub mod chain;
+pub mod cross_entropy;
+pub mod embedding;
 mod error;
 pub mod join;
 pub mod layout;
 pub mod matmul;
+pub mod rowmax;
 pub mod sparse;
 pub mod weight_grad;
 
+pub use cross_entropy::{CrossEntropyPlan, CrossEntropyRun, SoftmaxCrossEntropy};
+pub use embedding::{
+    EmbeddingBackward, EmbeddingForward, EmbeddingGradRun, EmbeddingPlan, EmbeddingRun,
+    EmbeddingShape,
+};
 pub use error::KernelError;
 pub use layout::{Region, Split, Tiling};
 pub use matmul::{MatmulPlan, MatmulRun, StreamMatmul};
+pub use rowmax::RowMaxAllReduce;
 pub use sparse::StreamedMatrix;
 pub use weight_grad::{WeightGrad, WeightGradPlan, WeightGradRun};
 
