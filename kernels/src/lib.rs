@@ -13,13 +13,20 @@
 #![allow(missing_docs)]
 
 pub mod chain;
+pub mod elementwise;
 mod error;
 pub mod join;
+pub mod layernorm;
 pub mod layout;
 pub mod matmul;
 pub mod sparse;
+mod tiles;
 
+pub use elementwise::{ElementwisePlan, ElementwiseRun, Gelu, GeluBackward, ResidualAdd};
 pub use error::KernelError;
+pub use layernorm::{
+    LayerNorm, LayerNormBackward, LayerNormBackwardRun, LayerNormPlan, LayerNormRun,
+};
 pub use layout::{Region, Split, Tiling};
 pub use matmul::{MatmulPlan, MatmulRun, StreamMatmul};
 pub use sparse::StreamedMatrix;
