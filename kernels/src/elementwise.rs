@@ -11,6 +11,8 @@
 //!   buffer handed on, and where a residual stream forks, the gradients meeting there are summed
 //!   by this same kernel (`dX = dZ + dBranch`).
 //!
+//! What they are not: bias adds (the matmul adds its bias), fused kernels, or f16 kernels.
+//!
 //! Placement: the shared layout ([`crate::layout`]): PE (c, r) holds the tile `[T_r, F_c]` of
 //! every operand, feature-major, placed in SRAM before cycle 0 (activations and activation
 //! gradients are already on the wafer, left there by the previous kernel). Because an
