@@ -14,21 +14,28 @@
 
 pub mod chain;
 pub mod cross_entropy;
+pub mod elementwise;
 pub mod embedding;
 mod error;
 pub mod join;
+pub mod layernorm;
 pub mod layout;
 pub mod matmul;
 pub mod rowmax;
 pub mod sparse;
+mod tiles;
 pub mod weight_grad;
 
 pub use cross_entropy::{CrossEntropyPlan, CrossEntropyRun, SoftmaxCrossEntropy};
+pub use elementwise::{ElementwisePlan, ElementwiseRun, Gelu, GeluBackward, ResidualAdd};
 pub use embedding::{
     EmbeddingBackward, EmbeddingForward, EmbeddingGradRun, EmbeddingPlan, EmbeddingRun,
     EmbeddingShape,
 };
 pub use error::KernelError;
+pub use layernorm::{
+    LayerNorm, LayerNormBackward, LayerNormBackwardRun, LayerNormPlan, LayerNormRun,
+};
 pub use layout::{Region, Split, Tiling};
 pub use matmul::{MatmulPlan, MatmulRun, StreamMatmul};
 pub use rowmax::RowMaxAllReduce;
