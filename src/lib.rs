@@ -9,8 +9,10 @@
 //! this crate knows what a transformer is. See `ARCHITECTURE.md` for the map.
 
 pub mod cli;
+pub mod compile;
 pub mod flops;
 pub mod gemm;
 pub mod model;
 pub mod reference;
+pub mod runtime;
 pub mod sparsity;

@@ -58,10 +58,20 @@ enum PhaseArg {
     All,
 }
 
+/// `--dtype`.
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum DtypeArg {
+pub(crate) enum DtypeArg {
     Fp32,
     Fp16,
+}
+
+impl DtypeArg {
+    pub(crate) fn precision(self) -> Precision {
+        match self {
+            DtypeArg::Fp32 => Precision::F32,
+            DtypeArg::Fp16 => Precision::F16,
+        }
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -80,10 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             PhaseArg::BwdWeight => vec![Phase::WeightGrad],
             PhaseArg::All => Phase::ALL.to_vec(),
         },
-        precision: match args.dtype {
-            DtypeArg::Fp32 => Precision::F32,
-            DtypeArg::Fp16 => Precision::F16,
-        },
+        precision: args.dtype.precision(),
         seed: args.seed,
         region,
     };

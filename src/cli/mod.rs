@@ -13,6 +13,7 @@ mod gemm;
 mod init;
 mod inspect;
 mod presets;
+mod step;
 
 /// Simulate sparse training on a wafer-scale dataflow accelerator.
 #[derive(Parser)]
@@ -30,6 +31,8 @@ enum Command {
     Flops(flops::Args),
     /// Run one sparse linear layer on the simulated fabric against its dense baseline.
     Gemm(gemm::Args),
+    /// Run one training step of a GPT on the simulated fabric.
+    Step(step::Args),
     /// Write a freshly initialised Hugging Face GPT-2 checkpoint folder.
     Init(init::Args),
     /// Show a checkpoint's shape, parameter counts and the sparsity of its matrices.
@@ -88,6 +91,7 @@ pub fn main() -> ExitCode {
         Command::Presets(args) => presets::run(args),
         Command::Flops(args) => flops::run(args),
         Command::Gemm(args) => gemm::run(args),
+        Command::Step(args) => step::run(args),
         Command::Init(args) => init::run(args),
         Command::Inspect(args) => inspect::run(args),
     };

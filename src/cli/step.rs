@@ -1,0 +1,274 @@
+//! `wafersim step`: one training step of a GPT on the simulated fabric: loss, gradients and
+//! updated weights, with FLOPs and cycles against the dense baseline, written to a folder.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::ArgGroup;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{Value, json};
+use wafersim_kernels::Precision;
+use wafersim_sim::FabricConfig;
+
+use super::{bad_input, load_fabric, write_json};
+use crate::compile::{CompileError, StepPlan, plan_step};
+use crate::flops::{self, FlopOptions, NnzSource, StepShape};
+use crate::model::checkpoint::{hf_named_tensors, write_safetensors_atomic};
+use crate::model::{GptConfig, GptParams, init_params, load_checkpoint};
+use crate::reference::{AdamState, AdamW, Batch};
+use crate::runtime::{StepInputs, StepRun, run_step};
+use crate::sparsity::ModelMasks;
+
+/// Arguments of `wafersim step`.
+#[derive(clap::Args)]
+#[command(group(ArgGroup::new("source").args(["model", "checkpoint"])))]
+#[command(group(ArgGroup::new("data").args(["tokens", "batch"])))]
+pub struct Args {
+    /// A built-in model preset, initialised from --seed [default: tiny].
+    #[arg(long, value_name = "PRESET")]
+    model: Option<String>,
+    /// A Hugging Face GPT-2 checkpoint folder (config.json + model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    checkpoint: Option<PathBuf>,
+    /// A JSON file with the batch: an array of equally long arrays of token ids.
+    #[arg(long, value_name = "PATH")]
+    tokens: Option<PathBuf>,
+    /// Sequences of random tokens (from --seed) when no --tokens file is given.
+    #[arg(long, value_name = "B", default_value_t = 2)]
+    batch: usize,
+    /// Tokens per random sequence.
+    #[arg(long, value_name = "S", default_value_t = 32)]
+    seq: usize,
+    /// Fraction of each sparsified matrix pruned, drawn from --seed [default: the checkpoint's
+    /// own zeros, or 0 for a preset].
+    #[arg(long, value_name = "S", allow_hyphen_values = true)]
+    sparsity: Option<f64>,
+    /// The machine: wse2, wse3, WxH, or a .toml/.json file.
+    #[arg(long, value_name = "FABRIC")]
+    fabric: String,
+    /// Seed of the initial weights, masks and random tokens.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Storage precision of activations and streamed weights in the matmuls.
+    #[arg(long, value_enum, default_value = "fp32")]
+    dtype: super::gemm::DtypeArg,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 6e-4)]
+    lr: f64,
+    /// Skip timing the dense baseline (halves the matmul simulation time).
+    #[arg(long)]
+    no_dense_baseline: bool,
+    /// Output folder: report.json, weights, grads and updated safetensors.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let fabric = load_fabric(&args.fabric)?;
+    let (config, mut params) = load_model(&args)?;
+    let masks = masks(&args, &config, &params)?;
+    masks.apply(&mut params).map_err(|e| bad_input("--sparsity", e))?;
+    let batch = load_batch(&args, &config)?;
+    let precision = args.dtype.precision();
+    let plan = plan_step(&config, batch.batch, batch.seq, &fabric, precision).map_err(|e| match e {
+        e @ CompileError::DoesNotFit { .. } => anyhow::Error::new(e),
+        e => bad_input("--fabric", e),
+    })?;
+    prepare_out(&args.out)?;
+    let started = Instant::now();
+    let inputs = StepInputs {
+        config: &config,
+        params: &params,
+        masks: &masks,
+        batch: &batch,
+        fabric: &fabric,
+        plan: &plan,
+        dense_baseline: !args.no_dense_baseline,
+    };
+    let step = run_step(inputs)?;
+    let wall = started.elapsed().as_secs_f64();
+    let shape = StepShape { batch: batch.batch, seq: batch.seq };
+    let nnz = NnzSource::from_fn(&config, |l, k| masks.get(l, k).map_or(0, |m| m.nnz() as u64))?;
+    let analytic = flops::step_flops(&config, shape, &nnz, FlopOptions::default())?;
+    let dense = flops::step_flops(&config, shape, &NnzSource::dense(&config), FlopOptions::default())?;
+    if step.cost.executed_matmul_flops() != analytic.matmul_sparse() {
+        anyhow::bail!(
+            "executed matmul FLOPs {} differ from the analytic {}: a simulator bug",
+            step.cost.executed_matmul_flops(),
+            analytic.matmul_sparse()
+        );
+    }
+    let opt = AdamW::new(args.lr);
+    let mut updated = params.clone();
+    opt.step(&mut updated, &step.grads, &masks, &mut AdamState::new(&params))?;
+    let summary = Summary { config: &config, plan: &plan, fabric: &fabric, masks: &masks, step: &step, dense_flops: dense.matmul_dense(), analytic: &analytic };
+    print_summary(&summary, !args.no_dense_baseline);
+    write_outputs(&args.out, &summary, &params, &updated, args.seed, wall)
+}
+
+fn load_model(args: &Args) -> anyhow::Result<(GptConfig, GptParams)> {
+    if let Some(dir) = &args.checkpoint {
+        return load_checkpoint(dir).map_err(|e| bad_input("--checkpoint", e));
+    }
+    let name = args.model.as_deref().unwrap_or("tiny");
+    let config = GptConfig::preset(name).map_err(|e| bad_input("--model", e))?;
+    let params = init_params(&config, args.seed);
+    Ok((config, params))
+}
+
+fn masks(args: &Args, config: &GptConfig, params: &GptParams) -> anyhow::Result<ModelMasks> {
+    match args.sparsity {
+        Some(s) => ModelMasks::random(config, s, args.seed).map_err(|e| bad_input("--sparsity", e)),
+        None if args.checkpoint.is_some() => Ok(ModelMasks::from_params_zeros(params)),
+        None => Ok(ModelMasks::dense(config)),
+    }
+}
+
+fn load_batch(args: &Args, config: &GptConfig) -> anyhow::Result<Batch> {
+    let (batch, seq, tokens) = match &args.tokens {
+        Some(path) => read_tokens(path)?,
+        None => {
+            let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+            rng.set_stream(u64::MAX);
+            let n = args.batch * args.seq;
+            (args.batch, args.seq, (0..n).map(|_| rng.random_range(0..config.vocab_size as u32)).collect())
+        }
+    };
+    let what = match &args.tokens {
+        Some(p) => format!("--tokens {}", p.display()),
+        None => "--batch/--seq".into(),
+    };
+    Batch::new(config, batch, seq, tokens).map_err(|e| bad_input(what, e))
+}
+
+/// A JSON array of equally long arrays of token ids.
+pub(crate) fn read_tokens(path: &Path) -> anyhow::Result<(usize, usize, Vec<u32>)> {
+    let what = || format!("--tokens {}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| bad_input(what(), e))?;
+    let rows: Vec<Vec<u32>> = serde_json::from_str(&text)
+        .map_err(|e| bad_input(what(), anyhow::anyhow!("expected an array of arrays of token ids: {e}")))?;
+    let seq = rows.first().map_or(0, Vec::len);
+    if let Some((i, r)) = rows.iter().enumerate().find(|(_, r)| r.len() != seq) {
+        return Err(bad_input(what(), anyhow::anyhow!("sequence {i} has {} tokens, sequence 0 has {seq}", r.len())));
+    }
+    Ok((rows.len(), seq, rows.concat()))
+}
+
+/// Creates the output folder (its parent must exist).
+fn prepare_out(dir: &Path) -> anyhow::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir(dir).map_err(|e| bad_input(format!("--out {}", dir.display()), e))
+}
+
+struct Summary<'a> {
+    config: &'a GptConfig,
+    plan: &'a StepPlan,
+    fabric: &'a FabricConfig,
+    masks: &'a ModelMasks,
+    step: &'a StepRun,
+    dense_flops: u64,
+    analytic: &'a flops::FlopReport,
+}
+
+fn print_summary(s: &Summary<'_>, with_dense: bool) {
+    let (c, p, cost) = (s.config, s.plan, &s.step.cost);
+    println!(
+        "step: {} layers x {}, batch {} x {} tokens, sparsity {:.4}, {} on {} ({} x {} PEs), region {} x {}",
+        c.n_layer, c.n_embd, p.batch, p.seq, s.masks.sparsity(), precision_name(p.precision),
+        s.fabric.name, s.fabric.width, s.fabric.height, p.region.cols, p.region.rows
+    );
+    println!("loss {:.6}", s.step.loss);
+    let sparse = s.analytic.matmul_sparse();
+    println!(
+        "matmul FLOPs: {} executed = {} analytic, dense {} ({:.3}x fewer)",
+        cost.executed_matmul_flops(), sparse, s.dense_flops, s.dense_flops as f64 / sparse as f64
+    );
+    if with_dense {
+        println!(
+            "cycles: {} against {} dense ({:.3}x fewer); {:.1} us at {} MHz",
+            cost.cycles(), cost.dense_cycles(), cost.dense_cycles() as f64 / cost.cycles() as f64,
+            cost.cycles() as f64 / f64::from(s.fabric.clock_mhz), s.fabric.clock_mhz
+        );
+    } else {
+        println!("cycles: {} ({:.1} us at {} MHz)", cost.cycles(), cost.cycles() as f64 / f64::from(s.fabric.clock_mhz), s.fabric.clock_mhz);
+    }
+    println!("\n{:<16} {:>12} {:>12} {:>8}", "operation", "cycles", "dense", "share");
+    for (name, cycles, dense) in cost.by_op() {
+        println!("{name:<16} {cycles:>12} {dense:>12} {:>7.1}%", 100.0 * cycles as f64 / cost.cycles() as f64);
+    }
+}
+
+fn precision_name(p: Precision) -> &'static str {
+    match p {
+        Precision::F32 => "fp32",
+        Precision::F16 => "fp16",
+    }
+}
+
+fn write_outputs(dir: &Path, s: &Summary<'_>, weights: &GptParams, updated: &GptParams, seed: u64, wall: f64) -> anyhow::Result<()> {
+    for (name, params) in [("weights.safetensors", weights), ("grads.safetensors", &s.step.grads), ("updated.safetensors", updated)] {
+        let named = hf_named_tensors(params);
+        let views: Vec<_> = named.iter().map(|(n, shape, data)| (n.clone(), shape.clone(), &data[..])).collect();
+        write_safetensors_atomic(&dir.join(name), &views).with_context(|| format!("writing {name}"))?;
+    }
+    write_json(&dir.join("report.json"), &report_json(s, seed, wall))
+}
+
+fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
+    let cost = &s.step.cost;
+    let (c, p) = (s.config, s.plan);
+    let by_phase: serde_json::Map<String, Value> = cost
+        .by_phase()
+        .into_iter()
+        .map(|(phase, cycles, dense)| (phase.name().to_string(), json!({"cycles": cycles, "dense_cycles": dense})))
+        .collect();
+    let by_op: Vec<Value> = cost
+        .by_op()
+        .into_iter()
+        .map(|(op, cycles, dense)| json!({"op": op, "cycles": cycles, "dense_cycles": dense}))
+        .collect();
+    let ops: Vec<Value> = cost
+        .records
+        .iter()
+        .map(|r| {
+            json!({
+                "layer": r.op.layer, "op": r.op.name, "phase": r.op.phase.name(),
+                "cycles": r.cycles, "dense_cycles": r.dense_cycles,
+                "flops_executed": 2 * r.fmacs, "busy_cycles": r.busy_cycles, "router_forwards": r.router_forwards,
+            })
+        })
+        .collect();
+    json!({
+        "schema": "wafersim.step/v1",
+        "units": {
+            "cycles": "fabric clock cycles", "flops": "floating-point operations (1 FMAC = 2)",
+            "loss": "nats per predicted token", "seconds": "at the fabric clock",
+        },
+        "model": { "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions },
+        "batch": p.batch, "seq": p.seq, "sparsity": s.masks.sparsity(), "dtype": precision_name(p.precision), "seed": seed,
+        "fabric": { "name": s.fabric.name, "width": s.fabric.width, "height": s.fabric.height, "clock_mhz": s.fabric.clock_mhz },
+        "region": { "cols": p.region.cols, "rows": p.region.rows, "resident_bytes_per_pe": p.resident_bytes },
+        "loss": s.step.loss,
+        "flops": {
+            "analytic_matmul_sparse": s.analytic.matmul_sparse(),
+            "analytic_matmul_dense": s.dense_flops,
+            "executed_matmul": cost.executed_matmul_flops(),
+            "non_matmul": s.analytic.non_matmul(),
+            "reduction": s.dense_flops as f64 / s.analytic.matmul_sparse() as f64,
+        },
+        "cycles": {
+            "total": cost.cycles(),
+            "dense_baseline": cost.dense_cycles(),
+            "reduction": cost.dense_cycles() as f64 / cost.cycles() as f64,
+            "by_phase": by_phase,
+            "by_op": by_op,
+        },
+        "seconds": cost.cycles() as f64 / (f64::from(s.fabric.clock_mhz) * 1e6),
+        "ops": ops,
+        "host": { "wall_seconds": wall },
+    })
+}

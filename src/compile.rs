@@ -1,0 +1,132 @@
+//! From a model and a batch to a placement on the fabric: the region every kernel of the step
+//! runs on, and the check that the step fits the PEs' SRAM before anything is simulated.
+//!
+//! One region serves the whole step, so each kernel's output is already laid out as the next
+//! kernel wants its input (tokens over rows, features over columns; see
+//! `wafersim_kernels::layout`). The region is the largest the fabric allows with:
+//! - columns dividing the number of attention heads (each PE column holds whole heads), and no
+//!   more columns than the model width;
+//! - no more rows than tokens.
+//!
+//! The fit check counts what must stay resident on a PE between the forward and the backward
+//! pass (the activations the backward pass reads, per layer) and refuses a step that cannot
+//! hold them, naming the bytes needed and available and what to change.
+//!
+//! Not here: choosing a different region per layer (all kernels share one), micro-batching.
+
+use wafersim_kernels::{Precision, Region, Split};
+use wafersim_sim::FabricConfig;
+
+use crate::model::GptConfig;
+
+/// Where and how a training step runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepPlan {
+    pub region: Region,
+    pub batch: usize,
+    pub seq: usize,
+    pub precision: Precision,
+    /// Bytes one PE keeps between the forward and the backward pass (the fullest PE).
+    pub resident_bytes: u64,
+}
+
+impl StepPlan {
+    /// Tokens in the step.
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// Why a step cannot be placed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CompileError {
+    #[error(
+        "the model does not fit the fabric: each PE must keep {needed} bytes of activations for the backward pass ({per_layer} per layer x {layers} layers + {head} for the head) but has {available}; use a bigger fabric or fewer tokens"
+    )]
+    DoesNotFit { needed: u64, per_layer: u64, layers: usize, head: u64, available: u64 },
+    #[error("no region fits: {reason}")]
+    NoRegion { reason: String },
+}
+
+/// Picks the step's region and checks that its resident activations fit.
+pub fn plan_step(
+    config: &GptConfig,
+    batch: usize,
+    seq: usize,
+    fabric: &FabricConfig,
+    precision: Precision,
+) -> Result<StepPlan, CompileError> {
+    let tokens = batch * seq;
+    let region = choose_region(config, tokens, fabric)?;
+    let (per_layer, head) = resident_bytes(config, seq, region, tokens);
+    let needed = per_layer * config.n_layer as u64 + head;
+    let available = u64::from(fabric.sram_bytes);
+    if needed > available {
+        return Err(CompileError::DoesNotFit { needed, per_layer, layers: config.n_layer, head, available });
+    }
+    Ok(StepPlan { region, batch, seq, precision, resident_bytes: needed })
+}
+
+fn choose_region(config: &GptConfig, tokens: usize, fabric: &FabricConfig) -> Result<Region, CompileError> {
+    let max_cols = (fabric.width as usize).min(config.n_embd);
+    let cols = (1..=config.n_head.min(max_cols)).rev().find(|c| config.n_head % c == 0);
+    let Some(cols) = cols else {
+        return Err(CompileError::NoRegion { reason: "the fabric has no column".into() });
+    };
+    let rows = (fabric.height as usize).min(tokens);
+    if rows == 0 {
+        return Err(CompileError::NoRegion { reason: "the batch has no token".into() });
+    }
+    Ok(Region::at_origin(cols as u32, rows as u32))
+}
+
+/// `(per layer, head)` bytes the fullest PE keeps for the backward pass, in `f32`.
+///
+/// Per layer and token, the backward pass reads: the block input and the attention residual
+/// (LayerNorm inputs), both LayerNorm outputs (inputs of the matmuls' weight gradients), Q, K, V
+/// and the attention context, the FFN pre-activation and its GELU: `16 d` features over the
+/// columns, two LayerNorm statistics each, and the attention probabilities (`seq` per head). The
+/// head keeps the final LayerNorm's input and output and the logits.
+fn resident_bytes(config: &GptConfig, seq: usize, region: Region, tokens: usize) -> (u64, u64) {
+    let cols = region.cols as usize;
+    let t_r = Split::new(tokens, region.rows as usize).max_len() as u64;
+    let width = |features: usize| Split::new(features, cols).max_len() as u64;
+    let d = width(config.n_embd);
+    let f = width(config.n_inner);
+    let heads = (config.n_head / cols) as u64;
+    let per_token_layer = 8 * d + 2 * f + 4 + heads * seq as u64;
+    let per_token_head = 2 * d + 2 + width(config.vocab_size);
+    (4 * t_r * per_token_layer, 4 * t_r * per_token_head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_on_a_16x16_fabric_uses_4_columns_and_16_rows() {
+        let tiny = GptConfig::preset("tiny").unwrap();
+        let plan = plan_step(&tiny, 2, 32, &FabricConfig::rectangle(16, 16).unwrap(), Precision::F32).unwrap();
+        assert_eq!(plan.region, Region::at_origin(4, 16));
+        // 4 tokens per row; per layer and token 8 * 16 + 2 * 64 + 4 + 1 * 32 = 292 floats;
+        // head 2 * 16 + 2 + 64 = 98 floats: 4 * 4 * (2 * 292 + 98) = 10,912 bytes.
+        assert_eq!(plan.resident_bytes, 10_912);
+    }
+
+    #[test]
+    fn columns_divide_the_heads() {
+        let mut c = GptConfig::preset("tiny").unwrap();
+        c.n_head = 8; // 64 / 8 = 8 per head
+        let plan = plan_step(&c, 1, 8, &FabricConfig::rectangle(6, 8).unwrap(), Precision::F32).unwrap();
+        assert_eq!(plan.region.cols, 4, "the largest divisor of 8 not above 6");
+    }
+
+    #[test]
+    fn a_model_too_big_is_refused_with_bytes_and_advice() {
+        let xl = GptConfig::preset("mediswift-xl").unwrap();
+        let err = plan_step(&xl, 1, 2048, &FabricConfig::wse2(), Precision::F32).unwrap_err().to_string();
+        assert!(err.starts_with("the model does not fit the fabric: each PE must keep"), "{err}");
+        assert!(err.contains("has 49152; use a bigger fabric or fewer tokens"), "{err}");
+    }
+}
