@@ -12,17 +12,23 @@
 
 #![allow(missing_docs)]
 
+pub mod attention;
 pub mod chain;
 mod error;
 pub mod join;
 pub mod layout;
 pub mod matmul;
 pub mod sparse;
+pub mod vchain;
 
+pub use attention::{
+    Attention, AttentionBackward, AttentionGrads, AttentionPlan, AttentionRun, AttentionShape,
+};
 pub use error::KernelError;
 pub use layout::{Region, Split, Tiling};
 pub use matmul::{MatmulPlan, MatmulRun, StreamMatmul};
 pub use sparse::StreamedMatrix;
+pub use vchain::VerticalChain;
 
 use wafersim_sim::FabricConfig;
 
