@@ -2,6 +2,9 @@
 //! collectives from the wavelets each core must move, the compute from the instructions each PE
 //! issues, summed per head and sequence segment in closed form.
 //!
+//! Key design decision: the compute terms mirror the instruction sequences of `pe.rs` one for
+//! one, so a change there shows up as a gap in the estimate-versus-exact test.
+//!
 //! What it is not: a simulation. It ignores the join tasks (a few cycles per PE), contention
 //! beyond the busiest core's ramp, and the skew between rows finishing their compute at
 //! different times (the slowest row sets the pace, which is what it charges).

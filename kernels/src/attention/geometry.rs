@@ -5,6 +5,10 @@
 //! What it is not: no instruction is issued here; this is build-time bookkeeping (the constants a
 //! compiled program would carry), shared by the forward and backward kernels and by their cost
 //! formulas.
+//!
+//! Key design decision: a window is made of whole row tiles, not just the tokens of the PE's
+//! sequences, so each slot is exactly what its owner row sends (one gather operation fills it)
+//! and the partial dK, dV of a slot is exactly what its owner row receives.
 
 use std::ops::Range;
 

@@ -6,9 +6,10 @@
 //! uses `fmac` and `dot` only; softmax and its gradient use `scale`, `fill`, `max`, `sub`, `exp`,
 //! `add`, `mul` and scalar reciprocals, never an FMAC instruction.
 //!
-//! Every vector runs over the PE's tokens of one sequence segment (feature-major tiles make
-//! `Q[f, tokens]` one contiguous vector), and scores are kept key-major, `[key][token]`, so a
-//! key's scores for the segment are one vector too.
+//! Key design decision: every vector runs over the PE's tokens of one sequence segment
+//! (feature-major tiles make `Q[f, tokens]` one contiguous vector, as the simulator's vectors
+//! have no stride), and scores are kept key-major, `[key][token]`, so a key's scores for the
+//! segment are one vector too and a whole block is one vector for `scale`, `exp` and `mul`.
 
 use wafersim_sim::{Buf, TaskCtx, VecRef};
 
