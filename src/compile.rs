@@ -44,7 +44,13 @@ pub enum CompileError {
     #[error(
         "the model does not fit the fabric: each PE must keep {needed} bytes of activations for the backward pass ({per_layer} per layer x {layers} layers + {head} for the head) but has {available}; use a bigger fabric or fewer tokens"
     )]
-    DoesNotFit { needed: u64, per_layer: u64, layers: usize, head: u64, available: u64 },
+    DoesNotFit {
+        needed: u64,
+        per_layer: u64,
+        layers: usize,
+        head: u64,
+        available: u64,
+    },
     #[error("no region fits: {reason}")]
     NoRegion { reason: String },
 }
@@ -63,20 +69,42 @@ pub fn plan_step(
     let needed = per_layer * config.n_layer as u64 + head;
     let available = u64::from(fabric.sram_bytes);
     if needed > available {
-        return Err(CompileError::DoesNotFit { needed, per_layer, layers: config.n_layer, head, available });
+        return Err(CompileError::DoesNotFit {
+            needed,
+            per_layer,
+            layers: config.n_layer,
+            head,
+            available,
+        });
     }
-    Ok(StepPlan { region, batch, seq, precision, resident_bytes: needed })
+    Ok(StepPlan {
+        region,
+        batch,
+        seq,
+        precision,
+        resident_bytes: needed,
+    })
 }
 
-fn choose_region(config: &GptConfig, tokens: usize, fabric: &FabricConfig) -> Result<Region, CompileError> {
+fn choose_region(
+    config: &GptConfig,
+    tokens: usize,
+    fabric: &FabricConfig,
+) -> Result<Region, CompileError> {
     let max_cols = (fabric.width as usize).min(config.n_embd);
-    let cols = (1..=config.n_head.min(max_cols)).rev().find(|c| config.n_head % c == 0);
+    let cols = (1..=config.n_head.min(max_cols))
+        .rev()
+        .find(|c| config.n_head % c == 0);
     let Some(cols) = cols else {
-        return Err(CompileError::NoRegion { reason: "the fabric has no column".into() });
+        return Err(CompileError::NoRegion {
+            reason: "the fabric has no column".into(),
+        });
     };
     let rows = (fabric.height as usize).min(tokens);
     if rows == 0 {
-        return Err(CompileError::NoRegion { reason: "the batch has no token".into() });
+        return Err(CompileError::NoRegion {
+            reason: "the batch has no token".into(),
+        });
     }
     Ok(Region::at_origin(cols as u32, rows as u32))
 }
@@ -107,7 +135,14 @@ mod tests {
     #[test]
     fn tiny_on_a_16x16_fabric_uses_4_columns_and_16_rows() {
         let tiny = GptConfig::preset("tiny").unwrap();
-        let plan = plan_step(&tiny, 2, 32, &FabricConfig::rectangle(16, 16).unwrap(), Precision::F32).unwrap();
+        let plan = plan_step(
+            &tiny,
+            2,
+            32,
+            &FabricConfig::rectangle(16, 16).unwrap(),
+            Precision::F32,
+        )
+        .unwrap();
         assert_eq!(plan.region, Region::at_origin(4, 16));
         // 4 tokens per row; per layer and token 8 * 16 + 2 * 64 + 4 + 1 * 32 = 292 floats;
         // head 2 * 16 + 2 + 64 = 98 floats: 4 * 4 * (2 * 292 + 98) = 10,912 bytes.
@@ -118,15 +153,30 @@ mod tests {
     fn columns_divide_the_heads() {
         let mut c = GptConfig::preset("tiny").unwrap();
         c.n_head = 8; // 64 / 8 = 8 per head
-        let plan = plan_step(&c, 1, 8, &FabricConfig::rectangle(6, 8).unwrap(), Precision::F32).unwrap();
+        let plan = plan_step(
+            &c,
+            1,
+            8,
+            &FabricConfig::rectangle(6, 8).unwrap(),
+            Precision::F32,
+        )
+        .unwrap();
         assert_eq!(plan.region.cols, 4, "the largest divisor of 8 not above 6");
     }
 
     #[test]
     fn a_model_too_big_is_refused_with_bytes_and_advice() {
         let xl = GptConfig::preset("mediswift-xl").unwrap();
-        let err = plan_step(&xl, 1, 2048, &FabricConfig::wse2(), Precision::F32).unwrap_err().to_string();
-        assert!(err.starts_with("the model does not fit the fabric: each PE must keep"), "{err}");
-        assert!(err.contains("has 49152; use a bigger fabric or fewer tokens"), "{err}");
+        let err = plan_step(&xl, 1, 2048, &FabricConfig::wse2(), Precision::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("the model does not fit the fabric: each PE must keep"),
+            "{err}"
+        );
+        assert!(
+            err.contains("has 49152; use a bigger fabric or fewer tokens"),
+            "{err}"
+        );
     }
 }

@@ -12,6 +12,7 @@
 
 #![allow(missing_docs)]
 
+pub mod attention;
 pub mod chain;
 pub mod cross_entropy;
 pub mod elementwise;
@@ -24,6 +25,7 @@ pub mod matmul;
 pub mod rowmax;
 pub mod sparse;
 mod tiles;
+pub mod vchain;
 pub mod weight_grad;
 
 pub use cross_entropy::{CrossEntropyPlan, CrossEntropyRun, SoftmaxCrossEntropy};
@@ -31,6 +33,10 @@ pub use elementwise::{ElementwisePlan, ElementwiseRun, Gelu, GeluBackward, Resid
 pub use embedding::{
     EmbeddingBackward, EmbeddingForward, EmbeddingGradRun, EmbeddingPlan, EmbeddingRun,
     EmbeddingShape,
+};
+
+pub use attention::{
+    Attention, AttentionBackward, AttentionGrads, AttentionPlan, AttentionRun, AttentionShape,
 };
 pub use error::KernelError;
 pub use layernorm::{
@@ -40,6 +46,7 @@ pub use layout::{Region, Split, Tiling};
 pub use matmul::{MatmulPlan, MatmulRun, StreamMatmul};
 pub use rowmax::RowMaxAllReduce;
 pub use sparse::StreamedMatrix;
+pub use vchain::VerticalChain;
 pub use weight_grad::{WeightGrad, WeightGradPlan, WeightGradRun};
 
 use wafersim_sim::FabricConfig;

@@ -69,13 +69,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let fabric = load_fabric(&args.fabric)?;
     let (config, mut params) = load_model(&args)?;
     let masks = masks(&args, &config, &params)?;
-    masks.apply(&mut params).map_err(|e| bad_input("--sparsity", e))?;
+    masks
+        .apply(&mut params)
+        .map_err(|e| bad_input("--sparsity", e))?;
     let batch = load_batch(&args, &config)?;
     let precision = args.dtype.precision();
-    let plan = plan_step(&config, batch.batch, batch.seq, &fabric, precision).map_err(|e| match e {
-        e @ CompileError::DoesNotFit { .. } => anyhow::Error::new(e),
-        e => bad_input("--fabric", e),
-    })?;
+    let plan =
+        plan_step(&config, batch.batch, batch.seq, &fabric, precision).map_err(|e| match e {
+            e @ CompileError::DoesNotFit { .. } => anyhow::Error::new(e),
+            e => bad_input("--fabric", e),
+        })?;
     prepare_out(&args.out)?;
     let started = Instant::now();
     let inputs = StepInputs {
@@ -89,10 +92,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let step = run_step(inputs)?;
     let wall = started.elapsed().as_secs_f64();
-    let shape = StepShape { batch: batch.batch, seq: batch.seq };
-    let nnz = NnzSource::from_fn(&config, |l, k| masks.get(l, k).map_or(0, |m| m.nnz() as u64))?;
+    let shape = StepShape {
+        batch: batch.batch,
+        seq: batch.seq,
+    };
+    let nnz = NnzSource::from_fn(&config, |l, k| {
+        masks.get(l, k).map_or(0, |m| m.nnz() as u64)
+    })?;
     let analytic = flops::step_flops(&config, shape, &nnz, FlopOptions::default())?;
-    let dense = flops::step_flops(&config, shape, &NnzSource::dense(&config), FlopOptions::default())?;
+    let dense = flops::step_flops(
+        &config,
+        shape,
+        &NnzSource::dense(&config),
+        FlopOptions::default(),
+    )?;
     if step.cost.executed_matmul_flops() != analytic.matmul_sparse() {
         anyhow::bail!(
             "executed matmul FLOPs {} differ from the analytic {}: a simulator bug",
@@ -102,8 +115,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let opt = AdamW::new(args.lr);
     let mut updated = params.clone();
-    opt.step(&mut updated, &step.grads, &masks, &mut AdamState::new(&params))?;
-    let summary = Summary { config: &config, plan: &plan, fabric: &fabric, masks: &masks, step: &step, dense_flops: dense.matmul_dense(), analytic: &analytic };
+    opt.step(
+        &mut updated,
+        &step.grads,
+        &masks,
+        &mut AdamState::new(&params),
+    )?;
+    let summary = Summary {
+        config: &config,
+        plan: &plan,
+        fabric: &fabric,
+        masks: &masks,
+        step: &step,
+        dense_flops: dense.matmul_dense(),
+        analytic: &analytic,
+    };
     print_summary(&summary, !args.no_dense_baseline);
     write_outputs(&args.out, &summary, &params, &updated, args.seed, wall)
 }
@@ -133,7 +159,13 @@ fn load_batch(args: &Args, config: &GptConfig) -> anyhow::Result<Batch> {
             let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
             rng.set_stream(u64::MAX);
             let n = args.batch * args.seq;
-            (args.batch, args.seq, (0..n).map(|_| rng.random_range(0..config.vocab_size as u32)).collect())
+            (
+                args.batch,
+                args.seq,
+                (0..n)
+                    .map(|_| rng.random_range(0..config.vocab_size as u32))
+                    .collect(),
+            )
         }
     };
     let what = match &args.tokens {
@@ -147,11 +179,18 @@ fn load_batch(args: &Args, config: &GptConfig) -> anyhow::Result<Batch> {
 pub(crate) fn read_tokens(path: &Path) -> anyhow::Result<(usize, usize, Vec<u32>)> {
     let what = || format!("--tokens {}", path.display());
     let text = std::fs::read_to_string(path).map_err(|e| bad_input(what(), e))?;
-    let rows: Vec<Vec<u32>> = serde_json::from_str(&text)
-        .map_err(|e| bad_input(what(), anyhow::anyhow!("expected an array of arrays of token ids: {e}")))?;
+    let rows: Vec<Vec<u32>> = serde_json::from_str(&text).map_err(|e| {
+        bad_input(
+            what(),
+            anyhow::anyhow!("expected an array of arrays of token ids: {e}"),
+        )
+    })?;
     let seq = rows.first().map_or(0, Vec::len);
     if let Some((i, r)) = rows.iter().enumerate().find(|(_, r)| r.len() != seq) {
-        return Err(bad_input(what(), anyhow::anyhow!("sequence {i} has {} tokens, sequence 0 has {seq}", r.len())));
+        return Err(bad_input(
+            what(),
+            anyhow::anyhow!("sequence {i} has {} tokens, sequence 0 has {seq}", r.len()),
+        ));
     }
     Ok((rows.len(), seq, rows.concat()))
 }
@@ -178,27 +217,53 @@ fn print_summary(s: &Summary<'_>, with_dense: bool) {
     let (c, p, cost) = (s.config, s.plan, &s.step.cost);
     println!(
         "step: {} layers x {}, batch {} x {} tokens, sparsity {:.4}, {} on {} ({} x {} PEs), region {} x {}",
-        c.n_layer, c.n_embd, p.batch, p.seq, s.masks.sparsity(), precision_name(p.precision),
-        s.fabric.name, s.fabric.width, s.fabric.height, p.region.cols, p.region.rows
+        c.n_layer,
+        c.n_embd,
+        p.batch,
+        p.seq,
+        s.masks.sparsity(),
+        precision_name(p.precision),
+        s.fabric.name,
+        s.fabric.width,
+        s.fabric.height,
+        p.region.cols,
+        p.region.rows
     );
     println!("loss {:.6}", s.step.loss);
     let sparse = s.analytic.matmul_sparse();
     println!(
         "matmul FLOPs: {} executed = {} analytic, dense {} ({:.3}x fewer)",
-        cost.executed_matmul_flops(), sparse, s.dense_flops, s.dense_flops as f64 / sparse as f64
+        cost.executed_matmul_flops(),
+        sparse,
+        s.dense_flops,
+        s.dense_flops as f64 / sparse as f64
     );
     if with_dense {
         println!(
             "cycles: {} against {} dense ({:.3}x fewer); {:.1} us at {} MHz",
-            cost.cycles(), cost.dense_cycles(), cost.dense_cycles() as f64 / cost.cycles() as f64,
-            cost.cycles() as f64 / f64::from(s.fabric.clock_mhz), s.fabric.clock_mhz
+            cost.cycles(),
+            cost.dense_cycles(),
+            cost.dense_cycles() as f64 / cost.cycles() as f64,
+            cost.cycles() as f64 / f64::from(s.fabric.clock_mhz),
+            s.fabric.clock_mhz
         );
     } else {
-        println!("cycles: {} ({:.1} us at {} MHz)", cost.cycles(), cost.cycles() as f64 / f64::from(s.fabric.clock_mhz), s.fabric.clock_mhz);
+        println!(
+            "cycles: {} ({:.1} us at {} MHz)",
+            cost.cycles(),
+            cost.cycles() as f64 / f64::from(s.fabric.clock_mhz),
+            s.fabric.clock_mhz
+        );
     }
-    println!("\n{:<16} {:>12} {:>12} {:>8}", "operation", "cycles", "dense", "share");
+    println!(
+        "\n{:<16} {:>12} {:>12} {:>8}",
+        "operation", "cycles", "dense", "share"
+    );
     for (name, cycles, dense) in cost.by_op() {
-        println!("{name:<16} {cycles:>12} {dense:>12} {:>7.1}%", 100.0 * cycles as f64 / cost.cycles() as f64);
+        println!(
+            "{name:<16} {cycles:>12} {dense:>12} {:>7.1}%",
+            100.0 * cycles as f64 / cost.cycles() as f64
+        );
     }
 }
 
@@ -209,11 +274,26 @@ fn precision_name(p: Precision) -> &'static str {
     }
 }
 
-fn write_outputs(dir: &Path, s: &Summary<'_>, weights: &GptParams, updated: &GptParams, seed: u64, wall: f64) -> anyhow::Result<()> {
-    for (name, params) in [("weights.safetensors", weights), ("grads.safetensors", &s.step.grads), ("updated.safetensors", updated)] {
+fn write_outputs(
+    dir: &Path,
+    s: &Summary<'_>,
+    weights: &GptParams,
+    updated: &GptParams,
+    seed: u64,
+    wall: f64,
+) -> anyhow::Result<()> {
+    for (name, params) in [
+        ("weights.safetensors", weights),
+        ("grads.safetensors", &s.step.grads),
+        ("updated.safetensors", updated),
+    ] {
         let named = hf_named_tensors(params);
-        let views: Vec<_> = named.iter().map(|(n, shape, data)| (n.clone(), shape.clone(), &data[..])).collect();
-        write_safetensors_atomic(&dir.join(name), &views).with_context(|| format!("writing {name}"))?;
+        let views: Vec<_> = named
+            .iter()
+            .map(|(n, shape, data)| (n.clone(), shape.clone(), &data[..]))
+            .collect();
+        write_safetensors_atomic(&dir.join(name), &views)
+            .with_context(|| format!("writing {name}"))?;
     }
     write_json(&dir.join("report.json"), &report_json(s, seed, wall))
 }
@@ -224,7 +304,12 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
     let by_phase: serde_json::Map<String, Value> = cost
         .by_phase()
         .into_iter()
-        .map(|(phase, cycles, dense)| (phase.name().to_string(), json!({"cycles": cycles, "dense_cycles": dense})))
+        .map(|(phase, cycles, dense)| {
+            (
+                phase.name().to_string(),
+                json!({"cycles": cycles, "dense_cycles": dense}),
+            )
+        })
         .collect();
     let by_op: Vec<Value> = cost
         .by_op()

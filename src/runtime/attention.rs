@@ -10,7 +10,11 @@ use crate::flops::Phase;
 impl Step<'_> {
     fn attention_shape(&self) -> AttentionShape {
         let c = self.inputs.config;
-        let scale = if c.scale_attn_weights { 1.0 / (c.head_dim() as f32).sqrt() } else { 1.0 };
+        let scale = if c.scale_attn_weights {
+            1.0 / (c.head_dim() as f32).sqrt()
+        } else {
+            1.0
+        };
         AttentionShape {
             batch: self.inputs.batch.batch,
             seq_len: self.inputs.batch.seq,
@@ -23,23 +27,60 @@ impl Step<'_> {
     /// FMACs of the attention matmuls in one phase: `B S^2 d` per matmul (full, not causal),
     /// two matmuls forward, four backward.
     fn attention_fmacs(&self, phase: Phase) -> u64 {
-        let (b, s, d) = (self.inputs.batch.batch, self.inputs.batch.seq, self.inputs.config.n_embd);
+        let (b, s, d) = (
+            self.inputs.batch.batch,
+            self.inputs.batch.seq,
+            self.inputs.config.n_embd,
+        );
         let per_matmul = (b * s * s * d) as u64;
-        if phase == Phase::Forward { 2 * per_matmul } else { 4 * per_matmul }
+        if phase == Phase::Forward {
+            2 * per_matmul
+        } else {
+            4 * per_matmul
+        }
     }
 
     /// The context of layer `l`'s attention and its probabilities (kept for the backward).
-    pub(crate) fn attention_forward(&mut self, l: usize, q: &Act, k: &Act, v: &Act) -> Result<(Act, Vec<f32>), RuntimeError> {
+    pub(crate) fn attention_forward(
+        &mut self,
+        l: usize,
+        q: &Act,
+        k: &Act,
+        v: &Act,
+    ) -> Result<(Act, Vec<f32>), RuntimeError> {
         let op = Op::attention(l, Phase::Forward);
-        let kernel = Attention { region: self.region(), shape: self.attention_shape(), q: &q.data, k: &k.data, v: &v.data };
-        let run = kernel.run(self.fabric(), self.options()).map_err(kernel_error(&op))?;
-        self.check_fmacs(&op, run.stats.total.fmacs, self.attention_fmacs(Phase::Forward))?;
+        let kernel = Attention {
+            region: self.region(),
+            shape: self.attention_shape(),
+            q: &q.data,
+            k: &k.data,
+            v: &v.data,
+        };
+        let run = kernel
+            .run(self.fabric(), self.options())
+            .map_err(kernel_error(&op))?;
+        self.check_fmacs(
+            &op,
+            run.stats.total.fmacs,
+            self.attention_fmacs(Phase::Forward),
+        )?;
         self.record(op, &run.stats);
-        Ok((Act { data: run.out, features: q.features }, run.probs))
+        Ok((
+            Act {
+                data: run.out,
+                features: q.features,
+            },
+            run.probs,
+        ))
     }
 
     /// `dQ, dK, dV` of layer `l`'s attention given the context's gradient.
-    pub(crate) fn attention_backward(&mut self, l: usize, a: &LayerActs, d_ctx: &Act) -> Result<(Act, Act, Act), RuntimeError> {
+    pub(crate) fn attention_backward(
+        &mut self,
+        l: usize,
+        a: &LayerActs,
+        d_ctx: &Act,
+    ) -> Result<(Act, Act, Act), RuntimeError> {
         let op = Op::attention(l, Phase::InputGrad);
         let kernel = AttentionBackward {
             region: self.region(),
@@ -50,8 +91,14 @@ impl Step<'_> {
             d_out: &d_ctx.data,
             probs: &a.probs,
         };
-        let run = kernel.run(self.fabric(), self.options()).map_err(kernel_error(&op))?;
-        self.check_fmacs(&op, run.stats.total.fmacs, self.attention_fmacs(Phase::InputGrad))?;
+        let run = kernel
+            .run(self.fabric(), self.options())
+            .map_err(kernel_error(&op))?;
+        self.check_fmacs(
+            &op,
+            run.stats.total.fmacs,
+            self.attention_fmacs(Phase::InputGrad),
+        )?;
         self.record(op, &run.stats);
         let f = d_ctx.features;
         let act = |data| Act { data, features: f };

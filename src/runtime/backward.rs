@@ -1,7 +1,9 @@
 //! The backward pass on the fabric: input gradients through every kernel in reverse, weight
 //! gradients streamed out, assembled into a [`GptParams`] of gradients.
 
-use wafersim_kernels::{EmbeddingBackward, GeluBackward, LayerNormBackward, StreamedMatrix, WeightGrad};
+use wafersim_kernels::{
+    EmbeddingBackward, GeluBackward, LayerNormBackward, StreamedMatrix, WeightGrad,
+};
 
 use super::forward::{Activations, LayerActs, Normed};
 use super::record::{Op, OpRecord};
@@ -14,8 +16,14 @@ impl Step<'_> {
         let config = self.inputs.config;
         let mut grads = GptParams::zeros(config);
         let d_lnf = self.lm_head_backward(acts, &mut grads)?;
-        let (mut dx, ln_f) =
-            self.layer_norm_backward(None, "ln_f", &d_lnf, &acts.x_final, &acts.ln_f, &self.inputs.params.ln_f)?;
+        let (mut dx, ln_f) = self.layer_norm_backward(
+            None,
+            "ln_f",
+            &d_lnf,
+            &acts.x_final,
+            &acts.ln_f,
+            &self.inputs.params.ln_f,
+        )?;
         grads.ln_f = ln_f;
         for l in (0..config.n_layer).rev() {
             dx = self.block_backward(l, &acts.layers[l], &dx, &mut grads)?;
@@ -25,15 +33,26 @@ impl Step<'_> {
     }
 
     /// `d ln_f = dlogits wte`; the head's part of `d wte = dlogits^T ln_f`.
-    fn lm_head_backward(&mut self, acts: &Activations, grads: &mut GptParams) -> Result<Act, RuntimeError> {
+    fn lm_head_backward(
+        &mut self,
+        acts: &Activations,
+        grads: &mut GptParams,
+    ) -> Result<Act, RuntimeError> {
         let wte = &self.inputs.params.wte;
         let head = StreamedMatrix::from_dense(wte.rows, wte.cols, &wte.data, None);
         let op = Op::lm_head(Phase::InputGrad);
-        let (d_lnf, record) = self.matmul(op, &acts.dlogits, &head, None, || unreachable!("the head is dense"))?;
+        let (d_lnf, record) = self.matmul(op, &acts.dlogits, &head, None, || {
+            unreachable!("the head is dense")
+        })?;
         self.cost.push(record);
         let pattern = head.transpose();
-        let (grad, _, record) =
-            self.weight_grad(Op::lm_head(Phase::WeightGrad), &acts.ln_f.y, &acts.dlogits, &pattern, false)?;
+        let (grad, _, record) = self.weight_grad(
+            Op::lm_head(Phase::WeightGrad),
+            &acts.ln_f.y,
+            &acts.dlogits,
+            &pattern,
+            false,
+        )?;
         self.cost.push(record);
         // `grad` is `[d, V]`: the transpose of wte's layout.
         let (d, v) = (wte.cols, wte.rows);
@@ -43,13 +62,20 @@ impl Step<'_> {
         Ok(d_lnf)
     }
 
-    fn block_backward(&mut self, l: usize, a: &LayerActs, dx: &Act, grads: &mut GptParams) -> Result<Act, RuntimeError> {
+    fn block_backward(
+        &mut self,
+        l: usize,
+        a: &LayerActs,
+        dx: &Act,
+        grads: &mut GptParams,
+    ) -> Result<Act, RuntimeError> {
         // x_out = h + fc_proj(gelu(fc(ln_2(h)))).
         let dg = self.linear_backward(l, SparseKind::FcProj, dx, &a.g, grads)?;
         let df = self.gelu_backward(l, &a.f, &dg)?;
         let dln2 = self.linear_backward(l, SparseKind::Fc, &df, &a.ln2.y, grads)?;
         let block = &self.inputs.params.blocks[l];
-        let (dh_norm, ln_2) = self.layer_norm_backward(Some(l), "ln_2", &dln2, &a.h, &a.ln2, &block.ln_2)?;
+        let (dh_norm, ln_2) =
+            self.layer_norm_backward(Some(l), "ln_2", &dln2, &a.h, &a.ln2, &block.ln_2)?;
         grads.blocks[l].ln_2 = ln_2;
         let dh = self.residual(Some(l), "residual_ffn", Phase::InputGrad, dx, &dh_norm)?;
         // h = x_in + attn_proj(attention(q, k, v)), q, k, v = ln_1(x_in) W.
@@ -58,10 +84,18 @@ impl Step<'_> {
         let dln1_q = self.linear_backward(l, SparseKind::Q, &dq, &a.ln1.y, grads)?;
         let dln1_k = self.linear_backward(l, SparseKind::K, &dk, &a.ln1.y, grads)?;
         let dln1_v = self.linear_backward(l, SparseKind::V, &dv, &a.ln1.y, grads)?;
-        let dln1_qk = self.residual(Some(l), "sum_qkv_grads", Phase::InputGrad, &dln1_q, &dln1_k)?;
-        let dln1 = self.residual(Some(l), "sum_qkv_grads", Phase::InputGrad, &dln1_qk, &dln1_v)?;
+        let dln1_qk =
+            self.residual(Some(l), "sum_qkv_grads", Phase::InputGrad, &dln1_q, &dln1_k)?;
+        let dln1 = self.residual(
+            Some(l),
+            "sum_qkv_grads",
+            Phase::InputGrad,
+            &dln1_qk,
+            &dln1_v,
+        )?;
         let block = &self.inputs.params.blocks[l];
-        let (dx_norm, ln_1) = self.layer_norm_backward(Some(l), "ln_1", &dln1, &a.x_in, &a.ln1, &block.ln_1)?;
+        let (dx_norm, ln_1) =
+            self.layer_norm_backward(Some(l), "ln_1", &dln1, &a.x_in, &a.ln1, &block.ln_1)?;
         grads.blocks[l].ln_1 = ln_1;
         self.residual(Some(l), "residual_attn", Phase::InputGrad, &dh, &dx_norm)
     }
@@ -77,12 +111,17 @@ impl Step<'_> {
         grads: &mut GptParams,
     ) -> Result<Act, RuntimeError> {
         let lin: &Linear = self.inputs.params.blocks[l].linear(kind);
-        let dense = || StreamedMatrix::from_dense(lin.weight.rows, lin.weight.cols, &lin.weight.data, None);
+        let dense =
+            || StreamedMatrix::from_dense(lin.weight.rows, lin.weight.cols, &lin.weight.data, None);
         let wt = self.sparse[l][kind.index()].transpose();
-        let (dx, record) = self.matmul(Op::linear(l, kind, Phase::InputGrad), dy, &wt, None, || dense().transpose())?;
+        let (dx, record) =
+            self.matmul(Op::linear(l, kind, Phase::InputGrad), dy, &wt, None, || {
+                dense().transpose()
+            })?;
         self.cost.push(record);
         let pattern = &self.sparse[l][kind.index()];
-        let (grad, bias, record) = self.weight_grad(Op::linear(l, kind, Phase::WeightGrad), x, dy, pattern, true)?;
+        let (grad, bias, record) =
+            self.weight_grad(Op::linear(l, kind, Phase::WeightGrad), x, dy, pattern, true)?;
         self.cost.push(record);
         let target = grads.blocks[l].linear_mut(kind);
         target.weight.data = grad.to_dense();
@@ -108,12 +147,30 @@ impl Step<'_> {
             bias,
             precision: self.precision(),
         };
-        let run = kernel.run(self.fabric(), self.options()).map_err(kernel_error(&op))?;
-        self.check_fmacs(&op, run.stats.total.fmacs, (self.tokens() * pattern.nnz()) as u64)?;
+        let run = kernel
+            .run(self.fabric(), self.options())
+            .map_err(kernel_error(&op))?;
+        self.check_fmacs(
+            &op,
+            run.stats.total.fmacs,
+            (self.tokens() * pattern.nnz()) as u64,
+        )?;
         let dense_cycles = if op.sparse && self.inputs.dense_baseline {
-            let all = StreamedMatrix::from_dense(pattern.rows(), pattern.cols(), &vec![0.0; pattern.rows() * pattern.cols()], None);
-            let kernel = WeightGrad { pattern: &all, ..kernel };
-            kernel.run(self.fabric(), self.options()).map_err(kernel_error(&op))?.stats.cycles
+            let all = StreamedMatrix::from_dense(
+                pattern.rows(),
+                pattern.cols(),
+                &vec![0.0; pattern.rows() * pattern.cols()],
+                None,
+            );
+            let kernel = WeightGrad {
+                pattern: &all,
+                ..kernel
+            };
+            kernel
+                .run(self.fabric(), self.options())
+                .map_err(kernel_error(&op))?
+                .stats
+                .cycles
         } else {
             run.stats.cycles
         };
@@ -141,23 +198,50 @@ impl Step<'_> {
             mean: &normed.mean,
             rstd: &normed.rstd,
         };
-        let run = kernel.run(self.fabric(), self.options()).map_err(kernel_error(&op))?;
+        let run = kernel
+            .run(self.fabric(), self.options())
+            .map_err(kernel_error(&op))?;
         self.record(op, &run.stats);
-        Ok((Act { data: run.dx, features: x.features }, LnParams { gamma: run.dgamma, beta: run.dbeta }))
+        Ok((
+            Act {
+                data: run.dx,
+                features: x.features,
+            },
+            LnParams {
+                gamma: run.dgamma,
+                beta: run.dbeta,
+            },
+        ))
     }
 
     fn gelu_backward(&mut self, l: usize, f: &Act, dg: &Act) -> Result<Act, RuntimeError> {
         let op = Op::plain(Some(l), "gelu", Phase::InputGrad);
-        let kernel = GeluBackward { region: self.region(), tokens: self.tokens(), features: f.features, x: &f.data, dy: &dg.data };
-        let run = kernel.run(self.fabric(), self.options()).map_err(kernel_error(&op))?;
+        let kernel = GeluBackward {
+            region: self.region(),
+            tokens: self.tokens(),
+            features: f.features,
+            x: &f.data,
+            dy: &dg.data,
+        };
+        let run = kernel
+            .run(self.fabric(), self.options())
+            .map_err(kernel_error(&op))?;
         self.record(op, &run.stats);
-        Ok(Act { data: run.out, features: f.features })
+        Ok(Act {
+            data: run.out,
+            features: f.features,
+        })
     }
 
     fn embedding_backward(&mut self, dx: &Act, grads: &mut GptParams) -> Result<(), RuntimeError> {
         let op = Op::plain(None, "embedding", Phase::WeightGrad);
-        let kernel = EmbeddingBackward { shape: self.embedding_shape(), dx: &dx.data };
-        let run = kernel.run(self.fabric(), self.options()).map_err(kernel_error(&op))?;
+        let kernel = EmbeddingBackward {
+            shape: self.embedding_shape(),
+            dx: &dx.data,
+        };
+        let run = kernel
+            .run(self.fabric(), self.options())
+            .map_err(kernel_error(&op))?;
         self.record(op, &run.stats);
         for (g, d) in grads.wte.data.iter_mut().zip(&run.d_token_table) {
             *g += d;

@@ -55,7 +55,13 @@ impl Step<'_> {
         let ln_f = self.layer_norm(None, "ln_f", &x, &self.inputs.params.ln_f)?;
         let logits = self.lm_head_forward(&ln_f.y)?;
         let (loss, dlogits) = self.cross_entropy(&logits)?;
-        Ok(Activations { layers, x_final: x, ln_f, dlogits, loss })
+        Ok(Activations {
+            layers,
+            x_final: x,
+            ln_f,
+            dlogits,
+            loss,
+        })
     }
 
     fn embed(&mut self) -> Result<Act, RuntimeError> {
@@ -66,9 +72,14 @@ impl Step<'_> {
             token_table: &p.wte.data,
             position_table: &p.wpe.data,
         };
-        let run = kernel.run(self.fabric(), self.options()).map_err(kernel_error(&op))?;
+        let run = kernel
+            .run(self.fabric(), self.options())
+            .map_err(kernel_error(&op))?;
         self.record(op, &run.stats);
-        Ok(Act { data: run.x, features: c.n_embd })
+        Ok(Act {
+            data: run.x,
+            features: c.n_embd,
+        })
     }
 
     pub(crate) fn embedding_shape(&self) -> EmbeddingShape<'_> {
@@ -97,7 +108,22 @@ impl Step<'_> {
         let f = self.linear_forward(l, SparseKind::Fc, &ln2.y)?;
         let g = self.gelu(l, &f)?;
         let m = self.linear_forward(l, SparseKind::FcProj, &g)?;
-        Ok((LayerActs { x_in, ln1, q, k, v, probs, ctx, h, ln2, f, g }, m))
+        Ok((
+            LayerActs {
+                x_in,
+                ln1,
+                q,
+                k,
+                v,
+                probs,
+                ctx,
+                h,
+                ln2,
+                f,
+                g,
+            },
+            m,
+        ))
     }
 
     pub(crate) fn layer_norm(
@@ -117,9 +143,18 @@ impl Step<'_> {
             beta: &params.beta,
             eps: self.inputs.config.layer_norm_epsilon,
         };
-        let run = kernel.run(self.fabric(), self.options()).map_err(kernel_error(&op))?;
+        let run = kernel
+            .run(self.fabric(), self.options())
+            .map_err(kernel_error(&op))?;
         self.record(op, &run.stats);
-        Ok(Normed { y: Act { data: run.y, features: x.features }, mean: run.mean, rstd: run.rstd })
+        Ok(Normed {
+            y: Act {
+                data: run.y,
+                features: x.features,
+            },
+            mean: run.mean,
+            rstd: run.rstd,
+        })
     }
 
     /// `x W + b` for sparse matrix `kind` of layer `l`.
@@ -151,22 +186,43 @@ impl Step<'_> {
             bias,
             precision: self.precision(),
         };
-        let run = kernel.run(self.fabric(), self.options()).map_err(kernel_error(&op))?;
+        let run = kernel
+            .run(self.fabric(), self.options())
+            .map_err(kernel_error(&op))?;
         self.check_fmacs(&op, run.stats.total.fmacs, (self.tokens() * w.nnz()) as u64)?;
         let dense_cycles = if op.sparse && self.inputs.dense_baseline {
             let all = dense();
             let kernel = StreamMatmul { w: &all, ..kernel };
-            kernel.run(self.fabric(), self.options()).map_err(kernel_error(&op))?.stats.cycles
+            kernel
+                .run(self.fabric(), self.options())
+                .map_err(kernel_error(&op))?
+                .stats
+                .cycles
         } else {
             run.stats.cycles
         };
         let record = OpRecord::new(op, &run.stats, dense_cycles);
-        Ok((Act { data: run.y, features: w.cols() }, record))
+        Ok((
+            Act {
+                data: run.y,
+                features: w.cols(),
+            },
+            record,
+        ))
     }
 
-    pub(crate) fn check_fmacs(&self, op: &Op, fmacs: u64, expected: u64) -> Result<(), RuntimeError> {
+    pub(crate) fn check_fmacs(
+        &self,
+        op: &Op,
+        fmacs: u64,
+        expected: u64,
+    ) -> Result<(), RuntimeError> {
         if fmacs != expected {
-            return Err(RuntimeError::FlopMismatch { op: op.label(), executed: 2 * fmacs, analytic: 2 * expected });
+            return Err(RuntimeError::FlopMismatch {
+                op: op.label(),
+                executed: 2 * fmacs,
+                analytic: 2 * expected,
+            });
         }
         Ok(())
     }
@@ -187,25 +243,41 @@ impl Step<'_> {
             a: &a.data,
             b: &b.data,
         };
-        let run = kernel.run(self.fabric(), self.options()).map_err(kernel_error(&op))?;
+        let run = kernel
+            .run(self.fabric(), self.options())
+            .map_err(kernel_error(&op))?;
         self.record(op, &run.stats);
-        Ok(Act { data: run.out, features: a.features })
+        Ok(Act {
+            data: run.out,
+            features: a.features,
+        })
     }
 
     fn gelu(&mut self, l: usize, f: &Act) -> Result<Act, RuntimeError> {
         let op = Op::plain(Some(l), "gelu", Phase::Forward);
-        let kernel = Gelu { region: self.region(), tokens: self.tokens(), features: f.features, x: &f.data };
-        let run = kernel.run(self.fabric(), self.options()).map_err(kernel_error(&op))?;
+        let kernel = Gelu {
+            region: self.region(),
+            tokens: self.tokens(),
+            features: f.features,
+            x: &f.data,
+        };
+        let run = kernel
+            .run(self.fabric(), self.options())
+            .map_err(kernel_error(&op))?;
         self.record(op, &run.stats);
-        Ok(Act { data: run.out, features: f.features })
+        Ok(Act {
+            data: run.out,
+            features: f.features,
+        })
     }
 
     /// The tied LM head, `logits = x wte^T`.
     fn lm_head_forward(&mut self, x: &Act) -> Result<Act, RuntimeError> {
         let wte = &self.inputs.params.wte;
         let head = StreamedMatrix::from_dense(wte.rows, wte.cols, &wte.data, None).transpose();
-        let (logits, record) =
-            self.matmul(Op::lm_head(Phase::Forward), x, &head, None, || unreachable!("the head is dense"))?;
+        let (logits, record) = self.matmul(Op::lm_head(Phase::Forward), x, &head, None, || {
+            unreachable!("the head is dense")
+        })?;
         self.cost.push(record);
         Ok(logits)
     }
@@ -219,8 +291,16 @@ impl Step<'_> {
             vocab: logits.features,
             logits: &logits.data,
         };
-        let run = kernel.run(self.fabric(), self.options()).map_err(kernel_error(&op))?;
+        let run = kernel
+            .run(self.fabric(), self.options())
+            .map_err(kernel_error(&op))?;
         self.record(op, &run.stats);
-        Ok((run.loss, Act { data: run.dz, features: logits.features }))
+        Ok((
+            run.loss,
+            Act {
+                data: run.dz,
+                features: logits.features,
+            },
+        ))
     }
 }

@@ -66,7 +66,11 @@ pub enum RuntimeError {
         source: KernelError,
     },
     #[error("{op}: executed {executed} FLOPs, the analytic count is {analytic}: a simulator bug")]
-    FlopMismatch { op: String, executed: u64, analytic: u64 },
+    FlopMismatch {
+        op: String,
+        executed: u64,
+        analytic: u64,
+    },
 }
 
 /// Runs one training step on the fabric.
@@ -74,7 +78,11 @@ pub fn run_step(inputs: StepInputs<'_>) -> Result<StepRun, RuntimeError> {
     let mut step = Step::new(inputs);
     let acts = step.forward()?;
     let grads = step.backward(&acts)?;
-    Ok(StepRun { loss: acts.loss, grads, cost: step.cost })
+    Ok(StepRun {
+        loss: acts.loss,
+        grads,
+        cost: step.cost,
+    })
 }
 
 /// A `tokens x features` activation, row-major, as the host sees it between kernels.
@@ -107,7 +115,11 @@ impl<'a> Step<'a> {
                 })
             })
             .collect();
-        Step { inputs, cost: StepCost::default(), sparse }
+        Step {
+            inputs,
+            cost: StepCost::default(),
+            sparse,
+        }
     }
 
     pub fn region(&self) -> Region {
@@ -138,5 +150,8 @@ impl<'a> Step<'a> {
 
 /// Wraps a kernel error with the operation it belongs to.
 pub(crate) fn kernel_error(op: &record::Op) -> impl FnOnce(KernelError) -> RuntimeError + '_ {
-    move |source| RuntimeError::Kernel { op: op.label(), source }
+    move |source| RuntimeError::Kernel {
+        op: op.label(),
+        source,
+    }
 }

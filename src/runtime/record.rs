@@ -23,7 +23,13 @@ pub struct Op {
 impl Op {
     /// A non-matmul operation.
     pub fn plain(layer: Option<usize>, name: &'static str, phase: Phase) -> Self {
-        Op { layer, name, phase, matmuls: &[], sparse: false }
+        Op {
+            layer,
+            name,
+            phase,
+            matmuls: &[],
+            sparse: false,
+        }
     }
 
     /// One of the six sparse linear layers.
@@ -36,7 +42,13 @@ impl Op {
             SparseKind::Fc => &[OpKind::Linear(SparseKind::Fc)],
             SparseKind::FcProj => &[OpKind::Linear(SparseKind::FcProj)],
         };
-        Op { layer: Some(layer), name: kind.name(), phase, matmuls, sparse: true }
+        Op {
+            layer: Some(layer),
+            name: kind.name(),
+            phase,
+            matmuls,
+            sparse: true,
+        }
     }
 
     /// The attention kernel (scores, softmax, values).
@@ -52,7 +64,13 @@ impl Op {
 
     /// A matmul of the LM head.
     pub fn lm_head(phase: Phase) -> Self {
-        Op { layer: None, name: "lm_head", phase, matmuls: &[OpKind::LmHead], sparse: false }
+        Op {
+            layer: None,
+            name: "lm_head",
+            phase,
+            matmuls: &[OpKind::LmHead],
+            sparse: false,
+        }
     }
 
     /// `layer.name.phase`, for errors.
@@ -114,7 +132,11 @@ impl StepCost {
 
     /// FLOPs of the matmuls the fabric executed (2 per FMAC of the matmul kernels).
     pub fn executed_matmul_flops(&self) -> u64 {
-        self.records.iter().filter(|r| !r.op.matmuls.is_empty()).map(|r| 2 * r.fmacs).sum()
+        self.records
+            .iter()
+            .filter(|r| !r.op.matmuls.is_empty())
+            .map(|r| 2 * r.fmacs)
+            .sum()
     }
 
     /// `(phase, cycles, dense cycles)` for the three phases.

@@ -1,0 +1,752 @@
+//! Causal multi-head self-attention, forward and backward, on a region of PEs.
+//!
+//! Forward: `O = softmax(mask(scale Q K^T)) V` per sequence and head; the probabilities `P` stay
+//! on the wafer for the backward (and are returned to the host). Backward: from `dO`, `Q`, `K`,
+//! `V` and `P`: `dP = dO V^T`, `dS = P * (dP - rowsum(P * dP)) * scale`, `dQ = dS K`,
+//! `dK = dS^T Q`, `dV = P^T dO`.
+//!
+//! # Placement
+//!
+//! `Q`, `K`, `V`, `O` (and `dO`, `dQ`, `dK`, `dV`) are `[T x F]` in the shared layout
+//! ([`crate::layout`]): tokens over region rows, features over region columns, feature-major
+//! tiles. `T = batch x seq_len` tokens are sequence-major; head `h` owns features
+//! `h hd .. (h + 1) hd`. The region's columns must divide the heads, so PE column `c` holds the
+//! whole heads `c H_c .. (c + 1) H_c` (`H_c = heads / cols`, `F_c = H_c hd` features) and no
+//! head is split across PEs; PE (c, r) computes its tokens `T_r` against its heads.
+//!
+//! Each PE keeps a *window*: the K and V tiles of the region rows holding any token of the
+//! sequences its own tokens touch (at least one sequence, plus the rows' spill-over), one slot
+//! `[K tile | V tile]` per row. Windows are contiguous and never move backwards from one row to
+//! the next, so the rows wanting a given row's tiles are contiguous too (its *reach*), and the
+//! tiles get there by an all-gather down each PE column whose chains stop where the reach ends
+//! ([`crate::vchain::VerticalChain`], store-and-forward chains south and north): a PE moves only
+//! the K and V of its own sequences, never a whole column's. Then, per local head and per
+//! *segment* (the PE's tokens of one sequence), one task computes:
+//!
+//! - scores `s[j][t] = q_t . k_j` for all `S` keys of the sequence, future ones included, as
+//!   AXPYs over the segment's tokens (`fmac(s[j], Q[f, tokens], k_j[f])`): key-major blocks whose
+//!   rows are contiguous vectors, so the feature-major tiles need no transpose;
+//! - scale, mask future keys to `-inf` (`fill`), softmax with `max`/`sub`/`exp`/`add`, one scalar
+//!   reciprocal per token, and `mul`: `P` in place;
+//! - `O[f, tokens] += p_j v_j[f]` (AXPYs), which lands `O` in the shared layout.
+//!
+//! The backward gathers K and V the same way, computes per head and segment `dP` (AXPYs), `dS`
+//! (non-FMAC vector ops), `dQ` (AXPYs), and for every key of the window and local feature the
+//! PE's share of `dK_j[f] = dS_j . Q[f, tokens]` and `dV_j[f] = P_j . dO[f, tokens]` (`dot`).
+//! These partial sums, laid out like the window, are reduce-scattered up and down each column
+//! over the same reaches, so each row ends with the `dK`, `dV` of its own tokens, in the shared
+//! layout.
+//!
+//! Key design decision: products as AXPYs over the tokens of a segment rather than one dot
+//! product over a head's features per (query, key) pair. The pairwise form would need every Q,
+//! K, V tile transposed to token-major first (one move per element); AXPYs use the feature-major
+//! layout as it is, leave `O`, `dQ` in it, and execute the same FMACs.
+//!
+//! # Matmul and non-matmul work
+//!
+//! The four products the FLOP convention counts (`Q K^T`, `P V` forward; `dO V^T`, `dS K`,
+//! `dS^T Q`, `P^T dO` backward) use `fmac`/`dot` only, every `(query, key)` pair of a sequence
+//! computed in full and masked afterwards, as PyTorch eager does: the forward executes exactly
+//! `2 B heads S^2 hd` FMACs, the backward `4 B heads S^2 hd`. Softmax and its gradient never use
+//! an FMAC instruction. Everything is `f32`.
+//!
+//! # Color plan
+//!
+//! | colors | use |
+//! |---|---|
+//! | 0, 1 | K/V all-gather, south-bound chain (alternating by row parity) |
+//! | 2, 3 | K/V all-gather, north-bound chain |
+//! | 4, 5 | backward: dK/dV reduce-scatter, south-bound chain |
+//! | 6, 7 | backward: dK/dV reduce-scatter, north-bound chain |
+//!
+//! # Cost
+//!
+//! [`Attention::estimate_cycles`] and [`AttentionBackward::estimate_cycles`] add three terms:
+//!
+//! 1. the all-gather: the busiest core moves one wavelet per cycle through its ramp, taking in
+//!    the `2 F_c n_b` values of every other row of its window and sending out what it forwards
+//!    plus its own slot once per direction its reach goes, plus one store-and-forward hop
+//!    (`hop + 2 ramp + 1` cycles) per row of the longest reach;
+//! 2. the slowest row's compute task, summed instruction by instruction in closed form: per
+//!    local head and segment of `L` tokens, `S hd (issue + issue + ceil(L / fmac_f32))` per
+//!    product (a load and an AXPY or a dot per key and feature), `O(S)` vector instructions of
+//!    length `L` for the softmax or its gradient, `exp_cycles S L` for the `exp`;
+//! 3. backward only: the reduce-scatter, which moves the gather's wavelets the other way round.
+//!
+//! The products dominate: about `2 H_c S hd (n_r + 2)` cycles per PE forward and twice that
+//! backward, against `2 F_c W` wavelets of gather. Measured against the exact engine in
+//! `kernels/tests/attention.rs`, the estimate is within 6 % on every tested shape.
+//!
+//! # Memory per PE (f32 elements; `n` tokens, window of `W` tokens, longest segment `L`)
+//!
+//! - forward: Q, K, V, O tiles `4 F_c n`; window `2 F_c W`; probabilities `H_c S n`; row max
+//!   and sum `2 L`; one join counter.
+//! - backward: Q, K, V, dO tiles `4 F_c n`; probabilities `H_c S n`; window and partial dK/dV
+//!   `4 F_c W`; `dS` `S L`; two rows `2 L`; dQ `F_c n`; dK/dV `2 F_c n`; one join counter.
+//!
+//! `W >= S`, so the window alone needs `8 F_c S` bytes forward and `16 F_c S` backward: with one
+//! head of 64 per column, sequences longer than 93 tokens (forward) or 45 (backward) do not fit
+//! 48 KiB, whatever the region. A shape that does not fit is refused with
+//! [`KernelError::DoesNotFit`] naming the fullest row and its bytes; longer sequences would need
+//! the keys streamed in blocks (flash-attention style), which this kernel does not do.
+//!
+//! What this is not: no dropout, no attention bias, no cross-attention, no fp16; K and V are not
+//! streamed in blocks; the gather finishes before any compute starts.
+
+mod cost;
+mod geometry;
+mod pe;
+
+use std::ops::Range;
+
+use wafersim_sim::{
+    Buf, BuildError, Color, Coord, DType, Executed, FabricConfig, Program, RunOptions, Simulator,
+    Stats, TaskId, Then, VecRef,
+};
+
+use crate::check_region;
+use crate::error::KernelError;
+use crate::join::{self, ARMS, Join};
+use crate::layout::{Region, Tiling};
+use crate::vchain::{Part, VerticalChain};
+use geometry::Geometry;
+use pe::{BackwardBufs, ForwardBufs};
+
+/// Name of the forward kernel in errors and reports.
+pub const KERNEL: &str = "attention";
+/// Name of the backward kernel in errors and reports.
+pub const BACKWARD_KERNEL: &str = "attention_backward";
+
+const GATHER: VerticalChain = VerticalChain {
+    south: [Color(0), Color(1)],
+    north: [Color(2), Color(3)],
+};
+const REDUCE: VerticalChain = VerticalChain {
+    south: [Color(4), Color(5)],
+    north: [Color(6), Color(7)],
+};
+
+/// The attention problem: `batch` sequences of `seq_len` tokens, `features = heads x head_dim`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub heads: usize,
+    pub features: usize,
+    /// Multiplies the scores before the softmax (`1 / sqrt(head_dim)`, or 1).
+    pub scale: f32,
+}
+
+impl AttentionShape {
+    /// Tokens `T = batch x seq_len`.
+    pub fn tokens(&self) -> usize {
+        self.batch.saturating_mul(self.seq_len)
+    }
+
+    /// Features per head (0 without heads).
+    pub fn head_dim(&self) -> usize {
+        self.features.checked_div(self.heads).unwrap_or(0)
+    }
+
+    /// Multiply-adds of one full product over every sequence and head: `B heads S^2 hd`.
+    pub fn product_fmacs(&self) -> u64 {
+        let s = self.seq_len as u64;
+        [self.batch, self.heads, self.head_dim()]
+            .iter()
+            .fold(s.saturating_mul(s), |acc, &x| acc.saturating_mul(x as u64))
+    }
+
+    /// FMACs the forward executes: `Q K^T` and `P V`.
+    pub fn forward_fmacs(&self) -> u64 {
+        2 * self.product_fmacs()
+    }
+
+    /// FMACs the backward executes: `dO V^T`, `dS K`, `dS^T Q`, `P^T dO`.
+    pub fn backward_fmacs(&self) -> u64 {
+        4 * self.product_fmacs()
+    }
+
+    /// Entries of the probabilities, `[batch][head][query][key]`.
+    pub fn probs_len(&self) -> usize {
+        [self.heads, self.seq_len, self.seq_len]
+            .iter()
+            .fold(self.batch, |acc, &x| acc.saturating_mul(x))
+    }
+}
+
+/// The forward pass to run.
+#[derive(Clone, Copy, Debug)]
+pub struct Attention<'a> {
+    pub region: Region,
+    pub shape: AttentionShape,
+    /// `Q`, `K`, `V`: `T x F` row-major.
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+}
+
+/// The backward pass to run.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionBackward<'a> {
+    pub region: Region,
+    pub shape: AttentionShape,
+    /// `Q`, `K`, `V`, `dO`: `T x F` row-major.
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub d_out: &'a [f32],
+    /// The forward's probabilities, `[batch][head][query][key]`.
+    pub probs: &'a [f32],
+}
+
+/// How attention is cut over a region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttentionPlan {
+    /// `Q`, `K`, `V`, `O` and their gradients over the region.
+    pub tiling: Tiling,
+    /// Heads of each PE column.
+    pub heads_per_column: usize,
+    pub head_dim: usize,
+    /// Per region row, the rows whose K and V it keeps.
+    pub windows: Vec<Range<usize>>,
+    /// SRAM used by the fullest PE, in bytes.
+    pub sram_bytes: u64,
+}
+
+/// The forward's results.
+#[derive(Clone, Debug)]
+pub struct AttentionRun {
+    /// `O`, `T x F` row-major.
+    pub out: Vec<f32>,
+    /// `P`, `[batch][head][query][key]` (0 above the diagonal).
+    pub probs: Vec<f32>,
+    pub plan: AttentionPlan,
+    pub stats: Stats,
+}
+
+/// The backward's results, each `T x F` row-major.
+#[derive(Clone, Debug)]
+pub struct AttentionGrads {
+    pub dq: Vec<f32>,
+    pub dk: Vec<f32>,
+    pub dv: Vec<f32>,
+    pub plan: AttentionPlan,
+    pub stats: Stats,
+}
+
+/// Where one PE keeps the forward's outputs (for a following kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardBuffers {
+    /// Its `O` tile, feature-major.
+    pub out: Buf,
+    /// Its probabilities: per local head, per sequence segment, `[key][token]`.
+    pub probs: Buf,
+}
+
+/// Where one PE keeps the backward's outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackwardBuffers {
+    /// Its `dQ` tile, feature-major.
+    pub dq: Buf,
+    /// Its `dK` tile then its `dV` tile, feature-major.
+    pub dkv: Buf,
+}
+
+/// Checks the shape against the region and the fabric; returns the cut.
+fn geometry(
+    kernel: &'static str,
+    config: &FabricConfig,
+    region: Region,
+    shape: &AttentionShape,
+) -> Result<Geometry, KernelError> {
+    let refuse = |reason: String| Err(KernelError::Shape { kernel, reason });
+    let AttentionShape {
+        batch,
+        seq_len,
+        heads,
+        features,
+        scale,
+    } = *shape;
+    if batch == 0 || seq_len == 0 || heads == 0 {
+        return refuse(format!(
+            "batch ({batch}), seq_len ({seq_len}) and heads ({heads}) must be positive"
+        ));
+    }
+    if !features.is_multiple_of(heads) {
+        return refuse(format!(
+            "{features} features do not split into {heads} heads"
+        ));
+    }
+    if !scale.is_finite() {
+        return refuse(format!("the scale {scale} is not finite"));
+    }
+    let Some(tokens) = batch.checked_mul(seq_len) else {
+        return refuse(format!("{batch} x {seq_len} tokens overflow"));
+    };
+    check_region(kernel, config, region, tokens, features)?;
+    if !heads.is_multiple_of(region.cols as usize) {
+        return refuse(format!(
+            "the region's {} columns do not divide the {heads} heads (every PE column must hold \
+             whole heads)",
+            region.cols
+        ));
+    }
+    Ok(Geometry::new(
+        region,
+        tokens,
+        seq_len,
+        heads,
+        features / heads,
+    ))
+}
+
+/// Checks that each `(name, values)` tensor has `want` values.
+fn check_lengths(
+    kernel: &'static str,
+    tensors: &[(&str, usize)],
+    want: usize,
+    what: &str,
+) -> Result<(), KernelError> {
+    match tensors.iter().find(|(_, got)| *got != want) {
+        Some((name, got)) => Err(KernelError::Shape {
+            kernel,
+            reason: format!("{name} has {got} values, expected {want} ({what})"),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The plan, if the fullest PE's `elements(row)` f32 fit its SRAM.
+fn plan(
+    kernel: &'static str,
+    config: &FabricConfig,
+    g: &Geometry,
+    elements: impl Fn(&Geometry, usize) -> (u64, String),
+) -> Result<AttentionPlan, KernelError> {
+    let (worst, (count, what)) = (0..g.rows)
+        .map(|r| (r, elements(g, r)))
+        .max_by_key(|(r, (count, _))| (*count, std::cmp::Reverse(*r)))
+        .expect("a checked region has rows");
+    let (needed, available) = (4 * count, u64::from(config.sram_bytes));
+    if needed > available {
+        return Err(KernelError::DoesNotFit {
+            kernel,
+            needed,
+            available,
+            what: format!("region row {worst}: {what}"),
+            hint: "the K/V window holds at least one whole sequence per PE: use shorter \
+                   sequences or more region columns (fewer heads per PE)"
+                .into(),
+        });
+    }
+    Ok(AttentionPlan {
+        tiling: g.tiling,
+        heads_per_column: g.heads_local,
+        head_dim: g.hd,
+        windows: (0..g.rows).map(|r| g.window(r)).collect(),
+        sram_bytes: needed,
+    })
+}
+
+/// Elements of the parts every PE of row `r` holds in both passes: `(tile of n tokens x F_c,
+/// window, probabilities)`.
+fn common_parts(g: &Geometry, r: usize) -> [u64; 3] {
+    let tile = (g.fc * g.n(r)) as u64;
+    let window = 2 * (g.fc * g.window_tokens(r)) as u64;
+    [tile, window, g.probs_len(r) as u64]
+}
+
+/// Bytes in a description.
+fn bytes(elements: u64) -> String {
+    format!("{} B", 4 * elements)
+}
+
+/// The forward's f32 elements on row `r`, and what they are.
+fn forward_elements(g: &Geometry, r: usize) -> (u64, String) {
+    let [tile, window, probs] = common_parts(g, r);
+    let rows = 2 * g.longest_segment(r) as u64;
+    let total = 4 * tile + window + probs + rows + 1;
+    let what = format!(
+        "Q, K, V, O tiles {}, K/V window of {} tokens {}, \
+         probabilities {} heads x {} tokens x {} keys {}, softmax rows {}, join 4 B",
+        bytes(4 * tile),
+        g.window_tokens(r),
+        bytes(window),
+        g.heads_local,
+        g.n(r),
+        g.seq,
+        bytes(probs),
+        bytes(rows)
+    );
+    (total, what)
+}
+
+/// The backward's f32 elements on row `r`, and what they are.
+fn backward_elements(g: &Geometry, r: usize) -> (u64, String) {
+    let [tile, window, probs] = common_parts(g, r);
+    let longest = g.longest_segment(r) as u64;
+    let ds = g.seq as u64 * longest + 2 * longest;
+    let total = 4 * tile + probs + 2 * window + ds + 3 * tile + 1;
+    let what = format!(
+        "Q, K, V, dO tiles {}, probabilities {}, K/V window and partial dK/dV of {} tokens {}, \
+         dS and rows {}, dQ, dK, dV tiles {}, join 4 B",
+        bytes(4 * tile),
+        bytes(probs),
+        g.window_tokens(r),
+        bytes(2 * window),
+        bytes(ds),
+        bytes(3 * tile)
+    );
+    (total, what)
+}
+
+/// Every PE of the region, row by row: `(column, row)`.
+fn region_pes(region: Region) -> impl Iterator<Item = (u32, u32)> {
+    (0..region.rows).flat_map(move |r| (0..region.cols).map(move |c| (c, r)))
+}
+
+/// Row `r`'s view of every row slot of its window, as parts of a column collective: where it
+/// sits in `buf` (the window, or the partial dK/dV in the window's layout) and its reach.
+fn window_parts(g: &Geometry, r: usize, buf: Buf) -> Vec<Part> {
+    g.window(r)
+        .map(|b| Part {
+            owner: b,
+            reach: g.reach(b),
+            data: buf.slice(g.slot(r, b), g.slot_len(b)),
+        })
+        .collect()
+}
+
+/// The buffers the K/V gather uses on one PE.
+#[derive(Clone, Copy, Debug)]
+struct GatherBufs {
+    k: Buf,
+    v: Buf,
+    window: Buf,
+}
+
+/// The task that copies the PE's K and V into its window slot and starts the all-gather; the
+/// join activates the compute task when it is done.
+fn place_gather(
+    p: &mut Program,
+    pe: Coord,
+    g: &Geometry,
+    r: usize,
+    b: GatherBufs,
+    join: Join,
+) -> Result<TaskId, BuildError> {
+    let own_at = g.slot(r, r);
+    let half = (g.fc * g.n(r)) as u32;
+    let mut parts = window_parts(g, r, b.window);
+    parts.retain(|part| part.owner != r);
+    let reach = g.reach(r);
+    p.local_task(pe, "gather_kv", move |ctx| {
+        ctx.mov(b.window.slice(own_at, half), b.k.all());
+        ctx.mov(b.window.slice(own_at + half, half), b.v.all());
+        let own = b.window.slice(own_at, 2 * half);
+        let ops = GATHER.all_gather(r, &parts, own, reach.clone());
+        join::issue(ctx, &ops, &join);
+    })
+}
+
+/// The final contents of a buffer the kernel placed.
+fn read(executed: &Executed, pe: Coord, buf: Buf) -> Vec<f32> {
+    executed
+        .read(pe, buf)
+        .expect("the kernel placed this buffer on this PE")
+}
+
+impl Attention<'_> {
+    fn checked(&self, config: &FabricConfig) -> Result<Geometry, KernelError> {
+        let g = geometry(KERNEL, config, self.region, &self.shape)?;
+        let lengths = [
+            ("Q", self.q.len()),
+            ("K", self.k.len()),
+            ("V", self.v.len()),
+        ];
+        let want = self.shape.tokens().saturating_mul(self.shape.features);
+        check_lengths(KERNEL, &lengths, want, "tokens x features")?;
+        Ok(g)
+    }
+
+    /// Checks the shapes and that every PE's buffers fit its SRAM.
+    pub fn plan(&self, config: &FabricConfig) -> Result<AttentionPlan, KernelError> {
+        plan(KERNEL, config, &self.checked(config)?, forward_elements)
+    }
+
+    /// The program, the plan, and each PE's output buffers (PEs row by row).
+    pub fn build(
+        &self,
+        config: &FabricConfig,
+    ) -> Result<(Program, AttentionPlan, Vec<ForwardBuffers>), KernelError> {
+        let g = self.checked(config)?;
+        let plan = plan(KERNEL, config, &g, forward_elements)?;
+        let mut p = Program::new(config.clone())?;
+        let mut outputs = Vec::new();
+        for (c, r) in region_pes(self.region) {
+            outputs.push(self.place_pe(&mut p, &g, c, r)?);
+        }
+        Ok((p, plan, outputs))
+    }
+
+    /// Builds, runs and reads back `O` and `P`.
+    pub fn run(
+        &self,
+        config: &FabricConfig,
+        options: RunOptions,
+    ) -> Result<AttentionRun, KernelError> {
+        let g = self.checked(config)?;
+        let (program, plan, outputs) = self.build(config)?;
+        let executed = Simulator::new(program)?.run(options)?;
+        let mut out = vec![0.0; self.shape.tokens() * self.shape.features];
+        let mut probs = vec![0.0; self.shape.probs_len()];
+        for ((c, r), bufs) in region_pes(self.region).zip(outputs) {
+            let pe = self.region.pe(c, r);
+            let (cu, ru) = (c as usize, r as usize);
+            g.tiling
+                .untile(&read(&executed, pe, bufs.out), &mut out, cu, ru);
+            let tile = read(&executed, pe, bufs.probs);
+            for (value, at) in tile
+                .into_iter()
+                .zip(g.probs_indices(self.shape.heads, cu, ru))
+            {
+                probs[at] = value;
+            }
+        }
+        Ok(AttentionRun {
+            out,
+            probs,
+            plan,
+            stats: executed.stats,
+        })
+    }
+
+    /// Cycles the forward takes by the analytic formula (module doc, "Cost"); 0 for a shape
+    /// the region refuses.
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
+        let Ok(g) = geometry(KERNEL, config, self.region, &self.shape) else {
+            return 0;
+        };
+        let compute = (0..g.rows)
+            .map(|r| cost::forward_compute(config, &g, r))
+            .max()
+            .unwrap_or(0);
+        cost::gather(config, &g) + compute
+    }
+
+    /// Buffers, routes and tasks of PE (c, r).
+    fn place_pe(
+        &self,
+        p: &mut Program,
+        g: &Geometry,
+        c: u32,
+        r: u32,
+    ) -> Result<ForwardBuffers, KernelError> {
+        let pe = self.region.pe(c, r);
+        let (cu, ru) = (c as usize, r as usize);
+        let tile = |m: &[f32]| g.tiling.tile(m, cu, ru);
+        let (n, longest) = (g.n(ru), g.longest_segment(ru));
+        let q = p.alloc_f32(pe, "q", &tile(self.q))?;
+        let k = p.alloc_f32(pe, "k", &tile(self.k))?;
+        let v = p.alloc_f32(pe, "v", &tile(self.v))?;
+        let bufs = ForwardBufs {
+            q,
+            out: p.alloc_zeros(pe, "out", DType::F32, g.fc * n)?,
+            window: p.alloc_zeros(pe, "kv_window", DType::F32, 2 * g.fc * g.window_tokens(ru))?,
+            probs: p.alloc_zeros(pe, "probs", DType::F32, g.probs_len(ru))?,
+            max: p.alloc_zeros(pe, "row_max", DType::F32, longest)?,
+            sum: p.alloc_zeros(pe, "row_sum", DType::F32, longest)?,
+        };
+        GATHER.install(p, self.region, c, r)?;
+
+        let compute_id = TaskId(p.next_task_id(pe)?.0 + ARMS as u16);
+        let join = Join::place(p, pe, compute_id)?;
+        let work = g.work(ru, self.shape.scale);
+        let compute = p.local_task(pe, "attention", move |ctx| pe::forward(ctx, &work, &bufs))?;
+        debug_assert_eq!(compute, compute_id);
+        let gather = GatherBufs {
+            k,
+            v,
+            window: bufs.window,
+        };
+        let start = place_gather(p, pe, g, ru, gather, join)?;
+        p.activate(pe, start)?;
+        Ok(ForwardBuffers {
+            out: bufs.out,
+            probs: bufs.probs,
+        })
+    }
+}
+
+impl AttentionBackward<'_> {
+    fn checked(&self, config: &FabricConfig) -> Result<Geometry, KernelError> {
+        let g = geometry(BACKWARD_KERNEL, config, self.region, &self.shape)?;
+        let lengths = [
+            ("Q", self.q.len()),
+            ("K", self.k.len()),
+            ("V", self.v.len()),
+            ("dO", self.d_out.len()),
+        ];
+        let want = self.shape.tokens().saturating_mul(self.shape.features);
+        check_lengths(BACKWARD_KERNEL, &lengths, want, "tokens x features")?;
+        let probs = [("P", self.probs.len())];
+        let want = self.shape.probs_len();
+        check_lengths(
+            BACKWARD_KERNEL,
+            &probs,
+            want,
+            "batch x heads x seq_len x seq_len",
+        )?;
+        Ok(g)
+    }
+
+    /// Checks the shapes and that every PE's buffers fit its SRAM.
+    pub fn plan(&self, config: &FabricConfig) -> Result<AttentionPlan, KernelError> {
+        plan(
+            BACKWARD_KERNEL,
+            config,
+            &self.checked(config)?,
+            backward_elements,
+        )
+    }
+
+    /// The program, the plan, and each PE's output buffers (PEs row by row).
+    pub fn build(
+        &self,
+        config: &FabricConfig,
+    ) -> Result<(Program, AttentionPlan, Vec<BackwardBuffers>), KernelError> {
+        let g = self.checked(config)?;
+        let plan = plan(BACKWARD_KERNEL, config, &g, backward_elements)?;
+        let mut p = Program::new(config.clone())?;
+        let mut outputs = Vec::new();
+        for (c, r) in region_pes(self.region) {
+            outputs.push(self.place_pe(&mut p, &g, c, r)?);
+        }
+        Ok((p, plan, outputs))
+    }
+
+    /// Builds, runs and reads back `dQ`, `dK`, `dV`.
+    pub fn run(
+        &self,
+        config: &FabricConfig,
+        options: RunOptions,
+    ) -> Result<AttentionGrads, KernelError> {
+        let g = self.checked(config)?;
+        let (program, plan, outputs) = self.build(config)?;
+        let executed = Simulator::new(program)?.run(options)?;
+        let len = self.shape.tokens() * self.shape.features;
+        let (mut dq, mut dk, mut dv) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
+        for ((c, r), bufs) in region_pes(self.region).zip(outputs) {
+            let pe = self.region.pe(c, r);
+            let (cu, ru) = (c as usize, r as usize);
+            g.tiling
+                .untile(&read(&executed, pe, bufs.dq), &mut dq, cu, ru);
+            let dkv = read(&executed, pe, bufs.dkv);
+            let (k_tile, v_tile) = dkv.split_at(dkv.len() / 2);
+            g.tiling.untile(k_tile, &mut dk, cu, ru);
+            g.tiling.untile(v_tile, &mut dv, cu, ru);
+        }
+        Ok(AttentionGrads {
+            dq,
+            dk,
+            dv,
+            plan,
+            stats: executed.stats,
+        })
+    }
+
+    /// Cycles the backward takes by the analytic formula (module doc, "Cost"); 0 for a shape
+    /// the region refuses.
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
+        let Ok(g) = geometry(BACKWARD_KERNEL, config, self.region, &self.shape) else {
+            return 0;
+        };
+        let compute = (0..g.rows)
+            .map(|r| cost::backward_compute(config, &g, r))
+            .max()
+            .unwrap_or(0);
+        cost::gather(config, &g) + compute + cost::reduce(config, &g)
+    }
+
+    /// Buffers, routes and tasks of PE (c, r).
+    fn place_pe(
+        &self,
+        p: &mut Program,
+        g: &Geometry,
+        c: u32,
+        r: u32,
+    ) -> Result<BackwardBuffers, KernelError> {
+        let pe = self.region.pe(c, r);
+        let (cu, ru) = (c as usize, r as usize);
+        let tile = |m: &[f32]| g.tiling.tile(m, cu, ru);
+        let (n, longest) = (g.n(ru), g.longest_segment(ru));
+        let window_len = 2 * g.fc * g.window_tokens(ru);
+        let probs: Vec<f32> = g
+            .probs_indices(self.shape.heads, cu, ru)
+            .into_iter()
+            .map(|i| self.probs[i])
+            .collect();
+        let k = p.alloc_f32(pe, "k", &tile(self.k))?;
+        let v = p.alloc_f32(pe, "v", &tile(self.v))?;
+        let bufs = BackwardBufs {
+            q: p.alloc_f32(pe, "q", &tile(self.q))?,
+            d_out: p.alloc_f32(pe, "d_out", &tile(self.d_out))?,
+            probs: p.alloc_f32(pe, "probs", &probs)?,
+            window: p.alloc_zeros(pe, "kv_window", DType::F32, window_len)?,
+            partial: p.alloc_zeros(pe, "dkv_partial", DType::F32, window_len)?,
+            dq: p.alloc_zeros(pe, "dq", DType::F32, g.fc * n)?,
+            ds: p.alloc_zeros(pe, "ds", DType::F32, g.seq * longest)?,
+            rowsum: p.alloc_zeros(pe, "rowsum", DType::F32, longest)?,
+            tmp: p.alloc_zeros(pe, "row_tmp", DType::F32, longest)?,
+        };
+        let dkv = p.alloc_zeros(pe, "dkv", DType::F32, 2 * g.fc * n)?;
+        GATHER.install(p, self.region, c, r)?;
+        REDUCE.install(p, self.region, c, r)?;
+
+        let compute_id = TaskId(p.next_task_id(pe)?.0 + ARMS as u16);
+        let join = Join::place(p, pe, compute_id)?;
+        let work = g.work(ru, self.shape.scale);
+        let reduce = ReduceStep::new(g, ru, bufs.partial, dkv);
+        let compute = p.local_task(pe, "attention_backward", move |ctx| {
+            pe::backward(ctx, &work, &bufs);
+            reduce.issue(ctx);
+        })?;
+        debug_assert_eq!(compute, compute_id);
+        let gather = GatherBufs {
+            k,
+            v,
+            window: bufs.window,
+        };
+        let start = place_gather(p, pe, g, ru, gather, join)?;
+        p.activate(pe, start)?;
+        Ok(BackwardBuffers { dq: bufs.dq, dkv })
+    }
+}
+
+/// One PE's part of the dK/dV reduce-scatter, issued when its compute is done.
+struct ReduceStep {
+    r: usize,
+    own: VecRef,
+    result: Buf,
+    parts: Vec<Part>,
+}
+
+impl ReduceStep {
+    fn new(g: &Geometry, r: usize, partial: Buf, result: Buf) -> Self {
+        ReduceStep {
+            r,
+            own: partial.slice(g.slot(r, r), g.slot_len(r)),
+            result,
+            parts: window_parts(g, r, partial),
+        }
+    }
+
+    /// Copies the PE's own partial sums into its result and starts the collective; nothing
+    /// waits for it.
+    fn issue(&self, ctx: &mut wafersim_sim::TaskCtx<'_>) {
+        ctx.mov(self.result.all(), self.own);
+        for op in REDUCE.reduce_scatter(self.r, &self.parts, self.result.all()) {
+            op.issue(ctx, Then::Nothing);
+        }
+    }
+}

@@ -1,0 +1,464 @@
+//! Causal multi-head attention on the fabric, forward and backward, against a plain CPU
+//! computation in f64 written here.
+
+use wafersim_kernels::*;
+use wafersim_sim::{FabricConfig, RunOptions};
+
+/// A deterministic value in [-1, 1) from an index and a salt (a hash, not a RNG crate).
+fn value(i: usize, salt: u64) -> f32 {
+    let mut h =
+        (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^= h >> 31;
+    h = h.wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^= h >> 29;
+    2.0 * ((h % 1_000_003) as f32 / 1_000_003.0 - 0.5)
+}
+
+fn tensor(len: usize, salt: u64) -> Vec<f32> {
+    (0..len).map(|i| value(i, salt)).collect()
+}
+
+/// Attention computed directly from its definition, in f64.
+struct Cpu {
+    out: Vec<f64>,
+    probs: Vec<f64>,
+    dq: Vec<f64>,
+    dk: Vec<f64>,
+    dv: Vec<f64>,
+}
+
+/// `row . row'` over the features of head `h` of two `[T x F]` row-major matrices.
+fn head_dot(a: &[f32], i: usize, b: &[f32], j: usize, f: usize, h: usize, hd: usize) -> f64 {
+    (h * hd..(h + 1) * hd)
+        .map(|x| f64::from(a[i * f + x]) * f64::from(b[j * f + x]))
+        .sum()
+}
+
+fn cpu(s: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], d_out: &[f32]) -> Cpu {
+    let (seq, heads, f) = (s.seq_len, s.heads, s.features);
+    let hd = f / heads;
+    let scale = f64::from(s.scale);
+    let t = s.batch * seq;
+    let mut c = Cpu {
+        out: vec![0.0; t * f],
+        probs: vec![0.0; s.batch * heads * seq * seq],
+        dq: vec![0.0; t * f],
+        dk: vec![0.0; t * f],
+        dv: vec![0.0; t * f],
+    };
+    for b in 0..s.batch {
+        for h in 0..heads {
+            for i in 0..seq {
+                let qi = b * seq + i;
+                // Softmax over the keys j <= i; the others stay 0.
+                let scores: Vec<f64> = (0..=i)
+                    .map(|j| scale * head_dot(q, qi, k, b * seq + j, f, h, hd))
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                let total: f64 = exps.iter().sum();
+                let p: Vec<f64> = exps.iter().map(|e| e / total).collect();
+                let plane = (b * heads + h) * seq * seq + i * seq;
+                c.probs[plane..plane + i + 1].copy_from_slice(&p);
+                // dP_j = dO_i . v_j; dS_j = P_j (dP_j - sum_j P_j dP_j) scale.
+                let dp: Vec<f64> = (0..=i)
+                    .map(|j| head_dot(d_out, qi, v, b * seq + j, f, h, hd))
+                    .collect();
+                let rowsum: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for j in 0..=i {
+                    let kj = b * seq + j;
+                    let ds = p[j] * (dp[j] - rowsum) * scale;
+                    for x in h * hd..(h + 1) * hd {
+                        c.out[qi * f + x] += p[j] * f64::from(v[kj * f + x]);
+                        c.dq[qi * f + x] += ds * f64::from(k[kj * f + x]);
+                        c.dk[kj * f + x] += ds * f64::from(q[qi * f + x]);
+                        c.dv[kj * f + x] += p[j] * f64::from(d_out[qi * f + x]);
+                    }
+                }
+            }
+        }
+    }
+    c
+}
+
+/// Largest absolute error relative to the largest reference magnitude.
+fn max_rel_error(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (f64::from(*g) - w).abs() / scale)
+        .fold(0.0, f64::max)
+}
+
+/// SRAM of the fullest PE of the region, as the simulator counted it.
+fn fullest_pe(stats: &wafersim_sim::Stats) -> u64 {
+    stats.pes.iter().map(|(_, s)| s.sram_bytes).max().unwrap()
+}
+
+fn within(name: &str, estimate: u64, exact: u64) {
+    let ratio = estimate as f64 / exact as f64;
+    eprintln!("{name}: estimate {estimate} exact {exact} cycles (ratio {ratio:.3})");
+    assert!(
+        (0.75..=1.25).contains(&ratio),
+        "{name}: estimate {estimate} vs exact {exact}"
+    );
+}
+
+/// Runs forward then backward (fed the forward's probabilities) and checks both.
+fn check(batch: usize, seq: usize, heads: usize, f: usize, cols: u32, rows: u32, scale: f32) {
+    let shape = AttentionShape {
+        batch,
+        seq_len: seq,
+        heads,
+        features: f,
+        scale,
+    };
+    let t = batch * seq;
+    let (q, k, v, d_out) = (
+        tensor(t * f, 1),
+        tensor(t * f, 2),
+        tensor(t * f, 3),
+        tensor(t * f, 4),
+    );
+    let name = format!("B {batch} S {seq} heads {heads} F {f} on {cols}x{rows}");
+    let config = FabricConfig::rectangle(cols, rows).unwrap();
+    let region = Region::at_origin(cols, rows);
+    let want = cpu(&shape, &q, &k, &v, &d_out);
+    // One S x S x hd product per (sequence, head): B heads S^2 hd multiply-adds.
+    let product = (batch * heads * seq * seq * (f / heads)) as u64;
+
+    let forward = Attention {
+        region,
+        shape,
+        q: &q,
+        k: &k,
+        v: &v,
+    };
+    let fwd = forward.run(&config, RunOptions::default()).unwrap();
+    for (what, got, want) in [("O", &fwd.out, &want.out), ("P", &fwd.probs, &want.probs)] {
+        let err = max_rel_error(got, want);
+        eprintln!("{name}: {what} relative error {err:.1e}");
+        assert!(err < 1e-5, "{name}: {what} error {err}");
+    }
+    assert_eq!(fwd.stats.total.fmacs, 2 * product, "{name}: forward FMACs");
+    assert_eq!(fwd.plan.sram_bytes, fullest_pe(&fwd.stats), "{name}");
+    within(
+        &format!("{name} forward"),
+        forward.estimate_cycles(&config),
+        fwd.stats.cycles,
+    );
+
+    let backward = AttentionBackward {
+        region,
+        shape,
+        q: &q,
+        k: &k,
+        v: &v,
+        d_out: &d_out,
+        probs: &fwd.probs,
+    };
+    let bwd = backward.run(&config, RunOptions::default()).unwrap();
+    for (what, got, want) in [
+        ("dQ", &bwd.dq, &want.dq),
+        ("dK", &bwd.dk, &want.dk),
+        ("dV", &bwd.dv, &want.dv),
+    ] {
+        let err = max_rel_error(got, want);
+        eprintln!("{name}: {what} relative error {err:.1e}");
+        assert!(err < 1e-5, "{name}: {what} error {err}");
+    }
+    assert_eq!(bwd.stats.total.fmacs, 4 * product, "{name}: backward FMACs");
+    assert_eq!(bwd.plan.sram_bytes, fullest_pe(&bwd.stats), "{name}");
+    within(
+        &format!("{name} backward"),
+        backward.estimate_cycles(&config),
+        bwd.stats.cycles,
+    );
+}
+
+#[test]
+fn one_pe_one_head() {
+    check(1, 4, 1, 4, 1, 1, 0.5);
+}
+
+#[test]
+fn two_by_two_one_head_per_column() {
+    check(1, 8, 2, 16, 2, 2, 1.0 / 8f32.sqrt());
+}
+
+#[test]
+fn two_columns_four_rows_two_sequences() {
+    // 12 tokens over 4 rows (3 each); sequences of 6 span two rows each.
+    check(2, 6, 4, 32, 2, 4, 1.0);
+    // 18 tokens over 4 rows (5, 5, 4, 4): row 1 holds tokens of both sequences; rows 0 and 3
+    // pass the far rows' K and V through their scratch.
+    check(2, 9, 2, 16, 2, 4, 1.0 / 8f32.sqrt());
+    // 32 tokens, 16 per sequence, 8 per row.
+    check(2, 16, 2, 32, 2, 4, 0.25);
+}
+
+#[test]
+fn rows_that_do_not_divide_the_tokens() {
+    // 14 tokens over 3 rows (5, 5, 4): sequence 0 is rows 0-1, sequence 1 rows 1-2.
+    check(2, 7, 2, 8, 1, 3, 0.5);
+    // 16 tokens over 3 rows (6, 5, 5), three heads of 8.
+    check(1, 16, 3, 24, 1, 3, 1.0 / 8f32.sqrt());
+    // 10 tokens over 3 rows (4, 3, 3), two heads of 6 on two columns.
+    check(2, 5, 2, 12, 2, 3, 1.0);
+}
+
+#[test]
+fn four_columns_one_head_each() {
+    check(2, 16, 4, 32, 4, 2, 1.0 / 8f32.sqrt());
+}
+
+#[test]
+fn probabilities_are_causal_and_sum_to_one() {
+    // B = 1, S = 3, one head of 2 on one PE, with Q = K = V = 0: every allowed score is 0, so
+    // query i spreads 1 / (i + 1) over keys 0..=i and nothing over later keys.
+    let shape = AttentionShape {
+        batch: 1,
+        seq_len: 3,
+        heads: 1,
+        features: 2,
+        scale: 1.0,
+    };
+    let zeros = vec![0.0; 6];
+    let run = Attention {
+        region: Region::at_origin(1, 1),
+        shape,
+        q: &zeros,
+        k: &zeros,
+        v: &zeros,
+    }
+    .run(
+        &FabricConfig::rectangle(1, 1).unwrap(),
+        RunOptions::default(),
+    )
+    .unwrap();
+    let third = 1.0 / 3.0;
+    let want = [1.0, 0.0, 0.0, 0.5, 0.5, 0.0, third, third, third];
+    for (got, want) in run.probs.iter().zip(want) {
+        assert!((got - want).abs() < 1e-7, "{:?}", run.probs);
+    }
+    assert_eq!(run.out, zeros);
+}
+
+#[test]
+fn columns_that_split_a_head_are_refused() {
+    let data = vec![0.0; 8 * 12];
+    let config = FabricConfig::rectangle(4, 4).unwrap();
+    let attention = |cols: u32, heads: usize, features: usize| Attention {
+        region: Region::at_origin(cols, 2),
+        shape: AttentionShape {
+            batch: 2,
+            seq_len: 4,
+            heads,
+            features,
+            scale: 1.0,
+        },
+        q: &data,
+        k: &data,
+        v: &data,
+    };
+    let err = attention(2, 3, 12).plan(&config).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "attention: the region's 2 columns do not divide the 3 heads (every PE column must \
+         hold whole heads)"
+    );
+    let err = attention(1, 5, 12).plan(&config).unwrap_err().to_string();
+    assert_eq!(err, "attention: 12 features do not split into 5 heads");
+    let err = attention(4, 4, 12);
+    let short = AttentionBackward {
+        region: err.region,
+        shape: err.shape,
+        q: &data,
+        k: &data,
+        v: &data,
+        d_out: &data,
+        probs: &data,
+    };
+    let err = short.plan(&config).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "attention_backward: P has 96 values, expected 128 (batch x heads x seq_len x seq_len)"
+    );
+}
+
+#[test]
+fn a_sequence_too_long_for_the_window_is_refused_with_the_bytes() {
+    // S = 128, one head of 64 features, one column of 8 rows: each PE holds 16 tokens.
+    // Q, K, V, O tiles: 4 x 16 x 64 = 4,096 elements; K/V window: the whole sequence,
+    // 2 x 64 x 128 = 16,384; probabilities 16 x 128 = 2,048; softmax rows 2 x 16 = 32; join 1.
+    // 22,561 elements = 90,244 bytes > 49,152.
+    let data = vec![0.0; 128 * 64];
+    let attention = Attention {
+        region: Region::at_origin(1, 8),
+        shape: AttentionShape {
+            batch: 1,
+            seq_len: 128,
+            heads: 1,
+            features: 64,
+            scale: 0.125,
+        },
+        q: &data,
+        k: &data,
+        v: &data,
+    };
+    let err = attention
+        .plan(&FabricConfig::rectangle(1, 8).unwrap())
+        .unwrap_err();
+    match err {
+        KernelError::DoesNotFit {
+            needed, available, ..
+        } => assert_eq!((needed, available), (90_244, 49_152)),
+        other => panic!("expected DoesNotFit, got {other}"),
+    }
+}
+
+#[test]
+fn tall_regions_of_eight_and_sixteen_rows() {
+    check(4, 16, 1, 32, 1, 8, 0.2);
+    check(8, 8, 2, 16, 2, 16, 0.3);
+    check(1, 16, 4, 32, 4, 16, 0.3);
+}
+
+#[test]
+fn each_pe_receives_only_the_keys_of_its_own_sequences() {
+    // B = 2, S = 16, 2 heads of 16 on 2 x 4 PEs: 8 tokens per row, sequence 0 on rows 0-1 and
+    // sequence 1 on rows 2-3, 16 features per column. Each PE's window is its sequence's two
+    // rows, so the gather brings it the other row's K and V: 2 x 16 x 8 = 256 wavelets, not the
+    // 3 x 256 of the whole column. The backward gathers them again and takes in 256 partial
+    // dK/dV sums for its own keys.
+    let (b, s, heads, f) = (2, 16, 2, 32);
+    let shape = AttentionShape {
+        batch: b,
+        seq_len: s,
+        heads,
+        features: f,
+        scale: 0.25,
+    };
+    let (q, k, v, d_out) = (
+        tensor(b * s * f, 1),
+        tensor(b * s * f, 2),
+        tensor(b * s * f, 3),
+        tensor(b * s * f, 4),
+    );
+    let region = Region::at_origin(2, 4);
+    let config = FabricConfig::rectangle(2, 4).unwrap();
+    let fwd = Attention {
+        region,
+        shape,
+        q: &q,
+        k: &k,
+        v: &v,
+    }
+    .run(&config, RunOptions::default())
+    .unwrap();
+    assert_eq!(fwd.plan.windows, vec![0..2, 0..2, 2..4, 2..4]);
+    let bwd = AttentionBackward {
+        region,
+        shape,
+        q: &q,
+        k: &k,
+        v: &v,
+        d_out: &d_out,
+        probs: &fwd.probs,
+    }
+    .run(&config, RunOptions::default())
+    .unwrap();
+    for (pe, stats) in &fwd.stats.pes {
+        assert_eq!(stats.wavelets_received, 256, "forward, PE {pe}");
+    }
+    for (pe, stats) in &bwd.stats.pes {
+        assert_eq!(stats.wavelets_received, 512, "backward, PE {pe}");
+    }
+}
+
+#[test]
+fn the_estimate_of_a_wafer_scale_shape_is_quick_and_dominated_by_compute() {
+    // S = 2048, 16 heads of 64 on 16 x 512 PEs (4 tokens per row, one head per column): the
+    // shape does not fit, but the formula still answers. The FMAC-bound part per PE: 2 products
+    // x S x hd pairs x (load + fmac issue + 4 tokens) = 2 x 2048 x 64 x 6 = 1,572,864 cycles;
+    // the total must exceed it.
+    let shape = AttentionShape {
+        batch: 1,
+        seq_len: 2048,
+        heads: 16,
+        features: 1024,
+        scale: 0.125,
+    };
+    let data = vec![0.0; 2048 * 1024];
+    let attention = Attention {
+        region: Region::at_origin(16, 512),
+        shape,
+        q: &data,
+        k: &data,
+        v: &data,
+    };
+    let config = FabricConfig::wse2();
+    let estimate = attention.estimate_cycles(&config);
+    eprintln!("S 2048, 16 heads of 64, 16 x 512 PEs: estimate {estimate} cycles");
+    assert!(estimate > 1_572_864, "{estimate}");
+    // Every PE: Q, K, V, O tiles 4 x 4 x 64 = 1,024 elements; the window is the whole
+    // sequence, 2 x 64 x 2048 = 262,144; probabilities 4 x 2048 = 8,192; softmax rows 8; join 1:
+    // 271,369 elements = 1,085,476 bytes.
+    match attention.plan(&config) {
+        Err(KernelError::DoesNotFit { needed, .. }) => assert_eq!(needed, 1_085_476),
+        other => panic!("expected DoesNotFit, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_longest_sequence_that_fits_one_head_of_64_per_column() {
+    // One token per row (B = 1, S rows), one head of 64 features: a PE holds Q, K, V, O
+    // (4 x 64), the window of the whole sequence (2 x 64 x S), probabilities (S), two softmax
+    // rows and the join counter: 4 (259 + 129 S) bytes, which fits 49,152 up to S = 93. The
+    // backward holds Q, K, V, dO, dQ, dK, dV (7 x 64), probabilities (S), window and partials
+    // (4 x 64 x S), dS (S), two rows and the counter: 4 (451 + 258 S) bytes, up to S = 45.
+    let plan = |seq: usize, backward: bool| {
+        let data = vec![0.0; seq * 64];
+        let probs = vec![0.0; seq * seq];
+        let region = Region::at_origin(1, seq as u32);
+        let shape = AttentionShape {
+            batch: 1,
+            seq_len: seq,
+            heads: 1,
+            features: 64,
+            scale: 0.125,
+        };
+        let config = FabricConfig::rectangle(1, seq as u32).unwrap();
+        let result = if backward {
+            AttentionBackward {
+                region,
+                shape,
+                q: &data,
+                k: &data,
+                v: &data,
+                d_out: &data,
+                probs: &probs,
+            }
+            .plan(&config)
+        } else {
+            Attention {
+                region,
+                shape,
+                q: &data,
+                k: &data,
+                v: &data,
+            }
+            .plan(&config)
+        };
+        match result {
+            Ok(plan) => Ok(plan.sram_bytes),
+            Err(KernelError::DoesNotFit { needed, .. }) => Err(needed),
+            Err(other) => panic!("S {seq}: {other}"),
+        }
+    };
+    assert_eq!(plan(93, false), Ok(4 * (259 + 129 * 93)));
+    assert_eq!(plan(94, false), Err(4 * (259 + 129 * 94)));
+    assert_eq!(plan(45, true), Ok(4 * (451 + 258 * 45)));
+    assert_eq!(plan(46, true), Err(4 * (451 + 258 * 46)));
+}
