@@ -94,7 +94,7 @@ fn choose_region(
     let max_cols = (fabric.width as usize).min(config.n_embd);
     let cols = (1..=config.n_head.min(max_cols))
         .rev()
-        .find(|c| config.n_head % c == 0);
+        .find(|c| config.n_head.is_multiple_of(*c));
     let Some(cols) = cols else {
         return Err(CompileError::NoRegion {
             reason: "the fabric has no column".into(),
