@@ -152,6 +152,8 @@ struct Pe {
     busy_until: u64,
     /// Cycle of the last wavelet the core put on its ramp.
     last_ramp_push: Option<u64>,
+    /// The asynchronous operation that gets the first chance at the ramp next cycle.
+    ramp_next: usize,
     /// Last cycle each component (four injectors, router, core) was woken, to drop duplicate
     /// wakes.
     woken: [u64; 6],
@@ -302,6 +304,7 @@ impl Simulator {
                 ops: Vec::new(),
                 busy_until: 0,
                 last_ramp_push: None,
+                ramp_next: 0,
                 woken: [u64::MAX; 6],
                 stats,
             });
@@ -749,7 +752,10 @@ impl Run {
         let mut again = false;
         let mut finished = Vec::new();
         let count = self.sim.pes[slot as usize].ops.len();
-        for i in 0..count {
+        // Operations compete for the ramp round-robin, from the one after the last to use it.
+        let first = self.sim.pes[slot as usize].ramp_next % count.max(1);
+        for j in 0..count {
+            let i = (first + j) % count;
             let pe = &self.sim.pes[slot as usize];
             let op = &pe.ops[i];
             if op.next_at > t {
@@ -781,6 +787,7 @@ impl Run {
                 again = true;
             }
         }
+        finished.sort_unstable();
         for &i in finished.iter().rev() {
             let op = self.sim.pes[slot as usize].ops.remove(i);
             self.complete(slot, op, t);
@@ -872,6 +879,7 @@ impl Run {
         op.next_at = t + 1;
         if let (Some(w), Some(q)) = (outgoing, op.out_queue) {
             pe.last_ramp_push = Some(t);
+            pe.ramp_next = i + 1;
             pe.stats.wavelets_sent += 1;
             self.deliver(q, w, t, ramp);
         }
