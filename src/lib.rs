@@ -16,3 +16,4 @@ pub mod model;
 pub mod reference;
 pub mod runtime;
 pub mod sparsity;
+pub mod sweep;

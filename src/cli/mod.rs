@@ -14,6 +14,7 @@ mod init;
 mod inspect;
 mod presets;
 mod step;
+mod sweep;
 
 /// Simulate sparse training on a wafer-scale dataflow accelerator.
 #[derive(Parser)]
@@ -33,6 +34,8 @@ enum Command {
     Gemm(gemm::Args),
     /// Run one training step of a GPT on the simulated fabric.
     Step(step::Args),
+    /// Training steps at several sparsities: FLOP and cycle reductions (the quick start).
+    Sweep(sweep::Args),
     /// Write a freshly initialised Hugging Face GPT-2 checkpoint folder.
     Init(init::Args),
     /// Show a checkpoint's shape, parameter counts and the sparsity of its matrices.
@@ -92,6 +95,7 @@ pub fn main() -> ExitCode {
         Command::Flops(args) => flops::run(args),
         Command::Gemm(args) => gemm::run(args),
         Command::Step(args) => step::run(args),
+        Command::Sweep(args) => sweep::run(args),
         Command::Init(args) => init::run(args),
         Command::Inspect(args) => inspect::run(args),
     };

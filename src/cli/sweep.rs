@@ -1,0 +1,179 @@
+//! `wafersim sweep`: training steps of one model at several sparsities on the fabric, with the
+//! FLOP and cycle reductions against the dense step. With no arguments it runs the quick start:
+//! the tiny model at 0, 0.5, 0.75 and 0.9 on a 16 x 16 fabric.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+use super::{bad_input, load_fabric, write_json};
+use crate::model::{GptConfig, init_params, load_checkpoint};
+use crate::reference::Batch;
+use crate::sweep::{Sweep, SweepSetup, run_sweep};
+
+/// Arguments of `wafersim sweep`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A built-in model preset, initialised from --seed.
+    #[arg(
+        long,
+        value_name = "PRESET",
+        default_value = "tiny",
+        conflicts_with = "checkpoint"
+    )]
+    model: String,
+    /// A Hugging Face GPT-2 checkpoint folder instead of a preset.
+    #[arg(long, value_name = "DIR")]
+    checkpoint: Option<PathBuf>,
+    /// Comma-separated sparsities, each in [0, 1).
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "0,0.5,0.75,0.9",
+        allow_hyphen_values = true
+    )]
+    sparsity: String,
+    /// The machine: wse2, wse3, WxH, or a .toml/.json file.
+    #[arg(long, value_name = "FABRIC", default_value = "16x16")]
+    fabric: String,
+    /// Sequences of random tokens (from --seed).
+    #[arg(long, value_name = "B", default_value_t = 2)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, value_name = "S", default_value_t = 32)]
+    seq: usize,
+    /// Storage precision of activations and streamed weights in the matmuls.
+    #[arg(long, value_enum, default_value = "fp32")]
+    dtype: super::gemm::DtypeArg,
+    /// Seed of the weights, masks and tokens.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write sweep.csv and sweep.json (schema wafersim.sweep/v1) into this folder.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let fabric = load_fabric(&args.fabric)?;
+    let sparsities = parse_list(&args.sparsity)?;
+    let (config, params) = match &args.checkpoint {
+        Some(dir) => load_checkpoint(dir).map_err(|e| bad_input("--checkpoint", e))?,
+        None => {
+            let config = GptConfig::preset(&args.model).map_err(|e| bad_input("--model", e))?;
+            let params = init_params(&config, args.seed);
+            (config, params)
+        }
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    rng.set_stream(u64::MAX);
+    let tokens = (0..args.batch * args.seq)
+        .map(|_| rng.random_range(0..config.vocab_size as u32))
+        .collect();
+    let batch = Batch::new(&config, args.batch, args.seq, tokens)
+        .map_err(|e| bad_input("--batch/--seq", e))?;
+    if let Some(dir) = &args.out
+        && !dir.is_dir()
+    {
+        std::fs::create_dir(dir).map_err(|e| bad_input(format!("--out {}", dir.display()), e))?;
+    }
+    let setup = SweepSetup {
+        config: &config,
+        params: &params,
+        batch: &batch,
+        fabric: &fabric,
+        precision: args.dtype.precision(),
+        seed: args.seed,
+    };
+    let started = Instant::now();
+    let sweep = run_sweep(&setup, &sparsities).map_err(|e| match e {
+        crate::sweep::SweepError::Compile(e @ crate::compile::CompileError::NoRegion { .. }) => {
+            bad_input("--fabric", e)
+        }
+        e => anyhow::Error::new(e),
+    })?;
+    print_table(&sweep, &config, &fabric, started.elapsed().as_secs_f64());
+    if let Some(dir) = &args.out {
+        write_outputs(dir, &sweep)?;
+    }
+    Ok(())
+}
+
+fn parse_list(text: &str) -> anyhow::Result<Vec<f64>> {
+    text.split(',')
+        .map(|item| crate::sparsity::parse_sparsity(item).map_err(|e| bad_input("--sparsity", e)))
+        .collect()
+}
+
+fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricConfig, wall: f64) {
+    let p = &sweep.plan;
+    println!(
+        "training step of a {} x {} GPT, batch {} x {} tokens, on {} ({} x {} PEs at {} MHz), region {} x {}",
+        config.n_layer,
+        config.n_embd,
+        p.batch,
+        p.seq,
+        fabric.name,
+        fabric.width,
+        fabric.height,
+        fabric.clock_mhz,
+        p.region.cols,
+        p.region.rows
+    );
+    println!(
+        "\n{:>8} {:>10} {:>14} {:>9} {:>12} {:>9} {:>10} {:>9}",
+        "sparsity", "loss", "matmul FLOPs", "FLOP red", "cycles", "cycle red", "time (us)", "ideal"
+    );
+    for point in &sweep.points {
+        println!(
+            "{:>8.3} {:>10.5} {:>14} {:>8.3}x {:>12} {:>8.3}x {:>10.1} {:>8.3}x",
+            point.sparsity,
+            point.loss,
+            point.flops,
+            sweep.flop_reduction(point),
+            point.cost.cycles(),
+            sweep.cycle_reduction(point),
+            point.cost.cycles() as f64 / f64::from(fabric.clock_mhz),
+            1.0 / (1.0 - point.sparsity)
+        );
+    }
+    eprintln!("\n(simulated in {wall:.1} s)");
+}
+
+fn write_outputs(dir: &std::path::Path, sweep: &Sweep) -> anyhow::Result<()> {
+    let mut csv = String::from(
+        "sparsity,loss,matmul_flops,flop_reduction,cycles,dense_cycles,cycle_reduction\n",
+    );
+    let mut runs = Vec::new();
+    for point in &sweep.points {
+        let (fr, cr) = (sweep.flop_reduction(point), sweep.cycle_reduction(point));
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{}\n",
+            point.sparsity,
+            point.loss,
+            point.flops,
+            fr,
+            point.cost.cycles(),
+            sweep.dense.cost.cycles(),
+            cr
+        ));
+        runs.push(json!({
+            "sparsity": point.sparsity, "loss": point.loss, "matmul_flops": point.flops,
+            "flop_reduction": fr, "cycles": point.cost.cycles(), "dense_cycles": sweep.dense.cost.cycles(),
+            "cycle_reduction": cr,
+        }));
+    }
+    crate::model::checkpoint::write_file_atomic(&dir.join("sweep.csv"), csv.as_bytes())
+        .context("writing sweep.csv")?;
+    let p = &sweep.plan;
+    let value = json!({
+        "schema": "wafersim.sweep/v1",
+        "units": { "cycles": "fabric clock cycles", "matmul_flops": "floating-point operations of one training step (1 FMAC = 2)" },
+        "batch": p.batch, "seq": p.seq, "region": { "cols": p.region.cols, "rows": p.region.rows },
+        "runs": runs,
+    });
+    write_json(&dir.join("sweep.json"), &value)
+}
