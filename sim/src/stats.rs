@@ -37,6 +37,11 @@ pub struct PeStats {
 }
 
 impl PeStats {
+    /// Cycles of a run of `cycles` the core spent without a task.
+    pub fn idle_cycles(&self, cycles: u64) -> u64 {
+        cycles.saturating_sub(self.busy_cycles)
+    }
+
     /// Adds `other` into `self` (the queue high-water mark takes the maximum).
     pub fn accumulate(&mut self, other: &PeStats) {
         self.busy_cycles += other.busy_cycles;

@@ -124,12 +124,12 @@ fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricC
         p.region.rows
     );
     println!(
-        "\n{:>8} {:>10} {:>14} {:>9} {:>12} {:>9} {:>10} {:>9}",
+        "\n{:>8} {:>10} {:>14} {:>9} {:>12} {:>9} {:>10} {:>9}  largest part of the gap to the ideal",
         "sparsity", "loss", "matmul FLOPs", "FLOP red", "cycles", "cycle red", "time (us)", "ideal"
     );
     for point in &sweep.points {
         println!(
-            "{:>8.3} {:>10.5} {:>14} {:>8.3}x {:>12} {:>8.3}x {:>10.1} {:>8.3}x",
+            "{:>8.3} {:>10.5} {:>14} {:>8.3}x {:>12} {:>8.3}x {:>10.1} {:>8.3}x  {}",
             point.sparsity,
             point.loss,
             point.flops,
@@ -137,10 +137,30 @@ fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricC
             point.cost.cycles(),
             sweep.cycle_reduction(point),
             point.cost.cycles() as f64 / f64::from(fabric.clock_mhz),
-            1.0 / (1.0 - point.sparsity)
+            1.0 / (1.0 - point.sparsity),
+            largest_gap(sweep, point)
         );
     }
     eprintln!("\n(simulated in {wall:.1} s)");
+}
+
+/// The part of the cycles beyond `dense / (1 - s)` that is largest, with its share of the step.
+fn largest_gap(sweep: &Sweep, point: &crate::sweep::SweepPoint) -> String {
+    if point.sparsity == 0.0 {
+        return String::new();
+    }
+    let mut cost = point.cost.clone();
+    // Time this step's sparse kernels against the dense step's same kernels.
+    for (r, d) in cost.records.iter_mut().zip(&sweep.dense.cost.records) {
+        r.dense_cycles = d.cycles;
+    }
+    match cost.gap(1.0 - point.sparsity).first() {
+        Some(&(name, excess)) => format!(
+            "{name} ({:.0}%)",
+            100.0 * excess as f64 / point.cost.cycles() as f64
+        ),
+        None => String::new(),
+    }
 }
 
 fn write_outputs(dir: &std::path::Path, sweep: &Sweep) -> anyhow::Result<()> {
