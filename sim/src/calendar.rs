@@ -1,10 +1,14 @@
 //! The engine's event queue: a calendar of wakes, one bucket per cycle over a sliding window,
 //! with a heap for wakes beyond the window.
 //!
-//! Every wake the engine schedules is at least one cycle in the future (all latencies and task
-//! costs are at least one cycle), so the engine can take a whole cycle's bucket at once. Within a
-//! cycle the order does not matter (see the engine's determinism note), so buckets keep push
-//! order and may hold duplicates, which the engine drops: O(1) per wake.
+//! Every wake the engine schedules is at least one cycle after the cycle being processed (all
+//! latencies and task costs are at least one cycle), so the engine takes a whole cycle's bucket
+//! at once. Within a cycle the order does not matter (see the engine's determinism note), so
+//! buckets keep push order and may hold duplicates, which the engine drops: O(1) per wake.
+//!
+//! A region stepped in parallel with others may have nothing to do at the cycle all regions are
+//! at; its calendar then only learns that no wake will come before the next cycle
+//! ([`Calendar::advance`]), and wakes that other regions send it land at that cycle or later.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -13,64 +17,82 @@ use std::collections::BinaryHeap;
 const WINDOW: u64 = 1 << 12;
 
 pub(crate) struct Calendar {
-    buckets: Vec<Vec<u64>>,
-    /// The first cycle not yet taken.
-    now: u64,
-    /// Wakes held in buckets.
+    buckets: Vec<Vec<u32>>,
+    /// No wake is pushed before this cycle: the first cycle not yet taken.
+    floor: u64,
+    /// No bucket before this cycle (and at or after `floor`) holds a wake.
+    cursor: u64,
+    /// Wakes held in buckets (all in `floor .. floor + WINDOW`).
     near: usize,
-    /// Wakes at or beyond `now + WINDOW`.
-    far: BinaryHeap<Reverse<(u64, u64)>>,
+    /// Wakes at or beyond `floor + WINDOW`.
+    far: BinaryHeap<Reverse<(u64, u32)>>,
 }
 
 impl Calendar {
     pub fn new() -> Self {
         Calendar {
             buckets: vec![Vec::new(); WINDOW as usize],
-            now: 0,
+            floor: 0,
+            cursor: 0,
             near: 0,
             far: BinaryHeap::new(),
         }
     }
 
     /// Schedules component `c` at cycle `at` (not before the first cycle not yet taken).
-    pub fn push(&mut self, at: u64, c: u64) {
+    pub fn push(&mut self, at: u64, c: u32) {
         debug_assert!(
-            at >= self.now,
-            "wake at {at} is in the past (now {})",
-            self.now
+            at >= self.floor,
+            "wake at {at} is in the past (floor {})",
+            self.floor
         );
-        if at < self.now + WINDOW {
+        if at < self.floor + WINDOW {
             self.buckets[(at % WINDOW) as usize].push(c);
             self.near += 1;
+            self.cursor = self.cursor.min(at);
         } else {
             self.far.push(Reverse((at, c)));
         }
     }
 
-    /// The next cycle with wakes, its components (in push order, with any duplicates) moved into
-    /// `out` (which must be empty), or `None` when nothing is scheduled.
-    pub fn pop_cycle(&mut self, out: &mut Vec<u64>) -> Option<u64> {
-        debug_assert!(out.is_empty());
+    /// The earliest cycle with wakes, or `None` when nothing is scheduled.
+    pub fn next_cycle(&mut self) -> Option<u64> {
         if self.near == 0 {
-            let Reverse((at, _)) = *self.far.peek()?;
-            self.now = at;
+            return self.far.peek().map(|Reverse((at, _))| *at);
         }
+        while self.buckets[(self.cursor % WINDOW) as usize].is_empty() {
+            self.cursor += 1;
+        }
+        Some(self.cursor)
+    }
+
+    /// Declares that no wake remains or will be pushed before `cycle`.
+    pub fn advance(&mut self, cycle: u64) {
+        if cycle <= self.floor {
+            return;
+        }
+        debug_assert!(self.next_cycle().is_none_or(|t| t >= cycle));
+        self.floor = cycle;
+        self.cursor = self.cursor.max(cycle);
         while let Some(&Reverse((at, c))) = self.far.peek() {
-            if at >= self.now + WINDOW {
+            if at >= self.floor + WINDOW {
                 break;
             }
             self.far.pop();
             self.buckets[(at % WINDOW) as usize].push(c);
             self.near += 1;
+            self.cursor = self.cursor.min(at);
         }
-        while self.buckets[(self.now % WINDOW) as usize].is_empty() {
-            self.now += 1;
-        }
-        let t = self.now;
+    }
+
+    /// Moves the wakes of cycle `t` (the value of [`Calendar::next_cycle`]) into `out` (which
+    /// must be empty), in push order with any duplicates.
+    pub fn take(&mut self, t: u64, out: &mut Vec<u32>) {
+        debug_assert!(out.is_empty());
+        self.advance(t);
         std::mem::swap(&mut self.buckets[(t % WINDOW) as usize], out);
         self.near -= out.len();
-        self.now += 1;
-        Some(t)
+        self.advance(t + 1);
     }
 }
 
@@ -78,10 +100,11 @@ impl Calendar {
 mod tests {
     use super::*;
 
-    fn drain(cal: &mut Calendar) -> Vec<(u64, u64)> {
+    fn drain(cal: &mut Calendar) -> Vec<(u64, u32)> {
         let mut got = Vec::new();
         let mut batch = Vec::new();
-        while let Some(t) = cal.pop_cycle(&mut batch) {
+        while let Some(t) = cal.next_cycle() {
+            cal.take(t, &mut batch);
             got.extend(batch.drain(..).map(|c| (t, c)));
         }
         got
@@ -121,10 +144,11 @@ mod tests {
         cal.push(1, 1);
         let mut batch = Vec::new();
         let mut seen = Vec::new();
-        while let Some(t) = cal.pop_cycle(&mut batch) {
+        while let Some(t) = cal.next_cycle() {
+            cal.take(t, &mut batch);
             for c in batch.drain(..) {
                 seen.push((t, c));
-                if t < 3 * WINDOW {
+                if t < 3 * u64::from(WINDOW as u32) {
                     cal.push(t + WINDOW - 1, c + 1); // just inside the window
                     cal.push(t + 2 * WINDOW, 100 + c); // far away
                 }
@@ -135,5 +159,21 @@ mod tests {
             "cycles never go back"
         );
         assert!(seen.len() > 4);
+    }
+
+    #[test]
+    fn an_idle_region_advances_and_still_takes_later_wakes_in_order() {
+        // A region with a wake far ahead is told, cycle after cycle, that nothing comes before
+        // the next cycle; wakes pushed meanwhile (as other regions send them) come out first.
+        let mut cal = Calendar::new();
+        cal.push(WINDOW * 2 + 5, 7);
+        for t in 0..10 {
+            assert_eq!(cal.next_cycle(), Some(WINDOW * 2 + 5));
+            cal.advance(t + 1);
+        }
+        cal.push(12, 3);
+        cal.push(11, 4);
+        assert_eq!(cal.next_cycle(), Some(11));
+        assert_eq!(drain(&mut cal), vec![(11, 4), (12, 3), (WINDOW * 2 + 5, 7)]);
     }
 }

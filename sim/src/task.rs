@@ -60,6 +60,8 @@ pub(crate) struct AsyncOp {
     pub start_at: u64,
     /// Earliest cycle of the next element (one per cycle).
     pub next_at: u64,
+    /// First cycle of the current wait for room in the router's buffer, if waiting.
+    pub stalled_since: Option<u64>,
     pub then: Then,
     pub issued_by: &'static str,
 }
@@ -510,6 +512,7 @@ impl TaskCtx<'_> {
             len,
             start_at,
             next_at: start_at,
+            stalled_since: None,
             then,
             issued_by: self.name,
         });

@@ -1,0 +1,1034 @@
+//! One region's share of a run: its PEs (routers, cores, SRAM), the router buffers and core
+//! queues they own, the host streams and sinks at their edges, its calendar of wakes, and the
+//! messages it sends to the regions next to it.
+//!
+//! A single-threaded run is one shard holding every PE. A parallel run splits the fabric into
+//! rectangular regions ([`crate::region`]), one shard each, stepped cycle by cycle in lockstep
+//! ([`crate::parallel`]). What is NOT here: deciding regions, threads and synchronisation.
+//!
+//! Key design decision: a shard never touches another shard's state. The only interactions that
+//! cross a region boundary are router-to-router links, and both directions have at least one
+//! cycle of latency: a wavelet pushed at `t` is visible from `t + hop_latency`, room freed by a
+//! pop at `t` is visible from `t + 1`. So a push into a neighbour region's buffer becomes a
+//! [`Msg::Push`] and a pop from a buffer fed by a neighbour region becomes a [`Msg::Credit`], both
+//! applied between cycles. A producer reads the room of such a buffer from its own
+//! [`Remote`] counter (wavelets sent minus credits received), which holds exactly what the
+//! buffer's owner would report at the start of the cycle.
+//!
+//! Wakes are precise: a consumer wakes its producer after a pop only when that producer found no
+//! room (`producer_waiting`), so a wake that could change nothing is never scheduled. Whether it
+//! is scheduled does not depend on the order of a cycle's components (see `note_no_room`).
+//!
+//! Memory: every queue is a ring of `queue_depth` slots in one arena per shard; routes and router
+//! buffer lists are arenas too, so a PE costs a few hundred bytes plus the SRAM its program
+//! allocated.
+
+use crate::calendar::Calendar;
+use crate::config::FabricConfig;
+use crate::error::{RunError, SimError, Stuck};
+use crate::geometry::{Coord, Port, PortSet};
+use crate::memory::{DType, Sram, VecRef};
+use crate::program::{TaskBody, Then, Trigger};
+use crate::stats::PeStats;
+use crate::task::{AsyncKind, AsyncOp, CoreLinks, RecvMode, TaskCtx, TaskFlags};
+use crate::trace::{TraceEvent, TraceWindow};
+use crate::wavelet::{Color, Wavelet};
+
+pub(crate) const NONE: u32 = u32::MAX;
+/// A route destination that is a sink: `SINK_BIT | sink index in the shard`.
+pub(crate) const SINK_BIT: u32 = 1 << 31;
+/// A route destination in another shard: `REMOTE_BIT | index in the shard's remotes`.
+pub(crate) const REMOTE_BIT: u32 = 1 << 30;
+/// Component kinds within a PE: injectors on the four edge ports (0..4), the router, the core.
+pub(crate) const ROUTER: u32 = 4;
+pub(crate) const CORE: u32 = 5;
+const KIND_BITS: u32 = 3;
+const KIND_MASK: u32 = (1 << KIND_BITS) - 1;
+
+/// A component to wake: `(local pe << 3) | kind`.
+pub(crate) type Comp = u32;
+
+pub(crate) fn comp(pe: u32, kind: u32) -> Comp {
+    (pe << KIND_BITS) | kind
+}
+
+pub(crate) fn comp_pe(c: Comp) -> u32 {
+    c >> KIND_BITS
+}
+
+pub(crate) fn comp_kind(c: Comp) -> u32 {
+    c & KIND_MASK
+}
+
+pub(crate) fn injector_kind(port: Port) -> u32 {
+    port.index() as u32 - 1
+}
+
+/// What the run needs to know about the machine and the options, shared by every shard.
+pub(crate) struct Env<'a> {
+    pub config: &'a FabricConfig,
+    pub trace: Option<TraceWindow>,
+    pub depth: u32,
+    pub hop: u64,
+    pub ramp: u64,
+    pub switch: u64,
+}
+
+impl<'a> Env<'a> {
+    pub fn new(config: &'a FabricConfig, trace: Option<TraceWindow>) -> Self {
+        Env {
+            config,
+            trace,
+            depth: config.queue_depth,
+            hop: u64::from(config.hop_latency),
+            ramp: u64::from(config.ramp_latency),
+            switch: u64::from(config.task_switch_cycles),
+        }
+    }
+
+    fn traced(&self, pe: Coord, from: u64, to: u64) -> bool {
+        self.trace.is_some_and(|w| w.covers(pe, from, to))
+    }
+}
+
+/// A wavelet in a queue with the cycle it becomes visible.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Item {
+    pub ready: u64,
+    pub w: Wavelet,
+}
+
+/// Who fills a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Producer {
+    /// Nobody (a buffer no route or stream feeds).
+    None,
+    /// A component of this shard.
+    Local(Comp),
+    /// A router of another shard, which counts room in its remote `link`.
+    Remote { shard: u32, link: u32 },
+}
+
+/// A FIFO of at most `queue_depth` wavelets: a router input buffer or a core input queue.
+pub(crate) struct Queue {
+    /// First slot of its ring in the shard's item arena.
+    pub base: u32,
+    /// Ring position of the oldest wavelet.
+    pub head: u32,
+    pub len: u32,
+    /// Cycle of the last pop (at most one pop per cycle), `u64::MAX` before any.
+    pub popped_at: u64,
+    pub high_water: u32,
+    /// Local index of the owning PE.
+    pub owner: u32,
+    pub producer: Producer,
+    /// The producer found no room and waits for a pop to wake it.
+    pub producer_waiting: bool,
+    /// Index of the owner's route for `color`.
+    pub route: u8,
+    /// Position in the owner's router buffers (router buffers only).
+    pub slot: u8,
+    pub core_input: bool,
+    pub color: Color,
+    /// Where its wavelets arrive from (RAMP for a router buffer fed by the core, and for a core
+    /// input queue).
+    pub port: Port,
+}
+
+/// A router buffer of another shard that a router of this shard feeds.
+pub(crate) struct Remote {
+    pub shard: u32,
+    /// The buffer's index in its shard.
+    pub queue: u32,
+    /// Wavelets sent minus pops reported: the buffer's occupancy as its producer may know it.
+    pub outstanding: u32,
+    /// The producer found no room and waits for a credit to wake it.
+    pub waiting: bool,
+    /// The local router feeding it.
+    pub producer: Comp,
+}
+
+/// What one shard tells another between two cycles.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Msg {
+    /// A wavelet for the receiver's buffer `queue`, visible from `ready`.
+    Push { queue: u32, w: Wavelet, ready: u64 },
+    /// A wavelet was popped from a buffer the receiver feeds through its remote `link`.
+    Credit { link: u32 },
+}
+
+pub(crate) struct RouteState {
+    pub color: Color,
+    pub rx: PortSet,
+    pub tx: PortSet,
+    /// Destination per output port: a queue, `SINK_BIT | sink`, `REMOTE_BIT | remote` or `NONE`.
+    pub dest: [u32; 5],
+    pub sent: [u64; 5],
+}
+
+pub(crate) struct TaskInfo {
+    pub name: &'static str,
+    pub trigger: Trigger,
+    /// The core input queue of a data task's color (`NONE` for a local task).
+    pub queue: u32,
+}
+
+pub(crate) struct Pe {
+    pub coord: Coord,
+    /// Index in the program (the order PEs were first touched).
+    pub slot: u32,
+    /// Last cycle each component (four injectors, router, core) ran, to drop duplicate wakes.
+    pub woken: [u64; 6],
+    /// Bit `i` set when router buffer `i` holds a wavelet.
+    pub occupied: u128,
+    /// First of its router buffers in the shard's `inbufs`, in arbitration order.
+    pub inbuf_start: u32,
+    pub inbuf_len: u32,
+    /// Router buffer that gets the first chance next (round-robin).
+    pub rr: u32,
+    /// First of its routes in the shard's `routes`.
+    pub route_start: u32,
+    pub route_len: u32,
+    pub injectors: [u32; 4],
+    pub busy_until: u64,
+    /// Cycle of the last wavelet the core put on its ramp (`u64::MAX` for none).
+    pub last_ramp_push: u64,
+    /// The asynchronous operation that gets the first chance at the ramp next cycle.
+    pub ramp_next: usize,
+    pub ops: Vec<AsyncOp>,
+    pub tasks: Vec<TaskInfo>,
+    pub flags: Vec<TaskFlags>,
+    pub bodies: Vec<TaskBody>,
+    /// `(color, core input queue)` per route delivering to RAMP.
+    pub core_in: Vec<(Color, u32)>,
+    /// `(color, router RAMP buffer)` per route accepting from RAMP.
+    pub core_out: Vec<(Color, u32)>,
+    pub sram: Sram,
+    pub stats: PeStats,
+}
+
+/// A host stream entering at one edge port.
+pub(crate) struct Injector {
+    pub pe: u32,
+    pub port: Port,
+    pub stream: Vec<(Color, Wavelet)>,
+    pub pos: usize,
+    /// The PE's buffer for each color arriving from `port` (`NONE` where no route accepts it).
+    pub queue_of: Vec<u32>,
+}
+
+/// Wavelets leaving the fabric through one edge port of a PE of this shard.
+pub(crate) struct ShardSink {
+    /// Index among the program's sinks.
+    pub id: u32,
+    pub received: Vec<(u64, Color, Wavelet)>,
+}
+
+/// The first task error of a cycle (by PE position).
+pub(crate) struct TaskFailure {
+    pub pe: Coord,
+    pub error: SimError,
+}
+
+pub(crate) struct Shard {
+    pub pes: Vec<Pe>,
+    pub routes: Vec<RouteState>,
+    pub inbufs: Vec<u32>,
+    pub queues: Vec<Queue>,
+    pub items: Vec<Item>,
+    /// Ring size of every queue (a power of two at least `queue_depth`) minus one.
+    pub ring_mask: u32,
+    pub remotes: Vec<Remote>,
+    pub injectors: Vec<Injector>,
+    pub sinks: Vec<ShardSink>,
+    pub cal: Calendar,
+    /// One past the last cycle with any activity.
+    pub end: u64,
+    pub events: u64,
+    pub trace: Vec<TraceEvent>,
+    pub failure: Option<TaskFailure>,
+    /// Messages for each shard, sent at the end of the cycle.
+    pub outbox: Vec<Vec<Msg>>,
+    batch: Vec<u32>,
+}
+
+enum Step {
+    Moved,
+    Waiting,
+    RampBusy,
+}
+
+impl Shard {
+    pub fn new(depth: u32) -> Self {
+        Shard {
+            pes: Vec::new(),
+            routes: Vec::new(),
+            inbufs: Vec::new(),
+            queues: Vec::new(),
+            items: Vec::new(),
+            ring_mask: depth.next_power_of_two() - 1,
+            remotes: Vec::new(),
+            injectors: Vec::new(),
+            sinks: Vec::new(),
+            cal: Calendar::new(),
+            end: 0,
+            events: 0,
+            trace: Vec::new(),
+            failure: None,
+            outbox: Vec::new(),
+            batch: Vec::new(),
+        }
+    }
+
+    /// Adds an empty queue owned by local PE `owner`; returns its index.
+    pub fn add_queue(&mut self, owner: u32, color: Color, port: Port, core_input: bool) -> u32 {
+        let ring = self.ring_mask + 1;
+        let base = self.items.len() as u32;
+        self.items
+            .extend(std::iter::repeat_n(Item::default(), ring as usize));
+        let pe = &self.pes[owner as usize];
+        let route = self.routes[pe.route_start as usize..][..pe.route_len as usize]
+            .iter()
+            .position(|r| r.color == color)
+            .expect("queues exist only for routes");
+        self.queues.push(Queue {
+            base,
+            head: 0,
+            len: 0,
+            popped_at: u64::MAX,
+            high_water: 0,
+            owner,
+            producer: Producer::None,
+            producer_waiting: false,
+            route: route as u8,
+            slot: if core_input { 0 } else { pe.inbuf_len as u8 },
+            core_input,
+            color,
+            port,
+        });
+        self.queues.len() as u32 - 1
+    }
+
+    pub fn pe_routes(&self, p: u32) -> &[RouteState] {
+        let pe = &self.pes[p as usize];
+        &self.routes[pe.route_start as usize..][..pe.route_len as usize]
+    }
+
+    pub fn pe_inbufs(&self, p: u32) -> &[u32] {
+        let pe = &self.pes[p as usize];
+        &self.inbufs[pe.inbuf_start as usize..][..pe.inbuf_len as usize]
+    }
+
+    fn wake(&mut self, at: u64, c: Comp) {
+        self.cal.push(at, c);
+    }
+
+    /// The wakes of cycle 0: host streams and cores with an activated task.
+    pub fn start(&mut self) {
+        for i in 0..self.injectors.len() {
+            let inj = &self.injectors[i];
+            let c = comp(inj.pe, injector_kind(inj.port));
+            self.wake(0, c);
+        }
+        for p in 0..self.pes.len() {
+            if self.pes[p].flags.iter().any(|f| f.active) {
+                self.wake(0, comp(p as u32, CORE));
+            }
+        }
+    }
+
+    /// Runs every component woken at cycle `t` (the calendar's next cycle). A task error is kept
+    /// in `failure` (the one of the PE first by position) and the cycle is finished.
+    pub fn run_cycle(&mut self, env: &Env<'_>, t: u64) {
+        let mut batch = std::mem::take(&mut self.batch);
+        self.cal.take(t, &mut batch);
+        for &c in &batch {
+            let p = comp_pe(c);
+            let kind = c & KIND_MASK;
+            let woken = &mut self.pes[p as usize].woken[kind as usize];
+            if *woken == t {
+                continue;
+            }
+            *woken = t;
+            self.events += 1;
+            match kind {
+                ROUTER => self.router_step(env, p, t),
+                CORE => {
+                    if let Err(error) = self.core_step(env, p, t) {
+                        self.keep_failure(p, error);
+                    }
+                }
+                kind => self.injector_step(env, p, kind as usize, t),
+            }
+        }
+        batch.clear();
+        self.batch = batch;
+    }
+
+    fn keep_failure(&mut self, p: u32, error: SimError) {
+        let pe = self.pes[p as usize].coord;
+        let first = self
+            .failure
+            .as_ref()
+            .is_none_or(|f| (pe.y, pe.x) < (f.pe.y, f.pe.x));
+        if first {
+            self.failure = Some(TaskFailure { pe, error });
+        }
+    }
+
+    // ----- queues -----
+
+    fn head_ready(&self, q: u32, t: u64) -> Option<Wavelet> {
+        let queue = &self.queues[q as usize];
+        if queue.len == 0 {
+            return None;
+        }
+        let item = &self.items[(queue.base + queue.head) as usize];
+        (item.ready <= t).then_some(item.w)
+    }
+
+    /// Whether destination `d` (a queue, remote buffer or sink) has a free slot for a producer at
+    /// `t` (pops at `t` count from `t + 1`).
+    fn has_room(&self, env: &Env<'_>, d: u32, t: u64) -> bool {
+        if d & SINK_BIT != 0 {
+            true
+        } else if d & REMOTE_BIT != 0 {
+            self.remotes[(d & !REMOTE_BIT) as usize].outstanding < env.depth
+        } else {
+            let queue = &self.queues[d as usize];
+            queue.len + u32::from(queue.popped_at == t) < env.depth
+        }
+    }
+
+    /// Producer `me` found no room in `d` at `t`: it must be woken when room appears. If the
+    /// consumer already popped this cycle (room at `t + 1`), the producer wakes itself; otherwise
+    /// the consumer's next pop wakes it. Either way the wake lands at the same cycle whatever
+    /// order the cycle's components run in.
+    fn note_no_room(&mut self, d: u32, t: u64, me: Comp) {
+        if d & REMOTE_BIT != 0 {
+            self.remotes[(d & !REMOTE_BIT) as usize].waiting = true;
+            return;
+        }
+        let queue = &mut self.queues[d as usize];
+        if queue.popped_at == t {
+            self.wake(t + 1, me);
+        } else {
+            queue.producer_waiting = true;
+        }
+    }
+
+    /// Pushes `w` into local queue `q` at cycle `t`, visible from `ready`, and wakes its
+    /// consumer then.
+    pub fn push_local(&mut self, q: u32, w: Wavelet, t: u64, ready: u64) {
+        let mask = self.ring_mask;
+        let queue = &mut self.queues[q as usize];
+        let tail = (queue.head + queue.len) & mask;
+        self.items[(queue.base + tail) as usize] = Item { ready, w };
+        queue.len += 1;
+        // Slots held as the producer sees them: a pop at `t` frees its slot at `t + 1`.
+        let held = queue.len + u32::from(queue.popped_at == t);
+        queue.high_water = queue.high_water.max(held);
+        let owner = queue.owner;
+        let consumer = if queue.core_input {
+            comp(owner, CORE)
+        } else {
+            self.pes[owner as usize].occupied |= 1u128 << queue.slot;
+            comp(owner, ROUTER)
+        };
+        self.wake(ready, consumer);
+    }
+
+    /// Sends `w` to destination `d` (local queue or remote buffer) at `t` with `latency`.
+    fn deliver(&mut self, d: u32, w: Wavelet, t: u64, latency: u64) {
+        let ready = t + latency;
+        if d & REMOTE_BIT != 0 {
+            let remote = &mut self.remotes[(d & !REMOTE_BIT) as usize];
+            remote.outstanding += 1;
+            let (shard, queue) = (remote.shard, remote.queue);
+            self.outbox[shard as usize].push(Msg::Push { queue, w, ready });
+        } else {
+            self.push_local(d, w, t, ready);
+        }
+        self.end = self.end.max(ready);
+    }
+
+    /// Pops the head of `q` at cycle `t`, waking or crediting its producer.
+    fn take(&mut self, q: u32, t: u64) -> Item {
+        let mask = self.ring_mask;
+        let queue = &mut self.queues[q as usize];
+        let item = self.items[(queue.base + queue.head) as usize];
+        queue.head = (queue.head + 1) & mask;
+        queue.len -= 1;
+        queue.popped_at = t;
+        if !queue.core_input && queue.len == 0 {
+            let bit = 1u128 << queue.slot;
+            self.pes[queue.owner as usize].occupied &= !bit;
+        }
+        match queue.producer {
+            Producer::Local(p) if queue.producer_waiting => {
+                queue.producer_waiting = false;
+                self.wake(t + 1, p);
+            }
+            Producer::Remote { shard, link } => {
+                self.outbox[shard as usize].push(Msg::Credit { link });
+            }
+            _ => {}
+        }
+        self.end = self.end.max(t + 1);
+        item
+    }
+
+    /// Applies a message another shard sent during cycle `t`.
+    pub fn receive(&mut self, msg: Msg, t: u64) {
+        match msg {
+            Msg::Push { queue, w, ready } => self.push_local(queue, w, t, ready),
+            Msg::Credit { link } => {
+                let remote = &mut self.remotes[link as usize];
+                remote.outstanding -= 1;
+                if remote.waiting {
+                    remote.waiting = false;
+                    let p = remote.producer;
+                    self.wake(t + 1, p);
+                }
+            }
+        }
+    }
+
+    // ----- host streams -----
+
+    fn injector_step(&mut self, env: &Env<'_>, p: u32, kind: usize, t: u64) {
+        let id = self.pes[p as usize].injectors[kind];
+        let inj = &self.injectors[id as usize];
+        let Some(&(color, w)) = inj.stream.get(inj.pos) else {
+            return;
+        };
+        let q = inj.queue_of[color.index()];
+        let me = comp(p, kind as u32);
+        if !self.has_room(env, q, t) {
+            self.note_no_room(q, t, me);
+            return;
+        }
+        self.deliver(q, w, t, env.hop);
+        let inj = &mut self.injectors[id as usize];
+        inj.pos += 1;
+        if inj.pos < inj.stream.len() {
+            self.wake(t + 1, me);
+        }
+    }
+
+    // ----- routers -----
+
+    fn router_step(&mut self, env: &Env<'_>, p: u32, t: u64) {
+        let pe = &self.pes[p as usize];
+        let (n, start, inbuf_start) = (pe.inbuf_len as usize, pe.rr as usize, pe.inbuf_start);
+        let route_start = pe.route_start as usize;
+        let mut used = PortSet::EMPTY;
+        let mut again = false;
+        let mut last_granted = None;
+        // The occupied buffers, rotated so that bit k is buffer (start + k) mod n.
+        let low = pe.occupied & ((1u128 << start) - 1);
+        let mut pending = (pe.occupied >> start) | if start == 0 { 0 } else { low << (n - start) };
+        while pending != 0 {
+            let k = pending.trailing_zeros() as usize;
+            pending &= pending - 1;
+            let i = if start + k < n {
+                start + k
+            } else {
+                start + k - n
+            };
+            let q = self.inbufs[inbuf_start as usize + i];
+            let Some(w) = self.head_ready(q, t) else {
+                continue;
+            };
+            let r = route_start + usize::from(self.queues[q as usize].route);
+            let tx = self.routes[r].tx;
+            if tx.intersects(used) {
+                again = true; // lost arbitration for a port: try next cycle
+                continue;
+            }
+            if !self.all_have_room(env, r, t, comp(p, ROUTER)) {
+                continue; // a destination's pop wakes us
+            }
+            let item = self.take(q, t);
+            self.forward(env, p, r, w, t);
+            let stats = &mut self.pes[p as usize].stats;
+            stats.router_forwards += 1;
+            stats.router_wait_cycles += t - item.ready;
+            used = used.union(tx);
+            last_granted = Some(k);
+            if self.head_ready(q, t + 1).is_some() {
+                again = true;
+            }
+        }
+        if let Some(k) = last_granted {
+            self.pes[p as usize].rr = ((start + k + 1) % n) as u32;
+        }
+        if again {
+            self.wake(t + 1, comp(p, ROUTER));
+        }
+    }
+
+    /// Whether every destination of route `r` has room; marks the full ones as awaited.
+    fn all_have_room(&mut self, env: &Env<'_>, r: usize, t: u64, me: Comp) -> bool {
+        let (tx, dest) = (self.routes[r].tx, self.routes[r].dest);
+        let mut ok = true;
+        for port in tx.iter() {
+            let d = dest[port.index()];
+            if !self.has_room(env, d, t) {
+                self.note_no_room(d, t, me);
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    /// Sends `w` out of every tx port of route `r` of PE `p` at cycle `t`.
+    fn forward(&mut self, env: &Env<'_>, p: u32, r: usize, w: Wavelet, t: u64) {
+        let (color, tx, dest) = {
+            let route = &self.routes[r];
+            (route.color, route.tx, route.dest)
+        };
+        for port in tx.iter() {
+            let latency = if port == Port::Ramp {
+                env.ramp
+            } else {
+                env.hop
+            };
+            let d = dest[port.index()];
+            if d & SINK_BIT != 0 {
+                let arrival = t + latency;
+                self.sinks[(d & !SINK_BIT) as usize]
+                    .received
+                    .push((arrival, color, w));
+                self.end = self.end.max(arrival);
+            } else {
+                self.deliver(d, w, t, latency);
+            }
+            self.routes[r].sent[port.index()] += 1;
+        }
+        let pe = self.pes[p as usize].coord;
+        if env.traced(pe, t, t) {
+            self.trace.push(TraceEvent::Forward {
+                pe,
+                color,
+                cycle: t,
+                ports: tx,
+            });
+        }
+    }
+
+    // ----- cores -----
+
+    fn core_step(&mut self, env: &Env<'_>, p: u32, t: u64) -> Result<(), SimError> {
+        if !self.pes[p as usize].ops.is_empty() {
+            self.step_async_ops(env, p, t);
+        }
+        if self.pes[p as usize].busy_until <= t
+            && let Some(task) = self.pick_task(p, t)
+        {
+            self.run_task(env, p, task, t)?;
+        }
+        Ok(())
+    }
+
+    /// Advances each eligible asynchronous operation by at most one wavelet.
+    fn step_async_ops(&mut self, env: &Env<'_>, p: u32, t: u64) {
+        let mut again = false;
+        let mut finished: u64 = 0;
+        let mut finished_late = Vec::new();
+        let count = self.pes[p as usize].ops.len();
+        // Operations compete for the ramp round-robin, from the one after the last to use it.
+        let first = self.pes[p as usize].ramp_next % count;
+        for j in 0..count {
+            let i = if first + j < count {
+                first + j
+            } else {
+                first + j - count
+            };
+            let pe = &self.pes[p as usize];
+            let op = &pe.ops[i];
+            if op.next_at > t {
+                let at = op.next_at;
+                self.wake(at, comp(p, CORE));
+                continue;
+            }
+            // Operations sharing a color run in issue order.
+            let waits = pe.ops[..i].iter().any(|o| {
+                (op.in_color.is_some() && o.in_color == op.in_color)
+                    || (op.out_color.is_some() && o.out_color == op.out_color)
+            });
+            if waits {
+                continue;
+            }
+            if op.done < op.len {
+                match self.step_one(env, p, i, t) {
+                    Step::Moved => again = true,
+                    Step::RampBusy => {
+                        again = true;
+                        continue;
+                    }
+                    Step::Waiting => continue,
+                }
+            }
+            let op = &self.pes[p as usize].ops[i];
+            if op.done == op.len {
+                if i < 64 {
+                    finished |= 1 << i;
+                } else {
+                    finished_late.push(i);
+                }
+                again = true;
+            }
+        }
+        finished_late.sort_unstable();
+        for &i in finished_late.iter().rev() {
+            let op = self.pes[p as usize].ops.remove(i);
+            self.complete(env, p, op, t);
+        }
+        while finished != 0 {
+            let i = 63 - finished.leading_zeros() as usize;
+            finished &= !(1 << i);
+            let op = self.pes[p as usize].ops.remove(i);
+            self.complete(env, p, op, t);
+        }
+        if again {
+            self.wake(t + 1, comp(p, CORE));
+        }
+    }
+
+    fn complete(&mut self, env: &Env<'_>, p: u32, op: AsyncOp, t: u64) {
+        let pe = &mut self.pes[p as usize];
+        match op.then {
+            Then::Nothing => {}
+            Then::Activate(task) => pe.flags[usize::from(task.0)].active = true,
+            Then::Unblock(task) => pe.flags[usize::from(task.0)].blocked = false,
+        }
+        self.end = self.end.max(t + 1);
+        let coord = pe.coord;
+        if env.traced(coord, op.start_at, t + 1) {
+            self.trace.push(TraceEvent::Async {
+                pe: coord,
+                name: op.issued_by,
+                start: op.start_at,
+                end: t + 1,
+            });
+        }
+    }
+
+    /// Moves one wavelet of operation `i`.
+    fn step_one(&mut self, env: &Env<'_>, p: u32, i: usize, t: u64) -> Step {
+        let pe = &self.pes[p as usize];
+        let op = &pe.ops[i];
+        let (in_queue, out_queue) = (op.in_queue, op.out_queue);
+        if out_queue.is_some() && pe.last_ramp_push == t {
+            return Step::RampBusy;
+        }
+        if let Some(q) = out_queue {
+            if !self.has_room(env, q, t) {
+                let op = &mut self.pes[p as usize].ops[i];
+                op.stalled_since.get_or_insert(t);
+                self.note_no_room(q, t, comp(p, CORE));
+                return Step::Waiting; // the router's pop wakes us
+            }
+            let pe = &mut self.pes[p as usize];
+            if let Some(since) = pe.ops[i].stalled_since.take() {
+                pe.stats.send_stall_cycles += t - since;
+            }
+        }
+        let received = match in_queue {
+            Some(q) => match self.head_ready(q, t) {
+                Some(_) => Some(self.take(q, t).w),
+                None => return Step::Waiting, // the arrival wakes us
+            },
+            None => None,
+        };
+        let pe = &mut self.pes[p as usize];
+        if received.is_some() {
+            pe.stats.wavelets_received += 1;
+        }
+        let op = &mut pe.ops[i];
+        let k = op.done;
+        let outgoing = match &op.kind {
+            AsyncKind::Send { wavelets } => Some(wavelets[k as usize]),
+            AsyncKind::Recv { dst, mode } => {
+                let w = received.expect("recv has an input");
+                store_received(&mut pe.sram, *dst, k, w, *mode);
+                None
+            }
+            AsyncKind::RecvAddSend { local } => {
+                let range = pe.sram.range(*local).expect("checked at issue");
+                let sum =
+                    received.expect("has an input").f32() + pe.sram.f32s[range.start + k as usize];
+                Some(Wavelet::from_f32(sum))
+            }
+            AsyncKind::RecvStoreSend { dst } => {
+                let w = received.expect("has an input");
+                store_received(&mut pe.sram, *dst, k, w, RecvMode::Store);
+                Some(w)
+            }
+        };
+        let op = &mut pe.ops[i];
+        op.done += 1;
+        op.next_at = t + 1;
+        if let (Some(w), Some(q)) = (outgoing, out_queue) {
+            pe.last_ramp_push = t;
+            pe.ramp_next = i + 1;
+            pe.stats.wavelets_sent += 1;
+            self.deliver(q, w, t, env.ramp);
+        }
+        Step::Moved
+    }
+
+    /// The lowest-numbered runnable task, if any.
+    fn pick_task(&self, p: u32, t: u64) -> Option<usize> {
+        let pe = &self.pes[p as usize];
+        (0..pe.tasks.len()).find(|&i| {
+            let flags = pe.flags[i];
+            if flags.blocked {
+                return false;
+            }
+            let task = &pe.tasks[i];
+            match task.trigger {
+                Trigger::Local => flags.active,
+                Trigger::Data(color) => {
+                    self.head_ready(task.queue, t).is_some()
+                        && !pe.ops.iter().any(|o| o.in_color == Some(color))
+                }
+            }
+        })
+    }
+
+    fn run_task(&mut self, env: &Env<'_>, p: u32, task: usize, t: u64) -> Result<(), SimError> {
+        let info = &self.pes[p as usize].tasks[task];
+        let (trigger, queue) = (info.trigger, info.queue);
+        let wavelet = match trigger {
+            Trigger::Local => {
+                self.pes[p as usize].flags[task].active = false;
+                None
+            }
+            Trigger::Data(_) => {
+                let w = self.take(queue, t).w;
+                self.pes[p as usize].stats.wavelets_received += 1;
+                Some(w)
+            }
+        };
+        let ops_before = self.pes[p as usize].ops.len();
+        let (cycles, error, name) =
+            execute_body(env.config, &mut self.pes[p as usize], task, wavelet, t);
+        let pe = &mut self.pes[p as usize];
+        let coord = pe.coord;
+        if let Some(reason) = error {
+            return Err(RunError::Task {
+                pe: coord,
+                task: name,
+                cycle: t,
+                reason,
+            }
+            .into());
+        }
+        let cost = env.switch + cycles;
+        pe.busy_until = t + cost;
+        pe.stats.busy_cycles += cost;
+        pe.stats.tasks_run += 1;
+        self.end = self.end.max(t + cost);
+        self.wake(t + cost, comp(p, CORE));
+        for k in ops_before..self.pes[p as usize].ops.len() {
+            let at = self.pes[p as usize].ops[k].start_at;
+            self.wake(at, comp(p, CORE));
+        }
+        if env.traced(coord, t, t + cost) {
+            self.trace.push(TraceEvent::Task {
+                pe: coord,
+                name,
+                start: t,
+                cycles: cost,
+            });
+        }
+        Ok(())
+    }
+
+    // ----- reports -----
+
+    /// This shard's PEs with work left, as `(program slot, what)`, and how many there are;
+    /// only the `shown` first by slot are described.
+    pub fn stuck(&self, shown: usize) -> (Vec<(u32, Stuck)>, usize) {
+        let mut stuck = Vec::new();
+        let mut count = 0;
+        for p in 0..self.pes.len() as u32 {
+            if !self.has_work_left(p) {
+                continue;
+            }
+            count += 1;
+            let pe = &self.pes[p as usize];
+            stuck.push((pe.slot, p));
+        }
+        stuck.sort_unstable();
+        stuck.truncate(shown);
+        let described = stuck
+            .into_iter()
+            .map(|(slot, p)| {
+                let what = self.work_left(p);
+                let pe = self.pes[p as usize].coord;
+                (slot, Stuck { pe, what })
+            })
+            .collect();
+        (described, count)
+    }
+
+    fn has_work_left(&self, p: u32) -> bool {
+        let pe = &self.pes[p as usize];
+        let queued = self
+            .pe_inbufs(p)
+            .iter()
+            .chain(pe.core_in.iter().map(|(_, q)| q))
+            .any(|&q| self.queues[q as usize].len > 0);
+        let streaming =
+            pe.injectors.iter().filter(|&&id| id != NONE).any(|&id| {
+                self.injectors[id as usize].pos < self.injectors[id as usize].stream.len()
+            });
+        queued || !pe.ops.is_empty() || pe.flags.iter().any(|f| f.active) || streaming
+    }
+
+    /// What PE `p` still has to do: waiting wavelets, unfinished operations, activated tasks,
+    /// host data.
+    fn work_left(&self, p: u32) -> Vec<String> {
+        let pe = &self.pes[p as usize];
+        let mut what = Vec::new();
+        let queues = self
+            .pe_inbufs(p)
+            .iter()
+            .chain(pe.core_in.iter().map(|(_, q)| q));
+        for &q in queues {
+            let queue = &self.queues[q as usize];
+            if queue.len == 0 {
+                continue;
+            }
+            let n = queue.len;
+            if queue.core_input {
+                let task = pe
+                    .tasks
+                    .iter()
+                    .enumerate()
+                    .find(|(_, t)| t.trigger == Trigger::Data(queue.color));
+                let why = match task {
+                    Some((i, t)) if pe.flags[i].blocked => {
+                        format!("data task \"{}\" is blocked", t.name)
+                    }
+                    Some((_, t)) => format!("data task \"{}\"", t.name),
+                    None => "no data task or receive takes it".into(),
+                };
+                what.push(format!(
+                    "{} wavelets of {} wait at the core ({why})",
+                    n, queue.color
+                ));
+            } else {
+                what.push(format!(
+                    "{} wavelets of {} wait in the router from {}",
+                    n, queue.color, queue.port
+                ));
+            }
+        }
+        for op in &pe.ops {
+            let color = op
+                .in_color
+                .or(op.out_color)
+                .map_or(String::new(), |c| format!(" on {c}"));
+            what.push(format!(
+                "fabric op of task \"{}\"{color} moved {} of {}",
+                op.issued_by, op.done, op.len
+            ));
+        }
+        for (i, t) in pe.tasks.iter().enumerate() {
+            if pe.flags[i].active {
+                let state = if pe.flags[i].blocked {
+                    "activated but blocked"
+                } else {
+                    "activated"
+                };
+                what.push(format!("task \"{}\" {state}", t.name));
+            }
+        }
+        for &id in pe.injectors.iter().filter(|&&id| id != NONE) {
+            let inj = &self.injectors[id as usize];
+            if inj.pos < inj.stream.len() {
+                what.push(format!(
+                    "host stream from {} sent {} of {}",
+                    inj.port,
+                    inj.pos,
+                    inj.stream.len()
+                ));
+            }
+        }
+        what
+    }
+
+    /// The most wavelets any one of PE `p`'s queues held.
+    pub fn queue_high_water(&self, p: u32) -> u32 {
+        let pe = &self.pes[p as usize];
+        self.pe_inbufs(p)
+            .iter()
+            .chain(pe.core_in.iter().map(|(_, q)| q))
+            .map(|&q| self.queues[q as usize].high_water)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Calls task `task`'s body on `pe`; returns its cycles, its error if any, and its name.
+fn execute_body(
+    config: &FabricConfig,
+    pe: &mut Pe,
+    task: usize,
+    wavelet: Option<Wavelet>,
+    t: u64,
+) -> (u64, Option<String>, &'static str) {
+    let name = pe.tasks[task].name;
+    let Pe {
+        coord,
+        sram,
+        flags,
+        ops,
+        stats,
+        core_in,
+        core_out,
+        bodies,
+        ..
+    } = pe;
+    let mut ctx = TaskCtx {
+        config,
+        coord: *coord,
+        now: t,
+        cycles: 0,
+        wavelet,
+        sram,
+        tasks: flags,
+        ops,
+        stats,
+        links: CoreLinks {
+            inputs: core_in,
+            outputs: core_out,
+        },
+        name,
+        error: None,
+    };
+    (bodies[task])(&mut ctx);
+    (ctx.cycles, ctx.error, name)
+}
+
+fn store_received(sram: &mut Sram, dst: VecRef, k: u32, w: Wavelet, mode: RecvMode) {
+    let range = sram.range(dst).expect("checked at issue");
+    let i = range.start + k as usize;
+    match dst.dtype() {
+        DType::F32 => match mode {
+            RecvMode::Store => sram.f32s[i] = w.f32(),
+            RecvMode::Add => sram.f32s[i] += w.f32(),
+        },
+        DType::F16 => {
+            let v = w.value_f16();
+            sram.f16s[i] = match mode {
+                RecvMode::Store => v,
+                RecvMode::Add => half::f16::from_f32(sram.f16s[i].to_f32() + v.to_f32()),
+            };
+        }
+    }
+}
