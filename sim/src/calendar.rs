@@ -26,6 +26,9 @@ pub(crate) struct Calendar {
     near: usize,
     /// Wakes at or beyond `floor + WINDOW`.
     far: BinaryHeap<Reverse<(u64, u32)>>,
+    /// Emptied bucket buffers, handed to buckets that get their first wake: buffers circulate
+    /// among the few buckets in use instead of every bucket keeping the largest it ever held.
+    spare: Vec<Vec<u32>>,
 }
 
 impl Calendar {
@@ -36,6 +39,7 @@ impl Calendar {
             cursor: 0,
             near: 0,
             far: BinaryHeap::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -47,12 +51,22 @@ impl Calendar {
             self.floor
         );
         if at < self.floor + WINDOW {
-            self.buckets[(at % WINDOW) as usize].push(c);
-            self.near += 1;
-            self.cursor = self.cursor.min(at);
+            self.push_near(at, c);
         } else {
             self.far.push(Reverse((at, c)));
         }
+    }
+
+    fn push_near(&mut self, at: u64, c: u32) {
+        let bucket = &mut self.buckets[(at % WINDOW) as usize];
+        if bucket.capacity() == 0
+            && let Some(buffer) = self.spare.pop()
+        {
+            *bucket = buffer;
+        }
+        bucket.push(c);
+        self.near += 1;
+        self.cursor = self.cursor.min(at);
     }
 
     /// The earliest cycle with wakes, or `None` when nothing is scheduled.
@@ -79,9 +93,7 @@ impl Calendar {
                 break;
             }
             self.far.pop();
-            self.buckets[(at % WINDOW) as usize].push(c);
-            self.near += 1;
-            self.cursor = self.cursor.min(at);
+            self.push_near(at, c);
         }
     }
 
@@ -90,7 +102,12 @@ impl Calendar {
     pub fn take(&mut self, t: u64, out: &mut Vec<u32>) {
         debug_assert!(out.is_empty());
         self.advance(t);
-        std::mem::swap(&mut self.buckets[(t % WINDOW) as usize], out);
+        let bucket = &mut self.buckets[(t % WINDOW) as usize];
+        std::mem::swap(bucket, out);
+        let emptied = std::mem::take(bucket);
+        if emptied.capacity() > 0 {
+            self.spare.push(emptied);
+        }
         self.near -= out.len();
         self.advance(t + 1);
     }

@@ -154,6 +154,7 @@ impl Simulator {
             sim.add_pe(slot as u32, p)?;
         }
         sim.connect_routes()?;
+        sim.shard.copy_routes_into_buffers();
         sim.check_data_tasks()?;
         for inj in injections {
             sim.add_injector(inj.pe, inj.port, inj.wavelets)?;
@@ -195,7 +196,6 @@ impl Simulator {
         shard.pes.push(Pe {
             coord: p.coord,
             slot,
-            woken: [u64::MAX; 6],
             occupied: 0,
             inbuf_start: shard.inbufs.len() as u32,
             inbuf_len: 0,
@@ -204,6 +204,8 @@ impl Simulator {
             route_len: p.routes.len() as u32,
             injectors: [NONE; 4],
             busy_until: 0,
+            task_started_at: u64::MAX,
+            op_done_at: u64::MAX,
             last_ramp_push: u64::MAX,
             ramp_next: 0,
             ops: Vec::new(),

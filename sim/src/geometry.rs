@@ -136,7 +136,15 @@ impl PortSet {
 
     /// The ports in the set, in index order.
     pub fn iter(self) -> impl Iterator<Item = Port> {
-        Port::ALL.into_iter().filter(move |p| self.contains(*p))
+        let mut bits = self.0;
+        std::iter::from_fn(move || {
+            if bits == 0 {
+                return None;
+            }
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            Some(Port::ALL[i])
+        })
     }
 }
 

@@ -50,7 +50,7 @@ fn assign(full: &Shard, wanted: usize) -> Vec<u32> {
 /// The region of each line so that regions are contiguous, non-empty and about equal in PEs.
 fn cut_lines(per_line: &[usize], wanted: usize) -> Vec<u32> {
     let busy = per_line.iter().filter(|&&n| n > 0).count();
-    let regions = wanted.clamp(1, busy.max(1).min(64));
+    let regions = wanted.clamp(1, busy.clamp(1, 64));
     let total: usize = per_line.iter().sum();
     let mut region_of = vec![0u32; per_line.len()];
     let (mut region, mut seen, mut busy_seen) = (0usize, 0usize, 0usize);
@@ -119,6 +119,9 @@ impl Splitter {
         self.move_pes();
         self.move_queues();
         self.move_injectors();
+        for shard in &mut self.shards {
+            shard.copy_routes_into_buffers();
+        }
         self.shards
     }
 

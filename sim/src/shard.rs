@@ -110,7 +110,15 @@ pub(crate) enum Producer {
 }
 
 /// A FIFO of at most `queue_depth` wavelets: a router input buffer or a core input queue.
+/// Fields are ordered by how often the router reads them.
 pub(crate) struct Queue {
+    /// Cycle the oldest wavelet becomes visible (`u64::MAX` when empty): what the consumer checks
+    /// most, kept beside the counts.
+    pub head_at: u64,
+    /// A router buffer's copy of its route's output ports and destinations (saves the router a
+    /// lookup per wavelet).
+    pub tx: PortSet,
+    pub dest: [u32; 5],
     /// First slot of its ring in the shard's item arena.
     pub base: u32,
     /// Ring position of the oldest wavelet.
@@ -177,8 +185,6 @@ pub(crate) struct Pe {
     pub coord: Coord,
     /// Index in the program (the order PEs were first touched).
     pub slot: u32,
-    /// Last cycle each component (four injectors, router, core) ran, to drop duplicate wakes.
-    pub woken: [u64; 6],
     /// Bit `i` set when router buffer `i` holds a wavelet.
     pub occupied: u128,
     /// First of its router buffers in the shard's `inbufs`, in arbitration order.
@@ -191,6 +197,9 @@ pub(crate) struct Pe {
     pub route_len: u32,
     pub injectors: [u32; 4],
     pub busy_until: u64,
+    /// Cycle the last task started, and the last asynchronous operation finished.
+    pub task_started_at: u64,
+    pub op_done_at: u64,
     /// Cycle of the last wavelet the core put on its ramp (`u64::MAX` for none).
     pub last_ramp_push: u64,
     /// The asynchronous operation that gets the first chance at the ramp next cycle.
@@ -292,9 +301,12 @@ impl Shard {
             .position(|r| r.color == color)
             .expect("queues exist only for routes");
         self.queues.push(Queue {
+            tx: PortSet::EMPTY,
+            dest: [NONE; 5],
             base,
             head: 0,
             len: 0,
+            head_at: u64::MAX,
             popped_at: u64::MAX,
             high_water: 0,
             owner,
@@ -307,6 +319,17 @@ impl Shard {
             port,
         });
         self.queues.len() as u32 - 1
+    }
+
+    /// Copies each route's output ports and destinations into its router buffers (once the
+    /// destinations are final).
+    pub fn copy_routes_into_buffers(&mut self) {
+        for queue in self.queues.iter_mut().filter(|q| !q.core_input) {
+            let pe = &self.pes[queue.owner as usize];
+            let route = &self.routes[pe.route_start as usize + usize::from(queue.route)];
+            queue.tx = route.tx;
+            queue.dest = route.dest;
+        }
     }
 
     pub fn pe_routes(&self, p: u32) -> &[RouteState] {
@@ -342,14 +365,17 @@ impl Shard {
     pub fn run_cycle(&mut self, env: &Env<'_>, t: u64) {
         let mut batch = std::mem::take(&mut self.batch);
         self.cal.take(t, &mut batch);
+        // In PE order: the cycle's memory accesses sweep the shard's arrays once, and a
+        // component woken several times comes up adjacent, to run once.
+        batch.sort_unstable();
+        let mut previous = None;
         for &c in &batch {
-            let p = comp_pe(c);
-            let kind = c & KIND_MASK;
-            let woken = &mut self.pes[p as usize].woken[kind as usize];
-            if *woken == t {
+            if previous == Some(c) {
                 continue;
             }
-            *woken = t;
+            previous = Some(c);
+            let p = comp_pe(c);
+            let kind = c & KIND_MASK;
             self.events += 1;
             match kind {
                 ROUTER => self.router_step(env, p, t),
@@ -378,13 +404,8 @@ impl Shard {
 
     // ----- queues -----
 
-    fn head_ready(&self, q: u32, t: u64) -> Option<Wavelet> {
-        let queue = &self.queues[q as usize];
-        if queue.len == 0 {
-            return None;
-        }
-        let item = &self.items[(queue.base + queue.head) as usize];
-        (item.ready <= t).then_some(item.w)
+    fn is_ready(&self, q: u32, t: u64) -> bool {
+        self.queues[q as usize].head_at <= t
     }
 
     /// Whether destination `d` (a queue, remote buffer or sink) has a free slot for a producer at
@@ -424,18 +445,32 @@ impl Shard {
         let queue = &mut self.queues[q as usize];
         let tail = (queue.head + queue.len) & mask;
         self.items[(queue.base + tail) as usize] = Item { ready, w };
+        if queue.len == 0 {
+            queue.head_at = ready;
+        }
         queue.len += 1;
         // Slots held as the producer sees them: a pop at `t` frees its slot at `t + 1`.
         let held = queue.len + u32::from(queue.popped_at == t);
         queue.high_water = queue.high_water.max(held);
         let owner = queue.owner;
-        let consumer = if queue.core_input {
-            comp(owner, CORE)
+        if queue.core_input {
+            if !self.core_idle_through(owner, t, ready) {
+                self.wake(ready, comp(owner, CORE));
+            }
         } else {
             self.pes[owner as usize].occupied |= 1u128 << queue.slot;
-            comp(owner, ROUTER)
-        };
-        self.wake(ready, consumer);
+            self.wake(ready, comp(owner, ROUTER));
+        }
+    }
+
+    /// Whether waking core `p` at `ready` for a wavelet pushed at `t` would find it with nothing
+    /// to do: a task runs through `ready` (it wakes the core when it ends) and no asynchronous
+    /// operation could take the wavelet. Decided on state that no component running at `t`
+    /// changes unnoticed (a task started or an operation finished at `t` means "wake"), so the
+    /// answer does not depend on the order of the cycle's components.
+    fn core_idle_through(&self, p: u32, t: u64, ready: u64) -> bool {
+        let pe = &self.pes[p as usize];
+        pe.busy_until > ready && pe.task_started_at != t && pe.ops.is_empty() && pe.op_done_at != t
     }
 
     /// Sends `w` to destination `d` (local queue or remote buffer) at `t` with `latency`.
@@ -459,6 +494,11 @@ impl Shard {
         let item = self.items[(queue.base + queue.head) as usize];
         queue.head = (queue.head + 1) & mask;
         queue.len -= 1;
+        queue.head_at = if queue.len == 0 {
+            u64::MAX
+        } else {
+            self.items[(queue.base + queue.head) as usize].ready
+        };
         queue.popped_at = t;
         if !queue.core_input && queue.len == 0 {
             let bit = 1u128 << queue.slot;
@@ -537,26 +577,27 @@ impl Shard {
                 start + k - n
             };
             let q = self.inbufs[inbuf_start as usize + i];
-            let Some(w) = self.head_ready(q, t) else {
+            let queue = &self.queues[q as usize];
+            if queue.head_at > t {
                 continue;
-            };
-            let r = route_start + usize::from(self.queues[q as usize].route);
-            let tx = self.routes[r].tx;
+            }
+            let (tx, dest) = (queue.tx, queue.dest);
+            let r = route_start + usize::from(queue.route);
             if tx.intersects(used) {
                 again = true; // lost arbitration for a port: try next cycle
                 continue;
             }
-            if !self.all_have_room(env, r, t, comp(p, ROUTER)) {
+            if !self.all_have_room(env, tx, &dest, t, comp(p, ROUTER)) {
                 continue; // a destination's pop wakes us
             }
             let item = self.take(q, t);
-            self.forward(env, p, r, w, t);
+            self.forward(env, p, r, item.w, t);
             let stats = &mut self.pes[p as usize].stats;
             stats.router_forwards += 1;
             stats.router_wait_cycles += t - item.ready;
             used = used.union(tx);
             last_granted = Some(k);
-            if self.head_ready(q, t + 1).is_some() {
+            if self.is_ready(q, t + 1) {
                 again = true;
             }
         }
@@ -568,9 +609,15 @@ impl Shard {
         }
     }
 
-    /// Whether every destination of route `r` has room; marks the full ones as awaited.
-    fn all_have_room(&mut self, env: &Env<'_>, r: usize, t: u64, me: Comp) -> bool {
-        let (tx, dest) = (self.routes[r].tx, self.routes[r].dest);
+    /// Whether every destination of a route has room; marks the full ones as awaited.
+    fn all_have_room(
+        &mut self,
+        env: &Env<'_>,
+        tx: PortSet,
+        dest: &[u32; 5],
+        t: u64,
+        me: Comp,
+    ) -> bool {
         let mut ok = true;
         for port in tx.iter() {
             let d = dest[port.index()];
@@ -631,33 +678,23 @@ impl Shard {
         Ok(())
     }
 
-    /// Advances each eligible asynchronous operation by at most one wavelet.
+    /// Advances each eligible asynchronous operation by at most one wavelet. Operations sharing
+    /// a color run in issue order, so only the first one of each color is eligible; they compete
+    /// for the ramp round-robin, from the one after the last to use it.
     fn step_async_ops(&mut self, env: &Env<'_>, p: u32, t: u64) {
+        let (eligible, count) = first_of_each_color(&self.pes[p as usize].ops);
+        let eligible = &eligible[..count];
+        let first = self.pes[p as usize].ramp_next % self.pes[p as usize].ops.len();
+        let from = eligible.partition_point(|&i| (i as usize) < first);
         let mut again = false;
         let mut finished: u64 = 0;
         let mut finished_late = Vec::new();
-        let count = self.pes[p as usize].ops.len();
-        // Operations compete for the ramp round-robin, from the one after the last to use it.
-        let first = self.pes[p as usize].ramp_next % count;
-        for j in 0..count {
-            let i = if first + j < count {
-                first + j
-            } else {
-                first + j - count
-            };
-            let pe = &self.pes[p as usize];
-            let op = &pe.ops[i];
+        for &i in eligible[from..].iter().chain(&eligible[..from]) {
+            let i = i as usize;
+            let op = &self.pes[p as usize].ops[i];
             if op.next_at > t {
                 let at = op.next_at;
                 self.wake(at, comp(p, CORE));
-                continue;
-            }
-            // Operations sharing a color run in issue order.
-            let waits = pe.ops[..i].iter().any(|o| {
-                (op.in_color.is_some() && o.in_color == op.in_color)
-                    || (op.out_color.is_some() && o.out_color == op.out_color)
-            });
-            if waits {
                 continue;
             }
             if op.done < op.len {
@@ -680,6 +717,7 @@ impl Shard {
                 again = true;
             }
         }
+        // Remove from the highest index down.
         finished_late.sort_unstable();
         for &i in finished_late.iter().rev() {
             let op = self.pes[p as usize].ops.remove(i);
@@ -698,6 +736,7 @@ impl Shard {
 
     fn complete(&mut self, env: &Env<'_>, p: u32, op: AsyncOp, t: u64) {
         let pe = &mut self.pes[p as usize];
+        pe.op_done_at = t;
         match op.then {
             Then::Nothing => {}
             Then::Activate(task) => pe.flags[usize::from(task.0)].active = true,
@@ -736,10 +775,8 @@ impl Shard {
             }
         }
         let received = match in_queue {
-            Some(q) => match self.head_ready(q, t) {
-                Some(_) => Some(self.take(q, t).w),
-                None => return Step::Waiting, // the arrival wakes us
-            },
+            Some(q) if self.is_ready(q, t) => Some(self.take(q, t).w),
+            Some(_) => return Step::Waiting, // the arrival wakes us
             None => None,
         };
         let pe = &mut self.pes[p as usize];
@@ -791,7 +828,7 @@ impl Shard {
             match task.trigger {
                 Trigger::Local => flags.active,
                 Trigger::Data(color) => {
-                    self.head_ready(task.queue, t).is_some()
+                    self.is_ready(task.queue, t)
                         && !pe.ops.iter().any(|o| o.in_color == Some(color))
                 }
             }
@@ -828,6 +865,7 @@ impl Shard {
         }
         let cost = env.switch + cycles;
         pe.busy_until = t + cost;
+        pe.task_started_at = t;
         pe.stats.busy_cycles += cost;
         pe.stats.tasks_run += 1;
         self.end = self.end.max(t + cost);
@@ -972,6 +1010,31 @@ impl Shard {
             .max()
             .unwrap_or(0)
     }
+}
+
+/// Most operations that can be eligible at once: each claims a color (below
+/// [`crate::HARDWARE_COLORS`], checked when routes are made) that no earlier operation uses, as
+/// input or as output.
+const MAX_ELIGIBLE: usize = 2 * crate::config::HARDWARE_COLORS as usize;
+
+/// The indices of the operations that no earlier operation shares a color with (in either
+/// direction), in index order, and how many there are.
+fn first_of_each_color(ops: &[AsyncOp]) -> ([u32; MAX_ELIGIBLE], usize) {
+    let (mut seen_in, mut seen_out) = (0u32, 0u32);
+    let bit = |c: Color| 1u32 << c.index();
+    let mut eligible = [0u32; MAX_ELIGIBLE];
+    let mut count = 0;
+    for (i, op) in ops.iter().enumerate() {
+        let waits = op.in_color.is_some_and(|c| seen_in & bit(c) != 0)
+            || op.out_color.is_some_and(|c| seen_out & bit(c) != 0);
+        if !waits {
+            eligible[count] = i as u32;
+            count += 1;
+        }
+        seen_in |= op.in_color.map_or(0, bit);
+        seen_out |= op.out_color.map_or(0, bit);
+    }
+    (eligible, count)
 }
 
 /// Calls task `task`'s body on `pe`; returns its cycles, its error if any, and its name.

@@ -20,6 +20,7 @@
 //! the core) does nothing but records an error; the run then stops with [`crate::RunError::Task`].
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::config::FabricConfig;
 use crate::geometry::Coord;
@@ -222,12 +223,27 @@ impl TaskCtx<'_> {
             },
             None => None,
         };
-        let va = self.gather(a, ra);
-        let vb = rb.map(|(b, r)| self.gather(b, r));
+        // A source overlapping the destination at another offset must be read before any write.
+        let shifted = |v: VecRef, r: &std::ops::Range<usize>| {
+            v.dtype() == dst.dtype() && r.start != rd.start && r.start < rd.end && rd.start < r.end
+        };
+        if shifted(a, &ra) || rb.as_ref().is_some_and(|(b, r)| shifted(*b, r)) {
+            let va = self.gather(a, ra);
+            let vb = rb.map(|(b, r)| self.gather(b, r));
+            for (k, i) in rd.enumerate() {
+                let old = self.get(dst.dtype(), i);
+                let y = vb.as_ref().map_or(0.0, |vb| vb[k]);
+                self.set(dst.dtype(), i, f(old, va[k], y));
+            }
+            return true;
+        }
         for (k, i) in rd.enumerate() {
             let old = self.get(dst.dtype(), i);
-            let y = vb.as_ref().map_or(0.0, |vb| vb[k]);
-            self.set(dst.dtype(), i, f(old, va[k], y));
+            let x = self.get(a.dtype(), ra.start + k);
+            let y = rb
+                .as_ref()
+                .map_or(0.0, |(b, r)| self.get(b.dtype(), r.start + k));
+            self.set(dst.dtype(), i, f(old, x, y));
         }
         true
     }
@@ -248,15 +264,17 @@ impl TaskCtx<'_> {
         if !self.same_len("fmac", dst, a) {
             return;
         }
-        if dst.dtype() == DType::F32 && a.dtype() == DType::F32 {
-            let (Some(rd), Some(ra)) = (self.checked("fmac", dst), self.checked("fmac", a)) else {
-                return;
-            };
-            axpy_f32(&mut self.sram.f32s, rd, ra, s);
-        } else {
-            let s = round_to(a.dtype(), s);
-            if !self.elementwise("fmac", dst, a, None, |d, x, _| d + x * s) {
-                return;
+        let (Some(rd), Some(ra)) = (self.checked("fmac", dst), self.checked("fmac", a)) else {
+            return;
+        };
+        let s = round_to(a.dtype(), s);
+        match (dst.dtype(), a.dtype()) {
+            (DType::F32, DType::F32) => axpy_f32(&mut self.sram.f32s, rd, ra, s),
+            (DType::F32, DType::F16) => axpy_mixed(&mut self.sram.f32s[rd], &self.sram.f16s[ra], s),
+            _ => {
+                if !self.elementwise("fmac", dst, a, None, |d, x, _| d + x * s) {
+                    return;
+                }
             }
         }
         self.stats.fmacs += u64::from(dst.len);
@@ -351,8 +369,9 @@ impl TaskCtx<'_> {
         let Some(rd) = self.checked("fill", dst) else {
             return;
         };
-        for i in rd {
-            self.set(dst.dtype(), i, s);
+        match dst.dtype() {
+            DType::F32 => self.sram.f32s[rd].fill(s),
+            DType::F16 => self.sram.f16s[rd].fill(f16::from_f32(s)),
         }
         let width = match dst.dtype() {
             DType::F32 => self.config.simd.mov_f32,
@@ -628,6 +647,21 @@ fn round_to(dtype: DType, x: f32) -> f32 {
     match dtype {
         DType::F32 => x,
         DType::F16 => f16::from_f32(x).to_f32(),
+    }
+}
+
+/// Elements converted from fp16 at a time (a stack buffer).
+const CHUNK: usize = 64;
+
+/// `dst += s * src` with `src` in fp16, each product and sum in `f32`.
+fn axpy_mixed(dst: &mut [f32], src: &[f16], s: f32) {
+    let mut wide = [0.0f32; CHUNK];
+    for (d, x) in dst.chunks_mut(CHUNK).zip(src.chunks(CHUNK)) {
+        let wide = &mut wide[..x.len()];
+        x.convert_to_f32_slice(wide);
+        for (d, x) in d.iter_mut().zip(wide.iter()) {
+            *d += x * s;
+        }
     }
 }
 
