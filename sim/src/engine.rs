@@ -38,6 +38,8 @@
 //!
 //! Idle cycles cost nothing: the engine jumps from one wake to the next.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::config::FabricConfig;
 use crate::error::{BuildError, RunError, SimError, Stuck};
 use crate::geometry::{Coord, Port, PortSet};
@@ -67,6 +69,15 @@ pub struct RunOptions {
     /// (the caller is already parallel). `n >= 1` asks for `n` regions (fewer if the program's
     /// PEs span fewer rows and columns). The results do not depend on it.
     pub threads: usize,
+}
+
+/// Engine events of every run that finished in this process (see [`events_processed`]).
+static EVENTS_PROCESSED: AtomicU64 = AtomicU64::new(0);
+
+/// Engine events processed by every run of this process so far: a counter for benchmarks of work
+/// made of many runs (one run's own count is [`Stats::events`]).
+pub fn events_processed() -> u64 {
+    EVENTS_PROCESSED.load(Ordering::Relaxed)
 }
 
 /// With `threads: 0`, a parallel run gives each thread at least this many PEs: below it, the
@@ -547,6 +558,7 @@ fn finish(
     for (_, s) in &pe_stats {
         total.accumulate(s);
     }
+    EVENTS_PROCESSED.fetch_add(events, Ordering::Relaxed);
     let stats = Stats {
         cycles: end,
         events,

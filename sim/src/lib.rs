@@ -54,7 +54,7 @@ mod trace;
 mod wavelet;
 
 pub use config::{ConfigError, FabricConfig, HARDWARE_COLORS, MAX_SIDE, SimdWidths};
-pub use engine::{Executed, RunOptions, Simulator, SinkLog};
+pub use engine::{Executed, RunOptions, Simulator, SinkLog, events_processed};
 pub use error::{BuildError, RunError, SimError, Stuck};
 pub use geometry::{Coord, Port, PortSet};
 pub use memory::{Buf, DType, VecRef};

@@ -21,7 +21,7 @@
 //!
 //! What is NOT here: the engine's behaviour within a cycle ([`crate::shard`]).
 
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use crate::shard::{Env, Msg, Shard};
@@ -205,22 +205,31 @@ fn post(shard: &mut Shard, me: usize, shared: &Shared, parity: usize, t: u64) ->
     earliest
 }
 
-/// A reusable barrier for a fixed number of threads that spins, then yields.
+/// A reusable barrier for a fixed number of threads: waiters spin briefly (the usual wait is a
+/// few microseconds), then sleep on a condition variable, so that on a busy machine a thread
+/// that has to wait gives its processor to the one it waits for.
 struct SpinBarrier {
     n: usize,
     arrived: AtomicUsize,
     generation: AtomicUsize,
+    /// Waiters asleep (or about to be) on `wake`.
+    sleepers: AtomicUsize,
+    lock: Mutex<()>,
+    wake: Condvar,
 }
 
 impl SpinBarrier {
-    /// Spins before yielding the processor to other threads.
-    const SPINS: u32 = 2000;
+    /// Spins before sleeping.
+    const SPINS: u32 = 1000;
 
     fn new(n: usize) -> Self {
         SpinBarrier {
             n,
             arrived: AtomicUsize::new(0),
             generation: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
         }
     }
 
@@ -231,22 +240,35 @@ impl SpinBarrier {
         if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
             self.arrived.store(0, Ordering::Relaxed);
             self.generation
-                .store(generation.wrapping_add(1), Ordering::Release);
+                .store(generation.wrapping_add(1), Ordering::SeqCst);
+            if self.sleepers.load(Ordering::SeqCst) > 0 {
+                // Taking the lock orders this wake after any sleeper's last check.
+                drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()));
+                self.wake.notify_all();
+            }
             return;
         }
-        let mut spins = 0;
-        while self.generation.load(Ordering::Acquire) == generation {
+        for _ in 0..Self::SPINS {
+            if self.generation.load(Ordering::Acquire) != generation {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        while self.generation.load(Ordering::SeqCst) == generation {
             assert!(
                 !poisoned.load(Ordering::Relaxed),
                 "another region's thread panicked"
             );
-            if spins < Self::SPINS {
-                spins += 1;
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+            let timeout = std::time::Duration::from_millis(10);
+            guard = match self.wake.wait_timeout(guard, timeout) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
         }
+        drop(guard);
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

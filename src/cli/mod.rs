@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod flops;
 mod gemm;
 mod init;
@@ -40,6 +41,8 @@ enum Command {
     Init(init::Args),
     /// Show a checkpoint's shape, parameter counts and the sparsity of its matrices.
     Inspect(inspect::Args),
+    /// Measure the simulator's speed and memory on fixed workloads, per thread count.
+    Bench(bench::Args),
 }
 
 /// Marks an error as the user's input being wrong (exit code 2), as opposed to a failure while
@@ -98,6 +101,7 @@ pub fn main() -> ExitCode {
         Command::Sweep(args) => sweep::run(args),
         Command::Init(args) => init::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
