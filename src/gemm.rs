@@ -36,6 +36,8 @@ pub struct GemmSpec {
     pub seed: u64,
     /// The region to run on; `None` picks [`default_region`].
     pub region: Option<Region>,
+    /// Stop a run still working at this cycle ([`RunOptions::cycle_limit`]); `None`: no limit.
+    pub cycle_limit: Option<u64>,
 }
 
 /// What one phase measured.
@@ -147,6 +149,27 @@ pub enum GemmError {
     #[error("{what} must be at least 1")]
     Empty { what: &'static str },
     #[error(
+        "sparsity {sparsity} prunes all {weights} weights of W: at least one must be kept for the reductions to be defined"
+    )]
+    AllPruned { sparsity: f64, weights: usize },
+    #[error("the region {cols} x {rows} is empty or outside the {width} x {height} fabric")]
+    RegionOutside {
+        cols: u32,
+        rows: u32,
+        width: u32,
+        height: u32,
+    },
+    #[error(
+        "the layer does not fit the region: a PE must hold at least {needed} bytes of X, Y and dY tiles but has {available}; use a bigger fabric or region, or fewer tokens"
+    )]
+    DoesNotFit { needed: u64, available: u64 },
+    #[error("{phase}: the fabric's output has a non-finite value ({value}) at flat index {index}")]
+    NonFinite {
+        phase: &'static str,
+        index: usize,
+        value: f32,
+    },
+    #[error(
         "executed FLOPs {executed} differ from the analytic {analytic} in {phase}: a simulator bug"
     )]
     FlopMismatch {
@@ -192,8 +215,10 @@ fn operands(spec: &GemmSpec) -> Result<Operands, GemmError> {
     })
 }
 
-/// Runs the experiment on `fabric`.
-pub fn run_gemm(spec: &GemmSpec, fabric: &FabricConfig) -> Result<GemmReport, GemmError> {
+/// Checks the experiment before anything is allocated: every size at least 1, a sparsity that
+/// keeps at least one weight, a region inside the fabric, and tiles that can fit a PE (a lower
+/// bound of what every phase's kernel holds: a `T x K` and a `T x N` tile). Returns the region.
+pub fn plan_gemm(spec: &GemmSpec, fabric: &FabricConfig) -> Result<Region, GemmError> {
     for (what, v) in [
         ("--m (tokens)", spec.tokens),
         ("--k", spec.k),
@@ -203,10 +228,51 @@ pub fn run_gemm(spec: &GemmSpec, fabric: &FabricConfig) -> Result<GemmReport, Ge
             return Err(GemmError::Empty { what });
         }
     }
-    let ops = operands(spec)?;
+    let sparsity = crate::sparsity::validate(spec.sparsity)?;
+    let weights = spec.k.saturating_mul(spec.n);
+    if crate::sparsity::pruned_count(weights, sparsity) == weights {
+        return Err(GemmError::AllPruned { sparsity, weights });
+    }
     let region = spec
         .region
         .unwrap_or_else(|| default_region(fabric, spec.tokens, spec.k, spec.n));
+    let empty = region.cols == 0 || region.rows == 0;
+    if empty || region.cols > fabric.width || region.rows > fabric.height {
+        return Err(GemmError::RegionOutside {
+            cols: region.cols,
+            rows: region.rows,
+            width: fabric.width,
+            height: fabric.height,
+        });
+    }
+    let (rows, cols) = (region.rows as usize, region.cols as usize);
+    let t_max = spec.tokens.div_ceil(rows) as u64;
+    let features = (spec.k.div_ceil(cols) as u64).saturating_add(spec.n.div_ceil(cols) as u64);
+    let needed = t_max
+        .saturating_mul(features)
+        .saturating_mul(spec.precision.bytes());
+    let available = u64::from(fabric.sram_bytes);
+    if needed > available {
+        return Err(GemmError::DoesNotFit { needed, available });
+    }
+    Ok(region)
+}
+
+/// Bytes of host memory the experiment's operands take (`X`, `dY`, `W` and its copies), `None`
+/// if that overflows.
+pub fn host_bytes(spec: &GemmSpec) -> Option<u64> {
+    let (t, k, n) = (spec.tokens as u64, spec.k as u64, spec.n as u64);
+    let values = t
+        .checked_mul(k)?
+        .checked_add(t.checked_mul(n)?)?
+        .checked_add(k.checked_mul(n)?.checked_mul(4)?)?;
+    values.checked_mul(4)
+}
+
+/// Runs the experiment on `fabric`.
+pub fn run_gemm(spec: &GemmSpec, fabric: &FabricConfig) -> Result<GemmReport, GemmError> {
+    let region = plan_gemm(spec, fabric)?;
+    let ops = operands(spec)?;
     let sparse = StreamedMatrix::from_dense(spec.k, spec.n, &ops.w, Some(ops.mask.keep()));
     let dense = StreamedMatrix::from_dense(spec.k, spec.n, &ops.w, None);
     let ctx = Ctx {
@@ -243,6 +309,13 @@ impl Ctx<'_> {
         dense: &StreamedMatrix,
     ) -> Result<PhaseResult, GemmError> {
         let (s_out, s_stats) = self.run(phase, sparse)?;
+        if let Some((index, &value)) = s_out.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(GemmError::NonFinite {
+                phase: phase.name(),
+                index,
+                value,
+            });
+        }
         let (_, d_stats) = self.run(phase, dense)?;
         let (t, k, n) = (
             self.spec.tokens as u64,
@@ -281,7 +354,10 @@ impl Ctx<'_> {
     fn run(&self, phase: Phase, w: &StreamedMatrix) -> Result<(Vec<f32>, Stats), GemmError> {
         let (t, ops, precision, region) =
             (self.spec.tokens, self.ops, self.spec.precision, self.region);
-        let options = RunOptions::default();
+        let options = RunOptions {
+            cycle_limit: self.spec.cycle_limit,
+            ..RunOptions::default()
+        };
         Ok(match phase {
             Phase::Forward => {
                 let run = StreamMatmul {
@@ -380,6 +456,7 @@ mod tests {
             precision,
             seed: 7,
             region: Some(Region::at_origin(4, 4)),
+            cycle_limit: None,
         }
     }
 
@@ -411,6 +488,57 @@ mod tests {
             // Inputs rounded to fp16 (relative 2^-11 each), fp32 accumulation over <= 24 terms.
             assert!(p.max_rel_error < 5e-3, "{:?}: {}", p.phase, p.max_rel_error);
         }
+    }
+
+    #[test]
+    fn impossible_specs_are_refused_before_anything_is_allocated() {
+        let fabric = FabricConfig::rectangle(4, 6).unwrap();
+        // round(0.99 x 16) = 16: every weight pruned.
+        let tiny = GemmSpec {
+            k: 4,
+            n: 4,
+            sparsity: 0.99,
+            ..spec(0.0, Precision::F32)
+        };
+        assert!(matches!(
+            run_gemm(&tiny, &fabric),
+            Err(GemmError::AllPruned { weights: 16, .. })
+        ));
+        // 2^62 tokens over 6 rows: far beyond 48 KiB per PE (and beyond host memory: this would
+        // abort in the allocator if the operands were drawn first).
+        let huge = GemmSpec {
+            tokens: 1 << 62,
+            region: None,
+            ..spec(0.0, Precision::F32)
+        };
+        assert!(matches!(
+            run_gemm(&huge, &fabric),
+            Err(GemmError::DoesNotFit {
+                available: 49152,
+                ..
+            })
+        ));
+        assert_eq!(host_bytes(&huge), None);
+        let outside = GemmSpec {
+            region: Some(Region::at_origin(5, 6)),
+            ..spec(0.0, Precision::F32)
+        };
+        assert!(matches!(
+            run_gemm(&outside, &fabric),
+            Err(GemmError::RegionOutside { cols: 5, .. })
+        ));
+    }
+
+    #[test]
+    fn a_cycle_limit_stops_a_phase_and_names_where_work_remains() {
+        let fabric = FabricConfig::rectangle(4, 6).unwrap();
+        let limited = GemmSpec {
+            cycle_limit: Some(20),
+            ..spec(0.0, Precision::F32)
+        };
+        let err = run_gemm(&limited, &fabric).unwrap_err().to_string();
+        assert!(err.starts_with("cycle limit 20 reached"), "{err}");
+        assert!(err.contains("PE ("), "{err}");
     }
 
     #[test]

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use serde_json::{Value, json};
 use wafersim_kernels::{Precision, Region};
 
-use super::{bad_input, load_fabric, write_json};
+use super::{bad_input, guard, load_fabric, write_json};
 use crate::flops::Phase;
-use crate::gemm::{GemmReport, GemmSpec, PhaseResult, run_gemm};
+use crate::gemm::{GemmError, GemmReport, GemmSpec, PhaseResult, host_bytes, plan_gemm, run_gemm};
 
 /// Arguments of `wafersim gemm`.
 #[derive(clap::Args)]
@@ -48,6 +48,9 @@ pub struct Args {
     /// Also write the results as JSON (schema wafersim.gemm/v1).
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+    /// Stop (exit code 1, naming where work remains) if a run is still working at this cycle.
+    #[arg(long, value_name = "CYCLES")]
+    cycle_limit: Option<u64>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -93,16 +96,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         precision: args.dtype.precision(),
         seed: args.seed,
         region,
+        cycle_limit: args.cycle_limit,
     };
-    let report = run_gemm(&spec, &fabric).map_err(|e| match e {
-        crate::gemm::GemmError::Empty { .. } | crate::gemm::GemmError::Sparsity(_) => {
-            bad_input("gemm", e)
-        }
-        crate::gemm::GemmError::Kernel(wafersim_kernels::KernelError::Shape { .. }) => {
+    let plan_error = |e| match e {
+        e @ (GemmError::Empty { .. } | GemmError::Sparsity(_)) => bad_input("gemm", e),
+        e @ GemmError::AllPruned { .. } => bad_input("--sparsity", e),
+        e @ (GemmError::RegionOutside { .. }
+        | GemmError::Kernel(wafersim_kernels::KernelError::Shape { .. })) => {
             bad_input("--region", e)
         }
         other => anyhow::Error::new(other),
-    })?;
+    };
+    plan_gemm(&spec, &fabric).map_err(plan_error)?;
+    if let Some(path) = &args.json {
+        guard::check_output_file("--json", path)?;
+    }
+    guard::check_host_memory("the layer's operands", host_bytes(&spec))?;
+    let report = run_gemm(&spec, &fabric).map_err(plan_error)?;
     print_report(&report, &fabric);
     if let Some(path) = &args.json {
         write_json(path, &report_json(&report, &fabric))?;

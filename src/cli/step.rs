@@ -12,10 +12,10 @@ use serde_json::{Value, json};
 use wafersim_kernels::Precision;
 use wafersim_sim::FabricConfig;
 
-use super::{bad_input, load_fabric, write_json};
+use super::{bad_input, guard, load_fabric};
 use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopOptions, NnzSource, StepShape};
-use crate::model::checkpoint::{hf_named_tensors, write_safetensors_atomic};
+use crate::model::checkpoint::{hf_named_tensors, stage_bytes, stage_f32_safetensors};
 use crate::model::{GptConfig, GptParams, init_params, load_checkpoint};
 use crate::reference::{AdamState, AdamW, Batch};
 use crate::runtime::{StepInputs, StepRun, run_step};
@@ -55,7 +55,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "fp32")]
     dtype: super::gemm::DtypeArg,
     /// AdamW learning rate.
-    #[arg(long, default_value_t = 6e-4)]
+    #[arg(long, default_value_t = 6e-4, allow_hyphen_values = true)]
     lr: f64,
     /// Skip timing the dense baseline (halves the matmul simulation time).
     #[arg(long)]
@@ -66,12 +66,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // Everything about the inputs is checked before anything large is allocated or simulated.
     let fabric = load_fabric(&args.fabric)?;
-    let (config, mut params) = load_model(&args)?;
-    let masks = masks(&args, &config, &params)?;
-    masks
-        .apply(&mut params)
-        .map_err(|e| bad_input("--sparsity", e))?;
+    let opt = AdamW::new(args.lr);
+    opt.validate().map_err(|e| bad_input("--lr", e))?;
+    let (config, checkpoint_params) = load_model(&args)?;
     let batch = load_batch(&args, &config)?;
     let precision = args.dtype.precision();
     let plan =
@@ -79,7 +78,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             e @ CompileError::DoesNotFit { .. } => anyhow::Error::new(e),
             e => bad_input("--fabric", e),
         })?;
-    prepare_out(&args.out)?;
+    guard::check_output_folder("--out", &args.out, &OUTPUT_FILES)?;
+    let mut params = match checkpoint_params {
+        Some(params) => params,
+        None => {
+            let bytes = guard::f32_bytes(config.total_params() as u64);
+            guard::check_host_memory("the model's parameters", bytes)?;
+            init_params(&config, args.seed)
+        }
+    };
+    let masks = masks(&args, &config, &params)?;
+    masks
+        .apply(&mut params)
+        .map_err(|e| bad_input("--sparsity", e))?;
     let started = Instant::now();
     let inputs = StepInputs {
         config: &config,
@@ -113,7 +124,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             analytic.matmul_sparse()
         );
     }
-    let opt = AdamW::new(args.lr);
     let mut updated = params.clone();
     opt.step(
         &mut updated,
@@ -121,6 +131,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &masks,
         &mut AdamState::new(&params),
     )?;
+    check_results(&step, &updated)?;
     let summary = Summary {
         config: &config,
         plan: &plan,
@@ -134,14 +145,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     write_outputs(&args.out, &summary, &params, &updated, args.seed, wall)
 }
 
-fn load_model(args: &Args) -> anyhow::Result<(GptConfig, GptParams)> {
+/// The files `--out` receives.
+const OUTPUT_FILES: [&str; 4] = [
+    "weights.safetensors",
+    "grads.safetensors",
+    "updated.safetensors",
+    "report.json",
+];
+
+/// A NaN or infinite loss, gradient or updated weight is an error, never a reported number.
+fn check_results(step: &StepRun, updated: &GptParams) -> anyhow::Result<()> {
+    if !step.loss.is_finite() {
+        anyhow::bail!(
+            "the loss is {} (non-finite): nothing was written; with --dtype fp16, activations may overflow",
+            step.loss
+        );
+    }
+    guard::check_finite("the gradients", &step.grads)?;
+    guard::check_finite("the updated weights (is --lr too large?)", updated)
+}
+
+/// The model's shape, and its weights when they come from a checkpoint (a preset's are drawn
+/// once the step is known to fit).
+fn load_model(args: &Args) -> anyhow::Result<(GptConfig, Option<GptParams>)> {
     if let Some(dir) = &args.checkpoint {
-        return load_checkpoint(dir).map_err(|e| bad_input("--checkpoint", e));
+        let (config, params) = load_checkpoint(dir).map_err(|e| bad_input("--checkpoint", e))?;
+        return Ok((config, Some(params)));
     }
     let name = args.model.as_deref().unwrap_or("tiny");
     let config = GptConfig::preset(name).map_err(|e| bad_input("--model", e))?;
-    let params = init_params(&config, args.seed);
-    Ok((config, params))
+    Ok((config, None))
 }
 
 fn masks(args: &Args, config: &GptConfig, params: &GptParams) -> anyhow::Result<ModelMasks> {
@@ -153,54 +186,24 @@ fn masks(args: &Args, config: &GptConfig, params: &GptParams) -> anyhow::Result<
 }
 
 fn load_batch(args: &Args, config: &GptConfig) -> anyhow::Result<Batch> {
-    let (batch, seq, tokens) = match &args.tokens {
-        Some(path) => read_tokens(path)?,
-        None => {
-            let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-            rng.set_stream(u64::MAX);
-            let n = args.batch * args.seq;
-            (
-                args.batch,
-                args.seq,
-                (0..n)
-                    .map(|_| rng.random_range(0..config.vocab_size as u32))
-                    .collect(),
-            )
-        }
-    };
-    let what = match &args.tokens {
-        Some(p) => format!("--tokens {}", p.display()),
-        None => "--batch/--seq".into(),
-    };
-    Batch::new(config, batch, seq, tokens).map_err(|e| bad_input(what, e))
+    if let Some(path) = &args.tokens {
+        return read_tokens(path, config);
+    }
+    let what = "--batch/--seq";
+    guard::check_batch_shape(what, config, args.batch, args.seq)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    rng.set_stream(u64::MAX);
+    let tokens = (0..args.batch * args.seq)
+        .map(|_| rng.random_range(0..config.vocab_size as u32))
+        .collect();
+    Batch::new(config, args.batch, args.seq, tokens).map_err(|e| bad_input(what, e))
 }
 
-/// A JSON array of equally long arrays of token ids.
-pub(crate) fn read_tokens(path: &Path) -> anyhow::Result<(usize, usize, Vec<u32>)> {
+/// A token file: a JSON array of equally long arrays of token ids.
+pub(crate) fn read_tokens(path: &Path, config: &GptConfig) -> anyhow::Result<Batch> {
     let what = || format!("--tokens {}", path.display());
     let text = std::fs::read_to_string(path).map_err(|e| bad_input(what(), e))?;
-    let rows: Vec<Vec<u32>> = serde_json::from_str(&text).map_err(|e| {
-        bad_input(
-            what(),
-            anyhow::anyhow!("expected an array of arrays of token ids: {e}"),
-        )
-    })?;
-    let seq = rows.first().map_or(0, Vec::len);
-    if let Some((i, r)) = rows.iter().enumerate().find(|(_, r)| r.len() != seq) {
-        return Err(bad_input(
-            what(),
-            anyhow::anyhow!("sequence {i} has {} tokens, sequence 0 has {seq}", r.len()),
-        ));
-    }
-    Ok((rows.len(), seq, rows.concat()))
-}
-
-/// Creates the output folder (its parent must exist).
-fn prepare_out(dir: &Path) -> anyhow::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::create_dir(dir).map_err(|e| bad_input(format!("--out {}", dir.display()), e))
+    Batch::from_json(config, &text).map_err(|e| bad_input(what(), e))
 }
 
 struct Summary<'a> {
@@ -282,20 +285,31 @@ fn write_outputs(
     seed: u64,
     wall: f64,
 ) -> anyhow::Result<()> {
-    for (name, params) in [
-        ("weights.safetensors", weights),
-        ("grads.safetensors", &s.step.grads),
-        ("updated.safetensors", updated),
-    ] {
-        let named = hf_named_tensors(params);
-        let views: Vec<_> = named
-            .iter()
-            .map(|(n, shape, data)| (n.clone(), shape.clone(), &data[..]))
-            .collect();
-        write_safetensors_atomic(&dir.join(name), &views)
-            .with_context(|| format!("writing {name}"))?;
-    }
-    write_json(&dir.join("report.json"), &report_json(s, seed, wall))
+    let [weights_file, grads_file, updated_file, report_file] = OUTPUT_FILES;
+    guard::write_all(dir, |dir| {
+        let mut staged = Vec::new();
+        for (name, params) in [
+            (weights_file, weights),
+            (grads_file, &s.step.grads),
+            (updated_file, updated),
+        ] {
+            let named = hf_named_tensors(params);
+            let views: Vec<_> = named
+                .iter()
+                .map(|(n, shape, data)| (n.clone(), shape.clone(), &data[..]))
+                .collect();
+            staged.push(
+                stage_f32_safetensors(&dir.join(name), &views)
+                    .with_context(|| format!("writing {name}"))?,
+            );
+        }
+        let report = super::json_text(&report_json(s, seed, wall))?;
+        staged.push(
+            stage_bytes(&dir.join(report_file), report.as_bytes())
+                .with_context(|| format!("writing {report_file}"))?,
+        );
+        Ok(staged)
+    })
 }
 
 fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
