@@ -70,6 +70,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let fabric = load_fabric(&args.fabric)?;
     let opt = AdamW::new(args.lr);
     opt.validate().map_err(|e| bad_input("--lr", e))?;
+    if let Some(s) = args.sparsity {
+        crate::sparsity::validate(s).map_err(|e| bad_input("--sparsity", e))?;
+    }
     let (config, checkpoint_params) = load_model(&args)?;
     let batch = load_batch(&args, &config)?;
     let precision = args.dtype.precision();

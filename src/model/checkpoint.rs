@@ -79,7 +79,14 @@ pub fn read_config(path: &Path) -> Result<GptConfig> {
 /// gradients or moments, since they carry the same names and shapes.
 pub fn read_params(path: &Path, config: &GptConfig) -> Result<GptParams> {
     let bytes = fs::read(path).map_err(|e| io_error("read", path, e))?;
-    let file = SafeTensors::deserialize(&bytes).map_err(|source| ModelError::Safetensors {
+    params_from_safetensors(path, &bytes, config)
+}
+
+/// [`read_params`] on the bytes of a safetensors file already in memory; `path` only names the
+/// file in errors. Any bytes give parameters or an error, never a panic (this is the checkpoint
+/// reader's fuzzing entry point).
+pub fn params_from_safetensors(path: &Path, bytes: &[u8], config: &GptConfig) -> Result<GptParams> {
+    let file = SafeTensors::deserialize(bytes).map_err(|source| ModelError::Safetensors {
         path: path.to_path_buf(),
         source,
     })?;
