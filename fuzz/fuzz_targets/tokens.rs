@@ -1,18 +1,7 @@
-//! The token-file parser (`Batch::from_json`) on any text, against the `tiny` preset: a batch or
-//! an error, never a panic; an accepted batch is valid.
+//! The token-file parser (`Batch::from_json`) on any bytes. The checks are in `fuzz/harness.rs`, shared with the
+//! replay of the regression inputs in `tests/fuzz_regressions.rs`.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use wafersim::model::GptConfig;
-use wafersim::reference::Batch;
+include!("../harness.rs");
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let config = GptConfig::preset("tiny").expect("tiny exists");
-    if let Ok(batch) = Batch::from_json(&config, text) {
-        assert!(batch.validate(&config).is_ok());
-        assert_eq!(batch.tokens.len(), batch.batch * batch.seq);
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness_tokens(data));
