@@ -15,11 +15,13 @@ use wafersim_sim::FabricConfig;
 use super::{bad_input, load_fabric, write_json};
 use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopOptions, NnzSource, StepShape};
-use crate::model::checkpoint::{hf_named_tensors, write_safetensors_atomic};
-use crate::model::{GptConfig, GptParams, init_params, load_checkpoint};
+use crate::model::checkpoint::{
+    CONFIG_FILE, WEIGHTS_FILE, hf_named_tensors, read_config, read_params, write_safetensors_atomic,
+};
+use crate::model::{GptConfig, GptParams, init_params};
 use crate::reference::{AdamState, AdamW, Batch};
 use crate::runtime::{StepInputs, StepRun, run_step};
-use crate::sparsity::ModelMasks;
+use crate::sparsity::{self, ModelMasks};
 
 /// Arguments of `wafersim step`.
 #[derive(clap::Args)]
@@ -66,46 +68,22 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let fabric = load_fabric(&args.fabric)?;
-    let (config, mut params) = load_model(&args)?;
-    let masks = masks(&args, &config, &params)?;
-    masks
-        .apply(&mut params)
-        .map_err(|e| bad_input("--sparsity", e))?;
-    let batch = load_batch(&args, &config)?;
-    let precision = args.dtype.precision();
-    let plan =
-        plan_step(&config, batch.batch, batch.seq, &fabric, precision).map_err(|e| match e {
-            e @ CompileError::DoesNotFit { .. } => anyhow::Error::new(e),
-            e => bad_input("--fabric", e),
-        })?;
-    prepare_out(&args.out)?;
+    let setup = Setup::check(&args)?;
+    let (params, masks) = load_weights(&args, &setup.config)?;
+    let opt = AdamW::new(args.lr);
     let started = Instant::now();
     let inputs = StepInputs {
-        config: &config,
+        config: &setup.config,
         params: &params,
         masks: &masks,
-        batch: &batch,
-        fabric: &fabric,
-        plan: &plan,
+        batch: &setup.batch,
+        fabric: &setup.fabric,
+        plan: &setup.plan,
         dense_baseline: !args.no_dense_baseline,
     };
     let step = run_step(inputs)?;
     let wall = started.elapsed().as_secs_f64();
-    let shape = StepShape {
-        batch: batch.batch,
-        seq: batch.seq,
-    };
-    let nnz = NnzSource::from_fn(&config, |l, k| {
-        masks.get(l, k).map_or(0, |m| m.nnz() as u64)
-    })?;
-    let analytic = flops::step_flops(&config, shape, &nnz, FlopOptions::default())?;
-    let dense = flops::step_flops(
-        &config,
-        shape,
-        &NnzSource::dense(&config),
-        FlopOptions::default(),
-    )?;
+    let (analytic, dense) = analytic_flops(&setup, &masks)?;
     if step.cost.executed_matmul_flops() != analytic.matmul_sparse() {
         anyhow::bail!(
             "executed matmul FLOPs {} differ from the analytic {}: a simulator bug",
@@ -113,7 +91,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             analytic.matmul_sparse()
         );
     }
-    let opt = AdamW::new(args.lr);
     let mut updated = params.clone();
     opt.step(
         &mut updated,
@@ -122,26 +99,99 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &mut AdamState::new(&params),
     )?;
     let summary = Summary {
-        config: &config,
-        plan: &plan,
-        fabric: &fabric,
+        config: &setup.config,
+        plan: &setup.plan,
+        fabric: &setup.fabric,
         masks: &masks,
         step: &step,
         dense_flops: dense.matmul_dense(),
         analytic: &analytic,
+        dense_timed: !args.no_dense_baseline,
     };
-    print_summary(&summary, !args.no_dense_baseline);
+    print_summary(&summary);
     write_outputs(&args.out, &summary, &params, &updated, args.seed, wall)
 }
 
-fn load_model(args: &Args) -> anyhow::Result<(GptConfig, GptParams)> {
+/// Everything about a step that can be checked before any weight is drawn or read, so that bad
+/// input and a model too large for the fabric are refused at once (not after initialising a
+/// billion weights), and before the output folder is created.
+struct Setup {
+    fabric: FabricConfig,
+    config: GptConfig,
+    batch: Batch,
+    plan: StepPlan,
+}
+
+impl Setup {
+    fn check(args: &Args) -> anyhow::Result<Self> {
+        let fabric = load_fabric(&args.fabric)?;
+        let config = load_config(args)?;
+        if let Some(s) = args.sparsity {
+            sparsity::validate(s).map_err(|e| bad_input("--sparsity", e))?;
+        }
+        AdamW::new(args.lr)
+            .validate()
+            .map_err(|e| bad_input("--lr", e))?;
+        let batch = load_batch(args, &config)?;
+        let precision = args.dtype.precision();
+        let plan =
+            plan_step(&config, batch.batch, batch.seq, &fabric, precision).map_err(
+                |e| match e {
+                    e @ CompileError::DoesNotFit { .. } => anyhow::Error::new(e),
+                    e => bad_input("--fabric", e),
+                },
+            )?;
+        check_out(&args.out)?;
+        Ok(Setup {
+            fabric,
+            config,
+            batch,
+            plan,
+        })
+    }
+}
+
+fn load_config(args: &Args) -> anyhow::Result<GptConfig> {
     if let Some(dir) = &args.checkpoint {
-        return load_checkpoint(dir).map_err(|e| bad_input("--checkpoint", e));
+        return read_config(&dir.join(CONFIG_FILE)).map_err(|e| bad_input("--checkpoint", e));
     }
     let name = args.model.as_deref().unwrap_or("tiny");
-    let config = GptConfig::preset(name).map_err(|e| bad_input("--model", e))?;
-    let params = init_params(&config, args.seed);
-    Ok((config, params))
+    GptConfig::preset(name).map_err(|e| bad_input("--model", e))
+}
+
+/// The weights (pruned entries zeroed) and the masks.
+fn load_weights(args: &Args, config: &GptConfig) -> anyhow::Result<(GptParams, ModelMasks)> {
+    let mut params = match &args.checkpoint {
+        Some(dir) => read_params(&dir.join(WEIGHTS_FILE), config)
+            .map_err(|e| bad_input("--checkpoint", e))?,
+        None => init_params(config, args.seed),
+    };
+    let masks = masks(args, config, &params)?;
+    masks
+        .apply(&mut params)
+        .map_err(|e| bad_input("--sparsity", e))?;
+    Ok((params, masks))
+}
+
+/// The analytic matmul FLOPs of the step: `(sparse, dense)`.
+fn analytic_flops(
+    setup: &Setup,
+    masks: &ModelMasks,
+) -> anyhow::Result<(flops::FlopReport, flops::FlopReport)> {
+    let config = &setup.config;
+    let shape = StepShape {
+        batch: setup.batch.batch,
+        seq: setup.batch.seq,
+    };
+    let nnz = NnzSource::from_fn(config, |l, k| masks.get(l, k).map_or(0, |m| m.nnz() as u64))?;
+    let sparse = flops::step_flops(config, shape, &nnz, FlopOptions::default())?;
+    let dense = flops::step_flops(
+        config,
+        shape,
+        &NnzSource::dense(config),
+        FlopOptions::default(),
+    )?;
+    Ok((sparse, dense))
 }
 
 fn masks(args: &Args, config: &GptConfig, params: &GptParams) -> anyhow::Result<ModelMasks> {
@@ -195,12 +245,40 @@ pub(crate) fn read_tokens(path: &Path) -> anyhow::Result<(usize, usize, Vec<u32>
     Ok((rows.len(), seq, rows.concat()))
 }
 
-/// Creates the output folder (its parent must exist).
-fn prepare_out(dir: &Path) -> anyhow::Result<()> {
+/// Checks that `--out` can be written without creating anything: an existing folder, or a new
+/// name in an existing folder.
+fn check_out(dir: &Path) -> anyhow::Result<()> {
+    let what = || format!("--out {}", dir.display());
     if dir.is_dir() {
         return Ok(());
     }
-    std::fs::create_dir(dir).map_err(|e| bad_input(format!("--out {}", dir.display()), e))
+    if dir.exists() {
+        return Err(bad_input(
+            what(),
+            anyhow::anyhow!("exists and is not a folder"),
+        ));
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(bad_input(
+            what(),
+            anyhow::anyhow!("the parent folder {} does not exist", parent.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the output folder if missing; returns whether it was created here.
+fn create_out(dir: &Path) -> anyhow::Result<bool> {
+    if dir.is_dir() {
+        return Ok(false);
+    }
+    std::fs::create_dir(dir)
+        .map_err(|e| bad_input(format!("--out {}", dir.display()), e))
+        .map(|()| true)
 }
 
 struct Summary<'a> {
@@ -211,9 +289,23 @@ struct Summary<'a> {
     step: &'a StepRun,
     dense_flops: u64,
     analytic: &'a flops::FlopReport,
+    /// Whether the dense baseline was timed (`--no-dense-baseline` not given). Without it, the
+    /// records' dense cycles merely repeat the sparse ones and are not reported.
+    dense_timed: bool,
 }
 
-fn print_summary(s: &Summary<'_>, with_dense: bool) {
+impl Summary<'_> {
+    /// `cycles` as a JSON number when the dense baseline was timed, `null` when it was not.
+    fn dense_json(&self, cycles: u64) -> Value {
+        if self.dense_timed {
+            json!(cycles)
+        } else {
+            Value::Null
+        }
+    }
+}
+
+fn print_summary(s: &Summary<'_>) {
     let (c, p, cost) = (s.config, s.plan, &s.step.cost);
     println!(
         "step: {} layers x {}, batch {} x {} tokens, sparsity {:.4}, {} on {} ({} x {} PEs), region {} x {}",
@@ -238,7 +330,7 @@ fn print_summary(s: &Summary<'_>, with_dense: bool) {
         s.dense_flops,
         s.dense_flops as f64 / sparse as f64
     );
-    if with_dense {
+    if s.dense_timed {
         println!(
             "cycles: {} against {} dense ({:.3}x fewer); {:.1} us at {} MHz",
             cost.cycles(),
@@ -260,6 +352,11 @@ fn print_summary(s: &Summary<'_>, with_dense: bool) {
         "operation", "cycles", "dense", "share"
     );
     for (name, cycles, dense) in cost.by_op() {
+        let dense = if s.dense_timed {
+            dense.to_string()
+        } else {
+            "-".into()
+        };
         println!(
             "{name:<16} {cycles:>12} {dense:>12} {:>7.1}%",
             100.0 * cycles as f64 / cost.cycles() as f64
@@ -274,6 +371,9 @@ fn precision_name(p: Precision) -> &'static str {
     }
 }
 
+/// Writes the four output files. Each is written atomically; if one fails, the ones already
+/// written by this call are removed again (and the folder, if created here), so an error leaves
+/// no partial result.
 fn write_outputs(
     dir: &Path,
     s: &Summary<'_>,
@@ -281,6 +381,29 @@ fn write_outputs(
     updated: &GptParams,
     seed: u64,
     wall: f64,
+) -> anyhow::Result<()> {
+    let created = create_out(dir)?;
+    let mut written: Vec<PathBuf> = Vec::new();
+    let result = write_each(dir, s, weights, updated, seed, wall, &mut written);
+    if result.is_err() {
+        for path in &written {
+            let _ = std::fs::remove_file(path);
+        }
+        if created {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+    result
+}
+
+fn write_each(
+    dir: &Path,
+    s: &Summary<'_>,
+    weights: &GptParams,
+    updated: &GptParams,
+    seed: u64,
+    wall: f64,
+    written: &mut Vec<PathBuf>,
 ) -> anyhow::Result<()> {
     for (name, params) in [
         ("weights.safetensors", weights),
@@ -292,10 +415,14 @@ fn write_outputs(
             .iter()
             .map(|(n, shape, data)| (n.clone(), shape.clone(), &data[..]))
             .collect();
-        write_safetensors_atomic(&dir.join(name), &views)
-            .with_context(|| format!("writing {name}"))?;
+        let path = dir.join(name);
+        write_safetensors_atomic(&path, &views).with_context(|| format!("writing {name}"))?;
+        written.push(path);
     }
-    write_json(&dir.join("report.json"), &report_json(s, seed, wall))
+    let path = dir.join("report.json");
+    write_json(&path, &report_json(s, seed, wall))?;
+    written.push(path);
+    Ok(())
 }
 
 fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
@@ -307,14 +434,16 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         .map(|(phase, cycles, dense)| {
             (
                 phase.name().to_string(),
-                json!({"cycles": cycles, "dense_cycles": dense}),
+                json!({"cycles": cycles, "dense_cycles": s.dense_json(dense)}),
             )
         })
         .collect();
     let by_op: Vec<Value> = cost
         .by_op()
         .into_iter()
-        .map(|(op, cycles, dense)| json!({"op": op, "cycles": cycles, "dense_cycles": dense}))
+        .map(|(op, cycles, dense)| {
+            json!({"op": op, "cycles": cycles, "dense_cycles": s.dense_json(dense)})
+        })
         .collect();
     let ops: Vec<Value> = cost
         .records
@@ -322,7 +451,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         .map(|r| {
             json!({
                 "layer": r.op.layer, "op": r.op.name, "phase": r.op.phase.name(),
-                "cycles": r.cycles, "dense_cycles": r.dense_cycles,
+                "cycles": r.cycles, "dense_cycles": s.dense_json(r.dense_cycles),
                 "flops_executed": 2 * r.fmacs, "busy_cycles": r.busy_cycles, "router_forwards": r.router_forwards,
             })
         })
@@ -347,8 +476,12 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         },
         "cycles": {
             "total": cost.cycles(),
-            "dense_baseline": cost.dense_cycles(),
-            "reduction": cost.dense_cycles() as f64 / cost.cycles() as f64,
+            "dense_baseline": s.dense_json(cost.dense_cycles()),
+            "reduction": if s.dense_timed {
+                json!(cost.dense_cycles() as f64 / cost.cycles() as f64)
+            } else {
+                Value::Null
+            },
             "by_phase": by_phase,
             "by_op": by_op,
         },
