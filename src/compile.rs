@@ -122,10 +122,23 @@ fn resident_bytes(config: &GptConfig, seq: usize, region: Region, tokens: usize)
     let width = |features: usize| Split::new(features, cols).max_len() as u64;
     let d = width(config.n_embd);
     let f = width(config.n_inner);
-    let heads = (config.n_head / cols) as u64;
+    let heads = heads_per_column(config, cols);
     let per_token_layer = 8 * d + 2 * f + 4 + heads * seq as u64;
     let per_token_head = 2 * d + 2 + width(config.vocab_size);
     (4 * t_r * per_token_layer, 4 * t_r * per_token_head)
+}
+
+/// The most attention heads any of `cols` columns holds features of (whole or in part): the
+/// heads whose probabilities it keeps.
+fn heads_per_column(config: &GptConfig, cols: usize) -> u64 {
+    let features = Split::new(config.n_embd, cols);
+    let hd = config.head_dim().max(1);
+    (0..cols)
+        .map(|c| features.block(c))
+        .filter(|f| !f.is_empty())
+        .map(|f| (f.end - 1) / hd - f.start / hd + 1)
+        .max()
+        .unwrap_or(0) as u64
 }
 
 #[cfg(test)]
@@ -162,6 +175,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(plan.region.cols, 4, "the largest divisor of 8 not above 6");
+    }
+
+    #[test]
+    fn each_column_keeps_the_probabilities_of_every_head_it_touches() {
+        let tiny = GptConfig::preset("tiny").unwrap(); // 4 heads of 16
+        // 4 columns: one whole head each; 2 columns: two whole heads.
+        assert_eq!(
+            (heads_per_column(&tiny, 4), heads_per_column(&tiny, 2)),
+            (1, 2)
+        );
+        // 16 columns of 4 features: a quarter of one head each.
+        assert_eq!(heads_per_column(&tiny, 16), 1);
+        // 6 columns of 11, 11, 11, 11, 10, 10 features: column 1 holds features 11-21, the end
+        // of head 0 and the start of head 1.
+        assert_eq!(heads_per_column(&tiny, 6), 2);
     }
 
     #[test]
