@@ -409,6 +409,24 @@ fn the_estimate_of_a_wafer_scale_shape_is_quick_and_dominated_by_compute() {
         Err(KernelError::DoesNotFit { needed, .. }) => assert_eq!(needed, 1_085_476),
         other => panic!("expected DoesNotFit, got {other:?}"),
     }
+    // The same sequences over the wafer's 750 columns: 274 columns of 2 features, then 476 of
+    // 1, so heads 0-7 lie on 32 columns each, head 8 on 46 and heads 9-15 on 64. The products shrink to at most
+    // 2 x 2048 x 2 x 6 = 49,152 cycles per PE, and the estimate must come out far below the
+    // 16-column one; the softmax (repeated on every column of a head) and the row sums of
+    // 2 x 2048 x 4 values per head now weigh as much as the products.
+    let wide = Attention {
+        region: Region::at_origin(750, 512),
+        ..attention
+    };
+    let started = std::time::Instant::now();
+    let wide_estimate = wide.estimate_cycles(&config);
+    let took = started.elapsed();
+    eprintln!("S 2048, 16 heads of 64, 750 x 512 PEs: estimate {wide_estimate} cycles in {took:?}");
+    assert!(wide_estimate > 49_152, "{wide_estimate}");
+    assert!(
+        wide_estimate < estimate / 4,
+        "{wide_estimate} vs {estimate}"
+    );
 }
 
 #[test]
@@ -534,4 +552,12 @@ fn a_head_over_columns_is_summed_along_its_row_only() {
         assert_eq!((west(1, r, 11), west(3, r, 11)), (32, 32), "row {r}");
         assert_eq!((east(1, r, 9), west(2, r, 10)), (0, 0), "row {r}");
     }
+}
+
+#[test]
+fn a_training_steps_shape_on_4_and_16_columns() {
+    // B = 2, S = 32, 4 heads of 16 over 16 rows (4 tokens each): one whole head per column on
+    // 4 columns, each head over 4 columns on 16.
+    check(2, 32, 4, 64, 4, 16, 0.25);
+    check(2, 32, 4, 64, 16, 16, 0.25);
 }
