@@ -513,15 +513,29 @@ fn window_parts(g: &Geometry, c: usize, r: usize, buf: Buf) -> Vec<Part> {
         .collect()
 }
 
-/// The shared heads' blocks of `buf` (one `tokens x keys` block per head, `block` elements,
-/// the `k`-th shared head at `k * block`, or at its index among all local heads if `by_local`)
-/// as members of their column groups.
-fn members(w: &PeWork, buf: Buf, block: u32, by_local: bool) -> Vec<Member> {
+/// Which heads a buffer of `tokens x keys` blocks holds, one block per head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Blocks {
+    /// Every local head (the probabilities).
+    AllHeads,
+    /// The shared heads only (the backward's dP).
+    SharedHeads,
+}
+
+/// The shared heads' blocks of `buf` (`block` elements each, laid out as `blocks` says) as
+/// members of their column groups.
+fn members(w: &PeWork, buf: Buf, block: u32, blocks: Blocks) -> Vec<Member> {
     w.shared_heads()
         .enumerate()
-        .map(|(k, (i, head))| Member {
-            group: head.group.clone(),
-            data: buf.slice(if by_local { i } else { k as u32 } * block, block),
+        .map(|(k, (i, head))| {
+            let at = match blocks {
+                Blocks::AllHeads => i,
+                Blocks::SharedHeads => k as u32,
+            };
+            Member {
+                group: head.group.clone(),
+                data: buf.slice(at * block, block),
+            }
         })
         .collect()
 }
@@ -669,7 +683,12 @@ impl Attention<'_> {
             sum: p.alloc_zeros(pe, "row_sum", DType::F32, longest)?,
         };
         let work = g.work(cu, ru, self.shape.scale);
-        let members = members(&work, bufs.probs, g.head_block_len(ru) as u32, true);
+        let members = members(
+            &work,
+            bufs.probs,
+            g.head_block_len(ru) as u32,
+            Blocks::AllHeads,
+        );
         GATHER.install(p, self.region, c, r)?;
         SUMS.install(p, self.region, (c, r), &members)?;
 
@@ -838,7 +857,9 @@ impl AttentionBackward<'_> {
         } else {
             None
         };
-        let members = dp.map_or_else(Vec::new, |dp| members(&work, dp, block as u32, false));
+        let members = dp.map_or_else(Vec::new, |dp| {
+            members(&work, dp, block as u32, Blocks::SharedHeads)
+        });
         GATHER.install(p, self.region, c, r)?;
         REDUCE.install(p, self.region, c, r)?;
         SUMS.install(p, self.region, (c, r), &members)?;

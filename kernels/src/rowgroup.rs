@@ -140,19 +140,9 @@ impl GroupAllReduce {
         Ok(())
     }
 
-    /// Elements of SRAM a PE taking part in `members` uses: a counter when it takes part in
-    /// more than one group.
-    pub fn sram_elements(members: &[Member]) -> u64 {
-        u64::from(shared(members).count() > 1)
-    }
-
-    /// Tasks [`GroupAllReduce::place`] creates for `members`: one per group.
-    pub fn tasks(members: &[Member]) -> usize {
-        shared(members).count()
-    }
-
     /// Places column `c`'s part on `pe`: one task per group (it counts the group done, or on
-    /// the group's last column sends the total back first), and a counter if there are several.
+    /// the group's last column sends the total back first), and a one-element f32 counter if
+    /// there are several.
     /// `done` is activated once every member's data holds its group's sum. `members` must not
     /// overlap but at one column (the groups of a row's contiguous feature blocks never do).
     pub fn place(
