@@ -22,6 +22,7 @@ pub mod join;
 pub mod layernorm;
 pub mod layout;
 pub mod matmul;
+pub mod rowgroup;
 pub mod rowmax;
 pub mod sparse;
 mod tiles;
@@ -44,6 +45,7 @@ pub use layernorm::{
 };
 pub use layout::{Region, Split, Tiling};
 pub use matmul::{MatmulPlan, MatmulRun, StreamMatmul};
+pub use rowgroup::GroupAllReduce;
 pub use rowmax::RowMaxAllReduce;
 pub use sparse::StreamedMatrix;
 pub use vchain::VerticalChain;
