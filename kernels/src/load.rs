@@ -123,7 +123,7 @@ mod tests {
     fn a_matrix_counts_as_its_entries() {
         let keep = [true, false, true, true, true, false];
         let w = StreamedMatrix::from_dense(2, 3, &[1.0; 6], Some(&keep));
-        let one_chunk = vec![0..3];
+        let one_chunk = std::iter::once(0..3).collect::<Vec<_>>();
         let load = StreamLoad::of_matrix(&w, Split::new(2, 2), &one_chunk);
         // Row 0 keeps columns 0 and 2, row 1 keeps columns 0 and 1.
         assert_eq!((load.get(0, 0), load.get(0, 1)), (2, 2));
