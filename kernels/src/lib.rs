@@ -45,7 +45,7 @@ pub use layernorm::{
     LayerNorm, LayerNormBackward, LayerNormBackwardRun, LayerNormPlan, LayerNormRun,
 };
 pub use layout::{Region, Split, Tiling};
-pub use load::StreamLoad;
+pub use load::{ColumnCounts, StreamLoad};
 pub use matmul::{MatmulPlan, MatmulRun, MatmulShape, StreamMatmul};
 pub use rowmax::RowMaxAllReduce;
 pub use sparse::StreamedMatrix;

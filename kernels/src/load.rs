@@ -95,6 +95,61 @@ impl StreamLoad {
     }
 }
 
+/// Kept entries of a matrix counted once per output column and PE column, so that the load of
+/// any chunking follows in O(output columns x PE columns) without going over the entries again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnCounts {
+    parts: usize,
+    /// `counts[n * parts + c]`: entries of output column `n` in PE column `c`'s rows.
+    counts: Vec<u64>,
+}
+
+impl ColumnCounts {
+    /// A `rows x outs` matrix with row-major `keep` streamed as is: its rows (input features)
+    /// split over `parts` PE columns, its columns the output features. O(rows x outs).
+    pub fn streamed(rows: usize, outs: usize, keep: &[bool], parts: usize) -> Self {
+        let split = Split::new(rows, parts);
+        let mut counts = vec![0; outs * parts];
+        for (k, row) in keep.chunks(outs.max(1)).take(rows).enumerate() {
+            let block = split.owner(k);
+            for (n, _) in row.iter().enumerate().filter(|(_, kept)| **kept) {
+                counts[n * parts + block] += 1;
+            }
+        }
+        ColumnCounts { parts, counts }
+    }
+
+    /// The same matrix streamed transposed (`outs x rows`): its columns split over the PE
+    /// columns, its rows the output features.
+    pub fn streamed_transposed(rows: usize, outs: usize, keep: &[bool], parts: usize) -> Self {
+        let split = Split::new(outs, parts);
+        let owner: Vec<usize> = (0..outs).map(|n| split.owner(n)).collect();
+        let mut counts = vec![0; rows * parts];
+        for (k, row) in keep.chunks(outs.max(1)).take(rows).enumerate() {
+            for (n, _) in row.iter().enumerate().filter(|(_, kept)| **kept) {
+                counts[k * parts + owner[n]] += 1;
+            }
+        }
+        ColumnCounts { parts, counts }
+    }
+
+    /// The counts per (chunk, PE column) of `chunks` of the output columns.
+    pub fn load(&self, chunks: &[Range<usize>]) -> StreamLoad {
+        let mut load = StreamLoad::zeros(self.parts, chunks.len());
+        for (j, chunk) in chunks.iter().enumerate() {
+            for n in chunk.clone() {
+                let Some(row) = self.counts.get(n * self.parts..(n + 1) * self.parts) else {
+                    break;
+                };
+                for (c, count) in row.iter().enumerate() {
+                    load.counts[j * self.parts + c] += count;
+                }
+            }
+        }
+        load
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +164,16 @@ mod tests {
         assert_eq!((load.get(1, 0), load.get(1, 1)), (1, 0));
         assert_eq!((load.get(2, 0), load.get(2, 1)), (0, 1));
         assert_eq!(load.total(), 4);
+        // The same entries as a 5 x 5 mask, counted per output column first.
+        let mut keep = vec![false; 25];
+        for (k, n) in [(0, 0), (4, 1), (2, 2), (3, 4)] {
+            keep[k * 5 + n] = true;
+        }
+        assert_eq!(ColumnCounts::streamed(5, 5, &keep, 2).load(&chunks), load);
+        // Transposed, row k is output column k and column n is split over the PE columns
+        // (0-2, 3-4): (0, 0) and (2, 2) in block 0, (4, 1) in block 0, (3, 4) in block 1.
+        let t = ColumnCounts::streamed_transposed(5, 5, &keep, 2).load(&[0..5]);
+        assert_eq!((t.get(0, 0), t.get(0, 1)), (3, 1));
         // Dense: 3 x 2, 2 x 2 / 3 x 2, 2 x 2 / 3 x 1, 2 x 1.
         let dense = StreamLoad::dense(inputs, &chunks);
         assert_eq!(

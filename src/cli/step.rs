@@ -18,7 +18,7 @@ use crate::flops::{self, FlopOptions, NnzSource, StepShape};
 use crate::model::checkpoint::{hf_named_tensors, write_safetensors_atomic};
 use crate::model::{GptConfig, GptParams, init_params, load_checkpoint};
 use crate::reference::{AdamState, AdamW, Batch};
-use crate::runtime::{StepInputs, StepRun, run_step};
+use crate::runtime::{StepInputs, StepMode, StepReport, simulate_step};
 use crate::sparsity::ModelMasks;
 
 /// Arguments of `wafersim step`.
@@ -60,6 +60,13 @@ pub struct Args {
     /// Skip timing the dense baseline (halves the matmul simulation time).
     #[arg(long)]
     no_dense_baseline: bool,
+    /// How cycles are obtained: simulate every wavelet, or the kernels' cost formulas (then the
+    /// loss and gradients come from the CPU reference).
+    #[arg(long, value_enum, default_value = "exact")]
+    fidelity: super::gemm::FidelityArg,
+    /// Cycles and FLOPs only: no loss, gradients or updated weights.
+    #[arg(long)]
+    no_numerics: bool,
     /// Output folder: report.json, weights, grads and updated safetensors.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -90,7 +97,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         plan: &plan,
         dense_baseline: !args.no_dense_baseline,
     };
-    let step = run_step(inputs)?;
+    let mode = StepMode {
+        fidelity: args.fidelity.fidelity(),
+        numerics: !args.no_numerics,
+    };
+    let step = simulate_step(inputs, mode)?;
     let wall = started.elapsed().as_secs_f64();
     let shape = StepShape {
         batch: batch.batch,
@@ -113,14 +124,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             analytic.matmul_sparse()
         );
     }
-    let opt = AdamW::new(args.lr);
-    let mut updated = params.clone();
-    opt.step(
-        &mut updated,
-        &step.grads,
-        &masks,
-        &mut AdamState::new(&params),
-    )?;
+    let updated = match &step.numerics {
+        Some(numerics) => {
+            let mut updated = params.clone();
+            let mut state = AdamState::new(&params);
+            AdamW::new(args.lr).step(&mut updated, &numerics.grads, &masks, &mut state)?;
+            Some(updated)
+        }
+        None => None,
+    };
     let summary = Summary {
         config: &config,
         plan: &plan,
@@ -131,7 +143,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         analytic: &analytic,
     };
     print_summary(&summary, !args.no_dense_baseline);
-    write_outputs(&args.out, &summary, &params, &updated, args.seed, wall)
+    write_outputs(
+        &args.out,
+        &summary,
+        &params,
+        updated.as_ref(),
+        args.seed,
+        wall,
+    )
 }
 
 fn load_model(args: &Args) -> anyhow::Result<(GptConfig, GptParams)> {
@@ -208,7 +227,7 @@ struct Summary<'a> {
     plan: &'a StepPlan,
     fabric: &'a FabricConfig,
     masks: &'a ModelMasks,
-    step: &'a StepRun,
+    step: &'a StepReport,
     dense_flops: u64,
     analytic: &'a flops::FlopReport,
 }
@@ -216,7 +235,7 @@ struct Summary<'a> {
 fn print_summary(s: &Summary<'_>, with_dense: bool) {
     let (c, p, cost) = (s.config, s.plan, &s.step.cost);
     println!(
-        "step: {} layers x {}, batch {} x {} tokens, sparsity {:.4}, {} on {} ({} x {} PEs), region {} x {}",
+        "step: {} layers x {}, batch {} x {} tokens, sparsity {:.4}, {} on {} ({} x {} PEs), region {} x {}, {} fidelity",
         c.n_layer,
         c.n_embd,
         p.batch,
@@ -227,9 +246,13 @@ fn print_summary(s: &Summary<'_>, with_dense: bool) {
         s.fabric.width,
         s.fabric.height,
         p.region.cols,
-        p.region.rows
+        p.region.rows,
+        s.step.fidelity.name()
     );
-    println!("loss {:.6}", s.step.loss);
+    match &s.step.numerics {
+        Some(n) => println!("loss {:.6}", n.loss),
+        None => println!("loss not computed (--no-numerics)"),
+    }
     let sparse = s.analytic.matmul_sparse();
     println!(
         "matmul FLOPs: {} executed = {} analytic, dense {} ({:.3}x fewer)",
@@ -278,15 +301,16 @@ fn write_outputs(
     dir: &Path,
     s: &Summary<'_>,
     weights: &GptParams,
-    updated: &GptParams,
+    updated: Option<&GptParams>,
     seed: u64,
     wall: f64,
 ) -> anyhow::Result<()> {
-    for (name, params) in [
-        ("weights.safetensors", weights),
-        ("grads.safetensors", &s.step.grads),
-        ("updated.safetensors", updated),
-    ] {
+    let mut files = vec![("weights.safetensors", weights)];
+    if let (Some(numerics), Some(updated)) = (&s.step.numerics, updated) {
+        files.push(("grads.safetensors", &numerics.grads));
+        files.push(("updated.safetensors", updated));
+    }
+    for (name, params) in files {
         let named = hf_named_tensors(params);
         let views: Vec<_> = named
             .iter()
@@ -329,15 +353,17 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         .collect();
     json!({
         "schema": "wafersim.step/v1",
+        "fidelity": s.step.fidelity.name(),
         "units": {
             "cycles": "fabric clock cycles", "flops": "floating-point operations (1 FMAC = 2)",
-            "loss": "nats per predicted token", "seconds": "at the fabric clock",
+            "loss": "nats per predicted token (null: not computed)", "seconds": "at the fabric clock",
+            "busy_cycles": "summed over the region (null: not simulated)",
         },
         "model": { "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions },
         "batch": p.batch, "seq": p.seq, "sparsity": s.masks.sparsity(), "dtype": precision_name(p.precision), "seed": seed,
         "fabric": { "name": s.fabric.name, "width": s.fabric.width, "height": s.fabric.height, "clock_mhz": s.fabric.clock_mhz },
         "region": { "cols": p.region.cols, "rows": p.region.rows, "resident_bytes_per_pe": p.resident_bytes },
-        "loss": s.step.loss,
+        "loss": s.step.numerics.as_ref().map(|n| n.loss),
         "flops": {
             "analytic_matmul_sparse": s.analytic.matmul_sparse(),
             "analytic_matmul_dense": s.dense_flops,
