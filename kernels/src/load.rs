@@ -172,7 +172,8 @@ mod tests {
         assert_eq!(ColumnCounts::streamed(5, 5, &keep, 2).load(&chunks), load);
         // Transposed, row k is output column k and column n is split over the PE columns
         // (0-2, 3-4): (0, 0) and (2, 2) in block 0, (4, 1) in block 0, (3, 4) in block 1.
-        let t = ColumnCounts::streamed_transposed(5, 5, &keep, 2).load(&[0..5]);
+        let everything = std::iter::once(0..5).collect::<Vec<_>>();
+        let t = ColumnCounts::streamed_transposed(5, 5, &keep, 2).load(&everything);
         assert_eq!((t.get(0, 0), t.get(0, 1)), (3, 1));
         // Dense: 3 x 2, 2 x 2 / 3 x 2, 2 x 2 / 3 x 1, 2 x 1.
         let dense = StreamLoad::dense(inputs, &chunks);

@@ -35,7 +35,7 @@
 //!   per column) is never the bottleneck, since every wavelet costs a task;
 //! - the end-of-chunk task: `s`, the copy of its own piece (`i + ceil(own x t / mov_f32)`), a
 //!   counter store and one issue per reduce-scatter operation;
-//! - the reduce-scatter, timed by [`crate::flow::reduce_scatter`] from each column's issue time
+//! - the reduce-scatter, timed by `flow::reduce_scatter` from each column's issue time
 //!   and the owners' segment lengths (the busiest ramp, the hops, the crossing of the two
 //!   streams), then a join arm (`s + 2i`) and `chunk_done` (`s + i + ceil(chunk x t / mov_f32)`,
 //!   plus the bias adds after the last chunk).

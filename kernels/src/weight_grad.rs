@@ -26,7 +26,7 @@
 //! (chunk, PE column) ([`StreamLoad`]), in O(nnz + chunks x columns), without simulating. Per
 //! chunk and column, for the first region row and the last: `next_chunk` (`s`, the copy of the
 //! own `dY` piece, a counter store and one issue per operation), the row's all-gather timed by
-//! [`crate::flow::all_gather`], a join arm and `gathered` (`s`), then per kept entry
+//! `flow::all_gather`, a join arm and `gathered` (`s`), then per kept entry
 //! `s + 1 + i + ceil(t / w) + i` (the decode, the dot product at the FMAC width `w` of the
 //! storage type, the store), the end-of-chunk task (`s + 2i`), and the column chain: the first
 //! row's send ends `len` cycles after its issue, the last row's `rows - 1` hops of

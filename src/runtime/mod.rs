@@ -4,12 +4,12 @@
 //! timing fidelities:
 //!
 //! - [`Fidelity::Exact`]: every kernel runs on the event-driven simulator, wavelet by wavelet, on
-//!   real data; the loss and the gradients come out of the fabric ([`exact`]).
+//!   real data; the loss and the gradients come out of the fabric (`exact.rs`).
 //! - [`Fidelity::Fast`]: every kernel is costed by its analytic formula from the same shapes and
 //!   kept-entry patterns; nothing is simulated, executed FLOPs are the analytic count, and the
-//!   loss and gradients (if asked for) come from the CPU reference ([`fast`]).
+//!   loss and gradients (if asked for) come from the CPU reference (`fast.rs`).
 //!
-//! Key design decision: both walk one schedule ([`walk`]): the same kernel instances in the same
+//! Key design decision: both walk one schedule (`walk.rs`): the same kernel instances in the same
 //! order, recorded as the same [`OpRecord`]s, so a fast report lines up with an exact one
 //! operation by operation.
 //!
