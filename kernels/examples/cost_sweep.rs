@@ -49,7 +49,11 @@ impl Case {
     fn label(&self) -> String {
         let (t, k, n) = self.shape;
         let (c, r) = self.region;
-        let fp = if self.precision == Precision::F32 { 32 } else { 16 };
+        let fp = if self.precision == Precision::F32 {
+            32
+        } else {
+            16
+        };
         let sram = self.sram.map_or("48K".into(), |b| b.to_string());
         format!(
             "T{t} K{k} N{n} s{} {c}x{r} fp{fp} sram {sram} bias {}",
@@ -168,7 +172,11 @@ impl Outcome {
 fn stats<'a>(outcomes: impl Iterator<Item = &'a Outcome>) -> (usize, f64, f64) {
     let errors: Vec<f64> = outcomes.map(|o| o.error().abs()).collect();
     let mean = errors.iter().sum::<f64>() / errors.len().max(1) as f64;
-    (errors.len(), mean, errors.iter().copied().fold(0.0, f64::max))
+    (
+        errors.len(),
+        mean,
+        errors.iter().copied().fold(0.0, f64::max),
+    )
 }
 
 /// Prints the summary of one kernel's outcomes.
