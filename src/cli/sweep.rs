@@ -152,7 +152,11 @@ fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricC
             largest_gap(sweep, point)
         );
     }
-    eprintln!("\n(simulated in {wall:.1} s)");
+    let verb = match sweep.fidelity {
+        crate::runtime::Fidelity::Exact => "simulated",
+        crate::runtime::Fidelity::Fast => "costed",
+    };
+    eprintln!("\n({verb} in {wall:.1} s)");
 }
 
 /// The part of the cycles beyond `dense / (1 - s)` that is largest, with its share of the step.
