@@ -20,7 +20,7 @@ use crate::model::checkpoint::{
 };
 use crate::model::{GptConfig, GptParams, init_params};
 use crate::reference::{AdamState, AdamW, Batch};
-use crate::runtime::{StepInputs, StepRun, run_step};
+use crate::runtime::{StepInputs, StepMode, StepReport, simulate_step};
 use crate::sparsity::{self, ModelMasks};
 
 /// Arguments of `wafersim step`.
@@ -62,6 +62,13 @@ pub struct Args {
     /// Skip timing the dense baseline (halves the matmul simulation time).
     #[arg(long)]
     no_dense_baseline: bool,
+    /// How cycles are obtained: simulate every wavelet, or the kernels' cost formulas (then the
+    /// loss and gradients come from the CPU reference).
+    #[arg(long, value_enum, default_value = "exact")]
+    fidelity: super::gemm::FidelityArg,
+    /// Cycles and FLOPs only: no loss, gradients or updated weights.
+    #[arg(long)]
+    no_numerics: bool,
     /// Output folder: report.json, weights, grads and updated safetensors.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -81,7 +88,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         plan: &setup.plan,
         dense_baseline: !args.no_dense_baseline,
     };
-    let step = run_step(inputs)?;
+    let mode = StepMode {
+        fidelity: args.fidelity.fidelity(),
+        numerics: !args.no_numerics,
+    };
+    let step = simulate_step(inputs, mode)?;
     let wall = started.elapsed().as_secs_f64();
     let (analytic, dense) = analytic_flops(&setup, &masks)?;
     if step.cost.executed_matmul_flops() != analytic.matmul_sparse() {
@@ -91,13 +102,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             analytic.matmul_sparse()
         );
     }
-    let mut updated = params.clone();
-    opt.step(
-        &mut updated,
-        &step.grads,
-        &masks,
-        &mut AdamState::new(&params),
-    )?;
+    let updated = match &step.numerics {
+        Some(numerics) => {
+            let mut updated = params.clone();
+            opt.step(
+                &mut updated,
+                &numerics.grads,
+                &masks,
+                &mut AdamState::new(&params),
+            )?;
+            Some(updated)
+        }
+        None => None,
+    };
     let summary = Summary {
         config: &setup.config,
         plan: &setup.plan,
@@ -109,7 +126,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dense_timed: !args.no_dense_baseline,
     };
     print_summary(&summary);
-    write_outputs(&args.out, &summary, &params, &updated, args.seed, wall)
+    write_outputs(
+        &args.out,
+        &summary,
+        &params,
+        updated.as_ref(),
+        args.seed,
+        wall,
+    )
 }
 
 /// Everything about a step that can be checked before any weight is drawn or read, so that bad
@@ -286,7 +310,7 @@ struct Summary<'a> {
     plan: &'a StepPlan,
     fabric: &'a FabricConfig,
     masks: &'a ModelMasks,
-    step: &'a StepRun,
+    step: &'a StepReport,
     dense_flops: u64,
     analytic: &'a flops::FlopReport,
     /// Whether the dense baseline was timed (`--no-dense-baseline` not given). Without it, the
@@ -308,7 +332,7 @@ impl Summary<'_> {
 fn print_summary(s: &Summary<'_>) {
     let (c, p, cost) = (s.config, s.plan, &s.step.cost);
     println!(
-        "step: {} layers x {}, batch {} x {} tokens, sparsity {:.4}, {} on {} ({} x {} PEs), region {} x {}",
+        "step: {} layers x {}, batch {} x {} tokens, sparsity {:.4}, {} on {} ({} x {} PEs), region {} x {}, {} fidelity",
         c.n_layer,
         c.n_embd,
         p.batch,
@@ -319,9 +343,13 @@ fn print_summary(s: &Summary<'_>) {
         s.fabric.width,
         s.fabric.height,
         p.region.cols,
-        p.region.rows
+        p.region.rows,
+        s.step.fidelity.name()
     );
-    println!("loss {:.6}", s.step.loss);
+    match &s.step.numerics {
+        Some(n) => println!("loss {:.6}", n.loss),
+        None => println!("loss not computed (--no-numerics)"),
+    }
     let sparse = s.analytic.matmul_sparse();
     println!(
         "matmul FLOPs: {} executed = {} analytic, dense {} ({:.3}x fewer)",
@@ -378,7 +406,7 @@ fn write_outputs(
     dir: &Path,
     s: &Summary<'_>,
     weights: &GptParams,
-    updated: &GptParams,
+    updated: Option<&GptParams>,
     seed: u64,
     wall: f64,
 ) -> anyhow::Result<()> {
@@ -400,16 +428,17 @@ fn write_each(
     dir: &Path,
     s: &Summary<'_>,
     weights: &GptParams,
-    updated: &GptParams,
+    updated: Option<&GptParams>,
     seed: u64,
     wall: f64,
     written: &mut Vec<PathBuf>,
 ) -> anyhow::Result<()> {
-    for (name, params) in [
-        ("weights.safetensors", weights),
-        ("grads.safetensors", &s.step.grads),
-        ("updated.safetensors", updated),
-    ] {
+    let mut files = vec![("weights.safetensors", weights)];
+    if let (Some(numerics), Some(updated)) = (&s.step.numerics, updated) {
+        files.push(("grads.safetensors", &numerics.grads));
+        files.push(("updated.safetensors", updated));
+    }
+    for (name, params) in files {
         let named = hf_named_tensors(params);
         let views: Vec<_> = named
             .iter()
@@ -458,15 +487,17 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         .collect();
     json!({
         "schema": "wafersim.step/v1",
+        "fidelity": s.step.fidelity.name(),
         "units": {
             "cycles": "fabric clock cycles", "flops": "floating-point operations (1 FMAC = 2)",
-            "loss": "nats per predicted token", "seconds": "at the fabric clock",
+            "loss": "nats per predicted token (null: not computed)", "seconds": "at the fabric clock",
+            "busy_cycles": "summed over the region (null: not simulated)",
         },
         "model": { "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions },
         "batch": p.batch, "seq": p.seq, "sparsity": s.masks.sparsity(), "dtype": precision_name(p.precision), "seed": seed,
         "fabric": { "name": s.fabric.name, "width": s.fabric.width, "height": s.fabric.height, "clock_mhz": s.fabric.clock_mhz },
         "region": { "cols": p.region.cols, "rows": p.region.rows, "resident_bytes_per_pe": p.resident_bytes },
-        "loss": s.step.loss,
+        "loss": s.step.numerics.as_ref().map(|n| n.loss),
         "flops": {
             "analytic_matmul_sparse": s.analytic.matmul_sparse(),
             "analytic_matmul_dense": s.dense_flops,
