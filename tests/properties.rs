@@ -18,6 +18,7 @@ use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 use wafersim::flops::Phase;
 use wafersim::gemm::{GemmSpec, run_gemm};
+use wafersim::runtime::Fidelity;
 use wafersim_kernels::{Precision, Region, StreamMatmul, StreamedMatrix, WeightGrad};
 use wafersim_sim::{FabricConfig, RunOptions};
 
@@ -202,7 +203,7 @@ fn stream(layer: &Layer, x: &[f32], w: &StreamedMatrix) -> (Vec<f32>, u64) {
 fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
         cases,
-        rng_seed: RngSeed::Fixed(0x5EED_7),
+        rng_seed: RngSeed::Fixed(0x0005_EED7),
         ..ProptestConfig::default()
     }
 }
@@ -295,6 +296,8 @@ proptest! {
             seed: l.seed,
             region: None,
             cycle_limit: None,
+            fidelity: Fidelity::Exact,
+            numerics: true,
         };
         let weights = l.k * l.n;
         let zeros = (sparsity * weights as f64).round() as usize;
@@ -305,7 +308,8 @@ proptest! {
             prop_assert_eq!(p.flops_executed, 2 * (l.t * report.nnz) as u64);
             prop_assert_eq!(p.flops_dense, 2 * (l.t * weights) as u64);
             // run_gemm draws N(0, 1) data: the same tolerance holds relative to the largest output.
-            prop_assert!(p.max_rel_error < l.tolerance(), "{:?}: {}", p.phase, p.max_rel_error);
+            let error = p.max_rel_error.expect("exact runs check their values");
+            prop_assert!(error < l.tolerance(), "{:?}: {}", p.phase, error);
         }
     }
 }

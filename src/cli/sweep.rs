@@ -54,6 +54,13 @@ pub struct Args {
     /// Seed of the weights, masks and tokens.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// How cycles are obtained: simulate every wavelet, or the kernels' cost formulas (then the
+    /// losses come from the CPU reference).
+    #[arg(long, value_enum, default_value = "exact")]
+    fidelity: super::gemm::FidelityArg,
+    /// Cycles and FLOPs only: no losses.
+    #[arg(long)]
+    no_numerics: bool,
     /// Also write sweep.csv and sweep.json (schema wafersim.sweep/v1) into this folder.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -103,6 +110,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fabric: &fabric,
         precision,
         seed: args.seed,
+        fidelity: args.fidelity.fidelity(),
+        numerics: !args.no_numerics,
     };
     let started = Instant::now();
     let sweep = run_sweep(&setup, &sparsities).map_err(|e| match e {
@@ -130,11 +139,13 @@ fn plan_error(e: CompileError) -> anyhow::Error {
 
 /// A NaN or infinite loss is an error, never a reported number.
 fn check_losses(sweep: &Sweep) -> anyhow::Result<()> {
-    match sweep.points.iter().find(|p| !p.loss.is_finite()) {
-        Some(p) => anyhow::bail!(
-            "the loss at sparsity {} is {} (non-finite): nothing was written; with --dtype fp16, activations may overflow",
-            p.sparsity,
-            p.loss
+    let non_finite = sweep
+        .points
+        .iter()
+        .find_map(|p| p.loss.filter(|l| !l.is_finite()).map(|l| (p.sparsity, l)));
+    match non_finite {
+        Some((sparsity, loss)) => anyhow::bail!(
+            "the loss at sparsity {sparsity} is {loss} (non-finite): nothing was written; with --dtype fp16, activations may overflow"
         ),
         None => Ok(()),
     }
@@ -149,7 +160,7 @@ fn parse_list(text: &str) -> anyhow::Result<Vec<f64>> {
 fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricConfig, wall: f64) {
     let p = &sweep.plan;
     println!(
-        "training step of a {} x {} GPT, batch {} x {} tokens, on {} ({} x {} PEs at {} MHz), region {} x {}",
+        "training step of a {} x {} GPT, batch {} x {} tokens, on {} ({} x {} PEs at {} MHz), region {} x {}, {} fidelity",
         config.n_layer,
         config.n_embd,
         p.batch,
@@ -159,17 +170,19 @@ fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricC
         fabric.height,
         fabric.clock_mhz,
         p.region.cols,
-        p.region.rows
+        p.region.rows,
+        sweep.fidelity.name()
     );
     println!(
         "\n{:>8} {:>10} {:>14} {:>9} {:>12} {:>9} {:>10} {:>9}  largest part of the gap to the ideal",
         "sparsity", "loss", "matmul FLOPs", "FLOP red", "cycles", "cycle red", "time (us)", "ideal"
     );
     for point in &sweep.points {
+        let loss = point.loss.map_or_else(|| "-".into(), |l| format!("{l:.5}"));
         println!(
-            "{:>8.3} {:>10.5} {:>14} {:>8.3}x {:>12} {:>8.3}x {:>10.1} {:>8.3}x  {}",
+            "{:>8.3} {:>10} {:>14} {:>8.3}x {:>12} {:>8.3}x {:>10.1} {:>8.3}x  {}",
             point.sparsity,
-            point.loss,
+            loss,
             point.flops,
             sweep.flop_reduction(point),
             point.cost.cycles(),
@@ -179,7 +192,11 @@ fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricC
             largest_gap(sweep, point)
         );
     }
-    eprintln!("\n(simulated in {wall:.1} s)");
+    let verb = match sweep.fidelity {
+        crate::runtime::Fidelity::Exact => "simulated",
+        crate::runtime::Fidelity::Fast => "costed",
+    };
+    eprintln!("\n({verb} in {wall:.1} s)");
 }
 
 /// The part of the cycles beyond `dense / (1 - s)` that is largest, with its share of the step.
@@ -208,10 +225,11 @@ fn write_outputs(dir: &std::path::Path, sweep: &Sweep) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for point in &sweep.points {
         let (fr, cr) = (sweep.flop_reduction(point), sweep.cycle_reduction(point));
+        let loss = point.loss.map_or_else(String::new, |l| l.to_string());
         csv.push_str(&format!(
             "{},{},{},{},{},{},{}\n",
             point.sparsity,
-            point.loss,
+            loss,
             point.flops,
             fr,
             point.cost.cycles(),
@@ -227,6 +245,7 @@ fn write_outputs(dir: &std::path::Path, sweep: &Sweep) -> anyhow::Result<()> {
     let p = &sweep.plan;
     let value = json!({
         "schema": "wafersim.sweep/v1",
+        "fidelity": sweep.fidelity.name(),
         "units": { "cycles": "fabric clock cycles", "matmul_flops": "floating-point operations of one training step (1 FMAC = 2)" },
         "batch": p.batch, "seq": p.seq, "region": { "cols": p.region.cols, "rows": p.region.rows },
         "runs": runs,
