@@ -4,8 +4,9 @@
 //! One region serves the whole step, so each kernel's output is already laid out as the next
 //! kernel wants its input (tokens over rows, features over columns; see
 //! `wafersim_kernels::layout`). The region is the largest the fabric allows with:
-//! - columns dividing the number of attention heads (each PE column holds whole heads), and no
-//!   more columns than the model width;
+//! - no more columns than the model width (every kernel needs a feature per column; attention
+//!   lets a head span several columns, summing its partial scores along the rows, so the
+//!   columns need not divide the heads);
 //! - no more rows than tokens.
 //!
 //! The fit check counts what must stay resident on a PE between the forward and the backward
@@ -91,15 +92,14 @@ fn choose_region(
     tokens: usize,
     fabric: &FabricConfig,
 ) -> Result<Region, CompileError> {
-    let max_cols = (fabric.width as usize).min(config.n_embd);
-    let cols = (1..=config.n_head.min(max_cols))
-        .rev()
-        .find(|c| config.n_head.is_multiple_of(*c));
-    let Some(cols) = cols else {
+    // The attention kernel takes any width up to the features (heads split by the layout's
+    // feature split), as every other kernel does: the widest region is the fabric or the model.
+    let cols = (fabric.width as usize).min(config.n_embd);
+    if cols == 0 {
         return Err(CompileError::NoRegion {
             reason: "the fabric has no column".into(),
         });
-    };
+    }
     let rows = (fabric.height as usize).min(tokens);
     if rows == 0 {
         return Err(CompileError::NoRegion {
@@ -122,10 +122,23 @@ fn resident_bytes(config: &GptConfig, seq: usize, region: Region, tokens: usize)
     let width = |features: usize| Split::new(features, cols).max_len() as u64;
     let d = width(config.n_embd);
     let f = width(config.n_inner);
-    let heads = (config.n_head / cols) as u64;
+    let heads = heads_per_column(config, cols);
     let per_token_layer = 8 * d + 2 * f + 4 + heads * seq as u64;
     let per_token_head = 2 * d + 2 + width(config.vocab_size);
     (4 * t_r * per_token_layer, 4 * t_r * per_token_head)
+}
+
+/// The most attention heads any of `cols` columns holds features of (whole or in part): the
+/// heads whose probabilities it keeps.
+fn heads_per_column(config: &GptConfig, cols: usize) -> u64 {
+    let features = Split::new(config.n_embd, cols);
+    let hd = config.head_dim().max(1);
+    (0..cols)
+        .map(|c| features.block(c))
+        .filter(|f| !f.is_empty())
+        .map(|f| (f.end - 1) / hd - f.start / hd + 1)
+        .max()
+        .unwrap_or(0) as u64
 }
 
 #[cfg(test)]
@@ -133,7 +146,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tiny_on_a_16x16_fabric_uses_4_columns_and_16_rows() {
+    fn tiny_on_a_16x16_fabric_uses_all_16_columns_and_16_rows() {
         let tiny = GptConfig::preset("tiny").unwrap();
         let plan = plan_step(
             &tiny,
@@ -143,25 +156,50 @@ mod tests {
             Precision::F32,
         )
         .unwrap();
-        assert_eq!(plan.region, Region::at_origin(4, 16));
-        // 4 tokens per row; per layer and token 8 * 16 + 2 * 64 + 4 + 1 * 32 = 292 floats;
-        // head 2 * 16 + 2 + 64 = 98 floats: 4 * 4 * (2 * 292 + 98) = 10,912 bytes.
-        assert_eq!(plan.resident_bytes, 10_912);
+        // 4 heads of 16 over 16 columns: each head spans 4 columns.
+        assert_eq!(plan.region, Region::at_origin(16, 16));
+        // 4 tokens per row, 64 / 16 = 4 model features, 256 / 16 = 16 FFN features and
+        // 256 / 16 = 16 vocabulary entries per column; each column touches one head. Per layer
+        // and token 8 * 4 + 2 * 16 + 4 + 1 * 32 = 100 floats; head 2 * 4 + 2 + 16 = 26 floats:
+        // 4 * 4 * (2 * 100 + 26) = 3,616 bytes.
+        assert_eq!(plan.resident_bytes, 3_616);
     }
 
     #[test]
-    fn columns_divide_the_heads() {
+    fn columns_span_the_fabric_up_to_the_model_width() {
         let mut c = GptConfig::preset("tiny").unwrap();
         c.n_head = 8; // 64 / 8 = 8 per head
-        let plan = plan_step(
-            &c,
-            1,
-            8,
-            &FabricConfig::rectangle(6, 8).unwrap(),
-            Precision::F32,
-        )
-        .unwrap();
-        assert_eq!(plan.region.cols, 4, "the largest divisor of 8 not above 6");
+        let plan = |width: u32| {
+            plan_step(
+                &c,
+                1,
+                8,
+                &FabricConfig::rectangle(width, 8).unwrap(),
+                Precision::F32,
+            )
+            .unwrap()
+            .region
+        };
+        // 6 columns do not divide the 8 heads: heads split by the feature split (11, 11, 11,
+        // 11, 10, 10 features).
+        assert_eq!(plan(6), Region::at_origin(6, 8));
+        // No more columns than the 64 features.
+        assert_eq!(plan(100), Region::at_origin(64, 8));
+    }
+
+    #[test]
+    fn each_column_keeps_the_probabilities_of_every_head_it_touches() {
+        let tiny = GptConfig::preset("tiny").unwrap(); // 4 heads of 16
+        // 4 columns: one whole head each; 2 columns: two whole heads.
+        assert_eq!(
+            (heads_per_column(&tiny, 4), heads_per_column(&tiny, 2)),
+            (1, 2)
+        );
+        // 16 columns of 4 features: a quarter of one head each.
+        assert_eq!(heads_per_column(&tiny, 16), 1);
+        // 6 columns of 11, 11, 11, 11, 10, 10 features: column 1 holds features 11-21, the end
+        // of head 0 and the start of head 1.
+        assert_eq!(heads_per_column(&tiny, 6), 2);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Each sparsity is an independent step (its own masks, drawn from the seed), so the steps run
 //! in parallel (rayon) and the results, collected in the given order, do not depend on the thread
 //! count. The dense baseline is the sparsity-0 step, run once whether or not 0 is in the list.
+//! Each step runs at the setup's [`Fidelity`]: simulated, or costed by the kernels' formulas.
 
 use rayon::prelude::*;
 use wafersim_kernels::Precision;
@@ -13,14 +14,15 @@ use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopError, FlopOptions, NnzSource, StepShape};
 use crate::model::{GptConfig, GptParams};
 use crate::reference::Batch;
-use crate::runtime::{RuntimeError, StepCost, StepInputs, run_step};
+use crate::runtime::{Fidelity, RuntimeError, StepCost, StepInputs, StepMode, simulate_step};
 use crate::sparsity::{ModelMasks, SparsityError};
 
 /// What one sparsity's step measured.
 #[derive(Clone, Debug)]
 pub struct SweepPoint {
     pub sparsity: f64,
-    pub loss: f64,
+    /// `None` without numerics.
+    pub loss: Option<f64>,
     /// Matmul FLOPs of the step (executed = analytic).
     pub flops: u64,
     pub cost: StepCost,
@@ -30,6 +32,8 @@ pub struct SweepPoint {
 #[derive(Clone, Debug)]
 pub struct Sweep {
     pub plan: StepPlan,
+    /// How the steps' cycles were obtained.
+    pub fidelity: Fidelity,
     /// The sparsity-0 step.
     pub dense: SweepPoint,
     /// One point per requested sparsity, sparsity 0 first if it was requested.
@@ -80,6 +84,9 @@ pub struct SweepSetup<'a> {
     pub precision: Precision,
     /// Seed of the masks.
     pub seed: u64,
+    pub fidelity: Fidelity,
+    /// Compute each step's loss (fast: on the CPU reference).
+    pub numerics: bool,
 }
 
 /// Runs the steps of every sparsity in `sparsities` and the dense baseline.
@@ -103,6 +110,7 @@ pub fn run_sweep(setup: &SweepSetup<'_>, sparsities: &[f64]) -> Result<Sweep, Sw
     }
     Ok(Sweep {
         plan,
+        fidelity: setup.fidelity,
         dense,
         points,
     })
@@ -126,7 +134,11 @@ fn run_point(
         plan,
         dense_baseline: false,
     };
-    let step = run_step(inputs)?;
+    let mode = StepMode {
+        fidelity: setup.fidelity,
+        numerics: setup.numerics,
+    };
+    let step = simulate_step(inputs, mode)?;
     let nnz = NnzSource::from_fn(config, |l, k| masks.get(l, k).map_or(0, |m| m.nnz() as u64))?;
     let shape = StepShape {
         batch: setup.batch.batch,
@@ -143,7 +155,7 @@ fn run_point(
     }
     Ok(SweepPoint {
         sparsity,
-        loss: step.loss,
+        loss: step.numerics.map(|n| n.loss),
         flops: executed,
         cost: step.cost,
     })

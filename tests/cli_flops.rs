@@ -262,7 +262,7 @@ fn bad_input_is_one_error_line_and_exit_code_2() {
 }
 
 #[test]
-fn an_unwritable_json_path_is_a_run_failure() {
+fn a_json_path_in_a_missing_folder_is_bad_input_found_before_counting() {
     let out = wafersim(&[
         "flops",
         "--model",
@@ -270,10 +270,14 @@ fn an_unwritable_json_path_is_a_run_failure() {
         "--json",
         "/nonexistent/dir/out.json",
     ]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
     assert!(
-        stderr(&out).starts_with("error: writing --json"),
-        "{}",
-        stderr(&out)
+        err.starts_with("error: --json /nonexistent/dir") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(
+        stdout(&out).is_empty(),
+        "the table was printed before the refusal"
     );
 }

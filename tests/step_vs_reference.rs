@@ -141,3 +141,25 @@ fn fp16_steps_stay_within_fp16_rounding() {
         1e-3,
     );
 }
+
+#[test]
+fn steps_whose_heads_span_columns_match_the_reference() {
+    // tiny has 4 heads of 16 features. The region takes the fabric's width up to the 64
+    // features: 16 columns of 4 features on 16 x 16 (each head over 4 columns), 12 columns on
+    // 12 x 4 (6, 6, 6, 6 then 5 features: column 2 holds features 12-17, the end of head 0 and
+    // the start of head 1, so it sums partial scores with both neighbours' groups).
+    let tiny = GptConfig::preset("tiny").unwrap();
+    for (width, height, cols) in [(16, 16, 16), (12, 4, 12), (8, 8, 8)] {
+        let fabric = FabricConfig::rectangle(width, height).unwrap();
+        let plan = plan_step(&tiny, 2, 16, &fabric, Precision::F32).unwrap();
+        assert_eq!(plan.region.cols, cols, "{width} x {height}");
+    }
+    check(
+        0.5,
+        FabricConfig::rectangle(12, 4).unwrap(),
+        Precision::F32,
+        1e-5,
+        1e-4,
+        1e-6,
+    );
+}

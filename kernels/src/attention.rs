@@ -10,9 +10,14 @@
 //! `Q`, `K`, `V`, `O` (and `dO`, `dQ`, `dK`, `dV`) are `[T x F]` in the shared layout
 //! ([`crate::layout`]): tokens over region rows, features over region columns, feature-major
 //! tiles. `T = batch x seq_len` tokens are sequence-major; head `h` owns features
-//! `h hd .. (h + 1) hd`. The region's columns must divide the heads, so PE column `c` holds the
-//! whole heads `c H_c .. (c + 1) H_c` (`H_c = heads / cols`, `F_c = H_c hd` features) and no
-//! head is split across PEs; PE (c, r) computes its tokens `T_r` against its heads.
+//! `h hd .. (h + 1) hd`. Any region with no more columns than features works: PE column `c`
+//! holds the layout's feature block `F_c` (near-equal contiguous blocks), and with it whole
+//! heads, parts of heads, or both. A head's *column group* is the columns holding any of its
+//! features: one column when the columns divide the heads (`heads / cols` whole heads each);
+//! `g` consecutive columns when `cols = g heads` and `g` divides `hd`; in general a head may
+//! start or end mid-column, so a column may end one group and start the next (at most two
+//! groups per column, and at most one group per pair of neighbouring columns). PE (c, r)
+//! computes its tokens `T_r` against the heads its features touch, over its own features.
 //!
 //! Each PE keeps a *window*: the K and V tiles of the region rows holding any token of the
 //! sequences its own tokens touch (at least one sequence, plus the rows' spill-over), one slot
@@ -20,34 +25,49 @@
 //! the next, so the rows wanting a given row's tiles are contiguous too (its *reach*), and the
 //! tiles get there by an all-gather down each PE column whose chains stop where the reach ends
 //! ([`crate::vchain::VerticalChain`], store-and-forward chains south and north): a PE moves only
-//! the K and V of its own sequences, never a whole column's. Then, per local head and per
-//! *segment* (the PE's tokens of one sequence), one task computes:
+//! the K and V of its own sequences (and of its own features), never a whole column's. Then,
+//! per local head and per *segment* (the PE's tokens of one sequence), the PE computes:
 //!
-//! - scores `s[j][t] = q_t . k_j` for all `S` keys of the sequence, future ones included, as
-//!   AXPYs over the segment's tokens (`fmac(s[j], Q[f, tokens], k_j[f])`): key-major blocks whose
-//!   rows are contiguous vectors, so the feature-major tiles need no transpose;
+//! - scores `s[j][t] = q_t . k_j` over the head's features on the PE, for all `S` keys of the
+//!   sequence, future ones included, as AXPYs over the segment's tokens
+//!   (`fmac(s[j], Q[f, tokens], k_j[f])`): key-major blocks whose rows are contiguous vectors,
+//!   so the feature-major tiles need no transpose;
+//! - for a head whose group has several columns, those scores are partial: every PE of the
+//!   group sums them along its row ([`crate::rowgroup::GroupAllReduce`]: a chain east, the
+//!   totals back west), so each ends with the full scores of its tokens;
 //! - scale, mask future keys to `-inf` (`fill`), softmax with `max`/`sub`/`exp`/`add`, one scalar
-//!   reciprocal per token, and `mul`: `P` in place;
-//! - `O[f, tokens] += p_j v_j[f]` (AXPYs), which lands `O` in the shared layout.
+//!   reciprocal per token, and `mul`: `P` in place (every PE of a group computes the same `P`:
+//!   the softmax is repeated rather than communicated);
+//! - `O[f, tokens] += p_j v_j[f]` (AXPYs) over the PE's own features of `V`, which lands `O` in
+//!   the shared layout.
 //!
-//! The backward gathers K and V the same way, computes per head and segment `dP` (AXPYs), `dS`
-//! (non-FMAC vector ops), `dQ` (AXPYs), and for every key of the window and local feature the
-//! PE's share of `dK_j[f] = dS_j . Q[f, tokens]` and `dV_j[f] = P_j . dO[f, tokens]` (`dot`).
-//! These partial sums, laid out like the window, are reduce-scattered up and down each column
-//! over the same reaches, so each row ends with the `dK`, `dV` of its own tokens, in the shared
-//! layout.
+//! The order on a PE: the shared heads' partial scores first, then the group sums are issued
+//! and travel while the same task does everything for the heads the PE holds whole; a second
+//! task, activated when the sums are back, finishes the shared heads.
+//!
+//! The backward gathers K and V the same way, computes per head and segment `dP` (AXPYs over
+//! the PE's features, summed over the head's group like the scores), `dS` (non-FMAC vector ops),
+//! `dQ` (AXPYs), and for every key of the window and local feature the PE's share of
+//! `dK_j[f] = dS_j . Q[f, tokens]` and `dV_j[f] = P_j . dO[f, tokens]` (`dot`): given `P` and
+//! `dS`, all three need only the PE's own features. The partial `dK`, `dV`, laid out like the
+//! window, are reduce-scattered up and down each column over the same reaches, so each row ends
+//! with the `dK`, `dV` of its own tokens, in the shared layout.
 //!
 //! Key design decision: products as AXPYs over the tokens of a segment rather than one dot
 //! product over a head's features per (query, key) pair. The pairwise form would need every Q,
 //! K, V tile transposed to token-major first (one move per element); AXPYs use the feature-major
-//! layout as it is, leave `O`, `dQ` in it, and execute the same FMACs.
+//! layout as it is, leave `O`, `dQ` in it, and execute the same FMACs. And heads split by the
+//! layout's feature split, not by a split of their own: the tiles the neighbouring kernels leave
+//! are used where they are, at the price of summing `S n` scores per shared head and row.
 //!
 //! # Matmul and non-matmul work
 //!
 //! The four products the FLOP convention counts (`Q K^T`, `P V` forward; `dO V^T`, `dS K`,
 //! `dS^T Q`, `P^T dO` backward) use `fmac`/`dot` only, every `(query, key)` pair of a sequence
-//! computed in full and masked afterwards, as PyTorch eager does: the forward executes exactly
-//! `2 B heads S^2 hd` FMACs, the backward `4 B heads S^2 hd`. Softmax and its gradient never use
+//! computed in full and masked afterwards, as PyTorch eager does. A head's features are
+//! partitioned among its columns, so its partial products add up to exactly one full product:
+//! the forward executes exactly `2 B heads S^2 hd` FMACs, the backward `4 B heads S^2 hd`, on
+//! any region. The group sums add with `recv`/`recv_add_send`; softmax and its gradient never use
 //! an FMAC instruction. Everything is `f32`.
 //!
 //! # Color plan
@@ -58,40 +78,57 @@
 //! | 2, 3 | K/V all-gather, north-bound chain |
 //! | 4, 5 | backward: dK/dV reduce-scatter, south-bound chain |
 //! | 6, 7 | backward: dK/dV reduce-scatter, north-bound chain |
+//! | 8, 9 | shared heads' partial scores or dP, east-bound chain (by column parity) |
+//! | 10, 11 | shared heads' totals back, west-bound chain |
 //!
 //! # Cost
 //!
 //! [`Attention::estimate_cycles`] and [`AttentionBackward::estimate_cycles`] add three terms:
 //!
-//! 1. the all-gather: the busiest core moves one wavelet per cycle through its ramp, taking in
-//!    the `2 F_c n_b` values of every other row of its window and sending out what it forwards
-//!    plus its own slot once per direction its reach goes, plus one store-and-forward hop
-//!    (`hop + 2 ramp + 1` cycles) per row of the longest reach;
-//! 2. the slowest row's compute task, summed instruction by instruction in closed form: per
-//!    local head and segment of `L` tokens, `S hd (issue + issue + ceil(L / fmac_f32))` per
-//!    product (a load and an AXPY or a dot per key and feature), `O(S)` vector instructions of
-//!    length `L` for the softmax or its gradient, `exp_cycles S L` for the `exp`;
+//! 1. the all-gather in the widest column: the busiest core moves one wavelet per cycle through
+//!    its ramp, taking in the `2 F_c n_b` values of every other row of its window and sending out
+//!    what it forwards plus its own slot once per direction its reach goes, plus one
+//!    store-and-forward hop (`h = hop + 2 ramp + 1` cycles) per row of the longest reach;
+//! 2. the slowest row's compute, on a timeline per row. Instruction costs are summed in closed
+//!    form: per local head of `d` features on the PE and segment of `L` tokens,
+//!    `S d (issue + issue + ceil(L / fmac_f32))` per product (a load and an AXPY or a dot per
+//!    key and feature), `O(S)` vector instructions of length `L` for the softmax or its
+//!    gradient, `exp_cycles S L` for the `exp`. Each PE's first task takes `A_c` to its shared
+//!    heads' partial products and `W_c` more for its whole heads; a group of `g` columns sums
+//!    `m = S n_r` values per head once its slowest member is ready (`max A_c`), in
+//!    `m + (g - 1) h` along the chain, then `s + 3 issue` for the turnaround task once the last
+//!    column's core is free, and `m + (g - 1) h` back; each PE's second task (the shared heads'
+//!    softmax and context, or dS, dQ, dK, dV) starts when both its first task and its groups are
+//!    done. With whole heads only this is the first task alone, as before;
 //! 3. backward only: the reduce-scatter, which moves the gather's wavelets the other way round.
 //!
-//! The products dominate: about `2 H_c S hd (n_r + 2)` cycles per PE forward and twice that
-//! backward, against `2 F_c W` wavelets of gather. Measured against the exact engine in
-//! `kernels/tests/attention.rs`, the estimate is within 6 % on every tested shape.
+//! The products dominate: about `2 S F_c (n_r + 2)` cycles per PE forward and twice that
+//! backward, against `2 F_c W` wavelets of gather and `2 S n_r` per shared head of group sums,
+//! so widening the region divides the products by the columns until the sums (which do not
+//! shrink with the width) and the repeated softmax take over. Measured against the exact engine
+//! in `kernels/tests/attention.rs`, the estimate is within 5 % on every tested shape (within
+//! 2.5 % on the shapes whose heads span columns).
 //!
 //! # Memory per PE (f32 elements; `n` tokens, window of `W` tokens, longest segment `L`)
 //!
-//! - forward: Q, K, V, O tiles `4 F_c n`; window `2 F_c W`; probabilities `H_c S n`; row max
-//!   and sum `2 L`; one join counter.
-//! - backward: Q, K, V, dO tiles `4 F_c n`; probabilities `H_c S n`; window and partial dK/dV
-//!   `4 F_c W`; `dS` `S L`; two rows `2 L`; dQ `F_c n`; dK/dV `2 F_c n`; one join counter.
+//! `H_c` heads touch column `c` (whole or in part), `G_c <= 2` of them shared with other columns.
 //!
-//! `W >= S`, so the window alone needs `8 F_c S` bytes forward and `16 F_c S` backward: with one
-//! head of 64 per column, sequences longer than 93 tokens (forward) or 45 (backward) do not fit
-//! 48 KiB, whatever the region. A shape that does not fit is refused with
-//! [`KernelError::DoesNotFit`] naming the fullest row and its bytes; longer sequences would need
+//! - forward: Q, K, V, O tiles `4 F_c n`; window `2 F_c W`; probabilities `H_c S n`; row max
+//!   and sum `2 L`; one join counter, and a group counter if `G_c = 2`.
+//! - backward: Q, K, V, dO tiles `4 F_c n`; probabilities `H_c S n`; window and partial dK/dV
+//!   `4 F_c W`; `dS` `S L`; two rows `2 L`; dP of the shared heads `G_c S n`; dQ `F_c n`; dK/dV
+//!   `2 F_c n`; one join counter, and a group counter if `G_c = 2`.
+//!
+//! `W >= S`, so the window alone needs `8 F_c S` bytes forward and `16 F_c S` backward: with 64
+//! features per column, sequences longer than 93 tokens (forward) or 45 (backward) do not fit
+//! 48 KiB, whatever the rows; more columns shrink `F_c` but not the probabilities, which every
+//! column of a head keeps whole. A shape that does not fit is refused with
+//! [`KernelError::DoesNotFit`] naming the fullest PE and its bytes; longer sequences would need
 //! the keys streamed in blocks (flash-attention style), which this kernel does not do.
 //!
 //! What this is not: no dropout, no attention bias, no cross-attention, no fp16; K and V are not
-//! streamed in blocks; the gather finishes before any compute starts.
+//! streamed in blocks; the gather finishes before any compute starts; the softmax of a head
+//! over several columns is repeated on each of them, not split among them.
 
 mod cost;
 mod geometry;
@@ -108,8 +145,10 @@ use crate::check_region;
 use crate::error::KernelError;
 use crate::join::{self, ARMS, Join};
 use crate::layout::{Region, Tiling};
+use crate::rowgroup::{GroupAllReduce, GroupPart, Member};
 use crate::vchain::{Part, VerticalChain};
-use geometry::Geometry;
+use cost::Pass;
+use geometry::{Geometry, PeWork};
 use pe::{BackwardBufs, ForwardBufs};
 
 /// Name of the forward kernel in errors and reports.
@@ -124,6 +163,10 @@ const GATHER: VerticalChain = VerticalChain {
 const REDUCE: VerticalChain = VerticalChain {
     south: [Color(4), Color(5)],
     north: [Color(6), Color(7)],
+};
+const SUMS: GroupAllReduce = GroupAllReduce {
+    east: [Color(8), Color(9)],
+    west: [Color(10), Color(11)],
 };
 
 /// The attention problem: `batch` sequences of `seq_len` tokens, `features = heads x head_dim`.
@@ -204,8 +247,9 @@ pub struct AttentionBackward<'a> {
 pub struct AttentionPlan {
     /// `Q`, `K`, `V`, `O` and their gradients over the region.
     pub tiling: Tiling,
-    /// Heads of each PE column.
-    pub heads_per_column: usize,
+    /// Per head, the PE columns holding its features (one column, or several whose partial
+    /// scores and dP are summed along each row).
+    pub head_columns: Vec<Range<usize>>,
     pub head_dim: usize,
     /// Per region row, the rows whose K and V it keeps.
     pub windows: Vec<Range<usize>>,
@@ -239,7 +283,8 @@ pub struct AttentionGrads {
 pub struct ForwardBuffers {
     /// Its `O` tile, feature-major.
     pub out: Buf,
-    /// Its probabilities: per local head, per sequence segment, `[key][token]`.
+    /// Its probabilities: per head with features on its column (in head order), per sequence
+    /// segment, `[key][token]`.
     pub probs: Buf,
 }
 
@@ -284,13 +329,6 @@ fn geometry(
         return refuse(format!("{batch} x {seq_len} tokens overflow"));
     };
     check_region(kernel, config, region, tokens, features)?;
-    if !heads.is_multiple_of(region.cols as usize) {
-        return refuse(format!(
-            "the region's {} columns do not divide the {heads} heads (every PE column must hold \
-             whole heads)",
-            region.cols
-        ));
-    }
     Ok(Geometry::new(
         region,
         tokens,
@@ -316,44 +354,98 @@ fn check_lengths(
     }
 }
 
-/// The plan, if the fullest PE's `elements(row)` f32 fit its SRAM.
+/// What the SRAM of a PE depends on in its column.
+#[derive(Clone, Copy, Debug)]
+struct ColumnFacts {
+    /// Features.
+    fc: u64,
+    /// Heads with features on the column, and those of them shared with other columns.
+    heads: u64,
+    shared: u64,
+    /// The group sums' counter.
+    counter: u64,
+}
+
+/// What the SRAM of a PE depends on in its row.
+#[derive(Clone, Copy, Debug)]
+struct RowFacts {
+    n: u64,
+    window: u64,
+    longest: u64,
+    seq: u64,
+}
+
+impl ColumnFacts {
+    fn of(g: &Geometry, c: usize) -> Self {
+        let heads = g.local_heads(c);
+        let shared = heads.iter().filter(|h| h.shared()).count() as u64;
+        ColumnFacts {
+            fc: g.fc(c) as u64,
+            heads: heads.len() as u64,
+            shared,
+            counter: u64::from(shared > 1),
+        }
+    }
+}
+
+impl RowFacts {
+    fn of(g: &Geometry, r: usize) -> Self {
+        RowFacts {
+            n: g.n(r) as u64,
+            window: g.window_tokens(r) as u64,
+            longest: g.longest_segment(r) as u64,
+            seq: g.seq as u64,
+        }
+    }
+}
+
+/// The plan, if the fullest PE's `elements(column, row)` f32 fit its SRAM.
 fn plan(
     kernel: &'static str,
     config: &FabricConfig,
     g: &Geometry,
-    elements: impl Fn(&Geometry, usize) -> (u64, String),
+    elements: fn(ColumnFacts, RowFacts) -> (u64, String),
 ) -> Result<AttentionPlan, KernelError> {
-    let (worst, (count, what)) = (0..g.rows)
-        .map(|r| (r, elements(g, r)))
-        .max_by_key(|(r, (count, _))| (*count, std::cmp::Reverse(*r)))
-        .expect("a checked region has rows");
+    let columns: Vec<ColumnFacts> = (0..g.cols).map(|c| ColumnFacts::of(g, c)).collect();
+    let rows: Vec<RowFacts> = (0..g.rows).map(|r| RowFacts::of(g, r)).collect();
+    let mut worst = (0, 0, 0);
+    for (r, row) in rows.iter().enumerate() {
+        for (c, col) in columns.iter().enumerate() {
+            let (count, _) = elements(*col, *row);
+            if count > worst.0 {
+                worst = (count, c, r);
+            }
+        }
+    }
+    let (count, c, r) = worst;
     let (needed, available) = (4 * count, u64::from(config.sram_bytes));
     if needed > available {
+        let (_, what) = elements(columns[c], rows[r]);
         return Err(KernelError::DoesNotFit {
             kernel,
             needed,
             available,
-            what: format!("region row {worst}: {what}"),
+            what: format!("PE column {c}, row {r}: {what}"),
             hint: "the K/V window holds at least one whole sequence per PE: use shorter \
-                   sequences or more region columns (fewer heads per PE)"
+                   sequences or more region columns (fewer features per PE)"
                 .into(),
         });
     }
     Ok(AttentionPlan {
         tiling: g.tiling,
-        heads_per_column: g.heads_local,
+        head_columns: (0..g.heads).map(|h| g.head_columns(h)).collect(),
         head_dim: g.hd,
         windows: (0..g.rows).map(|r| g.window(r)).collect(),
         sram_bytes: needed,
     })
 }
 
-/// Elements of the parts every PE of row `r` holds in both passes: `(tile of n tokens x F_c,
-/// window, probabilities)`.
-fn common_parts(g: &Geometry, r: usize) -> [u64; 3] {
-    let tile = (g.fc * g.n(r)) as u64;
-    let window = 2 * (g.fc * g.window_tokens(r)) as u64;
-    [tile, window, g.probs_len(r) as u64]
+/// Elements of the parts every PE holds in both passes: `(tile of n tokens x F_c, window,
+/// probabilities)`.
+fn common_parts(col: ColumnFacts, row: RowFacts) -> [u64; 3] {
+    let tile = col.fc * row.n;
+    let window = 2 * col.fc * row.window;
+    [tile, window, col.heads * row.n * row.seq]
 }
 
 /// Bytes in a description.
@@ -361,41 +453,45 @@ fn bytes(elements: u64) -> String {
     format!("{} B", 4 * elements)
 }
 
-/// The forward's f32 elements on row `r`, and what they are.
-fn forward_elements(g: &Geometry, r: usize) -> (u64, String) {
-    let [tile, window, probs] = common_parts(g, r);
-    let rows = 2 * g.longest_segment(r) as u64;
-    let total = 4 * tile + window + probs + rows + 1;
+/// The forward's f32 elements on a PE, and what they are.
+fn forward_elements(col: ColumnFacts, row: RowFacts) -> (u64, String) {
+    let [tile, window, probs] = common_parts(col, row);
+    let rows = 2 * row.longest;
+    let total = 4 * tile + window + probs + rows + 1 + col.counter;
     let what = format!(
         "Q, K, V, O tiles {}, K/V window of {} tokens {}, \
-         probabilities {} heads x {} tokens x {} keys {}, softmax rows {}, join 4 B",
+         probabilities {} heads x {} tokens x {} keys {}, softmax rows {}, counters {}",
         bytes(4 * tile),
-        g.window_tokens(r),
+        row.window,
         bytes(window),
-        g.heads_local,
-        g.n(r),
-        g.seq,
+        col.heads,
+        row.n,
+        row.seq,
         bytes(probs),
-        bytes(rows)
+        bytes(rows),
+        bytes(1 + col.counter)
     );
     (total, what)
 }
 
-/// The backward's f32 elements on row `r`, and what they are.
-fn backward_elements(g: &Geometry, r: usize) -> (u64, String) {
-    let [tile, window, probs] = common_parts(g, r);
-    let longest = g.longest_segment(r) as u64;
-    let ds = g.seq as u64 * longest + 2 * longest;
-    let total = 4 * tile + probs + 2 * window + ds + 3 * tile + 1;
+/// The backward's f32 elements on a PE, and what they are.
+fn backward_elements(col: ColumnFacts, row: RowFacts) -> (u64, String) {
+    let [tile, window, probs] = common_parts(col, row);
+    let ds = row.seq * row.longest + 2 * row.longest;
+    let dp = col.shared * row.n * row.seq;
+    let total = 4 * tile + probs + 2 * window + ds + dp + 3 * tile + 1 + col.counter;
     let what = format!(
         "Q, K, V, dO tiles {}, probabilities {}, K/V window and partial dK/dV of {} tokens {}, \
-         dS and rows {}, dQ, dK, dV tiles {}, join 4 B",
+         dS and rows {}, dP of {} shared heads {}, dQ, dK, dV tiles {}, counters {}",
         bytes(4 * tile),
         bytes(probs),
-        g.window_tokens(r),
+        row.window,
         bytes(2 * window),
         bytes(ds),
-        bytes(3 * tile)
+        col.shared,
+        bytes(dp),
+        bytes(3 * tile),
+        bytes(1 + col.counter)
     );
     (total, what)
 }
@@ -405,14 +501,41 @@ fn region_pes(region: Region) -> impl Iterator<Item = (u32, u32)> {
     (0..region.rows).flat_map(move |r| (0..region.cols).map(move |c| (c, r)))
 }
 
-/// Row `r`'s view of every row slot of its window, as parts of a column collective: where it
+/// PE (c, r)'s view of every row slot of its window, as parts of a column collective: where it
 /// sits in `buf` (the window, or the partial dK/dV in the window's layout) and its reach.
-fn window_parts(g: &Geometry, r: usize, buf: Buf) -> Vec<Part> {
+fn window_parts(g: &Geometry, c: usize, r: usize, buf: Buf) -> Vec<Part> {
     g.window(r)
         .map(|b| Part {
             owner: b,
             reach: g.reach(b),
-            data: buf.slice(g.slot(r, b), g.slot_len(b)),
+            data: buf.slice(g.slot(c, r, b), g.slot_len(c, b)),
+        })
+        .collect()
+}
+
+/// Which heads a buffer of `tokens x keys` blocks holds, one block per head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Blocks {
+    /// Every local head (the probabilities).
+    AllHeads,
+    /// The shared heads only (the backward's dP).
+    SharedHeads,
+}
+
+/// The shared heads' blocks of `buf` (`block` elements each, laid out as `blocks` says) as
+/// members of their column groups.
+fn members(w: &PeWork, buf: Buf, block: u32, blocks: Blocks) -> Vec<Member> {
+    w.shared_heads()
+        .enumerate()
+        .map(|(k, (i, head))| {
+            let at = match blocks {
+                Blocks::AllHeads => i,
+                Blocks::SharedHeads => k as u32,
+            };
+            Member {
+                group: head.group.clone(),
+                data: buf.slice(at * block, block),
+            }
         })
         .collect()
 }
@@ -431,13 +554,13 @@ fn place_gather(
     p: &mut Program,
     pe: Coord,
     g: &Geometry,
-    r: usize,
+    (c, r): (usize, usize),
     b: GatherBufs,
     join: Join,
 ) -> Result<TaskId, BuildError> {
-    let own_at = g.slot(r, r);
-    let half = (g.fc * g.n(r)) as u32;
-    let mut parts = window_parts(g, r, b.window);
+    let own_at = g.slot(c, r, r);
+    let half = (g.fc(c) * g.n(r)) as u32;
+    let mut parts = window_parts(g, c, r, b.window);
     parts.retain(|part| part.owner != r);
     let reach = g.reach(r);
     p.local_task(pe, "gather_kv", move |ctx| {
@@ -506,11 +629,17 @@ impl Attention<'_> {
             g.tiling
                 .untile(&read(&executed, pe, bufs.out), &mut out, cu, ru);
             let tile = read(&executed, pe, bufs.probs);
-            for (value, at) in tile
-                .into_iter()
-                .zip(g.probs_indices(self.shape.heads, cu, ru))
-            {
-                probs[at] = value;
+            let indices = g.probs_indices(cu, ru);
+            let block = g.head_block_len(ru).max(1);
+            let heads = g.local_heads(cu);
+            let chunks = tile.chunks(block).zip(indices.chunks(block));
+            // A head over several columns has the same probabilities on each: read its first.
+            for (head, (values, at)) in heads.iter().zip(chunks) {
+                if head.group.start == cu {
+                    for (&value, &i) in values.iter().zip(at) {
+                        probs[i] = value;
+                    }
+                }
             }
         }
         Ok(AttentionRun {
@@ -524,14 +653,10 @@ impl Attention<'_> {
     /// Cycles the forward takes by the analytic formula (module doc, "Cost"); 0 for a shape
     /// the region refuses.
     pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
-        let Ok(g) = geometry(KERNEL, config, self.region, &self.shape) else {
-            return 0;
-        };
-        let compute = (0..g.rows)
-            .map(|r| cost::forward_compute(config, &g, r))
-            .max()
-            .unwrap_or(0);
-        cost::gather(config, &g) + compute
+        match geometry(KERNEL, config, self.region, &self.shape) {
+            Ok(g) => cost::total(config, &g, Pass::Forward),
+            Err(_) => 0,
+        }
     }
 
     /// Buffers, routes and tasks of PE (c, r).
@@ -545,36 +670,64 @@ impl Attention<'_> {
         let pe = self.region.pe(c, r);
         let (cu, ru) = (c as usize, r as usize);
         let tile = |m: &[f32]| g.tiling.tile(m, cu, ru);
-        let (n, longest) = (g.n(ru), g.longest_segment(ru));
+        let (n, longest, fc) = (g.n(ru), g.longest_segment(ru), g.fc(cu));
         let q = p.alloc_f32(pe, "q", &tile(self.q))?;
         let k = p.alloc_f32(pe, "k", &tile(self.k))?;
         let v = p.alloc_f32(pe, "v", &tile(self.v))?;
         let bufs = ForwardBufs {
             q,
-            out: p.alloc_zeros(pe, "out", DType::F32, g.fc * n)?,
-            window: p.alloc_zeros(pe, "kv_window", DType::F32, 2 * g.fc * g.window_tokens(ru))?,
-            probs: p.alloc_zeros(pe, "probs", DType::F32, g.probs_len(ru))?,
+            out: p.alloc_zeros(pe, "out", DType::F32, fc * n)?,
+            window: p.alloc_zeros(pe, "kv_window", DType::F32, 2 * fc * g.window_tokens(ru))?,
+            probs: p.alloc_zeros(pe, "probs", DType::F32, g.probs_len(cu, ru))?,
             max: p.alloc_zeros(pe, "row_max", DType::F32, longest)?,
             sum: p.alloc_zeros(pe, "row_sum", DType::F32, longest)?,
         };
+        let work = g.work(cu, ru, self.shape.scale);
+        let members = members(
+            &work,
+            bufs.probs,
+            g.head_block_len(ru) as u32,
+            Blocks::AllHeads,
+        );
         GATHER.install(p, self.region, c, r)?;
+        SUMS.install(p, self.region, (c, r), &members)?;
 
+        // The shared heads' softmax and context, once their scores are summed.
+        let sums = if members.is_empty() {
+            None
+        } else {
+            let rest = work.clone();
+            let task = p.local_task(pe, "attention_shared", move |ctx| {
+                pe::forward_shared_rest(ctx, &rest, &bufs)
+            })?;
+            Some(SUMS.place(p, pe, cu, &members, task)?)
+        };
         let compute_id = TaskId(p.next_task_id(pe)?.0 + ARMS as u16);
         let join = Join::place(p, pe, compute_id)?;
-        let work = g.work(ru, self.shape.scale);
-        let compute = p.local_task(pe, "attention", move |ctx| pe::forward(ctx, &work, &bufs))?;
+        let compute = p.local_task(pe, "attention", move |ctx| {
+            pe::forward_shared_scores(ctx, &work, &bufs);
+            issue_sums(ctx, sums.as_ref());
+            pe::forward_whole(ctx, &work, &bufs);
+        })?;
         debug_assert_eq!(compute, compute_id);
         let gather = GatherBufs {
             k,
             v,
             window: bufs.window,
         };
-        let start = place_gather(p, pe, g, ru, gather, join)?;
+        let start = place_gather(p, pe, g, (cu, ru), gather, join)?;
         p.activate(pe, start)?;
         Ok(ForwardBuffers {
             out: bufs.out,
             probs: bufs.probs,
         })
+    }
+}
+
+/// Starts the PE's part of the group sums, if it takes part in any.
+fn issue_sums(ctx: &mut wafersim_sim::TaskCtx<'_>, sums: Option<&GroupPart>) {
+    if let Some(part) = sums {
+        part.issue(ctx);
     }
 }
 
@@ -658,14 +811,10 @@ impl AttentionBackward<'_> {
     /// Cycles the backward takes by the analytic formula (module doc, "Cost"); 0 for a shape
     /// the region refuses.
     pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
-        let Ok(g) = geometry(BACKWARD_KERNEL, config, self.region, &self.shape) else {
-            return 0;
-        };
-        let compute = (0..g.rows)
-            .map(|r| cost::backward_compute(config, &g, r))
-            .max()
-            .unwrap_or(0);
-        cost::gather(config, &g) + compute + cost::reduce(config, &g)
+        match geometry(BACKWARD_KERNEL, config, self.region, &self.shape) {
+            Ok(g) => cost::total(config, &g, Pass::Backward),
+            Err(_) => 0,
+        }
     }
 
     /// Buffers, routes and tasks of PE (c, r).
@@ -679,10 +828,10 @@ impl AttentionBackward<'_> {
         let pe = self.region.pe(c, r);
         let (cu, ru) = (c as usize, r as usize);
         let tile = |m: &[f32]| g.tiling.tile(m, cu, ru);
-        let (n, longest) = (g.n(ru), g.longest_segment(ru));
-        let window_len = 2 * g.fc * g.window_tokens(ru);
+        let (n, longest, fc) = (g.n(ru), g.longest_segment(ru), g.fc(cu));
+        let window_len = 2 * fc * g.window_tokens(ru);
         let probs: Vec<f32> = g
-            .probs_indices(self.shape.heads, cu, ru)
+            .probs_indices(cu, ru)
             .into_iter()
             .map(|i| self.probs[i])
             .collect();
@@ -694,22 +843,52 @@ impl AttentionBackward<'_> {
             probs: p.alloc_f32(pe, "probs", &probs)?,
             window: p.alloc_zeros(pe, "kv_window", DType::F32, window_len)?,
             partial: p.alloc_zeros(pe, "dkv_partial", DType::F32, window_len)?,
-            dq: p.alloc_zeros(pe, "dq", DType::F32, g.fc * n)?,
+            dq: p.alloc_zeros(pe, "dq", DType::F32, fc * n)?,
             ds: p.alloc_zeros(pe, "ds", DType::F32, g.seq * longest)?,
             rowsum: p.alloc_zeros(pe, "rowsum", DType::F32, longest)?,
             tmp: p.alloc_zeros(pe, "row_tmp", DType::F32, longest)?,
         };
-        let dkv = p.alloc_zeros(pe, "dkv", DType::F32, 2 * g.fc * n)?;
+        let dkv = p.alloc_zeros(pe, "dkv", DType::F32, 2 * fc * n)?;
+        let work = g.work(cu, ru, self.shape.scale);
+        let shared = work.shared_heads().count();
+        let block = g.head_block_len(ru);
+        let dp = if shared > 0 {
+            Some(p.alloc_zeros(pe, "dp_shared", DType::F32, shared * block)?)
+        } else {
+            None
+        };
+        let members = dp.map_or_else(Vec::new, |dp| {
+            members(&work, dp, block as u32, Blocks::SharedHeads)
+        });
         GATHER.install(p, self.region, c, r)?;
         REDUCE.install(p, self.region, c, r)?;
+        SUMS.install(p, self.region, (c, r), &members)?;
 
+        let reduce = ReduceStep::new(g, (cu, ru), bufs.partial, dkv);
+        // The shared heads' dS, dQ and partial dK, dV once their dP is summed, then the
+        // reduce-scatter.
+        let sums = match dp {
+            None => None,
+            Some(dp) => {
+                let (rest, reduce) = (work.clone(), reduce.clone());
+                let task = p.local_task(pe, "attention_backward_shared", move |ctx| {
+                    pe::backward_shared_rest(ctx, &rest, &bufs, dp);
+                    reduce.issue(ctx);
+                })?;
+                Some((SUMS.place(p, pe, cu, &members, task)?, dp))
+            }
+        };
         let compute_id = TaskId(p.next_task_id(pe)?.0 + ARMS as u16);
         let join = Join::place(p, pe, compute_id)?;
-        let work = g.work(ru, self.shape.scale);
-        let reduce = ReduceStep::new(g, ru, bufs.partial, dkv);
         let compute = p.local_task(pe, "attention_backward", move |ctx| {
-            pe::backward(ctx, &work, &bufs);
-            reduce.issue(ctx);
+            if let Some((part, dp)) = &sums {
+                pe::backward_shared_dp(ctx, &work, &bufs, *dp);
+                part.issue(ctx);
+            }
+            pe::backward_whole(ctx, &work, &bufs);
+            if sums.is_none() {
+                reduce.issue(ctx);
+            }
         })?;
         debug_assert_eq!(compute, compute_id);
         let gather = GatherBufs {
@@ -717,13 +896,14 @@ impl AttentionBackward<'_> {
             v,
             window: bufs.window,
         };
-        let start = place_gather(p, pe, g, ru, gather, join)?;
+        let start = place_gather(p, pe, g, (cu, ru), gather, join)?;
         p.activate(pe, start)?;
         Ok(BackwardBuffers { dq: bufs.dq, dkv })
     }
 }
 
 /// One PE's part of the dK/dV reduce-scatter, issued when its compute is done.
+#[derive(Clone, Debug)]
 struct ReduceStep {
     r: usize,
     own: VecRef,
@@ -732,12 +912,12 @@ struct ReduceStep {
 }
 
 impl ReduceStep {
-    fn new(g: &Geometry, r: usize, partial: Buf, result: Buf) -> Self {
+    fn new(g: &Geometry, (c, r): (usize, usize), partial: Buf, result: Buf) -> Self {
         ReduceStep {
             r,
-            own: partial.slice(g.slot(r, r), g.slot_len(r)),
+            own: partial.slice(g.slot(c, r, r), g.slot_len(c, r)),
             result,
-            parts: window_parts(g, r, partial),
+            parts: window_parts(g, c, r, partial),
         }
     }
 

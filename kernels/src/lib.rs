@@ -18,10 +18,13 @@ pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
 mod error;
+mod flow;
 pub mod join;
 pub mod layernorm;
 pub mod layout;
+pub mod load;
 pub mod matmul;
+pub mod rowgroup;
 pub mod rowmax;
 pub mod sparse;
 mod tiles;
@@ -43,11 +46,13 @@ pub use layernorm::{
     LayerNorm, LayerNormBackward, LayerNormBackwardRun, LayerNormPlan, LayerNormRun,
 };
 pub use layout::{Region, Split, Tiling};
-pub use matmul::{MatmulPlan, MatmulRun, StreamMatmul};
+pub use load::{ColumnCounts, StreamLoad};
+pub use matmul::{MatmulPlan, MatmulRun, MatmulShape, StreamMatmul};
+pub use rowgroup::GroupAllReduce;
 pub use rowmax::RowMaxAllReduce;
 pub use sparse::StreamedMatrix;
 pub use vchain::VerticalChain;
-pub use weight_grad::{WeightGrad, WeightGradPlan, WeightGradRun};
+pub use weight_grad::{WeightGrad, WeightGradPlan, WeightGradRun, WeightGradShape};
 
 use wafersim_sim::FabricConfig;
 

@@ -19,7 +19,31 @@
 //! value + index); products accumulate in fp32 (`@fmachs`). In `F32`, a weight needs two
 //! wavelets, its index and then its fp32 value, so the weight task runs twice per weight.
 //!
+//! Color plan: 0 the weight stream, 1-2 the east-bound chain, 3-4 the west-bound chain.
+//!
 //! FMACs executed: `T x nnz(W)` exactly (every entry meets every token once).
+//!
+//! # Cost
+//!
+//! [`MatmulShape::estimate_cycles`] times a run from the shape and the kept entries per (chunk,
+//! PE column) ([`StreamLoad`]), in O(nnz + chunks x columns), without simulating. With `s` the
+//! task switch, `i` the issue cost, `t` the largest tile's tokens and `w` the FMAC width, the
+//! cores of a PE column spend, per chunk:
+//!
+//! - per kept entry `E = s + 1 + i + ceil(t / w)` (fp16: `w = fmac_mixed`) or `s + E` with
+//!   `w = fmac_f32` in fp32 (the index-only task first); the weight stream (one wavelet per cycle
+//!   per column) is never the bottleneck, since every wavelet costs a task;
+//! - the end-of-chunk task: `s`, the copy of its own piece (`i + ceil(own x t / mov_f32)`), a
+//!   counter store and one issue per reduce-scatter operation;
+//! - the reduce-scatter, timed by `flow::reduce_scatter` from each column's issue time
+//!   and the owners' segment lengths (the busiest ramp, the hops, the crossing of the two
+//!   streams), then a join arm (`s + 2i`) and `chunk_done` (`s + i + ceil(chunk x t / mov_f32)`,
+//!   plus the bias adds after the last chunk).
+//!
+//! Each column starts the next chunk when its own `chunk_done` ends, so a column with more kept
+//! entries holds the reduction back chunk by chunk (load imbalance). The first wavelet reaches
+//! the slowest row (the last with `t` tokens) `hop (1 + y) + ramp` cycles after the start.
+//! Agreement with the exact engine: `kernels/tests/matmul.rs` and `docs/fidelity.md`.
 
 use std::ops::Range;
 
@@ -32,8 +56,11 @@ use crate::chain::{RowChain, feed_column_from_north};
 use crate::error::KernelError;
 use crate::join::{self, ARMS, Join};
 use crate::layout::{Region, Split, Tiling};
+use crate::load::StreamLoad;
 use crate::sparse::StreamedMatrix;
 use crate::{Precision, check_region};
+
+mod cost;
 
 /// Name used in errors and reports.
 pub const KERNEL: &str = "stream_matmul";
@@ -83,31 +110,26 @@ pub struct MatmulRun {
     pub stats: Stats,
 }
 
-impl StreamMatmul<'_> {
-    fn check(&self, config: &FabricConfig) -> Result<(), KernelError> {
-        let shape = |reason: String| {
-            Err(KernelError::Shape {
-                kernel: KERNEL,
-                reason,
-            })
-        };
-        let (t, k, n) = (self.tokens, self.w.rows(), self.w.cols());
-        if self.x.len() != t * k {
-            return shape(format!("X has {} values, expected {t} x {k}", self.x.len()));
-        }
-        if self.bias.is_some_and(|b| b.len() != n) {
-            return shape(format!(
-                "the bias has {} values, expected {n}",
-                self.bias.map_or(0, <[f32]>::len)
-            ));
-        }
-        check_region(KERNEL, config, self.region, t, k.min(n))
-    }
+/// The shape of a product without its values: what its plan and its cost depend on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatmulShape {
+    pub region: Region,
+    /// Tokens `T`.
+    pub tokens: usize,
+    /// Input features `K` (rows of `W`).
+    pub k: usize,
+    /// Output features `N` (columns of `W`).
+    pub n: usize,
+    /// Whether a bias is added.
+    pub bias: bool,
+    pub precision: Precision,
+}
 
+impl MatmulShape {
     /// Cuts the product so that every PE's buffers fit its SRAM.
     pub fn plan(&self, config: &FabricConfig) -> Result<MatmulPlan, KernelError> {
-        self.check(config)?;
-        let (t, k, n) = (self.tokens, self.w.rows(), self.w.cols());
+        let (t, k, n) = (self.tokens, self.k, self.n);
+        check_region(KERNEL, config, self.region, t, k.min(n))?;
         let input = Tiling::new(self.region, t, k);
         let output = Tiling::new(self.region, t, n);
         let (t_max, k_max, n_max) = (
@@ -142,6 +164,67 @@ impl StreamMatmul<'_> {
             chunks,
             sram_bytes: fixed + per_column * chunk as u64,
         })
+    }
+
+    /// The cycles of a run streaming `load`'s entries, by the formula in the module doc.
+    pub fn estimate_cycles(
+        &self,
+        config: &FabricConfig,
+        plan: &MatmulPlan,
+        load: &StreamLoad,
+    ) -> u64 {
+        cost::estimate(config, self, plan, load)
+    }
+}
+
+impl StreamMatmul<'_> {
+    /// The product's shape.
+    pub fn shape(&self) -> MatmulShape {
+        MatmulShape {
+            region: self.region,
+            tokens: self.tokens,
+            k: self.w.rows(),
+            n: self.w.cols(),
+            bias: self.bias.is_some(),
+            precision: self.precision,
+        }
+    }
+
+    fn check(&self) -> Result<(), KernelError> {
+        let shape = |reason: String| {
+            Err(KernelError::Shape {
+                kernel: KERNEL,
+                reason,
+            })
+        };
+        let (t, k, n) = (self.tokens, self.w.rows(), self.w.cols());
+        if self.x.len() != t * k {
+            return shape(format!("X has {} values, expected {t} x {k}", self.x.len()));
+        }
+        if self.bias.is_some_and(|b| b.len() != n) {
+            return shape(format!(
+                "the bias has {} values, expected {n}",
+                self.bias.map_or(0, <[f32]>::len)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Cuts the product so that every PE's buffers fit its SRAM.
+    pub fn plan(&self, config: &FabricConfig) -> Result<MatmulPlan, KernelError> {
+        self.check()?;
+        self.shape().plan(config)
+    }
+
+    /// The cycles of a run by the formula in the module doc (0 if the product cannot be
+    /// planned: [`Self::plan`] says why).
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
+        let shape = self.shape();
+        let Ok(plan) = shape.plan(config) else {
+            return 0;
+        };
+        let load = StreamLoad::of_matrix(self.w, plan.input.features, &plan.chunks);
+        shape.estimate_cycles(config, &plan, &load)
     }
 
     /// The program and the buffers holding `Y`.

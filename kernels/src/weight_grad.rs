@@ -19,21 +19,39 @@
 //! Color plan: 0 pattern stream, 1-2 east chain, 3-4 west chain, 5-6 south chain.
 //!
 //! FMACs executed: `T x nnz(pattern)` exactly; the bias sums are additions.
+//!
+//! # Cost
+//!
+//! [`WeightGradShape::estimate_cycles`] times a run from the shape and the kept entries per
+//! (chunk, PE column) ([`StreamLoad`]), in O(nnz + chunks x columns), without simulating. Per
+//! chunk and column, for the first region row and the last: `next_chunk` (`s`, the copy of the
+//! own `dY` piece, a counter store and one issue per operation), the row's all-gather timed by
+//! `flow::all_gather`, a join arm and `gathered` (`s`), then per kept entry
+//! `s + 1 + i + ceil(t / w) + i` (the decode, the dot product at the FMAC width `w` of the
+//! storage type, the store), the end-of-chunk task (`s + 2i`), and the column chain: the first
+//! row's send ends `len` cycles after its issue, the last row's `rows - 1` hops of
+//! `2 ramp + hop` after the first row's at the earliest. After the last chunk: the bias sums
+//! (`s + own x (i + ceil(t / arith) + i) + i`) and their chain, and `ramp + hop (1 + rows below)`
+//! for the last wavelet to reach the sink. Agreement with the exact engine:
+//! `kernels/tests/weight_grad.rs` and `docs/fidelity.md`.
 
 use std::ops::Range;
 
 use half::f16;
 use wafersim_sim::{
-    Buf, Color, DType, FabricConfig, Program, RunOptions, Simulator, Stats, TaskCtx, TaskId,
-    VecRef, Wavelet,
+    Buf, Color, DType, FabricConfig, Program, RunOptions, Simulator, SinkId, Stats, TaskCtx,
+    TaskId, VecRef, Wavelet,
 };
 
 use crate::chain::{ColumnChain, RowChain, feed_column_from_north};
 use crate::error::KernelError;
 use crate::join::{self, ARMS, Join};
 use crate::layout::{Region, Split, Tiling};
+use crate::load::StreamLoad;
 use crate::sparse::StreamedMatrix;
 use crate::{Precision, check_region};
+
+mod cost;
 
 /// Name used in errors and reports.
 pub const KERNEL: &str = "weight_grad";
@@ -90,31 +108,26 @@ pub struct WeightGradRun {
     pub stats: Stats,
 }
 
-impl WeightGrad<'_> {
-    fn check(&self, config: &FabricConfig) -> Result<(), KernelError> {
-        let shape = |reason: String| {
-            Err(KernelError::Shape {
-                kernel: KERNEL,
-                reason,
-            })
-        };
-        let (t, k, n) = (self.tokens, self.pattern.rows(), self.pattern.cols());
-        if self.x.len() != t * k {
-            return shape(format!("X has {} values, expected {t} x {k}", self.x.len()));
-        }
-        if self.dy.len() != t * n {
-            return shape(format!(
-                "dY has {} values, expected {t} x {n}",
-                self.dy.len()
-            ));
-        }
-        check_region(KERNEL, config, self.region, t, k.min(n))
-    }
+/// The shape of a weight gradient without its values: what its plan and its cost depend on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WeightGradShape {
+    pub region: Region,
+    /// Tokens `T`.
+    pub tokens: usize,
+    /// Input features `K` (rows of the pattern).
+    pub k: usize,
+    /// Output features `N` (columns of the pattern).
+    pub n: usize,
+    /// Whether the bias gradient is computed too.
+    pub bias: bool,
+    pub precision: Precision,
+}
 
+impl WeightGradShape {
     /// Cuts the gradient so that every PE's buffers fit its SRAM.
     pub fn plan(&self, config: &FabricConfig) -> Result<WeightGradPlan, KernelError> {
-        self.check(config)?;
-        let (t, k, n) = (self.tokens, self.pattern.rows(), self.pattern.cols());
+        let (t, k, n) = (self.tokens, self.k, self.n);
+        check_region(KERNEL, config, self.region, t, k.min(n))?;
         let input = Tiling::new(self.region, t, k);
         let output = Tiling::new(self.region, t, n);
         let (t_max, k_max, n_max) = (
@@ -153,12 +166,72 @@ impl WeightGrad<'_> {
         })
     }
 
-    /// Builds, runs and collects the gradients.
-    pub fn run(
+    /// The cycles of a run over `load`'s entries, by the formula in the module doc.
+    pub fn estimate_cycles(
         &self,
         config: &FabricConfig,
-        options: RunOptions,
-    ) -> Result<WeightGradRun, KernelError> {
+        plan: &WeightGradPlan,
+        load: &StreamLoad,
+    ) -> u64 {
+        cost::estimate(config, self, plan, load)
+    }
+}
+
+impl WeightGrad<'_> {
+    /// The gradient's shape.
+    pub fn shape(&self) -> WeightGradShape {
+        WeightGradShape {
+            region: self.region,
+            tokens: self.tokens,
+            k: self.pattern.rows(),
+            n: self.pattern.cols(),
+            bias: self.bias,
+            precision: self.precision,
+        }
+    }
+
+    fn check(&self) -> Result<(), KernelError> {
+        let shape = |reason: String| {
+            Err(KernelError::Shape {
+                kernel: KERNEL,
+                reason,
+            })
+        };
+        let (t, k, n) = (self.tokens, self.pattern.rows(), self.pattern.cols());
+        if self.x.len() != t * k {
+            return shape(format!("X has {} values, expected {t} x {k}", self.x.len()));
+        }
+        if self.dy.len() != t * n {
+            return shape(format!(
+                "dY has {} values, expected {t} x {n}",
+                self.dy.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Cuts the gradient so that every PE's buffers fit its SRAM.
+    pub fn plan(&self, config: &FabricConfig) -> Result<WeightGradPlan, KernelError> {
+        self.check()?;
+        self.shape().plan(config)
+    }
+
+    /// The cycles of a run by the formula in the module doc (0 if the gradient cannot be
+    /// planned: [`Self::plan`] says why).
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
+        let shape = self.shape();
+        let Ok(plan) = shape.plan(config) else {
+            return 0;
+        };
+        let load = StreamLoad::of_matrix(self.pattern, plan.input.features, &plan.chunks);
+        shape.estimate_cycles(config, &plan, &load)
+    }
+
+    /// The program, the plan and the sink below each PE column.
+    pub fn build(
+        &self,
+        config: &FabricConfig,
+    ) -> Result<(Program, WeightGradPlan, Vec<SinkId>), KernelError> {
         let plan = self.plan(config)?;
         let mut p = Program::new(config.clone())?;
         for r in 0..self.region.rows {
@@ -176,6 +249,16 @@ impl WeightGrad<'_> {
             )?;
             sinks.push(COLUMN.install_exit(&mut p, self.region, c)?);
         }
+        Ok((p, plan, sinks))
+    }
+
+    /// Builds, runs and collects the gradients.
+    pub fn run(
+        &self,
+        config: &FabricConfig,
+        options: RunOptions,
+    ) -> Result<WeightGradRun, KernelError> {
+        let (p, plan, sinks) = self.build(config)?;
         let executed = Simulator::new(p)?.run(options)?;
         let received: Vec<Vec<f32>> = sinks
             .iter()

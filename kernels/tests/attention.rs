@@ -246,9 +246,9 @@ fn probabilities_are_causal_and_sum_to_one() {
 }
 
 #[test]
-fn columns_that_split_a_head_are_refused() {
+fn shapes_the_region_cannot_split_are_refused() {
     let data = vec![0.0; 8 * 12];
-    let config = FabricConfig::rectangle(4, 4).unwrap();
+    let config = FabricConfig::rectangle(16, 4).unwrap();
     let attention = |cols: u32, heads: usize, features: usize| Attention {
         region: Region::at_origin(cols, 2),
         shape: AttentionShape {
@@ -262,11 +262,11 @@ fn columns_that_split_a_head_are_refused() {
         k: &data,
         v: &data,
     };
-    let err = attention(2, 3, 12).plan(&config).unwrap_err().to_string();
+    // Columns may split heads, but each needs a feature.
+    let err = attention(13, 3, 12).plan(&config).unwrap_err().to_string();
     assert_eq!(
         err,
-        "attention: the region's 2 columns do not divide the 3 heads (every PE column must \
-         hold whole heads)"
+        "attention: the region has 13 columns but only 12 features to split"
     );
     let err = attention(1, 5, 12).plan(&config).unwrap_err().to_string();
     assert_eq!(err, "attention: 12 features do not split into 5 heads");
@@ -409,6 +409,24 @@ fn the_estimate_of_a_wafer_scale_shape_is_quick_and_dominated_by_compute() {
         Err(KernelError::DoesNotFit { needed, .. }) => assert_eq!(needed, 1_085_476),
         other => panic!("expected DoesNotFit, got {other:?}"),
     }
+    // The same sequences over the wafer's 750 columns: 274 columns of 2 features, then 476 of
+    // 1, so heads 0-7 lie on 32 columns each, head 8 on 46 and heads 9-15 on 64. The products shrink to at most
+    // 2 x 2048 x 2 x 6 = 49,152 cycles per PE, and the estimate must come out far below the
+    // 16-column one; the softmax (repeated on every column of a head) and the row sums of
+    // 2 x 2048 x 4 values per head now weigh as much as the products.
+    let wide = Attention {
+        region: Region::at_origin(750, 512),
+        ..attention
+    };
+    let started = std::time::Instant::now();
+    let wide_estimate = wide.estimate_cycles(&config);
+    let took = started.elapsed();
+    eprintln!("S 2048, 16 heads of 64, 750 x 512 PEs: estimate {wide_estimate} cycles in {took:?}");
+    assert!(wide_estimate > 49_152, "{wide_estimate}");
+    assert!(
+        wide_estimate < estimate / 4,
+        "{wide_estimate} vs {estimate}"
+    );
 }
 
 #[test]
@@ -461,4 +479,85 @@ fn the_longest_sequence_that_fits_one_head_of_64_per_column() {
     assert_eq!(plan(94, false), Err(4 * (259 + 129 * 94)));
     assert_eq!(plan(45, true), Ok(4 * (451 + 258 * 45)));
     assert_eq!(plan(46, true), Err(4 * (451 + 258 * 46)));
+}
+
+#[test]
+fn heads_over_two_and_four_columns() {
+    // 4 heads of 16 over 8 columns (8 features each, every head on 2 columns) and over 16
+    // columns (4 features each, every head on 4 columns): partial scores and dP summed along
+    // each row before the softmax.
+    check(2, 16, 4, 64, 8, 4, 0.25);
+    check(2, 16, 4, 64, 16, 4, 0.25);
+    // One head of 8 with one feature per column, over 8 columns of 3 rows (sequences of 6 and
+    // rows of 4 tokens).
+    check(2, 6, 1, 8, 8, 3, 0.5);
+}
+
+#[test]
+fn heads_split_unevenly_and_columns_shared_by_two_heads() {
+    // 3 heads of 4 over 5 columns (3, 3, 2, 2, 2 features): column 1 ends head 0 and starts
+    // head 1; head 2 lies on columns 3-4.
+    check(2, 5, 3, 12, 5, 2, 1.0);
+    // 2 heads of 6 over 8 columns (2, 2, 2, 2, 1, 1, 1, 1): head 0 on 3 columns, head 1 on 5.
+    check(1, 8, 2, 12, 8, 2, 0.4);
+    // 3 heads of 8 over 2 columns: column 0 holds head 0 whole and half of head 1, column 1
+    // the other half and head 2 whole.
+    check(2, 7, 3, 24, 2, 3, 1.0 / 8f32.sqrt());
+}
+
+#[test]
+fn a_head_over_columns_is_summed_along_its_row_only() {
+    // B = 1, S = 8, 2 heads of 8 on 4 columns x 2 rows: each head lies on 2 columns, 4 tokens
+    // per row. Forward: each PE of a head's pair sends its 8 keys x 4 tokens = 32 partial
+    // scores east or receives them, and the 32 totals travel back west: 32 wavelets cross each
+    // link inside a pair in each direction, none between the pairs (columns 1 and 2).
+    let (b, s, heads, f) = (1, 8, 2, 16);
+    let shape = AttentionShape {
+        batch: b,
+        seq_len: s,
+        heads,
+        features: f,
+        scale: 0.3,
+    };
+    let (q, k, v) = (tensor(s * f, 1), tensor(s * f, 2), tensor(s * f, 3));
+    let config = FabricConfig::rectangle(4, 2).unwrap();
+    let run = Attention {
+        region: Region::at_origin(4, 2),
+        shape,
+        q: &q,
+        k: &k,
+        v: &v,
+    }
+    .run(&config, RunOptions::default())
+    .unwrap();
+    assert_eq!(run.plan.head_columns, vec![0..2, 2..4]);
+    let east = |c: u32, r: u32, color: u8| {
+        run.stats.link(
+            wafersim_sim::Coord::new(c, r),
+            wafersim_sim::Color(color),
+            wafersim_sim::Port::East,
+        )
+    };
+    let west = |c: u32, r: u32, color: u8| {
+        run.stats.link(
+            wafersim_sim::Coord::new(c, r),
+            wafersim_sim::Color(color),
+            wafersim_sim::Port::West,
+        )
+    };
+    for r in 0..2 {
+        // Column 0 sends east on color 8, column 2 on color 8 too (even columns); the totals
+        // come back west from columns 1 and 3 on color 11 (odd columns).
+        assert_eq!((east(0, r, 8), east(2, r, 8)), (32, 32), "row {r}");
+        assert_eq!((west(1, r, 11), west(3, r, 11)), (32, 32), "row {r}");
+        assert_eq!((east(1, r, 9), west(2, r, 10)), (0, 0), "row {r}");
+    }
+}
+
+#[test]
+fn a_training_steps_shape_on_4_and_16_columns() {
+    // B = 2, S = 32, 4 heads of 16 over 16 rows (4 tokens each): one whole head per column on
+    // 4 columns, each head over 4 columns on 16.
+    check(2, 32, 4, 64, 4, 16, 0.25);
+    check(2, 32, 4, 64, 16, 16, 0.25);
 }

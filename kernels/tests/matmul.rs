@@ -165,3 +165,73 @@ fn a_layer_too_big_for_the_pes_is_refused_with_the_bytes() {
     );
     assert!(err.contains("49152"), "{err}");
 }
+
+/// Estimate against the exact engine on a grid of shapes: printed as a table, each within 5 %.
+#[test]
+fn the_cost_formula_agrees_with_the_exact_engine() {
+    let shapes = [
+        (16, 32, 32),
+        (24, 48, 40),
+        (64, 64, 256),
+        (64, 256, 64),
+        (128, 40, 200),
+    ];
+    let regions = [(1, 1), (2, 2), (3, 5), (4, 4), (8, 2), (8, 8)];
+    let mut worst: f64 = 0.0;
+    let mut case = 0;
+    eprintln!(
+        "{:>4} {:>4} {:>4} {:>5} {:>6} {:>4} {:>7} {:>9} {:>9} {:>7}",
+        "T", "K", "N", "s", "region", "fp", "chunks", "exact", "estimate", "error"
+    );
+    for (t, k, n) in shapes {
+        for s in [0.0, 0.5, 0.9] {
+            for (cols, rows) in regions {
+                case += 1;
+                // Alternate the precision, and shrink the SRAM every other case to force chunks.
+                let precision = if case % 2 == 0 {
+                    Precision::F32
+                } else {
+                    Precision::F16
+                };
+                let mut config = FabricConfig::rectangle(cols + 1, rows + 1).unwrap();
+                if case % 4 < 2 {
+                    config.sram_bytes = 6000;
+                }
+                let x: Vec<f32> = (0..t * k).map(|i| value(i, 1)).collect();
+                let w = weights(k, n, s, 2);
+                let b: Vec<f32> = (0..n).map(|i| value(i, 3)).collect();
+                let kernel = StreamMatmul {
+                    region: Region::at_origin(cols, rows),
+                    tokens: t,
+                    x: &x,
+                    w: &w,
+                    bias: (case % 3 == 0).then_some(&b[..]),
+                    precision,
+                };
+                let Ok(plan) = kernel.plan(&config) else {
+                    continue; // 6000 bytes cannot hold this tile: nothing to compare
+                };
+                let exact = kernel
+                    .run(&config, RunOptions::default())
+                    .unwrap()
+                    .stats
+                    .cycles;
+                let estimate = kernel.estimate_cycles(&config);
+                let error = estimate as f64 / exact as f64 - 1.0;
+                worst = worst.max(error.abs());
+                eprintln!(
+                    "{t:>4} {k:>4} {n:>4} {s:>5} {:>6} {:>4} {:>7} {exact:>9} {estimate:>9} {:>+6.2}%",
+                    format!("{cols}x{rows}"),
+                    if precision == Precision::F32 { 32 } else { 16 },
+                    plan.chunks.len(),
+                    100.0 * error
+                );
+                assert!(
+                    error.abs() < 0.05,
+                    "T {t} K {k} N {n} s {s} {cols}x{rows} {precision:?}: estimate {estimate} vs exact {exact}"
+                );
+            }
+        }
+    }
+    eprintln!("worst {:.2} %", 100.0 * worst);
+}

@@ -62,6 +62,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (source, config) = load_model(&args)?;
     let sparsities = parse_sparsities(&args.sparsity)?;
     let shape = step_shape(&args, &config)?;
+    if let Some(path) = &args.json {
+        super::guard::check_output_file("--json", path)?;
+    }
     let opts = FlopOptions {
         causal_halving: args.causal_halving,
     };

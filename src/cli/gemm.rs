@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use serde_json::{Value, json};
 use wafersim_kernels::{Precision, Region};
 
-use super::{bad_input, load_fabric, write_json};
+use super::{bad_input, guard, load_fabric, write_json};
 use crate::flops::Phase;
-use crate::gemm::{GemmReport, GemmSpec, PhaseResult, run_gemm};
+use crate::gemm::{GemmError, GemmReport, GemmSpec, PhaseResult, host_bytes, plan_gemm, run_gemm};
+use crate::runtime::Fidelity;
 
 /// Arguments of `wafersim gemm`.
 #[derive(clap::Args)]
@@ -45,9 +46,36 @@ pub struct Args {
     /// Run on a COLSxROWS region at the fabric's corner [default: the largest that has work].
     #[arg(long, value_name = "COLSxROWS")]
     region: Option<String>,
+    /// How cycles are obtained: simulate every wavelet, or the kernels' cost formulas.
+    #[arg(long, value_enum, default_value = "exact")]
+    fidelity: FidelityArg,
+    /// Do not check the values against the CPU (cycles and FLOPs only).
+    #[arg(long)]
+    no_numerics: bool,
     /// Also write the results as JSON (schema wafersim.gemm/v1).
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+    /// Stop (exit code 1, naming where work remains) if a run is still working at this cycle.
+    #[arg(long, value_name = "CYCLES")]
+    cycle_limit: Option<u64>,
+}
+
+/// `--fidelity`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum FidelityArg {
+    /// The event-driven engine: every wavelet simulated (small fabrics and models).
+    Exact,
+    /// The kernels' analytic cost formulas: nothing simulated (any size).
+    Fast,
+}
+
+impl FidelityArg {
+    pub(crate) fn fidelity(self) -> Fidelity {
+        match self {
+            FidelityArg::Exact => Fidelity::Exact,
+            FidelityArg::Fast => Fidelity::Fast,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -93,16 +121,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         precision: args.dtype.precision(),
         seed: args.seed,
         region,
+        cycle_limit: args.cycle_limit,
+        fidelity: args.fidelity.fidelity(),
+        numerics: !args.no_numerics,
     };
-    let report = run_gemm(&spec, &fabric).map_err(|e| match e {
-        crate::gemm::GemmError::Empty { .. } | crate::gemm::GemmError::Sparsity(_) => {
-            bad_input("gemm", e)
-        }
-        crate::gemm::GemmError::Kernel(wafersim_kernels::KernelError::Shape { .. }) => {
+    let plan_error = |e| match e {
+        e @ (GemmError::Empty { .. } | GemmError::Sparsity(_)) => bad_input("gemm", e),
+        e @ GemmError::AllPruned { .. } => bad_input("--sparsity", e),
+        e @ (GemmError::RegionOutside { .. }
+        | GemmError::Kernel(wafersim_kernels::KernelError::Shape { .. })) => {
             bad_input("--region", e)
         }
         other => anyhow::Error::new(other),
-    })?;
+    };
+    plan_gemm(&spec, &fabric).map_err(plan_error)?;
+    if let Some(path) = &args.json {
+        guard::check_output_file("--json", path)?;
+    }
+    guard::check_host_memory("the layer's operands", host_bytes(&spec))?;
+    let report = run_gemm(&spec, &fabric).map_err(plan_error)?;
     print_report(&report, &fabric);
     if let Some(path) = &args.json {
         write_json(path, &report_json(&report, &fabric))?;
@@ -143,8 +180,14 @@ fn print_report(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) {
         }
     );
     println!(
-        "fabric {} ({} x {} PEs, {} MHz), region {} x {} PEs",
-        fabric.name, fabric.width, fabric.height, fabric.clock_mhz, r.region.cols, r.region.rows
+        "fabric {} ({} x {} PEs, {} MHz), region {} x {} PEs, {} fidelity",
+        fabric.name,
+        fabric.width,
+        fabric.height,
+        fabric.clock_mhz,
+        r.region.cols,
+        r.region.rows,
+        s.fidelity.name()
     );
     println!();
     println!(
@@ -184,34 +227,46 @@ fn print_report(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) {
 }
 
 fn print_row(p: &PhaseResult) {
+    let error = p
+        .max_rel_error
+        .map_or_else(|| "-".into(), |e| format!("{e:.2e}"));
+    let util = p
+        .utilisation
+        .map_or_else(|| "-".into(), |u| format!("{:.1}%", 100.0 * u));
     println!(
-        "{:<16} {:>12} {:>12} {:>8.3}x {:>8.3}x {:>14} {:>11.2e} {:>5.1}%  {}",
+        "{:<16} {:>12} {:>12} {:>8.3}x {:>8.3}x {:>14} {:>11} {:>6}  {}",
         p.phase.name(),
         p.cycles,
         p.dense_cycles,
         p.cycle_reduction(),
         p.flop_reduction(),
         p.flops_executed,
-        p.max_rel_error,
-        100.0 * p.utilisation,
+        error,
+        util,
         gap_cause(p)
     );
 }
 
 /// The part of the busiest PE's time that scaled worst, with its excess cycles.
 fn gap_cause(p: &PhaseResult) -> String {
+    if p.breakdown.is_none() {
+        return "- (no busiest PE without simulation)".into();
+    }
     match p.shortfall().first() {
         Some(&(name, excess)) if excess > 0 => format!("{name} (+{excess} cycles)"),
         _ => "none: scales with the density".into(),
     }
 }
 
-fn breakdown_json(b: &crate::gemm::Breakdown) -> Value {
-    json!({
-        "task_overhead_cycles": b.task_overhead,
-        "vector_work_cycles": b.vector_work,
-        "communication_cycles": b.communication,
-    })
+fn breakdown_json(b: &Option<crate::gemm::Breakdown>) -> Value {
+    match b {
+        Some(b) => json!({
+            "task_overhead_cycles": b.task_overhead,
+            "vector_work_cycles": b.vector_work,
+            "communication_cycles": b.communication,
+        }),
+        None => Value::Null,
+    }
 }
 
 fn phase_json(p: &PhaseResult) -> Value {
@@ -241,17 +296,23 @@ fn report_json(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) -> Value {
     let f: u64 = r.phases.iter().map(|p| p.flops_executed).sum();
     let fd: u64 = r.phases.iter().map(|p| p.flops_dense).sum();
     let pes = r.region.pes() as f64;
-    let busy: f64 = r
+    let busy: Option<f64> = r
         .phases
         .iter()
-        .map(|p| p.utilisation * p.cycles as f64 * pes)
+        .map(|p| p.utilisation.map(|u| u * p.cycles as f64 * pes))
         .sum();
+    let max_error = r
+        .phases
+        .iter()
+        .map(|p| p.max_rel_error)
+        .try_fold(0.0, |m: f64, e| e.map(|e| m.max(e)));
     json!({
         "schema": "wafersim.gemm/v1",
         "units": {
             "cycles": "fabric clock cycles", "flops": "floating-point operations (1 FMAC = 2)",
-            "max_rel_error": "max |fabric - cpu| / max |cpu|", "pe_utilisation": "busy core cycles / (cycles x region PEs)",
+            "max_rel_error": "max |fabric - cpu| / max |cpu| (null: not checked)", "pe_utilisation": "busy core cycles / (cycles x region PEs) (null: not simulated)",
         },
+        "fidelity": s.fidelity.name(),
         "m": s.tokens, "k": s.k, "n": s.n, "sparsity": s.sparsity, "nnz": r.nnz,
         "dtype": if s.precision == Precision::F32 { "fp32" } else { "fp16" },
         "seed": s.seed,
@@ -263,8 +324,8 @@ fn report_json(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) -> Value {
         "flops_executed": f,
         "flops_dense": fd,
         "flop_reduction": fd as f64 / f.max(1) as f64,
-        "max_rel_error": r.phases.iter().map(|p| p.max_rel_error).fold(0.0, f64::max),
-        "pe_utilisation": busy / (c as f64 * pes),
+        "max_rel_error": max_error,
+        "pe_utilisation": busy.map(|b| b / (c as f64 * pes)),
         "phases": r.phases.iter().map(phase_json).collect::<Vec<_>>(),
     })
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use super::bad_input;
+use super::{bad_input, guard};
 use crate::model::checkpoint::{read_config, save_checkpoint};
 use crate::model::{GptConfig, init_params};
 
@@ -37,6 +37,8 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let (config, source) = resolve_config(&args)?;
     check_out_folder(&args.out)?;
+    let bytes = guard::f32_bytes(config.total_params() as u64);
+    guard::check_host_memory("the model's parameters", bytes)?;
     let params = init_params(&config, args.seed);
     save_checkpoint(&args.out, &config, &params)
         .with_context(|| format!("cannot write checkpoint {}", args.out.display()))?;

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod flops;
 mod gemm;
+mod guard;
 mod init;
 mod inspect;
 mod presets;
@@ -72,25 +73,36 @@ pub fn load_fabric(spec: &str) -> anyhow::Result<wafersim_sim::FabricConfig> {
     } else {
         wafersim_sim::FabricConfig::from_spec(spec)
     };
-    config.map_err(|e| bad_input("--fabric", e))
+    let what = if is_file {
+        format!("--fabric {spec}")
+    } else {
+        "--fabric".into()
+    };
+    config.map_err(|e| bad_input(what, e))
 }
 
 /// Writes `value` as pretty JSON to `path`, atomically (a failure leaves no partial file).
 pub fn write_json(path: &std::path::Path, value: &serde_json::Value) -> anyhow::Result<()> {
-    let mut text = serde_json::to_string_pretty(value)?;
-    text.push('\n');
-    crate::model::checkpoint::write_file_atomic(path, text.as_bytes())
+    crate::model::checkpoint::write_file_atomic(path, json_text(value)?.as_bytes())
         .map_err(|e| anyhow::Error::new(e).context(format!("writing {}", path.display())))
+}
+
+/// `value` as pretty JSON with a final newline.
+pub fn json_text(value: &serde_json::Value) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(value)? + "\n")
 }
 
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
+        Err(e) if !e.use_stderr() || help_on_missing_args(&e) => {
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+        Err(e) => {
+            eprintln!("{}", clap_one_line(&e));
+            return ExitCode::from(2);
         }
     };
     let result = match cli.command {
@@ -110,6 +122,23 @@ pub fn main() -> ExitCode {
             ExitCode::from(exit_code(&err))
         }
     }
+}
+
+/// `wafersim` or `wafersim <command>` with nothing else: clap shows the help (exit code 2).
+fn help_on_missing_args(e: &clap::Error) -> bool {
+    e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+}
+
+/// A usage error on one line: clap's message and tip, without the usage block.
+fn clap_one_line(e: &clap::Error) -> String {
+    e.render()
+        .to_string()
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The whole context chain on one line.

@@ -12,14 +12,17 @@ use serde_json::{Value, json};
 use wafersim_kernels::Precision;
 use wafersim_sim::FabricConfig;
 
-use super::{bad_input, load_fabric, write_json};
+use super::{bad_input, guard, load_fabric};
 use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopOptions, NnzSource, StepShape};
-use crate::model::checkpoint::{hf_named_tensors, write_safetensors_atomic};
-use crate::model::{GptConfig, GptParams, init_params, load_checkpoint};
+use crate::model::checkpoint::{
+    CONFIG_FILE, WEIGHTS_FILE, hf_named_tensors, read_config, read_params, stage_bytes,
+    stage_f32_safetensors,
+};
+use crate::model::{GptConfig, GptParams, init_params};
 use crate::reference::{AdamState, AdamW, Batch};
-use crate::runtime::{StepInputs, StepRun, run_step};
-use crate::sparsity::ModelMasks;
+use crate::runtime::{Numerics, StepInputs, StepMode, StepReport, simulate_step};
+use crate::sparsity::{self, ModelMasks};
 
 /// Arguments of `wafersim step`.
 #[derive(clap::Args)]
@@ -55,57 +58,44 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "fp32")]
     dtype: super::gemm::DtypeArg,
     /// AdamW learning rate.
-    #[arg(long, default_value_t = 6e-4)]
+    #[arg(long, default_value_t = 6e-4, allow_hyphen_values = true)]
     lr: f64,
     /// Skip timing the dense baseline (halves the matmul simulation time).
     #[arg(long)]
     no_dense_baseline: bool,
+    /// How cycles are obtained: simulate every wavelet, or the kernels' cost formulas (then the
+    /// loss and gradients come from the CPU reference).
+    #[arg(long, value_enum, default_value = "exact")]
+    fidelity: super::gemm::FidelityArg,
+    /// Cycles and FLOPs only: no loss, gradients or updated weights.
+    #[arg(long)]
+    no_numerics: bool,
     /// Output folder: report.json, weights, grads and updated safetensors.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let fabric = load_fabric(&args.fabric)?;
-    let (config, mut params) = load_model(&args)?;
-    let masks = masks(&args, &config, &params)?;
-    masks
-        .apply(&mut params)
-        .map_err(|e| bad_input("--sparsity", e))?;
-    let batch = load_batch(&args, &config)?;
-    let precision = args.dtype.precision();
-    let plan =
-        plan_step(&config, batch.batch, batch.seq, &fabric, precision).map_err(|e| match e {
-            e @ CompileError::DoesNotFit { .. } => anyhow::Error::new(e),
-            e => bad_input("--fabric", e),
-        })?;
-    prepare_out(&args.out)?;
+    let setup = Setup::check(&args)?;
+    let (params, masks) = load_weights(&args, &setup.config)?;
+    let opt = AdamW::new(args.lr);
     let started = Instant::now();
     let inputs = StepInputs {
-        config: &config,
+        config: &setup.config,
         params: &params,
         masks: &masks,
-        batch: &batch,
-        fabric: &fabric,
-        plan: &plan,
+        batch: &setup.batch,
+        fabric: &setup.fabric,
+        plan: &setup.plan,
         dense_baseline: !args.no_dense_baseline,
     };
-    let step = run_step(inputs)?;
-    let wall = started.elapsed().as_secs_f64();
-    let shape = StepShape {
-        batch: batch.batch,
-        seq: batch.seq,
+    let mode = StepMode {
+        fidelity: args.fidelity.fidelity(),
+        numerics: !args.no_numerics,
     };
-    let nnz = NnzSource::from_fn(&config, |l, k| {
-        masks.get(l, k).map_or(0, |m| m.nnz() as u64)
-    })?;
-    let analytic = flops::step_flops(&config, shape, &nnz, FlopOptions::default())?;
-    let dense = flops::step_flops(
-        &config,
-        shape,
-        &NnzSource::dense(&config),
-        FlopOptions::default(),
-    )?;
+    let step = simulate_step(inputs, mode)?;
+    let wall = started.elapsed().as_secs_f64();
+    let (analytic, dense) = analytic_flops(&setup, &masks)?;
     if step.cost.executed_matmul_flops() != analytic.matmul_sparse() {
         anyhow::bail!(
             "executed matmul FLOPs {} differ from the analytic {}: a simulator bug",
@@ -113,35 +103,125 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             analytic.matmul_sparse()
         );
     }
-    let opt = AdamW::new(args.lr);
-    let mut updated = params.clone();
-    opt.step(
-        &mut updated,
-        &step.grads,
-        &masks,
-        &mut AdamState::new(&params),
-    )?;
+    let updated = match &step.numerics {
+        Some(numerics) => {
+            let mut updated = params.clone();
+            opt.step(
+                &mut updated,
+                &numerics.grads,
+                &masks,
+                &mut AdamState::new(&params),
+            )?;
+            check_results(numerics, &updated)?;
+            Some(updated)
+        }
+        None => None,
+    };
     let summary = Summary {
-        config: &config,
-        plan: &plan,
-        fabric: &fabric,
+        config: &setup.config,
+        plan: &setup.plan,
+        fabric: &setup.fabric,
         masks: &masks,
         step: &step,
         dense_flops: dense.matmul_dense(),
         analytic: &analytic,
+        dense_timed: !args.no_dense_baseline,
     };
-    print_summary(&summary, !args.no_dense_baseline);
-    write_outputs(&args.out, &summary, &params, &updated, args.seed, wall)
+    print_summary(&summary);
+    write_outputs(
+        &args.out,
+        &summary,
+        &params,
+        updated.as_ref(),
+        args.seed,
+        wall,
+    )
 }
 
-fn load_model(args: &Args) -> anyhow::Result<(GptConfig, GptParams)> {
+/// Everything about a step that can be checked before any weight is drawn or read, so that bad
+/// input and a model too large for the fabric are refused at once (not after initialising a
+/// billion weights), and before the output folder is created.
+struct Setup {
+    fabric: FabricConfig,
+    config: GptConfig,
+    batch: Batch,
+    plan: StepPlan,
+}
+
+impl Setup {
+    fn check(args: &Args) -> anyhow::Result<Self> {
+        let fabric = load_fabric(&args.fabric)?;
+        let config = load_config(args)?;
+        if let Some(s) = args.sparsity {
+            sparsity::validate(s).map_err(|e| bad_input("--sparsity", e))?;
+        }
+        AdamW::new(args.lr)
+            .validate()
+            .map_err(|e| bad_input("--lr", e))?;
+        let batch = load_batch(args, &config)?;
+        let precision = args.dtype.precision();
+        let plan =
+            plan_step(&config, batch.batch, batch.seq, &fabric, precision).map_err(
+                |e| match e {
+                    e @ CompileError::DoesNotFit { .. } => anyhow::Error::new(e),
+                    e => bad_input("--fabric", e),
+                },
+            )?;
+        guard::check_output_folder("--out", &args.out, &OUTPUT_FILES)?;
+        Ok(Setup {
+            fabric,
+            config,
+            batch,
+            plan,
+        })
+    }
+}
+
+fn load_config(args: &Args) -> anyhow::Result<GptConfig> {
     if let Some(dir) = &args.checkpoint {
-        return load_checkpoint(dir).map_err(|e| bad_input("--checkpoint", e));
+        return read_config(&dir.join(CONFIG_FILE)).map_err(|e| bad_input("--checkpoint", e));
     }
     let name = args.model.as_deref().unwrap_or("tiny");
-    let config = GptConfig::preset(name).map_err(|e| bad_input("--model", e))?;
-    let params = init_params(&config, args.seed);
-    Ok((config, params))
+    GptConfig::preset(name).map_err(|e| bad_input("--model", e))
+}
+
+/// The weights (pruned entries zeroed) and the masks.
+fn load_weights(args: &Args, config: &GptConfig) -> anyhow::Result<(GptParams, ModelMasks)> {
+    let mut params = match &args.checkpoint {
+        Some(dir) => read_params(&dir.join(WEIGHTS_FILE), config)
+            .map_err(|e| bad_input("--checkpoint", e))?,
+        None => {
+            let bytes = guard::f32_bytes(config.total_params() as u64);
+            guard::check_host_memory("the model's parameters", bytes)?;
+            init_params(config, args.seed)
+        }
+    };
+    let masks = masks(args, config, &params)?;
+    masks
+        .apply(&mut params)
+        .map_err(|e| bad_input("--sparsity", e))?;
+    Ok((params, masks))
+}
+
+/// The analytic matmul FLOPs of the step: `(sparse, dense)`.
+fn analytic_flops(
+    setup: &Setup,
+    masks: &ModelMasks,
+) -> anyhow::Result<(flops::FlopReport, flops::FlopReport)> {
+    let config = &setup.config;
+    let shape = StepShape {
+        batch: setup.batch.batch,
+        seq: setup.batch.seq,
+    };
+    let nnz = NnzSource::from_fn(config, |l, k| masks.get(l, k).map_or(0, |m| m.nnz() as u64))?;
+    let sparse = flops::step_flops(config, shape, &nnz, FlopOptions::default())?;
+    let dense = flops::step_flops(
+        config,
+        shape,
+        &NnzSource::dense(config),
+        FlopOptions::default(),
+    )?;
+    Ok((sparse, dense))
 }
 
 fn masks(args: &Args, config: &GptConfig, params: &GptParams) -> anyhow::Result<ModelMasks> {
@@ -153,54 +233,44 @@ fn masks(args: &Args, config: &GptConfig, params: &GptParams) -> anyhow::Result<
 }
 
 fn load_batch(args: &Args, config: &GptConfig) -> anyhow::Result<Batch> {
-    let (batch, seq, tokens) = match &args.tokens {
-        Some(path) => read_tokens(path)?,
-        None => {
-            let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-            rng.set_stream(u64::MAX);
-            let n = args.batch * args.seq;
-            (
-                args.batch,
-                args.seq,
-                (0..n)
-                    .map(|_| rng.random_range(0..config.vocab_size as u32))
-                    .collect(),
-            )
-        }
-    };
-    let what = match &args.tokens {
-        Some(p) => format!("--tokens {}", p.display()),
-        None => "--batch/--seq".into(),
-    };
-    Batch::new(config, batch, seq, tokens).map_err(|e| bad_input(what, e))
+    if let Some(path) = &args.tokens {
+        return read_tokens(path, config);
+    }
+    let what = "--batch/--seq";
+    guard::check_batch_shape(what, config, args.batch, args.seq)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    rng.set_stream(u64::MAX);
+    let tokens = (0..args.batch * args.seq)
+        .map(|_| rng.random_range(0..config.vocab_size as u32))
+        .collect();
+    Batch::new(config, args.batch, args.seq, tokens).map_err(|e| bad_input(what, e))
 }
 
-/// A JSON array of equally long arrays of token ids.
-pub(crate) fn read_tokens(path: &Path) -> anyhow::Result<(usize, usize, Vec<u32>)> {
+/// A token file: a JSON array of equally long arrays of token ids.
+pub(crate) fn read_tokens(path: &Path, config: &GptConfig) -> anyhow::Result<Batch> {
     let what = || format!("--tokens {}", path.display());
     let text = std::fs::read_to_string(path).map_err(|e| bad_input(what(), e))?;
-    let rows: Vec<Vec<u32>> = serde_json::from_str(&text).map_err(|e| {
-        bad_input(
-            what(),
-            anyhow::anyhow!("expected an array of arrays of token ids: {e}"),
-        )
-    })?;
-    let seq = rows.first().map_or(0, Vec::len);
-    if let Some((i, r)) = rows.iter().enumerate().find(|(_, r)| r.len() != seq) {
-        return Err(bad_input(
-            what(),
-            anyhow::anyhow!("sequence {i} has {} tokens, sequence 0 has {seq}", r.len()),
-        ));
-    }
-    Ok((rows.len(), seq, rows.concat()))
+    Batch::from_json(config, &text).map_err(|e| bad_input(what(), e))
 }
 
-/// Creates the output folder (its parent must exist).
-fn prepare_out(dir: &Path) -> anyhow::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
+/// The files `--out` receives (the last three only with numerics).
+const OUTPUT_FILES: [&str; 4] = [
+    "report.json",
+    "weights.safetensors",
+    "grads.safetensors",
+    "updated.safetensors",
+];
+
+/// A NaN or infinite loss, gradient or updated weight is an error, never a reported number.
+fn check_results(numerics: &Numerics, updated: &GptParams) -> anyhow::Result<()> {
+    if !numerics.loss.is_finite() {
+        anyhow::bail!(
+            "the loss is {} (non-finite): nothing was written; with --dtype fp16, activations may overflow",
+            numerics.loss
+        );
     }
-    std::fs::create_dir(dir).map_err(|e| bad_input(format!("--out {}", dir.display()), e))
+    guard::check_finite("the gradients", &numerics.grads)?;
+    guard::check_finite("the updated weights (is --lr too large?)", updated)
 }
 
 struct Summary<'a> {
@@ -208,15 +278,29 @@ struct Summary<'a> {
     plan: &'a StepPlan,
     fabric: &'a FabricConfig,
     masks: &'a ModelMasks,
-    step: &'a StepRun,
+    step: &'a StepReport,
     dense_flops: u64,
     analytic: &'a flops::FlopReport,
+    /// Whether the dense baseline was timed (`--no-dense-baseline` not given). Without it, the
+    /// records' dense cycles merely repeat the sparse ones and are not reported.
+    dense_timed: bool,
 }
 
-fn print_summary(s: &Summary<'_>, with_dense: bool) {
+impl Summary<'_> {
+    /// `cycles` as a JSON number when the dense baseline was timed, `null` when it was not.
+    fn dense_json(&self, cycles: u64) -> Value {
+        if self.dense_timed {
+            json!(cycles)
+        } else {
+            Value::Null
+        }
+    }
+}
+
+fn print_summary(s: &Summary<'_>) {
     let (c, p, cost) = (s.config, s.plan, &s.step.cost);
     println!(
-        "step: {} layers x {}, batch {} x {} tokens, sparsity {:.4}, {} on {} ({} x {} PEs), region {} x {}",
+        "step: {} layers x {}, batch {} x {} tokens, sparsity {:.4}, {} on {} ({} x {} PEs), region {} x {}, {} fidelity",
         c.n_layer,
         c.n_embd,
         p.batch,
@@ -227,9 +311,13 @@ fn print_summary(s: &Summary<'_>, with_dense: bool) {
         s.fabric.width,
         s.fabric.height,
         p.region.cols,
-        p.region.rows
+        p.region.rows,
+        s.step.fidelity.name()
     );
-    println!("loss {:.6}", s.step.loss);
+    match &s.step.numerics {
+        Some(n) => println!("loss {:.6}", n.loss),
+        None => println!("loss not computed (--no-numerics)"),
+    }
     let sparse = s.analytic.matmul_sparse();
     println!(
         "matmul FLOPs: {} executed = {} analytic, dense {} ({:.3}x fewer)",
@@ -238,7 +326,7 @@ fn print_summary(s: &Summary<'_>, with_dense: bool) {
         s.dense_flops,
         s.dense_flops as f64 / sparse as f64
     );
-    if with_dense {
+    if s.dense_timed {
         println!(
             "cycles: {} against {} dense ({:.3}x fewer); {:.1} us at {} MHz",
             cost.cycles(),
@@ -260,6 +348,11 @@ fn print_summary(s: &Summary<'_>, with_dense: bool) {
         "operation", "cycles", "dense", "share"
     );
     for (name, cycles, dense) in cost.by_op() {
+        let dense = if s.dense_timed {
+            dense.to_string()
+        } else {
+            "-".into()
+        };
         println!(
             "{name:<16} {cycles:>12} {dense:>12} {:>7.1}%",
             100.0 * cycles as f64 / cost.cycles() as f64
@@ -274,28 +367,42 @@ fn precision_name(p: Precision) -> &'static str {
     }
 }
 
+/// Writes the output files: all are staged beside their targets before any is moved into place
+/// (see [`guard::write_all`]), so an error leaves the folder as it was.
 fn write_outputs(
     dir: &Path,
     s: &Summary<'_>,
     weights: &GptParams,
-    updated: &GptParams,
+    updated: Option<&GptParams>,
     seed: u64,
     wall: f64,
 ) -> anyhow::Result<()> {
-    for (name, params) in [
-        ("weights.safetensors", weights),
-        ("grads.safetensors", &s.step.grads),
-        ("updated.safetensors", updated),
-    ] {
-        let named = hf_named_tensors(params);
-        let views: Vec<_> = named
-            .iter()
-            .map(|(n, shape, data)| (n.clone(), shape.clone(), &data[..]))
-            .collect();
-        write_safetensors_atomic(&dir.join(name), &views)
-            .with_context(|| format!("writing {name}"))?;
-    }
-    write_json(&dir.join("report.json"), &report_json(s, seed, wall))
+    let [report_file, weights_file, grads_file, updated_file] = OUTPUT_FILES;
+    guard::write_all(dir, |dir| {
+        let mut files = vec![(weights_file, weights)];
+        if let (Some(numerics), Some(updated)) = (&s.step.numerics, updated) {
+            files.push((grads_file, &numerics.grads));
+            files.push((updated_file, updated));
+        }
+        let mut staged = Vec::new();
+        for (name, params) in files {
+            let named = hf_named_tensors(params);
+            let views: Vec<_> = named
+                .iter()
+                .map(|(n, shape, data)| (n.clone(), shape.clone(), &data[..]))
+                .collect();
+            staged.push(
+                stage_f32_safetensors(&dir.join(name), &views)
+                    .with_context(|| format!("writing {name}"))?,
+            );
+        }
+        let report = super::json_text(&report_json(s, seed, wall))?;
+        staged.push(
+            stage_bytes(&dir.join(report_file), report.as_bytes())
+                .with_context(|| format!("writing {report_file}"))?,
+        );
+        Ok(staged)
+    })
 }
 
 fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
@@ -307,14 +414,16 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         .map(|(phase, cycles, dense)| {
             (
                 phase.name().to_string(),
-                json!({"cycles": cycles, "dense_cycles": dense}),
+                json!({"cycles": cycles, "dense_cycles": s.dense_json(dense)}),
             )
         })
         .collect();
     let by_op: Vec<Value> = cost
         .by_op()
         .into_iter()
-        .map(|(op, cycles, dense)| json!({"op": op, "cycles": cycles, "dense_cycles": dense}))
+        .map(|(op, cycles, dense)| {
+            json!({"op": op, "cycles": cycles, "dense_cycles": s.dense_json(dense)})
+        })
         .collect();
     let ops: Vec<Value> = cost
         .records
@@ -322,22 +431,24 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         .map(|r| {
             json!({
                 "layer": r.op.layer, "op": r.op.name, "phase": r.op.phase.name(),
-                "cycles": r.cycles, "dense_cycles": r.dense_cycles,
+                "cycles": r.cycles, "dense_cycles": s.dense_json(r.dense_cycles),
                 "flops_executed": 2 * r.fmacs, "busy_cycles": r.busy_cycles, "router_forwards": r.router_forwards,
             })
         })
         .collect();
     json!({
         "schema": "wafersim.step/v1",
+        "fidelity": s.step.fidelity.name(),
         "units": {
             "cycles": "fabric clock cycles", "flops": "floating-point operations (1 FMAC = 2)",
-            "loss": "nats per predicted token", "seconds": "at the fabric clock",
+            "loss": "nats per predicted token (null: not computed)", "seconds": "at the fabric clock",
+            "busy_cycles": "summed over the region (null: not simulated)",
         },
         "model": { "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions },
         "batch": p.batch, "seq": p.seq, "sparsity": s.masks.sparsity(), "dtype": precision_name(p.precision), "seed": seed,
         "fabric": { "name": s.fabric.name, "width": s.fabric.width, "height": s.fabric.height, "clock_mhz": s.fabric.clock_mhz },
         "region": { "cols": p.region.cols, "rows": p.region.rows, "resident_bytes_per_pe": p.resident_bytes },
-        "loss": s.step.loss,
+        "loss": s.step.numerics.as_ref().map(|n| n.loss),
         "flops": {
             "analytic_matmul_sparse": s.analytic.matmul_sparse(),
             "analytic_matmul_dense": s.dense_flops,
@@ -347,8 +458,12 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         },
         "cycles": {
             "total": cost.cycles(),
-            "dense_baseline": cost.dense_cycles(),
-            "reduction": cost.dense_cycles() as f64 / cost.cycles() as f64,
+            "dense_baseline": s.dense_json(cost.dense_cycles()),
+            "reduction": if s.dense_timed {
+                json!(cost.dense_cycles() as f64 / cost.cycles() as f64)
+            } else {
+                Value::Null
+            },
             "by_phase": by_phase,
             "by_op": by_op,
         },

@@ -10,7 +10,9 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::{bad_input, load_fabric, write_json};
+use super::{bad_input, guard, load_fabric};
+use crate::compile::{CompileError, plan_step};
+use crate::model::checkpoint::stage_bytes;
 use crate::model::{GptConfig, init_params, load_checkpoint};
 use crate::reference::Batch;
 use crate::sweep::{Sweep, SweepSetup, run_sweep};
@@ -52,54 +54,101 @@ pub struct Args {
     /// Seed of the weights, masks and tokens.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// How cycles are obtained: simulate every wavelet, or the kernels' cost formulas (then the
+    /// losses come from the CPU reference).
+    #[arg(long, value_enum, default_value = "exact")]
+    fidelity: super::gemm::FidelityArg,
+    /// Cycles and FLOPs only: no losses.
+    #[arg(long)]
+    no_numerics: bool,
     /// Also write sweep.csv and sweep.json (schema wafersim.sweep/v1) into this folder.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // Everything about the inputs is checked before anything large is allocated or simulated.
     let fabric = load_fabric(&args.fabric)?;
     let sparsities = parse_list(&args.sparsity)?;
-    let (config, params) = match &args.checkpoint {
-        Some(dir) => load_checkpoint(dir).map_err(|e| bad_input("--checkpoint", e))?,
+    let (config, checkpoint_params) = match &args.checkpoint {
+        Some(dir) => {
+            let (config, params) =
+                load_checkpoint(dir).map_err(|e| bad_input("--checkpoint", e))?;
+            (config, Some(params))
+        }
         None => {
             let config = GptConfig::preset(&args.model).map_err(|e| bad_input("--model", e))?;
-            let params = init_params(&config, args.seed);
-            (config, params)
+            (config, None)
         }
     };
+    let what = "--batch/--seq";
+    guard::check_batch_shape(what, &config, args.batch, args.seq)?;
+    let precision = args.dtype.precision();
+    plan_step(&config, args.batch, args.seq, &fabric, precision).map_err(plan_error)?;
+    if let Some(dir) = &args.out {
+        guard::check_output_folder("--out", dir, &OUTPUT_FILES)?;
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     rng.set_stream(u64::MAX);
     let tokens = (0..args.batch * args.seq)
         .map(|_| rng.random_range(0..config.vocab_size as u32))
         .collect();
-    let batch = Batch::new(&config, args.batch, args.seq, tokens)
-        .map_err(|e| bad_input("--batch/--seq", e))?;
-    if let Some(dir) = &args.out
-        && !dir.is_dir()
-    {
-        std::fs::create_dir(dir).map_err(|e| bad_input(format!("--out {}", dir.display()), e))?;
-    }
+    let batch =
+        Batch::new(&config, args.batch, args.seq, tokens).map_err(|e| bad_input(what, e))?;
+    let params = match checkpoint_params {
+        Some(params) => params,
+        None => {
+            let bytes = guard::f32_bytes(config.total_params() as u64);
+            guard::check_host_memory("the model's parameters", bytes)?;
+            init_params(&config, args.seed)
+        }
+    };
     let setup = SweepSetup {
         config: &config,
         params: &params,
         batch: &batch,
         fabric: &fabric,
-        precision: args.dtype.precision(),
+        precision,
         seed: args.seed,
+        fidelity: args.fidelity.fidelity(),
+        numerics: !args.no_numerics,
     };
     let started = Instant::now();
     let sweep = run_sweep(&setup, &sparsities).map_err(|e| match e {
-        crate::sweep::SweepError::Compile(e @ crate::compile::CompileError::NoRegion { .. }) => {
-            bad_input("--fabric", e)
-        }
+        crate::sweep::SweepError::Compile(e) => plan_error(e),
         e => anyhow::Error::new(e),
     })?;
+    check_losses(&sweep)?;
     print_table(&sweep, &config, &fabric, started.elapsed().as_secs_f64());
     if let Some(dir) = &args.out {
         write_outputs(dir, &sweep)?;
     }
     Ok(())
+}
+
+/// The files `--out` receives.
+const OUTPUT_FILES: [&str; 2] = ["sweep.csv", "sweep.json"];
+
+/// A step that does not fit is a failure (exit code 1); a fabric with no region is bad input.
+fn plan_error(e: CompileError) -> anyhow::Error {
+    match e {
+        e @ CompileError::NoRegion { .. } => bad_input("--fabric", e),
+        e => anyhow::Error::new(e),
+    }
+}
+
+/// A NaN or infinite loss is an error, never a reported number.
+fn check_losses(sweep: &Sweep) -> anyhow::Result<()> {
+    let non_finite = sweep
+        .points
+        .iter()
+        .find_map(|p| p.loss.filter(|l| !l.is_finite()).map(|l| (p.sparsity, l)));
+    match non_finite {
+        Some((sparsity, loss)) => anyhow::bail!(
+            "the loss at sparsity {sparsity} is {loss} (non-finite): nothing was written; with --dtype fp16, activations may overflow"
+        ),
+        None => Ok(()),
+    }
 }
 
 fn parse_list(text: &str) -> anyhow::Result<Vec<f64>> {
@@ -111,7 +160,7 @@ fn parse_list(text: &str) -> anyhow::Result<Vec<f64>> {
 fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricConfig, wall: f64) {
     let p = &sweep.plan;
     println!(
-        "training step of a {} x {} GPT, batch {} x {} tokens, on {} ({} x {} PEs at {} MHz), region {} x {}",
+        "training step of a {} x {} GPT, batch {} x {} tokens, on {} ({} x {} PEs at {} MHz), region {} x {}, {} fidelity",
         config.n_layer,
         config.n_embd,
         p.batch,
@@ -121,17 +170,19 @@ fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricC
         fabric.height,
         fabric.clock_mhz,
         p.region.cols,
-        p.region.rows
+        p.region.rows,
+        sweep.fidelity.name()
     );
     println!(
         "\n{:>8} {:>10} {:>14} {:>9} {:>12} {:>9} {:>10} {:>9}  largest part of the gap to the ideal",
         "sparsity", "loss", "matmul FLOPs", "FLOP red", "cycles", "cycle red", "time (us)", "ideal"
     );
     for point in &sweep.points {
+        let loss = point.loss.map_or_else(|| "-".into(), |l| format!("{l:.5}"));
         println!(
-            "{:>8.3} {:>10.5} {:>14} {:>8.3}x {:>12} {:>8.3}x {:>10.1} {:>8.3}x  {}",
+            "{:>8.3} {:>10} {:>14} {:>8.3}x {:>12} {:>8.3}x {:>10.1} {:>8.3}x  {}",
             point.sparsity,
-            point.loss,
+            loss,
             point.flops,
             sweep.flop_reduction(point),
             point.cost.cycles(),
@@ -141,7 +192,11 @@ fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricC
             largest_gap(sweep, point)
         );
     }
-    eprintln!("\n(simulated in {wall:.1} s)");
+    let verb = match sweep.fidelity {
+        crate::runtime::Fidelity::Exact => "simulated",
+        crate::runtime::Fidelity::Fast => "costed",
+    };
+    eprintln!("\n({verb} in {wall:.1} s)");
 }
 
 /// The part of the cycles beyond `dense / (1 - s)` that is largest, with its share of the step.
@@ -170,10 +225,11 @@ fn write_outputs(dir: &std::path::Path, sweep: &Sweep) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for point in &sweep.points {
         let (fr, cr) = (sweep.flop_reduction(point), sweep.cycle_reduction(point));
+        let loss = point.loss.map_or_else(String::new, |l| l.to_string());
         csv.push_str(&format!(
             "{},{},{},{},{},{},{}\n",
             point.sparsity,
-            point.loss,
+            loss,
             point.flops,
             fr,
             point.cost.cycles(),
@@ -186,14 +242,22 @@ fn write_outputs(dir: &std::path::Path, sweep: &Sweep) -> anyhow::Result<()> {
             "cycle_reduction": cr,
         }));
     }
-    crate::model::checkpoint::write_file_atomic(&dir.join("sweep.csv"), csv.as_bytes())
-        .context("writing sweep.csv")?;
     let p = &sweep.plan;
     let value = json!({
         "schema": "wafersim.sweep/v1",
+        "fidelity": sweep.fidelity.name(),
         "units": { "cycles": "fabric clock cycles", "matmul_flops": "floating-point operations of one training step (1 FMAC = 2)" },
         "batch": p.batch, "seq": p.seq, "region": { "cols": p.region.cols, "rows": p.region.rows },
         "runs": runs,
     });
-    write_json(&dir.join("sweep.json"), &value)
+    let json_text = super::json_text(&value)?;
+    let [csv_file, json_file] = OUTPUT_FILES;
+    guard::write_all(dir, |dir| {
+        Ok(vec![
+            stage_bytes(&dir.join(csv_file), csv.as_bytes())
+                .with_context(|| format!("writing {csv_file}"))?,
+            stage_bytes(&dir.join(json_file), json_text.as_bytes())
+                .with_context(|| format!("writing {json_file}"))?,
+        ])
+    })
 }

@@ -79,7 +79,14 @@ pub fn read_config(path: &Path) -> Result<GptConfig> {
 /// gradients or moments, since they carry the same names and shapes.
 pub fn read_params(path: &Path, config: &GptConfig) -> Result<GptParams> {
     let bytes = fs::read(path).map_err(|e| io_error("read", path, e))?;
-    let file = SafeTensors::deserialize(&bytes).map_err(|source| ModelError::Safetensors {
+    params_from_safetensors(path, &bytes, config)
+}
+
+/// [`read_params`] on the bytes of a safetensors file already in memory; `path` only names the
+/// file in errors. Any bytes give parameters or an error, never a panic (this is the checkpoint
+/// reader's fuzzing entry point).
+pub fn params_from_safetensors(path: &Path, bytes: &[u8], config: &GptConfig) -> Result<GptParams> {
+    let file = SafeTensors::deserialize(bytes).map_err(|source| ModelError::Safetensors {
         path: path.to_path_buf(),
         source,
     })?;
@@ -207,12 +214,20 @@ impl<'a> TensorIndex<'a> {
 }
 
 /// `h.{l}.attn.bias` or `h.{l}.attn.masked_bias` for a layer of the model.
+///
+/// Parsed rather than compared against every layer's names, so a file of many tensors costs
+/// one look per tensor whatever the layer count.
 fn is_mask_buffer(bare: &str, n_layer: usize) -> bool {
-    (0..n_layer).any(|l| {
-        MASK_BUFFERS
-            .iter()
-            .any(|buffer| bare == format!("h.{l}.{buffer}"))
-    })
+    let Some((layer, buffer)) = bare
+        .strip_prefix("h.")
+        .and_then(|rest| rest.split_once('.'))
+    else {
+        return false;
+    };
+    let canonical_layer = layer
+        .parse::<usize>()
+        .is_ok_and(|l| l < n_layer && l.to_string() == layer);
+    canonical_layer && MASK_BUFFERS.contains(&buffer)
 }
 
 /// Decodes little-endian f32, f16 or bf16 values to f32; `None` for any other dtype.
@@ -465,7 +480,6 @@ fn stage_and_commit(
         }
         return Err(e);
     }
-    sync_folder(weights_path);
     Ok(())
 }
 
@@ -518,31 +532,50 @@ fn check_against_config(path: &Path, config: &GptConfig, tensors: &[HfTensor<'_>
 ///
 /// Names must be distinct and each `values` must hold `shape.iter().product()` numbers.
 pub fn write_safetensors_atomic(path: &Path, tensors: &[F32Tensor<'_>]) -> Result<()> {
-    stage_safetensors(path, tensors)?.commit()?;
-    sync_folder(path);
-    Ok(())
+    stage_safetensors(path, tensors)?.commit()
 }
 
 /// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename).
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    stage(path, |w| w.write_all(bytes))?.commit()?;
-    sync_folder(path);
-    Ok(())
+    stage(path, |w| w.write_all(bytes))?.commit()
+}
+
+/// Stages `bytes` for `path`: written to a temporary sibling and synced, but not yet in place.
+///
+/// For writers of several files that must all be written before any is replaced: stage each,
+/// then [`Staged::commit`] each. Dropping a staged file removes it.
+pub fn stage_bytes(path: &Path, bytes: &[u8]) -> Result<Staged> {
+    stage(path, |w| w.write_all(bytes))
+}
+
+/// Stages the f32 safetensors file of `tensors` for `path` (see [`write_safetensors_atomic`] and
+/// [`stage_bytes`]).
+pub fn stage_f32_safetensors(path: &Path, tensors: &[F32Tensor<'_>]) -> Result<Staged> {
+    stage_safetensors(path, tensors)
 }
 
 /// A fully written and synced temporary file waiting to be renamed over its target.
-struct Staged {
+#[derive(Debug)]
+pub struct Staged {
     temp: NamedTempFile,
     target: PathBuf,
 }
 
 impl Staged {
-    fn commit(self) -> Result<()> {
+    /// The file this will replace.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Renames the staged file over its target (atomic within a folder) and syncs the folder.
+    pub fn commit(self) -> Result<()> {
         let target = self.target;
         self.temp
             .persist(&target)
             .map(|_| ())
-            .map_err(|e| io_error("replace", &target, e.error))
+            .map_err(|e| io_error("replace", &target, e.error))?;
+        sync_folder(&target);
+        Ok(())
     }
 }
 

@@ -32,6 +32,17 @@ pub struct GptConfig {
     pub scale_attn_weights: bool,
 }
 
+/// Largest `n_layer` accepted (GPT-3 175B has 96).
+pub const MAX_LAYERS: usize = 1 << 10;
+/// Largest `n_embd` accepted (GPT-3 175B has 12288).
+pub const MAX_WIDTH: usize = 1 << 16;
+/// Largest `n_inner` accepted (4 x [`MAX_WIDTH`]).
+pub const MAX_FFN: usize = 1 << 18;
+/// Largest `n_positions` accepted.
+pub const MAX_POSITIONS: usize = 1 << 20;
+/// Largest `vocab_size` accepted (token ids travel as `u32`).
+pub const MAX_VOCAB: usize = 1 << 24;
+
 /// A named built-in model shape.
 #[derive(Clone, Copy, Debug)]
 pub struct Preset {
@@ -152,12 +163,22 @@ impl GptConfig {
                 ),
             });
         }
-        // Token ids travel as u32 and sparse indices as u16 slices of these; keep sizes sane.
-        if self.vocab_size > u32::MAX as usize {
-            return Err(ModelError::Config {
-                field: "vocab_size",
-                reason: "exceeds 2^32".into(),
-            });
+        // Sizes beyond any GPT ever trained are refused here, before anything is allocated, so
+        // that every count computed from a config (parameters, bytes, FLOPs) fits 64 bits.
+        let bounded = [
+            ("n_layer", self.n_layer, MAX_LAYERS),
+            ("n_embd", self.n_embd, MAX_WIDTH),
+            ("n_inner", self.n_inner, MAX_FFN),
+            ("n_positions", self.n_positions, MAX_POSITIONS),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+        ];
+        for (field, value, max) in bounded {
+            if value > max {
+                return Err(ModelError::Config {
+                    field,
+                    reason: format!("{value} is above the limit {max}"),
+                });
+            }
         }
         if !(self.layer_norm_epsilon.is_finite() && self.layer_norm_epsilon > 0.0) {
             return Err(ModelError::Config {
@@ -266,7 +287,7 @@ impl HfConfig {
             n_head: self.n_head,
             n_positions: self.n_positions,
             vocab_size: self.vocab_size,
-            n_inner: self.n_inner.unwrap_or(4 * self.n_embd),
+            n_inner: self.n_inner.unwrap_or(self.n_embd.saturating_mul(4)),
             layer_norm_epsilon: self.layer_norm_epsilon.unwrap_or(1e-5),
             scale_attn_weights: self.scale_attn_weights.unwrap_or(true),
         };

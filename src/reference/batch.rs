@@ -28,6 +28,14 @@ pub enum BatchError {
         position: usize,
         vocab_size: usize,
     },
+    #[error("expected a JSON array of arrays of token ids: {reason}")]
+    Json { reason: String },
+    #[error("sequence {row} has {len} tokens, sequence 0 has {first}")]
+    Ragged {
+        row: usize,
+        len: usize,
+        first: usize,
+    },
 }
 
 /// `batch` sequences of `seq` token ids, row-major (`tokens[b * seq + s]`). Every position but
@@ -50,6 +58,23 @@ impl Batch {
         let out = Self { batch, seq, tokens };
         out.validate(config)?;
         Ok(out)
+    }
+
+    /// A batch from the text of a token file: a JSON array of equally long arrays of token ids
+    /// (`[[464, 2068], [1169, 318]]`), checked against `config` like [`Batch::new`].
+    pub fn from_json(config: &GptConfig, text: &str) -> Result<Self, BatchError> {
+        let rows: Vec<Vec<u32>> = serde_json::from_str(text).map_err(|e| BatchError::Json {
+            reason: e.to_string(),
+        })?;
+        let first = rows.first().map_or(0, Vec::len);
+        if let Some((row, r)) = rows.iter().enumerate().find(|(_, r)| r.len() != first) {
+            return Err(BatchError::Ragged {
+                row,
+                len: r.len(),
+                first,
+            });
+        }
+        Self::new(config, rows.len(), first, rows.concat())
     }
 
     /// Checks `batch >= 1`, `2 <= seq <= n_positions`, `batch * seq` tokens, every id below

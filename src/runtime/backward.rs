@@ -1,193 +1,87 @@
-//! The backward pass on the fabric: input gradients through every kernel in reverse, weight
-//! gradients streamed out, assembled into a [`GptParams`] of gradients.
+//! The exact engine's backward kernels: masked weight gradients streamed out, LayerNorm and GELU
+//! backward, the embedding's gradient, each run on the simulator; the gradients they stream out
+//! are assembled into the engine's [`crate::model::GptParams`].
+
+use std::borrow::Cow;
 
 use wafersim_kernels::{
-    EmbeddingBackward, GeluBackward, LayerNormBackward, StreamedMatrix, WeightGrad,
+    EmbeddingBackward, GeluBackward, KernelError, LayerNormBackward, StreamedMatrix, WeightGrad,
 };
 
-use super::forward::{Activations, LayerActs, Normed};
-use super::record::{Op, OpRecord};
-use super::{Act, RuntimeError, Step, kernel_error};
-use crate::flops::Phase;
-use crate::model::{GptParams, LayerNorm as LnParams, Linear, SparseKind};
+use super::exact::{Act, ExactEngine, measured};
+use super::forward::Normed;
+use super::walk::{Cost, Ln, Weight};
+use crate::model::LayerNorm as LnParams;
 
-impl Step<'_> {
-    pub(crate) fn backward(&mut self, acts: &Activations) -> Result<GptParams, RuntimeError> {
-        let config = self.inputs.config;
-        let mut grads = GptParams::zeros(config);
-        let d_lnf = self.lm_head_backward(acts, &mut grads)?;
-        let (mut dx, ln_f) = self.layer_norm_backward(
-            None,
-            "ln_f",
-            &d_lnf,
-            &acts.x_final,
-            &acts.ln_f,
-            &self.inputs.params.ln_f,
-        )?;
-        grads.ln_f = ln_f;
-        for l in (0..config.n_layer).rev() {
-            dx = self.block_backward(l, &acts.layers[l], &dx, &mut grads)?;
-        }
-        self.embedding_backward(&dx, &mut grads)?;
-        Ok(grads)
-    }
-
-    /// `d ln_f = dlogits wte`; the head's part of `d wte = dlogits^T ln_f`.
-    fn lm_head_backward(
+impl ExactEngine<'_> {
+    /// The masked weight gradient `x^T dy` at `weight`'s kept entries (and, for a linear layer,
+    /// the bias gradient), stored in the engine's gradients.
+    pub(crate) fn masked_weight_grad(
         &mut self,
-        acts: &Activations,
-        grads: &mut GptParams,
-    ) -> Result<Act, RuntimeError> {
-        let wte = &self.inputs.params.wte;
-        let head = StreamedMatrix::from_dense(wte.rows, wte.cols, &wte.data, None);
-        let op = Op::lm_head(Phase::InputGrad);
-        let (d_lnf, record) = self.matmul(op, &acts.dlogits, &head, None, || {
-            unreachable!("the head is dense")
-        })?;
-        self.cost.push(record);
-        let pattern = head.transpose();
-        let (grad, _, record) = self.weight_grad(
-            Op::lm_head(Phase::WeightGrad),
-            &acts.ln_f.y,
-            &acts.dlogits,
-            &pattern,
-            false,
-        )?;
-        self.cost.push(record);
-        // `grad` is `[d, V]`: the transpose of wte's layout.
-        let (d, v) = (wte.cols, wte.rows);
-        for (i, g) in grad.to_dense().into_iter().enumerate() {
-            grads.wte.data[(i % v) * d + i / v] += g;
-        }
-        Ok(d_lnf)
-    }
-
-    fn block_backward(
-        &mut self,
-        l: usize,
-        a: &LayerActs,
-        dx: &Act,
-        grads: &mut GptParams,
-    ) -> Result<Act, RuntimeError> {
-        // x_out = h + fc_proj(gelu(fc(ln_2(h)))).
-        let dg = self.linear_backward(l, SparseKind::FcProj, dx, &a.g, grads)?;
-        let df = self.gelu_backward(l, &a.f, &dg)?;
-        let dln2 = self.linear_backward(l, SparseKind::Fc, &df, &a.ln2.y, grads)?;
-        let block = &self.inputs.params.blocks[l];
-        let (dh_norm, ln_2) =
-            self.layer_norm_backward(Some(l), "ln_2", &dln2, &a.h, &a.ln2, &block.ln_2)?;
-        grads.blocks[l].ln_2 = ln_2;
-        let dh = self.residual(Some(l), "residual_ffn", Phase::InputGrad, dx, &dh_norm)?;
-        // h = x_in + attn_proj(attention(q, k, v)), q, k, v = ln_1(x_in) W.
-        let dctx = self.linear_backward(l, SparseKind::AttnProj, &dh, &a.ctx, grads)?;
-        let (dq, dk, dv) = self.attention_backward(l, a, &dctx)?;
-        let dln1_q = self.linear_backward(l, SparseKind::Q, &dq, &a.ln1.y, grads)?;
-        let dln1_k = self.linear_backward(l, SparseKind::K, &dk, &a.ln1.y, grads)?;
-        let dln1_v = self.linear_backward(l, SparseKind::V, &dv, &a.ln1.y, grads)?;
-        let dln1_qk =
-            self.residual(Some(l), "sum_qkv_grads", Phase::InputGrad, &dln1_q, &dln1_k)?;
-        let dln1 = self.residual(
-            Some(l),
-            "sum_qkv_grads",
-            Phase::InputGrad,
-            &dln1_qk,
-            &dln1_v,
-        )?;
-        let block = &self.inputs.params.blocks[l];
-        let (dx_norm, ln_1) =
-            self.layer_norm_backward(Some(l), "ln_1", &dln1, &a.x_in, &a.ln1, &block.ln_1)?;
-        grads.blocks[l].ln_1 = ln_1;
-        self.residual(Some(l), "residual_attn", Phase::InputGrad, &dh, &dx_norm)
-    }
-
-    /// Input and weight gradients of sparse matrix `kind` of layer `l` given `dy` and its input
-    /// `x`; stores the weight and bias gradients and returns `dx`.
-    fn linear_backward(
-        &mut self,
-        l: usize,
-        kind: SparseKind,
-        dy: &Act,
-        x: &Act,
-        grads: &mut GptParams,
-    ) -> Result<Act, RuntimeError> {
-        let lin: &Linear = self.inputs.params.blocks[l].linear(kind);
-        let dense =
-            || StreamedMatrix::from_dense(lin.weight.rows, lin.weight.cols, &lin.weight.data, None);
-        let wt = self.sparse[l][kind.index()].transpose();
-        let (dx, record) =
-            self.matmul(Op::linear(l, kind, Phase::InputGrad), dy, &wt, None, || {
-                dense().transpose()
-            })?;
-        self.cost.push(record);
-        let pattern = &self.sparse[l][kind.index()];
-        let (grad, bias, record) =
-            self.weight_grad(Op::linear(l, kind, Phase::WeightGrad), x, dy, pattern, true)?;
-        self.cost.push(record);
-        let target = grads.blocks[l].linear_mut(kind);
-        target.weight.data = grad.to_dense();
-        target.bias = bias.expect("asked for the bias gradient");
-        Ok(dx)
-    }
-
-    /// The masked weight gradient `x^T dy` at `pattern`'s entries (and the bias gradient).
-    fn weight_grad(
-        &self,
-        op: Op,
+        weight: Weight,
         x: &Act,
         dy: &Act,
-        pattern: &StreamedMatrix,
-        bias: bool,
-    ) -> Result<(StreamedMatrix, Option<Vec<f32>>, OpRecord), RuntimeError> {
+    ) -> Result<Cost, KernelError> {
+        let (pattern, bias) = match weight {
+            Weight::Linear { layer, kind } => {
+                (Cow::Borrowed(&self.sparse[layer][kind.index()]), true)
+            }
+            Weight::Head => {
+                let wte = &self.inputs.params.wte;
+                let head = StreamedMatrix::from_dense(wte.rows, wte.cols, &wte.data, None);
+                (Cow::Owned(head.transpose()), false)
+            }
+        };
         let kernel = WeightGrad {
             region: self.region(),
             tokens: self.tokens(),
             x: &x.data,
             dy: &dy.data,
-            pattern,
+            pattern: &pattern,
             bias,
             precision: self.precision(),
         };
-        let run = kernel
-            .run(self.fabric(), self.options())
-            .map_err(kernel_error(&op))?;
-        self.check_fmacs(
-            &op,
-            run.stats.total.fmacs,
-            (self.tokens() * pattern.nnz()) as u64,
-        )?;
-        let dense_cycles = if op.sparse && self.inputs.dense_baseline {
-            let all = StreamedMatrix::from_dense(
-                pattern.rows(),
-                pattern.cols(),
-                &vec![0.0; pattern.rows() * pattern.cols()],
-                None,
-            );
-            let kernel = WeightGrad {
+        let run = kernel.run(self.fabric(), self.options())?;
+        let dense_cycles = if matches!(weight, Weight::Linear { .. }) && self.inputs.dense_baseline
+        {
+            let (k, n) = (pattern.rows(), pattern.cols());
+            let all = StreamedMatrix::from_dense(k, n, &vec![0.0; k * n], None);
+            let dense = WeightGrad {
                 pattern: &all,
                 ..kernel
             };
-            kernel
-                .run(self.fabric(), self.options())
-                .map_err(kernel_error(&op))?
-                .stats
-                .cycles
+            dense.run(self.fabric(), self.options())?.stats.cycles
         } else {
             run.stats.cycles
         };
-        let record = OpRecord::new(op, &run.stats, dense_cycles);
-        Ok((run.grad, run.bias_grad, record))
+        let cost = measured(&run.stats, dense_cycles);
+        drop(pattern);
+        match weight {
+            Weight::Linear { layer, kind } => {
+                let target = self.grads.blocks[layer].linear_mut(kind);
+                target.weight.data = run.grad.to_dense();
+                target.bias = run.bias_grad.expect("asked for the bias gradient");
+            }
+            Weight::Head => {
+                // The gradient is `[d, V]`: the transpose of wte's layout.
+                let wte = &mut self.grads.wte;
+                let (d, v) = (wte.cols, wte.rows);
+                for (i, g) in run.grad.to_dense().into_iter().enumerate() {
+                    wte.data[(i % v) * d + i / v] += g;
+                }
+            }
+        }
+        Ok(cost)
     }
 
-    fn layer_norm_backward(
+    pub(crate) fn layer_norm_grad(
         &mut self,
-        layer: Option<usize>,
-        name: &'static str,
+        ln: Ln,
         dy: &Act,
         x: &Act,
         normed: &Normed,
-        params: &LnParams,
-    ) -> Result<(Act, LnParams), RuntimeError> {
-        let op = Op::plain(layer, name, Phase::InputGrad);
+    ) -> Result<(Act, Cost), KernelError> {
+        let params = self.ln_params(ln);
         let kernel = LayerNormBackward {
             region: self.region(),
             tokens: self.tokens(),
@@ -198,24 +92,20 @@ impl Step<'_> {
             mean: &normed.mean,
             rstd: &normed.rstd,
         };
-        let run = kernel
-            .run(self.fabric(), self.options())
-            .map_err(kernel_error(&op))?;
-        self.record(op, &run.stats);
-        Ok((
-            Act {
-                data: run.dx,
-                features: x.features,
-            },
-            LnParams {
-                gamma: run.dgamma,
-                beta: run.dbeta,
-            },
-        ))
+        let run = kernel.run(self.fabric(), self.options())?;
+        let cost = measured(&run.stats, run.stats.cycles);
+        *self.ln_grads(ln) = LnParams {
+            gamma: run.dgamma,
+            beta: run.dbeta,
+        };
+        let act = Act {
+            data: run.dx,
+            features: x.features,
+        };
+        Ok((act, cost))
     }
 
-    fn gelu_backward(&mut self, l: usize, f: &Act, dg: &Act) -> Result<Act, RuntimeError> {
-        let op = Op::plain(Some(l), "gelu", Phase::InputGrad);
+    pub(crate) fn gelu_grad(&mut self, f: &Act, dg: &Act) -> Result<(Act, Cost), KernelError> {
         let kernel = GeluBackward {
             region: self.region(),
             tokens: self.tokens(),
@@ -223,30 +113,25 @@ impl Step<'_> {
             x: &f.data,
             dy: &dg.data,
         };
-        let run = kernel
-            .run(self.fabric(), self.options())
-            .map_err(kernel_error(&op))?;
-        self.record(op, &run.stats);
-        Ok(Act {
+        let run = kernel.run(self.fabric(), self.options())?;
+        let act = Act {
             data: run.out,
             features: f.features,
-        })
+        };
+        Ok((act, measured(&run.stats, run.stats.cycles)))
     }
 
-    fn embedding_backward(&mut self, dx: &Act, grads: &mut GptParams) -> Result<(), RuntimeError> {
-        let op = Op::plain(None, "embedding", Phase::WeightGrad);
+    /// The embedding tables' gradients: added to wte (the head's part is already there), wpe.
+    pub(crate) fn embedding_grad(&mut self, dx: &Act) -> Result<Cost, KernelError> {
         let kernel = EmbeddingBackward {
             shape: self.embedding_shape(),
             dx: &dx.data,
         };
-        let run = kernel
-            .run(self.fabric(), self.options())
-            .map_err(kernel_error(&op))?;
-        self.record(op, &run.stats);
-        for (g, d) in grads.wte.data.iter_mut().zip(&run.d_token_table) {
+        let run = kernel.run(self.fabric(), self.options())?;
+        for (g, d) in self.grads.wte.data.iter_mut().zip(&run.d_token_table) {
             *g += d;
         }
-        grads.wpe.data = run.d_position_table;
-        Ok(())
+        self.grads.wpe.data = run.d_position_table;
+        Ok(measured(&run.stats, run.stats.cycles))
     }
 }

@@ -1,35 +1,61 @@
-//! The host side of a training step on the fabric (weight streaming): runs every operation of
-//! the forward pass, the loss and the backward pass as kernels on the step's region, streams
-//! weights in (kept entries only for the sparse matrices) and gradients out, and returns the
-//! loss, every parameter's gradient and what each operation cost.
+//! The host side of a training step on the fabric (weight streaming): every operation of the
+//! forward pass, the loss and the backward pass as a kernel on the step's region, weights
+//! streamed in (kept entries only for the sparse matrices) and gradients out, at one of two
+//! timing fidelities:
 //!
-//! Activations never leave the wafer in the machine being modelled: each kernel leaves its output
-//! where the next kernel reads its input (one region, one layout for the whole step). The
-//! simulator runs one kernel at a time, so the runtime carries each output to the next kernel as a
-//! host-side copy; that copy models data that stays in place and costs no cycles. Weights, biases
-//! and LayerNorm parameters are streamed from the host inside the kernels (timed), and weight
-//! gradients leave through the fabric's edges (timed).
+//! - [`Fidelity::Exact`]: every kernel runs on the event-driven simulator, wavelet by wavelet, on
+//!   real data; the loss and the gradients come out of the fabric (`exact.rs`).
+//! - [`Fidelity::Fast`]: every kernel is costed by its analytic formula from the same shapes and
+//!   kept-entry patterns; nothing is simulated, executed FLOPs are the analytic count, and the
+//!   loss and gradients (if asked for) come from the CPU reference (`fast.rs`).
 //!
-//! The optimizer runs on the host, as in weight streaming (see [`crate::reference::AdamW`]).
+//! Key design decision: both walk one schedule (`walk.rs`): the same kernel instances in the same
+//! order, recorded as the same [`OpRecord`]s, so a fast report lines up with an exact one
+//! operation by operation.
 //!
 //! Cycles of a step are the sum of its kernels' cycles: kernels do not overlap. For the dense
-//! baseline, the kernels of the six sparse matrices are run a second time streaming every weight
-//! (all other kernels cost the same either way, since their cycles do not depend on the values).
+//! baseline, the kernels of the six sparse matrices are timed a second time streaming every
+//! weight (all other kernels cost the same either way, since their cycles do not depend on the
+//! values). The optimizer runs on the host, as in weight streaming
+//! (see [`crate::reference::AdamW`]).
 
 mod attention;
 mod backward;
+mod exact;
+mod fast;
 mod forward;
 mod record;
+mod walk;
 
 pub use record::{OpRecord, StepCost};
 
-use wafersim_kernels::{KernelError, Precision, Region, StreamedMatrix};
-use wafersim_sim::{FabricConfig, RunOptions, Stats};
+use wafersim_kernels::KernelError;
+use wafersim_sim::FabricConfig;
 
 use crate::compile::StepPlan;
-use crate::model::{GptConfig, GptParams, SparseKind};
-use crate::reference::Batch;
+use crate::model::{GptConfig, GptParams};
+use crate::reference::{self, Batch, ReferenceError};
 use crate::sparsity::ModelMasks;
+
+/// How a step's cycles are obtained.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fidelity {
+    /// Event-driven simulation of every wavelet: the ground truth, for small fabrics and models.
+    #[default]
+    Exact,
+    /// The kernels' analytic cost formulas: no simulation, any size.
+    Fast,
+}
+
+impl Fidelity {
+    /// `exact` or `fast`, as reports name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fidelity::Exact => "exact",
+            Fidelity::Fast => "fast",
+        }
+    }
+}
 
 /// One training step to run.
 #[derive(Clone, Copy)]
@@ -45,13 +71,40 @@ pub struct StepInputs<'a> {
     pub dense_baseline: bool,
 }
 
-/// What a step computed and cost.
+/// How to run a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepMode {
+    pub fidelity: Fidelity,
+    /// Compute the loss and the gradients (the exact engine computes them anyway; the fast one
+    /// asks the CPU reference).
+    pub numerics: bool,
+}
+
+/// What a step computed and cost, on the exact engine.
 #[derive(Clone, Debug)]
 pub struct StepRun {
     /// Mean next-token cross-entropy, as the fabric computed it.
     pub loss: f64,
     /// Gradient of every parameter (pruned entries zero).
     pub grads: GptParams,
+    pub cost: StepCost,
+}
+
+/// The loss and the gradients of a step.
+#[derive(Clone, Debug)]
+pub struct Numerics {
+    /// Mean next-token cross-entropy.
+    pub loss: f64,
+    /// Gradient of every parameter (pruned entries zero).
+    pub grads: GptParams,
+}
+
+/// What a step cost at a fidelity, and its numerics if they were asked for.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    pub fidelity: Fidelity,
+    /// From the fabric (exact) or the CPU reference (fast); `None` if not asked for.
+    pub numerics: Option<Numerics>,
     pub cost: StepCost,
 }
 
@@ -71,87 +124,54 @@ pub enum RuntimeError {
         executed: u64,
         analytic: u64,
     },
+    #[error("the CPU reference: {0}")]
+    Reference(#[from] ReferenceError),
 }
 
-/// Runs one training step on the fabric.
+/// Runs one training step on the exact engine: the fabric's loss and gradients and the cost.
 pub fn run_step(inputs: StepInputs<'_>) -> Result<StepRun, RuntimeError> {
-    let mut step = Step::new(inputs);
-    let acts = step.forward()?;
-    let grads = step.backward(&acts)?;
+    let mut engine = exact::ExactEngine::new(inputs);
+    let cost = walk::walk(&mut engine, inputs)?;
     Ok(StepRun {
-        loss: acts.loss,
-        grads,
-        cost: step.cost,
+        loss: engine.loss,
+        grads: engine.grads,
+        cost,
     })
 }
 
-/// A `tokens x features` activation, row-major, as the host sees it between kernels.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Act {
-    pub data: Vec<f32>,
-    pub features: usize,
-}
-
-/// The running step: inputs, the streamed form of every sparse matrix, and the cost so far.
-pub(crate) struct Step<'a> {
-    pub inputs: StepInputs<'a>,
-    pub cost: StepCost,
-    /// Per layer, the six sparse matrices `[in, out]` with their kept entries.
-    pub sparse: Vec<[StreamedMatrix; 6]>,
-}
-
-impl<'a> Step<'a> {
-    fn new(inputs: StepInputs<'a>) -> Self {
-        let sparse = inputs
-            .params
-            .blocks
-            .iter()
-            .enumerate()
-            .map(|(l, block)| {
-                SparseKind::ALL.map(|kind| {
-                    let w = &block.linear(kind).weight;
-                    let mask = inputs.masks.get(l, kind).expect("masks match the model");
-                    StreamedMatrix::from_dense(w.rows, w.cols, &w.data, Some(mask.keep()))
-                })
-            })
-            .collect();
-        Step {
-            inputs,
-            cost: StepCost::default(),
-            sparse,
+/// Runs (exact) or costs (fast) one training step.
+pub fn simulate_step(inputs: StepInputs<'_>, mode: StepMode) -> Result<StepReport, RuntimeError> {
+    let (cost, numerics) = match mode.fidelity {
+        Fidelity::Exact => {
+            let run = run_step(inputs)?;
+            let numerics = mode.numerics.then_some(Numerics {
+                loss: run.loss,
+                grads: run.grads,
+            });
+            (run.cost, numerics)
         }
-    }
-
-    pub fn region(&self) -> Region {
-        self.inputs.plan.region
-    }
-
-    pub fn tokens(&self) -> usize {
-        self.inputs.plan.tokens()
-    }
-
-    pub fn precision(&self) -> Precision {
-        self.inputs.plan.precision
-    }
-
-    pub fn fabric(&self) -> &FabricConfig {
-        self.inputs.fabric
-    }
-
-    pub fn options(&self) -> RunOptions {
-        RunOptions::default()
-    }
-
-    /// Records a kernel's cost under `op` (dense cycles equal to its cycles).
-    pub fn record(&mut self, op: record::Op, stats: &Stats) {
-        self.cost.push(OpRecord::new(op, stats, stats.cycles));
-    }
-}
-
-/// Wraps a kernel error with the operation it belongs to.
-pub(crate) fn kernel_error(op: &record::Op) -> impl FnOnce(KernelError) -> RuntimeError + '_ {
-    move |source| RuntimeError::Kernel {
-        op: op.label(),
-        source,
-    }
+        Fidelity::Fast => {
+            let cost = walk::walk(&mut fast::FastEngine::new(inputs), inputs)?;
+            let numerics = if mode.numerics {
+                let (loss, grads) = reference::loss_and_grads(
+                    inputs.config,
+                    inputs.params,
+                    inputs.masks,
+                    inputs.batch,
+                )?;
+                Some(Numerics {
+                    loss: f64::from(loss),
+                    grads,
+                })
+            } else {
+                None
+            };
+            (cost, numerics)
+        }
+    };
+    Ok(StepReport {
+        fidelity: mode.fidelity,
+        numerics,
+        cost,
+    })
 }

@@ -1,7 +1,5 @@
 //! What each operation of a step cost, and the step's totals by phase and by operation.
 
-use wafersim_sim::Stats;
-
 use crate::flops::{OpKind, Phase};
 use crate::model::SparseKind;
 
@@ -89,24 +87,12 @@ pub struct OpRecord {
     pub cycles: u64,
     /// The same kernel streaming every weight (equal to `cycles` unless `op.sparse`).
     pub dense_cycles: u64,
+    /// FMACs executed: counted by the simulator (exact), the analytic count (fast).
     pub fmacs: u64,
-    /// Core cycles spent running tasks, summed over the region.
-    pub busy_cycles: u64,
-    /// Wavelets moved by routers, summed over the region.
-    pub router_forwards: u64,
-}
-
-impl OpRecord {
-    pub fn new(op: Op, stats: &Stats, dense_cycles: u64) -> Self {
-        OpRecord {
-            op,
-            cycles: stats.cycles,
-            dense_cycles,
-            fmacs: stats.total.fmacs,
-            busy_cycles: stats.total.busy_cycles,
-            router_forwards: stats.total.router_forwards,
-        }
-    }
+    /// Core cycles spent running tasks, summed over the region (exact fidelity only).
+    pub busy_cycles: Option<u64>,
+    /// Wavelets moved by routers, summed over the region (exact fidelity only).
+    pub router_forwards: Option<u64>,
 }
 
 /// Every kernel run of a step, in execution order.

@@ -54,17 +54,35 @@ pub(super) struct Segment {
     pub keys: u32,
 }
 
+/// A head whose features lie (partly) on one PE column.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct LocalHead {
+    /// The head.
+    pub head: u32,
+    /// Its first feature on the column, as an offset in the column's tile.
+    pub first: u32,
+    /// Its features on the column.
+    pub dims: u32,
+    /// The region columns holding any of its features: partial scores are summed over them.
+    pub group: Range<usize>,
+}
+
+impl LocalHead {
+    /// Whether other columns hold features of the head too.
+    pub fn shared(&self) -> bool {
+        self.group.len() > 1
+    }
+}
+
 /// What one PE's compute task needs to know.
 #[derive(Clone, Debug)]
 pub(super) struct PeWork {
     /// Tokens on the PE.
     pub n: u32,
-    /// Features on the PE (`heads * hd`).
+    /// Features on the PE.
     pub fc: u32,
-    /// Features per head.
-    pub hd: u32,
-    /// Heads on the PE.
-    pub heads: u32,
+    /// The heads with features on the PE, in head order (the order of the probabilities).
+    pub heads: Vec<LocalHead>,
     /// Keys per sequence.
     pub seq: u32,
     pub scale: f32,
@@ -73,31 +91,76 @@ pub(super) struct PeWork {
     pub keys: Vec<KeyAt>,
 }
 
+impl PeWork {
+    /// The local heads shared with other columns, with their index among the local heads.
+    pub fn shared_heads(&self) -> impl Iterator<Item = (u32, &LocalHead)> {
+        self.indexed().filter(|(_, h)| h.shared())
+    }
+
+    /// The local heads no other column holds, with their index among the local heads.
+    pub fn whole_heads(&self) -> impl Iterator<Item = (u32, &LocalHead)> {
+        self.indexed().filter(|(_, h)| !h.shared())
+    }
+
+    fn indexed(&self) -> impl Iterator<Item = (u32, &LocalHead)> {
+        self.heads.iter().enumerate().map(|(i, h)| (i as u32, h))
+    }
+}
+
 /// The attention problem cut over a region.
 #[derive(Clone, Debug)]
 pub(super) struct Geometry {
     pub tiling: Tiling,
     pub seq: usize,
-    pub heads_local: usize,
+    pub heads: usize,
     pub hd: usize,
-    /// Features per PE column.
-    pub fc: usize,
     pub rows: usize,
+    pub cols: usize,
 }
 
 impl Geometry {
-    /// `tokens = batch * seq` tokens of `heads * hd` features over `region`; the caller has
-    /// checked that the region's columns divide the heads.
+    /// `tokens = batch * seq` tokens of `heads * hd` features over `region` (the caller has
+    /// checked that the region has no more columns than features).
     pub fn new(region: Region, tokens: usize, seq: usize, heads: usize, hd: usize) -> Self {
-        let heads_local = heads / region.cols as usize;
         Geometry {
             tiling: Tiling::new(region, tokens, heads * hd),
             seq,
-            heads_local,
+            heads,
             hd,
-            fc: heads_local * hd,
             rows: region.rows as usize,
+            cols: region.cols as usize,
         }
+    }
+
+    /// Features of PE column `c`.
+    pub fn fc(&self, c: usize) -> usize {
+        self.tiling.features.block(c).len()
+    }
+
+    /// The region columns holding features of head `h`.
+    pub fn head_columns(&self, h: usize) -> Range<usize> {
+        let owner = |f: usize| self.tiling.features.owner(f);
+        owner(h * self.hd)..owner((h + 1) * self.hd - 1) + 1
+    }
+
+    /// The heads with features on column `c`, in head order.
+    pub fn local_heads(&self, c: usize) -> Vec<LocalHead> {
+        let f = self.tiling.features.block(c);
+        if f.is_empty() {
+            return Vec::new();
+        }
+        (f.start / self.hd..=(f.end - 1) / self.hd)
+            .map(|h| {
+                let lo = f.start.max(h * self.hd);
+                let hi = f.end.min((h + 1) * self.hd);
+                LocalHead {
+                    head: h as u32,
+                    first: (lo - f.start) as u32,
+                    dims: (hi - lo) as u32,
+                    group: self.head_columns(h),
+                }
+            })
+            .collect()
     }
 
     /// Tokens of region row `r`.
@@ -125,14 +188,14 @@ impl Geometry {
         self.window(r).map(|b| self.n(b)).sum()
     }
 
-    /// Elements of row `b`'s slot (its K and V tiles).
-    pub fn slot_len(&self, b: usize) -> u32 {
-        (2 * self.fc * self.n(b)) as u32
+    /// Elements of row `b`'s slot (its K and V tiles) in column `c`.
+    pub fn slot_len(&self, c: usize, b: usize) -> u32 {
+        (2 * self.fc(c) * self.n(b)) as u32
     }
 
-    /// Offset of row `b`'s slot in row `r`'s window (`b` in the window).
-    pub fn slot(&self, r: usize, b: usize) -> u32 {
-        (self.window(r).start..b).map(|x| self.slot_len(x)).sum()
+    /// Offset of row `b`'s slot in row `r`'s window in column `c` (`b` in the window).
+    pub fn slot(&self, c: usize, r: usize, b: usize) -> u32 {
+        (self.window(r).start..b).map(|x| self.slot_len(c, x)).sum()
     }
 
     /// The rows whose window holds row `b`: those that receive its K and V in the gather and
@@ -174,45 +237,48 @@ impl Geometry {
             .unwrap_or(0)
     }
 
-    /// Where every token of row `r`'s window sits in the window.
-    fn keys(&self, r: usize) -> Vec<KeyAt> {
+    /// Where every token of row `r`'s window sits in column `c`'s window.
+    fn keys(&self, c: usize, r: usize) -> Vec<KeyAt> {
         self.window(r)
             .flat_map(|b| {
-                let (base, rows) = (self.slot(r, b), self.n(b) as u32);
+                let (base, rows) = (self.slot(c, r, b), self.n(b) as u32);
                 (0..rows).map(move |off| KeyAt { base, rows, off })
             })
             .collect()
     }
 
-    /// Everything row `r`'s compute task needs.
-    pub fn work(&self, r: usize, scale: f32) -> PeWork {
+    /// Everything PE (c, r)'s compute tasks need.
+    pub fn work(&self, c: usize, r: usize, scale: f32) -> PeWork {
         PeWork {
             n: self.n(r) as u32,
-            fc: self.fc as u32,
-            hd: self.hd as u32,
-            heads: self.heads_local as u32,
+            fc: self.fc(c) as u32,
+            heads: self.local_heads(c),
             seq: self.seq as u32,
             scale,
             segments: self.segments(r),
-            keys: self.keys(r),
+            keys: self.keys(c, r),
         }
     }
 
-    /// Elements of a PE's probabilities on row `r`: `heads x tokens x keys`.
-    pub fn probs_len(&self, r: usize) -> usize {
-        self.heads_local * self.n(r) * self.seq
+    /// Elements of one head's probabilities (or dP) on row `r`: `tokens x keys`.
+    pub fn head_block_len(&self, r: usize) -> usize {
+        self.n(r) * self.seq
+    }
+
+    /// Elements of PE (c, r)'s probabilities: `local heads x tokens x keys`.
+    pub fn probs_len(&self, c: usize, r: usize) -> usize {
+        self.local_heads(c).len() * self.head_block_len(r)
     }
 
     /// For each element of PE (c, r)'s probabilities, in its order (per local head, per segment,
-    /// key-major `[key][token]`), the index in the host's `[batch][head][query][key]` array of
-    /// `heads` heads.
-    pub fn probs_indices(&self, heads: usize, c: usize, r: usize) -> Vec<usize> {
+    /// key-major `[key][token]`), the index in the host's `[batch][head][query][key]` array.
+    pub fn probs_indices(&self, c: usize, r: usize) -> Vec<usize> {
         let s = self.seq;
-        let mut out = Vec::with_capacity(self.probs_len(r));
-        for h in 0..self.heads_local {
-            let head = c * self.heads_local + h;
+        let mut out = Vec::with_capacity(self.probs_len(c, r));
+        for local in self.local_heads(c) {
+            let head = local.head as usize;
             for seg in self.segments(r) {
-                let plane = (seg.sequence as usize * heads + head) * s * s;
+                let plane = (seg.sequence as usize * self.heads + head) * s * s;
                 for j in 0..s {
                     for t in 0..seg.len as usize {
                         let query = seg.first_pos as usize + t;
@@ -234,7 +300,7 @@ mod tests {
     #[test]
     fn windows_segments_and_keys_of_rows_that_split_sequences() {
         let g = Geometry::new(Region::at_origin(1, 3), 14, 7, 2, 4);
-        assert_eq!(g.fc, 8);
+        assert_eq!(g.fc(0), 8);
         // Row 0 needs sequence 0 = tokens 0-6 = rows 0-1; row 2 sequence 1 = rows 1-2.
         assert_eq!(g.window(0), 0..2);
         assert_eq!(g.window_tokens(0), 10);
@@ -257,26 +323,65 @@ mod tests {
         // Token 7 in row 1's window: row 1's slot starts after row 0's 2 x 8 x 5 = 80 elements;
         // it is token 2 of row 1 (stride 5): K feature 3 at 80 + 3 x 5 + 2, V feature 3 at
         // 80 + (8 + 3) x 5 + 2.
-        let key = g.work(1, 1.0).keys[7];
+        let key = g.work(0, 1, 1.0).keys[7];
         assert_eq!(key.k(3), 97);
         assert_eq!(key.v(3, 8), 137);
     }
 
     #[test]
-    fn probability_indices_cover_each_kept_entry_once() {
-        // B = 2, S = 5, 2 heads over 2 columns, 3 rows: the PEs' probabilities together hold
-        // every (sequence, head, query, key) entry exactly once.
+    fn heads_split_by_the_feature_split() {
+        // 3 heads of 4 (12 features) over 5 columns: 3, 3, 2, 2, 2 features. Column 1 holds
+        // features 3-5: the last of head 0 and the first two of head 1.
+        let g = Geometry::new(Region::at_origin(5, 1), 4, 4, 3, 4);
+        let heads = g.local_heads(1);
+        let summary: Vec<_> = heads
+            .iter()
+            .map(|h| (h.head, h.first, h.dims, h.group.clone()))
+            .collect();
+        assert_eq!(summary, vec![(0, 0, 1, 0..2), (1, 1, 2, 1..3)]);
+        assert!(heads.iter().all(LocalHead::shared));
+        // Head 2 is features 8-11: columns 3 (8-9) and 4 (10-11).
+        assert_eq!(g.head_columns(2), 3..5);
+        assert_eq!(g.local_heads(4)[0].first, 0);
+        // Slots follow the column's width: 2 x 2 features x 4 tokens on column 4.
+        assert_eq!(g.slot_len(4, 0), 16);
+        // Whole heads on columns dividing the heads: 4 heads of 2 over 2 columns.
+        let g = Geometry::new(Region::at_origin(2, 1), 4, 4, 4, 2);
+        let heads = g.local_heads(1);
+        assert_eq!(heads.len(), 2);
+        assert_eq!(
+            (heads[1].head, heads[1].first, heads[1].group.clone()),
+            (3, 2, 1..2)
+        );
+        assert!(!heads[0].shared());
+    }
+
+    #[test]
+    fn probability_indices_cover_each_kept_entry_once_per_column_of_its_head() {
+        // B = 2, S = 5, 2 heads of 3 over 2 columns and 3 rows: the PEs' probabilities together
+        // hold every (sequence, head, query, key) entry exactly once.
         let g = Geometry::new(Region::at_origin(2, 3), 10, 5, 2, 3);
-        let mut seen = [0u8; 2 * 2 * 5 * 5];
-        for c in 0..2 {
-            for r in 0..3 {
-                let idx = g.probs_indices(2, c, r);
-                assert_eq!(idx.len(), g.probs_len(r));
-                for i in idx {
-                    seen[i] += 1;
+        let count = |g: &Geometry| {
+            let mut seen = [0u8; 2 * 2 * 5 * 5];
+            for c in 0..g.cols {
+                for r in 0..3 {
+                    let idx = g.probs_indices(c, r);
+                    assert_eq!(idx.len(), g.probs_len(c, r));
+                    for i in idx {
+                        seen[i] += 1;
+                    }
                 }
             }
+            seen
+        };
+        assert!(count(&g).iter().all(|&s| s == 1));
+        // Over 4 columns (2, 2, 1, 1 features) head 0 is columns 0-1 and head 1 columns 1-3:
+        // each column keeps the whole probabilities of its heads, so head 0's entries are held
+        // twice and head 1's three times (planes of 25 entries, sequence-major).
+        let g = Geometry::new(Region::at_origin(4, 3), 10, 5, 2, 3);
+        for (plane, entries) in count(&g).chunks(25).enumerate() {
+            let want = if plane % 2 == 0 { 2 } else { 3 };
+            assert!(entries.iter().all(|&s| s == want), "plane {plane}");
         }
-        assert!(seen.iter().all(|&s| s == 1));
     }
 }

@@ -1,6 +1,15 @@
 //! The instruction sequences one PE runs for its heads and tokens: scores, masked softmax and
 //! context (forward); dP, the softmax gradient, dQ and the partial dK, dV (backward).
 //!
+//! A head may lie on several PE columns (the region's columns split the features, not the
+//! heads): the PE then holds some of the head's features (`LocalHead::dims` of them), its
+//! products over them are partial, and the forward's scores and the backward's dP must be summed
+//! over the head's columns before the softmax (or its gradient) sees them. So each pass comes in
+//! three pieces: the partial products of the shared heads (run first, so their sums can travel
+//! while the PE works on), everything for the heads the PE holds whole, and the rest of the
+//! shared heads once their sums are back. The context `P V`, `dQ`, `dK` and `dV` need only the
+//! PE's own features, given `P` and `dS`.
+//!
 //! What it is not: no routing or collective; the K and V of every key the PE needs are already
 //! in its window when these run. Matmul work (the four products counted by the FLOP convention)
 //! uses `fmac` and `dot` only; softmax and its gradient use `scale`, `fill`, `max`, `sub`, `exp`,
@@ -13,7 +22,7 @@
 
 use wafersim_sim::{Buf, TaskCtx, VecRef};
 
-use super::geometry::{PeWork, Segment};
+use super::geometry::{LocalHead, PeWork, Segment};
 
 /// Scalar cycles charged for one `f32` division (an assumption: a reciprocal per token).
 pub(super) const RECIPROCAL_CYCLES: u64 = 1;
@@ -33,7 +42,8 @@ fn key_row(block: VecRef, j: u32, len: u32) -> VecRef {
 }
 
 impl PeWork {
-    /// Head `h`, segment `seg`: its `[key][token]` block of a `heads x tokens x keys` buffer.
+    /// Head `h` (an index among the heads the buffer holds), segment `seg`: its `[key][token]`
+    /// block of a `heads x tokens x keys` buffer.
     fn block(&self, buf: Buf, h: u32, seg: &Segment) -> VecRef {
         buf.slice(
             h * self.seq * self.n + self.seq * seg.start,
@@ -71,37 +81,56 @@ pub(super) struct ForwardBufs {
     pub sum: Buf,
 }
 
-/// Scores, masked softmax and context for every local head and segment.
-pub(super) fn forward(ctx: &mut TaskCtx<'_>, w: &PeWork, b: &ForwardBufs) {
-    for h in 0..w.heads {
+/// The partial scores of the heads shared with other columns, over the PE's features.
+pub(super) fn forward_shared_scores(ctx: &mut TaskCtx<'_>, w: &PeWork, b: &ForwardBufs) {
+    for (i, head) in w.shared_heads() {
         for seg in &w.segments {
-            let block = w.block(b.probs, h, seg);
-            scores(ctx, w, b, h, seg, block);
-            softmax(ctx, w, seg, block, b.max, b.sum);
-            context(ctx, w, b, h, seg, block);
+            scores(ctx, w, b, head, seg, w.block(b.probs, i, seg));
         }
     }
 }
 
-/// `block[j][t] = q_t . k_j` for every key of the sequence, future ones included.
+/// Scores, masked softmax and context for every head the PE holds whole.
+pub(super) fn forward_whole(ctx: &mut TaskCtx<'_>, w: &PeWork, b: &ForwardBufs) {
+    for (i, head) in w.whole_heads() {
+        for seg in &w.segments {
+            let block = w.block(b.probs, i, seg);
+            scores(ctx, w, b, head, seg, block);
+            softmax(ctx, w, seg, block, b.max, b.sum);
+            context(ctx, w, b, head, seg, block);
+        }
+    }
+}
+
+/// Masked softmax and context for the shared heads, whose scores now hold the full sums.
+pub(super) fn forward_shared_rest(ctx: &mut TaskCtx<'_>, w: &PeWork, b: &ForwardBufs) {
+    for (i, head) in w.shared_heads() {
+        for seg in &w.segments {
+            let block = w.block(b.probs, i, seg);
+            softmax(ctx, w, seg, block, b.max, b.sum);
+            context(ctx, w, b, head, seg, block);
+        }
+    }
+}
+
+/// `block[j][t] = q_t . k_j` over the head's features on the PE, for every key of the
+/// sequence, future ones included.
 fn scores(
     ctx: &mut TaskCtx<'_>,
     w: &PeWork,
     b: &ForwardBufs,
-    h: u32,
+    head: &LocalHead,
     seg: &Segment,
     block: VecRef,
 ) {
     for j in 0..w.seq {
         let row = key_row(block, j, seg.len);
-        for d in 0..w.hd {
-            let f = h * w.hd + d;
+        for f in head.first..head.first + head.dims {
             let k = w.k_value(ctx, b.window, seg, j, f);
             ctx.fmac(row, w.tokens(b.q, f, seg), k);
         }
     }
 }
-
 /// Scales the scores, masks future keys to `-inf`, and turns each token's scores into
 /// probabilities: subtract the maximum, exponentiate, divide by the sum.
 fn softmax(ctx: &mut TaskCtx<'_>, w: &PeWork, seg: &Segment, block: VecRef, max: Buf, sum: Buf) {
@@ -137,17 +166,17 @@ fn softmax(ctx: &mut TaskCtx<'_>, w: &PeWork, seg: &Segment, block: VecRef, max:
     }
 }
 
-/// `out[f, tokens] += p_j v_j[f]` over every key (AXPYs over the segment's tokens).
+/// `out[f, tokens] += p_j v_j[f]` over every key, for the head's features on the PE (AXPYs
+/// over the segment's tokens).
 fn context(
     ctx: &mut TaskCtx<'_>,
     w: &PeWork,
     b: &ForwardBufs,
-    h: u32,
+    head: &LocalHead,
     seg: &Segment,
     block: VecRef,
 ) {
-    for d in 0..w.hd {
-        let f = h * w.hd + d;
+    for f in head.first..head.first + head.dims {
         let dst = w.tokens(b.out, f, seg);
         for j in 0..w.seq {
             let v = w.v_value(ctx, b.window, seg, j, f);
@@ -173,16 +202,39 @@ pub(super) struct BackwardBufs {
     pub tmp: Buf,
 }
 
-/// dP, dS, dQ and the partial dK, dV for every local head and segment.
-pub(super) fn backward(ctx: &mut TaskCtx<'_>, w: &PeWork, b: &BackwardBufs) {
-    for h in 0..w.heads {
+/// The partial dP of the shared heads over the PE's features, into `dp` (one
+/// `tokens x keys` block per shared head, in the probabilities' layout).
+pub(super) fn backward_shared_dp(ctx: &mut TaskCtx<'_>, w: &PeWork, b: &BackwardBufs, dp: Buf) {
+    for (k, (_, head)) in w.shared_heads().enumerate() {
         for seg in &w.segments {
-            let p = w.block(b.probs, h, seg);
+            grad_probs(ctx, w, b, head, seg, w.block(dp, k as u32, seg));
+        }
+    }
+}
+
+/// dP, dS, dQ and the partial dK, dV for every head the PE holds whole.
+pub(super) fn backward_whole(ctx: &mut TaskCtx<'_>, w: &PeWork, b: &BackwardBufs) {
+    for (i, head) in w.whole_heads() {
+        for seg in &w.segments {
+            let p = w.block(b.probs, i, seg);
             let ds = b.ds.slice(0, w.seq * seg.len);
-            grad_probs(ctx, w, b, h, seg, ds);
+            grad_probs(ctx, w, b, head, seg, ds);
             grad_scores(ctx, w, b, seg, p, ds);
-            grad_queries(ctx, w, b, h, seg, ds);
-            partial_key_grads(ctx, w, b, h, seg, p, ds);
+            grad_queries(ctx, w, b, head, seg, ds);
+            partial_key_grads(ctx, w, b, head, seg, p, ds);
+        }
+    }
+}
+
+/// dS (in place of the summed dP in `dp`), dQ and the partial dK, dV for the shared heads.
+pub(super) fn backward_shared_rest(ctx: &mut TaskCtx<'_>, w: &PeWork, b: &BackwardBufs, dp: Buf) {
+    for (k, (i, head)) in w.shared_heads().enumerate() {
+        for seg in &w.segments {
+            let p = w.block(b.probs, i, seg);
+            let ds = w.block(dp, k as u32, seg);
+            grad_scores(ctx, w, b, seg, p, ds);
+            grad_queries(ctx, w, b, head, seg, ds);
+            partial_key_grads(ctx, w, b, head, seg, p, ds);
         }
     }
 }
@@ -192,15 +244,14 @@ fn grad_probs(
     ctx: &mut TaskCtx<'_>,
     w: &PeWork,
     b: &BackwardBufs,
-    h: u32,
+    head: &LocalHead,
     seg: &Segment,
     ds: VecRef,
 ) {
     ctx.fill(ds, 0.0);
     for j in 0..w.seq {
         let row = key_row(ds, j, seg.len);
-        for d in 0..w.hd {
-            let f = h * w.hd + d;
+        for f in head.first..head.first + head.dims {
             let v = w.v_value(ctx, b.window, seg, j, f);
             ctx.fmac(row, w.tokens(b.d_out, f, seg), v);
         }
@@ -237,12 +288,11 @@ fn grad_queries(
     ctx: &mut TaskCtx<'_>,
     w: &PeWork,
     b: &BackwardBufs,
-    h: u32,
+    head: &LocalHead,
     seg: &Segment,
     ds: VecRef,
 ) {
-    for d in 0..w.hd {
-        let f = h * w.hd + d;
+    for f in head.first..head.first + head.dims {
         let dst = w.tokens(b.dq, f, seg);
         for j in 0..w.seq {
             let k = w.k_value(ctx, b.window, seg, j, f);
@@ -257,7 +307,7 @@ fn partial_key_grads(
     ctx: &mut TaskCtx<'_>,
     w: &PeWork,
     b: &BackwardBufs,
-    h: u32,
+    head: &LocalHead,
     seg: &Segment,
     p: VecRef,
     ds: VecRef,
@@ -265,8 +315,7 @@ fn partial_key_grads(
     for j in 0..w.seq {
         let key = w.keys[(seg.keys + j) as usize];
         let (ds_j, p_j) = (key_row(ds, j, seg.len), key_row(p, j, seg.len));
-        for d in 0..w.hd {
-            let f = h * w.hd + d;
+        for f in head.first..head.first + head.dims {
             let dk = ctx.dot(ds_j, w.tokens(b.q, f, seg));
             ctx.store(b.partial.at(key.k(f)), dk);
             let dv = ctx.dot(p_j, w.tokens(b.d_out, f, seg));

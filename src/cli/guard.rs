@@ -1,0 +1,249 @@
+//! Checks the commands make before any work starts, and on results before they are written, so
+//! that a run is refused at once for its inputs (exit code 2) and never writes a wrong or partial
+//! file.
+//!
+//! - Output paths: the folder of every output must exist (or be creatable) and accept a new file,
+//!   and no target may be a folder; checked with a probe file before the simulation, not found
+//!   out after it.
+//! - Host memory: a request whose tensors alone exceed the memory the OS says is available
+//!   (`MemAvailable` of `/proc/meminfo`, Linux only) is refused before allocating, instead of
+//!   aborting in the allocator.
+//! - Results: a non-finite loss, gradient or updated weight is refused (exit code 1, naming the
+//!   tensor) rather than written as `null` in JSON or as a checkpoint our own reader refuses.
+//! - Writing several files: all are staged (written and synced beside their targets) before any
+//!   is renamed into place, so a failure leaves every old file as it was.
+//!
+//! Not here: argument parsing and the checks of the libraries (configs, checkpoints, masks),
+//! which return their own typed errors.
+
+use std::path::{Path, PathBuf};
+
+use super::bad_input;
+use crate::model::checkpoint::{Staged, hf_named_tensors};
+use crate::model::{GptConfig, GptParams};
+use crate::reference::BatchError;
+
+/// The folder holding `path` (`.` for a bare file name).
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// `dir` exists, is a folder, and a file can be created in it (checked by creating one).
+fn check_writable_folder(flag: &str, dir: &Path) -> anyhow::Result<()> {
+    let what = || format!("{flag} {}", dir.display());
+    if !dir.exists() {
+        return Err(bad_input(
+            what(),
+            anyhow::anyhow!("folder {} does not exist", dir.display()),
+        ));
+    }
+    if !dir.is_dir() {
+        return Err(bad_input(
+            what(),
+            anyhow::anyhow!("{} is not a folder", dir.display()),
+        ));
+    }
+    tempfile::Builder::new()
+        .prefix(".wafersim-probe.")
+        .tempfile_in(dir)
+        .map(drop)
+        .map_err(|e| {
+            bad_input(
+                what(),
+                anyhow::anyhow!("cannot create a file in {}: {e}", dir.display()),
+            )
+        })
+}
+
+/// The output file `path` (given with `flag`) can be written: it is not a folder and its folder
+/// accepts new files.
+pub fn check_output_file(flag: &str, path: &Path) -> anyhow::Result<()> {
+    if path.is_dir() {
+        return Err(bad_input(
+            format!("{flag} {}", path.display()),
+            anyhow::anyhow!("it is a folder, not a file"),
+        ));
+    }
+    check_writable_folder(flag, folder_of(path))
+}
+
+/// The output folder `dir` (given with `flag`) can receive the files `names`: it is a writable
+/// folder whose `names` are not folders, or it does not exist yet and its parent is writable.
+pub fn check_output_folder(flag: &str, dir: &Path, names: &[&str]) -> anyhow::Result<()> {
+    if !dir.exists() {
+        return check_writable_folder(flag, folder_of(dir));
+    }
+    check_writable_folder(flag, dir)?;
+    match names.iter().map(|n| dir.join(n)).find(|p| p.is_dir()) {
+        Some(target) => Err(bad_input(
+            format!("{flag} {}", dir.display()),
+            anyhow::anyhow!("{} is a folder, not a file", target.display()),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks a batch shape given by flags (`flag`) before its tokens are drawn: `batch >= 1`,
+/// `2 <= seq <= n_positions`, and `batch * seq` tokens that fit host memory.
+pub fn check_batch_shape(
+    flag: &str,
+    config: &GptConfig,
+    batch: usize,
+    seq: usize,
+) -> anyhow::Result<()> {
+    let shape_error = if batch == 0 {
+        Some(BatchError::EmptyBatch)
+    } else if seq < 2 {
+        Some(BatchError::SeqTooShort { seq })
+    } else if seq > config.n_positions {
+        Some(BatchError::SeqTooLong {
+            seq,
+            n_positions: config.n_positions,
+        })
+    } else {
+        None
+    };
+    if let Some(e) = shape_error {
+        return Err(bad_input(flag, e));
+    }
+    let tokens = batch.checked_mul(seq).map(|t| t as u64);
+    check_host_memory("the batch's tokens", tokens.and_then(|t| t.checked_mul(4)))
+        .map_err(|e| bad_input(flag, e))
+}
+
+/// Refuses (exit code 1) a request whose `bytes` of host memory exceed what is available;
+/// `None` means the size overflowed 64 bits. `what` names the tensors.
+pub fn check_host_memory(what: &str, bytes: Option<u64>) -> anyhow::Result<()> {
+    let available = available_memory();
+    match (bytes, available) {
+        (None, _) => anyhow::bail!("{what} would need more than 2^64 bytes of host memory"),
+        (Some(b), Some(a)) if b > a => anyhow::bail!(
+            "{what} would need {:.1} GiB of host memory but {:.1} GiB is available",
+            b as f64 / GIB,
+            a as f64 / GIB
+        ),
+        _ => Ok(()),
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// `MemAvailable` of `/proc/meminfo` in bytes; `None` where it cannot be read.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Bytes of one f32 copy of a model with `params` parameters.
+pub fn f32_bytes(params: u64) -> Option<u64> {
+    params.checked_mul(4)
+}
+
+/// Refuses (exit code 1) parameters holding a NaN or an infinity, naming `what`, the tensor and
+/// the index: a result that must not be reported or written.
+pub fn check_finite(what: &str, params: &GptParams) -> anyhow::Result<()> {
+    for (name, _, values) in hf_named_tensors(params) {
+        if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            anyhow::bail!(
+                "{what}: tensor `{name}` has a non-finite value ({value}) at flat index {index}; nothing was written"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Moves staged files into place in `dir`, creating `dir` first if needed (its parent exists).
+///
+/// `stage` writes every file beside its target; only when all are staged is any renamed. If
+/// anything fails, the staged files are removed, and a folder created here is removed again if it
+/// is empty, so a failed run leaves the folder as it found it.
+pub fn write_all(
+    dir: &Path,
+    stage: impl FnOnce(&Path) -> anyhow::Result<Vec<Staged>>,
+) -> anyhow::Result<()> {
+    let created = if dir.is_dir() {
+        false
+    } else {
+        std::fs::create_dir(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create folder {}: {e}", dir.display()))?;
+        true
+    };
+    let result = stage(dir).and_then(commit_all);
+    if result.is_err() && created {
+        let _ = std::fs::remove_dir(dir);
+    }
+    result
+}
+
+fn commit_all(staged: Vec<Staged>) -> anyhow::Result<()> {
+    for file in staged {
+        let target: PathBuf = file.target().to_path_buf();
+        file.commit()
+            .map_err(|e| anyhow::Error::new(e).context(format!("writing {}", target.display())))?;
+    }
+    Ok(())
+}
+
+/// Whether `err` is bad input (exit code 2).
+#[cfg(test)]
+fn is_bad_input(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<super::BadInput>().is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_files_need_an_existing_writable_folder_and_must_not_be_folders() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(check_output_file("--json", &tmp.path().join("a.json")).is_ok());
+        let missing = check_output_file("--json", &tmp.path().join("no/a.json")).unwrap_err();
+        assert!(is_bad_input(&missing));
+        assert!(
+            format!("{missing:#}").contains("does not exist"),
+            "{missing:#}"
+        );
+        let folder = check_output_file("--json", tmp.path()).unwrap_err();
+        assert!(format!("{folder:#}").contains("is a folder"), "{folder:#}");
+        // The probe leaves nothing behind.
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn output_folders_may_be_new_but_their_targets_must_not_be_folders() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        assert!(check_output_folder("--out", &out, &["r.json"]).is_ok());
+        std::fs::create_dir_all(out.join("r.json")).unwrap();
+        let err = check_output_folder("--out", &out, &["r.json"]).unwrap_err();
+        assert!(is_bad_input(&err));
+        assert!(format!("{err:#}").contains("r.json is a folder"), "{err:#}");
+        let nested = check_output_folder("--out", &tmp.path().join("a/b"), &[]).unwrap_err();
+        assert!(
+            format!("{nested:#}").contains("does not exist"),
+            "{nested:#}"
+        );
+    }
+
+    #[test]
+    fn absurd_memory_requests_are_refused_before_allocating() {
+        assert!(check_host_memory("x", None).is_err());
+        assert!(check_host_memory("x", Some(u64::MAX)).is_err() || available_memory().is_none());
+        assert!(check_host_memory("x", Some(1)).is_ok());
+    }
+
+    #[test]
+    fn a_failed_stage_leaves_no_new_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let err = write_all(&out, |_| anyhow::bail!("boom")).unwrap_err();
+        assert_eq!(err.to_string(), "boom");
+        assert!(!out.exists());
+    }
+}

@@ -1,0 +1,178 @@
+//! The exact engine: every kernel of the step runs on the simulator, on real data; the loss and
+//! every gradient come out of the fabric.
+//!
+//! Activations never leave the wafer in the machine being modelled: each kernel leaves its output
+//! where the next kernel reads its input (one region, one layout for the whole step). The
+//! simulator runs one kernel at a time, so the engine carries each output to the next kernel as a
+//! host-side copy ([`Act`]); that copy models data that stays in place and costs no cycles.
+//! Weights, biases and LayerNorm parameters are streamed from the host inside the kernels
+//! (timed), and weight gradients leave through the fabric's edges (timed).
+//!
+//! What it is not: the schedule. The order of the kernels is [`super::walk`]'s; this module only
+//! knows how to run each one (`forward.rs`, `backward.rs`, `attention.rs` hold the kernel runs).
+
+use wafersim_kernels::StreamedMatrix;
+use wafersim_sim::{FabricConfig, RunOptions, Stats};
+
+use super::StepInputs;
+use super::forward::Normed;
+use super::walk::{Cost, Engine, Launched, Ln, Weight};
+use crate::flops::Phase;
+use crate::model::{GptParams, LayerNorm as LnParams, SparseKind};
+
+/// A `tokens x features` activation, row-major, as the host sees it between kernels.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Act {
+    pub data: Vec<f32>,
+    pub features: usize,
+}
+
+/// The running step: inputs, the streamed form of every sparse matrix, and what the fabric
+/// computed so far.
+pub(crate) struct ExactEngine<'a> {
+    pub inputs: StepInputs<'a>,
+    /// Per layer, the six sparse matrices `[in, out]` with their kept entries.
+    pub sparse: Vec<[StreamedMatrix; 6]>,
+    /// Gradient of every parameter, filled in by the backward kernels.
+    pub grads: GptParams,
+    /// The mean next-token cross-entropy, once the loss kernel ran.
+    pub loss: f64,
+}
+
+impl<'a> ExactEngine<'a> {
+    pub(crate) fn new(inputs: StepInputs<'a>) -> Self {
+        let sparse = inputs
+            .params
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(l, block)| {
+                SparseKind::ALL.map(|kind| {
+                    let w = &block.linear(kind).weight;
+                    let mask = inputs.masks.get(l, kind).expect("masks match the model");
+                    StreamedMatrix::from_dense(w.rows, w.cols, &w.data, Some(mask.keep()))
+                })
+            })
+            .collect();
+        ExactEngine {
+            inputs,
+            sparse,
+            grads: GptParams::zeros(inputs.config),
+            loss: 0.0,
+        }
+    }
+
+    pub fn region(&self) -> wafersim_kernels::Region {
+        self.inputs.plan.region
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.inputs.plan.tokens()
+    }
+
+    pub fn precision(&self) -> wafersim_kernels::Precision {
+        self.inputs.plan.precision
+    }
+
+    pub fn fabric(&self) -> &FabricConfig {
+        self.inputs.fabric
+    }
+
+    pub fn options(&self) -> RunOptions {
+        RunOptions::default()
+    }
+
+    /// The parameters of LayerNorm `ln`.
+    pub fn ln_params(&self, ln: Ln) -> &'a LnParams {
+        let p = self.inputs.params;
+        match ln {
+            Ln::First(l) => &p.blocks[l].ln_1,
+            Ln::Second(l) => &p.blocks[l].ln_2,
+            Ln::Final => &p.ln_f,
+        }
+    }
+
+    /// Where the gradients of LayerNorm `ln` go.
+    pub fn ln_grads(&mut self, ln: Ln) -> &mut LnParams {
+        match ln {
+            Ln::First(l) => &mut self.grads.blocks[l].ln_1,
+            Ln::Second(l) => &mut self.grads.blocks[l].ln_2,
+            Ln::Final => &mut self.grads.ln_f,
+        }
+    }
+}
+
+/// A kernel's measured cost; `dense_cycles` is the same kernel streaming every weight.
+pub(crate) fn measured(stats: &Stats, dense_cycles: u64) -> Cost {
+    Cost {
+        cycles: stats.cycles,
+        dense_cycles,
+        fmacs: Some(stats.total.fmacs),
+        busy_cycles: Some(stats.total.busy_cycles),
+        router_forwards: Some(stats.total.router_forwards),
+    }
+}
+
+impl Engine for ExactEngine<'_> {
+    type Act = Act;
+    type Normed = Normed;
+    type Probs = Vec<f32>;
+
+    fn output(normed: &Normed) -> &Act {
+        &normed.y
+    }
+
+    fn embedding(&mut self) -> Launched<Act> {
+        self.embed()
+    }
+
+    fn layer_norm(&mut self, ln: Ln, x: &Act) -> Launched<Normed> {
+        self.layer_norm_forward(ln, x)
+    }
+
+    fn matmul(&mut self, weight: Weight, phase: Phase, x: &Act) -> Launched<Act> {
+        self.streamed_product(weight, phase, x)
+    }
+
+    fn weight_grad(&mut self, weight: Weight, x: &Act, dy: &Act) -> Launched<()> {
+        Ok(((), self.masked_weight_grad(weight, x, dy)?))
+    }
+
+    fn attention(&mut self, _layer: usize, q: &Act, k: &Act, v: &Act) -> Launched<(Act, Vec<f32>)> {
+        self.attention_forward(q, k, v)
+    }
+
+    fn attention_backward(
+        &mut self,
+        _layer: usize,
+        qkv: [&Act; 3],
+        probs: &Vec<f32>,
+        d_ctx: &Act,
+    ) -> Launched<[Act; 3]> {
+        self.attention_grads(qkv, probs, d_ctx)
+    }
+
+    fn add(&mut self, a: &Act, b: &Act) -> Launched<Act> {
+        self.residual(a, b)
+    }
+
+    fn gelu(&mut self, f: &Act) -> Launched<Act> {
+        self.gelu_forward(f)
+    }
+
+    fn gelu_backward(&mut self, f: &Act, dg: &Act) -> Launched<Act> {
+        self.gelu_grad(f, dg)
+    }
+
+    fn cross_entropy(&mut self, logits: &Act) -> Launched<Act> {
+        self.loss_and_dlogits(logits)
+    }
+
+    fn layer_norm_backward(&mut self, ln: Ln, dy: &Act, x: &Act, normed: &Normed) -> Launched<Act> {
+        self.layer_norm_grad(ln, dy, x, normed)
+    }
+
+    fn embedding_backward(&mut self, dx: &Act) -> Launched<()> {
+        Ok(((), self.embedding_grad(dx)?))
+    }
+}

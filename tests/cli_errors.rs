@@ -1,0 +1,931 @@
+//! Every input path of every command, driven wrong on purpose through the built binary.
+//!
+//! The contract (issue 7): invalid input gives exactly one stderr line starting with `error:`
+//! that names the flag or file, the field and the reason, and exit code 2; a run that cannot
+//! finish (does not fit, cycle limit, non-finite result) exit code 1; never a panic, even with
+//! `RUST_BACKTRACE=1`; and no output left behind. Every case here is refused before anything is
+//! simulated, except the few that must run to fail (they use the tiny model on an 8 x 8 fabric,
+//! about a second each).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use wafersim::model::GptConfig;
+use wafersim::model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE, hf_named_tensors};
+use wafersim::model::init_params;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn wafersim(args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_wafersim"))
+        .args(args)
+        // A panic would print a backtrace: make sure the check below would see one.
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("the wafersim binary runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Exit code `code` and exactly one stderr line, `error: ...`, containing every needle.
+#[track_caller]
+fn assert_fails(args: &[&str], code: i32, needles: &[&str]) -> Run {
+    let run = wafersim(args);
+    let context = format!("wafersim {}\nstderr: {}", args.join(" "), run.stderr);
+    assert!(!run.stderr.contains("panicked"), "{context}");
+    assert!(!run.stderr.contains("backtrace"), "{context}");
+    assert_eq!(run.code, code, "{context}");
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{context}");
+    assert!(lines[0].starts_with("error: "), "{context}");
+    for needle in needles {
+        assert!(lines[0].contains(needle), "{needle:?} missing; {context}");
+    }
+    run
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("temporary paths are UTF-8")
+}
+
+/// The names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .expect("folder exists")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn tiny() -> GptConfig {
+    GptConfig::preset("tiny").unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flags
+
+#[test]
+fn usage_errors_are_one_line_naming_the_argument() {
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["presets", "extra"], &["'extra'"]),
+        (&["step", "--model", "tiny", "--out", "x"], &["--fabric"]),
+        (
+            &[
+                "gemm", "--m", "abc", "--k", "4", "--n", "4", "--fabric", "4x4",
+            ],
+            &["--m", "abc"],
+        ),
+        (
+            &["step", "--batch", "two", "--fabric", "4x4", "--out", "x"],
+            &["--batch", "two"],
+        ),
+        (
+            &[
+                "gemm", "--m", "4", "--k", "4", "--n", "4", "--fabric", "4x4", "--phase", "up",
+            ],
+            &["--phase", "up"],
+        ),
+        (
+            &[
+                "step",
+                "--model",
+                "tiny",
+                "--checkpoint",
+                "c",
+                "--fabric",
+                "4x4",
+                "--out",
+                "x",
+            ],
+            &["--checkpoint", "--model"],
+        ),
+        (&["flops"], &["--model", "--config"]),
+        (&["frobnicate"], &["frobnicate"]),
+    ];
+    for (args, needles) in cases {
+        assert_fails(args, 2, needles);
+    }
+}
+
+#[test]
+fn help_and_version_still_go_to_stdout_with_exit_code_0() {
+    let run = wafersim(&["--version"]);
+    assert_eq!(run.code, 0);
+    assert!(run.stdout.starts_with("wafersim "), "{}", run.stdout);
+    let run = wafersim(&["step", "--help"]);
+    assert_eq!(run.code, 0);
+    assert!(run.stdout.contains("--fabric"), "{}", run.stdout);
+}
+
+#[test]
+fn bad_sparsities_are_refused_by_every_command() {
+    for bad in ["NaN", "nan", "-0.5", "1", "1.5", "inf", "x"] {
+        let gemm = [
+            "gemm", "--m", "4", "--k", "4", "--n", "4", "--fabric", "4x4",
+        ];
+        let list = format!("0,{bad}");
+        let commands: [Vec<&str>; 4] = [
+            [&gemm[..], &["--sparsity", bad]].concat(),
+            vec![
+                "step",
+                "--fabric",
+                "8x8",
+                "--out",
+                "never",
+                "--sparsity",
+                bad,
+            ],
+            vec!["sweep", "--sparsity", &list],
+            vec!["flops", "--model", "tiny", "--sparsity", &list],
+        ];
+        for args in &commands {
+            let run = assert_fails(args, 2, &["--sparsity"]);
+            assert!(run.stdout.is_empty(), "{args:?} printed {}", run.stdout);
+        }
+    }
+    assert!(!Path::new("never").exists());
+}
+
+#[test]
+fn a_sparsity_that_prunes_every_weight_of_a_gemm_is_refused() {
+    // round(0.99 x 16) = 16 of 16 weights: no FLOP reduction is defined.
+    let args = [
+        "gemm",
+        "--m",
+        "4",
+        "--k",
+        "4",
+        "--n",
+        "4",
+        "--fabric",
+        "4x4",
+        "--sparsity",
+        "0.99",
+    ];
+    assert_fails(&args, 2, &["--sparsity", "prunes all 16 weights"]);
+}
+
+#[test]
+fn impossible_fabric_specs_name_the_field() {
+    let cases: &[(&str, &[&str])] = &[
+        ("0x0", &["--fabric", "width", "0 is outside 1..=4096"]),
+        ("8x0", &["--fabric", "height"]),
+        ("5000x5000", &["--fabric", "width", "5000"]),
+        ("99999999999x2", &["--fabric", "unknown fabric"]),
+        ("-1x3", &["--fabric", "unknown fabric"]),
+        ("wse9", &["--fabric", "wse9"]),
+        ("", &["--fabric"]),
+    ];
+    for (spec, needles) in cases {
+        assert_fails(
+            &[
+                "gemm",
+                "--m",
+                "4",
+                "--k",
+                "4",
+                "--n",
+                "4",
+                &format!("--fabric={spec}"),
+            ],
+            2,
+            needles,
+        );
+        assert_fails(&["sweep", &format!("--fabric={spec}")], 2, needles);
+    }
+}
+
+#[test]
+fn batch_and_sequence_flags_are_checked_before_tokens_are_drawn() {
+    let max = usize::MAX.to_string();
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--batch", "0"], &["--batch/--seq", "batch size is 0"]),
+        (&["--seq", "1"], &["--batch/--seq", "below 2"]),
+        (&["--seq", "0"], &["--batch/--seq", "below 2"]),
+        (&["--seq", "65"], &["--batch/--seq", "65", "n_positions 64"]),
+        (&["--batch", &max, "--seq", "8"], &["--batch/--seq", "2^64"]),
+    ];
+    for (flags, needles) in cases {
+        let step = [&["step", "--fabric", "8x8", "--out", "never"], *flags].concat();
+        assert_fails(&step, 2, needles);
+        let sweep = [&["sweep"], *flags].concat();
+        assert_fails(&sweep, 2, needles);
+    }
+    assert_fails(
+        &["flops", "--model", "tiny", "--batch", "0"],
+        2,
+        &["--batch"],
+    );
+    assert_fails(&["flops", "--model", "tiny", "--seq", "65"], 2, &["--seq"]);
+    assert!(!Path::new("never").exists());
+}
+
+#[test]
+fn learning_rates_must_be_finite_and_non_negative() {
+    for lr in ["NaN", "-1", "inf"] {
+        let args = ["step", "--fabric", "8x8", "--out", "never", "--lr", lr];
+        assert_fails(&args, 2, &["--lr", "lr"]);
+    }
+    assert!(!Path::new("never").exists());
+}
+
+#[test]
+fn gemm_sizes_and_regions_are_checked_before_allocating() {
+    fn gemm<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        [&["gemm", "--fabric", "4x4"], extra].concat()
+    }
+    assert_fails(&gemm(&["--m", "0", "--k", "4", "--n", "4"]), 2, &["--m"]);
+    assert_fails(&gemm(&["--m", "4", "--k", "0", "--n", "4"]), 2, &["--k"]);
+    assert_fails(
+        &gemm(&["--m", "4", "--k", "4", "--n", "4", "--region", "0x2"]),
+        2,
+        &["--region", "0x2"],
+    );
+    assert_fails(
+        &gemm(&["--m", "4", "--k", "4", "--n", "4", "--region", "8x8"]),
+        2,
+        &["--region", "4 x 4 fabric"],
+    );
+    // 10^8 x 10^5 inputs would be 40 TB of host memory: refused at once, exit code 1 (a valid
+    // request that does not fit), naming the bytes.
+    let huge = gemm(&["--m", "100000000", "--k", "100000", "--n", "100000"]);
+    assert_fails(&huge, 1, &["does not fit", "49152"]);
+    let overflow = gemm(&["--m", "4611686018427387904", "--k", "8", "--n", "8"]);
+    assert_fails(&overflow, 1, &["does not fit"]);
+}
+
+#[test]
+fn unknown_presets_list_the_known_ones() {
+    assert_fails(
+        &["flops", "--model", "gpt5"],
+        2,
+        &["--model", "gpt5", "tiny"],
+    );
+    assert_fails(
+        &["init", "--model", "gpt5", "--out", "never"],
+        2,
+        &["--model", "gpt5"],
+    );
+    assert_fails(
+        &[
+            "step", "--model", "gpt5", "--fabric", "8x8", "--out", "never",
+        ],
+        2,
+        &["--model"],
+    );
+    assert_fails(&["sweep", "--model", "gpt5"], 2, &["--model"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model config.json
+
+/// The tiny preset's config.json with `key` set to `value` (`None`: removed).
+fn tiny_config_with(key: &str, value: Option<serde_json::Value>) -> String {
+    let mut config: serde_json::Value = serde_json::from_str(&tiny().to_hf_json()).unwrap();
+    let fields = config.as_object_mut().unwrap();
+    assert!(fields.contains_key(key), "{key} not in the tiny config");
+    match value {
+        Some(v) => fields.insert(key.into(), v),
+        None => fields.remove(key),
+    };
+    config.to_string()
+}
+
+fn config_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
+    use serde_json::json;
+    let with = |key, value| tiny_config_with(key, Some(value));
+    vec![
+        (
+            "truncated",
+            tiny().to_hf_json()[..40].to_string(),
+            vec!["EOF"],
+        ),
+        ("not-json", "layers: 2".into(), vec!["expected value"]),
+        ("empty", String::new(), vec!["EOF"]),
+        ("array", "[1, 2]".into(), vec!["invalid type"]),
+        (
+            "no-layers",
+            tiny_config_with("n_layer", None),
+            vec!["missing field `n_layer`"],
+        ),
+        (
+            "zero-layers",
+            with("n_layer", json!(0)),
+            vec!["n_layer", "at least 1"],
+        ),
+        ("negative", with("n_embd", json!(-64)), vec!["-64"]),
+        (
+            "string",
+            with("n_head", json!("4")),
+            vec!["invalid type: string"],
+        ),
+        (
+            "heads",
+            with("n_head", json!(3)),
+            vec!["n_head", "divisible"],
+        ),
+        (
+            "absurd-layers",
+            with("n_layer", json!(1_000_000_000u64)),
+            vec!["n_layer", "limit 1024"],
+        ),
+        (
+            "absurd-width",
+            with("n_embd", json!(1u64 << 32)),
+            vec!["n_embd", "limit"],
+        ),
+        (
+            "absurd-positions",
+            with("n_positions", json!(u64::MAX)),
+            vec!["n_positions", "limit"],
+        ),
+        (
+            "absurd-vocab",
+            with("vocab_size", json!(1u64 << 40)),
+            vec!["vocab_size", "limit"],
+        ),
+        (
+            "relu",
+            with("activation_function", json!("relu")),
+            vec!["activation_function", "relu"],
+        ),
+        (
+            "untied",
+            with("tie_word_embeddings", json!(false)),
+            vec!["tie_word_embeddings"],
+        ),
+        (
+            "epsilon",
+            with("layer_norm_epsilon", json!(-1.0)),
+            vec!["layer_norm_epsilon"],
+        ),
+        (
+            "other-model",
+            with("model_type", json!("llama")),
+            vec!["model_type", "llama"],
+        ),
+    ]
+}
+
+#[test]
+fn bad_config_json_names_the_file_and_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, text, needles) in config_cases() {
+        let path = tmp.path().join(format!("{name}.json"));
+        fs::write(&path, text).unwrap();
+        let out = tmp.path().join(format!("{name}-out"));
+        let file = [s(&path)];
+        let needles: Vec<&str> = [&file[..], &needles].concat();
+        assert_fails(&["flops", "--config", s(&path)], 2, &needles);
+        assert_fails(
+            &["init", "--config", s(&path), "--out", s(&out)],
+            2,
+            &needles,
+        );
+        assert!(!out.exists(), "{name}: init left {}", out.display());
+    }
+    let missing = tmp.path().join("missing.json");
+    assert_fails(
+        &["flops", "--config", s(&missing)],
+        2,
+        &["--config", "missing.json", "No such file"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fabric config files
+
+#[test]
+fn bad_fabric_files_name_the_file_and_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "truncated.toml",
+            "base = \"8x8\"\nqueue_depth = ",
+            &["TOML parse error"],
+        ),
+        ("truncated.json", "{\"base\": \"8x8\"", &["EOF"]),
+        ("binary.toml", "\u{0}\u{1}\u{2}", &["TOML parse error"]),
+        (
+            "unknown.toml",
+            "base = \"8x8\"\nqeueu_depth = 2\n",
+            &["qeueu_depth", "unknown field"],
+        ),
+        (
+            "zero.toml",
+            "base = \"8x8\"\nwidth = 0\n",
+            &["width", "0 is outside"],
+        ),
+        ("zero-base.toml", "base = \"0x0\"\n", &["width"]),
+        (
+            "absurd.json",
+            "{\"width\": 100000, \"height\": 100000}",
+            &["width", "100000"],
+        ),
+        (
+            "overflow.toml",
+            "width = 4294967296\n",
+            &["width", "4294967296"],
+        ),
+        (
+            "negative.json",
+            "{\"base\": \"8x8\", \"height\": -1}",
+            &["height", "-1"],
+        ),
+        ("type.toml", "colors = \"many\"\n", &["colors"]),
+        ("float.toml", "clock_mhz = 1e9\n", &["clock_mhz"]),
+        ("base.toml", "base = 3\n", &["base"]),
+        ("array.json", "[1, 2]", &["table"]),
+        (
+            "queue.toml",
+            "base = \"8x8\"\nqueue_depth = 0\n",
+            &["queue_depth"],
+        ),
+        (
+            "simd.toml",
+            "base = \"8x8\"\n[simd]\nmax = 0\n",
+            &["simd.max"],
+        ),
+        (
+            "sram.toml",
+            "base = \"8x8\"\nsram_bytes = 6\n",
+            &["sram_bytes"],
+        ),
+    ];
+    for (name, text, needles) in cases {
+        let path = tmp.path().join(name);
+        fs::write(&path, text).unwrap();
+        let flag = format!("--fabric {}", s(&path));
+        let needles: Vec<&str> = [&[flag.as_str()][..], needles].concat();
+        assert_fails(
+            &[
+                "gemm",
+                "--m",
+                "4",
+                "--k",
+                "4",
+                "--n",
+                "4",
+                "--fabric",
+                s(&path),
+            ],
+            2,
+            &needles,
+        );
+        assert_fails(&["sweep", "--fabric", s(&path)], 2, &needles);
+    }
+    let missing = tmp.path().join("missing.toml");
+    assert_fails(
+        &["sweep", "--fabric", s(&missing)],
+        2,
+        &["missing.toml", "No such file"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints
+
+/// One tensor of a hand-made safetensors file: name, dtype, shape, little-endian bytes.
+type RawTensor = (String, &'static str, Vec<usize>, Vec<u8>);
+
+/// The tensors of a valid tiny checkpoint (seed 0), as f32.
+fn tiny_tensors() -> Vec<RawTensor> {
+    let params = init_params(&tiny(), 0);
+    hf_named_tensors(&params)
+        .into_iter()
+        .map(|(name, shape, data)| (name, "F32", shape, f32_bytes(&data)))
+        .collect()
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// A safetensors file built by hand (so dtypes, shapes and sizes can be anything consistent).
+fn safetensors_bytes(tensors: &[RawTensor]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+    }
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    for (_, _, _, bytes) in tensors {
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+fn edit(mut tensors: Vec<RawTensor>, name: &str, f: impl FnOnce(&mut RawTensor)) -> Vec<RawTensor> {
+    let t = tensors
+        .iter_mut()
+        .find(|t| t.0 == name)
+        .unwrap_or_else(|| panic!("no tensor {name}"));
+    f(t);
+    tensors
+}
+
+fn set_f32(t: &mut RawTensor, index: usize, value: f32) {
+    t.3[4 * index..4 * index + 4].copy_from_slice(&value.to_le_bytes());
+}
+
+/// `(case, weights file bytes, what the error must say)`.
+fn checkpoint_cases() -> Vec<(&'static str, Vec<u8>, Vec<&'static str>)> {
+    let valid = safetensors_bytes(&tiny_tensors());
+    let not_safetensors = vec!["model.safetensors", "is not a valid safetensors file"];
+    let mut huge_header = u64::MAX.to_le_bytes().to_vec();
+    huge_header.extend_from_slice(b"{}");
+    let extra = {
+        let mut t = tiny_tensors();
+        t.push((
+            "transformer.h.9.mlp.c_fc.weight".into(),
+            "F32",
+            vec![1],
+            vec![0; 4],
+        ));
+        t
+    };
+    let missing: Vec<RawTensor> = tiny_tensors()
+        .into_iter()
+        .filter(|t| t.0 != "transformer.ln_f.bias")
+        .collect();
+    vec![
+        (
+            "truncated",
+            valid[..valid.len() / 2].to_vec(),
+            not_safetensors.clone(),
+        ),
+        (
+            "header-only",
+            valid[..100].to_vec(),
+            not_safetensors.clone(),
+        ),
+        ("empty", Vec::new(), not_safetensors.clone()),
+        (
+            "garbage",
+            b"certainly not a tensor file".to_vec(),
+            not_safetensors.clone(),
+        ),
+        ("huge-header", huge_header, not_safetensors),
+        (
+            "missing",
+            safetensors_bytes(&missing),
+            vec!["missing tensor `transformer.ln_f.bias`"],
+        ),
+        (
+            "extra",
+            safetensors_bytes(&extra),
+            vec!["unexpected tensor `transformer.h.9.mlp.c_fc.weight`"],
+        ),
+        (
+            "shape",
+            safetensors_bytes(&edit(tiny_tensors(), "transformer.wpe.weight", |t| {
+                t.2 = vec![32, 64];
+                t.3.truncate(32 * 64 * 4);
+            })),
+            vec!["`transformer.wpe.weight`", "[32, 64]", "expected [64, 64]"],
+        ),
+        (
+            "dtype",
+            safetensors_bytes(&edit(tiny_tensors(), "transformer.ln_f.bias", |t| {
+                t.1 = "I32"
+            })),
+            vec!["`transformer.ln_f.bias`", "dtype I32"],
+        ),
+        (
+            "f64",
+            safetensors_bytes(&edit(tiny_tensors(), "transformer.ln_f.bias", |t| {
+                t.1 = "F64";
+                t.3 = [t.3.clone(), t.3.clone()].concat();
+            })),
+            vec!["`transformer.ln_f.bias`", "dtype F64"],
+        ),
+        (
+            "nan",
+            safetensors_bytes(&edit(
+                tiny_tensors(),
+                "transformer.h.1.mlp.c_proj.weight",
+                |t| set_f32(t, 5, f32::NAN),
+            )),
+            vec!["`transformer.h.1.mlp.c_proj.weight`", "NaN", "index 5"],
+        ),
+        (
+            "inf",
+            safetensors_bytes(&edit(tiny_tensors(), "transformer.wte.weight", |t| {
+                set_f32(t, 0, f32::NEG_INFINITY)
+            })),
+            vec!["`transformer.wte.weight`", "-inf", "index 0"],
+        ),
+    ]
+}
+
+/// A checkpoint folder `dir/name` with the tiny config and `weights` as its safetensors file.
+fn checkpoint_dir(dir: &Path, name: &str, weights: &[u8]) -> PathBuf {
+    let ckpt = dir.join(name);
+    fs::create_dir(&ckpt).unwrap();
+    fs::write(ckpt.join(CONFIG_FILE), tiny().to_hf_json()).unwrap();
+    fs::write(ckpt.join(WEIGHTS_FILE), weights).unwrap();
+    ckpt
+}
+
+#[test]
+fn bad_checkpoints_name_the_file_and_the_tensor_in_every_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    for (name, weights, needles) in checkpoint_cases() {
+        let ckpt = checkpoint_dir(tmp.path(), name, &weights);
+        let needles: Vec<&str> = [&[name][..], &needles].concat();
+        assert_fails(&["inspect", "--checkpoint", s(&ckpt)], 2, &needles);
+        let step = [
+            "step",
+            "--checkpoint",
+            s(&ckpt),
+            "--fabric",
+            "8x8",
+            "--out",
+            s(&out),
+        ];
+        assert_fails(&step, 2, &[&["--checkpoint"][..], &needles].concat());
+        assert_fails(&["sweep", "--checkpoint", s(&ckpt)], 2, &needles);
+        assert!(!out.exists(), "{name}: step left its output folder");
+    }
+}
+
+#[test]
+fn a_checkpoint_without_or_with_a_broken_config_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = safetensors_bytes(&tiny_tensors());
+    let ckpt = checkpoint_dir(tmp.path(), "no-config", &weights);
+    fs::remove_file(ckpt.join(CONFIG_FILE)).unwrap();
+    assert_fails(
+        &["inspect", "--checkpoint", s(&ckpt)],
+        2,
+        &["no-config/config.json", "No such file"],
+    );
+    let ckpt = checkpoint_dir(tmp.path(), "bad-config", &weights);
+    fs::write(ckpt.join(CONFIG_FILE), "{\"n_layer\": 2").unwrap();
+    assert_fails(
+        &["sweep", "--checkpoint", s(&ckpt)],
+        2,
+        &["bad-config/config.json", "EOF"],
+    );
+    // A config that disagrees with the weights: the tensors are named with both shapes.
+    let ckpt = checkpoint_dir(tmp.path(), "other-shape", &weights);
+    fs::write(
+        ckpt.join(CONFIG_FILE),
+        tiny_config_with("n_positions", Some(serde_json::json!(32))),
+    )
+    .unwrap();
+    assert_fails(
+        &["inspect", "--checkpoint", s(&ckpt)],
+        2,
+        &["`transformer.wpe.weight`", "expected [32, 64]"],
+    );
+    let missing = tmp.path().join("missing");
+    assert_fails(
+        &[
+            "step",
+            "--checkpoint",
+            s(&missing),
+            "--fabric",
+            "8x8",
+            "--out",
+            "never",
+        ],
+        2,
+        &["--checkpoint", "missing"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token files
+
+#[test]
+fn bad_token_files_name_the_file_and_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let long = format!("[[{}]]", vec!["1"; 65].join(","));
+    let cases: &[(&str, &[u8], &[&str])] = &[
+        ("truncated", b"[[1, 2", &["EOF"]),
+        ("not-json", b"hello", &["expected value"]),
+        ("object", b"{\"tokens\": [[1, 2]]}", &["invalid type: map"]),
+        ("flat", b"[1, 2, 3]", &["invalid type: integer"]),
+        (
+            "ragged",
+            b"[[1, 2, 3], [4, 5]]",
+            &["sequence 1 has 2 tokens, sequence 0 has 3"],
+        ),
+        (
+            "out-of-vocab",
+            b"[[1, 2, 256]]",
+            &["token id 256", "position 2", "vocabulary of 256"],
+        ),
+        ("negative", b"[[1, -2]]", &["-2"]),
+        ("fraction", b"[[1.5, 2]]", &["1.5"]),
+        ("too-big", b"[[1, 99999999999]]", &["99999999999"]),
+        ("empty-batch", b"[]", &["batch size is 0"]),
+        ("empty-sequence", b"[[]]", &["sequence length 0 is below 2"]),
+        ("one-token", b"[[7]]", &["sequence length 1 is below 2"]),
+        (
+            "long",
+            long.as_bytes(),
+            &["sequence length 65", "n_positions 64"],
+        ),
+        ("binary", b"\xff\xfe\x00", &["UTF-8"]),
+    ];
+    let out = tmp.path().join("out");
+    for (name, text, needles) in cases {
+        let path = tmp.path().join(format!("{name}.json"));
+        fs::write(&path, text).unwrap();
+        let flag = format!("--tokens {}", s(&path));
+        let needles: Vec<&str> = [&[flag.as_str()][..], needles].concat();
+        let args = [
+            "step",
+            "--fabric",
+            "8x8",
+            "--out",
+            s(&out),
+            "--tokens",
+            s(&path),
+        ];
+        assert_fails(&args, 2, &needles);
+        assert!(!out.exists(), "{name}: step left its output folder");
+    }
+    let missing = tmp.path().join("missing.json");
+    let args = [
+        "step",
+        "--fabric",
+        "8x8",
+        "--out",
+        s(&out),
+        "--tokens",
+        s(&missing),
+    ];
+    assert_fails(&args, 2, &["--tokens", "missing.json", "No such file"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output paths
+
+#[test]
+fn unwritable_output_paths_are_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("a-file");
+    fs::write(&file, "keep").unwrap();
+    let nested = tmp.path().join("missing").join("out");
+    let nested_json = nested.join("g.json");
+    let folder = tmp.path().join("a-folder");
+    fs::create_dir_all(folder.join("report.json")).unwrap();
+    fs::create_dir_all(folder.join("sweep.json")).unwrap();
+    let gemm = [
+        "gemm", "--m", "4", "--k", "4", "--n", "4", "--fabric", "4x4", "--json",
+    ];
+    let flops = ["flops", "--model", "tiny", "--json"];
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["step", "--fabric", "8x8", "--out", s(&nested)],
+            vec!["--out", "does not exist"],
+        ),
+        (
+            vec!["step", "--fabric", "8x8", "--out", s(&file)],
+            vec!["--out", "a-file is not a folder"],
+        ),
+        (
+            vec!["step", "--fabric", "8x8", "--out", s(&folder)],
+            vec!["--out", "report.json is a folder"],
+        ),
+        (
+            vec!["sweep", "--out", s(&nested)],
+            vec!["--out", "does not exist"],
+        ),
+        (
+            vec!["sweep", "--out", s(&file)],
+            vec!["--out", "not a folder"],
+        ),
+        (
+            vec!["sweep", "--out", s(&folder)],
+            vec!["--out", "sweep.json is a folder"],
+        ),
+        (
+            [&gemm[..], &[s(&folder)]].concat(),
+            vec!["--json", "is a folder"],
+        ),
+        (
+            [&gemm[..], &[s(&nested_json)]].concat(),
+            vec!["--json", "does not exist"],
+        ),
+        (
+            [&flops[..], &[s(&folder)]].concat(),
+            vec!["--json", "is a folder"],
+        ),
+        (
+            vec!["init", "--model", "tiny", "--out", s(&nested)],
+            vec!["--out", "does not exist"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let run = assert_fails(&args, 2, &needles);
+        assert!(
+            run.stdout.is_empty(),
+            "{args:?} ran before refusing: {}",
+            run.stdout
+        );
+    }
+    assert_eq!(listing(tmp.path()), ["a-file", "a-folder"]);
+    assert_eq!(listing(&folder), ["report.json", "sweep.json"]);
+    assert_eq!(fs::read_to_string(&file).unwrap(), "keep");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failures while running: exit code 1
+
+#[test]
+fn a_step_that_does_not_fit_is_a_run_failure_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let args = [
+        "step",
+        "--model",
+        "tiny",
+        "--fabric",
+        "1x1",
+        "--out",
+        s(&out),
+    ];
+    assert_fails(&args, 1, &["does not fit", "49152"]);
+    assert!(!out.exists());
+    assert_fails(&["sweep", "--fabric", "1x1"], 1, &["does not fit"]);
+}
+
+#[test]
+fn a_cycle_limit_names_the_pe_the_task_and_the_color() {
+    let args = [
+        "gemm",
+        "--m",
+        "16",
+        "--k",
+        "16",
+        "--n",
+        "16",
+        "--fabric",
+        "4x4",
+        "--cycle-limit",
+        "30",
+    ];
+    assert_fails(
+        &args,
+        1,
+        &[
+            "cycle limit 30 reached",
+            "PE (0, 0)",
+            "color 0",
+            "data task \"weight\"",
+        ],
+    );
+}
+
+#[test]
+fn a_non_finite_result_is_a_run_failure_and_writes_nothing() {
+    // lr 1e308 overflows the AdamW update (|m / sqrt(v)| is about 1): the updated weights would be
+    // infinite, a checkpoint our own reader refuses.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let args = [
+        "step",
+        "--fabric",
+        "8x8",
+        "--batch",
+        "1",
+        "--seq",
+        "8",
+        "--no-dense-baseline",
+        "--lr",
+        "1e308",
+        "--out",
+        s(&out),
+    ];
+    assert_fails(
+        &args,
+        1,
+        &[
+            "updated weights",
+            "--lr",
+            "non-finite",
+            "nothing was written",
+        ],
+    );
+    assert!(!out.exists());
+}
