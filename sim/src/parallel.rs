@@ -21,8 +21,8 @@
 //!
 //! What is NOT here: the engine's behaviour within a cycle ([`crate::shard`]).
 
-use std::sync::{Condvar, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use crate::shard::{Env, Msg, Shard};
 

@@ -126,7 +126,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         rows.push(bench_case(case, &args)?);
     }
     if let Some(path) = &args.json {
-        write_json(path, &json!({ "schema": "wafersim.bench/v1", "cases": rows }))?;
+        write_json(
+            path,
+            &json!({ "schema": "wafersim.bench/v1", "cases": rows }),
+        )?;
     }
     Ok(())
 }
@@ -455,7 +458,13 @@ mod tests {
         };
         let back = parse_sample(&sample_json(&s).to_string()).unwrap();
         assert_eq!(
-            (back.cycles, back.events, back.macs, back.peak_bytes, back.digest),
+            (
+                back.cycles,
+                back.events,
+                back.macs,
+                back.peak_bytes,
+                back.digest
+            ),
             (12, 34, 56, 1 << 20, u64::MAX)
         );
         assert_eq!(back.seconds, 0.25);
