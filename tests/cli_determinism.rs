@@ -44,28 +44,29 @@ fn report_without_host(dir: &Path) -> String {
     kept.join("\n")
 }
 
-fn step(threads: usize, out: &Path, seed: &str) -> String {
-    wafersim(
-        threads,
-        &[
-            "step",
-            "--model",
-            "tiny",
-            "--fabric",
-            "8x8",
-            "--batch",
-            "1",
-            "--seq",
-            "8",
-            "--sparsity",
-            "0.5",
-            "--no-dense-baseline",
-            "--seed",
-            seed,
-            "--out",
-            s(out),
-        ],
-    )
+/// A step whose 16 x 16 region (256 PEs) is large enough for the engine to split it between two
+/// threads (it keeps at least 128 PEs per thread), so the parallel engine itself is compared.
+/// `extra` may add `--threads`.
+fn step(threads: usize, out: &Path, seed: &str, extra: &[&str]) -> String {
+    let args = [
+        "step",
+        "--model",
+        "tiny",
+        "--fabric",
+        "16x16",
+        "--batch",
+        "1",
+        "--seq",
+        "16",
+        "--sparsity",
+        "0.5",
+        "--no-dense-baseline",
+        "--seed",
+        seed,
+        "--out",
+        s(out),
+    ];
+    wafersim(threads, &[&args[..], extra].concat())
 }
 
 #[test]
@@ -76,10 +77,14 @@ fn a_step_writes_the_same_bytes_on_one_and_two_threads() {
         tmp.path().join("two"),
         tmp.path().join("other"),
     );
-    let stdout_one = step(1, &one, "3");
-    let stdout_two = step(2, &two, "3");
-    step(1, &other, "4");
+    let stdout_one = step(1, &one, "3", &[]);
+    let stdout_two = step(2, &two, "3", &[]);
+    step(1, &other, "4", &[]);
     assert_eq!(stdout_one, stdout_two);
+    // `--threads` overrides RAYON_NUM_THREADS, with the same result.
+    let flag = tmp.path().join("flag");
+    step(1, &flag, "3", &["--threads", "2"]);
+    assert_eq!(report_without_host(&one), report_without_host(&flag));
     for name in [
         "weights.safetensors",
         "grads.safetensors",

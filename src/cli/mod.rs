@@ -22,6 +22,10 @@ mod sweep;
 #[derive(Parser)]
 #[command(name = "wafersim", version, about, propagate_version = true)]
 struct Cli {
+    /// Host threads for the simulation and sweeps [default: RAYON_NUM_THREADS, else one per
+    /// core]. Results are the same bytes for any count.
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -92,6 +96,20 @@ pub fn json_text(value: &serde_json::Value) -> anyhow::Result<String> {
     Ok(serde_json::to_string_pretty(value)? + "\n")
 }
 
+/// Sizes rayon's global pool, which the engine's default thread count and the sweeps use.
+fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    let Some(n) = threads else {
+        return Ok(());
+    };
+    if n == 0 {
+        return Err(bad_input("--threads", anyhow::anyhow!("must be at least 1")));
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| bad_input("--threads", e))
+}
+
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -105,6 +123,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(err) = set_threads(cli.threads) {
+        eprintln!("error: {err:#}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Presets(args) => presets::run(args),
         Command::Flops(args) => flops::run(args),
