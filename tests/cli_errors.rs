@@ -932,5 +932,9 @@ fn a_non_finite_result_is_a_run_failure_and_writes_nothing() {
 
 #[test]
 fn zero_threads_are_refused() {
-    assert_fails(&["--threads", "0", "presets"], 2, &["--threads", "at least 1"]);
+    assert_fails(
+        &["--threads", "0", "presets"],
+        2,
+        &["--threads", "at least 1"],
+    );
 }

@@ -219,6 +219,7 @@ impl Simulator {
             op_done_at: u64::MAX,
             last_ramp_push: u64::MAX,
             ramp_next: 0,
+            eligible: None,
             ops: Vec::new(),
             tasks,
             flags,

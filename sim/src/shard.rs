@@ -205,6 +205,9 @@ pub(crate) struct Pe {
     /// The asynchronous operation that gets the first chance at the ramp next cycle.
     pub ramp_next: usize,
     pub ops: Vec<AsyncOp>,
+    /// The operations of `ops` that may move (see [`first_of_each_color`]), or `None` when `ops`
+    /// changed since they were last found: they depend on the operations' colors only.
+    pub eligible: Option<Eligible>,
     pub tasks: Vec<TaskInfo>,
     pub flags: Vec<TaskFlags>,
     pub bodies: Vec<TaskBody>,
@@ -682,8 +685,11 @@ impl Shard {
     /// a color run in issue order, so only the first one of each color is eligible; they compete
     /// for the ramp round-robin, from the one after the last to use it.
     fn step_async_ops(&mut self, env: &Env<'_>, p: u32, t: u64) {
-        let (eligible, count) = first_of_each_color(&self.pes[p as usize].ops);
-        let eligible = &eligible[..count];
+        let pe = &mut self.pes[p as usize];
+        let eligible = *pe
+            .eligible
+            .get_or_insert_with(|| first_of_each_color(&pe.ops));
+        let eligible = eligible.as_slice();
         let first = self.pes[p as usize].ramp_next % self.pes[p as usize].ops.len();
         let from = eligible.partition_point(|&i| (i as usize) < first);
         let mut again = false;
@@ -716,6 +722,9 @@ impl Shard {
                 }
                 again = true;
             }
+        }
+        if finished != 0 || !finished_late.is_empty() {
+            self.pes[p as usize].eligible = None;
         }
         // Remove from the highest index down.
         finished_late.sort_unstable();
@@ -870,6 +879,9 @@ impl Shard {
         pe.stats.tasks_run += 1;
         self.end = self.end.max(t + cost);
         self.wake(t + cost, comp(p, CORE));
+        if self.pes[p as usize].ops.len() != ops_before {
+            self.pes[p as usize].eligible = None;
+        }
         for k in ops_before..self.pes[p as usize].ops.len() {
             let at = self.pes[p as usize].ops[k].start_at;
             self.wake(at, comp(p, CORE));
@@ -1017,24 +1029,39 @@ impl Shard {
 /// input or as output.
 const MAX_ELIGIBLE: usize = 2 * crate::config::HARDWARE_COLORS as usize;
 
+/// Indices into a PE's operations, in index order.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Eligible {
+    index: [u32; MAX_ELIGIBLE],
+    count: usize,
+}
+
+impl Eligible {
+    fn as_slice(&self) -> &[u32] {
+        &self.index[..self.count]
+    }
+}
+
 /// The indices of the operations that no earlier operation shares a color with (in either
-/// direction), in index order, and how many there are.
-fn first_of_each_color(ops: &[AsyncOp]) -> ([u32; MAX_ELIGIBLE], usize) {
+/// direction), in index order.
+fn first_of_each_color(ops: &[AsyncOp]) -> Eligible {
     let (mut seen_in, mut seen_out) = (0u32, 0u32);
     let bit = |c: Color| 1u32 << c.index();
-    let mut eligible = [0u32; MAX_ELIGIBLE];
-    let mut count = 0;
+    let mut eligible = Eligible {
+        index: [0; MAX_ELIGIBLE],
+        count: 0,
+    };
     for (i, op) in ops.iter().enumerate() {
         let waits = op.in_color.is_some_and(|c| seen_in & bit(c) != 0)
             || op.out_color.is_some_and(|c| seen_out & bit(c) != 0);
         if !waits {
-            eligible[count] = i as u32;
-            count += 1;
+            eligible.index[eligible.count] = i as u32;
+            eligible.count += 1;
         }
         seen_in |= op.in_color.map_or(0, bit);
         seen_out |= op.out_color.map_or(0, bit);
     }
-    (eligible, count)
+    eligible
 }
 
 /// Calls task `task`'s body on `pe`; returns its cycles, its error if any, and its name.

@@ -102,7 +102,10 @@ fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
         return Ok(());
     };
     if n == 0 {
-        return Err(bad_input("--threads", anyhow::anyhow!("must be at least 1")));
+        return Err(bad_input(
+            "--threads",
+            anyhow::anyhow!("must be at least 1"),
+        ));
     }
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
