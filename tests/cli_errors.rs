@@ -938,3 +938,15 @@ fn zero_threads_are_refused() {
         &["--threads", "at least 1"],
     );
 }
+
+#[test]
+fn a_token_file_and_a_sequence_length_are_refused_together() {
+    assert_fails(
+        &[
+            "step", "--fabric", "8x8", "--out", "never", "--tokens", "t.json", "--seq", "8",
+        ],
+        2,
+        &["--tokens", "--seq"],
+    );
+    assert!(!Path::new("never").exists());
+}

@@ -35,8 +35,9 @@ pub struct Args {
     /// A Hugging Face GPT-2 checkpoint folder (config.json + model.safetensors).
     #[arg(long, value_name = "DIR")]
     checkpoint: Option<PathBuf>,
-    /// A JSON file with the batch: an array of equally long arrays of token ids.
-    #[arg(long, value_name = "PATH")]
+    /// A JSON file with the batch: an array of equally long arrays of token ids (its shape sets
+    /// the batch and sequence length).
+    #[arg(long, value_name = "PATH", conflicts_with = "seq")]
     tokens: Option<PathBuf>,
     /// Sequences of random tokens (from --seed) when no --tokens file is given.
     #[arg(long, value_name = "B", default_value_t = 2)]
