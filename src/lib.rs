@@ -8,6 +8,7 @@
 //! Dependencies point one way, `wafersim -> wafersim-kernels -> wafersim-sim`: nothing below
 //! this crate knows what a transformer is. See `ARCHITECTURE.md` for the map.
 
+pub mod breakdown;
 pub mod cli;
 pub mod compile;
 pub mod flops;

@@ -5,11 +5,16 @@
 //! in parallel (rayon) and the results, collected in the given order, do not depend on the thread
 //! count. The dense baseline is the sparsity-0 step, run once whether or not 0 is in the list.
 //! Each step runs at the setup's [`Fidelity`]: simulated, or costed by the kernels' formulas.
+//! Every point carries the split of its gap to the FLOP reduction by cause
+//! ([`crate::breakdown`]).
 
 use rayon::prelude::*;
 use wafersim_kernels::Precision;
 use wafersim_sim::FabricConfig;
 
+use crate::breakdown::{
+    self, BreakdownError, Causes, GapBreakdown, KernelParts, StepKernels, StepSide,
+};
 use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopError, FlopOptions, NnzSource, StepShape};
 use crate::model::{GptConfig, GptParams};
@@ -26,6 +31,32 @@ pub struct SweepPoint {
     /// Matmul FLOPs of the step (executed = analytic).
     pub flops: u64,
     pub cost: StepCost,
+    /// Per record of `cost`, the split of a weight-streamed kernel's cycles.
+    pub parts: Vec<Option<KernelParts>>,
+    /// The gap between the FLOP and the cycle reduction against the dense step, by cause
+    /// (all zero at sparsity 0).
+    pub gap: GapBreakdown,
+}
+
+impl SweepPoint {
+    /// Where the step's cycles go, in the parts of the cause breakdown (absolute cycles, not a
+    /// gap): the weight-streamed kernels' per-entry work, communication, imbalance and fill or
+    /// drain ([`KernelParts`]), and every other kernel's cycles as dense operations.
+    pub fn cycles_by_part(&self) -> Causes {
+        let mut out = Causes::default();
+        for (record, part) in self.cost.records.iter().zip(&self.parts) {
+            match part {
+                Some(k) => {
+                    out.per_nonzero_overhead += k.per_nonzero;
+                    out.communication += k.communication;
+                    out.load_imbalance += k.imbalance;
+                    out.fill_drain += k.fill_drain;
+                }
+                None => out.dense_operations += record.cycles as f64,
+            }
+        }
+        out
+    }
 }
 
 /// The whole sweep.
@@ -64,6 +95,8 @@ pub enum SweepError {
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Flops(#[from] FlopError),
+    #[error("the cause breakdown: {0}")]
+    Breakdown(#[from] BreakdownError),
     #[error(
         "sparsity {sparsity}: executed matmul FLOPs {executed} differ from the analytic {analytic}: a simulator bug"
     )]
@@ -105,6 +138,10 @@ pub fn run_sweep(setup: &SweepSetup<'_>, sparsities: &[f64]) -> Result<Sweep, Sw
         .map(|&s| run_point(setup, &plan, s))
         .collect::<Result<Vec<_>, _>>()?;
     let dense = points[0].clone();
+    for point in &mut points {
+        point.gap = breakdown::gap(side(point), side(&dense))?;
+    }
+    let dense = points[0].clone();
     if !sparsities.contains(&0.0) {
         points.remove(0);
     }
@@ -114,6 +151,14 @@ pub fn run_sweep(setup: &SweepSetup<'_>, sparsities: &[f64]) -> Result<Sweep, Sw
         dense,
         points,
     })
+}
+
+fn side(point: &SweepPoint) -> StepSide<'_> {
+    StepSide {
+        cost: &point.cost,
+        flops: point.flops,
+        parts: &point.parts,
+    }
 }
 
 fn run_point(
@@ -153,10 +198,26 @@ fn run_point(
             analytic,
         });
     }
+    let kernels = StepKernels {
+        masks: &masks,
+        plan,
+        fabric: setup.fabric,
+    };
+    let parts = breakdown::step_parts(&kernels, &step.cost)?;
+    let cycles = step.cost.cycles();
     Ok(SweepPoint {
         sparsity,
         loss: step.numerics.map(|n| n.loss),
         flops: executed,
         cost: step.cost,
+        parts,
+        // Against itself until `run_sweep` knows the dense step.
+        gap: GapBreakdown {
+            flop_ratio: 1.0,
+            cycles,
+            dense_cycles: cycles,
+            gap_cycles: 0.0,
+            causes: Default::default(),
+        },
     })
 }

@@ -93,6 +93,35 @@ impl StreamLoad {
     pub fn total(&self) -> u64 {
         self.counts.iter().sum()
     }
+
+    /// Entries the busiest column receives beyond the mean, summed over the chunks, times the
+    /// number of columns (an integer): `sum_j (cols x max_c n[j][c] - sum_c n[j][c])`. Each
+    /// chunk's reduction waits for its busiest column, so this over `cols`, times the per-entry
+    /// cost, is what the imbalance of the load costs.
+    pub fn excess_over_mean_scaled(&self) -> u64 {
+        let cols = self.cols.max(1) as u64;
+        self.counts
+            .chunks(self.cols.max(1))
+            .map(|chunk| {
+                let busiest = chunk.iter().copied().max().unwrap_or(0);
+                cols * busiest - chunk.iter().sum::<u64>()
+            })
+            .sum()
+    }
+}
+
+/// The terms of a weight-streamed kernel's cost formula that a breakdown of its cycles by cause
+/// reads: what one kept entry costs and the kernel's fixed latencies. Computed by
+/// `MatmulShape::terms` and `WeightGradShape::terms` from the same helpers as their
+/// `estimate_cycles`, so the breakdown and the estimate cannot disagree on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamTerms {
+    /// Core cycles of the task(s) one kept entry fires on the slowest row (task switch, index
+    /// decode, the vector operation over the row's tokens, and in the weight gradient the store).
+    pub per_entry: u64,
+    /// Cycles of pipeline fill and drain: the stream's first wavelet reaching the slowest row
+    /// (product) or the last gradient wavelet's trip from the region to the host (gradient).
+    pub fill_drain: u64,
 }
 
 /// Kept entries of a matrix counted once per output column and PE column, so that the load of
@@ -183,6 +212,18 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![6, 4, 6, 4, 3, 2]
         );
+    }
+
+    #[test]
+    fn excess_over_mean_counts_the_busiest_column_per_chunk() {
+        // Chunk 0: (3, 1) -> 2 x 3 - 4 = 2; chunk 1: (2, 2) -> 0; chunk 2: (0, 5) -> 10 - 5 = 5.
+        let load = StreamLoad {
+            cols: 2,
+            counts: vec![3, 1, 2, 2, 0, 5],
+        };
+        assert_eq!(load.excess_over_mean_scaled(), 7);
+        let even = StreamLoad::dense(Split::new(4, 2), &[0..3, 3..5]);
+        assert_eq!(even.excess_over_mean_scaled(), 0);
     }
 
     #[test]

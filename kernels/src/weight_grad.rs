@@ -47,7 +47,7 @@ use crate::chain::{ColumnChain, RowChain, feed_column_from_north};
 use crate::error::KernelError;
 use crate::join::{self, ARMS, Join};
 use crate::layout::{Region, Split, Tiling};
-use crate::load::StreamLoad;
+use crate::load::{StreamLoad, StreamTerms};
 use crate::sparse::StreamedMatrix;
 use crate::{Precision, check_region};
 
@@ -174,6 +174,12 @@ impl WeightGradShape {
         load: &StreamLoad,
     ) -> u64 {
         cost::estimate(config, self, plan, load)
+    }
+
+    /// The per-entry cost and the drain latency of the formula (what a breakdown of the cycles
+    /// by cause reads).
+    pub fn terms(&self, config: &FabricConfig, plan: &WeightGradPlan) -> StreamTerms {
+        cost::terms(config, self, plan)
     }
 }
 

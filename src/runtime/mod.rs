@@ -27,7 +27,7 @@ mod forward;
 mod record;
 mod walk;
 
-pub use record::{OpRecord, StepCost};
+pub use record::{Op, OpRecord, StepCost};
 
 use wafersim_kernels::KernelError;
 use wafersim_sim::FabricConfig;

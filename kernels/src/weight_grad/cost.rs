@@ -17,7 +17,7 @@ use super::{WeightGradPlan, WeightGradShape};
 use crate::Precision;
 use crate::flow;
 use crate::layout::Split;
-use crate::load::StreamLoad;
+use crate::load::{StreamLoad, StreamTerms};
 
 /// Instruction costs of the fabric for this kernel.
 struct Costs<'a> {
@@ -164,6 +164,24 @@ fn row_chunk(
             gathered[c] + costs.switch() + entries[c] * costs.per_entry() + end_task
         })
         .collect()
+}
+
+/// The per-entry cost (an index task on the largest tile) and the drain: the last gradient
+/// wavelet's trip from the last region row to the sink, `ramp + hop (1 + rows below)`.
+pub(super) fn terms(
+    config: &FabricConfig,
+    shape: &WeightGradShape,
+    plan: &WeightGradPlan,
+) -> StreamTerms {
+    let costs = Costs {
+        config,
+        precision: shape.precision,
+        t: plan.input.tokens.max_len() as u64,
+    };
+    StreamTerms {
+        per_entry: costs.per_entry(),
+        fill_drain: Column::new(config, shape).exit,
+    }
 }
 
 pub(super) fn estimate(
