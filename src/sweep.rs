@@ -21,6 +21,7 @@ use crate::model::{GptConfig, GptParams};
 use crate::reference::Batch;
 use crate::runtime::{Fidelity, RuntimeError, StepCost, StepInputs, StepMode, simulate_step};
 use crate::sparsity::{ModelMasks, SparsityError};
+use crate::utilisation::{self, Heatmap};
 
 /// What one sparsity's step measured.
 #[derive(Clone, Debug)]
@@ -151,6 +152,32 @@ pub fn run_sweep(setup: &SweepSetup<'_>, sparsities: &[f64]) -> Result<Sweep, Sw
         dense,
         points,
     })
+}
+
+/// The PE-utilisation heatmap of the slowest layer of `point`'s step, at the sweep's fidelity
+/// (see [`crate::utilisation`]); `None` for a model without blocks. The point's masks are drawn
+/// again from the seed, as its step drew them.
+pub fn slowest_layer_heatmap(
+    setup: &SweepSetup<'_>,
+    sweep: &Sweep,
+    point: &SweepPoint,
+) -> Result<Option<Heatmap>, SweepError> {
+    let Some(layer) = utilisation::slowest_layer(&point.cost) else {
+        return Ok(None);
+    };
+    let masks = ModelMasks::random(setup.config, point.sparsity, setup.seed)?;
+    let kernels = StepKernels {
+        masks: &masks,
+        plan: &sweep.plan,
+        fabric: setup.fabric,
+    };
+    let map = utilisation::layer_heatmap(&kernels, &point.cost, layer, sweep.fidelity).map_err(
+        |source| RuntimeError::Kernel {
+            op: format!("layer {layer} heatmap"),
+            source,
+        },
+    )?;
+    Ok(Some(map))
 }
 
 fn side(point: &SweepPoint) -> StepSide<'_> {

@@ -15,8 +15,9 @@ use crate::breakdown::Causes;
 use crate::compile::{CompileError, plan_step};
 use crate::model::checkpoint::stage_bytes;
 use crate::model::{GptConfig, init_params, load_checkpoint};
+use crate::plot::{PLOT_FILES, sweep_plots};
 use crate::reference::Batch;
-use crate::sweep::{Sweep, SweepPoint, SweepSetup, run_sweep};
+use crate::sweep::{Sweep, SweepPoint, SweepSetup, run_sweep, slowest_layer_heatmap};
 
 /// Arguments of `wafersim sweep`.
 #[derive(clap::Args)]
@@ -62,7 +63,8 @@ pub struct Args {
     /// Cycles and FLOPs only: no losses.
     #[arg(long)]
     no_numerics: bool,
-    /// Also write sweep.csv and sweep.json (schema wafersim.sweep/v2) into this folder.
+    /// Also write sweep.csv, sweep.json (schema wafersim.sweep/v2) and the SVG plots
+    /// (reduction, cycles_by_op, gap_by_cause, utilisation) into this folder.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
 }
@@ -87,7 +89,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let precision = args.dtype.precision();
     plan_step(&config, args.batch, args.seq, &fabric, precision).map_err(plan_error)?;
     if let Some(dir) = &args.out {
-        guard::check_output_folder("--out", dir, &OUTPUT_FILES)?;
+        let names: Vec<&str> = OUTPUT_FILES.iter().chain(&PLOT_FILES).copied().collect();
+        guard::check_output_folder("--out", dir, &names)?;
     }
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     rng.set_stream(u64::MAX);
@@ -122,7 +125,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     check_losses(&sweep)?;
     print_table(&sweep, &config, &fabric, started.elapsed().as_secs_f64());
     if let Some(dir) = &args.out {
-        write_outputs(dir, &sweep)?;
+        let heatmap = match sweep
+            .points
+            .iter()
+            .max_by(|a, b| a.sparsity.total_cmp(&b.sparsity))
+        {
+            Some(point) => slowest_layer_heatmap(&setup, &sweep, point)?,
+            None => None,
+        };
+        let plots = sweep_plots(&sweep, heatmap.as_ref())?;
+        write_outputs(dir, &sweep, &plots)?;
     }
     Ok(())
 }
@@ -290,7 +302,11 @@ fn point_json(sweep: &Sweep, point: &SweepPoint) -> serde_json::Value {
     })
 }
 
-fn write_outputs(dir: &std::path::Path, sweep: &Sweep) -> anyhow::Result<()> {
+fn write_outputs(
+    dir: &std::path::Path,
+    sweep: &Sweep,
+    plots: &[(&'static str, String)],
+) -> anyhow::Result<()> {
     let mut csv = csv_header();
     let mut runs = Vec::new();
     for point in &sweep.points {
@@ -318,12 +334,15 @@ fn write_outputs(dir: &std::path::Path, sweep: &Sweep) -> anyhow::Result<()> {
     });
     let json_text = super::json_text(&value)?;
     let [csv_file, json_file] = OUTPUT_FILES;
+    let files = [(csv_file, csv.as_str()), (json_file, json_text.as_str())]
+        .into_iter()
+        .chain(plots.iter().map(|(name, text)| (*name, text.as_str())));
     guard::write_all(dir, |dir| {
-        Ok(vec![
-            stage_bytes(&dir.join(csv_file), csv.as_bytes())
-                .with_context(|| format!("writing {csv_file}"))?,
-            stage_bytes(&dir.join(json_file), json_text.as_bytes())
-                .with_context(|| format!("writing {json_file}"))?,
-        ])
+        files
+            .map(|(name, text)| {
+                stage_bytes(&dir.join(name), text.as_bytes())
+                    .with_context(|| format!("writing {name}"))
+            })
+            .collect()
     })
 }
