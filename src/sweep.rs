@@ -125,6 +125,21 @@ pub struct SweepSetup<'a> {
 
 /// Runs the steps of every sparsity in `sparsities` and the dense baseline.
 pub fn run_sweep(setup: &SweepSetup<'_>, sparsities: &[f64]) -> Result<Sweep, SweepError> {
+    run_sweep_with(setup, sparsities, &|_| {})
+}
+
+/// Steps in a sweep: the dense baseline and every other sparsity of `sparsities`.
+pub fn step_count(sparsities: &[f64]) -> usize {
+    1 + sparsities.iter().filter(|&&s| s != 0.0).count()
+}
+
+/// [`run_sweep`], calling `on_step` as each step finishes (from the thread that ran it, in
+/// any order; [`step_count`] of them).
+pub fn run_sweep_with(
+    setup: &SweepSetup<'_>,
+    sparsities: &[f64],
+    on_step: &(dyn Fn(&SweepPoint) + Sync),
+) -> Result<Sweep, SweepError> {
     let plan = plan_step(
         setup.config,
         setup.batch.batch,
@@ -136,8 +151,12 @@ pub fn run_sweep(setup: &SweepSetup<'_>, sparsities: &[f64]) -> Result<Sweep, Sw
     all.extend(sparsities.iter().filter(|&&s| s != 0.0));
     let mut points = all
         .par_iter()
-        .map(|&s| run_point(setup, &plan, s))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|&s| {
+            let point = run_point(setup, &plan, s)?;
+            on_step(&point);
+            Ok(point)
+        })
+        .collect::<Result<Vec<_>, SweepError>>()?;
     let dense = points[0].clone();
     for point in &mut points {
         point.gap = breakdown::gap(side(point), side(&dense))?;

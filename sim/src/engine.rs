@@ -1141,18 +1141,19 @@ impl Run {
         for (_, s) in &pes_sorted {
             total.accumulate(s);
         }
+        let trace = options.trace.map(|window| {
+            let mut events = trace;
+            events.sort_by_key(trace_order);
+            Trace { window, events }
+        });
         let stats = Stats {
             cycles: end,
             events,
             pes: pes_sorted,
             links,
             total,
+            trace: trace.clone(),
         };
-        let trace = options.trace.map(|window| {
-            let mut events = trace;
-            events.sort_by_key(trace_order);
-            Trace { window, events }
-        });
         Executed {
             config,
             pe_slot,

@@ -10,6 +10,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
+use super::progress::Progress;
 use super::{bad_input, guard, load_fabric};
 use crate::breakdown::Causes;
 use crate::compile::{CompileError, plan_step};
@@ -17,7 +18,9 @@ use crate::model::checkpoint::stage_bytes;
 use crate::model::{GptConfig, init_params, load_checkpoint};
 use crate::plot::{PLOT_FILES, sweep_plots};
 use crate::reference::Batch;
-use crate::sweep::{Sweep, SweepPoint, SweepSetup, run_sweep, slowest_layer_heatmap};
+use crate::sweep::{
+    Sweep, SweepPoint, SweepSetup, run_sweep_with, slowest_layer_heatmap, step_count,
+};
 
 /// Arguments of `wafersim sweep`.
 #[derive(clap::Args)]
@@ -118,7 +121,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         numerics: !args.no_numerics,
     };
     let started = Instant::now();
-    let sweep = run_sweep(&setup, &sparsities).map_err(|e| match e {
+    let progress = Progress::new(Some(step_count(&sparsities) as u64), "steps");
+    let on_step = |p: &SweepPoint| {
+        progress.inc();
+        progress.set_message(format!("s = {} done", p.sparsity));
+    };
+    let sweep = run_sweep_with(&setup, &sparsities, &on_step);
+    drop(progress);
+    let sweep = sweep.map_err(|e| match e {
         crate::sweep::SweepError::Compile(e) => plan_error(e),
         e => anyhow::Error::new(e),
     })?;
