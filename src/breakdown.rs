@@ -320,10 +320,11 @@ struct MatrixCounts {
 
 impl MatrixCounts {
     fn new(mask: &Mask, cols: usize) -> Self {
-        let (rows, outs, keep) = (mask.rows(), mask.cols(), mask.keep());
+        let (forward, transposed) =
+            ColumnCounts::both_ways(mask.rows(), mask.cols(), mask.keep(), cols);
         MatrixCounts {
-            forward: ColumnCounts::streamed(rows, outs, keep, cols),
-            transposed: ColumnCounts::streamed_transposed(rows, outs, keep, cols),
+            forward,
+            transposed,
         }
     }
 }

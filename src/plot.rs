@@ -156,6 +156,20 @@ pub fn reduction_svg(sweep: &Sweep) -> Result<String, PlotError> {
     })
 }
 
+/// An axis tick: whole numbers from 1000 up, else three decimals without trailing zeros (so
+/// float noise such as `0.30000000000000004` never shows).
+fn tick(y: f64) -> String {
+    if y.abs() >= 1000.0 {
+        return format!("{y:.0}");
+    }
+    let text = format!("{y:.3}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    match text {
+        "-0" | "" => "0".to_string(),
+        t => t.to_string(),
+    }
+}
+
 /// Labels of the bars: one per point, `s = 0.75`.
 fn bar_labels(points: &[&SweepPoint]) -> Vec<String> {
     points
@@ -214,7 +228,7 @@ fn stacked_svg(s: &Stacked<'_>) -> Result<String, PlotError> {
                     String::new()
                 }
             })
-            .y_label_formatter(&|y| format!("{y}"))
+            .y_label_formatter(&|y| tick(*y))
             .x_desc("sparsity")
             .y_desc(s.y_desc)
             .axis_desc_style((FONT, 16))
@@ -477,6 +491,16 @@ fn color_scale(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ticks_hide_float_noise() {
+        assert_eq!(tick(0.30000000000000004), "0.3");
+        assert_eq!(tick(-0.1), "-0.1");
+        assert_eq!(tick(0.0), "0");
+        assert_eq!(tick(-0.0001), "0");
+        assert_eq!(tick(1.25), "1.25");
+        assert_eq!(tick(450000.0), "450000");
+    }
 
     #[test]
     fn heat_runs_from_light_to_dark() {

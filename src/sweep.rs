@@ -17,11 +17,12 @@ use crate::breakdown::{
 };
 use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopError, FlopOptions, NnzSource, StepShape};
+use crate::model::SparseKind;
 use crate::model::{GptConfig, GptParams};
 use crate::reference::Batch;
 use crate::runtime::{Fidelity, RuntimeError, StepCost, StepInputs, StepMode, simulate_step};
-use crate::sparsity::{ModelMasks, SparsityError};
-use crate::utilisation::{self, Heatmap};
+use crate::sparsity::{self, Mask, ModelMasks, SparsityError};
+use crate::utilisation::{self, Heatmap, LayerKernels};
 
 /// What one sparsity's step measured.
 #[derive(Clone, Debug)]
@@ -174,8 +175,8 @@ pub fn run_sweep_with(
 }
 
 /// The PE-utilisation heatmap of the slowest layer of `point`'s step, at the sweep's fidelity
-/// (see [`crate::utilisation`]); `None` for a model without blocks. The point's masks are drawn
-/// again from the seed, as its step drew them.
+/// (see [`crate::utilisation`]); `None` for a model without blocks. That layer's masks are drawn
+/// again from the seed, as the step drew them (the other layers' are not needed).
 pub fn slowest_layer_heatmap(
     setup: &SweepSetup<'_>,
     sweep: &Sweep,
@@ -184,18 +185,31 @@ pub fn slowest_layer_heatmap(
     let Some(layer) = utilisation::slowest_layer(&point.cost) else {
         return Ok(None);
     };
-    let masks = ModelMasks::random(setup.config, point.sparsity, setup.seed)?;
-    let kernels = StepKernels {
+    let Some(block) = setup.params.blocks.get(layer) else {
+        return Ok(None);
+    };
+    let masks = SparseKind::ALL
+        .iter()
+        .map(|&kind| {
+            let w = &block.linear(kind).weight;
+            let stream = sparsity::stream_of(layer, kind);
+            Mask::random(w.rows, w.cols, point.sparsity, setup.seed, stream)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let kernels = LayerKernels {
+        layer,
         masks: &masks,
+        sparsity: point.sparsity,
         plan: &sweep.plan,
         fabric: setup.fabric,
     };
-    let map = utilisation::layer_heatmap(&kernels, &point.cost, layer, sweep.fidelity).map_err(
-        |source| RuntimeError::Kernel {
-            op: format!("layer {layer} heatmap"),
-            source,
-        },
-    )?;
+    let map =
+        utilisation::layer_heatmap(&kernels, &point.cost, sweep.fidelity).map_err(|source| {
+            RuntimeError::Kernel {
+                op: format!("layer {layer} heatmap"),
+                source,
+            }
+        })?;
     Ok(Some(map))
 }
 

@@ -8,21 +8,22 @@
 //! - exact: those runs are run again on the simulator with the step's masks and the busy cycles
 //!   of every PE are read from the engine's statistics (cycles do not depend on the values, so
 //!   the runs are fed zeros and ones);
-//! - fast: the per-PE model of the cost formulas: PE `(c, r)` is busy `e x n[c]` cycles, its
-//!   column's kept entries times the formula's per-entry cost (the per-chunk tasks are left
-//!   out, so fast reads a little lower than exact).
+//! - fast: the per-PE model of the cost formulas (`busy_per_column` of each kernel): the tasks
+//!   of PE column `c` on its slowest row (product) or first row (gradient): the per-entry tasks
+//!   of its kept entries and the per-chunk tasks, given to every row of the column.
 //!
 //! What this is not: the step's whole utilisation (attention and the other dense kernels are
 //! not in it).
 
 use wafersim_kernels::{
-    ColumnCounts, KernelError, MatmulShape, StreamLoad, StreamMatmul, StreamedMatrix, WeightGrad,
+    ColumnCounts, KernelError, MatmulShape, StreamMatmul, StreamedMatrix, WeightGrad,
     WeightGradShape,
 };
 use wafersim_sim::{Coord, RunOptions, Stats};
 
-use crate::breakdown::StepKernels;
-use crate::model::SparseKind;
+use wafersim_sim::FabricConfig;
+
+use crate::compile::StepPlan;
 use crate::runtime::{Fidelity, StepCost};
 use crate::sparsity::Mask;
 
@@ -74,18 +75,28 @@ pub fn slowest_layer(cost: &StepCost) -> Option<usize> {
     (0..layers).rev().max_by_key(|&l| cycles[l])
 }
 
-/// The heatmap of `layer` at `fidelity` (see the module doc); `cost` is the step's, for the fast
-/// model's cycles.
+/// One block's weight-streamed kernels as a step ran them.
+pub struct LayerKernels<'a> {
+    pub layer: usize,
+    /// The block's six masks (in [`crate::model::SparseKind::ALL`] order).
+    pub masks: &'a [Mask],
+    /// The step's sparsity (for the plot's title).
+    pub sparsity: f64,
+    pub plan: &'a StepPlan,
+    pub fabric: &'a FabricConfig,
+}
+
+/// The heatmap of `kernels`' layer at `fidelity` (see the module doc); `cost` is the step's,
+/// for the fast model's cycles.
 pub fn layer_heatmap(
-    kernels: &StepKernels<'_>,
+    kernels: &LayerKernels<'_>,
     cost: &StepCost,
-    layer: usize,
     fidelity: Fidelity,
 ) -> Result<Heatmap, KernelError> {
-    let region = kernels.plan.region;
+    let (region, layer) = (kernels.plan.region, kernels.layer);
     let mut map = Heatmap {
         layer,
-        sparsity: kernels.masks.sparsity(),
+        sparsity: kernels.sparsity,
         fidelity,
         cols: region.cols,
         rows: region.rows,
@@ -93,10 +104,7 @@ pub fn layer_heatmap(
         cycles: 0,
         runs: 0,
     };
-    for kind in SparseKind::ALL {
-        let Some(mask) = kernels.masks.get(layer, kind) else {
-            continue;
-        };
+    for mask in kernels.masks {
         match fidelity {
             Fidelity::Exact => add_exact(kernels, mask, &mut map)?,
             Fidelity::Fast => add_model(kernels, mask, &mut map)?,
@@ -114,7 +122,11 @@ pub fn layer_heatmap(
 }
 
 /// Runs the three kernels of `mask`'s matrix on the simulator and adds their PEs' busy cycles.
-fn add_exact(kernels: &StepKernels<'_>, mask: &Mask, map: &mut Heatmap) -> Result<(), KernelError> {
+fn add_exact(
+    kernels: &LayerKernels<'_>,
+    mask: &Mask,
+    map: &mut Heatmap,
+) -> Result<(), KernelError> {
     let (plan, fabric) = (kernels.plan, kernels.fabric);
     let (k, n, t) = (mask.rows(), mask.cols(), plan.tokens());
     let w = StreamedMatrix::from_dense(k, n, &vec![1.0; k * n], Some(mask.keep()));
@@ -177,12 +189,14 @@ fn add_stats(map: &mut Heatmap, origin: Coord, stats: &Stats) {
 }
 
 /// Adds the per-entry busy cycles of the three kernels of `mask`'s matrix, by the formula.
-fn add_model(kernels: &StepKernels<'_>, mask: &Mask, map: &mut Heatmap) -> Result<(), KernelError> {
+fn add_model(
+    kernels: &LayerKernels<'_>,
+    mask: &Mask,
+    map: &mut Heatmap,
+) -> Result<(), KernelError> {
     let (plan, fabric) = (kernels.plan, kernels.fabric);
     let (k, n, cols) = (mask.rows(), mask.cols(), plan.region.cols as usize);
-    let keep = mask.keep();
-    let forward_counts = ColumnCounts::streamed(k, n, keep, cols);
-    let transposed = ColumnCounts::streamed_transposed(k, n, keep, cols);
+    let (forward_counts, transposed) = ColumnCounts::both_ways(k, n, mask.keep(), cols);
     let shape = |k, n, bias| MatmulShape {
         region: plan.region,
         tokens: plan.tokens(),
@@ -197,7 +211,7 @@ fn add_model(kernels: &StepKernels<'_>, mask: &Mask, map: &mut Heatmap) -> Resul
     ] {
         let matmul_plan = shape.plan(fabric)?;
         let load = counts.load(&matmul_plan.chunks);
-        add_load(map, shape.terms(fabric, &matmul_plan).per_entry, &load);
+        add_columns(map, &shape.busy_per_column(fabric, &matmul_plan, &load));
     }
     let grad = WeightGradShape {
         region: plan.region,
@@ -209,16 +223,16 @@ fn add_model(kernels: &StepKernels<'_>, mask: &Mask, map: &mut Heatmap) -> Resul
     };
     let grad_plan = grad.plan(fabric)?;
     let load = forward_counts.load(&grad_plan.chunks);
-    add_load(map, grad.terms(fabric, &grad_plan).per_entry, &load);
+    add_columns(map, &grad.busy_per_column(fabric, &grad_plan, &load));
     Ok(())
 }
 
-fn add_load(map: &mut Heatmap, per_entry: u64, load: &StreamLoad) {
+/// Adds one run's busy cycles per PE column to every row of the column.
+fn add_columns(map: &mut Heatmap, per_column: &[u64]) {
     map.runs += 1;
-    for c in 0..map.cols as usize {
-        let entries: u64 = (0..load.chunks()).map(|j| load.get(j, c)).sum();
+    for (c, &busy) in per_column.iter().enumerate().take(map.cols as usize) {
         for r in 0..map.rows as usize {
-            map.busy[r * map.cols as usize + c] += entries * per_entry;
+            map.busy[r * map.cols as usize + c] += busy;
         }
     }
 }

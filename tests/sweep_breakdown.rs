@@ -5,10 +5,13 @@
 
 use proptest::prelude::*;
 use wafersim::breakdown::Causes;
+use wafersim::model::SparseKind;
 use wafersim::model::{GptConfig, init_params};
 use wafersim::reference::Batch;
 use wafersim::runtime::Fidelity;
-use wafersim::sweep::{Sweep, SweepSetup, run_sweep};
+use wafersim::sparsity::{Mask, stream_of};
+use wafersim::sweep::{Sweep, SweepSetup, run_sweep, slowest_layer_heatmap};
+use wafersim::utilisation::{LayerKernels, layer_heatmap};
 use wafersim_kernels::Precision;
 use wafersim_sim::FabricConfig;
 
@@ -92,6 +95,65 @@ fn exact_sweep_causes_add_up_to_the_gap() {
     // reductions that do not shrink with the weights) is part of it.
     let high = &s.points[2].gap;
     assert!(high.gap_cycles > 0.0 && high.causes.communication > 0.0);
+}
+
+#[test]
+fn the_exact_heatmap_reruns_the_slowest_layers_kernels_as_the_step_ran_them() {
+    let config = GptConfig::preset("tiny").unwrap();
+    let params = init_params(&config, 5);
+    let batch = Batch::new(&config, 1, 8, (0..8).map(|i| i * 31 % 256).collect()).unwrap();
+    let fabric = FabricConfig::rectangle(8, 8).unwrap();
+    let setup = SweepSetup {
+        config: &config,
+        params: &params,
+        batch: &batch,
+        fabric: &fabric,
+        precision: Precision::F32,
+        seed: 5,
+        fidelity: Fidelity::Exact,
+        numerics: false,
+    };
+    let s = run_sweep(&setup, &[0.9]).unwrap();
+    let point = &s.points[0];
+    let map = slowest_layer_heatmap(&setup, &s, point).unwrap().unwrap();
+    // Same masks, same kernels: the 18 reruns take exactly the cycles the step's took.
+    let step: u64 = point
+        .cost
+        .records
+        .iter()
+        .filter(|r| r.op.sparse && r.op.layer == Some(map.layer))
+        .map(|r| r.cycles)
+        .sum();
+    assert_eq!((map.runs, map.cycles), (18, step));
+    assert_eq!(map.busy.len(), 64);
+    let u = map.mean();
+    assert!(u > 0.0 && u < 1.0, "{u}");
+    // The fast per-PE model of the same layer: within 5 % of the simulated mean, and every
+    // PE column's mean within 10 %.
+    let block = &params.blocks[map.layer];
+    let masks: Vec<Mask> = SparseKind::ALL
+        .iter()
+        .map(|&k| {
+            let w = &block.linear(k).weight;
+            Mask::random(w.rows, w.cols, 0.9, 5, stream_of(map.layer, k)).unwrap()
+        })
+        .collect();
+    let kernels = LayerKernels {
+        layer: map.layer,
+        masks: &masks,
+        sparsity: 0.9,
+        plan: &s.plan,
+        fabric: &fabric,
+    };
+    let fast = layer_heatmap(&kernels, &point.cost, Fidelity::Fast).unwrap();
+    let rel = |a: f64, b: f64| (a - b).abs() / b;
+    assert!(rel(fast.mean(), u) < 0.05, "fast {} exact {u}", fast.mean());
+    for c in 0..8 {
+        let col = |m: &wafersim::utilisation::Heatmap| {
+            (0..8).map(|r| m.utilisation(c, r)).sum::<f64>() / 8.0
+        };
+        assert!(rel(col(&fast), col(&map)) < 0.10, "column {c}");
+    }
 }
 
 #[test]

@@ -162,6 +162,33 @@ impl ColumnCounts {
         ColumnCounts { parts, counts }
     }
 
+    /// [`Self::streamed`] and [`Self::streamed_transposed`] of the same matrix in one pass over
+    /// `keep` (the mask is read once, for the cost of two counter updates per kept entry).
+    pub fn both_ways(rows: usize, outs: usize, keep: &[bool], parts: usize) -> (Self, Self) {
+        let (in_split, out_split) = (Split::new(rows, parts), Split::new(outs, parts));
+        let owner: Vec<usize> = (0..outs).map(|n| out_split.owner(n)).collect();
+        let mut forward = vec![0; outs * parts];
+        let mut transposed = vec![0; rows * parts];
+        for (k, row) in keep.chunks(outs.max(1)).take(rows).enumerate() {
+            let block = in_split.owner(k);
+            let per_k = &mut transposed[k * parts..(k + 1) * parts];
+            for (n, _) in row.iter().enumerate().filter(|(_, kept)| **kept) {
+                forward[n * parts + block] += 1;
+                per_k[owner[n]] += 1;
+            }
+        }
+        (
+            ColumnCounts {
+                parts,
+                counts: forward,
+            },
+            ColumnCounts {
+                parts,
+                counts: transposed,
+            },
+        )
+    }
+
     /// The counts per (chunk, PE column) of `chunks` of the output columns.
     pub fn load(&self, chunks: &[Range<usize>]) -> StreamLoad {
         let mut load = StreamLoad::zeros(self.parts, chunks.len());
@@ -199,6 +226,12 @@ mod tests {
             keep[k * 5 + n] = true;
         }
         assert_eq!(ColumnCounts::streamed(5, 5, &keep, 2).load(&chunks), load);
+        let (forward, transposed) = ColumnCounts::both_ways(5, 5, &keep, 2);
+        assert_eq!(forward, ColumnCounts::streamed(5, 5, &keep, 2));
+        assert_eq!(
+            transposed,
+            ColumnCounts::streamed_transposed(5, 5, &keep, 2)
+        );
         // Transposed, row k is output column k and column n is split over the PE columns
         // (0-2, 3-4): (0, 0) and (2, 2) in block 0, (4, 1) in block 0, (3, 4) in block 1.
         let everything = std::iter::once(0..5).collect::<Vec<_>>();

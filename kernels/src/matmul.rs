@@ -181,6 +181,17 @@ impl MatmulShape {
     pub fn terms(&self, config: &FabricConfig, plan: &MatmulPlan) -> StreamTerms {
         cost::terms(config, self, plan)
     }
+
+    /// Core cycles of the tasks of each PE column (its slowest row) over a run streaming
+    /// `load`, by the formula's terms: the per-PE model of busy cycles.
+    pub fn busy_per_column(
+        &self,
+        config: &FabricConfig,
+        plan: &MatmulPlan,
+        load: &StreamLoad,
+    ) -> Vec<u64> {
+        cost::busy_per_column(config, self, plan, load)
+    }
 }
 
 impl StreamMatmul<'_> {

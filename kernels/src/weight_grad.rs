@@ -181,6 +181,17 @@ impl WeightGradShape {
     pub fn terms(&self, config: &FabricConfig, plan: &WeightGradPlan) -> StreamTerms {
         cost::terms(config, self, plan)
     }
+
+    /// Core cycles of the tasks of each PE column (its first row) over a run with `load`'s
+    /// entries, by the formula's terms: the per-PE model of busy cycles.
+    pub fn busy_per_column(
+        &self,
+        config: &FabricConfig,
+        plan: &WeightGradPlan,
+        load: &StreamLoad,
+    ) -> Vec<u64> {
+        cost::busy_per_column(config, self, plan, load)
+    }
 }
 
 impl WeightGrad<'_> {

@@ -113,6 +113,40 @@ pub(super) fn terms(config: &FabricConfig, shape: &MatmulShape, plan: &MatmulPla
     }
 }
 
+/// Core cycles of the tasks each PE column runs (on its slowest row), by the same terms as
+/// [`estimate`]: the weight tasks, the end-of-chunk task, the join arm and `chunk_done` of
+/// every chunk. The reductions' transfers are asynchronous and not counted.
+pub(super) fn busy_per_column(
+    config: &FabricConfig,
+    shape: &MatmulShape,
+    plan: &MatmulPlan,
+    load: &StreamLoad,
+) -> Vec<u64> {
+    let costs = Costs { config };
+    let cols = shape.region.cols as usize;
+    let t = plan.input.tokens.max_len() as u64;
+    let entry = terms(config, shape, plan).per_entry;
+    let outs = plan.output.features;
+    let arm = if cols > 1 { costs.arm() } else { 0 };
+    (0..cols)
+        .map(|c| {
+            let bias = if shape.bias {
+                outs.block(c).len() as u64
+            } else {
+                0
+            };
+            let chunks = plan.chunks.iter().enumerate().map(|(j, chunk)| {
+                let last = j + 1 == plan.chunks.len();
+                load.get(j, c) * entry
+                    + end_task(&costs, outs, chunk, c, t)
+                    + arm
+                    + chunk_done(&costs, plan, if last { bias } else { 0 }, t)
+            });
+            chunks.sum()
+        })
+        .collect()
+}
+
 pub(super) fn estimate(
     config: &FabricConfig,
     shape: &MatmulShape,
