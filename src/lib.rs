@@ -8,12 +8,15 @@
 //! Dependencies point one way, `wafersim -> wafersim-kernels -> wafersim-sim`: nothing below
 //! this crate knows what a transformer is. See `ARCHITECTURE.md` for the map.
 
+pub mod breakdown;
 pub mod cli;
 pub mod compile;
 pub mod flops;
 pub mod gemm;
 pub mod model;
+pub mod plot;
 pub mod reference;
 pub mod runtime;
 pub mod sparsity;
 pub mod sweep;
+pub mod utilisation;

@@ -5,17 +5,24 @@
 //! in parallel (rayon) and the results, collected in the given order, do not depend on the thread
 //! count. The dense baseline is the sparsity-0 step, run once whether or not 0 is in the list.
 //! Each step runs at the setup's [`Fidelity`]: simulated, or costed by the kernels' formulas.
+//! Every point carries the split of its gap to the FLOP reduction by cause
+//! ([`crate::breakdown`]).
 
 use rayon::prelude::*;
 use wafersim_kernels::Precision;
 use wafersim_sim::FabricConfig;
 
+use crate::breakdown::{
+    self, BreakdownError, Causes, GapBreakdown, KernelParts, StepKernels, StepSide,
+};
 use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopError, FlopOptions, NnzSource, StepShape};
+use crate::model::SparseKind;
 use crate::model::{GptConfig, GptParams};
 use crate::reference::Batch;
 use crate::runtime::{Fidelity, RuntimeError, StepCost, StepInputs, StepMode, simulate_step};
-use crate::sparsity::{ModelMasks, SparsityError};
+use crate::sparsity::{self, Mask, ModelMasks, SparsityError};
+use crate::utilisation::{self, Heatmap, LayerKernels};
 
 /// What one sparsity's step measured.
 #[derive(Clone, Debug)]
@@ -26,6 +33,32 @@ pub struct SweepPoint {
     /// Matmul FLOPs of the step (executed = analytic).
     pub flops: u64,
     pub cost: StepCost,
+    /// Per record of `cost`, the split of a weight-streamed kernel's cycles.
+    pub parts: Vec<Option<KernelParts>>,
+    /// The gap between the FLOP and the cycle reduction against the dense step, by cause
+    /// (all zero at sparsity 0).
+    pub gap: GapBreakdown,
+}
+
+impl SweepPoint {
+    /// Where the step's cycles go, in the parts of the cause breakdown (absolute cycles, not a
+    /// gap): the weight-streamed kernels' per-entry work, communication, imbalance and fill or
+    /// drain ([`KernelParts`]), and every other kernel's cycles as dense operations.
+    pub fn cycles_by_part(&self) -> Causes {
+        let mut out = Causes::default();
+        for (record, part) in self.cost.records.iter().zip(&self.parts) {
+            match part {
+                Some(k) => {
+                    out.per_nonzero_overhead += k.per_nonzero;
+                    out.communication += k.communication;
+                    out.load_imbalance += k.imbalance;
+                    out.fill_drain += k.fill_drain;
+                }
+                None => out.dense_operations += record.cycles as f64,
+            }
+        }
+        out
+    }
 }
 
 /// The whole sweep.
@@ -64,6 +97,8 @@ pub enum SweepError {
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Flops(#[from] FlopError),
+    #[error("the cause breakdown: {0}")]
+    Breakdown(#[from] BreakdownError),
     #[error(
         "sparsity {sparsity}: executed matmul FLOPs {executed} differ from the analytic {analytic}: a simulator bug"
     )]
@@ -91,6 +126,21 @@ pub struct SweepSetup<'a> {
 
 /// Runs the steps of every sparsity in `sparsities` and the dense baseline.
 pub fn run_sweep(setup: &SweepSetup<'_>, sparsities: &[f64]) -> Result<Sweep, SweepError> {
+    run_sweep_with(setup, sparsities, &|_| {})
+}
+
+/// Steps in a sweep: the dense baseline and every other sparsity of `sparsities`.
+pub fn step_count(sparsities: &[f64]) -> usize {
+    1 + sparsities.iter().filter(|&&s| s != 0.0).count()
+}
+
+/// [`run_sweep`], calling `on_step` as each step finishes (from the thread that ran it, in
+/// any order; [`step_count`] of them).
+pub fn run_sweep_with(
+    setup: &SweepSetup<'_>,
+    sparsities: &[f64],
+    on_step: &(dyn Fn(&SweepPoint) + Sync),
+) -> Result<Sweep, SweepError> {
     let plan = plan_step(
         setup.config,
         setup.batch.batch,
@@ -102,8 +152,16 @@ pub fn run_sweep(setup: &SweepSetup<'_>, sparsities: &[f64]) -> Result<Sweep, Sw
     all.extend(sparsities.iter().filter(|&&s| s != 0.0));
     let mut points = all
         .par_iter()
-        .map(|&s| run_point(setup, &plan, s))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|&s| {
+            let point = run_point(setup, &plan, s)?;
+            on_step(&point);
+            Ok(point)
+        })
+        .collect::<Result<Vec<_>, SweepError>>()?;
+    let dense = points[0].clone();
+    for point in &mut points {
+        point.gap = breakdown::gap(side(point), side(&dense))?;
+    }
     let dense = points[0].clone();
     if !sparsities.contains(&0.0) {
         points.remove(0);
@@ -114,6 +172,53 @@ pub fn run_sweep(setup: &SweepSetup<'_>, sparsities: &[f64]) -> Result<Sweep, Sw
         dense,
         points,
     })
+}
+
+/// The PE-utilisation heatmap of the slowest layer of `point`'s step, at the sweep's fidelity
+/// (see [`crate::utilisation`]); `None` for a model without blocks. That layer's masks are drawn
+/// again from the seed, as the step drew them (the other layers' are not needed).
+pub fn slowest_layer_heatmap(
+    setup: &SweepSetup<'_>,
+    sweep: &Sweep,
+    point: &SweepPoint,
+) -> Result<Option<Heatmap>, SweepError> {
+    let Some(layer) = utilisation::slowest_layer(&point.cost) else {
+        return Ok(None);
+    };
+    let Some(block) = setup.params.blocks.get(layer) else {
+        return Ok(None);
+    };
+    let masks = SparseKind::ALL
+        .iter()
+        .map(|&kind| {
+            let w = &block.linear(kind).weight;
+            let stream = sparsity::stream_of(layer, kind);
+            Mask::random(w.rows, w.cols, point.sparsity, setup.seed, stream)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let kernels = LayerKernels {
+        layer,
+        masks: &masks,
+        sparsity: point.sparsity,
+        plan: &sweep.plan,
+        fabric: setup.fabric,
+    };
+    let map =
+        utilisation::layer_heatmap(&kernels, &point.cost, sweep.fidelity).map_err(|source| {
+            RuntimeError::Kernel {
+                op: format!("layer {layer} heatmap"),
+                source,
+            }
+        })?;
+    Ok(Some(map))
+}
+
+fn side(point: &SweepPoint) -> StepSide<'_> {
+    StepSide {
+        cost: &point.cost,
+        flops: point.flops,
+        parts: &point.parts,
+    }
 }
 
 fn run_point(
@@ -153,10 +258,26 @@ fn run_point(
             analytic,
         });
     }
+    let kernels = StepKernels {
+        masks: &masks,
+        plan,
+        fabric: setup.fabric,
+    };
+    let parts = breakdown::step_parts(&kernels, &step.cost)?;
+    let cycles = step.cost.cycles();
     Ok(SweepPoint {
         sparsity,
         loss: step.numerics.map(|n| n.loss),
         flops: executed,
         cost: step.cost,
+        parts,
+        // Against itself until `run_sweep` knows the dense step.
+        gap: GapBreakdown {
+            flop_ratio: 1.0,
+            cycles,
+            dense_cycles: cycles,
+            gap_cycles: 0.0,
+            causes: Default::default(),
+        },
     })
 }

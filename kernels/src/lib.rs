@@ -46,7 +46,7 @@ pub use layernorm::{
     LayerNorm, LayerNormBackward, LayerNormBackwardRun, LayerNormPlan, LayerNormRun,
 };
 pub use layout::{Region, Split, Tiling};
-pub use load::{ColumnCounts, StreamLoad};
+pub use load::{ColumnCounts, StreamLoad, StreamTerms};
 pub use matmul::{MatmulPlan, MatmulRun, MatmulShape, StreamMatmul};
 pub use rowgroup::GroupAllReduce;
 pub use rowmax::RowMaxAllReduce;

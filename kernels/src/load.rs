@@ -93,6 +93,35 @@ impl StreamLoad {
     pub fn total(&self) -> u64 {
         self.counts.iter().sum()
     }
+
+    /// Entries the busiest column receives beyond the mean, summed over the chunks, times the
+    /// number of columns (an integer): `sum_j (cols x max_c n[j][c] - sum_c n[j][c])`. Each
+    /// chunk's reduction waits for its busiest column, so this over `cols`, times the per-entry
+    /// cost, is what the imbalance of the load costs.
+    pub fn excess_over_mean_scaled(&self) -> u64 {
+        let cols = self.cols.max(1) as u64;
+        self.counts
+            .chunks(self.cols.max(1))
+            .map(|chunk| {
+                let busiest = chunk.iter().copied().max().unwrap_or(0);
+                cols * busiest - chunk.iter().sum::<u64>()
+            })
+            .sum()
+    }
+}
+
+/// The terms of a weight-streamed kernel's cost formula that a breakdown of its cycles by cause
+/// reads: what one kept entry costs and the kernel's fixed latencies. Computed by
+/// `MatmulShape::terms` and `WeightGradShape::terms` from the same helpers as their
+/// `estimate_cycles`, so the breakdown and the estimate cannot disagree on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamTerms {
+    /// Core cycles of the task(s) one kept entry fires on the slowest row (task switch, index
+    /// decode, the vector operation over the row's tokens, and in the weight gradient the store).
+    pub per_entry: u64,
+    /// Cycles of pipeline fill and drain: the stream's first wavelet reaching the slowest row
+    /// (product) or the last gradient wavelet's trip from the region to the host (gradient).
+    pub fill_drain: u64,
 }
 
 /// Kept entries of a matrix counted once per output column and PE column, so that the load of
@@ -133,6 +162,33 @@ impl ColumnCounts {
         ColumnCounts { parts, counts }
     }
 
+    /// [`Self::streamed`] and [`Self::streamed_transposed`] of the same matrix in one pass over
+    /// `keep` (the mask is read once, for the cost of two counter updates per kept entry).
+    pub fn both_ways(rows: usize, outs: usize, keep: &[bool], parts: usize) -> (Self, Self) {
+        let (in_split, out_split) = (Split::new(rows, parts), Split::new(outs, parts));
+        let owner: Vec<usize> = (0..outs).map(|n| out_split.owner(n)).collect();
+        let mut forward = vec![0; outs * parts];
+        let mut transposed = vec![0; rows * parts];
+        for (k, row) in keep.chunks(outs.max(1)).take(rows).enumerate() {
+            let block = in_split.owner(k);
+            let per_k = &mut transposed[k * parts..(k + 1) * parts];
+            for (n, _) in row.iter().enumerate().filter(|(_, kept)| **kept) {
+                forward[n * parts + block] += 1;
+                per_k[owner[n]] += 1;
+            }
+        }
+        (
+            ColumnCounts {
+                parts,
+                counts: forward,
+            },
+            ColumnCounts {
+                parts,
+                counts: transposed,
+            },
+        )
+    }
+
     /// The counts per (chunk, PE column) of `chunks` of the output columns.
     pub fn load(&self, chunks: &[Range<usize>]) -> StreamLoad {
         let mut load = StreamLoad::zeros(self.parts, chunks.len());
@@ -170,6 +226,12 @@ mod tests {
             keep[k * 5 + n] = true;
         }
         assert_eq!(ColumnCounts::streamed(5, 5, &keep, 2).load(&chunks), load);
+        let (forward, transposed) = ColumnCounts::both_ways(5, 5, &keep, 2);
+        assert_eq!(forward, ColumnCounts::streamed(5, 5, &keep, 2));
+        assert_eq!(
+            transposed,
+            ColumnCounts::streamed_transposed(5, 5, &keep, 2)
+        );
         // Transposed, row k is output column k and column n is split over the PE columns
         // (0-2, 3-4): (0, 0) and (2, 2) in block 0, (4, 1) in block 0, (3, 4) in block 1.
         let everything = std::iter::once(0..5).collect::<Vec<_>>();
@@ -183,6 +245,18 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![6, 4, 6, 4, 3, 2]
         );
+    }
+
+    #[test]
+    fn excess_over_mean_counts_the_busiest_column_per_chunk() {
+        // Chunk 0: (3, 1) -> 2 x 3 - 4 = 2; chunk 1: (2, 2) -> 0; chunk 2: (0, 5) -> 10 - 5 = 5.
+        let load = StreamLoad {
+            cols: 2,
+            counts: vec![3, 1, 2, 2, 0, 5],
+        };
+        assert_eq!(load.excess_over_mean_scaled(), 7);
+        let even = StreamLoad::dense(Split::new(4, 2), &[0..3, 3..5]);
+        assert_eq!(even.excess_over_mean_scaled(), 0);
     }
 
     #[test]

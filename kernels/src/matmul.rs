@@ -56,7 +56,7 @@ use crate::chain::{RowChain, feed_column_from_north};
 use crate::error::KernelError;
 use crate::join::{self, ARMS, Join};
 use crate::layout::{Region, Split, Tiling};
-use crate::load::StreamLoad;
+use crate::load::{StreamLoad, StreamTerms};
 use crate::sparse::StreamedMatrix;
 use crate::{Precision, check_region};
 
@@ -174,6 +174,23 @@ impl MatmulShape {
         load: &StreamLoad,
     ) -> u64 {
         cost::estimate(config, self, plan, load)
+    }
+
+    /// The per-entry cost and the fill latency of the formula (what a breakdown of the cycles
+    /// by cause reads).
+    pub fn terms(&self, config: &FabricConfig, plan: &MatmulPlan) -> StreamTerms {
+        cost::terms(config, self, plan)
+    }
+
+    /// Core cycles of the tasks of each PE column (its slowest row) over a run streaming
+    /// `load`, by the formula's terms: the per-PE model of busy cycles.
+    pub fn busy_per_column(
+        &self,
+        config: &FabricConfig,
+        plan: &MatmulPlan,
+        load: &StreamLoad,
+    ) -> Vec<u64> {
+        cost::busy_per_column(config, self, plan, load)
     }
 }
 

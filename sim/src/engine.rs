@@ -560,13 +560,6 @@ fn finish(
         total.accumulate(s);
     }
     EVENTS_PROCESSED.fetch_add(events, Ordering::Relaxed);
-    let stats = Stats {
-        cycles: end,
-        events,
-        pes: pe_stats,
-        links,
-        total,
-    };
     let trace = window.map(|window| {
         trace.sort_by_key(trace_order);
         Trace {
@@ -574,6 +567,14 @@ fn finish(
             events: trace,
         }
     });
+    let stats = Stats {
+        cycles: end,
+        events,
+        pes: pe_stats,
+        links,
+        total,
+        trace: trace.clone(),
+    };
     Executed {
         config,
         pe_slot,

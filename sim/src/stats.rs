@@ -84,6 +84,10 @@ pub struct Stats {
     pub links: Vec<LinkUse>,
     /// Sum over all PEs.
     pub total: PeStats,
+    /// The recorded window if the run was asked for one (a copy of [`crate::Executed::trace`],
+    /// so that callers that keep only the statistics keep it too); not serialised.
+    #[serde(skip)]
+    pub trace: Option<crate::trace::Trace>,
 }
 
 impl Stats {

@@ -64,6 +64,30 @@ pub enum TraceEvent {
     },
 }
 
+impl TraceEvent {
+    /// The same event `by` cycles later (a run placed at cycle `by` of a longer timeline).
+    pub fn shifted(&self, by: u64) -> TraceEvent {
+        let mut e = self.clone();
+        match &mut e {
+            TraceEvent::Task { start, .. } => *start += by,
+            TraceEvent::Forward { cycle, .. } => *cycle += by,
+            TraceEvent::Async { start, end, .. } => {
+                *start += by;
+                *end += by;
+            }
+        }
+        e
+    }
+
+    /// The cycle it starts at.
+    pub fn start(&self) -> u64 {
+        match *self {
+            TraceEvent::Task { start, .. } | TraceEvent::Async { start, .. } => start,
+            TraceEvent::Forward { cycle, .. } => cycle,
+        }
+    }
+}
+
 /// The events of one run inside a window.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Trace {

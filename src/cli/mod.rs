@@ -15,8 +15,10 @@ mod guard;
 mod init;
 mod inspect;
 mod presets;
+mod progress;
 mod step;
 mod sweep;
+mod trace;
 
 /// Simulate sparse training on a wafer-scale dataflow accelerator.
 #[derive(Parser)]

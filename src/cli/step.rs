@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 use wafersim_kernels::Precision;
 use wafersim_sim::FabricConfig;
 
+use super::progress::Progress;
+use super::trace::{self, TraceFlags};
 use super::{bad_input, guard, load_fabric};
 use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopOptions, NnzSource, StepShape};
@@ -21,7 +23,9 @@ use crate::model::checkpoint::{
 };
 use crate::model::{GptConfig, GptParams, init_params};
 use crate::reference::{AdamState, AdamW, Batch};
-use crate::runtime::{Numerics, StepInputs, StepMode, StepReport, simulate_step};
+use crate::runtime::{
+    Numerics, OpRecord, StepHooks, StepInputs, StepMode, StepReport, simulate_step_with,
+};
 use crate::sparsity::{self, ModelMasks};
 
 /// Arguments of `wafersim step`.
@@ -74,10 +78,26 @@ pub struct Args {
     /// Output folder: report.json, weights, grads and updated safetensors.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Also write a Chrome / Perfetto trace (JSON, 1 cycle = 1 ns) of a window of the step to
+    /// this file (exact fidelity only).
+    #[arg(long, value_name = "PATH", requires_all = ["trace_region", "trace_cycles"])]
+    trace: Option<PathBuf>,
+    /// The traced PEs: north-west PE X,Y, then W columns and H rows.
+    #[arg(long, value_name = "X,Y,W,H", requires = "trace")]
+    trace_region: Option<String>,
+    /// The traced cycles, from the step's start: A up to B (excluded).
+    #[arg(long, value_name = "A..B", requires = "trace")]
+    trace_cycles: Option<String>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let setup = Setup::check(&args)?;
+    let trace_flags = TraceFlags {
+        path: args.trace.as_deref(),
+        region: args.trace_region.as_deref(),
+        cycles: args.trace_cycles.as_deref(),
+    };
+    let traced = trace::request(&trace_flags, &setup.fabric, args.fidelity.fidelity())?;
     let (params, masks) = load_weights(&args, &setup.config)?;
     let opt = AdamW::new(args.lr);
     let started = Instant::now();
@@ -94,7 +114,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fidelity: args.fidelity.fidelity(),
         numerics: !args.no_numerics,
     };
-    let step = simulate_step(inputs, mode)?;
+    let progress = Progress::new(None, "kernel runs");
+    let on_record = |r: &OpRecord| {
+        progress.inc();
+        progress.set_message(r.op.label());
+    };
+    let hooks = StepHooks {
+        progress: Some(&on_record),
+        trace: traced.as_ref().map(|t| t.window),
+    };
+    let run = simulate_step_with(inputs, mode, hooks);
+    drop(progress);
+    let (step, recorded) = run?;
     let wall = started.elapsed().as_secs_f64();
     let (analytic, dense) = analytic_flops(&setup, &masks)?;
     if step.cost.executed_matmul_flops() != analytic.matmul_sparse() {
@@ -136,7 +167,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         updated.as_ref(),
         args.seed,
         wall,
-    )
+    )?;
+    match (&traced, &recorded) {
+        (Some(request), Some(trace)) => trace::write(request, trace),
+        _ => Ok(()),
+    }
 }
 
 /// Everything about a step that can be checked before any weight is drawn or read, so that bad

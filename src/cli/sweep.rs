@@ -10,12 +10,17 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
+use super::progress::Progress;
 use super::{bad_input, guard, load_fabric};
+use crate::breakdown::Causes;
 use crate::compile::{CompileError, plan_step};
 use crate::model::checkpoint::stage_bytes;
 use crate::model::{GptConfig, init_params, load_checkpoint};
+use crate::plot::{PLOT_FILES, sweep_plots};
 use crate::reference::Batch;
-use crate::sweep::{Sweep, SweepSetup, run_sweep};
+use crate::sweep::{
+    Sweep, SweepPoint, SweepSetup, run_sweep_with, slowest_layer_heatmap, step_count,
+};
 
 /// Arguments of `wafersim sweep`.
 #[derive(clap::Args)]
@@ -61,7 +66,8 @@ pub struct Args {
     /// Cycles and FLOPs only: no losses.
     #[arg(long)]
     no_numerics: bool,
-    /// Also write sweep.csv and sweep.json (schema wafersim.sweep/v1) into this folder.
+    /// Also write sweep.csv, sweep.json (schema wafersim.sweep/v2) and the SVG plots
+    /// (reduction, cycles_by_op, gap_by_cause, utilisation) into this folder.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
 }
@@ -86,7 +92,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let precision = args.dtype.precision();
     plan_step(&config, args.batch, args.seq, &fabric, precision).map_err(plan_error)?;
     if let Some(dir) = &args.out {
-        guard::check_output_folder("--out", dir, &OUTPUT_FILES)?;
+        let names: Vec<&str> = OUTPUT_FILES.iter().chain(&PLOT_FILES).copied().collect();
+        guard::check_output_folder("--out", dir, &names)?;
     }
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     rng.set_stream(u64::MAX);
@@ -114,14 +121,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         numerics: !args.no_numerics,
     };
     let started = Instant::now();
-    let sweep = run_sweep(&setup, &sparsities).map_err(|e| match e {
+    let progress = Progress::new(Some(step_count(&sparsities) as u64), "steps");
+    let on_step = |p: &SweepPoint| {
+        progress.inc();
+        progress.set_message(format!("s = {} done", p.sparsity));
+    };
+    let sweep = run_sweep_with(&setup, &sparsities, &on_step);
+    drop(progress);
+    let sweep = sweep.map_err(|e| match e {
         crate::sweep::SweepError::Compile(e) => plan_error(e),
         e => anyhow::Error::new(e),
     })?;
     check_losses(&sweep)?;
     print_table(&sweep, &config, &fabric, started.elapsed().as_secs_f64());
     if let Some(dir) = &args.out {
-        write_outputs(dir, &sweep)?;
+        let heatmap = match sweep
+            .points
+            .iter()
+            .max_by(|a, b| a.sparsity.total_cmp(&b.sparsity))
+        {
+            Some(point) => slowest_layer_heatmap(&setup, &sweep, point)?,
+            None => None,
+        };
+        let plots = sweep_plots(&sweep, heatmap.as_ref())?;
+        write_outputs(dir, &sweep, &plots)?;
     }
     Ok(())
 }
@@ -174,7 +197,7 @@ fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricC
         sweep.fidelity.name()
     );
     println!(
-        "\n{:>8} {:>10} {:>14} {:>9} {:>12} {:>9} {:>10} {:>9}  largest part of the gap to the ideal",
+        "\n{:>8} {:>10} {:>14} {:>9} {:>12} {:>9} {:>10} {:>9}  largest cause of the gap (FLOP red - cycle red)",
         "sparsity", "loss", "matmul FLOPs", "FLOP red", "cycles", "cycle red", "time (us)", "ideal"
     );
     for point in &sweep.points {
@@ -189,7 +212,7 @@ fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricC
             sweep.cycle_reduction(point),
             point.cost.cycles() as f64 / f64::from(fabric.clock_mhz),
             1.0 / (1.0 - point.sparsity),
-            largest_gap(sweep, point)
+            largest_gap(point)
         );
     }
     let verb = match sweep.fidelity {
@@ -199,65 +222,137 @@ fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricC
     eprintln!("\n({verb} in {wall:.1} s)");
 }
 
-/// The part of the cycles beyond `dense / (1 - s)` that is largest, with its share of the step.
-fn largest_gap(sweep: &Sweep, point: &crate::sweep::SweepPoint) -> String {
-    if point.sparsity == 0.0 {
+/// The largest cause of the gap between the FLOP and the cycle reduction, with its share of it.
+fn largest_gap(point: &crate::sweep::SweepPoint) -> String {
+    let gap = &point.gap;
+    if point.sparsity == 0.0 || gap.gap_cycles <= 0.0 {
         return String::new();
     }
-    let mut cost = point.cost.clone();
-    // Time this step's sparse kernels against the dense step's same kernels.
-    for (r, d) in cost.records.iter_mut().zip(&sweep.dense.cost.records) {
-        r.dense_cycles = d.cycles;
-    }
-    match cost.gap(1.0 - point.sparsity).first() {
-        Some(&(name, excess)) => format!(
-            "{name} ({:.0}%)",
-            100.0 * excess as f64 / point.cost.cycles() as f64
+    let values = gap.causes.values();
+    let largest = (0..values.len()).max_by(|&a, &b| values[a].total_cmp(&values[b]));
+    match largest {
+        Some(i) => format!(
+            "{} ({:.0}% of {:.3}x)",
+            Causes::LABELS[i],
+            100.0 * values[i] / gap.gap_cycles,
+            gap.gap_reduction()
         ),
         None => String::new(),
     }
 }
 
-fn write_outputs(dir: &std::path::Path, sweep: &Sweep) -> anyhow::Result<()> {
-    let mut csv = String::from(
-        "sparsity,loss,matmul_flops,flop_reduction,cycles,dense_cycles,cycle_reduction\n",
+/// The CSV header: the figures of a point, then the gap by cause in reduction units (`gap_*`)
+/// and in cycles (`gap_cycles_*`).
+fn csv_header() -> String {
+    let mut header = String::from(
+        "sparsity,loss,matmul_flops,flop_reduction,cycles,dense_cycles,cycle_reduction,ideal_cycles,gap_reduction,gap_cycles",
     );
+    for name in Causes::NAMES {
+        header.push_str(&format!(",gap_{name}"));
+    }
+    for name in Causes::NAMES {
+        header.push_str(&format!(",gap_cycles_{name}"));
+    }
+    header.push('\n');
+    header
+}
+
+fn csv_row(sweep: &Sweep, point: &SweepPoint) -> String {
+    let gap = &point.gap;
+    let loss = point.loss.map_or_else(String::new, |l| l.to_string());
+    let mut row = format!(
+        "{},{},{},{},{},{},{},{},{},{}",
+        point.sparsity,
+        loss,
+        point.flops,
+        sweep.flop_reduction(point),
+        point.cost.cycles(),
+        sweep.dense.cost.cycles(),
+        sweep.cycle_reduction(point),
+        gap.ideal_cycles(),
+        gap.gap_reduction(),
+        gap.gap_cycles
+    );
+    let values = gap
+        .causes_in_reduction()
+        .values()
+        .into_iter()
+        .chain(gap.causes.values());
+    for v in values {
+        row.push_str(&format!(",{v}"));
+    }
+    row.push('\n');
+    row
+}
+
+fn causes_json(causes: &Causes) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = Causes::NAMES
+        .iter()
+        .zip(causes.values())
+        .map(|(name, v)| (name.to_string(), json!(v)))
+        .collect();
+    serde_json::Value::Object(map)
+}
+
+fn point_json(sweep: &Sweep, point: &SweepPoint) -> serde_json::Value {
+    let gap = &point.gap;
+    json!({
+        "sparsity": point.sparsity, "loss": point.loss, "matmul_flops": point.flops,
+        "flop_reduction": sweep.flop_reduction(point), "cycles": point.cost.cycles(),
+        "dense_cycles": sweep.dense.cost.cycles(), "cycle_reduction": sweep.cycle_reduction(point),
+        "gap": {
+            "ideal_cycles": gap.ideal_cycles(),
+            "cycles": gap.gap_cycles,
+            "reduction": gap.gap_reduction(),
+            "by_cause_cycles": causes_json(&gap.causes),
+            "by_cause_reduction": causes_json(&gap.causes_in_reduction()),
+        },
+        "step_cycles_by_part": causes_json(&point.cycles_by_part()),
+        "by_op": point.cost.by_op().iter().map(|(name, cycles, _)| json!({"op": name, "cycles": cycles})).collect::<Vec<_>>(),
+    })
+}
+
+fn write_outputs(
+    dir: &std::path::Path,
+    sweep: &Sweep,
+    plots: &[(&'static str, String)],
+) -> anyhow::Result<()> {
+    let mut csv = csv_header();
     let mut runs = Vec::new();
     for point in &sweep.points {
-        let (fr, cr) = (sweep.flop_reduction(point), sweep.cycle_reduction(point));
-        let loss = point.loss.map_or_else(String::new, |l| l.to_string());
-        csv.push_str(&format!(
-            "{},{},{},{},{},{},{}\n",
-            point.sparsity,
-            loss,
-            point.flops,
-            fr,
-            point.cost.cycles(),
-            sweep.dense.cost.cycles(),
-            cr
-        ));
-        runs.push(json!({
-            "sparsity": point.sparsity, "loss": point.loss, "matmul_flops": point.flops,
-            "flop_reduction": fr, "cycles": point.cost.cycles(), "dense_cycles": sweep.dense.cost.cycles(),
-            "cycle_reduction": cr,
-        }));
+        csv.push_str(&csv_row(sweep, point));
+        runs.push(point_json(sweep, point));
     }
     let p = &sweep.plan;
     let value = json!({
-        "schema": "wafersim.sweep/v1",
+        "schema": "wafersim.sweep/v2",
         "fidelity": sweep.fidelity.name(),
-        "units": { "cycles": "fabric clock cycles", "matmul_flops": "floating-point operations of one training step (1 FMAC = 2)" },
+        "units": {
+            "cycles": "fabric clock cycles",
+            "matmul_flops": "floating-point operations of one training step (1 FMAC = 2)",
+            "flop_reduction": "dense matmul FLOPs / sparse (x)",
+            "cycle_reduction": "dense step cycles / sparse (x)",
+            "gap.cycles": "cycles - dense_cycles / flop_reduction (cycles)",
+            "gap.reduction": "flop_reduction - cycle_reduction (x)",
+            "gap.by_cause_cycles": "cycles; the five add up to gap.cycles (docs/sweep.md)",
+            "gap.by_cause_reduction": "x; the five add up to gap.reduction",
+            "step_cycles_by_part": "cycles of the step in the breakdown's parts (absolute, not a gap); per_nonzero_overhead holds the whole per-entry work",
+            "by_op": "cycles per operation name, summed over layers and phases",
+        },
         "batch": p.batch, "seq": p.seq, "region": { "cols": p.region.cols, "rows": p.region.rows },
         "runs": runs,
     });
     let json_text = super::json_text(&value)?;
     let [csv_file, json_file] = OUTPUT_FILES;
+    let files = [(csv_file, csv.as_str()), (json_file, json_text.as_str())]
+        .into_iter()
+        .chain(plots.iter().map(|(name, text)| (*name, text.as_str())));
     guard::write_all(dir, |dir| {
-        Ok(vec![
-            stage_bytes(&dir.join(csv_file), csv.as_bytes())
-                .with_context(|| format!("writing {csv_file}"))?,
-            stage_bytes(&dir.join(json_file), json_text.as_bytes())
-                .with_context(|| format!("writing {json_file}"))?,
-        ])
+        files
+            .map(|(name, text)| {
+                stage_bytes(&dir.join(name), text.as_bytes())
+                    .with_context(|| format!("writing {name}"))
+            })
+            .collect()
     })
 }

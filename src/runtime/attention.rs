@@ -2,7 +2,7 @@
 
 use wafersim_kernels::{Attention, AttentionBackward, AttentionShape, KernelError};
 
-use super::exact::{Act, ExactEngine, measured};
+use super::exact::{Act, ExactEngine};
 use super::walk::Cost;
 use crate::model::GptConfig;
 
@@ -43,7 +43,7 @@ impl ExactEngine<'_> {
             v: &v.data,
         };
         let run = kernel.run(self.fabric(), self.options())?;
-        let cost = measured(&run.stats, run.stats.cycles);
+        let cost = self.measured(&run.stats, run.stats.cycles);
         let ctx = Act {
             data: run.out,
             features: q.features,
@@ -68,7 +68,7 @@ impl ExactEngine<'_> {
             probs,
         };
         let run = kernel.run(self.fabric(), self.options())?;
-        let cost = measured(&run.stats, run.stats.cycles);
+        let cost = self.measured(&run.stats, run.stats.cycles);
         let f = d_ctx.features;
         let act = |data| Act { data, features: f };
         Ok(([act(run.dq), act(run.dk), act(run.dv)], cost))

@@ -8,7 +8,7 @@ use wafersim_kernels::{
     EmbeddingBackward, GeluBackward, KernelError, LayerNormBackward, StreamedMatrix, WeightGrad,
 };
 
-use super::exact::{Act, ExactEngine, measured};
+use super::exact::{Act, ExactEngine};
 use super::forward::Normed;
 use super::walk::{Cost, Ln, Weight};
 use crate::model::LayerNorm as LnParams;
@@ -54,7 +54,7 @@ impl ExactEngine<'_> {
         } else {
             run.stats.cycles
         };
-        let cost = measured(&run.stats, dense_cycles);
+        let cost = self.measured(&run.stats, dense_cycles);
         drop(pattern);
         match weight {
             Weight::Linear { layer, kind } => {
@@ -93,7 +93,7 @@ impl ExactEngine<'_> {
             rstd: &normed.rstd,
         };
         let run = kernel.run(self.fabric(), self.options())?;
-        let cost = measured(&run.stats, run.stats.cycles);
+        let cost = self.measured(&run.stats, run.stats.cycles);
         *self.ln_grads(ln) = LnParams {
             gamma: run.dgamma,
             beta: run.dbeta,
@@ -118,7 +118,7 @@ impl ExactEngine<'_> {
             data: run.out,
             features: f.features,
         };
-        Ok((act, measured(&run.stats, run.stats.cycles)))
+        Ok((act, self.measured(&run.stats, run.stats.cycles)))
     }
 
     /// The embedding tables' gradients: added to wte (the head's part is already there), wpe.
@@ -132,6 +132,6 @@ impl ExactEngine<'_> {
             *g += d;
         }
         self.grads.wpe.data = run.d_position_table;
-        Ok(measured(&run.stats, run.stats.cycles))
+        Ok(self.measured(&run.stats, run.stats.cycles))
     }
 }

@@ -11,8 +11,10 @@
 //! What it is not: the schedule. The order of the kernels is [`super::walk`]'s; this module only
 //! knows how to run each one (`forward.rs`, `backward.rs`, `attention.rs` hold the kernel runs).
 
+use std::cell::RefCell;
+
 use wafersim_kernels::StreamedMatrix;
-use wafersim_sim::{FabricConfig, RunOptions, Stats};
+use wafersim_sim::{FabricConfig, RunOptions, Stats, Trace, TraceEvent, TraceWindow};
 
 use super::StepInputs;
 use super::forward::Normed;
@@ -37,6 +39,55 @@ pub(crate) struct ExactEngine<'a> {
     pub grads: GptParams,
     /// The mean next-token cross-entropy, once the loss kernel ran.
     pub loss: f64,
+    /// The trace being recorded, if one was asked for.
+    pub trace: Option<RefCell<StepTrace>>,
+}
+
+/// A trace of a window of the step: kernel runs are traced in their own cycles and placed at
+/// the cycle of the step they started at (kernels run one after another).
+pub(crate) struct StepTrace {
+    /// The window, in cycles from the step's start.
+    window: TraceWindow,
+    /// The step's cycle at which the next kernel run starts.
+    elapsed: u64,
+    /// What was recorded so far, in step cycles.
+    events: Vec<TraceEvent>,
+}
+
+impl StepTrace {
+    pub(crate) fn new(window: TraceWindow) -> Self {
+        StepTrace {
+            window,
+            elapsed: 0,
+            events: Vec::new(),
+        }
+    }
+
+    /// The window in the next kernel run's own cycles (`None` once the run starts after it).
+    fn next_run_window(&self) -> Option<TraceWindow> {
+        (self.window.end > self.elapsed).then(|| TraceWindow {
+            start: self.window.start.saturating_sub(self.elapsed),
+            end: self.window.end - self.elapsed,
+            ..self.window
+        })
+    }
+
+    /// Adds a finished run's events and moves past its cycles.
+    fn record(&mut self, stats: &Stats) {
+        if let Some(trace) = &stats.trace {
+            let at = self.elapsed;
+            self.events
+                .extend(trace.events.iter().map(|e| e.shifted(at)));
+        }
+        self.elapsed += stats.cycles;
+    }
+
+    pub(crate) fn finish(self) -> Trace {
+        Trace {
+            window: self.window,
+            events: self.events,
+        }
+    }
 }
 
 impl<'a> ExactEngine<'a> {
@@ -59,6 +110,7 @@ impl<'a> ExactEngine<'a> {
             sparse,
             grads: GptParams::zeros(inputs.config),
             loss: 0.0,
+            trace: None,
         }
     }
 
@@ -78,8 +130,25 @@ impl<'a> ExactEngine<'a> {
         self.inputs.fabric
     }
 
+    /// Run options of the next kernel run: its part of the trace window, if any.
     pub fn options(&self) -> RunOptions {
-        RunOptions::default()
+        let trace = self
+            .trace
+            .as_ref()
+            .and_then(|t| t.borrow().next_run_window());
+        RunOptions {
+            trace,
+            ..RunOptions::default()
+        }
+    }
+
+    /// A kernel run's measured cost ([`measured`]), its trace events kept if a trace is being
+    /// recorded. Every kernel run of the step passes here once, in order.
+    pub fn measured(&self, stats: &Stats, dense_cycles: u64) -> Cost {
+        if let Some(trace) = &self.trace {
+            trace.borrow_mut().record(stats);
+        }
+        measured(stats, dense_cycles)
     }
 
     /// The parameters of LayerNorm `ln`.

@@ -9,7 +9,7 @@ use wafersim_kernels::{
     SoftmaxCrossEntropy, StreamMatmul, StreamedMatrix,
 };
 
-use super::exact::{Act, ExactEngine, measured};
+use super::exact::{Act, ExactEngine};
 use super::walk::{Cost, Ln, Weight};
 use crate::flops::Phase;
 use crate::model::Linear;
@@ -34,7 +34,7 @@ impl ExactEngine<'_> {
             data: run.x,
             features: self.inputs.config.n_embd,
         };
-        Ok((act, measured(&run.stats, run.stats.cycles)))
+        Ok((act, self.measured(&run.stats, run.stats.cycles)))
     }
 
     pub(crate) fn embedding_shape(&self) -> EmbeddingShape<'_> {
@@ -65,7 +65,7 @@ impl ExactEngine<'_> {
             eps: self.inputs.config.layer_norm_epsilon,
         };
         let run = kernel.run(self.fabric(), self.options())?;
-        let cost = measured(&run.stats, run.stats.cycles);
+        let cost = self.measured(&run.stats, run.stats.cycles);
         let normed = Normed {
             y: Act {
                 data: run.y,
@@ -139,7 +139,7 @@ impl ExactEngine<'_> {
             }
             None => run.stats.cycles,
         };
-        let cost = measured(&run.stats, dense_cycles);
+        let cost = self.measured(&run.stats, dense_cycles);
         let act = Act {
             data: run.y,
             features: w.cols(),
@@ -160,7 +160,7 @@ impl ExactEngine<'_> {
             data: run.out,
             features: a.features,
         };
-        Ok((act, measured(&run.stats, run.stats.cycles)))
+        Ok((act, self.measured(&run.stats, run.stats.cycles)))
     }
 
     pub(crate) fn gelu_forward(&mut self, f: &Act) -> Result<(Act, Cost), KernelError> {
@@ -175,7 +175,7 @@ impl ExactEngine<'_> {
             data: run.out,
             features: f.features,
         };
-        Ok((act, measured(&run.stats, run.stats.cycles)))
+        Ok((act, self.measured(&run.stats, run.stats.cycles)))
     }
 
     /// The loss (kept) and the gradient of the logits.
@@ -193,6 +193,6 @@ impl ExactEngine<'_> {
             data: run.dz,
             features: logits.features,
         };
-        Ok((act, measured(&run.stats, run.stats.cycles)))
+        Ok((act, self.measured(&run.stats, run.stats.cycles)))
     }
 }

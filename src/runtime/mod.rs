@@ -27,10 +27,10 @@ mod forward;
 mod record;
 mod walk;
 
-pub use record::{OpRecord, StepCost};
+pub use record::{Op, OpRecord, StepCost};
 
 use wafersim_kernels::KernelError;
-use wafersim_sim::FabricConfig;
+use wafersim_sim::{FabricConfig, Trace, TraceWindow};
 
 use crate::compile::StepPlan;
 use crate::model::{GptConfig, GptParams};
@@ -126,24 +126,63 @@ pub enum RuntimeError {
     },
     #[error("the CPU reference: {0}")]
     Reference(#[from] ReferenceError),
+    #[error("a trace needs the exact fidelity (the fast one simulates no wavelet)")]
+    TraceNeedsExact,
+}
+
+/// What a step can report while it runs, besides its cost.
+#[derive(Clone, Copy, Default)]
+pub struct StepHooks<'a> {
+    /// Called after every kernel run with its record, in execution order.
+    pub progress: Option<&'a dyn Fn(&OpRecord)>,
+    /// Record a Chrome / Perfetto trace of this window of the step, in cycles from the step's
+    /// start (exact fidelity only).
+    pub trace: Option<TraceWindow>,
 }
 
 /// Runs one training step on the exact engine: the fabric's loss and gradients and the cost.
 pub fn run_step(inputs: StepInputs<'_>) -> Result<StepRun, RuntimeError> {
+    run_exact(inputs, StepHooks::default()).map(|(run, _)| run)
+}
+
+fn run_exact(
+    inputs: StepInputs<'_>,
+    hooks: StepHooks<'_>,
+) -> Result<(StepRun, Option<Trace>), RuntimeError> {
     let mut engine = exact::ExactEngine::new(inputs);
-    let cost = walk::walk(&mut engine, inputs)?;
-    Ok(StepRun {
+    engine.trace = hooks
+        .trace
+        .map(|w| std::cell::RefCell::new(exact::StepTrace::new(w)));
+    let cost = walk::walk(&mut engine, inputs, hooks.progress)?;
+    let trace = engine.trace.map(|t| t.into_inner().finish());
+    let run = StepRun {
         loss: engine.loss,
         grads: engine.grads,
         cost,
-    })
+    };
+    Ok((run, trace))
 }
 
 /// Runs (exact) or costs (fast) one training step.
 pub fn simulate_step(inputs: StepInputs<'_>, mode: StepMode) -> Result<StepReport, RuntimeError> {
+    simulate_step_with(inputs, mode, StepHooks::default()).map(|(report, _)| report)
+}
+
+/// [`simulate_step`] with `hooks`: progress after every kernel run, and the trace of a window
+/// (returned; exact fidelity only, [`RuntimeError::TraceNeedsExact`] otherwise).
+pub fn simulate_step_with(
+    inputs: StepInputs<'_>,
+    mode: StepMode,
+    hooks: StepHooks<'_>,
+) -> Result<(StepReport, Option<Trace>), RuntimeError> {
+    if hooks.trace.is_some() && mode.fidelity != Fidelity::Exact {
+        return Err(RuntimeError::TraceNeedsExact);
+    }
+    let mut trace = None;
     let (cost, numerics) = match mode.fidelity {
         Fidelity::Exact => {
-            let run = run_step(inputs)?;
+            let (run, recorded) = run_exact(inputs, hooks)?;
+            trace = recorded;
             let numerics = mode.numerics.then_some(Numerics {
                 loss: run.loss,
                 grads: run.grads,
@@ -151,7 +190,7 @@ pub fn simulate_step(inputs: StepInputs<'_>, mode: StepMode) -> Result<StepRepor
             (run.cost, numerics)
         }
         Fidelity::Fast => {
-            let cost = walk::walk(&mut fast::FastEngine::new(inputs), inputs)?;
+            let cost = walk::walk(&mut fast::FastEngine::new(inputs), inputs, hooks.progress)?;
             let numerics = if mode.numerics {
                 let (loss, grads) = reference::loss_and_grads(
                     inputs.config,
@@ -169,9 +208,10 @@ pub fn simulate_step(inputs: StepInputs<'_>, mode: StepMode) -> Result<StepRepor
             (cost, numerics)
         }
     };
-    Ok(StepReport {
+    let report = StepReport {
         fidelity: mode.fidelity,
         numerics,
         cost,
-    })
+    };
+    Ok((report, trace))
 }

@@ -138,15 +138,21 @@ struct Head<E: Engine> {
     dlogits: E::Act,
 }
 
-/// Walks the whole step on `engine`: its operation records in execution order.
+/// Called after every kernel run with its record.
+pub(crate) type OnRecord<'a> = Option<&'a dyn Fn(&OpRecord)>;
+
+/// Walks the whole step on `engine`: its operation records in execution order (each handed to
+/// `on_record` as it is made).
 pub(crate) fn walk<E: Engine>(
     engine: &mut E,
     inputs: StepInputs<'_>,
+    on_record: OnRecord<'_>,
 ) -> Result<StepCost, RuntimeError> {
     let mut walk = Walk {
         engine,
         inputs,
         cost: StepCost::default(),
+        on_record,
     };
     let (layers, head) = walk.forward()?;
     walk.backward(&layers, &head)?;
@@ -157,6 +163,7 @@ struct Walk<'a, E: Engine> {
     engine: &'a mut E,
     inputs: StepInputs<'a>,
     cost: StepCost,
+    on_record: OnRecord<'a>,
 }
 
 impl<E: Engine> Walk<'_, E> {
@@ -191,6 +198,9 @@ impl<E: Engine> Walk<'_, E> {
             busy_cycles: cost.busy_cycles,
             router_forwards: cost.router_forwards,
         });
+        if let (Some(on_record), Some(record)) = (self.on_record, self.cost.records.last()) {
+            on_record(record);
+        }
         Ok(out)
     }
 

@@ -14,7 +14,7 @@ use super::{MatmulPlan, MatmulShape};
 use crate::Precision;
 use crate::flow;
 use crate::layout::Split;
-use crate::load::StreamLoad;
+use crate::load::{StreamLoad, StreamTerms};
 
 /// Instruction costs of the fabric.
 struct Costs<'a> {
@@ -101,6 +101,52 @@ fn chunk_done(costs: &Costs<'_>, plan: &MatmulPlan, bias_columns: u64, t: u64) -
     costs.switch() + costs.vector(chunk_max * t, simd.mov_f32) + bias
 }
 
+/// The per-entry cost on the slowest row (the last with the most tokens) and the fill: the
+/// first wavelet reaching that row, `hop (1 + y) + ramp` after the start.
+pub(super) fn terms(config: &FabricConfig, shape: &MatmulShape, plan: &MatmulPlan) -> StreamTerms {
+    let costs = Costs { config };
+    let tokens = plan.input.tokens;
+    let row = u64::from(shape.region.origin.y) + last_largest(tokens) as u64;
+    StreamTerms {
+        per_entry: costs.per_entry(shape.precision, tokens.max_len() as u64),
+        fill_drain: u64::from(config.hop_latency) * (1 + row) + u64::from(config.ramp_latency),
+    }
+}
+
+/// Core cycles of the tasks each PE column runs (on its slowest row), by the same terms as
+/// [`estimate`]: the weight tasks, the end-of-chunk task, the join arm and `chunk_done` of
+/// every chunk. The reductions' transfers are asynchronous and not counted.
+pub(super) fn busy_per_column(
+    config: &FabricConfig,
+    shape: &MatmulShape,
+    plan: &MatmulPlan,
+    load: &StreamLoad,
+) -> Vec<u64> {
+    let costs = Costs { config };
+    let cols = shape.region.cols as usize;
+    let t = plan.input.tokens.max_len() as u64;
+    let entry = terms(config, shape, plan).per_entry;
+    let outs = plan.output.features;
+    let arm = if cols > 1 { costs.arm() } else { 0 };
+    (0..cols)
+        .map(|c| {
+            let bias = if shape.bias {
+                outs.block(c).len() as u64
+            } else {
+                0
+            };
+            let chunks = plan.chunks.iter().enumerate().map(|(j, chunk)| {
+                let last = j + 1 == plan.chunks.len();
+                load.get(j, c) * entry
+                    + end_task(&costs, outs, chunk, c, t)
+                    + arm
+                    + chunk_done(&costs, plan, if last { bias } else { 0 }, t)
+            });
+            chunks.sum()
+        })
+        .collect()
+}
+
 pub(super) fn estimate(
     config: &FabricConfig,
     shape: &MatmulShape,
@@ -109,11 +155,11 @@ pub(super) fn estimate(
 ) -> u64 {
     let costs = Costs { config };
     let cols = shape.region.cols as usize;
-    let tokens = plan.input.tokens;
-    let t = tokens.max_len() as u64;
-    let row = u64::from(shape.region.origin.y) + last_largest(tokens) as u64;
-    let first = u64::from(config.hop_latency) * (1 + row) + u64::from(config.ramp_latency);
-    let entry = costs.per_entry(shape.precision, t);
+    let t = plan.input.tokens.max_len() as u64;
+    let StreamTerms {
+        per_entry: entry,
+        fill_drain: first,
+    } = terms(config, shape, plan);
     let outs = plan.output.features;
     let mut resume = vec![first; cols];
     for (j, chunk) in plan.chunks.iter().enumerate() {

@@ -17,7 +17,7 @@ use super::{WeightGradPlan, WeightGradShape};
 use crate::Precision;
 use crate::flow;
 use crate::layout::Split;
-use crate::load::StreamLoad;
+use crate::load::{StreamLoad, StreamTerms};
 
 /// Instruction costs of the fabric for this kernel.
 struct Costs<'a> {
@@ -162,6 +162,67 @@ fn row_chunk(
                 costs.switch()
             };
             gathered[c] + costs.switch() + entries[c] * costs.per_entry() + end_task
+        })
+        .collect()
+}
+
+/// The per-entry cost (an index task on the largest tile) and the drain: the last gradient
+/// wavelet's trip from the last region row to the sink, `ramp + hop (1 + rows below)`.
+pub(super) fn terms(
+    config: &FabricConfig,
+    shape: &WeightGradShape,
+    plan: &WeightGradPlan,
+) -> StreamTerms {
+    let costs = Costs {
+        config,
+        precision: shape.precision,
+        t: plan.input.tokens.max_len() as u64,
+    };
+    StreamTerms {
+        per_entry: costs.per_entry(),
+        fill_drain: Column::new(config, shape).exit,
+    }
+}
+
+/// Core cycles of the tasks each PE column runs (its first row), by the same terms as
+/// [`estimate`]: per chunk `next_chunk`, the join arm, `gathered`, the index tasks, the
+/// end-of-chunk task and its arm; then the bias sums. Transfers are asynchronous, not counted.
+pub(super) fn busy_per_column(
+    config: &FabricConfig,
+    shape: &WeightGradShape,
+    plan: &WeightGradPlan,
+    load: &StreamLoad,
+) -> Vec<u64> {
+    let costs = Costs {
+        config,
+        precision: shape.precision,
+        t: plan.input.tokens.max_len() as u64,
+    };
+    let cols = shape.region.cols as usize;
+    let outs = plan.output.features;
+    let gather_arm = if cols > 1 { costs.arm() } else { 0 };
+    (0..cols)
+        .map(|c| {
+            let chunks: u64 = plan
+                .chunks
+                .iter()
+                .enumerate()
+                .map(|(j, chunk)| {
+                    let entries = load.get(j, c);
+                    let (end_task, arm) = if entries > 0 {
+                        (costs.switch() + 2 * costs.issue(), costs.arm())
+                    } else {
+                        (costs.switch(), 0)
+                    };
+                    costs.next_chunk(outs, chunk, c)
+                        + gather_arm
+                        + costs.switch()
+                        + entries * costs.per_entry()
+                        + end_task
+                        + arm
+                })
+                .sum();
+            chunks + costs.finish(outs.block(c).len() as u64, shape.bias)
         })
         .collect()
 }

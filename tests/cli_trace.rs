@@ -1,0 +1,174 @@
+//! `wafersim step --trace PATH --trace-region X,Y,W,H --trace-cycles A..B` (issue 5, item 6): a
+//! trace of a tiny step holds events inside the window only, on the traced PEs only, and the
+//! options are refused with one line when they are wrong or the fidelity is fast.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+struct Run {
+    code: i32,
+    stderr: String,
+}
+
+fn step(out: &Path, extra: &[&str]) -> Run {
+    let mut args = vec![
+        "step",
+        "--model",
+        "tiny",
+        "--fabric",
+        "4x4",
+        "--batch",
+        "1",
+        "--seq",
+        "8",
+        "--sparsity",
+        "0.5",
+        "--no-dense-baseline",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = Command::new(env!("CARGO_BIN_EXE_wafersim"))
+        .args(&args)
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Exit code 2 and one stderr line naming every needle.
+fn assert_refused(run: &Run, needles: &[&str]) {
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{:?}", run.stderr);
+    for n in needles {
+        assert!(lines[0].contains(n), "{n:?} not in {}", lines[0]);
+    }
+}
+
+#[test]
+fn a_trace_of_a_tiny_step_has_events_in_its_window_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let trace = tmp.path().join("trace.json");
+    // Cycles 2000..6000 of the step: past the embedding, inside the first layer's kernels.
+    let run = step(
+        &tmp.path().join("out"),
+        &[
+            "--trace",
+            trace.to_str().unwrap(),
+            "--trace-region",
+            "1,1,2,3",
+            "--trace-cycles",
+            "2000..6000",
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let events = v["traceEvents"].as_array().unwrap();
+    let spans: Vec<&Value> = events.iter().filter(|e| e["ph"] == "X").collect();
+    assert!(spans.len() > 10, "{} events", spans.len());
+    let tasks = spans.iter().filter(|e| e["tid"] == 0).count();
+    assert!(tasks > 0, "no core task in the window");
+    for e in &spans {
+        // 1 cycle = 1 ns: ts and dur in microseconds.
+        let start = (e["ts"].as_f64().unwrap() * 1000.0).round() as u64;
+        let dur = (e["dur"].as_f64().unwrap() * 1000.0).round() as u64;
+        assert!(
+            start < 6000 && start + dur.max(1) > 2000,
+            "{e} outside 2000..6000"
+        );
+        // pid = y * 100000 + x: columns 1-2, rows 1-3.
+        let pid = e["pid"].as_u64().unwrap();
+        let (x, y) = (pid % 100_000, pid / 100_000);
+        assert!(
+            (1..=2).contains(&x) && (1..=3).contains(&y),
+            "PE ({x}, {y})"
+        );
+    }
+    // Every traced PE has its name.
+    let names = events
+        .iter()
+        .filter(|e| e["name"] == "process_name")
+        .count();
+    assert!((1..=6).contains(&names), "{names} PEs named");
+}
+
+#[test]
+fn wrong_trace_options_are_refused_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let trace = tmp.path().join("t.json");
+    let t = trace.to_str().unwrap();
+    let cases: [(&[&str], &[&str]); 6] = [
+        (
+            &[
+                "--trace",
+                t,
+                "--trace-region",
+                "0,0,1,1",
+                "--trace-cycles",
+                "0..10",
+                "--fidelity",
+                "fast",
+            ],
+            &["--trace", "--fidelity exact"],
+        ),
+        (
+            &[
+                "--trace",
+                t,
+                "--trace-region",
+                "0,0,1",
+                "--trace-cycles",
+                "0..10",
+            ],
+            &["--trace-region 0,0,1", "X,Y,W,H"],
+        ),
+        (
+            &[
+                "--trace",
+                t,
+                "--trace-region",
+                "3,0,2,1",
+                "--trace-cycles",
+                "0..10",
+            ],
+            &["--trace-region", "past the 4 x 4 fabric"],
+        ),
+        (
+            &[
+                "--trace",
+                t,
+                "--trace-region",
+                "0,0,1,1",
+                "--trace-cycles",
+                "10..10",
+            ],
+            &["--trace-cycles 10..10", "after the start"],
+        ),
+        (
+            &[
+                "--trace",
+                t,
+                "--trace-region",
+                "0,0,1,1",
+                "--trace-cycles",
+                "ten..20",
+            ],
+            &["--trace-cycles", "not a whole number"],
+        ),
+        (
+            &["--trace", t, "--trace-cycles", "0..10"],
+            &["--trace-region"],
+        ),
+    ];
+    for (extra, needles) in cases {
+        let run = step(&out, extra);
+        assert_refused(&run, needles);
+    }
+    assert!(!trace.exists() && !out.exists(), "nothing ran");
+}
