@@ -13,9 +13,11 @@ mod gemm;
 mod guard;
 mod init;
 mod inspect;
+mod plot;
 mod presets;
 mod step;
 mod sweep;
+mod train;
 
 /// Simulate sparse training on a wafer-scale dataflow accelerator.
 #[derive(Parser)]
@@ -41,6 +43,9 @@ enum Command {
     Init(init::Args),
     /// Show a checkpoint's shape, parameter counts and the sparsity of its matrices.
     Inspect(inspect::Args),
+    /// Train one phase of the MediSwift recipe (sparse pre-training, dense fine-tuning, prompt
+    /// tuning) on the simulated fabric.
+    Train(train::Args),
 }
 
 /// Marks an error as the user's input being wrong (exit code 2), as opposed to a failure while
@@ -110,6 +115,7 @@ pub fn main() -> ExitCode {
         Command::Sweep(args) => sweep::run(args),
         Command::Init(args) => init::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
