@@ -14,7 +14,9 @@ use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopError, FlopOptions, NnzSource, StepShape};
 use crate::model::{GptConfig, GptParams};
 use crate::reference::Batch;
-use crate::runtime::{Fidelity, RuntimeError, StepCost, StepInputs, StepMode, simulate_step};
+use crate::runtime::{
+    Fidelity, GradientSet, RuntimeError, StepCost, StepInputs, StepMode, simulate_step,
+};
 use crate::sparsity::{ModelMasks, SparsityError};
 
 /// What one sparsity's step measured.
@@ -133,6 +135,8 @@ fn run_point(
         fabric: setup.fabric,
         plan,
         dense_baseline: false,
+        prompt: None,
+        gradients: GradientSet::All,
     };
     let mode = StepMode {
         fidelity: setup.fidelity,

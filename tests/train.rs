@@ -213,3 +213,132 @@ fn dense_finetuning_lowers_the_loss_further() {
     let after = mean_last(&fine.losses, 5);
     assert!(after < before, "dense fine-tuning: {before} -> {after}");
 }
+
+fn prompt_from_data(params: &GptParams, corpus: &Corpus, p: usize) -> wafersim::model::Matrix {
+    let data = corpus
+        .first_ids(p)
+        .iter()
+        .flat_map(|&id| params.wte.row(id as usize).to_vec())
+        .collect();
+    wafersim::model::Matrix {
+        rows: p,
+        cols: params.wte.cols,
+        data,
+    }
+}
+
+/// Prompt tuning on the fabric: the loss and the prompt gradient equal the reference's, the
+/// weight-gradient kernels do not run (their cycles and FLOPs are saved), and no weight moves.
+#[test]
+fn an_exact_prompt_step_equals_the_reference_and_changes_no_weight() {
+    use wafersim::flops::Phase;
+    let config = tiny();
+    let fabric = FabricConfig::from_spec("4x4").unwrap();
+    let (params, masks) = sparse_start(&config, 0.5);
+    let (b, s, p) = (2, 12, 4);
+    let corpus = corpus(&config, s);
+    let prompt = prompt_from_data(&params, &corpus, p);
+    let plan = plan_step(&config, b, s + p, &fabric, Precision::F32).unwrap();
+    let shape = RunShape {
+        config: &config,
+        fabric: &fabric,
+        plan: &plan,
+        fidelity: Fidelity::Exact,
+    };
+    let schedule = LrSchedule {
+        peak: 1e-2,
+        warmup: 0,
+        total: 2,
+    };
+    let mut trainer =
+        Trainer::prompt_tuning(params.clone(), masks.clone(), prompt.clone(), schedule);
+    let batch = Sampler::new(&corpus, b, 1)
+        .next_batch(&corpus, &config)
+        .unwrap();
+    let (all, only) = trainer.cost_with_all_gradients(shape, &batch).unwrap();
+    let record = trainer.step(shape, &batch).unwrap();
+
+    let (loss, grad) = reference::prompt_loss_and_grad(&config, &params, &prompt, &batch).unwrap();
+    let rel = (record.loss - f64::from(loss)).abs() / f64::from(loss);
+    assert!(rel < 1e-5, "loss {} vs {loss} ({rel:e})", record.loss);
+    // The first AdamW step moves each vector entry by lr * sign(g) (m / sqrt(v) = g / |g|).
+    let moved = &trainer.prompt.as_ref().unwrap().vectors;
+    for ((new, old), g) in moved.data.iter().zip(&prompt.data).zip(&grad.data) {
+        if g.abs() > 1e-6 {
+            let step = f64::from(*new) - f64::from(*old);
+            assert!(
+                (step + 1e-2 * f64::from(g.signum())).abs() < 1e-5,
+                "{step} for g {g}"
+            );
+        }
+    }
+    assert_eq!(trainer.params, params, "a prompt step changed a weight");
+
+    // No weight-gradient record at all; everything else is the same kernels. The full step
+    // has 2 layers x 6 + 1 (head) weight-gradient kernels more.
+    let wg = |c: &wafersim::runtime::StepCost| {
+        c.records
+            .iter()
+            .filter(|r| r.op.phase == Phase::WeightGrad && !r.op.matmuls.is_empty())
+            .count()
+    };
+    assert_eq!((wg(&all), wg(&only)), (13, 0));
+    assert_eq!(all.records.len() - only.records.len(), 13);
+    // FLOPs saved: the weight-gradient phase over T = 2 x (12 + 4) = 32 positions: 2 T per kept
+    // weight of the sparse matrices (all layers: masks.nnz()) plus the LM head's 2 T V d.
+    let t = (b * (s + p)) as u64;
+    let nnz: u64 = masks.nnz() as u64;
+    let expected = 2 * t * nnz + 2 * t * 256 * 64;
+    let saved = all.executed_matmul_flops() - only.executed_matmul_flops();
+    assert_eq!(saved, expected);
+    assert!(all.cycles() > only.cycles());
+}
+
+#[test]
+fn prompt_tuning_lowers_the_loss_on_new_data() {
+    let config = tiny();
+    let fabric = FabricConfig::from_spec("4x4").unwrap();
+    let (params, masks) = sparse_start(&config, 0.5);
+    let pre = run(
+        TrainPhase::SparsePretrain,
+        params,
+        masks,
+        20,
+        Fidelity::Fast,
+        &fabric,
+    );
+    let (b, s, p) = (2, 12, 4);
+    let text = "Q: what is the dose? A: one tablet. ".repeat(10);
+    let ids: Vec<u32> = text.bytes().map(u32::from).collect();
+    let new = Corpus::from_sequences(&[ids], s, &config).unwrap();
+    let prompt = prompt_from_data(&pre.trainer.params, &new, p);
+    let plan = plan_step(&config, b, s + p, &fabric, Precision::F32).unwrap();
+    let shape = RunShape {
+        config: &config,
+        fabric: &fabric,
+        plan: &plan,
+        fidelity: Fidelity::Fast,
+    };
+    let schedule = LrSchedule {
+        peak: 3e-2,
+        warmup: 0,
+        total: 30,
+    };
+    let frozen = pre.trainer.params.clone();
+    let mut trainer =
+        Trainer::prompt_tuning(frozen.clone(), pre.trainer.masks.clone(), prompt, schedule);
+    let mut sampler = Sampler::new(&new, b, 2);
+    let losses: Vec<f64> = (0..30)
+        .map(|_| {
+            let batch = sampler.next_batch(&new, &config).unwrap();
+            trainer.step(shape, &batch).unwrap().loss
+        })
+        .collect();
+    let (first, last) = (mean_first(&losses, 5), mean_last(&losses, 5));
+    assert!(last < first, "prompt tuning: {first} -> {last}");
+    assert_eq!(trainer.params, frozen);
+}
+
+fn mean_first(losses: &[f64], n: usize) -> f64 {
+    losses[..n].iter().sum::<f64>() / n as f64
+}

@@ -81,6 +81,7 @@ fn loss_and_gradient_match_the_cpu_on_every_layout() {
             region,
             ids: &IDS,
             seq_len: S,
+            unscored_prefix: 0,
             vocab: V,
             logits: &z,
         };
@@ -138,6 +139,7 @@ fn a_hand_worked_case_with_logits_too_big_for_a_plain_exp() {
             region: Region::at_origin(cols, 2),
             ids: &[0, 1],
             seq_len: 2,
+            unscored_prefix: 0,
             vocab: 2,
             logits: &z,
         };
@@ -169,6 +171,7 @@ fn bad_inputs_and_tiles_too_big_are_refused() {
         region: Region::at_origin(2, 2),
         ids: &ids,
         seq_len: S,
+        unscored_prefix: 0,
         vocab: V,
         logits: &z,
     };
@@ -179,6 +182,7 @@ fn bad_inputs_and_tiles_too_big_are_refused() {
     let single = SoftmaxCrossEntropy {
         ids: &IDS,
         seq_len: 1,
+        unscored_prefix: 0,
         ..kernel
     };
     assert!(
@@ -195,6 +199,7 @@ fn bad_inputs_and_tiles_too_big_are_refused() {
         region: Region::at_origin(1, 1),
         ids: &ids,
         seq_len: 2,
+        unscored_prefix: 0,
         vocab: 60,
         logits: &z,
     };
@@ -219,6 +224,7 @@ fn the_estimate_tracks_bigger_shapes() {
             region,
             ids: &ids,
             seq_len: s,
+            unscored_prefix: 0,
             vocab: v,
             logits: &z,
         };

@@ -15,6 +15,7 @@ mod init;
 mod inspect;
 mod plot;
 mod presets;
+mod prompt;
 mod step;
 mod sweep;
 mod train;

@@ -21,7 +21,7 @@ use crate::model::checkpoint::{
 };
 use crate::model::{GptConfig, GptParams, init_params};
 use crate::reference::{AdamState, AdamW, Batch};
-use crate::runtime::{Numerics, StepInputs, StepMode, StepReport, simulate_step};
+use crate::runtime::{GradientSet, Numerics, StepInputs, StepMode, StepReport, simulate_step};
 use crate::sparsity::{self, ModelMasks};
 
 /// Arguments of `wafersim step`.
@@ -88,6 +88,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fabric: &setup.fabric,
         plan: &setup.plan,
         dense_baseline: !args.no_dense_baseline,
+        prompt: None,
+        gradients: GradientSet::All,
     };
     let mode = StepMode {
         fidelity: args.fidelity.fidelity(),

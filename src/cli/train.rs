@@ -61,6 +61,16 @@ pub struct Args {
     /// the checkpoint's zeros].
     #[arg(long, value_name = "S", allow_hyphen_values = true)]
     sparsity: Option<f64>,
+    /// prompt-tune: learned prompt vectors in front of every sequence.
+    #[arg(long, value_name = "P", default_value_t = 8)]
+    prompt_len: usize,
+    /// prompt-tune: start from the embeddings of the data's first P token ids, or random.
+    #[arg(long, value_enum, default_value = "data")]
+    prompt_init: PromptInit,
+    /// prompt-tune: start from the prompt vectors of this file (a `prompt.safetensors` written by
+    /// an earlier run) instead of --prompt-init.
+    #[arg(long, value_name = "PATH")]
+    prompt: Option<PathBuf>,
     /// Peak AdamW learning rate.
     #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
     lr: f64,
@@ -84,6 +94,12 @@ pub struct Args {
     out: PathBuf,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PromptInit {
+    Data,
+    Random,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum PhaseArg {
     SparsePretrain,
@@ -104,6 +120,8 @@ impl PhaseArg {
 /// The files of `--out` (the checkpoint goes to `checkpoint/`).
 const LOG_FILES: [&str; 3] = ["train.csv", "train.json", "loss.svg"];
 const CHECKPOINT_DIR: &str = "checkpoint";
+/// The prompt vectors of a prompt-tuning run, tensor `prompt` `[P, d]`.
+const PROMPT_FILE: &str = "prompt.safetensors";
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let setup = Setup::check(&args)?;
@@ -113,7 +131,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         warmup: args.warmup,
         total: args.steps,
     };
-    let mut trainer = Trainer::new(setup.phase, params, masks, schedule);
+    let mut trainer = match setup.phase {
+        TrainPhase::PromptTune => {
+            let prompt = super::prompt::initial_prompt(
+                args.prompt.as_deref(),
+                args.prompt_init == PromptInit::Random,
+                &setup.corpus,
+                &params,
+                args.prompt_len,
+                args.seed,
+            )?;
+            Trainer::prompt_tuning(params, masks, prompt, schedule)
+        }
+        _ => Trainer::new(setup.phase, params, masks, schedule),
+    };
     let mut sampler = Sampler::new(&setup.corpus, args.batch, args.seed);
     let stop = stop_flag();
     let shape = RunShape {
@@ -123,6 +154,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fidelity: args.fidelity.fidelity(),
     };
     let started = Instant::now();
+    let savings = prompt_savings(&trainer, shape, &setup, &args)?;
     let mut log = Vec::new();
     while trainer.steps < args.steps && !stop.load(Ordering::SeqCst) {
         let batch = sampler
@@ -136,14 +168,43 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         log.push(record);
         if args.save_every.is_some_and(|k| record.step % k == 0) && record.step < args.steps {
             let dir = args.out.join(format!("step-{}", record.step));
-            let run = Finished::new(&setup, &args, &trainer, &log, started, false);
+            let mut run = Finished::new(&setup, &args, &trainer, &log, started, false);
+            run.savings = savings.clone();
             write_outputs(&args.out, &dir, &run)?;
         }
     }
     let interrupted = trainer.steps < args.steps;
-    let run = Finished::new(&setup, &args, &trainer, &log, started, interrupted);
+    let mut run = Finished::new(&setup, &args, &trainer, &log, started, interrupted);
+    run.savings = savings;
     print_summary(&run);
     write_outputs(&args.out, &args.out.join(CHECKPOINT_DIR), &run)
+}
+
+/// Prompt tuning: one step's cost with every gradient against the run's (no weight gradient),
+/// on the first batch, as JSON; `None` for the other phases.
+fn prompt_savings(
+    trainer: &Trainer,
+    shape: RunShape<'_>,
+    setup: &Setup,
+    args: &Args,
+) -> anyhow::Result<Option<Value>> {
+    if setup.phase != TrainPhase::PromptTune {
+        return Ok(None);
+    }
+    let batch = Sampler::new(&setup.corpus, args.batch, args.seed)
+        .next_batch(&setup.corpus, &setup.config)
+        .map_err(|e| bad_input("--tokens", e))?;
+    let (all, run) = trainer.cost_with_all_gradients(shape, &batch)?;
+    Ok(Some(json!({
+        "what": "one step on the first batch, at the run's fidelity: every gradient against the prompt's only",
+        "all_gradients": { "cycles": all.cycles(), "flops": all.executed_matmul_flops() },
+        "prompt_only": { "cycles": run.cycles(), "flops": run.executed_matmul_flops() },
+        "saved": {
+            "cycles": all.cycles() - run.cycles(),
+            "flops": all.executed_matmul_flops() - run.executed_matmul_flops(),
+            "cycle_fraction": (all.cycles() - run.cycles()) as f64 / all.cycles() as f64,
+        },
+    })))
 }
 
 /// Set by Ctrl-C: the loop ends after the step in progress.
@@ -173,7 +234,14 @@ impl Setup {
         check_flags(args, phase)?;
         guard::check_batch_shape("--batch/--seq", &config, args.batch, args.seq)?;
         let corpus = read_corpus(&args.tokens, args.seq, &config)?;
-        let plan = plan_step(&config, args.batch, args.seq, &fabric, Precision::F32).map_err(
+        let prompt_len = if phase == TrainPhase::PromptTune {
+            args.prompt_len
+        } else {
+            0
+        };
+        let positions = args.seq.saturating_add(prompt_len);
+        guard::check_batch_shape("--seq + --prompt-len", &config, args.batch, positions)?;
+        let plan = plan_step(&config, args.batch, positions, &fabric, Precision::F32).map_err(
             |e| match e {
                 e @ CompileError::DoesNotFit { .. } => anyhow::Error::new(e),
                 e => bad_input("--fabric", e),
@@ -223,6 +291,18 @@ fn check_flags(args: &Args, phase: TrainPhase) -> anyhow::Result<()> {
             ));
         }
         _ => {}
+    }
+    if phase == TrainPhase::PromptTune && args.prompt_len == 0 && args.prompt.is_none() {
+        return Err(bad_input(
+            "--prompt-len",
+            anyhow::anyhow!("must be at least 1"),
+        ));
+    }
+    if phase != TrainPhase::PromptTune && args.prompt.is_some() {
+        return Err(bad_input(
+            "--prompt",
+            anyhow::anyhow!("only prompt-tune learns prompt vectors"),
+        ));
     }
     Ok(())
 }
@@ -276,6 +356,7 @@ struct Finished<'a> {
     log: &'a [StepRecord],
     wall: f64,
     interrupted: bool,
+    savings: Option<Value>,
 }
 
 impl<'a> Finished<'a> {
@@ -294,6 +375,7 @@ impl<'a> Finished<'a> {
             log,
             wall: started.elapsed().as_secs_f64(),
             interrupted,
+            savings: None,
         }
     }
 
@@ -344,6 +426,15 @@ fn write_outputs(out: &Path, checkpoint: &Path, run: &Finished<'_>) -> anyhow::R
         std::fs::create_dir_all(checkpoint)
             .with_context(|| format!("creating {}", checkpoint.display()))?;
         let mut staged = stage_checkpoint(checkpoint, &run.setup.config, &run.trainer.params)?;
+        if let Some(prompt) = &run.trainer.prompt {
+            let v = &prompt.vectors;
+            let tensors = [("prompt".to_string(), vec![v.rows, v.cols], &v.data[..])];
+            let path = out.join(PROMPT_FILE);
+            staged.push(
+                stage_f32_safetensors(&path, &tensors)
+                    .with_context(|| format!("writing {}", path.display()))?,
+            );
+        }
         let [csv, json_file, svg] = LOG_FILES;
         staged.push(stage_text(&out.join(csv), &csv_text(run.log))?);
         let report = super::json_text(&report_json(run, checkpoint))?;
@@ -427,6 +518,9 @@ fn report_json(run: &Finished<'_>, checkpoint: &Path) -> Value {
             "seconds": run.seconds(),
         },
         "checkpoint": checkpoint.display().to_string(),
+        "prompt": run.trainer.prompt.as_ref().map(|p| json!({
+            "len": p.vectors.rows, "file": PROMPT_FILE, "savings": run.savings,
+        })),
         "host": { "wall_seconds": run.wall },
     })
 }

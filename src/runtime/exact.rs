@@ -14,11 +14,11 @@
 use wafersim_kernels::StreamedMatrix;
 use wafersim_sim::{FabricConfig, RunOptions, Stats};
 
-use super::StepInputs;
 use super::forward::Normed;
 use super::walk::{Cost, Engine, Launched, Ln, Weight};
+use super::{Sequences, StepInputs};
 use crate::flops::Phase;
-use crate::model::{GptParams, LayerNorm as LnParams, SparseKind};
+use crate::model::{GptParams, LayerNorm as LnParams, Matrix, SparseKind};
 
 /// A `tokens x features` activation, row-major, as the host sees it between kernels.
 #[derive(Clone, Debug, Default)]
@@ -37,6 +37,12 @@ pub(crate) struct ExactEngine<'a> {
     pub grads: GptParams,
     /// The mean next-token cross-entropy, once the loss kernel ran.
     pub loss: f64,
+    /// The token rows the fabric sees (prompt rows first).
+    pub seqs: Sequences,
+    /// The token table the embedding looks rows up in: `wte`, then the prompt vectors.
+    pub token_table: Vec<f32>,
+    /// Gradient of the prompt vectors, filled in by the embedding's backward.
+    pub prompt_grad: Option<Matrix>,
 }
 
 impl<'a> ExactEngine<'a> {
@@ -54,11 +60,18 @@ impl<'a> ExactEngine<'a> {
                 })
             })
             .collect();
+        let mut token_table = inputs.params.wte.data.clone();
+        if let Some(prompt) = inputs.prompt {
+            token_table.extend_from_slice(&prompt.data);
+        }
         ExactEngine {
             inputs,
             sparse,
             grads: GptParams::zeros(inputs.config),
             loss: 0.0,
+            seqs: inputs.sequences(),
+            token_table,
+            prompt_grad: None,
         }
     }
 

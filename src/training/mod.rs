@@ -12,6 +12,10 @@
 //! weights (zero in the sparse checkpoint) get gradients and learn, and the step costs what a
 //! dense step costs.
 //!
+//! Prompt tuning learns `P` vectors placed in front of every sequence ([`PromptVectors`]); the
+//! step runs with [`GradientSet::PromptOnly`], so the fabric runs no weight-gradient kernel, and
+//! only the vectors are updated (AdamW, no weight decay).
+//!
 //! What it is not: a data loader, a tokenizer or a checkpoint writer (the CLI writes the files);
 //! the optimizer state is not saved, so a continued run restarts AdamW's moments.
 
@@ -21,9 +25,11 @@ pub mod schedule;
 use wafersim_sim::FabricConfig;
 
 use crate::compile::StepPlan;
-use crate::model::{GptConfig, GptParams};
+use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::{AdamState, AdamW, Batch, ReferenceError};
-use crate::runtime::{Fidelity, RuntimeError, StepInputs, StepMode, simulate_step};
+use crate::runtime::{
+    Fidelity, GradientSet, RuntimeError, StepCost, StepInputs, StepMode, simulate_step,
+};
 use crate::sparsity::ModelMasks;
 
 pub use corpus::{Corpus, CorpusError, Sampler};
@@ -107,8 +113,31 @@ pub struct Trainer {
     pub masks: ModelMasks,
     pub schedule: LrSchedule,
     adam: AdamState,
+    /// Prompt tuning: the prompt vectors `[P, d]` and their AdamW moments.
+    pub prompt: Option<PromptVectors>,
     /// Steps taken.
     pub steps: u64,
+}
+
+/// Learned prompt vectors and their optimizer state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptVectors {
+    /// `[P, d]`.
+    pub vectors: Matrix,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl PromptVectors {
+    /// Vectors to learn, starting at `vectors`, moments zero.
+    pub fn new(vectors: Matrix) -> Self {
+        let n = vectors.data.len();
+        Self {
+            vectors,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        }
+    }
 }
 
 impl Trainer {
@@ -125,16 +154,33 @@ impl Trainer {
             params,
             masks,
             schedule,
+            prompt: None,
             steps: 0,
         }
     }
 
-    /// One optimizer step on `batch`: the step on the fabric, then AdamW on the host. On error
-    /// the weights and optimizer state are left as they were.
-    pub fn step(&mut self, shape: RunShape<'_>, batch: &Batch) -> Result<StepRecord, TrainError> {
-        let step = self.steps + 1;
-        let lr = self.schedule.at(self.steps);
-        let inputs = StepInputs {
+    /// A prompt-tuning run: `prompt` learned in front of every sequence, `params` frozen.
+    pub fn prompt_tuning(
+        params: GptParams,
+        masks: ModelMasks,
+        prompt: Matrix,
+        schedule: LrSchedule,
+    ) -> Self {
+        let mut trainer = Self::new(TrainPhase::PromptTune, params, masks, schedule);
+        trainer.prompt = Some(PromptVectors::new(prompt));
+        trainer
+    }
+
+    /// Which gradients this run's steps compute.
+    pub fn gradients(&self) -> GradientSet {
+        match self.phase {
+            TrainPhase::PromptTune => GradientSet::PromptOnly,
+            _ => GradientSet::All,
+        }
+    }
+
+    fn inputs<'a>(&'a self, shape: RunShape<'a>, batch: &'a Batch) -> StepInputs<'a> {
+        StepInputs {
             config: shape.config,
             params: &self.params,
             masks: &self.masks,
@@ -142,7 +188,39 @@ impl Trainer {
             fabric: shape.fabric,
             plan: shape.plan,
             dense_baseline: false,
+            prompt: self.prompt.as_ref().map(|p| &p.vectors),
+            gradients: self.gradients(),
+        }
+    }
+
+    /// The cost of one step on `batch` with every gradient computed, and with this run's
+    /// gradients: for prompt tuning, what skipping the frozen weights' gradients saves.
+    pub fn cost_with_all_gradients(
+        &self,
+        shape: RunShape<'_>,
+        batch: &Batch,
+    ) -> Result<(StepCost, StepCost), RuntimeError> {
+        let mode = StepMode {
+            fidelity: shape.fidelity,
+            numerics: false,
         };
+        let run = self.inputs(shape, batch);
+        let all = StepInputs {
+            gradients: GradientSet::All,
+            ..run
+        };
+        Ok((
+            simulate_step(all, mode)?.cost,
+            simulate_step(run, mode)?.cost,
+        ))
+    }
+
+    /// One optimizer step on `batch`: the step on the fabric, then AdamW on the host. On error
+    /// the weights and optimizer state are left as they were.
+    pub fn step(&mut self, shape: RunShape<'_>, batch: &Batch) -> Result<StepRecord, TrainError> {
+        let step = self.steps + 1;
+        let lr = self.schedule.at(self.steps);
+        let inputs = self.inputs(shape, batch);
         let mode = StepMode {
             fidelity: shape.fidelity,
             numerics: true,
@@ -151,6 +229,32 @@ impl Trainer {
             simulate_step(inputs, mode).map_err(|source| TrainError::Step { step, source })?;
         let numerics = report.numerics.ok_or(TrainError::NoNumerics { step })?;
         check_finite(step, "the loss", numerics.loss)?;
+        if let Some(prompt) = &self.prompt {
+            let grad = numerics
+                .prompt_grad
+                .ok_or(TrainError::NoNumerics { step })?;
+            let mut next = prompt.clone();
+            AdamW::new(lr)
+                .step_tensor(
+                    &mut next.vectors.data,
+                    &grad.data,
+                    &mut next.m,
+                    &mut next.v,
+                    step,
+                    false,
+                )
+                .map_err(|source| TrainError::Optimizer { step, source })?;
+            if let Some(v) = next.vectors.data.iter().find(|v| !v.is_finite()) {
+                return Err(TrainError::NonFinite {
+                    step,
+                    what: "an updated prompt vector".into(),
+                    value: f64::from(*v),
+                });
+            }
+            self.prompt = Some(next);
+            self.steps = step;
+            return Ok(record(step, numerics.loss, lr, &report.cost));
+        }
         let mut params = self.params.clone();
         let mut adam = self.adam.clone();
         AdamW::new(lr)
@@ -160,13 +264,17 @@ impl Trainer {
         self.params = params;
         self.adam = adam;
         self.steps = step;
-        Ok(StepRecord {
-            step,
-            loss: numerics.loss,
-            lr,
-            flops: report.cost.executed_matmul_flops(),
-            cycles: report.cost.cycles(),
-        })
+        Ok(record(step, numerics.loss, lr, &report.cost))
+    }
+}
+
+fn record(step: u64, loss: f64, lr: f64, cost: &StepCost) -> StepRecord {
+    StepRecord {
+        step,
+        loss,
+        lr,
+        flops: cost.executed_matmul_flops(),
+        cycles: cost.cycles(),
     }
 }
 
