@@ -13,6 +13,7 @@ pub mod compile;
 pub mod flops;
 pub mod gemm;
 pub mod model;
+pub mod recipe;
 pub mod reference;
 pub mod runtime;
 pub mod sparsity;

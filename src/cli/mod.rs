@@ -16,6 +16,7 @@ mod inspect;
 mod plot;
 mod presets;
 mod prompt;
+mod recipe;
 mod step;
 mod sweep;
 mod train;
@@ -47,6 +48,9 @@ enum Command {
     /// Train one phase of the MediSwift recipe (sparse pre-training, dense fine-tuning, prompt
     /// tuning) on the simulated fabric.
     Train(train::Args),
+    /// What the whole recipe (sparse pre-training, dense fine-tuning, prompt tuning) costs,
+    /// against the same recipe pre-trained dense.
+    Recipe(recipe::Args),
 }
 
 /// Marks an error as the user's input being wrong (exit code 2), as opposed to a failure while
@@ -117,6 +121,7 @@ pub fn main() -> ExitCode {
         Command::Init(args) => init::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Train(args) => train::run(args),
+        Command::Recipe(args) => recipe::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
