@@ -237,3 +237,139 @@ fn ctrl_c_ends_the_run_after_the_current_step_with_everything_written() {
     assert_eq!(csv_rows(&out.join("train.csv")).len() as u64, done);
     assert!(load_checkpoint(&out.join("checkpoint")).is_ok());
 }
+
+/// Prompt tuning from the CLI: the vectors are saved on their own, the weights are untouched,
+/// `train.json` shows the weight-gradient work skipped, and `wafersim step --prompt` loads the
+/// vectors and computes the reference's prompt loss.
+#[test]
+fn prompt_tuning_saves_its_vectors_and_step_loads_them() {
+    use wafersim::model::GptConfig;
+    use wafersim::model::checkpoint::read_params;
+    use wafersim::reference::{self, Batch};
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens_file(tmp.path());
+    let out = tmp.path().join("prompt");
+    let mut args = train_args(&tokens, &out, "3");
+    args.extend([
+        "--model",
+        "tiny",
+        "--phase",
+        "prompt-tune",
+        "--prompt-len",
+        "4",
+    ]);
+    args.extend(["--fidelity", "fast", "--lr", "0.01"]);
+    let (code, stderr) = wafersim(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let report = json(&out.join("train.json"));
+    assert_eq!(report["prompt"]["len"], 4);
+    // Skipped: every weight gradient of the dense tiny model over T = 2 x (16 + 4) = 40
+    // positions: 2 T (2 layers x 12 x 64^2 + the head's 256 x 64) = 80 x 114,688 = 9,175,040.
+    assert_eq!(report["prompt"]["savings"]["saved"]["flops"], 9_175_040);
+    let saved = &report["prompt"]["savings"]["saved"]["cycles"];
+    assert!(saved.as_u64().unwrap() > 0);
+    let (config, trained) = load_checkpoint(&out.join("checkpoint")).unwrap();
+    assert_eq!(
+        trained,
+        wafersim::model::init_params(&config, 0),
+        "weights moved"
+    );
+
+    // step --prompt: the reference's prompt loss on the saved weights and vectors.
+    let batch_file = tmp.path().join("batch.json");
+    fs::write(
+        &batch_file,
+        "[[116,104,101,32,113,117],[98,114,111,119,110,32]]",
+    )
+    .unwrap();
+    let step_out = tmp.path().join("step");
+    let prompt_file = out.join("prompt.safetensors");
+    let ckpt = out.join("checkpoint");
+    let args = [
+        "step",
+        "--checkpoint",
+        path_str(&ckpt),
+        "--tokens",
+        path_str(&batch_file),
+        "--prompt",
+        path_str(&prompt_file),
+        "--fabric",
+        "4x4",
+        "--out",
+        path_str(&step_out),
+    ];
+    let (code, stderr) = wafersim(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(step_out.join("prompt_grad.safetensors").exists());
+    assert!(!step_out.join("updated.safetensors").exists());
+    let r = json(&step_out.join("report.json"));
+    assert_eq!(
+        (r["prompt_len"].as_u64(), r["seq"].as_u64()),
+        (Some(4), Some(10))
+    );
+    let tiny = GptConfig::preset("tiny").unwrap();
+    let weights = read_params(&step_out.join("weights.safetensors"), &tiny).unwrap();
+    let bytes = fs::read(&prompt_file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let data: Vec<f32> = st
+        .tensor("prompt")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let prompt = wafersim::model::Matrix {
+        rows: 4,
+        cols: 64,
+        data,
+    };
+    let batch = Batch::from_json(&tiny, &fs::read_to_string(&batch_file).unwrap()).unwrap();
+    let (want, _) = reference::prompt_loss_and_grad(&tiny, &weights, &prompt, &batch).unwrap();
+    let got = r["loss"].as_f64().unwrap();
+    assert!(
+        (got - f64::from(want)).abs() / f64::from(want) < 1e-5,
+        "{got} vs {want}"
+    );
+}
+
+/// `wafersim recipe` on the tiny preset: the JSON adds up and the dense recipe differs only in
+/// pre-training. 1e6 tokens at the default step of 1 x 64 positions (the longest power of two
+/// that fits 8 x 8) are ceil(1e6 / 64) = 15,625 steps.
+#[test]
+fn the_recipe_adds_up_its_phases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("recipe.json");
+    let args = [
+        "recipe",
+        "--model",
+        "tiny",
+        "--pretrain-tokens",
+        "1e6",
+        "--finetune-tokens",
+        "1e5",
+        "--prompt-tokens",
+        "1e4",
+        "--fabric",
+        "8x8",
+        "--json",
+        path_str(&path),
+    ];
+    let (code, stderr) = wafersim(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let r = json(&path);
+    assert_eq!(r["step"]["seq"], 64);
+    assert_eq!(r["sparse"]["phases"][0]["steps"], 15_625);
+    for side in ["sparse", "dense"] {
+        let phases = r[side]["phases"].as_array().unwrap();
+        let sum: f64 = phases.iter().map(|p| p["flops"].as_f64().unwrap()).sum();
+        assert_eq!(r[side]["total"]["flops"].as_f64(), Some(sum));
+    }
+    assert_eq!(r["sparse"]["phases"][1], r["dense"]["phases"][1]);
+    let ratio = r["dense"]["total"]["flops"].as_f64().unwrap()
+        / r["sparse"]["total"]["flops"].as_f64().unwrap();
+    assert_eq!(r["savings"]["flops"].as_f64(), Some(ratio));
+    assert!(ratio > 1.0);
+    let (code, stderr) = wafersim(&["recipe", "--model", "tiny", "--fabric", "8x8"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("at least one phase"), "{stderr}");
+}
