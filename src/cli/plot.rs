@@ -4,8 +4,8 @@ use plotters::prelude::*;
 
 use crate::training::StepRecord;
 
-/// The loss curve of `log`: loss against step, as an SVG document.
-pub fn loss_svg(log: &[StepRecord]) -> anyhow::Result<String> {
+/// The loss curve of `log` under the title `title`: loss against step, as an SVG document.
+pub fn loss_svg(log: &[StepRecord], title: &str) -> anyhow::Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (640, 400)).into_drawing_area();
@@ -23,7 +23,7 @@ pub fn loss_svg(log: &[StepRecord]) -> anyhow::Result<String> {
         };
         let pad = 0.05 * (hi - lo);
         let mut chart = ChartBuilder::on(&root)
-            .caption("training loss", ("sans-serif", 20))
+            .caption(title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(52)

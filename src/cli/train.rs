@@ -441,7 +441,7 @@ fn write_outputs(out: &Path, checkpoint: &Path, run: &Finished<'_>) -> anyhow::R
         staged.push(stage_text(&out.join(json_file), &report)?);
         staged.push(stage_text(
             &out.join(svg),
-            &super::plot::loss_svg(run.log)?,
+            &super::plot::loss_svg(run.log, &format!("{} loss", run.setup.phase.name()))?,
         )?);
         Ok(staged)
     })

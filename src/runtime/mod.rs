@@ -79,7 +79,9 @@ pub struct StepInputs<'a> {
 /// Which gradients a step computes: what the optimizer will update.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GradientSet {
-    /// Every parameter (and the prompt vectors, if any).
+    /// Every parameter (and the prompt vectors, if any). At the fast fidelity with a prompt,
+    /// the CPU reference gives the prompt's gradient only (the weight gradients read 0); the
+    /// cycles and FLOPs are those of every gradient.
     #[default]
     All,
     /// The prompt vectors only: the model is frozen, so no weight-gradient kernel runs (no
