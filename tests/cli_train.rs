@@ -180,6 +180,42 @@ fn bad_flags_are_refused_with_exit_code_2_and_nothing_written() {
         assert!(stderr.contains(needle), "{extra:?}: {stderr}");
         assert!(!out.exists());
     }
+    let bad_json = tmp.path().join("bad.json");
+    fs::write(&bad_json, "{\"tokens\": 3}").unwrap();
+    let prompt_file = tmp.path().join("p.safetensors");
+    fs::write(&prompt_file, b"not safetensors").unwrap();
+    let p = path_str(&prompt_file);
+    let more: [(&Path, &[&str], &str); 4] = [
+        (
+            &bad_json,
+            &["--phase", "dense-finetune"],
+            "expected a JSON array",
+        ),
+        (
+            &tokens,
+            &["--phase", "dense-finetune", "--prompt", p],
+            "only prompt-tune",
+        ),
+        (
+            &tokens,
+            &["--phase", "prompt-tune", "--prompt-len", "60"],
+            "--seq + --prompt-len",
+        ),
+        (
+            &tokens,
+            &["--phase", "prompt-tune", "--prompt-len", "4", "--prompt", p],
+            "--prompt",
+        ),
+    ];
+    for (file, extra, needle) in more {
+        let mut args = train_args(file, &out, "2");
+        args.extend(["--model", "tiny"]);
+        args.extend(extra);
+        let (code, stderr) = wafersim(&args);
+        assert_eq!(code, 2, "{extra:?}: {stderr}");
+        assert!(stderr.contains(needle), "{extra:?}: {stderr}");
+        assert!(!out.exists());
+    }
     let short = tmp.path().join("short.json");
     fs::write(&short, "[1, 2, 3]").unwrap();
     let mut args = train_args(&short, &out, "2");

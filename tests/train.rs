@@ -111,6 +111,7 @@ fn three_exact_sparse_steps_equal_the_reference_run() {
     let want = reference::train_run(&config, &params, &masks, &got.batches, &lrs).unwrap();
     for (step, (g, w)) in got.losses.iter().zip(&want.losses).enumerate() {
         let rel = (g - f64::from(*w)).abs() / f64::from(*w);
+        eprintln!("step {step}: loss {g} vs reference {w} ({rel:.1e})");
         assert!(
             rel < 1e-5,
             "step {step}: loss {g} vs reference {w} ({rel:e})"
@@ -118,6 +119,7 @@ fn three_exact_sparse_steps_equal_the_reference_run() {
     }
     // Adam divides by sqrt(v): f32 gradient rounding moves an update by far less than its size.
     let rel = rel_to_update(&got.trainer.params, &want.params, &params);
+    eprintln!("weights after 3 steps: {rel:.1e} of the update");
     assert!(
         rel < 1e-3,
         "weights after 3 steps differ by {rel:e} of the update"
