@@ -1,6 +1,7 @@
-//! The sweep's SVG plots: FLOP and cycle reduction against sparsity with the ideal
+//! The SVG plots: for a sweep, FLOP and cycle reduction against sparsity with the ideal
 //! `1 / (1 - s)`, cycles per operation stacked per sparsity, the gap between the FLOP and the
-//! cycle reduction stacked by cause, and the PE-utilisation heatmap of the slowest layer.
+//! cycle reduction stacked by cause, and the PE-utilisation heatmap of the slowest layer; for a
+//! training run, its loss curve.
 //!
 //! Key design decision: `plotters` with its SVG backend only and no font features: text is
 //! written as SVG `<text>` elements that the viewer renders with its own fonts, so nothing is
@@ -14,6 +15,7 @@ use plotters::prelude::*;
 
 use crate::breakdown::Causes;
 use crate::sweep::{Sweep, SweepPoint};
+use crate::training::StepRecord;
 use crate::utilisation::Heatmap;
 
 /// Width and height of every plot, in pixels.
@@ -83,6 +85,42 @@ fn svg(
         root.present().map_err(failed(plot))?;
     }
     Ok(text)
+}
+
+/// The loss curve of a training run, `log`, under `title`: loss against step.
+pub fn loss_svg(log: &[StepRecord], title: &str) -> Result<String, PlotError> {
+    const PLOT: &str = "loss.svg";
+    let last_step = log.last().map_or(1, |r| r.step).max(1);
+    let (lo, hi) = log
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+            (lo.min(r.loss), hi.max(r.loss))
+        });
+    let (lo, hi) = if lo.is_finite() && hi > lo {
+        (lo, hi)
+    } else {
+        (0.0, 1.0)
+    };
+    let pad = 0.05 * (hi - lo);
+    svg(PLOT, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, (FONT, 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(52)
+            .build_cartesian_2d(0u64..last_step, (lo - pad)..(hi + pad))
+            .map_err(failed(PLOT))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss (nats / token)")
+            .draw()
+            .map_err(failed(PLOT))?;
+        chart
+            .draw_series(LineSeries::new(log.iter().map(|r| (r.step, r.loss)), &BLUE))
+            .map_err(failed(PLOT))?;
+        Ok(())
+    })
 }
 
 /// FLOP reduction, cycle reduction and the ideal `1 / (1 - s)` against sparsity.

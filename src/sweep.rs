@@ -20,7 +20,9 @@ use crate::flops::{self, FlopError, FlopOptions, NnzSource, StepShape};
 use crate::model::SparseKind;
 use crate::model::{GptConfig, GptParams};
 use crate::reference::Batch;
-use crate::runtime::{Fidelity, RuntimeError, StepCost, StepInputs, StepMode, simulate_step};
+use crate::runtime::{
+    Fidelity, GradientSet, RuntimeError, StepCost, StepInputs, StepMode, simulate_step,
+};
 use crate::sparsity::{self, Mask, ModelMasks, SparsityError};
 use crate::utilisation::{self, Heatmap, LayerKernels};
 
@@ -238,6 +240,8 @@ fn run_point(
         fabric: setup.fabric,
         plan,
         dense_baseline: false,
+        prompt: None,
+        gradients: GradientSet::All,
     };
     let mode = StepMode {
         fidelity: setup.fidelity,

@@ -9,7 +9,7 @@ use wafersim::flops::Phase;
 use wafersim::gemm::{GemmReport, GemmSpec, run_gemm};
 use wafersim::model::{GptConfig, init_params};
 use wafersim::reference::Batch;
-use wafersim::runtime::{Fidelity, StepInputs, StepMode, StepReport, simulate_step};
+use wafersim::runtime::{Fidelity, GradientSet, StepInputs, StepMode, StepReport, simulate_step};
 use wafersim::sparsity::ModelMasks;
 use wafersim_kernels::{Precision, Region};
 use wafersim_sim::FabricConfig;
@@ -151,6 +151,8 @@ fn step_row(sparsity: f64, fabric: (u32, u32), precision: Precision) -> Row {
         fabric: &fabric,
         plan: &plan,
         dense_baseline: true,
+        prompt: None,
+        gradients: GradientSet::All,
     };
     let run = |fidelity| -> StepReport {
         let mode = StepMode {
@@ -227,6 +229,8 @@ fn fast_numerics_are_the_reference_and_can_be_left_out() {
         fabric: &fabric,
         plan: &plan,
         dense_baseline: false,
+        prompt: None,
+        gradients: GradientSet::All,
     };
     let mode = |numerics| StepMode {
         fidelity: Fidelity::Fast,

@@ -6,7 +6,7 @@ use wafersim::compile::plan_step;
 use wafersim::flops::{self, FlopOptions, NnzSource, StepShape};
 use wafersim::model::{GptConfig, GptParams, init_params};
 use wafersim::reference::{self, Batch};
-use wafersim::runtime::{StepInputs, run_step};
+use wafersim::runtime::{GradientSet, StepInputs, run_step};
 use wafersim::sparsity::ModelMasks;
 use wafersim_kernels::Precision;
 use wafersim_sim::FabricConfig;
@@ -58,6 +58,8 @@ fn check(
         fabric: &fabric,
         plan: &plan,
         dense_baseline: false,
+        prompt: None,
+        gradients: GradientSet::All,
     };
     let step = run_step(inputs).unwrap();
     let (loss, grads) = reference::loss_and_grads(&config, &params, &masks, &batch).unwrap();

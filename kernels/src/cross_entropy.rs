@@ -56,8 +56,9 @@
 //! pipelined sum; pipelining it needs a receive-max-send microthread operation (the max analogue
 //! of `recv_add_send`), which the simulator does not have.
 //!
-//! What it is not: no label smoothing, no ignore index other than the last position of each
-//! sequence, no partial vocabulary; it knows token ids only as indices of the feature axis.
+//! Positions below `unscored_prefix` in each sequence are not scored either (weight 0, no
+//! target): `N = B (S - 1 - prefix)`. What it is not: no label smoothing, no other ignore index,
+//! no partial vocabulary; it knows token ids only as indices of the feature axis.
 
 use wafersim_sim::{
     Buf, Color, Coord, DType, FabricConfig, Program, RunOptions, Simulator, Stats, TaskCtx, Then,
@@ -90,6 +91,10 @@ pub struct SoftmaxCrossEntropy<'a> {
     pub ids: &'a [u32],
     /// Tokens per sequence `S` (at least 2, so that something is predicted).
     pub seq_len: usize,
+    /// The first positions of each sequence whose predictions are not scored (weight 0, like
+    /// the last position): rows placed in front of the tokens, such as learned prompt vectors,
+    /// whose next "token" is not a target. 0 for plain next-token prediction; below `S - 1`.
+    pub unscored_prefix: usize,
     /// Size `V` of the feature axis the softmax runs over.
     pub vocab: usize,
     /// `Z`, `T x V` row-major (on the wafer in the region layout before cycle 0).
@@ -180,6 +185,12 @@ impl SoftmaxCrossEntropy<'_> {
                 "{t} token ids are not a whole number of sequences of {s} (at least 2 tokens each)"
             ));
         }
+        if self.unscored_prefix + 1 >= s {
+            return shape(format!(
+                "an unscored prefix of {} leaves no scored position in sequences of {s}",
+                self.unscored_prefix
+            ));
+        }
         if self.logits.len() != t * v {
             return shape(format!(
                 "the logits have {} values, expected {t} x {v}",
@@ -220,7 +231,7 @@ impl SoftmaxCrossEntropy<'_> {
         }
         Ok(CrossEntropyPlan {
             tiling,
-            predicted: self.tokens() / self.seq_len * (self.seq_len - 1),
+            predicted: self.tokens() / self.seq_len * (self.seq_len - 1 - self.unscored_prefix),
             sram_bytes,
         })
     }
@@ -278,7 +289,9 @@ impl SoftmaxCrossEntropy<'_> {
 
     /// The target of token `t`, if it predicts one.
     fn target(&self, t: usize) -> Option<usize> {
-        (t % self.seq_len + 1 < self.seq_len).then(|| self.ids[t + 1] as usize)
+        let position = t % self.seq_len;
+        (position >= self.unscored_prefix && position + 1 < self.seq_len)
+            .then(|| self.ids[t + 1] as usize)
     }
 
     /// Buffers, routes and tasks of one PE; returns its `Z`/`dZ` tile.

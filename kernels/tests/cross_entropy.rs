@@ -81,6 +81,7 @@ fn loss_and_gradient_match_the_cpu_on_every_layout() {
             region,
             ids: &IDS,
             seq_len: S,
+            unscored_prefix: 0,
             vocab: V,
             logits: &z,
         };
@@ -138,6 +139,7 @@ fn a_hand_worked_case_with_logits_too_big_for_a_plain_exp() {
             region: Region::at_origin(cols, 2),
             ids: &[0, 1],
             seq_len: 2,
+            unscored_prefix: 0,
             vocab: 2,
             logits: &z,
         };
@@ -169,6 +171,7 @@ fn bad_inputs_and_tiles_too_big_are_refused() {
         region: Region::at_origin(2, 2),
         ids: &ids,
         seq_len: S,
+        unscored_prefix: 0,
         vocab: V,
         logits: &z,
     };
@@ -179,6 +182,7 @@ fn bad_inputs_and_tiles_too_big_are_refused() {
     let single = SoftmaxCrossEntropy {
         ids: &IDS,
         seq_len: 1,
+        unscored_prefix: 0,
         ..kernel
     };
     assert!(
@@ -195,6 +199,7 @@ fn bad_inputs_and_tiles_too_big_are_refused() {
         region: Region::at_origin(1, 1),
         ids: &ids,
         seq_len: 2,
+        unscored_prefix: 0,
         vocab: 60,
         logits: &z,
     };
@@ -219,6 +224,7 @@ fn the_estimate_tracks_bigger_shapes() {
             region,
             ids: &ids,
             seq_len: s,
+            unscored_prefix: 0,
             vocab: v,
             logits: &z,
         };
@@ -234,4 +240,61 @@ fn the_estimate_tracks_bigger_shapes() {
         );
         assert!((0.75..=1.25).contains(&ratio));
     }
+}
+
+/// With an unscored prefix of 2, positions 0 and 1 of each sequence predict nothing: the loss
+/// is the mean over the `B (S - 1 - 2)` = 4 positions 2 and 3 of each sequence, and the whole
+/// prefix and last position get no gradient. The CPU side is the plain computation on the
+/// scored positions only.
+#[test]
+fn an_unscored_prefix_leaves_its_positions_out_of_the_loss() {
+    let z: Vec<f32> = (0..IDS.len() * V).map(|i| 8.0 * value(i, 5)).collect();
+    let prefix = 2;
+    // Score t with t % S in {2, 3}: cpu() over sequences cut to positions 2..5 does exactly that
+    // (position 4 is the last), with the logits of those rows.
+    let (mut cut_ids, mut cut_z) = (Vec::new(), Vec::new());
+    for b in 0..IDS.len() / S {
+        for s in prefix..S {
+            let t = b * S + s;
+            cut_ids.push(IDS[t]);
+            cut_z.extend_from_slice(&z[t * V..(t + 1) * V]);
+        }
+    }
+    let (want_loss, want_cut_dz) = cpu(&cut_ids, S - prefix, V, &cut_z);
+    let config = FabricConfig::rectangle(3, 2).unwrap();
+    let kernel = SoftmaxCrossEntropy {
+        region: Region::at_origin(3, 2),
+        ids: &IDS,
+        seq_len: S,
+        unscored_prefix: prefix,
+        vocab: V,
+        logits: &z,
+    };
+    let run = kernel.run(&config, RunOptions::default()).unwrap();
+    assert_eq!(run.plan.predicted, 4);
+    assert!((run.loss - want_loss).abs() / want_loss.abs() < 1e-5);
+    for b in 0..IDS.len() / S {
+        for s in 0..S {
+            let t = b * S + s;
+            let got = &run.dz[t * V..(t + 1) * V];
+            if s < prefix {
+                assert!(got.iter().all(|&d| d == 0.0), "t {t}");
+            } else {
+                let c = b * (S - prefix) + s - prefix;
+                let want = &want_cut_dz[c * V..(c + 1) * V];
+                assert!(max_rel_error(got, want) < 1e-5, "t {t}");
+            }
+        }
+    }
+    let none_left = SoftmaxCrossEntropy {
+        unscored_prefix: S - 1,
+        ..kernel
+    };
+    assert!(
+        none_left
+            .plan(&config)
+            .unwrap_err()
+            .to_string()
+            .contains("no scored position")
+    );
 }

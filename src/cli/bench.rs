@@ -27,7 +27,7 @@ use super::{bad_input, write_json};
 use crate::compile::plan_step;
 use crate::model::{GptConfig, init_params};
 use crate::reference::{Batch, products};
-use crate::runtime::{StepInputs, run_step};
+use crate::runtime::{GradientSet, StepInputs, run_step};
 use crate::sparsity::ModelMasks;
 
 /// Arguments of `wafersim bench`.
@@ -372,6 +372,8 @@ fn step(sparsity: f64) -> anyhow::Result<Sample> {
         fabric: &fabric,
         plan: &plan,
         dense_baseline: false,
+        prompt: None,
+        gradients: GradientSet::All,
     };
     let events_before = wafersim_sim::events_processed();
     let started = Instant::now();

@@ -16,9 +16,12 @@ mod init;
 mod inspect;
 mod presets;
 mod progress;
+mod prompt;
+mod recipe;
 mod step;
 mod sweep;
 mod trace;
+mod train;
 
 /// Simulate sparse training on a wafer-scale dataflow accelerator.
 #[derive(Parser)]
@@ -50,6 +53,12 @@ enum Command {
     Inspect(inspect::Args),
     /// Measure the simulator's speed and memory on fixed workloads, per thread count.
     Bench(bench::Args),
+    /// Train one phase of the MediSwift recipe (sparse pre-training, dense fine-tuning, prompt
+    /// tuning) on the simulated fabric.
+    Train(train::Args),
+    /// What the whole recipe (sparse pre-training, dense fine-tuning, prompt tuning) costs,
+    /// against the same recipe pre-trained dense.
+    Recipe(recipe::Args),
 }
 
 /// Marks an error as the user's input being wrong (exit code 2), as opposed to a failure while
@@ -141,6 +150,8 @@ pub fn main() -> ExitCode {
         Command::Init(args) => init::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Recipe(args) => recipe::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,10 +21,11 @@ use crate::model::checkpoint::{
     CONFIG_FILE, WEIGHTS_FILE, hf_named_tensors, read_config, read_params, stage_bytes,
     stage_f32_safetensors,
 };
-use crate::model::{GptConfig, GptParams, init_params};
+use crate::model::{GptConfig, GptParams, Matrix, init_params};
 use crate::reference::{AdamState, AdamW, Batch};
 use crate::runtime::{
-    Numerics, OpRecord, StepHooks, StepInputs, StepMode, StepReport, simulate_step_with,
+    GradientSet, Numerics, OpRecord, StepHooks, StepInputs, StepMode, StepReport,
+    simulate_step_with,
 };
 use crate::sparsity::{self, ModelMasks};
 
@@ -75,6 +76,11 @@ pub struct Args {
     /// Cycles and FLOPs only: no loss, gradients or updated weights.
     #[arg(long)]
     no_numerics: bool,
+    /// Prompt vectors (a `prompt.safetensors` of `wafersim train --phase prompt-tune`) in front
+    /// of every sequence: the step is a prompt-tuning step (model frozen, no weight gradient;
+    /// writes prompt_grad.safetensors instead of grads and updated weights).
+    #[arg(long, value_name = "PATH")]
+    prompt: Option<PathBuf>,
     /// Output folder: report.json, weights, grads and updated safetensors.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -109,6 +115,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fabric: &setup.fabric,
         plan: &setup.plan,
         dense_baseline: !args.no_dense_baseline,
+        prompt: setup.prompt.as_ref(),
+        gradients: if setup.prompt.is_some() {
+            GradientSet::PromptOnly
+        } else {
+            GradientSet::All
+        },
     };
     let mode = StepMode {
         fidelity: args.fidelity.fidelity(),
@@ -128,14 +140,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (step, recorded) = run?;
     let wall = started.elapsed().as_secs_f64();
     let (analytic, dense) = analytic_flops(&setup, &masks)?;
-    if step.cost.executed_matmul_flops() != analytic.matmul_sparse() {
+    let expected = expected_matmul_flops(&analytic, setup.prompt.is_some());
+    if step.cost.executed_matmul_flops() != expected {
         anyhow::bail!(
-            "executed matmul FLOPs {} differ from the analytic {}: a simulator bug",
+            "executed matmul FLOPs {} differ from the analytic {expected}: a simulator bug",
             step.cost.executed_matmul_flops(),
-            analytic.matmul_sparse()
         );
     }
     let updated = match &step.numerics {
+        Some(_) if setup.prompt.is_some() => None,
         Some(numerics) => {
             let mut updated = params.clone();
             opt.step(
@@ -158,6 +171,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dense_flops: dense.matmul_dense(),
         analytic: &analytic,
         dense_timed: !args.no_dense_baseline,
+        prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
     };
     print_summary(&summary);
     write_outputs(
@@ -182,6 +196,8 @@ struct Setup {
     config: GptConfig,
     batch: Batch,
     plan: StepPlan,
+    /// `--prompt`: vectors in front of every sequence.
+    prompt: Option<Matrix>,
 }
 
 impl Setup {
@@ -195,16 +211,24 @@ impl Setup {
             .validate()
             .map_err(|e| bad_input("--lr", e))?;
         let batch = load_batch(args, &config)?;
+        let prompt = match &args.prompt {
+            Some(path) => Some(super::prompt::read_prompt(path, config.n_embd)?),
+            None => None,
+        };
+        let positions = batch.seq + prompt.as_ref().map_or(0, |p| p.rows);
+        guard::check_batch_shape("--prompt", &config, batch.batch, positions)?;
         let precision = args.dtype.precision();
         let plan =
-            plan_step(&config, batch.batch, batch.seq, &fabric, precision).map_err(
+            plan_step(&config, batch.batch, positions, &fabric, precision).map_err(
                 |e| match e {
                     e @ CompileError::DoesNotFit { .. } => anyhow::Error::new(e),
                     e => bad_input("--fabric", e),
                 },
             )?;
         guard::check_output_folder("--out", &args.out, &OUTPUT_FILES)?;
+        guard::check_output_folder("--out", &args.out, &[PROMPT_GRAD_FILE])?;
         Ok(Setup {
+            prompt,
             fabric,
             config,
             batch,
@@ -246,8 +270,8 @@ fn analytic_flops(
 ) -> anyhow::Result<(flops::FlopReport, flops::FlopReport)> {
     let config = &setup.config;
     let shape = StepShape {
-        batch: setup.batch.batch,
-        seq: setup.batch.seq,
+        batch: setup.plan.batch,
+        seq: setup.plan.seq,
     };
     let nnz = NnzSource::from_fn(config, |l, k| masks.get(l, k).map_or(0, |m| m.nnz() as u64))?;
     let sparse = flops::step_flops(config, shape, &nnz, FlopOptions::default())?;
@@ -289,6 +313,20 @@ pub(crate) fn read_tokens(path: &Path, config: &GptConfig) -> anyhow::Result<Bat
     Batch::from_json(config, &text).map_err(|e| bad_input(what(), e))
 }
 
+/// The matmul FLOPs a step must execute: all of `analytic`'s, or without the weight-gradient
+/// phase for a prompt step (no weight gradient is computed).
+fn expected_matmul_flops(analytic: &flops::FlopReport, prompt: bool) -> u64 {
+    analytic
+        .ops()
+        .iter()
+        .filter(|o| o.is_matmul() && !(prompt && o.phase == flops::Phase::WeightGrad))
+        .map(|o| o.sparse)
+        .sum()
+}
+
+/// Written instead of grads and updated weights by a step with `--prompt`: tensor `prompt`.
+const PROMPT_GRAD_FILE: &str = "prompt_grad.safetensors";
+
 /// The files `--out` receives (the last three only with numerics).
 const OUTPUT_FILES: [&str; 4] = [
     "report.json",
@@ -320,6 +358,8 @@ struct Summary<'a> {
     /// Whether the dense baseline was timed (`--no-dense-baseline` not given). Without it, the
     /// records' dense cycles merely repeat the sparse ones and are not reported.
     dense_timed: bool,
+    /// Prompt vectors in front of each sequence (`seq` counts them).
+    prompt_len: usize,
 }
 
 impl Summary<'_> {
@@ -421,6 +461,22 @@ fn write_outputs(
             files.push((updated_file, updated));
         }
         let mut staged = Vec::new();
+        if let Some(grad) = s
+            .step
+            .numerics
+            .as_ref()
+            .and_then(|n| n.prompt_grad.as_ref())
+        {
+            let tensors = [(
+                "prompt".to_string(),
+                vec![grad.rows, grad.cols],
+                &grad.data[..],
+            )];
+            staged.push(
+                stage_f32_safetensors(&dir.join(PROMPT_GRAD_FILE), &tensors)
+                    .with_context(|| format!("writing {PROMPT_GRAD_FILE}"))?,
+            );
+        }
         for (name, params) in files {
             let named = hf_named_tensors(params);
             let views: Vec<_> = named
@@ -481,7 +537,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
             "busy_cycles": "summed over the region (null: not simulated)",
         },
         "model": { "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions },
-        "batch": p.batch, "seq": p.seq, "sparsity": s.masks.sparsity(), "dtype": precision_name(p.precision), "seed": seed,
+        "batch": p.batch, "seq": p.seq, "prompt_len": s.prompt_len, "sparsity": s.masks.sparsity(), "dtype": precision_name(p.precision), "seed": seed,
         "fabric": { "name": s.fabric.name, "width": s.fabric.width, "height": s.fabric.height, "clock_mhz": s.fabric.clock_mhz },
         "region": { "cols": p.region.cols, "rows": p.region.rows, "resident_bytes_per_pe": p.resident_bytes },
         "loss": s.step.numerics.as_ref().map(|n| n.loss),

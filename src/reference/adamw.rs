@@ -170,6 +170,32 @@ impl AdamW {
         Ok(())
     }
 
+    /// One AdamW step of a single tensor outside [`GptParams`] (such as prompt vectors): `w`
+    /// from its gradient `g` and moments `m`, `v`, at step `t` (counted from 1), with weight
+    /// decay if `decay`. All four slices must have the same length.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_tensor(
+        &self,
+        w: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        t: u64,
+        decay: bool,
+    ) -> Result<(), ReferenceError> {
+        self.validate()?;
+        if g.len() != w.len() || m.len() != w.len() || v.len() != w.len() {
+            return Err(ReferenceError::Shape {
+                role: "AdamW",
+                tensor: "step_tensor".into(),
+                expected: format!("{} values in w, g, m and v", w.len()),
+                got: format!("{}, {}, {}", g.len(), m.len(), v.len()),
+            });
+        }
+        self.scalars(t.max(1)).update(slot(w, g, m, v), decay, None);
+        Ok(())
+    }
+
     fn scalars(&self, t: u64) -> StepScalars {
         let t = t as f64;
         StepScalars {

@@ -20,10 +20,26 @@ pub(crate) fn backward(
     batch: &Batch,
     acts: &Activations,
 ) -> GptParams {
+    let (mut grads, dx, dwte_head) = backward_to_input(config, params, masks, batch, acts);
+    let (dwte_embed, dwpe) = embedding_backward(&dx, batch, params);
+    grads.wte.data = to_f32(&dwte_head.plus(&dwte_embed).data);
+    grads.wpe.data = to_f32(&dwpe.data);
+    grads
+}
+
+/// Gradients of every parameter but the embeddings (wte and wpe left zero), the gradient of the
+/// embedded input `[T, d]` and the LM head's part of wte's gradient (in `f64`).
+pub(crate) fn backward_to_input(
+    config: &GptConfig,
+    params: &GptParams,
+    masks: &ModelMasks,
+    batch: &Batch,
+    acts: &Activations,
+) -> (GptParams, Mat, Mat) {
     let shape = attention_shape(config, batch);
     let mut grads = GptParams::zeros(config);
 
-    let dlogits = ops::cross_entropy_backward(&acts.logits, &batch.tokens, batch.seq);
+    let dlogits = ops::cross_entropy_backward(&acts.logits, &batch.tokens, batch.seq, acts.prefix);
     let (d_ln_f_out, dwte_head) = ops::lm_head_backward(&acts.ln_f.y, &params.wte, &dlogits);
     let ln_f = ops::layer_norm_backward(&acts.ln_f, &params.ln_f, &d_ln_f_out);
     grads.ln_f = layer_norm_grads(&ln_f);
@@ -37,10 +53,7 @@ pub(crate) fn backward(
         dx = dx_in;
     }
 
-    let (dwte_embed, dwpe) = embedding_backward(&dx, batch, params);
-    grads.wte.data = to_f32(&dwte_head.plus(&dwte_embed).data);
-    grads.wpe.data = to_f32(&dwpe.data);
-    grads
+    (grads, dx, dwte_head)
 }
 
 /// Backward through one block, given the gradient of its output; returns the gradient of its

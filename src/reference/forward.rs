@@ -33,6 +33,8 @@ pub(crate) struct Activations {
     pub ln_f: LayerNormOut,
     pub logits: Mat,
     pub loss: f64,
+    /// Leading positions of each sequence the loss leaves out.
+    pub prefix: usize,
 }
 
 /// How attention splits `[T, d]` for this config and batch.
@@ -54,9 +56,21 @@ pub(crate) fn attention_shape(config: &GptConfig, batch: &Batch) -> AttentionSha
 
 /// Runs the model on validated inputs (shapes checked by the caller).
 pub(crate) fn forward(config: &GptConfig, params: &GptParams, batch: &Batch) -> Activations {
+    let embeddings = ops::embed(&params.wte, &params.wpe, &batch.tokens, batch.seq);
+    forward_embedded(config, params, batch, embeddings, 0)
+}
+
+/// Runs the model from its embedded input `embeddings` (`[T, d]`); the loss leaves out the
+/// first `prefix` positions of each sequence (see [`ops::predicted_positions`]).
+pub(crate) fn forward_embedded(
+    config: &GptConfig,
+    params: &GptParams,
+    batch: &Batch,
+    embeddings: Mat,
+    prefix: usize,
+) -> Activations {
     let eps = f64::from(config.layer_norm_epsilon);
     let shape = attention_shape(config, batch);
-    let embeddings = ops::embed(&params.wte, &params.wpe, &batch.tokens, batch.seq);
     let mut blocks: Vec<BlockActivations> = Vec::with_capacity(params.blocks.len());
     for block in &params.blocks {
         let x = blocks.last().map_or(&embeddings, |b| &b.residual_out);
@@ -66,13 +80,14 @@ pub(crate) fn forward(config: &GptConfig, params: &GptParams, batch: &Batch) -> 
     let x = blocks.last().map_or(&embeddings, |b| &b.residual_out);
     let ln_f = ops::layer_norm_forward(x, &params.ln_f, eps);
     let logits = ops::lm_head_forward(&ln_f.y, &params.wte);
-    let loss = ops::cross_entropy(&logits, &batch.tokens, batch.seq);
+    let loss = ops::cross_entropy(&logits, &batch.tokens, batch.seq, prefix);
     Activations {
         embeddings,
         blocks,
         ln_f,
         logits,
         loss,
+        prefix,
     }
 }
 

@@ -34,11 +34,15 @@ pub mod fixtures;
 mod forward;
 mod ops;
 pub mod products;
+mod prompt;
+mod run;
 mod tensor;
 
 pub use adamw::{AdamState, AdamW};
 pub use batch::{Batch, BatchError};
 pub use forward::{ForwardTrace, LayerTrace};
+pub use prompt::prompt_loss_and_grad;
+pub use run::{RunOutput, train_run};
 
 use crate::model::{GptConfig, GptParams, ModelError};
 use crate::sparsity::{ModelMasks, SparsityError};

@@ -348,11 +348,15 @@ pub(crate) fn lm_head_backward(x: &Mat, wte: &Matrix, dlogits: &Mat) -> (Mat, Ma
 // ---------------------------------------------------------------------------------------------
 // Next-token cross-entropy, mean over the `batch * (seq - 1)` predicted positions.
 
-/// The predicted positions `(row, target id)`: every row but the last of each sequence, whose
-/// target is the next token.
-pub(crate) fn predicted_positions(tokens: &[u32], seq: usize) -> Vec<(usize, usize)> {
+/// The predicted positions `(row, target id)`: every row but the last of each sequence and the
+/// first `prefix` of each (prompt rows that predict nothing), whose target is the next token.
+pub(crate) fn predicted_positions(
+    tokens: &[u32],
+    seq: usize,
+    prefix: usize,
+) -> Vec<(usize, usize)> {
     (0..tokens.len())
-        .filter(|t| t % seq != seq - 1)
+        .filter(|t| t % seq != seq - 1 && t % seq >= prefix)
         .map(|t| (t, tokens[t + 1] as usize))
         .collect()
 }
@@ -364,8 +368,8 @@ fn log_sum_exp(row: &[f64]) -> f64 {
 }
 
 /// Mean over predicted positions of `logsumexp(logits[t]) - logits[t, target]`.
-pub(crate) fn cross_entropy(logits: &Mat, tokens: &[u32], seq: usize) -> f64 {
-    let positions = predicted_positions(tokens, seq);
+pub(crate) fn cross_entropy(logits: &Mat, tokens: &[u32], seq: usize, prefix: usize) -> f64 {
+    let positions = predicted_positions(tokens, seq, prefix);
     let total: f64 = positions
         .iter()
         .map(|&(t, target)| log_sum_exp(logits.row(t)) - logits.at(t, target))
@@ -375,8 +379,13 @@ pub(crate) fn cross_entropy(logits: &Mat, tokens: &[u32], seq: usize) -> f64 {
 
 /// `dlogits[t, v] = (softmax(logits[t])[v] - [v == target]) / N` at predicted positions, 0 on
 /// the last position of each sequence.
-pub(crate) fn cross_entropy_backward(logits: &Mat, tokens: &[u32], seq: usize) -> Mat {
-    let positions = predicted_positions(tokens, seq);
+pub(crate) fn cross_entropy_backward(
+    logits: &Mat,
+    tokens: &[u32],
+    seq: usize,
+    prefix: usize,
+) -> Mat {
+    let positions = predicted_positions(tokens, seq, prefix);
     let n = positions.len() as f64;
     let mut d = Mat::zeros(logits.rows, logits.cols);
     for &(t, target) in &positions {

@@ -24,8 +24,7 @@ pub(crate) fn attention_shape(config: &GptConfig, batch: usize, seq: usize) -> A
 
 impl ExactEngine<'_> {
     fn shape(&self) -> AttentionShape {
-        let b = self.inputs.batch;
-        attention_shape(self.inputs.config, b.batch, b.seq)
+        attention_shape(self.inputs.config, self.inputs.batch.batch, self.seqs.seq)
     }
 
     /// The context of an attention and its probabilities (kept for the backward).

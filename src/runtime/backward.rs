@@ -128,8 +128,16 @@ impl ExactEngine<'_> {
             dx: &dx.data,
         };
         let run = kernel.run(self.fabric(), self.options())?;
-        for (g, d) in self.grads.wte.data.iter_mut().zip(&run.d_token_table) {
+        let (wte_part, prompt_part) = run.d_token_table.split_at(self.grads.wte.data.len());
+        for (g, d) in self.grads.wte.data.iter_mut().zip(wte_part) {
             *g += d;
+        }
+        if let Some(prompt) = self.inputs.prompt {
+            self.prompt_grad = Some(crate::model::Matrix {
+                rows: prompt.rows,
+                cols: prompt.cols,
+                data: prompt_part.to_vec(),
+            });
         }
         self.grads.wpe.data = run.d_position_table;
         Ok(self.measured(&run.stats, run.stats.cycles))

@@ -16,11 +16,11 @@ use std::cell::RefCell;
 use wafersim_kernels::StreamedMatrix;
 use wafersim_sim::{FabricConfig, RunOptions, Stats, Trace, TraceEvent, TraceWindow};
 
-use super::StepInputs;
 use super::forward::Normed;
 use super::walk::{Cost, Engine, Launched, Ln, Weight};
+use super::{Sequences, StepInputs};
 use crate::flops::Phase;
-use crate::model::{GptParams, LayerNorm as LnParams, SparseKind};
+use crate::model::{GptParams, LayerNorm as LnParams, Matrix, SparseKind};
 
 /// A `tokens x features` activation, row-major, as the host sees it between kernels.
 #[derive(Clone, Debug, Default)]
@@ -39,6 +39,12 @@ pub(crate) struct ExactEngine<'a> {
     pub grads: GptParams,
     /// The mean next-token cross-entropy, once the loss kernel ran.
     pub loss: f64,
+    /// The token rows the fabric sees (prompt rows first).
+    pub seqs: Sequences,
+    /// The token table the embedding looks rows up in: `wte`, then the prompt vectors.
+    pub token_table: Vec<f32>,
+    /// Gradient of the prompt vectors, filled in by the embedding's backward.
+    pub prompt_grad: Option<Matrix>,
     /// The trace being recorded, if one was asked for.
     pub trace: Option<RefCell<StepTrace>>,
 }
@@ -105,11 +111,18 @@ impl<'a> ExactEngine<'a> {
                 })
             })
             .collect();
+        let mut token_table = inputs.params.wte.data.clone();
+        if let Some(prompt) = inputs.prompt {
+            token_table.extend_from_slice(&prompt.data);
+        }
         ExactEngine {
             inputs,
             sparse,
             grads: GptParams::zeros(inputs.config),
             loss: 0.0,
+            seqs: inputs.sequences(),
+            token_table,
+            prompt_grad: None,
             trace: None,
         }
     }

@@ -20,9 +20,9 @@ use wafersim_kernels::{
 };
 use wafersim_sim::FabricConfig;
 
-use super::StepInputs;
 use super::attention::attention_shape;
 use super::walk::{Cost, Engine, Launched, Ln, Weight};
+use super::{Sequences, StepInputs};
 use crate::flops::Phase;
 use crate::model::SparseKind;
 use crate::sparsity::Mask;
@@ -58,6 +58,8 @@ pub(crate) struct FastEngine<'a> {
     inputs: StepInputs<'a>,
     /// Per layer, the counts of the six sparse matrices.
     counts: Vec<[Counts; 6]>,
+    /// The token rows the fabric sees (prompt rows first).
+    seqs: Sequences,
 }
 
 impl<'a> FastEngine<'a> {
@@ -69,7 +71,11 @@ impl<'a> FastEngine<'a> {
             .iter()
             .map(|masks| SparseKind::ALL.map(|kind| Counts::new(&masks[kind.index()], cols)))
             .collect();
-        FastEngine { inputs, counts }
+        FastEngine {
+            inputs,
+            counts,
+            seqs: inputs.sequences(),
+        }
     }
 
     fn region(&self) -> Region {
@@ -102,9 +108,9 @@ impl<'a> FastEngine<'a> {
         let c = self.inputs.config;
         EmbeddingShape {
             region: self.region(),
-            ids: &self.inputs.batch.tokens,
-            seq_len: self.inputs.batch.seq,
-            vocab: c.vocab_size,
+            ids: &self.seqs.ids,
+            seq_len: self.seqs.seq,
+            vocab: c.vocab_size + self.inputs.prompt_len(),
             positions: c.n_positions,
             features: c.n_embd,
         }
@@ -248,10 +254,9 @@ impl Engine for FastEngine<'_> {
         _k: &Shape,
         _v: &Shape,
     ) -> Launched<(Shape, ())> {
-        let b = self.inputs.batch;
         let kernel = Attention {
             region: self.region(),
-            shape: attention_shape(self.inputs.config, b.batch, b.seq),
+            shape: attention_shape(self.inputs.config, self.inputs.batch.batch, self.seqs.seq),
             q: NO_DATA,
             k: NO_DATA,
             v: NO_DATA,
@@ -267,10 +272,9 @@ impl Engine for FastEngine<'_> {
         _probs: &(),
         _d_ctx: &Shape,
     ) -> Launched<[Shape; 3]> {
-        let b = self.inputs.batch;
         let kernel = AttentionBackward {
             region: self.region(),
-            shape: attention_shape(self.inputs.config, b.batch, b.seq),
+            shape: attention_shape(self.inputs.config, self.inputs.batch.batch, self.seqs.seq),
             q: NO_DATA,
             k: NO_DATA,
             v: NO_DATA,
@@ -316,8 +320,9 @@ impl Engine for FastEngine<'_> {
     fn cross_entropy(&mut self, logits: &Shape) -> Launched<Shape> {
         let kernel = SoftmaxCrossEntropy {
             region: self.region(),
-            ids: &self.inputs.batch.tokens,
-            seq_len: self.inputs.batch.seq,
+            ids: &self.seqs.targets,
+            seq_len: self.seqs.seq,
+            unscored_prefix: self.seqs.unscored_prefix,
             vocab: logits.features,
             logits: NO_DATA,
         };
@@ -435,6 +440,7 @@ mod tests {
                 region,
                 ids: &ids,
                 seq_len: 4,
+                unscored_prefix: 0,
                 vocab: features,
                 logits,
             };

@@ -26,7 +26,7 @@ impl ExactEngine<'_> {
         let p = self.inputs.params;
         let kernel = EmbeddingForward {
             shape: self.embedding_shape(),
-            token_table: &p.wte.data,
+            token_table: &self.token_table,
             position_table: &p.wpe.data,
         };
         let run = kernel.run(self.fabric(), self.options())?;
@@ -41,9 +41,9 @@ impl ExactEngine<'_> {
         let c = self.inputs.config;
         EmbeddingShape {
             region: self.region(),
-            ids: &self.inputs.batch.tokens,
-            seq_len: self.inputs.batch.seq,
-            vocab: c.vocab_size,
+            ids: &self.seqs.ids,
+            seq_len: self.seqs.seq,
+            vocab: c.vocab_size + self.inputs.prompt_len(),
             positions: c.n_positions,
             features: c.n_embd,
         }
@@ -182,8 +182,9 @@ impl ExactEngine<'_> {
     pub(crate) fn loss_and_dlogits(&mut self, logits: &Act) -> Result<(Act, Cost), KernelError> {
         let kernel = SoftmaxCrossEntropy {
             region: self.region(),
-            ids: &self.inputs.batch.tokens,
-            seq_len: self.inputs.batch.seq,
+            ids: &self.seqs.targets,
+            seq_len: self.seqs.seq,
+            unscored_prefix: self.seqs.unscored_prefix,
             vocab: logits.features,
             logits: &logits.data,
         };

@@ -33,7 +33,7 @@ use wafersim_kernels::KernelError;
 use wafersim_sim::{FabricConfig, Trace, TraceWindow};
 
 use crate::compile::StepPlan;
-use crate::model::{GptConfig, GptParams};
+use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::{self, Batch, ReferenceError};
 use crate::sparsity::ModelMasks;
 
@@ -69,6 +69,72 @@ pub struct StepInputs<'a> {
     pub plan: &'a StepPlan,
     /// Also time the sparse matrices' kernels with every weight streamed.
     pub dense_baseline: bool,
+    /// Learned prompt vectors `[P, d]` in front of every sequence, or `None`. The plan must be
+    /// made for `seq + P` positions ([`StepInputs::seq`]).
+    pub prompt: Option<&'a Matrix>,
+    /// Which gradients the step computes.
+    pub gradients: GradientSet,
+}
+
+/// Which gradients a step computes: what the optimizer will update.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GradientSet {
+    /// Every parameter (and the prompt vectors, if any). At the fast fidelity with a prompt,
+    /// the CPU reference gives the prompt's gradient only (the weight gradients read 0); the
+    /// cycles and FLOPs are those of every gradient.
+    #[default]
+    All,
+    /// The prompt vectors only: the model is frozen, so no weight-gradient kernel runs (no
+    /// gradient of a frozen weight is computed or leaves the wafer). The input gradients still
+    /// run: they carry the gradient back to the prompt.
+    PromptOnly,
+}
+
+impl StepInputs<'_> {
+    /// Prompt vectors in front of each sequence.
+    pub fn prompt_len(&self) -> usize {
+        self.prompt.map_or(0, |p| p.rows)
+    }
+
+    /// Positions per sequence on the fabric: the prompt's and the batch's.
+    pub fn seq(&self) -> usize {
+        self.batch.seq + self.prompt_len()
+    }
+
+    /// The sequences as the fabric sees them.
+    pub(crate) fn sequences(&self) -> Sequences {
+        let (p, s, vocab) = (self.prompt_len(), self.batch.seq, self.config.vocab_size);
+        let mut ids = Vec::with_capacity(self.batch.batch * (p + s));
+        let mut targets = Vec::with_capacity(ids.capacity());
+        for row in self.batch.tokens.chunks_exact(s) {
+            ids.extend((0..p).map(|i| (vocab + i) as u32));
+            ids.extend_from_slice(row);
+            targets.extend(std::iter::repeat_n(0, p));
+            targets.extend_from_slice(row);
+        }
+        Sequences {
+            seq: p + s,
+            unscored_prefix: p.saturating_sub(1),
+            ids,
+            targets,
+        }
+    }
+}
+
+/// The token rows of a step on the fabric: each sequence is its `P` prompt vectors, then its
+/// tokens. The embedding looks the prompt rows up as rows `vocab..vocab + P` of the token table
+/// extended by the prompt; the loss scores every position from the last prompt vector on (it
+/// predicts the first token, as Hugging Face PEFT's prompt tuning does).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Sequences {
+    /// Positions per sequence.
+    pub seq: usize,
+    /// Embedding rows: prompt `i` is `vocab + i`.
+    pub ids: Vec<u32>,
+    /// Targets for the loss: the tokens, 0 at the (never scored) prompt positions.
+    pub targets: Vec<u32>,
+    /// Positions of each sequence that predict nothing: all prompt positions but the last.
+    pub unscored_prefix: usize,
 }
 
 /// How to run a step.
@@ -87,6 +153,8 @@ pub struct StepRun {
     pub loss: f64,
     /// Gradient of every parameter (pruned entries zero).
     pub grads: GptParams,
+    /// Gradient of the prompt vectors, when there are any.
+    pub prompt_grad: Option<Matrix>,
     pub cost: StepCost,
 }
 
@@ -95,8 +163,11 @@ pub struct StepRun {
 pub struct Numerics {
     /// Mean next-token cross-entropy.
     pub loss: f64,
-    /// Gradient of every parameter (pruned entries zero).
+    /// Gradient of every parameter (pruned entries zero); with [`GradientSet::PromptOnly`] the
+    /// weight gradients are not computed and read 0.
     pub grads: GptParams,
+    /// Gradient of the prompt vectors, `[P, d]`, when there are any.
+    pub prompt_grad: Option<Matrix>,
 }
 
 /// What a step cost at a fidelity, and its numerics if they were asked for.
@@ -158,6 +229,7 @@ fn run_exact(
     let run = StepRun {
         loss: engine.loss,
         grads: engine.grads,
+        prompt_grad: engine.prompt_grad,
         cost,
     };
     Ok((run, trace))
@@ -186,22 +258,14 @@ pub fn simulate_step_with(
             let numerics = mode.numerics.then_some(Numerics {
                 loss: run.loss,
                 grads: run.grads,
+                prompt_grad: run.prompt_grad,
             });
             (run.cost, numerics)
         }
         Fidelity::Fast => {
             let cost = walk::walk(&mut fast::FastEngine::new(inputs), inputs, hooks.progress)?;
             let numerics = if mode.numerics {
-                let (loss, grads) = reference::loss_and_grads(
-                    inputs.config,
-                    inputs.params,
-                    inputs.masks,
-                    inputs.batch,
-                )?;
-                Some(Numerics {
-                    loss: f64::from(loss),
-                    grads,
-                })
+                Some(reference_numerics(inputs)?)
             } else {
                 None
             };
@@ -214,4 +278,28 @@ pub fn simulate_step_with(
         cost,
     };
     Ok((report, trace))
+}
+
+/// The loss and gradients of `inputs` from the CPU reference (the fast fidelity's numerics).
+fn reference_numerics(inputs: StepInputs<'_>) -> Result<Numerics, RuntimeError> {
+    let (config, params, batch) = (inputs.config, inputs.params, inputs.batch);
+    match inputs.prompt {
+        None => {
+            let (loss, grads) = reference::loss_and_grads(config, params, inputs.masks, batch)?;
+            Ok(Numerics {
+                loss: f64::from(loss),
+                grads,
+                prompt_grad: None,
+            })
+        }
+        Some(prompt) => {
+            let (loss, prompt_grad) =
+                reference::prompt_loss_and_grad(config, params, prompt, batch)?;
+            Ok(Numerics {
+                loss: f64::from(loss),
+                grads: GptParams::zeros(config),
+                prompt_grad: Some(prompt_grad),
+            })
+        }
+    }
 }

@@ -13,7 +13,7 @@
 use wafersim_kernels::KernelError;
 
 use super::record::{Op, OpRecord, StepCost};
-use super::{RuntimeError, StepInputs};
+use super::{GradientSet, RuntimeError, StepInputs};
 use crate::flops::{OpKind, Phase};
 use crate::model::SparseKind;
 
@@ -208,9 +208,9 @@ impl<E: Engine> Walk<'_, E> {
     /// for a streamed weight, `B S^2 d` per attention matmul and phase (the backward runs each
     /// twice: `dP` and `dV`, `dQ` and `dK`).
     fn analytic_fmacs(&self, op: &Op) -> u64 {
-        let (c, batch) = (self.inputs.config, self.inputs.batch);
-        let tokens = (batch.batch * batch.seq) as u64;
-        let attention = (batch.batch * batch.seq * batch.seq * c.n_embd) as u64;
+        let (c, batch, seq) = (self.inputs.config, self.inputs.batch, self.inputs.seq());
+        let tokens = (batch.batch * seq) as u64;
+        let attention = (batch.batch * seq * seq * c.n_embd) as u64;
         let per_phase = if op.phase == Phase::Forward { 1 } else { 2 };
         op.matmuls
             .iter()
@@ -313,10 +313,12 @@ impl<E: Engine> Walk<'_, E> {
         let d_lnf = self.launch(op, |e| {
             e.matmul(Weight::Head, Phase::InputGrad, &head.dlogits)
         })?;
-        let op = Op::lm_head(Phase::WeightGrad);
-        self.launch(op, |e| {
-            e.weight_grad(Weight::Head, E::output(&head.ln_f), &head.dlogits)
-        })?;
+        if self.weights_trained() {
+            let op = Op::lm_head(Phase::WeightGrad);
+            self.launch(op, |e| {
+                e.weight_grad(Weight::Head, E::output(&head.ln_f), &head.dlogits)
+            })?;
+        }
         let mut dx = self.layer_norm_backward(Ln::Final, &d_lnf, &head.x_final, &head.ln_f)?;
         for l in (0..self.inputs.config.n_layer).rev() {
             dx = self.block_backward(l, &layers[l], &dx)?;
@@ -379,9 +381,16 @@ impl<E: Engine> Walk<'_, E> {
         let dx = self.launch(Op::linear(l, kind, Phase::InputGrad), |e| {
             e.matmul(weight, Phase::InputGrad, dy)
         })?;
-        self.launch(Op::linear(l, kind, Phase::WeightGrad), |e| {
-            e.weight_grad(weight, x, dy)
-        })?;
+        if self.weights_trained() {
+            self.launch(Op::linear(l, kind, Phase::WeightGrad), |e| {
+                e.weight_grad(weight, x, dy)
+            })?;
+        }
         Ok(dx)
+    }
+
+    /// Whether the weight-gradient kernels run (not for a frozen model).
+    fn weights_trained(&self) -> bool {
+        self.inputs.gradients == GradientSet::All
     }
 }

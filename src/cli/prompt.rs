@@ -1,0 +1,105 @@
+//! Prompt vectors for `wafersim train --phase prompt-tune`: their initial values and their file.
+//!
+//! The file is a safetensors file with one f32 tensor `prompt` of shape `[P, d]` (what a run
+//! writes as `prompt.safetensors`). Initial values are the token embeddings of the first `P` ids
+//! of the data (`--prompt-init data`, the usual choice for prompt tuning) or `N(0, 0.02)` drawn
+//! from the seed (`--prompt-init random`).
+
+use std::path::Path;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use safetensors::{Dtype, SafeTensors};
+
+use super::bad_input;
+use crate::model::{GptParams, Matrix};
+use crate::training::Corpus;
+
+/// The prompt vectors a run starts from.
+pub fn initial_prompt(
+    file: Option<&Path>,
+    random: bool,
+    corpus: &Corpus,
+    params: &GptParams,
+    len: usize,
+    seed: u64,
+) -> anyhow::Result<Matrix> {
+    let d = params.wte.cols;
+    if let Some(path) = file {
+        let prompt = read_prompt(path, d)?;
+        if prompt.rows != len {
+            return Err(bad_input(
+                format!("--prompt {}", path.display()),
+                anyhow::anyhow!(
+                    "it holds {} vectors; give --prompt-len {}",
+                    prompt.rows,
+                    prompt.rows
+                ),
+            ));
+        }
+        return Ok(prompt);
+    }
+    if random {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(0x7072_6f6d); // "prom"
+        let normal = Normal::new(0.0f32, 0.02).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let data = (0..len * d).map(|_| normal.sample(&mut rng)).collect();
+        return Ok(Matrix {
+            rows: len,
+            cols: d,
+            data,
+        });
+    }
+    let ids = corpus.first_ids(len);
+    if ids.len() < len {
+        return Err(bad_input(
+            "--prompt-len",
+            anyhow::anyhow!(
+                "the token file has only {} ids for {len} prompt vectors",
+                ids.len()
+            ),
+        ));
+    }
+    let data = ids
+        .iter()
+        .flat_map(|&id| params.wte.row(id as usize).iter().copied())
+        .collect();
+    Ok(Matrix {
+        rows: len,
+        cols: d,
+        data,
+    })
+}
+
+/// Reads the `prompt` tensor `[P, d]` of a safetensors file.
+pub fn read_prompt(path: &Path, d: usize) -> anyhow::Result<Matrix> {
+    let what = || format!("--prompt {}", path.display());
+    let bytes = std::fs::read(path).map_err(|e| bad_input(what(), e))?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| bad_input(what(), e))?;
+    let tensor = file
+        .tensor("prompt")
+        .map_err(|e| bad_input(what(), anyhow::anyhow!("no tensor `prompt`: {e}")))?;
+    let shape = tensor.shape();
+    let ok = tensor.dtype() == Dtype::F32 && shape.len() == 2 && shape[1] == d && shape[0] >= 1;
+    if !ok {
+        return Err(bad_input(
+            what(),
+            anyhow::anyhow!(
+                "tensor `prompt` is {:?} {:?}, expected F32 [P >= 1, {d}]",
+                tensor.dtype(),
+                shape
+            ),
+        ));
+    }
+    let data = tensor
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok(Matrix {
+        rows: shape[0],
+        cols: d,
+        data,
+    })
+}

@@ -1,0 +1,219 @@
+//! `wafersim recipe`: what the whole MediSwift recipe costs on the fabric (fast-fidelity step
+//! figures times steps), against the same recipe pre-trained dense: a table and, with `--json`,
+//! JSON (schema `wafersim.recipe/v1`).
+
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+
+use super::{bad_input, guard, load_fabric};
+use crate::model::GptConfig;
+use crate::recipe::{
+    PhaseCost, RecipeCost, RecipeError, RecipeSpec, longest_fitting_seq, recipe_cost,
+};
+use crate::sparsity;
+
+/// Arguments of `wafersim recipe`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A built-in model preset.
+    #[arg(long, value_name = "PRESET")]
+    model: String,
+    /// Tokens of sparse pre-training (e.g. 104.86e9).
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_tokens)]
+    pretrain_tokens: u64,
+    /// Sparsity of pre-training.
+    #[arg(
+        long,
+        value_name = "S",
+        default_value_t = 0.75,
+        allow_hyphen_values = true
+    )]
+    sparsity: f64,
+    /// Tokens of dense fine-tuning.
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_tokens)]
+    finetune_tokens: u64,
+    /// Tokens of prompt tuning.
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_tokens)]
+    prompt_tokens: u64,
+    /// Prompt vectors per sequence in prompt tuning.
+    #[arg(long, value_name = "P", default_value_t = 8)]
+    prompt_len: usize,
+    /// Sequences per step.
+    #[arg(long, value_name = "B", default_value_t = 1)]
+    batch: usize,
+    /// Positions per sequence [default: the longest power of two whose step fits the fabric].
+    #[arg(long, value_name = "S")]
+    seq: Option<usize>,
+    /// The machine: wse2, wse3, WxH, or a .toml/.json file.
+    #[arg(long, value_name = "FABRIC")]
+    fabric: String,
+    /// Seed of the pre-training masks.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the figures as JSON.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+}
+
+/// A token count written as an integer or in scientific notation (`104.86e9`).
+fn parse_tokens(text: &str) -> Result<u64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of tokens"))?;
+    if !(value.is_finite() && (0.0..=1e18).contains(&value)) {
+        return Err(format!("{text} tokens: expected a number in [0, 1e18]"));
+    }
+    Ok(value.round() as u64)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let fabric = load_fabric(&args.fabric)?;
+    let config = GptConfig::preset(&args.model).map_err(|e| bad_input("--model", e))?;
+    sparsity::validate(args.sparsity).map_err(|e| bad_input("--sparsity", e))?;
+    if args.pretrain_tokens + args.finetune_tokens + args.prompt_tokens == 0 {
+        return Err(bad_input(
+            "--pretrain-tokens/--finetune-tokens/--prompt-tokens",
+            anyhow::anyhow!("give at least one phase some tokens"),
+        ));
+    }
+    if let Some(path) = &args.json {
+        guard::check_output_file("--json", path)?;
+    }
+    let seq = match args.seq {
+        Some(seq) => {
+            guard::check_batch_shape("--batch/--seq", &config, args.batch, seq)?;
+            seq
+        }
+        None => longest_fitting_seq(&config, args.batch, &fabric).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no step of {} sequence(s) of {} fits {}: use a bigger fabric",
+                args.batch,
+                args.model,
+                fabric.name
+            )
+        })?,
+    };
+    // Two mask sets (dense, sparse) of one byte per sparsifiable weight, and their per-column
+    // counts: about 6 bytes per weight at the peak (6.4 GB measured for MediSwift-XL).
+    let weights = (12 * config.n_layer) as u64 * (config.n_embd * config.n_embd) as u64;
+    guard::check_host_memory(
+        "the masks (about 6 bytes per sparsifiable weight)",
+        weights.checked_mul(6),
+    )?;
+    let spec = RecipeSpec {
+        pretrain_tokens: args.pretrain_tokens,
+        sparsity: args.sparsity,
+        finetune_tokens: args.finetune_tokens,
+        prompt_tokens: args.prompt_tokens,
+        prompt_len: args.prompt_len,
+        batch: args.batch,
+        seq,
+    };
+    let cost = recipe_cost(&config, &fabric, &spec, args.seed).map_err(|e| match e {
+        e @ RecipeError::PromptTooLong { .. } => bad_input("--prompt-len", e),
+        e => anyhow::Error::new(e),
+    })?;
+    let clock_hz = f64::from(fabric.clock_mhz) * 1e6;
+    print_table(&args, &fabric, &cost, clock_hz);
+    match &args.json {
+        Some(path) => super::write_json(path, &report_json(&args, &fabric, &spec, &cost, clock_hz)),
+        None => Ok(()),
+    }
+}
+
+fn print_table(args: &Args, fabric: &wafersim_sim::FabricConfig, cost: &RecipeCost, clock_hz: f64) {
+    let p = &cost.plan;
+    println!(
+        "recipe of {} on {} ({} x {} PEs at {} MHz): steps of {} x {} positions, region {} x {}, fast fidelity, pre-training sparsity {}",
+        args.model,
+        fabric.name,
+        fabric.width,
+        fabric.height,
+        fabric.clock_mhz,
+        p.batch,
+        p.seq,
+        p.region.cols,
+        p.region.rows,
+        args.sparsity
+    );
+    println!(
+        "\n{:<16} {:>12} {:>12} {:>14} {:>14} {:>14}",
+        "phase", "tokens", "steps", "FLOPs", "cycles", "seconds"
+    );
+    for (title, phases) in [
+        ("sparse recipe", &cost.sparse),
+        ("dense recipe", &cost.dense),
+    ] {
+        println!("{title}:");
+        for ph in phases.iter() {
+            println!(
+                "{:<16} {:>12.4e} {:>12} {:>14.4e} {:>14.4e} {:>14.4e}",
+                ph.name,
+                ph.tokens as f64,
+                ph.steps,
+                ph.flops() as f64,
+                ph.cycles() as f64,
+                ph.cycles() as f64 / clock_hz
+            );
+        }
+        let (f, c) = RecipeCost::total(phases);
+        println!(
+            "{:<16} {:>12} {:>12} {:>14.4e} {:>14.4e} {:>14.4e}",
+            "total",
+            "",
+            "",
+            f as f64,
+            c as f64,
+            c as f64 / clock_hz
+        );
+    }
+    let (sf, sc) = RecipeCost::total(&cost.sparse);
+    let (df, dc) = RecipeCost::total(&cost.dense);
+    println!(
+        "\nsparse pre-training saves {:.3}x FLOPs and {:.3}x cycles over the whole recipe ({:.4e} s against {:.4e} s)",
+        df as f64 / sf as f64,
+        dc as f64 / sc as f64,
+        sc as f64 / clock_hz,
+        dc as f64 / clock_hz
+    );
+}
+
+fn phase_json(ph: &PhaseCost, clock_hz: f64) -> Value {
+    json!({
+        "phase": ph.name, "tokens": ph.tokens, "steps": ph.steps,
+        "step_flops": ph.step_flops, "step_cycles": ph.step_cycles,
+        "flops": ph.flops() as f64, "cycles": ph.cycles() as f64,
+        "seconds": ph.cycles() as f64 / clock_hz,
+    })
+}
+
+fn report_json(
+    args: &Args,
+    fabric: &wafersim_sim::FabricConfig,
+    spec: &RecipeSpec,
+    cost: &RecipeCost,
+    clock_hz: f64,
+) -> Value {
+    let side = |phases: &[PhaseCost]| {
+        let (f, c) = RecipeCost::total(phases);
+        json!({
+            "phases": phases.iter().map(|p| phase_json(p, clock_hz)).collect::<Vec<_>>(),
+            "total": { "flops": f as f64, "cycles": c as f64, "seconds": c as f64 / clock_hz },
+        })
+    };
+    let (sf, sc) = RecipeCost::total(&cost.sparse);
+    let (df, dc) = RecipeCost::total(&cost.dense);
+    json!({
+        "schema": "wafersim.recipe/v1",
+        "fidelity": "fast",
+        "units": { "flops": "matmul floating-point operations (1 FMAC = 2)", "cycles": "fabric clock cycles", "seconds": "at the fabric clock" },
+        "model": args.model,
+        "fabric": { "name": fabric.name, "width": fabric.width, "height": fabric.height, "clock_mhz": fabric.clock_mhz },
+        "step": { "batch": spec.batch, "seq": spec.seq, "prompt_len": spec.prompt_len, "region": { "cols": cost.plan.region.cols, "rows": cost.plan.region.rows } },
+        "sparsity": spec.sparsity,
+        "sparse": side(&cost.sparse),
+        "dense": side(&cost.dense),
+        "savings": { "flops": df as f64 / sf as f64, "cycles": dc as f64 / sc as f64 },
+    })
+}

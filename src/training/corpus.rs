@@ -1,0 +1,256 @@
+//! The token file of a training run and the seeded order its sequences are drawn in.
+//!
+//! A token file is JSON: either an array of token-id sequences (`[[464, 2068], [1169, 318, 7]]`,
+//! lengths may differ) or one flat array of token ids (`[464, 2068, 1169]`). Either way it is cut
+//! into non-overlapping windows of the run's sequence length `S`, each sequence on its own (a
+//! window never spans two sequences; the tail shorter than `S` is dropped).
+//!
+//! Key design decision: the order is epochs of seeded permutations of the windows (ChaCha8, one
+//! stream for the sampler), and a batch takes the next `B` windows, crossing into the next epoch
+//! when one runs out. The same file, seed, `B` and `S` give the same batches, step for step, on
+//! any machine.
+//!
+//! What it is not: a tokenizer or a streaming reader; the whole file is read into memory (its
+//! size is checked by the caller).
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::model::GptConfig;
+use crate::reference::{Batch, BatchError};
+
+/// What is wrong with a token file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CorpusError {
+    #[error("expected a JSON array of token ids or an array of arrays of token ids: {reason}")]
+    Json { reason: String },
+    #[error(
+        "token id {id} (sequence {row}, position {position}) is outside the vocabulary of {vocab_size}"
+    )]
+    TokenOutOfVocab {
+        id: u32,
+        row: usize,
+        position: usize,
+        vocab_size: usize,
+    },
+    #[error(
+        "no sequence has {seq} tokens (the longest has {longest}): nothing to train on; lower --seq or add data"
+    )]
+    TooShort { seq: usize, longest: usize },
+    #[error("sequence length {seq} is below 2: no position has a next token to predict")]
+    SeqTooShort { seq: usize },
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+}
+
+/// A token file cut into windows of `seq` tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Corpus {
+    seq: usize,
+    /// Window `i` is `tokens[i * seq .. (i + 1) * seq]`.
+    tokens: Vec<u32>,
+    /// Every token id of the file in file order (for the prompt's initialisation).
+    first: Vec<u32>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum TokenFile {
+    Flat(Vec<u32>),
+    Nested(Vec<Vec<u32>>),
+}
+
+impl Corpus {
+    /// Parses a token file and cuts it into windows of `seq` tokens, every id checked against
+    /// the vocabulary of `config`.
+    pub fn from_json(text: &str, seq: usize, config: &GptConfig) -> Result<Self, CorpusError> {
+        if seq < 2 {
+            return Err(CorpusError::SeqTooShort { seq });
+        }
+        let file: TokenFile = serde_json::from_str(text).map_err(|e| CorpusError::Json {
+            reason: e.to_string(),
+        })?;
+        let rows = match file {
+            TokenFile::Flat(ids) => vec![ids],
+            TokenFile::Nested(rows) => rows,
+        };
+        Self::from_sequences(&rows, seq, config)
+    }
+
+    /// Cuts `rows` into windows of `seq` tokens.
+    pub fn from_sequences(
+        rows: &[Vec<u32>],
+        seq: usize,
+        config: &GptConfig,
+    ) -> Result<Self, CorpusError> {
+        let vocab_size = config.vocab_size;
+        for (row, ids) in rows.iter().enumerate() {
+            if let Some((position, &id)) = ids
+                .iter()
+                .enumerate()
+                .find(|(_, id)| **id as usize >= vocab_size)
+            {
+                return Err(CorpusError::TokenOutOfVocab {
+                    id,
+                    row,
+                    position,
+                    vocab_size,
+                });
+            }
+        }
+        let mut tokens = Vec::new();
+        for ids in rows {
+            for window in ids.chunks_exact(seq) {
+                tokens.extend_from_slice(window);
+            }
+        }
+        if tokens.is_empty() {
+            let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
+            return Err(CorpusError::TooShort { seq, longest });
+        }
+        Ok(Self {
+            seq,
+            tokens,
+            first: rows.iter().flatten().copied().take(1 << 16).collect(),
+        })
+    }
+
+    /// Number of windows.
+    pub fn windows(&self) -> usize {
+        self.tokens.len() / self.seq
+    }
+
+    /// Tokens per window.
+    pub fn seq(&self) -> usize {
+        self.seq
+    }
+
+    /// Tokens in all windows.
+    pub fn tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The first `n` token ids of the file (fewer if it is shorter than that).
+    pub fn first_ids(&self, n: usize) -> &[u32] {
+        &self.first[..n.min(self.first.len())]
+    }
+
+    fn window(&self, i: usize) -> &[u32] {
+        &self.tokens[i * self.seq..(i + 1) * self.seq]
+    }
+}
+
+/// Draws batches of windows in seeded epochs.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    rng: ChaCha8Rng,
+    order: Vec<usize>,
+    cursor: usize,
+    batch: usize,
+}
+
+impl Sampler {
+    /// A sampler of `batch` windows at a time from `corpus`, in an order drawn from `seed`.
+    pub fn new(corpus: &Corpus, batch: usize, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(0x7261_696e); // "rain": apart from the streams of masks and weights
+        let mut order: Vec<usize> = (0..corpus.windows()).collect();
+        order.shuffle(&mut rng);
+        Self {
+            rng,
+            order,
+            cursor: 0,
+            batch,
+        }
+    }
+
+    /// The next batch; a new permutation starts whenever the windows run out.
+    pub fn next_batch(
+        &mut self,
+        corpus: &Corpus,
+        config: &GptConfig,
+    ) -> Result<Batch, CorpusError> {
+        let mut tokens = Vec::with_capacity(self.batch * corpus.seq);
+        for _ in 0..self.batch {
+            if self.cursor == self.order.len() {
+                self.order.shuffle(&mut self.rng);
+                self.cursor = 0;
+            }
+            tokens.extend_from_slice(corpus.window(self.order[self.cursor]));
+            self.cursor += 1;
+        }
+        Ok(Batch::new(config, self.batch, corpus.seq, tokens)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> GptConfig {
+        GptConfig::preset("tiny").unwrap()
+    }
+
+    #[test]
+    fn nested_sequences_are_cut_on_their_own_and_tails_dropped() {
+        // [0..5) -> one window of 4 (tail 4 dropped); [10..13) -> too short; [20..28) -> two.
+        let text = "[[0,1,2,3,4],[10,11,12],[20,21,22,23,24,25,26,27]]";
+        let c = Corpus::from_json(text, 4, &tiny()).unwrap();
+        assert_eq!(c.windows(), 3);
+        assert_eq!(c.window(0), &[0, 1, 2, 3]);
+        assert_eq!(c.window(1), &[20, 21, 22, 23]);
+        assert_eq!(c.window(2), &[24, 25, 26, 27]);
+        assert_eq!(c.first_ids(3), &[0, 1, 2]);
+    }
+
+    #[test]
+    fn a_flat_array_is_one_sequence() {
+        let c = Corpus::from_json("[1,2,3,4,5,6,7]", 3, &tiny()).unwrap();
+        assert_eq!(c.windows(), 2);
+        assert_eq!(c.tokens(), 6);
+    }
+
+    #[test]
+    fn bad_files_name_what_is_wrong() {
+        let err = Corpus::from_json("[[1,2],[3,300]]", 2, &tiny()).unwrap_err();
+        assert_eq!(
+            err,
+            CorpusError::TokenOutOfVocab {
+                id: 300,
+                row: 1,
+                position: 1,
+                vocab_size: 256
+            }
+        );
+        let err = Corpus::from_json("[1,2,3]", 4, &tiny()).unwrap_err();
+        assert_eq!(err, CorpusError::TooShort { seq: 4, longest: 3 });
+        assert!(matches!(
+            Corpus::from_json("{\"a\": 1}", 4, &tiny()),
+            Err(CorpusError::Json { .. })
+        ));
+    }
+
+    #[test]
+    fn every_window_is_drawn_once_per_epoch_in_a_seeded_order() {
+        let config = tiny();
+        let ids: Vec<u32> = (0..20).collect();
+        let c = Corpus::from_sequences(&[ids], 2, &config).unwrap();
+        let mut s = Sampler::new(&c, 5, 7);
+        // 10 windows, 5 per batch: two batches are one epoch, each window exactly once.
+        let mut firsts: Vec<u32> = (0..2)
+            .flat_map(|_| s.next_batch(&c, &config).unwrap().tokens)
+            .step_by(2)
+            .collect();
+        firsts.sort_unstable();
+        assert_eq!(firsts, (0..20).step_by(2).collect::<Vec<u32>>());
+        let again = Sampler::new(&c, 5, 7).next_batch(&c, &config).unwrap();
+        let other = Sampler::new(&c, 5, 8).next_batch(&c, &config).unwrap();
+        assert_eq!(
+            again,
+            Sampler::new(&c, 5, 7).next_batch(&c, &config).unwrap()
+        );
+        assert_ne!(again, other);
+    }
+}

@@ -1,0 +1,304 @@
+//! Training runs on the simulated fabric: the MediSwift recipe's phases (sparse pre-training,
+//! dense fine-tuning, prompt tuning), one optimizer step after another.
+//!
+//! Each step runs forward, loss and backward on the fabric ([`crate::runtime::simulate_step`],
+//! exact or fast fidelity) and applies AdamW on the host, as weight streaming does: the weights
+//! live on the host, stream in for every step and their gradients stream out. Batches come from a
+//! token file in a seeded order ([`corpus`]); the learning rate follows [`schedule`].
+//!
+//! Key design decision: a phase is nothing but which masks the step runs with and which
+//! parameters the optimizer may change. Sparse pre-training keeps one static mask for the whole
+//! run (pruned weights zero, never updated); dense fine-tuning runs with no mask, so the pruned
+//! weights (zero in the sparse checkpoint) get gradients and learn, and the step costs what a
+//! dense step costs.
+//!
+//! Prompt tuning learns `P` vectors placed in front of every sequence ([`PromptVectors`]); the
+//! step runs with [`GradientSet::PromptOnly`], so the fabric runs no weight-gradient kernel, and
+//! only the vectors are updated (AdamW, no weight decay).
+//!
+//! What it is not: a data loader, a tokenizer or a checkpoint writer (the CLI writes the files);
+//! the optimizer state is not saved, so a continued run restarts AdamW's moments.
+
+pub mod corpus;
+pub mod schedule;
+
+use wafersim_sim::FabricConfig;
+
+use crate::compile::StepPlan;
+use crate::model::{GptConfig, GptParams, Matrix};
+use crate::reference::{AdamState, AdamW, Batch, ReferenceError};
+use crate::runtime::{
+    Fidelity, GradientSet, RuntimeError, StepCost, StepInputs, StepMode, simulate_step,
+};
+use crate::sparsity::ModelMasks;
+
+pub use corpus::{Corpus, CorpusError, Sampler};
+pub use schedule::LrSchedule;
+
+/// A phase of the recipe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainPhase {
+    /// Static masks, fixed for the run; pruned weights stay zero.
+    SparsePretrain,
+    /// No masks: every weight, the pruned ones (starting at zero) included, is trained.
+    DenseFinetune,
+    /// Learned prompt vectors in front of every sequence; the model is frozen.
+    PromptTune,
+}
+
+impl TrainPhase {
+    /// `sparse-pretrain`, `dense-finetune` or `prompt-tune`, as the CLI and reports name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainPhase::SparsePretrain => "sparse-pretrain",
+            TrainPhase::DenseFinetune => "dense-finetune",
+            TrainPhase::PromptTune => "prompt-tune",
+        }
+    }
+}
+
+/// What can stop a training run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    #[error("step {step}: {source}")]
+    Step {
+        step: u64,
+        #[source]
+        source: RuntimeError,
+    },
+    #[error("step {step}: the optimizer: {source}")]
+    Optimizer {
+        step: u64,
+        #[source]
+        source: ReferenceError,
+    },
+    #[error("step {step}: the step computed no loss or gradients")]
+    NoNumerics { step: u64 },
+    #[error(
+        "step {step}: {what} is not finite ({value}); lower --lr or check the data (nothing of this step was kept)"
+    )]
+    NonFinite { step: u64, what: String, value: f64 },
+}
+
+/// One line of `train.csv`: what one optimizer step computed and cost.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepRecord {
+    /// 1-based step number.
+    pub step: u64,
+    /// The loss of the batch before the update.
+    pub loss: f64,
+    /// The learning rate of the update.
+    pub lr: f64,
+    /// Matmul FLOPs executed on the fabric.
+    pub flops: u64,
+    /// Cycles of the step.
+    pub cycles: u64,
+}
+
+/// The machine and the step shape a run is fixed to.
+#[derive(Clone, Copy)]
+pub struct RunShape<'a> {
+    pub config: &'a GptConfig,
+    pub fabric: &'a FabricConfig,
+    pub plan: &'a StepPlan,
+    pub fidelity: Fidelity,
+}
+
+/// A training run in progress: the weights, masks and optimizer state.
+#[derive(Clone, Debug)]
+pub struct Trainer {
+    pub phase: TrainPhase,
+    pub params: GptParams,
+    pub masks: ModelMasks,
+    pub schedule: LrSchedule,
+    adam: AdamState,
+    /// Prompt tuning: the prompt vectors `[P, d]` and their AdamW moments.
+    pub prompt: Option<PromptVectors>,
+    /// Steps taken.
+    pub steps: u64,
+}
+
+/// Learned prompt vectors and their optimizer state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptVectors {
+    /// `[P, d]`.
+    pub vectors: Matrix,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl PromptVectors {
+    /// Vectors to learn, starting at `vectors`, moments zero.
+    pub fn new(vectors: Matrix) -> Self {
+        let n = vectors.data.len();
+        Self {
+            vectors,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        }
+    }
+}
+
+impl Trainer {
+    /// A run of `phase` from `params` with `masks` (pruned weights must already be zero).
+    pub fn new(
+        phase: TrainPhase,
+        params: GptParams,
+        masks: ModelMasks,
+        schedule: LrSchedule,
+    ) -> Self {
+        Self {
+            phase,
+            adam: AdamState::new(&params),
+            params,
+            masks,
+            schedule,
+            prompt: None,
+            steps: 0,
+        }
+    }
+
+    /// A prompt-tuning run: `prompt` learned in front of every sequence, `params` frozen.
+    pub fn prompt_tuning(
+        params: GptParams,
+        masks: ModelMasks,
+        prompt: Matrix,
+        schedule: LrSchedule,
+    ) -> Self {
+        let mut trainer = Self::new(TrainPhase::PromptTune, params, masks, schedule);
+        trainer.prompt = Some(PromptVectors::new(prompt));
+        trainer
+    }
+
+    /// Which gradients this run's steps compute.
+    pub fn gradients(&self) -> GradientSet {
+        match self.phase {
+            TrainPhase::PromptTune => GradientSet::PromptOnly,
+            _ => GradientSet::All,
+        }
+    }
+
+    fn inputs<'a>(&'a self, shape: RunShape<'a>, batch: &'a Batch) -> StepInputs<'a> {
+        StepInputs {
+            config: shape.config,
+            params: &self.params,
+            masks: &self.masks,
+            batch,
+            fabric: shape.fabric,
+            plan: shape.plan,
+            dense_baseline: false,
+            prompt: self.prompt.as_ref().map(|p| &p.vectors),
+            gradients: self.gradients(),
+        }
+    }
+
+    /// The cost of one step on `batch` with every gradient computed, and with this run's
+    /// gradients: for prompt tuning, what skipping the frozen weights' gradients saves.
+    pub fn cost_with_all_gradients(
+        &self,
+        shape: RunShape<'_>,
+        batch: &Batch,
+    ) -> Result<(StepCost, StepCost), RuntimeError> {
+        let mode = StepMode {
+            fidelity: shape.fidelity,
+            numerics: false,
+        };
+        let run = self.inputs(shape, batch);
+        let all = StepInputs {
+            gradients: GradientSet::All,
+            ..run
+        };
+        Ok((
+            simulate_step(all, mode)?.cost,
+            simulate_step(run, mode)?.cost,
+        ))
+    }
+
+    /// One optimizer step on `batch`: the step on the fabric, then AdamW on the host. On error
+    /// the weights and optimizer state are left as they were.
+    pub fn step(&mut self, shape: RunShape<'_>, batch: &Batch) -> Result<StepRecord, TrainError> {
+        let step = self.steps + 1;
+        let lr = self.schedule.at(self.steps);
+        let inputs = self.inputs(shape, batch);
+        let mode = StepMode {
+            fidelity: shape.fidelity,
+            numerics: true,
+        };
+        let report =
+            simulate_step(inputs, mode).map_err(|source| TrainError::Step { step, source })?;
+        let numerics = report.numerics.ok_or(TrainError::NoNumerics { step })?;
+        check_finite(step, "the loss", numerics.loss)?;
+        if let Some(prompt) = &self.prompt {
+            let grad = numerics
+                .prompt_grad
+                .ok_or(TrainError::NoNumerics { step })?;
+            let mut next = prompt.clone();
+            AdamW::new(lr)
+                .step_tensor(
+                    &mut next.vectors.data,
+                    &grad.data,
+                    &mut next.m,
+                    &mut next.v,
+                    step,
+                    false,
+                )
+                .map_err(|source| TrainError::Optimizer { step, source })?;
+            if let Some(v) = next.vectors.data.iter().find(|v| !v.is_finite()) {
+                return Err(TrainError::NonFinite {
+                    step,
+                    what: "an updated prompt vector".into(),
+                    value: f64::from(*v),
+                });
+            }
+            self.prompt = Some(next);
+            self.steps = step;
+            return Ok(record(step, numerics.loss, lr, &report.cost));
+        }
+        let mut params = self.params.clone();
+        let mut adam = self.adam.clone();
+        AdamW::new(lr)
+            .step(&mut params, &numerics.grads, &self.masks, &mut adam)
+            .map_err(|source| TrainError::Optimizer { step, source })?;
+        check_params_finite(step, &params)?;
+        self.params = params;
+        self.adam = adam;
+        self.steps = step;
+        Ok(record(step, numerics.loss, lr, &report.cost))
+    }
+}
+
+fn record(step: u64, loss: f64, lr: f64, cost: &StepCost) -> StepRecord {
+    StepRecord {
+        step,
+        loss,
+        lr,
+        flops: cost.executed_matmul_flops(),
+        cycles: cost.cycles(),
+    }
+}
+
+fn check_finite(step: u64, what: &str, value: f64) -> Result<(), TrainError> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(TrainError::NonFinite {
+            step,
+            what: what.into(),
+            value,
+        })
+    }
+}
+
+fn check_params_finite(step: u64, params: &GptParams) -> Result<(), TrainError> {
+    for (name, values) in params.tensors() {
+        if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+            return Err(TrainError::NonFinite {
+                step,
+                what: format!("updated weight `{name}`"),
+                value: f64::from(*v),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,448 @@
+//! `wafersim train` driven as a user would: the built binary, real folders and files. A run
+//! writes logs that agree with each other, a checkpoint that loads and keeps the mask, and
+//! Ctrl-C ends a run after the current step with everything written.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wafersim::model::SparseKind;
+use wafersim::model::checkpoint::load_checkpoint;
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temporary paths are UTF-8")
+}
+
+/// A token file of a repeated sentence (bytes of the tiny preset's vocabulary).
+fn tokens_file(dir: &Path) -> PathBuf {
+    let ids: Vec<u32> = "the quick brown fox jumps over the lazy dog. "
+        .repeat(20)
+        .bytes()
+        .map(u32::from)
+        .collect();
+    let path = dir.join("tokens.json");
+    fs::write(&path, serde_json::to_string(&ids).unwrap()).unwrap();
+    path
+}
+
+fn train_args<'a>(tokens: &'a Path, out: &'a Path, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--tokens",
+        path_str(tokens),
+        "--out",
+        path_str(out),
+        "--steps",
+        steps,
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--fabric",
+        "4x4",
+    ]
+}
+
+fn wafersim(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_wafersim"))
+        .args(args)
+        .output()
+        .expect("the wafersim binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn csv_rows(path: &Path) -> Vec<Vec<f64>> {
+    let text = fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("step,loss,lr,flops,cycles"));
+    lines
+        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+        .collect()
+}
+
+#[test]
+fn a_sparse_run_writes_agreeing_logs_and_a_checkpoint_that_keeps_its_mask() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens_file(tmp.path());
+    let out = tmp.path().join("pre");
+    let mut args = train_args(&tokens, &out, "4");
+    args.extend([
+        "--model",
+        "tiny",
+        "--phase",
+        "sparse-pretrain",
+        "--sparsity",
+        "0.5",
+    ]);
+    args.extend(["--save-every", "2"]);
+    args.extend(["--fidelity", "fast"]);
+    let (code, stderr) = wafersim(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let rows = csv_rows(&out.join("train.csv"));
+    assert_eq!(rows.len(), 4);
+    let report = json(&out.join("train.json"));
+    assert_eq!(report["steps"]["done"], 4);
+    assert_eq!(report["interrupted"], false);
+    let flops: f64 = rows.iter().map(|r| r[3]).sum();
+    let cycles: f64 = rows.iter().map(|r| r[4]).sum();
+    assert_eq!(report["totals"]["flops"].as_f64(), Some(flops));
+    assert_eq!(report["totals"]["cycles"].as_f64(), Some(cycles));
+    // Sparse matmuls at density 1/2: the six sparse matrices' FLOPs halve, the head and
+    // attention stay, so the run's FLOPs lie strictly between half and all of the dense ones.
+    let dense = report["totals"]["dense_flops"].as_f64().unwrap();
+    assert!(
+        flops > dense / 2.0 && flops < dense,
+        "{flops} vs dense {dense}"
+    );
+    assert!(
+        fs::read_to_string(out.join("loss.svg"))
+            .unwrap()
+            .starts_with("<svg")
+    );
+    for dir in ["checkpoint", "step-2"] {
+        assert!(load_checkpoint(&out.join(dir)).is_ok(), "{dir}");
+    }
+    assert!(
+        !out.join("step-4").exists(),
+        "the last step's checkpoint is `checkpoint/`"
+    );
+
+    // Continue sparse pre-training from the checkpoint: no --sparsity, same mask (the zeros).
+    let (_, before) = load_checkpoint(&out.join("checkpoint")).unwrap();
+    let next = tmp.path().join("next");
+    let ckpt = out.join("checkpoint");
+    let mut args = train_args(&tokens, &next, "2");
+    args.extend([
+        "--checkpoint",
+        path_str(&ckpt),
+        "--phase",
+        "sparse-pretrain",
+    ]);
+    args.extend(["--fidelity", "fast"]);
+    let (code, stderr) = wafersim(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let (_, after) = load_checkpoint(&next.join("checkpoint")).unwrap();
+    for l in 0..2 {
+        for kind in SparseKind::ALL {
+            let (b, a) = (
+                &before.blocks[l].linear(kind).weight.data,
+                &after.blocks[l].linear(kind).weight.data,
+            );
+            let zeros_kept = b.iter().zip(a).all(|(x, y)| (*x == 0.0) == (*y == 0.0));
+            assert!(zeros_kept, "layer {l} {kind:?}: the mask changed");
+            assert_eq!(b.iter().filter(|v| **v == 0.0).count() * 2, b.len());
+        }
+    }
+    assert_eq!(json(&next.join("train.json"))["sparsity"], 0.5);
+
+    // Dense fine-tuning from it: the pruned weights learn.
+    let fine = tmp.path().join("fine");
+    let mut args = train_args(&tokens, &fine, "1");
+    args.extend(["--checkpoint", path_str(&ckpt), "--phase", "dense-finetune"]);
+    args.extend(["--fidelity", "fast"]);
+    let (code, stderr) = wafersim(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(json(&fine.join("train.json"))["sparsity"], 0.0);
+    let report = json(&fine.join("train.json"));
+    assert_eq!(report["totals"]["flops"], report["totals"]["dense_flops"]);
+}
+
+#[test]
+fn bad_flags_are_refused_with_exit_code_2_and_nothing_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens_file(tmp.path());
+    let out = tmp.path().join("out");
+    let cases: [(&[&str], &str); 4] = [
+        (&["--phase", "sparse-pretrain"], "needs --sparsity"),
+        (
+            &["--phase", "dense-finetune", "--sparsity", "0.5"],
+            "only sparse-pretrain",
+        ),
+        (&["--phase", "dense-finetune", "--lr", "-1"], "--lr"),
+        (
+            &["--phase", "dense-finetune", "--save-every", "0"],
+            "--save-every",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args = train_args(&tokens, &out, "2");
+        args.extend(["--model", "tiny"]);
+        args.extend(extra);
+        let (code, stderr) = wafersim(&args);
+        assert_eq!(code, 2, "{extra:?}: {stderr}");
+        assert!(stderr.contains(needle), "{extra:?}: {stderr}");
+        assert!(!out.exists());
+    }
+    let bad_json = tmp.path().join("bad.json");
+    fs::write(&bad_json, "{\"tokens\": 3}").unwrap();
+    let prompt_file = tmp.path().join("p.safetensors");
+    fs::write(&prompt_file, b"not safetensors").unwrap();
+    let p = path_str(&prompt_file);
+    let more: [(&Path, &[&str], &str); 4] = [
+        (
+            &bad_json,
+            &["--phase", "dense-finetune"],
+            "expected a JSON array",
+        ),
+        (
+            &tokens,
+            &["--phase", "dense-finetune", "--prompt", p],
+            "only prompt-tune",
+        ),
+        (
+            &tokens,
+            &["--phase", "prompt-tune", "--prompt-len", "60"],
+            "--seq + --prompt-len",
+        ),
+        (
+            &tokens,
+            &["--phase", "prompt-tune", "--prompt-len", "4", "--prompt", p],
+            "--prompt",
+        ),
+    ];
+    for (file, extra, needle) in more {
+        let mut args = train_args(file, &out, "2");
+        args.extend(["--model", "tiny"]);
+        args.extend(extra);
+        let (code, stderr) = wafersim(&args);
+        assert_eq!(code, 2, "{extra:?}: {stderr}");
+        assert!(stderr.contains(needle), "{extra:?}: {stderr}");
+        assert!(!out.exists());
+    }
+    let short = tmp.path().join("short.json");
+    fs::write(&short, "[1, 2, 3]").unwrap();
+    let mut args = train_args(&short, &out, "2");
+    args.extend(["--model", "tiny", "--phase", "dense-finetune"]);
+    let (code, stderr) = wafersim(&args);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("no sequence has 16 tokens"), "{stderr}");
+}
+
+/// Ctrl-C (SIGINT) after the second step: the run finishes the step in progress and writes
+/// complete logs and a loadable checkpoint, exit code 0.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_ends_the_run_after_the_current_step_with_everything_written() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens_file(tmp.path());
+    let out = tmp.path().join("out");
+    let mut args = train_args(&tokens, &out, "100000");
+    args.extend([
+        "--model",
+        "tiny",
+        "--phase",
+        "dense-finetune",
+        "--fidelity",
+        "fast",
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wafersim"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let started = Instant::now();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("step 2/") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
+    }
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{rest:?}");
+    let report = json(&out.join("train.json"));
+    assert_eq!(report["interrupted"], true);
+    let done = report["steps"]["done"].as_u64().unwrap();
+    assert!((2..100_000).contains(&done), "{done} steps");
+    assert_eq!(csv_rows(&out.join("train.csv")).len() as u64, done);
+    assert!(load_checkpoint(&out.join("checkpoint")).is_ok());
+}
+
+/// Prompt tuning from the CLI: the vectors are saved on their own, the weights are untouched,
+/// `train.json` shows the weight-gradient work skipped, and `wafersim step --prompt` loads the
+/// vectors and computes the reference's prompt loss.
+#[test]
+fn prompt_tuning_saves_its_vectors_and_step_loads_them() {
+    use wafersim::model::GptConfig;
+    use wafersim::model::checkpoint::read_params;
+    use wafersim::reference::{self, Batch};
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens_file(tmp.path());
+    let out = tmp.path().join("prompt");
+    let mut args = train_args(&tokens, &out, "3");
+    args.extend([
+        "--model",
+        "tiny",
+        "--phase",
+        "prompt-tune",
+        "--prompt-len",
+        "4",
+    ]);
+    args.extend(["--fidelity", "fast", "--lr", "0.01"]);
+    let (code, stderr) = wafersim(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let report = json(&out.join("train.json"));
+    assert_eq!(report["prompt"]["len"], 4);
+    // Skipped: every weight gradient of the dense tiny model over T = 2 x (16 + 4) = 40
+    // positions: 2 T (2 layers x 12 x 64^2 + the head's 256 x 64) = 80 x 114,688 = 9,175,040.
+    assert_eq!(report["prompt"]["savings"]["saved"]["flops"], 9_175_040);
+    let saved = &report["prompt"]["savings"]["saved"]["cycles"];
+    assert!(saved.as_u64().unwrap() > 0);
+    let (config, trained) = load_checkpoint(&out.join("checkpoint")).unwrap();
+    assert_eq!(
+        trained,
+        wafersim::model::init_params(&config, 0),
+        "weights moved"
+    );
+
+    // step --prompt: the reference's prompt loss on the saved weights and vectors.
+    let batch_file = tmp.path().join("batch.json");
+    fs::write(
+        &batch_file,
+        "[[116,104,101,32,113,117],[98,114,111,119,110,32]]",
+    )
+    .unwrap();
+    let step_out = tmp.path().join("step");
+    let prompt_file = out.join("prompt.safetensors");
+    let ckpt = out.join("checkpoint");
+    let args = [
+        "step",
+        "--checkpoint",
+        path_str(&ckpt),
+        "--tokens",
+        path_str(&batch_file),
+        "--prompt",
+        path_str(&prompt_file),
+        "--fabric",
+        "4x4",
+        "--out",
+        path_str(&step_out),
+    ];
+    let (code, stderr) = wafersim(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(step_out.join("prompt_grad.safetensors").exists());
+    assert!(!step_out.join("updated.safetensors").exists());
+    let r = json(&step_out.join("report.json"));
+    assert_eq!(
+        (r["prompt_len"].as_u64(), r["seq"].as_u64()),
+        (Some(4), Some(10))
+    );
+    let tiny = GptConfig::preset("tiny").unwrap();
+    let weights = read_params(&step_out.join("weights.safetensors"), &tiny).unwrap();
+    let bytes = fs::read(&prompt_file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let data: Vec<f32> = st
+        .tensor("prompt")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let prompt = wafersim::model::Matrix {
+        rows: 4,
+        cols: 64,
+        data,
+    };
+    let batch = Batch::from_json(&tiny, &fs::read_to_string(&batch_file).unwrap()).unwrap();
+    let (want, _) = reference::prompt_loss_and_grad(&tiny, &weights, &prompt, &batch).unwrap();
+    let got = r["loss"].as_f64().unwrap();
+    assert!(
+        (got - f64::from(want)).abs() / f64::from(want) < 1e-5,
+        "{got} vs {want}"
+    );
+}
+
+/// `wafersim recipe` on the tiny preset: the JSON adds up and the dense recipe differs only in
+/// pre-training. 1e6 tokens at the default step of 1 x 64 positions (the longest power of two
+/// that fits 8 x 8) are ceil(1e6 / 64) = 15,625 steps.
+#[test]
+fn the_recipe_adds_up_its_phases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("recipe.json");
+    let args = [
+        "recipe",
+        "--model",
+        "tiny",
+        "--pretrain-tokens",
+        "1e6",
+        "--finetune-tokens",
+        "1e5",
+        "--prompt-tokens",
+        "1e4",
+        "--fabric",
+        "8x8",
+        "--json",
+        path_str(&path),
+    ];
+    let (code, stderr) = wafersim(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let r = json(&path);
+    assert_eq!(r["step"]["seq"], 64);
+    assert_eq!(r["sparse"]["phases"][0]["steps"], 15_625);
+    for side in ["sparse", "dense"] {
+        let phases = r[side]["phases"].as_array().unwrap();
+        let sum: f64 = phases.iter().map(|p| p["flops"].as_f64().unwrap()).sum();
+        assert_eq!(r[side]["total"]["flops"].as_f64(), Some(sum));
+    }
+    assert_eq!(r["sparse"]["phases"][1], r["dense"]["phases"][1]);
+    let ratio = r["dense"]["total"]["flops"].as_f64().unwrap()
+        / r["sparse"]["total"]["flops"].as_f64().unwrap();
+    assert_eq!(r["savings"]["flops"].as_f64(), Some(ratio));
+    assert!(ratio > 1.0);
+    let (code, stderr) = wafersim(&["recipe", "--model", "tiny", "--fabric", "8x8"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("at least one phase"), "{stderr}");
+}
+
+/// The same seed and data write the same bytes: the per-step log, the weights and the plot
+/// (`train.json` differs only in the host's wall time).
+#[test]
+fn the_same_seed_writes_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens_file(tmp.path());
+    let run = |name: &str| {
+        let out = tmp.path().join(name);
+        let mut args = train_args(&tokens, &out, "3");
+        args.extend([
+            "--model",
+            "tiny",
+            "--phase",
+            "sparse-pretrain",
+            "--sparsity",
+            "0.5",
+        ]);
+        args.extend(["--seed", "4"]);
+        let (code, stderr) = wafersim(&args);
+        assert_eq!(code, 0, "{stderr}");
+        out
+    };
+    let (a, b) = (run("a"), run("b"));
+    for file in [
+        "train.csv",
+        "loss.svg",
+        "checkpoint/model.safetensors",
+        "checkpoint/config.json",
+    ] {
+        assert_eq!(
+            fs::read(a.join(file)).unwrap(),
+            fs::read(b.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+}
