@@ -21,7 +21,10 @@ use crate::model::checkpoint::{
 };
 use crate::model::{GptConfig, GptParams, init_params};
 use crate::reference::{AdamState, AdamW, Batch};
-use crate::runtime::{Numerics, StepInputs, StepMode, StepReport, simulate_step};
+use crate::runtime::{
+    CostInputs, Fidelity, Numerics, RuntimeError, StepInputs, StepMode, StepReport, cost_step,
+    simulate_step,
+};
 use crate::sparsity::{self, ModelMasks};
 
 /// Arguments of `wafersim step`.
@@ -77,23 +80,50 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let setup = Setup::check(&args)?;
-    let (params, masks) = load_weights(&args, &setup.config)?;
-    let opt = AdamW::new(args.lr);
-    let started = Instant::now();
-    let inputs = StepInputs {
-        config: &setup.config,
-        params: &params,
-        masks: &masks,
-        batch: &setup.batch,
-        fabric: &setup.fabric,
-        plan: &setup.plan,
-        dense_baseline: !args.no_dense_baseline,
-    };
     let mode = StepMode {
         fidelity: args.fidelity.fidelity(),
         numerics: !args.no_numerics,
     };
-    let step = simulate_step(inputs, mode)?;
+    // Costing alone (fast, no numerics) reads shapes and masks: a preset's weights are never
+    // drawn (1.3 B of them would take 5 GB and most of a minute).
+    let costing_only = mode.fidelity == Fidelity::Fast && !mode.numerics;
+    let (params, masks) = if costing_only && args.checkpoint.is_none() {
+        (None, preset_masks(&args, &setup.config)?)
+    } else {
+        let (params, masks) = load_weights(&args, &setup.config)?;
+        (Some(params), masks)
+    };
+    let opt = AdamW::new(args.lr);
+    let started = Instant::now();
+    let step = match &params {
+        Some(params) => {
+            let inputs = StepInputs {
+                config: &setup.config,
+                params,
+                masks: &masks,
+                batch: &setup.batch,
+                fabric: &setup.fabric,
+                plan: &setup.plan,
+                dense_baseline: !args.no_dense_baseline,
+            };
+            simulate_step(inputs, mode)?
+        }
+        None => {
+            let inputs = CostInputs {
+                config: &setup.config,
+                masks: &masks,
+                batch: &setup.batch,
+                fabric: &setup.fabric,
+                plan: &setup.plan,
+                dense_baseline: !args.no_dense_baseline,
+            };
+            StepReport {
+                fidelity: mode.fidelity,
+                numerics: None,
+                cost: cost_step(inputs)?,
+            }
+        }
+    };
     let wall = started.elapsed().as_secs_f64();
     let (analytic, dense) = analytic_flops(&setup, &masks)?;
     if step.cost.executed_matmul_flops() != analytic.matmul_sparse() {
@@ -103,19 +133,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             analytic.matmul_sparse()
         );
     }
-    let updated = match &step.numerics {
-        Some(numerics) => {
+    let updated = match (&step.numerics, &params) {
+        (Some(numerics), Some(params)) => {
             let mut updated = params.clone();
             opt.step(
                 &mut updated,
                 &numerics.grads,
                 &masks,
-                &mut AdamState::new(&params),
+                &mut AdamState::new(params),
             )?;
             check_results(numerics, &updated)?;
-            Some(updated)
+            Some((params, updated))
         }
-        None => None,
+        _ => None,
     };
     let summary = Summary {
         config: &setup.config,
@@ -128,14 +158,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dense_timed: !args.no_dense_baseline,
     };
     print_summary(&summary);
-    write_outputs(
-        &args.out,
-        &summary,
-        &params,
-        updated.as_ref(),
-        args.seed,
-        wall,
-    )
+    write_outputs(&args.out, &summary, updated.as_ref(), args.seed, wall)
 }
 
 /// Everything about a step that can be checked before any weight is drawn or read, so that bad
@@ -167,6 +190,9 @@ impl Setup {
                     e => bad_input("--fabric", e),
                 },
             )?;
+        if plan.recompute_attention && args.fidelity.fidelity() == Fidelity::Exact {
+            return Err(RuntimeError::Recompute { seq: plan.seq }.into());
+        }
         guard::check_output_folder("--out", &args.out, &OUTPUT_FILES)?;
         Ok(Setup {
             fabric,
@@ -226,8 +252,15 @@ fn analytic_flops(
 
 fn masks(args: &Args, config: &GptConfig, params: &GptParams) -> anyhow::Result<ModelMasks> {
     match args.sparsity {
-        Some(s) => ModelMasks::random(config, s, args.seed).map_err(|e| bad_input("--sparsity", e)),
         None if args.checkpoint.is_some() => Ok(ModelMasks::from_params_zeros(params)),
+        _ => preset_masks(args, config),
+    }
+}
+
+/// The masks `--sparsity` draws from `--seed` (dense without it), no weights needed.
+fn preset_masks(args: &Args, config: &GptConfig) -> anyhow::Result<ModelMasks> {
+    match args.sparsity {
+        Some(s) => ModelMasks::random(config, s, args.seed).map_err(|e| bad_input("--sparsity", e)),
         None => Ok(ModelMasks::dense(config)),
     }
 }
@@ -253,7 +286,8 @@ pub(crate) fn read_tokens(path: &Path, config: &GptConfig) -> anyhow::Result<Bat
     Batch::from_json(config, &text).map_err(|e| bad_input(what(), e))
 }
 
-/// The files `--out` receives (the last three only with numerics).
+/// The files `--out` receives (the last three only with numerics: without a loss and gradients,
+/// the weights they would go with are not worth 4 bytes per parameter on disk).
 const OUTPUT_FILES: [&str; 4] = [
     "report.json",
     "weights.safetensors",
@@ -287,6 +321,26 @@ struct Summary<'a> {
 }
 
 impl Summary<'_> {
+    /// Seconds of the step at the fabric clock.
+    fn seconds(&self) -> f64 {
+        self.step.cost.cycles() as f64 / (f64::from(self.fabric.clock_mhz) * 1e6)
+    }
+
+    /// Tokens of the step over its seconds at the fabric clock.
+    fn tokens_per_second(&self) -> f64 {
+        self.plan.tokens() as f64 / self.seconds()
+    }
+
+    /// FLOPs of the attention recomputed in the backward passes, as costed (the forward
+    /// attention again, scores and context: `2 x 2 B S^2 d` per layer); 0 when nothing is.
+    fn recompute_flops(&self) -> u64 {
+        if !self.plan.recompute_attention {
+            return 0;
+        }
+        let (c, p) = (self.config, self.plan);
+        4 * (c.n_layer * p.batch * p.seq * p.seq * c.n_embd) as u64
+    }
+
     /// `cycles` as a JSON number when the dense baseline was timed, `null` when it was not.
     fn dense_json(&self, cycles: u64) -> Value {
         if self.dense_timed {
@@ -313,6 +367,19 @@ fn print_summary(s: &Summary<'_>) {
         p.region.cols,
         p.region.rows,
         s.step.fidelity.name()
+    );
+    println!(
+        "passes: {} of {} sequence(s) ({} tokens), attention probabilities {}; {:.0} tokens/s at {} MHz",
+        p.pass_count(),
+        p.micro_batch,
+        p.micro_batch * p.seq,
+        if p.recompute_attention {
+            "recomputed in the backward pass (softmax statistics kept)"
+        } else {
+            "kept for the backward pass"
+        },
+        s.tokens_per_second(),
+        s.fabric.clock_mhz
     );
     match &s.step.numerics {
         Some(n) => println!("loss {:.6}", n.loss),
@@ -372,15 +439,16 @@ fn precision_name(p: Precision) -> &'static str {
 fn write_outputs(
     dir: &Path,
     s: &Summary<'_>,
-    weights: &GptParams,
-    updated: Option<&GptParams>,
+    weights_and_updated: Option<&(&GptParams, GptParams)>,
     seed: u64,
     wall: f64,
 ) -> anyhow::Result<()> {
     let [report_file, weights_file, grads_file, updated_file] = OUTPUT_FILES;
     guard::write_all(dir, |dir| {
-        let mut files = vec![(weights_file, weights)];
-        if let (Some(numerics), Some(updated)) = (&s.step.numerics, updated) {
+        let mut files = Vec::new();
+        if let (Some(numerics), Some((weights, updated))) = (&s.step.numerics, weights_and_updated)
+        {
+            files.push((weights_file, *weights));
             files.push((grads_file, &numerics.grads));
             files.push((updated_file, updated));
         }
@@ -443,11 +511,18 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
             "cycles": "fabric clock cycles", "flops": "floating-point operations (1 FMAC = 2)",
             "loss": "nats per predicted token (null: not computed)", "seconds": "at the fabric clock",
             "busy_cycles": "summed over the region (null: not simulated)",
+            "tokens_per_second": "tokens of the step per second at the fabric clock",
+            "micro_batch": "sequences per pass; weight gradients accumulate over the passes",
         },
         "model": { "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions },
         "batch": p.batch, "seq": p.seq, "sparsity": s.masks.sparsity(), "dtype": precision_name(p.precision), "seed": seed,
         "fabric": { "name": s.fabric.name, "width": s.fabric.width, "height": s.fabric.height, "clock_mhz": s.fabric.clock_mhz },
         "region": { "cols": p.region.cols, "rows": p.region.rows, "resident_bytes_per_pe": p.resident_bytes },
+        "passes": {
+            "count": p.pass_count(), "micro_batch": p.micro_batch, "tokens_per_pass": p.micro_batch * p.seq,
+            "attention_recomputed": p.recompute_attention, "recompute_flops": s.recompute_flops(),
+        },
+        "tokens_per_second": s.tokens_per_second(),
         "loss": s.step.numerics.as_ref().map(|n| n.loss),
         "flops": {
             "analytic_matmul_sparse": s.analytic.matmul_sparse(),
@@ -467,7 +542,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
             "by_phase": by_phase,
             "by_op": by_op,
         },
-        "seconds": cost.cycles() as f64 / (f64::from(s.fabric.clock_mhz) * 1e6),
+        "seconds": s.seconds(),
         "ops": ops,
         "host": { "wall_seconds": wall },
     })

@@ -50,7 +50,7 @@ impl<'a> ExactEngine<'a> {
                 SparseKind::ALL.map(|kind| {
                     let w = &block.linear(kind).weight;
                     let mask = inputs.masks.get(l, kind).expect("masks match the model");
-                    StreamedMatrix::from_dense(w.rows, w.cols, &w.data, Some(mask.keep()))
+                    StreamedMatrix::from_dense(w.rows, w.cols, &w.data, Some(&mask.keep()))
                 })
             })
             .collect();
@@ -140,6 +140,20 @@ impl Engine for ExactEngine<'_> {
 
     fn attention(&mut self, _layer: usize, q: &Act, k: &Act, v: &Act) -> Launched<(Act, Vec<f32>)> {
         self.attention_forward(q, k, v)
+    }
+
+    /// Never reached: [`super::run_step`] refuses a plan that recomputes the attention.
+    fn attention_recompute(
+        &mut self,
+        _layer: usize,
+        _q: &Act,
+        _k: &Act,
+        _v: &Act,
+    ) -> Launched<Vec<f32>> {
+        Err(wafersim_kernels::KernelError::Shape {
+            kernel: "attention",
+            reason: "the exact engine keeps the probabilities and cannot recompute them".into(),
+        })
     }
 
     fn attention_backward(

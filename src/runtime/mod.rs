@@ -13,6 +13,13 @@
 //! order, recorded as the same [`OpRecord`]s, so a fast report lines up with an exact one
 //! operation by operation.
 //!
+//! A step runs as the plan's passes ([`crate::compile::StepPlan::passes`]): each pass is the
+//! whole schedule over its own sequences, its records appended in order; the weight gradients
+//! (and the loss) of the passes are summed, weighted by their share of the predicted tokens, as
+//! a host accumulating gradients over micro-batches does. With the attention recomputed, the
+//! backward pass of each block first reruns the attention's scores and softmax
+//! (`attention_recompute`); only the fast fidelity can cost that ([`RuntimeError::Recompute`]).
+//!
 //! Cycles of a step are the sum of its kernels' cycles: kernels do not overlap. For the dense
 //! baseline, the kernels of the six sparse matrices are timed a second time streaming every
 //! weight (all other kernels cost the same either way, since their cycles do not depend on the
@@ -24,6 +31,7 @@ mod backward;
 mod exact;
 mod fast;
 mod forward;
+mod loads;
 mod record;
 mod walk;
 
@@ -32,10 +40,23 @@ pub use record::{OpRecord, StepCost};
 use wafersim_kernels::KernelError;
 use wafersim_sim::FabricConfig;
 
-use crate::compile::StepPlan;
+use crate::compile::{Pass, StepPlan};
 use crate::model::{GptConfig, GptParams};
 use crate::reference::{self, Batch, ReferenceError};
 use crate::sparsity::ModelMasks;
+
+/// What costing a step needs: shapes, masks and token ids, no weights (the fast engine reads
+/// nothing else, so a step of a billion-parameter model is costed without its parameters).
+#[derive(Clone, Copy)]
+pub struct CostInputs<'a> {
+    pub config: &'a GptConfig,
+    pub masks: &'a ModelMasks,
+    pub batch: &'a Batch,
+    pub fabric: &'a FabricConfig,
+    pub plan: &'a StepPlan,
+    /// Also time the sparse matrices' kernels with every weight streamed.
+    pub dense_baseline: bool,
+}
 
 /// How a step's cycles are obtained.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -69,6 +90,20 @@ pub struct StepInputs<'a> {
     pub plan: &'a StepPlan,
     /// Also time the sparse matrices' kernels with every weight streamed.
     pub dense_baseline: bool,
+}
+
+impl<'a> StepInputs<'a> {
+    /// The part of the inputs costing reads.
+    pub fn costing(&self) -> CostInputs<'a> {
+        CostInputs {
+            config: self.config,
+            masks: self.masks,
+            batch: self.batch,
+            fabric: self.fabric,
+            plan: self.plan,
+            dense_baseline: self.dense_baseline,
+        }
+    }
 }
 
 /// How to run a step.
@@ -126,17 +161,119 @@ pub enum RuntimeError {
     },
     #[error("the CPU reference: {0}")]
     Reference(#[from] ReferenceError),
+    #[error(
+        "the exact fidelity cannot recompute the attention probabilities (its attention backward reads stored ones), and even one sequence of {seq} tokens cannot keep them; use --fidelity fast, shorter sequences or a bigger fabric"
+    )]
+    Recompute { seq: usize },
+    #[error("pass {pass} (sequences {first}..{end}): {reason}")]
+    Pass {
+        pass: usize,
+        first: usize,
+        end: usize,
+        reason: String,
+    },
 }
 
-/// Runs one training step on the exact engine: the fabric's loss and gradients and the cost.
+/// Runs one training step on the exact engine: the fabric's loss and gradients and the cost,
+/// pass by pass.
 pub fn run_step(inputs: StepInputs<'_>) -> Result<StepRun, RuntimeError> {
-    let mut engine = exact::ExactEngine::new(inputs);
-    let cost = walk::walk(&mut engine, inputs)?;
-    Ok(StepRun {
-        loss: engine.loss,
-        grads: engine.grads,
-        cost,
-    })
+    if inputs.plan.recompute_attention {
+        return Err(RuntimeError::Recompute {
+            seq: inputs.plan.seq,
+        });
+    }
+    let passes = passes(inputs.costing())?;
+    let single = passes.len() == 1;
+    let total = inputs.plan.batch.max(1) as f64;
+    let mut run = StepRun {
+        loss: 0.0,
+        grads: GptParams::zeros(inputs.config),
+        cost: StepCost::default(),
+    };
+    for (pass, batch) in passes {
+        let pass_inputs = StepInputs {
+            batch: &batch,
+            plan: &pass.plan,
+            ..inputs
+        };
+        let mut engine = exact::ExactEngine::new(pass_inputs);
+        let cost = walk::walk(&mut engine, pass_inputs.costing())?;
+        run.cost.records.extend(cost.records);
+        if single {
+            run.loss = engine.loss;
+            run.grads = engine.grads;
+        } else {
+            let share = pass.sequences.len() as f64 / total;
+            run.loss += share * engine.loss;
+            accumulate(&mut run.grads, &engine.grads, share as f32);
+        }
+    }
+    Ok(run)
+}
+
+/// `sum += share * grads`, tensor by tensor.
+fn accumulate(sum: &mut GptParams, grads: &GptParams, share: f32) {
+    let grads = grads.tensors();
+    for ((_, s), (_, g)) in sum.tensors_mut().into_iter().zip(grads) {
+        for (s, g) in s.iter_mut().zip(g.iter()) {
+            *s += share * g;
+        }
+    }
+}
+
+/// Each pass of the plan with its batch (the step's own when there is one pass).
+fn passes(inputs: CostInputs<'_>) -> Result<Vec<(Pass, Batch)>, RuntimeError> {
+    let seq = inputs.batch.seq;
+    inputs
+        .plan
+        .passes()
+        .into_iter()
+        .enumerate()
+        .map(|(p, pass)| {
+            let tokens = inputs
+                .batch
+                .tokens
+                .get(pass.sequences.start * seq..pass.sequences.end * seq)
+                .unwrap_or_default()
+                .to_vec();
+            let batch =
+                Batch::new(inputs.config, pass.sequences.len(), seq, tokens).map_err(|e| {
+                    RuntimeError::Pass {
+                        pass: p,
+                        first: pass.sequences.start,
+                        end: pass.sequences.end,
+                        reason: e.to_string(),
+                    }
+                })?;
+            Ok((pass, batch))
+        })
+        .collect()
+}
+
+/// Costs one training step on the fast engine, pass by pass, from shapes and masks only. The
+/// passes of one plan share an engine (their kept-entry loads and the kernels' costs, which do
+/// not depend on the tokens).
+pub fn cost_step(inputs: CostInputs<'_>) -> Result<StepCost, RuntimeError> {
+    let passes = passes(inputs)?;
+    let mut cost = StepCost::default();
+    let mut engine: Option<fast::FastEngine<'_>> = None;
+    for (pass, batch) in &passes {
+        let pass_inputs = CostInputs {
+            batch,
+            plan: &pass.plan,
+            ..inputs
+        };
+        let engine = match &mut engine {
+            Some(e) if e.plans(&pass.plan) => {
+                e.next_pass(pass_inputs);
+                e
+            }
+            _ => engine.insert(fast::FastEngine::new(pass_inputs)),
+        };
+        cost.records
+            .extend(walk::walk(engine, pass_inputs)?.records);
+    }
+    Ok(cost)
 }
 
 /// Runs (exact) or costs (fast) one training step.
@@ -151,7 +288,7 @@ pub fn simulate_step(inputs: StepInputs<'_>, mode: StepMode) -> Result<StepRepor
             (run.cost, numerics)
         }
         Fidelity::Fast => {
-            let cost = walk::walk(&mut fast::FastEngine::new(inputs), inputs)?;
+            let cost = cost_step(inputs.costing())?;
             let numerics = if mode.numerics {
                 let (loss, grads) = reference::loss_and_grads(
                     inputs.config,
