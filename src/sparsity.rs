@@ -13,11 +13,12 @@
 //!   `6 * layer + kind.index()`, row by row: first each row's number of zeros, from the
 //!   hypergeometric distribution of the cells left (`rand_distr::Hypergeometric(cells left,
 //!   zeros left, cols)`, row 0 first), then, within the row, that many distinct columns (or, when
-//!   more than half the row is pruned, the kept columns) by a partial Fisher-Yates shuffle of
-//!   `0..cols` (`rng.random_range(i..cols)` for `i = 0, 1, ...`). The row counts of a uniformly
-//!   random set of `zeros` cells are exactly multivariate hypergeometric and, given them, the
-//!   cells of each row are uniform, so the set is uniformly random over the whole matrix, as
-//!   `rand::seq::index::sample` would draw it, but in `O(rows + min(zeros, kept))` draws on
+//!   more than half the row is pruned, the kept columns) by Robert Floyd's algorithm: for
+//!   `j = cols - m, ..., cols - 1`, `t = rng.random_range(0..=j)` (as `u32`), take `t`, or `j`
+//!   if `t` is taken. The row counts of a uniformly random set of `zeros` cells are exactly
+//!   multivariate hypergeometric and, given them, the cells of each row are uniform, so the set
+//!   is uniformly random over the whole matrix, as `rand::seq::index::sample` would draw it, but
+//!   in `O(rows + min(zeros, kept))` draws on
 //!   cache-resident rows instead of random accesses over the whole matrix (which took about 25 s
 //!   for MediSwift-XL's 1.2 B weights; see `docs/scale.md`). One stream per matrix means a mask
 //!   depends only on the seed, its layer, its kind and its own shape: never on other matrices,
@@ -30,6 +31,8 @@
 //!
 //! Not here: applying masks to arithmetic (the reference and the fabric do that), any dynamic
 //! sparsity (masks are static for the whole run), structured patterns.
+
+use std::ops::Range;
 
 use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -177,7 +180,6 @@ impl Mask {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(stream);
         let mut bits = vec![0u64; numel.div_ceil(64)];
-        let mut shuffle = RowShuffle::new(cols);
         let (mut cells_left, mut zeros_left) = (numel as u64, zeros as u64);
         for r in 0..rows {
             let row_zeros = row_zeros(&mut rng, cells_left, zeros_left, cols as u64);
@@ -185,15 +187,12 @@ impl Mask {
             zeros_left -= row_zeros;
             let start = r * cols;
             let row_zeros = row_zeros as usize;
+            let row = start..start + cols;
             if 2 * row_zeros <= cols {
-                set_bits(&mut bits, start..start + cols);
-                shuffle.draw(&mut rng, row_zeros, |c| {
-                    bits[(start + c) / 64] &= !(1 << ((start + c) % 64));
-                });
+                set_bits(&mut bits, row.clone());
+                floyd(&mut rng, &mut bits, row, row_zeros, false);
             } else {
-                shuffle.draw(&mut rng, cols - row_zeros, |c| {
-                    bits[(start + c) / 64] |= 1 << ((start + c) % 64);
-                });
+                floyd(&mut rng, &mut bits, row, cols - row_zeros, true);
             }
         }
         Self {
@@ -255,7 +254,7 @@ impl Mask {
     }
 
     /// Kept weights of row `r` in columns `columns` (clamped to the matrix), by popcount.
-    pub fn kept_in_row(&self, r: usize, columns: std::ops::Range<usize>) -> u64 {
+    pub fn kept_in_row(&self, r: usize, columns: Range<usize>) -> u64 {
         if r >= self.rows {
             return 0;
         }
@@ -302,7 +301,7 @@ fn low_mask(n: usize) -> u64 {
 }
 
 /// Sets bits `range` of `bits`.
-fn set_bits(bits: &mut [u64], range: std::ops::Range<usize>) {
+fn set_bits(bits: &mut [u64], range: Range<usize>) {
     let mut i = range.start;
     while i < range.end {
         let (word, offset) = (i / 64, i % 64);
@@ -315,7 +314,7 @@ fn set_bits(bits: &mut [u64], range: std::ops::Range<usize>) {
 }
 
 /// Set bits of `bits` in `range`.
-fn count_bits(bits: &[u64], range: std::ops::Range<usize>) -> u64 {
+fn count_bits(bits: &[u64], range: Range<usize>) -> u64 {
     let mut i = range.start;
     let mut count = 0;
     while i < range.end {
@@ -355,38 +354,29 @@ fn row_zeros(rng: &mut impl Rng, cells_left: u64, zeros_left: u64, cols: u64) ->
     }
 }
 
-/// A partial Fisher-Yates shuffle of `0..cols`, undone after each draw so that every row starts
-/// from the identity.
-struct RowShuffle {
-    order: Vec<u32>,
-    swaps: Vec<u32>,
+/// Gives `amount` distinct cells of `row` (whose bits are all `!mark`) the bit `mark`, chosen
+/// uniformly by Floyd's algorithm (module doc).
+fn floyd(rng: &mut impl Rng, bits: &mut [u64], row: Range<usize>, amount: usize, mark: bool) {
+    let cols = row.len();
+    for j in cols.saturating_sub(amount)..cols {
+        let t = rng.random_range(0..=j as u32) as usize;
+        let cell = if bit_of(bits, row.start + t) == mark {
+            row.start + j
+        } else {
+            row.start + t
+        };
+        if let Some(w) = bits.get_mut(cell / 64) {
+            if mark {
+                *w |= 1 << (cell % 64);
+            } else {
+                *w &= !(1 << (cell % 64));
+            }
+        }
+    }
 }
 
-impl RowShuffle {
-    fn new(cols: usize) -> Self {
-        RowShuffle {
-            order: (0..cols as u32).collect(),
-            swaps: Vec::with_capacity(cols),
-        }
-    }
-
-    /// `amount` distinct columns (`amount <= cols`): step `i` swaps position `i` with
-    /// `rng.random_range(i..cols)`; `each` gets positions `0..amount` in order.
-    fn draw(&mut self, rng: &mut impl Rng, amount: usize, mut each: impl FnMut(usize)) {
-        let cols = self.order.len() as u32;
-        self.swaps.clear();
-        for i in 0..amount.min(self.order.len()) as u32 {
-            let j = rng.random_range(i..cols);
-            self.order.swap(i as usize, j as usize);
-            self.swaps.push(j);
-        }
-        for &c in &self.order[..self.swaps.len()] {
-            each(c as usize);
-        }
-        for (i, &j) in self.swaps.iter().enumerate().rev() {
-            self.order.swap(i, j as usize);
-        }
-    }
+fn bit_of(bits: &[u64], i: usize) -> bool {
+    bits.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
 }
 
 /// The masks of a whole model: six per block, indexed by [`SparseKind::index`].

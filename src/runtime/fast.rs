@@ -44,10 +44,11 @@ pub(crate) struct Shape {
     pub features: usize,
 }
 
-/// A load and the chunks it was counted for.
+/// A load, the chunks it was counted for, and the kernel's cycles with it.
 struct ChunkedLoad {
     chunks: Vec<Range<usize>>,
     load: StreamLoad,
+    cycles: u64,
 }
 
 /// Kept entries of one `[in, out]` matrix per (chunk, PE column) for the plans of the three
@@ -81,11 +82,11 @@ fn weight_grad_shape(inputs: &CostInputs<'_>, k: usize, n: usize, bias: bool) ->
     }
 }
 
-/// The loads of `mask` for the plans of its three kernels.
+/// The loads of `mask` for the plans of its three kernels, and their cycles (the matrices are
+/// costed in parallel when the engine is built; the walk then only looks them up).
 fn matrix_loads(inputs: &CostInputs<'_>, mask: &Mask) -> MatrixLoads {
     let (rows, cols) = (mask.rows(), mask.cols());
     let fabric = inputs.fabric;
-    let counted = |chunks: Vec<Range<usize>>, load: StreamLoad| ChunkedLoad { chunks, load };
     if mask.is_dense() {
         // Costed as the dense baseline (`FastEngine::kept`): nothing to count.
         return MatrixLoads {
@@ -94,27 +95,36 @@ fn matrix_loads(inputs: &CostInputs<'_>, mask: &Mask) -> MatrixLoads {
             weight_grad: None,
         };
     }
-    let forward = matmul_shape(inputs, rows, cols, true)
-        .plan(fabric)
-        .ok()
-        .map(|p| {
-            let load = loads::streamed(mask, p.input.features, &p.chunks);
-            counted(p.chunks, load)
-        });
-    let input_grad = matmul_shape(inputs, cols, rows, false)
-        .plan(fabric)
-        .ok()
-        .map(|p| {
-            let load = loads::transposed(mask, p.input.features, &p.chunks);
-            counted(p.chunks, load)
-        });
-    let weight_grad = weight_grad_shape(inputs, rows, cols, true)
-        .plan(fabric)
-        .ok()
-        .map(|p| {
-            let load = loads::streamed(mask, p.input.features, &p.chunks);
-            counted(p.chunks, load)
-        });
+    let forward = matmul_shape(inputs, rows, cols, true);
+    let forward = forward.plan(fabric).ok().map(|p| {
+        let load = loads::streamed(mask, p.input.features, &p.chunks);
+        let cycles = forward.estimate_cycles(fabric, &p, &load);
+        ChunkedLoad {
+            chunks: p.chunks,
+            load,
+            cycles,
+        }
+    });
+    let input_grad = matmul_shape(inputs, cols, rows, false);
+    let input_grad = input_grad.plan(fabric).ok().map(|p| {
+        let load = loads::transposed(mask, p.input.features, &p.chunks);
+        let cycles = input_grad.estimate_cycles(fabric, &p, &load);
+        ChunkedLoad {
+            chunks: p.chunks,
+            load,
+            cycles,
+        }
+    });
+    let weight_grad = weight_grad_shape(inputs, rows, cols, true);
+    let weight_grad = weight_grad.plan(fabric).ok().map(|p| {
+        let load = loads::streamed(mask, p.input.features, &p.chunks);
+        let cycles = weight_grad.estimate_cycles(fabric, &p, &load);
+        ChunkedLoad {
+            chunks: p.chunks,
+            load,
+            cycles,
+        }
+    });
     MatrixLoads {
         forward,
         input_grad,
@@ -172,15 +182,16 @@ impl<'a> FastEngine<'a> {
         weight_grad_shape(&self.inputs, k, n, bias)
     }
 
-    /// The load of sparse matrix `kind` of `layer` in `phase` for `chunks` (counted now if the
-    /// engine's plan differs, which it does not for the plans it was built with).
+    /// The load of sparse matrix `kind` of `layer` in `phase` for `chunks` and, if the engine
+    /// costed it when built, its cycles (counted now if the plan differs, which it does not for
+    /// the plans the engine was built with).
     fn load(
         &self,
         (layer, kind): (usize, SparseKind),
         phase: Phase,
         inputs: Split,
         chunks: &[Range<usize>],
-    ) -> Option<Cow<'_, StreamLoad>> {
+    ) -> Option<(Cow<'_, StreamLoad>, Option<u64>)> {
         let mask = self.inputs.masks.get(layer, kind)?;
         let loads = self.loads.get(layer).map(|l| &l[kind.index()]);
         let cached = loads.and_then(|l| match phase {
@@ -189,9 +200,11 @@ impl<'a> FastEngine<'a> {
             Phase::WeightGrad => l.weight_grad.as_ref(),
         });
         Some(match cached {
-            Some(c) if c.chunks == chunks => Cow::Borrowed(&c.load),
-            _ if phase == Phase::InputGrad => Cow::Owned(loads::transposed(mask, inputs, chunks)),
-            _ => Cow::Owned(loads::streamed(mask, inputs, chunks)),
+            Some(c) if c.chunks == chunks => (Cow::Borrowed(&c.load), Some(c.cycles)),
+            _ if phase == Phase::InputGrad => {
+                (Cow::Owned(loads::transposed(mask, inputs, chunks)), None)
+            }
+            _ => (Cow::Owned(loads::streamed(mask, inputs, chunks)), None),
         })
     }
 
@@ -273,7 +286,7 @@ impl<'a> FastEngine<'a> {
     fn streamed(
         &self,
         key: (Phase, usize, usize),
-        load: Option<Cow<'_, StreamLoad>>,
+        load: Option<(Cow<'_, StreamLoad>, Option<u64>)>,
         inputs: Split,
         chunks: &[Range<usize>],
         estimate: impl Fn(&StreamLoad) -> u64,
@@ -287,8 +300,8 @@ impl<'a> FastEngine<'a> {
             })
         };
         match load {
-            Some(load) => {
-                let cycles = estimate(&load);
+            Some((load, known)) => {
+                let cycles = known.unwrap_or_else(|| estimate(&load));
                 let all = if self.inputs.dense_baseline {
                     dense()
                 } else {
