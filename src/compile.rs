@@ -22,9 +22,12 @@
 //! refuses it (its attention backward reads stored probabilities). A step that does not fit
 //! even then is refused, naming the bytes needed and available and what to change.
 //!
+//! The region's shape can be limited ([`plan_step_within`]): `crate::tune` costs a few
+//! limited shapes with the fast fidelity and keeps the fastest.
+//!
 //! Not here: the kernels' own working memory (each kernel's plan checks it against the whole
-//! SRAM, not against what the resident activations leave), choosing a different region per
-//! layer (all kernels share one).
+//! SRAM, not against what the resident activations leave), a different region per layer (all
+//! kernels share one, so no activation is ever re-laid out).
 
 use wafersim_kernels::{Precision, Region, Split};
 use wafersim_sim::FabricConfig;
@@ -113,6 +116,24 @@ pub enum CompileError {
     NoRegion { reason: String },
 }
 
+/// The most columns and rows a step's region may take (the fabric's, unless a search of
+/// region shapes asks for fewer: see `crate::tune`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionLimit {
+    pub cols: usize,
+    pub rows: usize,
+}
+
+impl RegionLimit {
+    /// The whole fabric.
+    pub fn fabric(fabric: &FabricConfig) -> Self {
+        RegionLimit {
+            cols: fabric.width as usize,
+            rows: fabric.height as usize,
+        }
+    }
+}
+
 /// What one pass of `sequences` sequences keeps per PE on its region.
 struct Fit {
     region: Region,
@@ -125,11 +146,11 @@ fn fit(
     config: &GptConfig,
     sequences: usize,
     seq: usize,
-    fabric: &FabricConfig,
+    limit: RegionLimit,
     recompute: bool,
 ) -> Result<Fit, CompileError> {
     let tokens = sequences * seq;
-    let region = choose_region(config, tokens, fabric)?;
+    let region = choose_region(config, tokens, limit)?;
     let kept = if recompute { 1 } else { seq };
     let (per_layer, head) = resident_bytes(config, kept, region, tokens);
     let needed = per_layer * config.n_layer as u64 + head;
@@ -151,14 +172,32 @@ pub fn plan_step(
     fabric: &FabricConfig,
     precision: Precision,
 ) -> Result<StepPlan, CompileError> {
+    let limit = RegionLimit::fabric(fabric);
+    plan_step_within(config, (batch, seq), fabric, precision, limit)
+}
+
+/// [`plan_step`] on a region of at most `limit` columns and rows (of the fabric's).
+pub fn plan_step_within(
+    config: &GptConfig,
+    (batch, seq): (usize, usize),
+    fabric: &FabricConfig,
+    precision: Precision,
+    limit: RegionLimit,
+) -> Result<StepPlan, CompileError> {
+    let limit = RegionLimit {
+        cols: limit.cols.min(fabric.width as usize),
+        rows: limit.rows.min(fabric.height as usize),
+    };
     let available = u64::from(fabric.sram_bytes);
     for recompute in [false, true] {
-        if let Some((micro_batch, full)) = largest_fitting(config, batch, seq, fabric, recompute)? {
+        if let Some((micro_batch, full)) =
+            largest_fitting(config, (batch, seq), available, limit, recompute)?
+        {
             let last = batch % micro_batch;
             let last_region = if last == 0 {
                 full.region
             } else {
-                fit(config, last, seq, fabric, recompute)?.region
+                fit(config, last, seq, limit, recompute)?.region
             };
             return Ok(StepPlan {
                 region: full.region,
@@ -172,7 +211,7 @@ pub fn plan_step(
             });
         }
     }
-    let one = fit(config, batch.min(1), seq, fabric, true)?;
+    let one = fit(config, batch.min(1), seq, limit, true)?;
     Err(CompileError::DoesNotFit {
         needed: one.needed,
         per_layer: one.per_layer,
@@ -186,14 +225,13 @@ pub fn plan_step(
 /// with the tokens of a pass, so the search stops at the first fit from the top.
 fn largest_fitting(
     config: &GptConfig,
-    batch: usize,
-    seq: usize,
-    fabric: &FabricConfig,
+    (batch, seq): (usize, usize),
+    available: u64,
+    limit: RegionLimit,
     recompute: bool,
 ) -> Result<Option<(usize, Fit)>, CompileError> {
-    let available = u64::from(fabric.sram_bytes);
     for micro_batch in (1..=batch).rev() {
-        let f = fit(config, micro_batch, seq, fabric, recompute)?;
+        let f = fit(config, micro_batch, seq, limit, recompute)?;
         if f.needed <= available {
             return Ok(Some((micro_batch, f)));
         }
@@ -204,17 +242,17 @@ fn largest_fitting(
 fn choose_region(
     config: &GptConfig,
     tokens: usize,
-    fabric: &FabricConfig,
+    limit: RegionLimit,
 ) -> Result<Region, CompileError> {
     // The attention kernel takes any width up to the features (heads split by the layout's
     // feature split), as every other kernel does: the widest region is the fabric or the model.
-    let cols = (fabric.width as usize).min(config.n_embd);
+    let cols = limit.cols.min(config.n_embd);
     if cols == 0 {
         return Err(CompileError::NoRegion {
             reason: "the fabric has no column".into(),
         });
     }
-    let rows = (fabric.height as usize).min(tokens);
+    let rows = limit.rows.min(tokens);
     if rows == 0 {
         return Err(CompileError::NoRegion {
             reason: "the batch has no token".into(),

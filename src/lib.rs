@@ -17,3 +17,4 @@ pub mod reference;
 pub mod runtime;
 pub mod sparsity;
 pub mod sweep;
+pub mod tune;

@@ -10,19 +10,20 @@
 //!   `round(s * numel)` zeros: the `f64` product rounded half away from zero (`f64::round`), so
 //!   `numel = 10, s = 0.25` prunes 3;
 //! - the positions are drawn with `rng = ChaCha8Rng::seed_from_u64(seed)` switched to stream
-//!   `6 * layer + kind.index()`, row by row: first each row's number of zeros, from the
-//!   hypergeometric distribution of the cells left (`rand_distr::Hypergeometric(cells left,
-//!   zeros left, cols)`, row 0 first), then, within the row, that many distinct columns (or, when
-//!   more than half the row is pruned, the kept columns) by Robert Floyd's algorithm: for
-//!   `j = cols - m, ..., cols - 1`, `t = rng.random_range(0..=j)` (as `u32`), take `t`, or `j`
-//!   if `t` is taken. The row counts of a uniformly random set of `zeros` cells are exactly
-//!   multivariate hypergeometric and, given them, the cells of each row are uniform, so the set
-//!   is uniformly random over the whole matrix, as `rand::seq::index::sample` would draw it, but
-//!   in `O(rows + min(zeros, kept))` draws on
-//!   cache-resident rows instead of random accesses over the whole matrix (which took about 25 s
-//!   for MediSwift-XL's 1.2 B weights; see `docs/scale.md`). One stream per matrix means a mask
-//!   depends only on the seed, its layer, its kind and its own shape: never on other matrices,
-//!   thread count or drawing order, so the matrices are drawn in parallel.
+//!   `6 * layer + kind.index()`, in two steps. (1) Every weight is kept independently with
+//!   probability `T / 256`, `T = round(256 * kept / numel)` (`kept = numel - zeros`): for each
+//!   64 weights (word `w` of the row-major bitset, bit `i` = weight `64 w + i`), eight
+//!   `rng.next_u64()` give each weight an 8-bit number (bit `b` of the `b`-th draw), kept if it
+//!   is below `T`. (2) The count is then made exact: while too many are kept,
+//!   `t = rng.random_range(0..numel)` (as `u64`) and weight `t` is pruned if kept; while too
+//!   few, the same draw keeps weight `t` if pruned. Both steps treat every position alike, and
+//!   the result always has exactly `zeros` zeros, so the set of zeros is uniformly random over
+//!   the whole matrix, as `rand::seq::index::sample` would draw it, but from one random byte per
+//!   weight in sequence (about 0.3 s for MediSwift-XL's 1.2 B weights, against about 25 s for
+//!   `sample`'s random accesses; see `docs/scale.md`) plus `O(sqrt(numel) + numel / 512)`
+//!   corrections. One stream per matrix means a mask depends only on the seed, its layer, its
+//!   kind and its own shape: never on other matrices, thread count or drawing order, so the
+//!   matrices are drawn in parallel.
 //!
 //! Key design decision: a mask is a bitset (one bit per weight, row-major, with its kept count),
 //! so MediSwift-XL's masks take 150 MB, not 1.2 GB, and the kept entries of a row segment are
@@ -36,7 +37,6 @@ use std::ops::Range;
 
 use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, Hypergeometric};
 use rayon::prelude::*;
 
 use crate::model::{GptConfig, GptParams, SparseKind};
@@ -176,30 +176,33 @@ impl Mask {
     /// [`Mask::random`] for a sparsity already checked by [`validate`].
     fn random_validated(rows: usize, cols: usize, sparsity: f64, seed: u64, stream: u64) -> Self {
         let numel = rows * cols;
-        let zeros = pruned_count(numel, sparsity);
+        let kept = numel - pruned_count(numel, sparsity);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(stream);
-        let mut bits = vec![0u64; numel.div_ceil(64)];
-        let (mut cells_left, mut zeros_left) = (numel as u64, zeros as u64);
-        for r in 0..rows {
-            let row_zeros = row_zeros(&mut rng, cells_left, zeros_left, cols as u64);
-            cells_left -= cols as u64;
-            zeros_left -= row_zeros;
-            let start = r * cols;
-            let row_zeros = row_zeros as usize;
-            let row = start..start + cols;
-            if 2 * row_zeros <= cols {
-                set_bits(&mut bits, row.clone());
-                floyd(&mut rng, &mut bits, row, row_zeros, false);
-            } else {
-                floyd(&mut rng, &mut bits, row, cols - row_zeros, true);
+        let threshold = threshold_of(kept, numel);
+        let mut bits: Vec<u64> = (0..numel.div_ceil(64))
+            .map(|w| below(&mut rng, threshold) & low_mask(numel - 64 * w))
+            .collect();
+        let mut count: usize = bits.iter().map(|w| w.count_ones() as usize).sum();
+        while count != kept {
+            let t = rng.random_range(0..numel as u64) as usize;
+            let (word, bit) = (t / 64, 1u64 << (t % 64));
+            if let Some(w) = bits.get_mut(word) {
+                let is_kept = *w & bit != 0;
+                if count > kept && is_kept {
+                    *w &= !bit;
+                    count -= 1;
+                } else if count < kept && !is_kept {
+                    *w |= bit;
+                    count += 1;
+                }
             }
         }
         Self {
             rows,
             cols,
             bits,
-            nnz: numel - zeros,
+            nnz: kept,
         }
     }
 
@@ -327,56 +330,35 @@ fn count_bits(bits: &[u64], range: Range<usize>) -> u64 {
     count
 }
 
-/// Zeros of the next row of `cols` cells when `zeros_left` of the `cells_left` cells still to
-/// draw are zeros: hypergeometric (a degenerate row draws nothing from `rng`). Should
-/// `rand_distr` refuse the parameters (it does when its inversion start underflows), the same
-/// distribution is drawn cell by cell.
-fn row_zeros(rng: &mut impl Rng, cells_left: u64, zeros_left: u64, cols: u64) -> u64 {
-    if zeros_left == 0 || cols == 0 {
+/// `round(256 * kept / numel)`: the byte values below which a weight is kept in the first
+/// step of the draw (module doc).
+fn threshold_of(kept: usize, numel: usize) -> u32 {
+    if numel == 0 {
         return 0;
     }
-    if zeros_left == cells_left {
-        return cols;
-    }
-    match Hypergeometric::new(cells_left, zeros_left, cols) {
-        Ok(h) => h.sample(rng),
-        Err(_) => {
-            let (mut cells, mut left, mut zeros) = (cells_left, zeros_left, 0);
-            for _ in 0..cols {
-                if rng.random_range(0..cells) < left {
-                    zeros += 1;
-                    left -= 1;
-                }
-                cells -= 1;
-            }
-            zeros
-        }
-    }
+    (256.0 * kept as f64 / numel as f64)
+        .round()
+        .clamp(0.0, 256.0) as u32
 }
 
-/// Gives `amount` distinct cells of `row` (whose bits are all `!mark`) the bit `mark`, chosen
-/// uniformly by Floyd's algorithm (module doc).
-fn floyd(rng: &mut impl Rng, bits: &mut [u64], row: Range<usize>, amount: usize, mark: bool) {
-    let cols = row.len();
-    for j in cols.saturating_sub(amount)..cols {
-        let t = rng.random_range(0..=j as u32) as usize;
-        let cell = if bit_of(bits, row.start + t) == mark {
-            row.start + j
+/// 64 independent bits, each set with probability `threshold / 256`: eight draws give each
+/// lane a byte (bit `b` from draw `b`), compared with `threshold` most significant bit first.
+fn below(rng: &mut impl Rng, threshold: u32) -> u64 {
+    let draws: [u64; 8] = std::array::from_fn(|_| rng.next_u64());
+    if threshold >= 256 {
+        return u64::MAX;
+    }
+    let (mut less, mut equal) = (0u64, u64::MAX);
+    for b in (0..8).rev() {
+        let r = draws[b];
+        if threshold >> b & 1 == 1 {
+            less |= equal & !r;
+            equal &= r;
         } else {
-            row.start + t
-        };
-        if let Some(w) = bits.get_mut(cell / 64) {
-            if mark {
-                *w |= 1 << (cell % 64);
-            } else {
-                *w &= !(1 << (cell % 64));
-            }
+            equal &= !r;
         }
     }
-}
-
-fn bit_of(bits: &[u64], i: usize) -> bool {
-    bits.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
+    less
 }
 
 /// The masks of a whole model: six per block, indexed by [`SparseKind::index`].
@@ -462,6 +444,14 @@ impl ModelMasks {
     /// Kept weights over all sparsified matrices.
     pub fn nnz(&self) -> usize {
         self.layers.iter().flatten().map(Mask::nnz).sum()
+    }
+
+    /// The masks of the first `layers` blocks only (all of them if there are fewer).
+    pub fn first_layers(&self, layers: usize) -> Self {
+        Self {
+            sparsity: self.sparsity,
+            layers: self.layers.iter().take(layers).cloned().collect(),
+        }
     }
 
     /// Whether every weight of every matrix is kept.

@@ -26,6 +26,7 @@ use crate::runtime::{
     simulate_step,
 };
 use crate::sparsity::{self, ModelMasks};
+use crate::tune::{self, RegionChoice, RegionSearch};
 
 /// Arguments of `wafersim step`.
 #[derive(clap::Args)]
@@ -79,7 +80,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let setup = Setup::check(&args)?;
+    let mut setup = Setup::check(&args)?;
     let mode = StepMode {
         fidelity: args.fidelity.fidelity(),
         numerics: !args.no_numerics,
@@ -95,6 +96,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let opt = AdamW::new(args.lr);
     let started = Instant::now();
+    let search = tune::choose_region(RegionSearch {
+        config: &setup.config,
+        masks: &masks,
+        batch: &setup.batch,
+        fabric: &setup.fabric,
+        precision: setup.plan.precision,
+        allow_recompute: mode.fidelity == Fidelity::Fast,
+    })?;
+    setup.plan = search.plan.clone();
     let step = match &params {
         Some(params) => {
             let inputs = StepInputs {
@@ -148,6 +158,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => None,
     };
     let summary = Summary {
+        search: &search,
         config: &setup.config,
         plan: &setup.plan,
         fabric: &setup.fabric,
@@ -308,6 +319,8 @@ fn check_results(numerics: &Numerics, updated: &GptParams) -> anyhow::Result<()>
 }
 
 struct Summary<'a> {
+    /// The region shapes costed and the one chosen.
+    search: &'a RegionChoice,
     config: &'a GptConfig,
     plan: &'a StepPlan,
     fabric: &'a FabricConfig,
@@ -320,7 +333,75 @@ struct Summary<'a> {
     dense_timed: bool,
 }
 
+/// What one block (or the embedding and head, `layer: None`) cost and saved.
+struct LayerFigures {
+    layer: Option<usize>,
+    cycles: u64,
+    dense_cycles: Option<u64>,
+    flops: u64,
+    dense_flops: Option<u64>,
+}
+
+impl LayerFigures {
+    /// Dense matmul FLOPs over executed ones: the speedup sparsity promises.
+    fn ideal(&self) -> Option<f64> {
+        Some(self.dense_flops? as f64 / self.flops as f64).filter(|v| v.is_finite())
+    }
+
+    /// Dense cycles over cycles: the speedup realised.
+    fn realised(&self) -> Option<f64> {
+        Some(self.dense_cycles? as f64 / self.cycles as f64).filter(|v| v.is_finite())
+    }
+
+    fn efficiency(&self) -> Option<f64> {
+        Some(self.realised()? / self.ideal()?)
+    }
+}
+
 impl Summary<'_> {
+    /// Per block, then the rest (embedding and head): cycles and matmul FLOPs, sparse and
+    /// dense. A sparse matrix's dense FMACs are its executed ones times `numel / nnz` (each
+    /// kept entry meets every token once).
+    fn layers(&self) -> Vec<LayerFigures> {
+        let mut out: Vec<LayerFigures> = (0..self.config.n_layer)
+            .map(Some)
+            .chain([None])
+            .map(|layer| LayerFigures {
+                layer,
+                cycles: 0,
+                dense_cycles: self.dense_timed.then_some(0),
+                flops: 0,
+                dense_flops: Some(0),
+            })
+            .collect();
+        for r in &self.step.cost.records {
+            let index = r.op.layer.unwrap_or(self.config.n_layer);
+            let Some(entry) = out.get_mut(index) else {
+                continue;
+            };
+            entry.cycles += r.cycles;
+            entry.dense_cycles = entry.dense_cycles.map(|d| d + r.dense_cycles);
+            if r.op.matmuls.is_empty() {
+                continue;
+            }
+            entry.flops += 2 * r.fmacs;
+            let dense = if r.op.sparse {
+                r.op.matmuls.iter().find_map(|m| match (m, r.op.layer) {
+                    (crate::flops::OpKind::Linear(kind), Some(l)) => {
+                        let mask = self.masks.get(l, *kind)?;
+                        let nnz = mask.nnz() as u64;
+                        (nnz > 0).then(|| 2 * r.fmacs / nnz * mask.numel() as u64)
+                    }
+                    _ => None,
+                })
+            } else {
+                Some(2 * r.fmacs)
+            };
+            entry.dense_flops = entry.dense_flops.zip(dense).map(|(a, b)| a + b);
+        }
+        out
+    }
+
     /// Seconds of the step at the fabric clock.
     fn seconds(&self) -> f64 {
         self.step.cost.cycles() as f64 / (f64::from(self.fabric.clock_mhz) * 1e6)
@@ -381,6 +462,7 @@ fn print_summary(s: &Summary<'_>) {
         s.tokens_per_second(),
         s.fabric.clock_mhz
     );
+    print_search(s);
     match &s.step.numerics {
         Some(n) => println!("loss {:.6}", n.loss),
         None => println!("loss not computed (--no-numerics)"),
@@ -423,6 +505,38 @@ fn print_summary(s: &Summary<'_>) {
         println!(
             "{name:<16} {cycles:>12} {dense:>12} {:>7.1}%",
             100.0 * cycles as f64 / cost.cycles() as f64
+        );
+    }
+}
+
+/// One line on the region search, one on the layers' efficiency.
+fn print_search(s: &Summary<'_>) {
+    let costed: Vec<String> = s
+        .search
+        .trials
+        .iter()
+        .filter_map(|t| {
+            let plan = t.plan.as_ref().ok()?;
+            Some(format!(
+                "{}x{}: {}",
+                plan.region.cols, plan.region.rows, t.estimated_cycles?
+            ))
+        })
+        .collect();
+    println!(
+        "region search (estimated cycles, one-block proxy): {}",
+        costed.join(", ")
+    );
+    let layers = s.layers();
+    let efficiency = layers
+        .iter()
+        .filter(|l| l.layer.is_some())
+        .filter_map(|l| l.efficiency());
+    let (lo, hi) = efficiency.fold((f64::INFINITY, 0f64), |(lo, hi), e| (lo.min(e), hi.max(e)));
+    if lo <= hi {
+        println!(
+            "blocks: realised / ideal speedup {:.3} to {:.3} (per layer in report.json)",
+            lo, hi
         );
     }
 }
@@ -473,6 +587,46 @@ fn write_outputs(
     })
 }
 
+fn search_json(search: &RegionChoice) -> Value {
+    let trials: Vec<Value> = search
+        .trials
+        .iter()
+        .map(|t| {
+            let (region, error) = match &t.plan {
+                Ok(p) => (
+                    json!({"cols": p.region.cols, "rows": p.region.rows, "micro_batch": p.micro_batch,
+                        "attention_recomputed": p.recompute_attention}),
+                    Value::Null,
+                ),
+                Err(e) => (Value::Null, json!(e)),
+            };
+            json!({
+                "max_cols": t.limit.cols, "max_rows": t.limit.rows, "plan": region,
+                "refused": error, "estimated_cycles": t.estimated_cycles,
+            })
+        })
+        .collect();
+    json!({
+        "method": "fast-fidelity cost of the embedding, block 0 and the head, block 0 counted n_layer times",
+        "chosen": {"cols": search.plan.region.cols, "rows": search.plan.region.rows},
+        "trials": trials,
+    })
+}
+
+fn layers_json(s: &Summary<'_>) -> Vec<Value> {
+    s.layers()
+        .iter()
+        .map(|l| {
+            json!({
+                "layer": l.layer, "cycles": l.cycles, "dense_cycles": l.dense_cycles,
+                "matmul_flops": l.flops, "dense_matmul_flops": l.dense_flops,
+                "ideal_speedup": l.ideal(), "realised_speedup": l.realised(),
+                "efficiency": l.efficiency(),
+            })
+        })
+        .collect()
+}
+
 fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
     let cost = &s.step.cost;
     let (c, p) = (s.config, s.plan);
@@ -513,6 +667,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
             "busy_cycles": "summed over the region (null: not simulated)",
             "tokens_per_second": "tokens of the step per second at the fabric clock",
             "micro_batch": "sequences per pass; weight gradients accumulate over the passes",
+            "layers": "per block (layer null: embedding, final LayerNorm, head and loss); efficiency = realised / ideal speedup, null without the dense baseline",
         },
         "model": { "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions },
         "batch": p.batch, "seq": p.seq, "sparsity": s.masks.sparsity(), "dtype": precision_name(p.precision), "seed": seed,
@@ -523,6 +678,8 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
             "attention_recomputed": p.recompute_attention, "recompute_flops": s.recompute_flops(),
         },
         "tokens_per_second": s.tokens_per_second(),
+        "region_search": search_json(s.search),
+        "layers": layers_json(s),
         "loss": s.step.numerics.as_ref().map(|n| n.loss),
         "flops": {
             "analytic_matmul_sparse": s.analytic.matmul_sparse(),
