@@ -29,7 +29,7 @@
 //! SRAM, not against what the resident activations leave), a different region per layer (all
 //! kernels share one, so no activation is ever re-laid out).
 
-use wafersim_kernels::{Precision, Region, Split};
+use wafersim_kernels::{KernelError, MatmulShape, Precision, Region, Split, WeightGradShape};
 use wafersim_sim::FabricConfig;
 
 use crate::model::GptConfig;
@@ -52,6 +52,9 @@ pub struct StepPlan {
     pub recompute_attention: bool,
     /// The region of the last pass when it has fewer sequences than `micro_batch`.
     pub last_region: Region,
+    /// SRAM a PE has left for the weight-streamed kernels' tiles and partial sums once the
+    /// resident activations of a full pass are kept: their plans are cut to fit it.
+    pub kernel_sram_bytes: u32,
 }
 
 /// One pass of a step: which sequences, and the plan its kernels run under.
@@ -67,6 +70,13 @@ impl StepPlan {
     /// Tokens in the step.
     pub fn tokens(&self) -> usize {
         self.batch * self.seq
+    }
+
+    /// `fabric` with the SRAM the weight-streamed kernels may use ([`Self::kernel_sram_bytes`]).
+    pub fn streaming_fabric(&self, fabric: &FabricConfig) -> FabricConfig {
+        let mut streaming = fabric.clone();
+        streaming.sram_bytes = self.kernel_sram_bytes.min(fabric.sram_bytes);
+        streaming
     }
 
     /// Passes through the fabric: `ceil(batch / micro_batch)`.
@@ -103,13 +113,16 @@ impl StepPlan {
 #[non_exhaustive]
 pub enum CompileError {
     #[error(
-        "the model does not fit the fabric: even one sequence per pass with the attention recomputed, each PE must keep {needed} bytes of activations for the backward pass ({per_layer} per layer x {layers} layers + {head} for the head) but has {available}; use a bigger fabric or shorter sequences"
+        "the model does not fit the fabric: even one sequence per pass with the attention recomputed, each PE must keep {needed} bytes of activations for the backward pass ({per_layer} per layer x {layers} layers + {head} for the head) and the weight-streamed products need {working} more, but it has {available}; use a bigger fabric or shorter sequences"
     )]
     DoesNotFit {
         needed: u64,
         per_layer: u64,
         layers: usize,
         head: u64,
+        /// The largest minimal working set of the weight-streamed kernels (one partial-sum
+        /// column).
+        working: u64,
         available: u64,
     },
     #[error("no region fits: {reason}")]
@@ -140,26 +153,90 @@ struct Fit {
     per_layer: u64,
     head: u64,
     needed: u64,
+    /// Minimal working set of the weight-streamed kernels on this pass.
+    working: u64,
+}
+
+/// How a pass of `sequences` sequences is placed: the region limit, the precision and whether
+/// attention is recomputed.
+#[derive(Clone, Copy)]
+struct Placement {
+    limit: RegionLimit,
+    precision: Precision,
+    recompute: bool,
+}
+
+impl Fit {
+    fn fits(&self, available: u64) -> bool {
+        self.needed + self.working <= available
+    }
 }
 
 fn fit(
     config: &GptConfig,
-    sequences: usize,
-    seq: usize,
-    limit: RegionLimit,
-    recompute: bool,
+    (sequences, seq): (usize, usize),
+    fabric: &FabricConfig,
+    place: Placement,
 ) -> Result<Fit, CompileError> {
     let tokens = sequences * seq;
-    let region = choose_region(config, tokens, limit)?;
-    let kept = if recompute { 1 } else { seq };
+    let region = choose_region(config, tokens, place.limit)?;
+    let kept = if place.recompute { 1 } else { seq };
     let (per_layer, head) = resident_bytes(config, kept, region, tokens);
     let needed = per_layer * config.n_layer as u64 + head;
+    let working = streaming_minimum(config, region, tokens, place.precision, fabric);
     Ok(Fit {
         region,
         per_layer,
         head,
         needed,
+        working,
     })
+}
+
+/// The largest of the weight-streamed kernels' minimal working sets (tiles, bias and one
+/// partial-sum column), as their plans state it when given no SRAM at all: every product and
+/// weight gradient of the six matrices and of the head, both ways round.
+fn streaming_minimum(
+    config: &GptConfig,
+    region: Region,
+    tokens: usize,
+    precision: Precision,
+    fabric: &FabricConfig,
+) -> u64 {
+    let mut empty = fabric.clone();
+    empty.sram_bytes = 0;
+    let (d, f, v) = (config.n_embd, config.n_inner, config.vocab_size);
+    let needed = |result: Result<(), KernelError>| match result {
+        Err(KernelError::DoesNotFit { needed, .. }) => needed,
+        _ => 0,
+    };
+    let shapes = [(d, d), (d, f), (f, d), (d, v), (v, d)];
+    shapes
+        .iter()
+        .flat_map(|&(k, n)| {
+            let matmul = MatmulShape {
+                region,
+                tokens,
+                k,
+                n,
+                bias: false,
+                precision,
+            };
+            let grad = WeightGradShape {
+                region,
+                tokens,
+                k,
+                n,
+                bias: false,
+                precision,
+            };
+            [
+                needed(matmul.plan(&empty).map(drop)),
+                needed(grad.plan(&empty).map(drop)),
+            ]
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Picks the step's micro-batch, whether attention is recomputed and the region, and checks
@@ -190,14 +267,17 @@ pub fn plan_step_within(
     };
     let available = u64::from(fabric.sram_bytes);
     for recompute in [false, true] {
-        if let Some((micro_batch, full)) =
-            largest_fitting(config, (batch, seq), available, limit, recompute)?
-        {
+        let place = Placement {
+            limit,
+            precision,
+            recompute,
+        };
+        if let Some((micro_batch, full)) = largest_fitting(config, (batch, seq), fabric, place)? {
             let last = batch % micro_batch;
             let last_region = if last == 0 {
                 full.region
             } else {
-                fit(config, last, seq, limit, recompute)?.region
+                fit(config, (last, seq), fabric, place)?.region
             };
             return Ok(StepPlan {
                 region: full.region,
@@ -208,15 +288,22 @@ pub fn plan_step_within(
                 micro_batch,
                 recompute_attention: recompute,
                 last_region,
+                kernel_sram_bytes: (available - full.needed) as u32,
             });
         }
     }
-    let one = fit(config, batch.min(1), seq, limit, true)?;
+    let place = Placement {
+        limit,
+        precision,
+        recompute: true,
+    };
+    let one = fit(config, (batch.min(1), seq), fabric, place)?;
     Err(CompileError::DoesNotFit {
         needed: one.needed,
         per_layer: one.per_layer,
         layers: config.n_layer,
         head: one.head,
+        working: one.working,
         available,
     })
 }
@@ -226,13 +313,13 @@ pub fn plan_step_within(
 fn largest_fitting(
     config: &GptConfig,
     (batch, seq): (usize, usize),
-    available: u64,
-    limit: RegionLimit,
-    recompute: bool,
+    fabric: &FabricConfig,
+    place: Placement,
 ) -> Result<Option<(usize, Fit)>, CompileError> {
+    let available = u64::from(fabric.sram_bytes);
     for micro_batch in (1..=batch).rev() {
-        let f = fit(config, micro_batch, seq, limit, recompute)?;
-        if f.needed <= available {
+        let f = fit(config, (micro_batch, seq), fabric, place)?;
+        if f.fits(available) {
             return Ok(Some((micro_batch, f)));
         }
     }
@@ -367,7 +454,7 @@ mod tests {
     }
 
     #[test]
-    fn mediswift_xl_on_wse2_recomputes_attention_in_passes_of_four_sequences() {
+    fn mediswift_xl_on_wse2_recomputes_attention_in_passes_of_three_sequences() {
         let xl = GptConfig::preset("mediswift-xl").unwrap();
         let plan = plan_step(&xl, 8, 2048, &FabricConfig::wse2(), Precision::F32).unwrap();
         // Region 750 columns x 994 rows; per column 3 of d = 2048 (750 x 2 + 548), 11 of
@@ -376,15 +463,21 @@ mod tests {
         // 4 x 3 x (8 x 3 + 2 x 11 + 4 + 2 x 2048) = 49,752 bytes per layer: more than the
         // 49,152 of a PE before anything else. With one log-sum-exp per head instead, per
         // token and layer 8 x 3 + 2 x 11 + 4 + 2 = 52 floats and for the head
-        // 2 x 3 + 2 + 68 = 76: four sequences (8192 tokens, 9 per row: 994 x 8 + 240) need
-        // 4 x 9 x (24 x 52 + 76) = 47,664 bytes; five (10,240 tokens, 11 per row) would need
-        // 4 x 11 x 1324 = 58,256.
+        // 2 x 3 + 2 + 68 = 76: 4 t (24 x 52 + 76) = 5,296 t bytes with t tokens per row.
+        // The streamed kernels need at least, with t tokens per row, the largest of (fp32)
+        // the head's product 4t (3 + 68) + 4 x 68 + 4 + 4t = 288 t + 276 and its weight
+        // gradient 4t (3 + 68) + 4 x 68 + 8 + 4t + 4 x 3 = 288 t + 292 (either way round).
+        // Four sequences (8192 tokens, t = 9: 994 x 8 + 240): 47,664 + 2,884 = 50,548, too
+        // many; three (6144 tokens, t = 7: 994 x 6 + 180): 37,072 + 2,308 = 39,380.
         assert_eq!(plan.region, Region::at_origin(750, 994));
         assert!(plan.recompute_attention);
-        assert_eq!((plan.micro_batch, plan.pass_count()), (4, 2));
-        assert_eq!(plan.resident_bytes, 47_664);
+        assert_eq!((plan.micro_batch, plan.pass_count()), (3, 3));
+        assert_eq!(plan.resident_bytes, 37_072);
+        assert_eq!(plan.kernel_sram_bytes, 49_152 - 37_072);
+        let sizes: Vec<usize> = plan.passes().iter().map(|p| p.sequences.len()).collect();
+        assert_eq!(sizes, vec![3, 3, 2]);
         let one = plan_step(&xl, 1, 2048, &FabricConfig::wse2(), Precision::F32).unwrap();
-        // One sequence: 4 x 3 x 1324 = 15,888 bytes.
+        // One sequence: 5,296 x 3 = 15,888 bytes.
         assert_eq!((one.micro_batch, one.resident_bytes), (1, 15_888));
     }
 
@@ -432,12 +525,22 @@ mod tests {
         // 64-token sequences on 16 x 16, 4 tokens per row each: per layer and token
         // 8 x 4 + 2 x 16 + 4 = 68 floats besides attention. Keeping the 64 probabilities of one
         // head: 4 x 4 x (2 x (68 + 64) + 26) = 4,640 bytes; with one statistic:
-        // 4 x 4 x (2 x 69 + 26) = 2,624.
+        // 4 x 4 x (2 x 69 + 26) = 2,624. The streamed kernels need at least 424 more: the
+        // weight gradient of c_fc, X 4 x 4 and dY 4 x 16 tiles (4 x 80), 16 bias slots, a
+        // counter pair (8) and one column (4 x 4 gathered + 4 x 4 slots): 320 + 64 + 8 + 32.
+        let short = plan_step(
+            &tiny,
+            2,
+            64,
+            &fabric_with_sram(16, 16, 3_047),
+            Precision::F32,
+        );
+        assert!(short.is_err(), "2,624 + 424 = 3,048 bytes");
         let recompute = plan_step(
             &tiny,
             2,
             64,
-            &fabric_with_sram(16, 16, 3_000),
+            &fabric_with_sram(16, 16, 3_100),
             Precision::F32,
         )
         .unwrap();
@@ -450,7 +553,7 @@ mod tests {
             &tiny,
             2,
             64,
-            &fabric_with_sram(16, 16, 4_640),
+            &fabric_with_sram(16, 16, 5_064),
             Precision::F32,
         )
         .unwrap();
@@ -464,7 +567,8 @@ mod tests {
         // 100 x 100 PEs: per column 21 of d, 82 of d_ffn, 503 of the vocabulary, 2 heads; 21
         // tokens per row. Even one sequence with the attention recomputed:
         // 4 x 21 x (8 x 21 + 2 x 82 + 4 + 2) = 28,392 bytes per layer, the head
-        // 4 x 21 x (2 x 21 + 2 + 503) = 45,948: 24 x 28,392 + 45,948 = 727,356.
+        // 4 x 21 x (2 x 21 + 2 + 503) = 45,948: 24 x 28,392 + 45,948 = 727,356. The head's
+        // weight gradient needs 4 x 21 x (21 + 503) + 4 x 503 + 8 + 4 x 21 + 4 x 21 = 46,204.
         let fabric = FabricConfig::rectangle(100, 100).unwrap();
         let err = plan_step(&xl, 1, 2048, &fabric, Precision::F32)
             .unwrap_err()
@@ -476,7 +580,7 @@ mod tests {
             "{err}"
         );
         assert!(
-            err.contains("(28392 per layer x 24 layers + 45948 for the head) but has 49152; use a bigger fabric or shorter sequences"),
+            err.contains("(28392 per layer x 24 layers + 45948 for the head) and the weight-streamed products need 46204 more, but it has 49152; use a bigger fabric or shorter sequences"),
             "{err}"
         );
     }

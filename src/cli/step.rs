@@ -450,7 +450,7 @@ fn print_summary(s: &Summary<'_>) {
         s.step.fidelity.name()
     );
     println!(
-        "passes: {} of {} sequence(s) ({} tokens), attention probabilities {}; {:.0} tokens/s at {} MHz",
+        "passes: {} of up to {} sequence(s) ({} tokens) each, attention probabilities {}; {:.0} tokens/s at {} MHz",
         p.pass_count(),
         p.micro_batch,
         p.micro_batch * p.seq,

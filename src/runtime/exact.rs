@@ -37,6 +37,9 @@ pub(crate) struct ExactEngine<'a> {
     pub grads: GptParams,
     /// The mean next-token cross-entropy, once the loss kernel ran.
     pub loss: f64,
+    /// The fabric as the weight-streamed kernels see it: the SRAM the resident activations
+    /// leave (`StepPlan::kernel_sram_bytes`).
+    pub streaming: FabricConfig,
 }
 
 impl<'a> ExactEngine<'a> {
@@ -59,6 +62,7 @@ impl<'a> ExactEngine<'a> {
             sparse,
             grads: GptParams::zeros(inputs.config),
             loss: 0.0,
+            streaming: inputs.plan.streaming_fabric(inputs.fabric),
         }
     }
 

@@ -6,9 +6,11 @@
 //! feature count; the weight-streamed kernels are costed from the masks' kept entries per
 //! (chunk, PE column) of each kernel's plan, counted from the masks' bits when the engine is
 //! built (`loads.rs`, the matrices in parallel), so a step of a large model costs about one pass
-//! over the mask bits and then O(chunks x columns) per kernel. The dense kernels' formulas read
-//! shapes only, so they are called on kernels given no data ([`NO_DATA`]); a test checks that
-//! they give the same cycles as with data.
+//! over the mask bits and then O(chunks x columns) per kernel. The sparse kernels are costed
+//! when the engine is built, in parallel; kernels that are the same in every block (the dense
+//! baseline, attention) are costed once, and the passes of one plan share the engine. The dense
+//! kernels' formulas read shapes only, so they are called on kernels given no data
+//! ([`NO_DATA`]); a test checks that they give the same cycles as with data.
 //!
 //! What it is not: a check of the kernels' SRAM. The step's resident activations are checked by
 //! [`crate::compile`] and the weight-streamed kernels' chunking by their plans, but the dense
@@ -84,9 +86,8 @@ fn weight_grad_shape(inputs: &CostInputs<'_>, k: usize, n: usize, bias: bool) ->
 
 /// The loads of `mask` for the plans of its three kernels, and their cycles (the matrices are
 /// costed in parallel when the engine is built; the walk then only looks them up).
-fn matrix_loads(inputs: &CostInputs<'_>, mask: &Mask) -> MatrixLoads {
+fn matrix_loads(inputs: &CostInputs<'_>, fabric: &FabricConfig, mask: &Mask) -> MatrixLoads {
     let (rows, cols) = (mask.rows(), mask.cols());
-    let fabric = inputs.fabric;
     if mask.is_dense() {
         // Costed as the dense baseline (`FastEngine::kept`): nothing to count.
         return MatrixLoads {
@@ -135,6 +136,9 @@ fn matrix_loads(inputs: &CostInputs<'_>, mask: &Mask) -> MatrixLoads {
 /// The step's shapes and kept-entry loads.
 pub(crate) struct FastEngine<'a> {
     inputs: CostInputs<'a>,
+    /// The fabric as the weight-streamed kernels see it (the SRAM the resident activations
+    /// leave).
+    streaming: FabricConfig,
     /// Per layer, the loads of the six sparse matrices.
     loads: Vec<[MatrixLoads; 6]>,
     /// Cycles of a weight-streamed kernel streaming every weight, by `(phase, k, n)`: the same
@@ -149,14 +153,18 @@ pub(crate) struct FastEngine<'a> {
 
 impl<'a> FastEngine<'a> {
     pub(crate) fn new(inputs: CostInputs<'a>) -> Self {
+        let streaming = inputs.plan.streaming_fabric(inputs.fabric);
         let loads = inputs
             .masks
             .layers()
             .par_iter()
-            .map(|masks| SparseKind::ALL.map(|kind| matrix_loads(&inputs, &masks[kind.index()])))
+            .map(|masks| {
+                SparseKind::ALL.map(|kind| matrix_loads(&inputs, &streaming, &masks[kind.index()]))
+            })
             .collect();
         FastEngine {
             inputs,
+            streaming,
             loads,
             dense: RefCell::new(HashMap::new()),
             attention: [None; 2],
@@ -360,7 +368,7 @@ impl Engine for FastEngine<'_> {
             return Ok((Shape { features: n }, cost));
         }
         let shape = self.matmul_shape(k, n, forward && sparse.is_some());
-        let plan = shape.plan(self.fabric())?;
+        let plan = shape.plan(&self.streaming)?;
         let load = self
             .kept(sparse)
             .and_then(|m| self.load(m, phase, plan.input.features, &plan.chunks));
@@ -369,7 +377,7 @@ impl Engine for FastEngine<'_> {
             load,
             plan.input.features,
             &plan.chunks,
-            |load| shape.estimate_cycles(self.fabric(), &plan, load),
+            |load| shape.estimate_cycles(&self.streaming, &plan, load),
         );
         self.remember(sparse, phase, (cycles, dense_cycles));
         let cost = Cost {
@@ -385,14 +393,14 @@ impl Engine for FastEngine<'_> {
             return Ok(((), cost));
         }
         let shape = self.weight_grad_shape(k, n, sparse.is_some());
-        let plan = shape.plan(self.fabric())?;
+        let plan = shape.plan(&self.streaming)?;
         let load = self
             .kept(sparse)
             .and_then(|m| self.load(m, Phase::WeightGrad, plan.input.features, &plan.chunks));
         let key = (Phase::WeightGrad, k, n);
         let (cycles, dense_cycles) =
             self.streamed(key, load, plan.input.features, &plan.chunks, |load| {
-                shape.estimate_cycles(self.fabric(), &plan, load)
+                shape.estimate_cycles(&self.streaming, &plan, load)
             });
         self.remember(sparse, Phase::WeightGrad, (cycles, dense_cycles));
         let cost = Cost {
