@@ -161,7 +161,8 @@ impl Mask {
     }
 
     /// Exactly [`pruned_count`]`(rows * cols, sparsity)` zeros at uniformly random positions drawn
-    /// from ChaCha8 seeded with `seed` on stream `stream`, row by row (see the module doc).
+    /// from ChaCha8 seeded with `seed` on stream `stream`: one random byte per weight,
+    /// then single draws until the count is exact (see the module doc).
     pub fn random(
         rows: usize,
         cols: usize,

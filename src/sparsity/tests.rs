@@ -1,5 +1,5 @@
 //! Tests of the mask rule: exact counts, the rounding rule, determinism, the one-stream-per-matrix
-//! contract and uniformity of the chosen positions.
+//! contract, uniformity of the chosen positions, the per-row law and the bitset helpers.
 
 use super::*;
 use crate::model::Matrix;
