@@ -321,7 +321,7 @@ struct MatrixCounts {
 impl MatrixCounts {
     fn new(mask: &Mask, cols: usize) -> Self {
         let (forward, transposed) =
-            ColumnCounts::both_ways(mask.rows(), mask.cols(), mask.keep(), cols);
+            ColumnCounts::both_ways(mask.rows(), mask.cols(), &mask.keep(), cols);
         MatrixCounts {
             forward,
             transposed,

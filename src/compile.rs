@@ -1,5 +1,7 @@
 //! From a model and a batch to a placement on the fabric: the region every kernel of the step
-//! runs on, and the check that the step fits the PEs' SRAM before anything is simulated.
+//! runs on, how many sequences go through the fabric at once (the micro-batch), whether the
+//! attention probabilities are kept for the backward pass or recomputed, and the check that
+//! this fits the PEs' SRAM before anything is simulated.
 //!
 //! One region serves the whole step, so each kernel's output is already laid out as the next
 //! kernel wants its input (tokens over rows, features over columns; see
@@ -7,15 +9,27 @@
 //! - no more columns than the model width (every kernel needs a feature per column; attention
 //!   lets a head span several columns, summing its partial scores along the rows, so the
 //!   columns need not divide the heads);
-//! - no more rows than tokens.
+//! - no more rows than tokens (of one pass).
 //!
 //! The fit check counts what must stay resident on a PE between the forward and the backward
-//! pass (the activations the backward pass reads, per layer) and refuses a step that cannot
-//! hold them, naming the bytes needed and available and what to change.
+//! pass (the activations the backward pass reads, per layer). Key design decision: the batch is
+//! cut into passes of `micro_batch` sequences (forward and backward of one pass, weight
+//! gradients accumulated over the passes on the host; a step costs the sum of its passes), the
+//! largest micro-batch whose resident activations fit. Where even one sequence cannot keep its
+//! attention probabilities (`seq` floats per token and head), only their softmax statistics are
+//! kept (one log-sum-exp per token and head) and the probabilities are recomputed in the
+//! backward pass, as FlashAttention does; the fast fidelity costs that recompute, the exact one
+//! refuses it (its attention backward reads stored probabilities). A step that does not fit
+//! even then is refused, naming the bytes needed and available and what to change.
 //!
-//! Not here: choosing a different region per layer (all kernels share one), micro-batching.
+//! The region's shape can be limited ([`plan_step_within`]): `crate::tune` costs a few
+//! limited shapes with the fast fidelity and keeps the fastest.
+//!
+//! Not here: the kernels' own working memory (each kernel's plan checks it against the whole
+//! SRAM, not against what the resident activations leave), a different region per layer (all
+//! kernels share one, so no activation is ever re-laid out).
 
-use wafersim_kernels::{Precision, Region, Split};
+use wafersim_kernels::{KernelError, MatmulShape, Precision, Region, Split, WeightGradShape};
 use wafersim_sim::FabricConfig;
 
 use crate::model::GptConfig;
@@ -23,18 +37,74 @@ use crate::model::GptConfig;
 /// Where and how a training step runs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepPlan {
+    /// The region of a full pass (the last pass may use fewer rows: [`StepPlan::passes`]).
     pub region: Region,
+    /// Sequences in the step.
     pub batch: usize,
     pub seq: usize,
     pub precision: Precision,
-    /// Bytes one PE keeps between the forward and the backward pass (the fullest PE).
+    /// Bytes one PE keeps between the forward and the backward pass of a full pass (the
+    /// fullest PE).
     pub resident_bytes: u64,
+    /// Sequences per pass through the fabric; the last pass takes what is left.
+    pub micro_batch: usize,
+    /// Only the softmax statistics are kept; the backward pass recomputes the probabilities.
+    pub recompute_attention: bool,
+    /// The region of the last pass when it has fewer sequences than `micro_batch`.
+    pub last_region: Region,
+    /// SRAM a PE has left for the weight-streamed kernels' tiles and partial sums once the
+    /// resident activations of a full pass are kept: their plans are cut to fit it.
+    pub kernel_sram_bytes: u32,
+}
+
+/// One pass of a step: which sequences, and the plan its kernels run under.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pass {
+    /// The sequences of the batch this pass runs.
+    pub sequences: std::ops::Range<usize>,
+    /// A one-pass plan of those sequences.
+    pub plan: StepPlan,
 }
 
 impl StepPlan {
     /// Tokens in the step.
     pub fn tokens(&self) -> usize {
         self.batch * self.seq
+    }
+
+    /// `fabric` with the SRAM the weight-streamed kernels may use ([`Self::kernel_sram_bytes`]).
+    pub fn streaming_fabric(&self, fabric: &FabricConfig) -> FabricConfig {
+        let mut streaming = fabric.clone();
+        streaming.sram_bytes = self.kernel_sram_bytes.min(fabric.sram_bytes);
+        streaming
+    }
+
+    /// Passes through the fabric: `ceil(batch / micro_batch)`.
+    pub fn pass_count(&self) -> usize {
+        self.batch.div_ceil(self.micro_batch.max(1))
+    }
+
+    /// The passes in order, each with a plan of its own sequences only.
+    pub fn passes(&self) -> Vec<Pass> {
+        let m = self.micro_batch.max(1);
+        (0..self.pass_count())
+            .map(|p| {
+                let sequences = p * m..((p + 1) * m).min(self.batch);
+                let region = if sequences.len() == m {
+                    self.region
+                } else {
+                    self.last_region
+                };
+                let plan = StepPlan {
+                    region,
+                    batch: sequences.len(),
+                    micro_batch: sequences.len(),
+                    last_region: region,
+                    ..self.clone()
+                };
+                Pass { sequences, plan }
+            })
+            .collect()
     }
 }
 
@@ -43,20 +113,135 @@ impl StepPlan {
 #[non_exhaustive]
 pub enum CompileError {
     #[error(
-        "the model does not fit the fabric: each PE must keep {needed} bytes of activations for the backward pass ({per_layer} per layer x {layers} layers + {head} for the head) but has {available}; use a bigger fabric or fewer tokens"
+        "the model does not fit the fabric: even one sequence per pass with the attention recomputed, each PE must keep {needed} bytes of activations for the backward pass ({per_layer} per layer x {layers} layers + {head} for the head) and the weight-streamed products need {working} more, but it has {available}; use a bigger fabric or shorter sequences"
     )]
     DoesNotFit {
         needed: u64,
         per_layer: u64,
         layers: usize,
         head: u64,
+        /// The largest minimal working set of the weight-streamed kernels (one partial-sum
+        /// column).
+        working: u64,
         available: u64,
     },
     #[error("no region fits: {reason}")]
     NoRegion { reason: String },
 }
 
-/// Picks the step's region and checks that its resident activations fit.
+/// The most columns and rows a step's region may take (the fabric's, unless a search of
+/// region shapes asks for fewer: see `crate::tune`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionLimit {
+    pub cols: usize,
+    pub rows: usize,
+}
+
+impl RegionLimit {
+    /// The whole fabric.
+    pub fn fabric(fabric: &FabricConfig) -> Self {
+        RegionLimit {
+            cols: fabric.width as usize,
+            rows: fabric.height as usize,
+        }
+    }
+}
+
+/// What one pass of `sequences` sequences keeps per PE on its region.
+struct Fit {
+    region: Region,
+    per_layer: u64,
+    head: u64,
+    needed: u64,
+    /// Minimal working set of the weight-streamed kernels on this pass.
+    working: u64,
+}
+
+/// How a pass of `sequences` sequences is placed: the region limit, the precision and whether
+/// attention is recomputed.
+#[derive(Clone, Copy)]
+struct Placement {
+    limit: RegionLimit,
+    precision: Precision,
+    recompute: bool,
+}
+
+impl Fit {
+    fn fits(&self, available: u64) -> bool {
+        self.needed + self.working <= available
+    }
+}
+
+fn fit(
+    config: &GptConfig,
+    (sequences, seq): (usize, usize),
+    fabric: &FabricConfig,
+    place: Placement,
+) -> Result<Fit, CompileError> {
+    let tokens = sequences * seq;
+    let region = choose_region(config, tokens, place.limit)?;
+    let kept = if place.recompute { 1 } else { seq };
+    let (per_layer, head) = resident_bytes(config, kept, region, tokens);
+    let needed = per_layer * config.n_layer as u64 + head;
+    let working = streaming_minimum(config, region, tokens, place.precision, fabric);
+    Ok(Fit {
+        region,
+        per_layer,
+        head,
+        needed,
+        working,
+    })
+}
+
+/// The largest of the weight-streamed kernels' minimal working sets (tiles, bias and one
+/// partial-sum column), as their plans state it when given no SRAM at all: every product and
+/// weight gradient of the six matrices and of the head, both ways round.
+fn streaming_minimum(
+    config: &GptConfig,
+    region: Region,
+    tokens: usize,
+    precision: Precision,
+    fabric: &FabricConfig,
+) -> u64 {
+    let mut empty = fabric.clone();
+    empty.sram_bytes = 0;
+    let (d, f, v) = (config.n_embd, config.n_inner, config.vocab_size);
+    let needed = |result: Result<(), KernelError>| match result {
+        Err(KernelError::DoesNotFit { needed, .. }) => needed,
+        _ => 0,
+    };
+    let shapes = [(d, d), (d, f), (f, d), (d, v), (v, d)];
+    shapes
+        .iter()
+        .flat_map(|&(k, n)| {
+            let matmul = MatmulShape {
+                region,
+                tokens,
+                k,
+                n,
+                bias: false,
+                precision,
+            };
+            let grad = WeightGradShape {
+                region,
+                tokens,
+                k,
+                n,
+                bias: false,
+                precision,
+            };
+            [
+                needed(matmul.plan(&empty).map(drop)),
+                needed(grad.plan(&empty).map(drop)),
+            ]
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Picks the step's micro-batch, whether attention is recomputed and the region, and checks
+/// that the resident activations fit: the largest micro-batch that keeps the probabilities, or
+/// if not even one sequence can, the largest that keeps only their statistics.
 pub fn plan_step(
     config: &GptConfig,
     batch: usize,
@@ -64,43 +249,97 @@ pub fn plan_step(
     fabric: &FabricConfig,
     precision: Precision,
 ) -> Result<StepPlan, CompileError> {
-    let tokens = batch * seq;
-    let region = choose_region(config, tokens, fabric)?;
-    let (per_layer, head) = resident_bytes(config, seq, region, tokens);
-    let needed = per_layer * config.n_layer as u64 + head;
+    let limit = RegionLimit::fabric(fabric);
+    plan_step_within(config, (batch, seq), fabric, precision, limit)
+}
+
+/// [`plan_step`] on a region of at most `limit` columns and rows (of the fabric's).
+pub fn plan_step_within(
+    config: &GptConfig,
+    (batch, seq): (usize, usize),
+    fabric: &FabricConfig,
+    precision: Precision,
+    limit: RegionLimit,
+) -> Result<StepPlan, CompileError> {
+    let limit = RegionLimit {
+        cols: limit.cols.min(fabric.width as usize),
+        rows: limit.rows.min(fabric.height as usize),
+    };
     let available = u64::from(fabric.sram_bytes);
-    if needed > available {
-        return Err(CompileError::DoesNotFit {
-            needed,
-            per_layer,
-            layers: config.n_layer,
-            head,
-            available,
-        });
+    for recompute in [false, true] {
+        let place = Placement {
+            limit,
+            precision,
+            recompute,
+        };
+        if let Some((micro_batch, full)) = largest_fitting(config, (batch, seq), fabric, place)? {
+            let last = batch % micro_batch;
+            let last_region = if last == 0 {
+                full.region
+            } else {
+                fit(config, (last, seq), fabric, place)?.region
+            };
+            return Ok(StepPlan {
+                region: full.region,
+                batch,
+                seq,
+                precision,
+                resident_bytes: full.needed,
+                micro_batch,
+                recompute_attention: recompute,
+                last_region,
+                kernel_sram_bytes: (available - full.needed) as u32,
+            });
+        }
     }
-    Ok(StepPlan {
-        region,
-        batch,
-        seq,
+    let place = Placement {
+        limit,
         precision,
-        resident_bytes: needed,
+        recompute: true,
+    };
+    let one = fit(config, (batch.min(1), seq), fabric, place)?;
+    Err(CompileError::DoesNotFit {
+        needed: one.needed,
+        per_layer: one.per_layer,
+        layers: config.n_layer,
+        head: one.head,
+        working: one.working,
+        available,
     })
+}
+
+/// The largest micro-batch (at most `batch`) whose pass fits, with its fit. Resident bytes grow
+/// with the tokens of a pass, so the search stops at the first fit from the top.
+fn largest_fitting(
+    config: &GptConfig,
+    (batch, seq): (usize, usize),
+    fabric: &FabricConfig,
+    place: Placement,
+) -> Result<Option<(usize, Fit)>, CompileError> {
+    let available = u64::from(fabric.sram_bytes);
+    for micro_batch in (1..=batch).rev() {
+        let f = fit(config, (micro_batch, seq), fabric, place)?;
+        if f.fits(available) {
+            return Ok(Some((micro_batch, f)));
+        }
+    }
+    Ok(None)
 }
 
 fn choose_region(
     config: &GptConfig,
     tokens: usize,
-    fabric: &FabricConfig,
+    limit: RegionLimit,
 ) -> Result<Region, CompileError> {
     // The attention kernel takes any width up to the features (heads split by the layout's
     // feature split), as every other kernel does: the widest region is the fabric or the model.
-    let cols = (fabric.width as usize).min(config.n_embd);
+    let cols = limit.cols.min(config.n_embd);
     if cols == 0 {
         return Err(CompileError::NoRegion {
             reason: "the fabric has no column".into(),
         });
     }
-    let rows = (fabric.height as usize).min(tokens);
+    let rows = limit.rows.min(tokens);
     if rows == 0 {
         return Err(CompileError::NoRegion {
             reason: "the batch has no token".into(),
@@ -114,16 +353,22 @@ fn choose_region(
 /// Per layer and token, the backward pass reads: the block input and the attention residual
 /// (LayerNorm inputs), both LayerNorm outputs (inputs of the matmuls' weight gradients), Q, K, V
 /// and the attention context, the FFN pre-activation and its GELU: `16 d` features over the
-/// columns, two LayerNorm statistics each, and the attention probabilities (`seq` per head). The
+/// columns, two LayerNorm statistics each, and `per_head` floats of attention per head the
+/// column touches (the `seq` probabilities, or one log-sum-exp when they are recomputed). The
 /// head keeps the final LayerNorm's input and output and the logits.
-fn resident_bytes(config: &GptConfig, seq: usize, region: Region, tokens: usize) -> (u64, u64) {
+fn resident_bytes(
+    config: &GptConfig,
+    per_head: usize,
+    region: Region,
+    tokens: usize,
+) -> (u64, u64) {
     let cols = region.cols as usize;
     let t_r = Split::new(tokens, region.rows as usize).max_len() as u64;
     let width = |features: usize| Split::new(features, cols).max_len() as u64;
     let d = width(config.n_embd);
     let f = width(config.n_inner);
     let heads = heads_per_column(config, cols);
-    let per_token_layer = 8 * d + 2 * f + 4 + heads * seq as u64;
+    let per_token_layer = 8 * d + 2 * f + 4 + heads * per_head as u64;
     let per_token_head = 2 * d + 2 + width(config.vocab_size);
     (4 * t_r * per_token_layer, 4 * t_r * per_token_head)
 }
@@ -202,18 +447,140 @@ mod tests {
         assert_eq!(heads_per_column(&tiny, 6), 2);
     }
 
+    fn fabric_with_sram(width: u32, height: u32, sram_bytes: u32) -> FabricConfig {
+        let mut fabric = FabricConfig::rectangle(width, height).unwrap();
+        fabric.sram_bytes = sram_bytes;
+        fabric
+    }
+
+    #[test]
+    fn mediswift_xl_on_wse2_recomputes_attention_in_passes_of_three_sequences() {
+        let xl = GptConfig::preset("mediswift-xl").unwrap();
+        let plan = plan_step(&xl, 8, 2048, &FabricConfig::wse2(), Precision::F32).unwrap();
+        // Region 750 columns x 994 rows; per column 3 of d = 2048 (750 x 2 + 548), 11 of
+        // d_ffn = 8192 (750 x 10 + 692), 68 of the vocabulary 50257 (750 x 67 + 7), and up to
+        // 2 heads of 128. Keeping probabilities, one sequence (3 tokens per row) needs
+        // 4 x 3 x (8 x 3 + 2 x 11 + 4 + 2 x 2048) = 49,752 bytes per layer: more than the
+        // 49,152 of a PE before anything else. With one log-sum-exp per head instead, per
+        // token and layer 8 x 3 + 2 x 11 + 4 + 2 = 52 floats and for the head
+        // 2 x 3 + 2 + 68 = 76: 4 t (24 x 52 + 76) = 5,296 t bytes with t tokens per row.
+        // The streamed kernels need at least, with t tokens per row, the largest of (fp32)
+        // the head's product 4t (3 + 68) + 4 x 68 + 4 + 4t = 288 t + 276 and its weight
+        // gradient 4t (3 + 68) + 4 x 68 + 8 + 4t + 4 x 3 = 288 t + 292 (either way round).
+        // Four sequences (8192 tokens, t = 9: 994 x 8 + 240): 47,664 + 2,884 = 50,548, too
+        // many; three (6144 tokens, t = 7: 994 x 6 + 180): 37,072 + 2,308 = 39,380.
+        assert_eq!(plan.region, Region::at_origin(750, 994));
+        assert!(plan.recompute_attention);
+        assert_eq!((plan.micro_batch, plan.pass_count()), (3, 3));
+        assert_eq!(plan.resident_bytes, 37_072);
+        assert_eq!(plan.kernel_sram_bytes, 49_152 - 37_072);
+        let sizes: Vec<usize> = plan.passes().iter().map(|p| p.sequences.len()).collect();
+        assert_eq!(sizes, vec![3, 3, 2]);
+        let one = plan_step(&xl, 1, 2048, &FabricConfig::wse2(), Precision::F32).unwrap();
+        // One sequence: 5,296 x 3 = 15,888 bytes.
+        assert_eq!((one.micro_batch, one.resident_bytes), (1, 15_888));
+    }
+
+    #[test]
+    fn the_largest_micro_batch_that_fits_keeps_the_probabilities() {
+        let tiny = GptConfig::preset("tiny").unwrap();
+        // Tiny (d 64, 4 heads of 16, d_ffn 256, vocabulary 256) on 16 x 16 with 8-token
+        // sequences: 4 features, 16 FFN features, 16 vocabulary entries and 1 head per column.
+        // Per token and layer 8 x 4 + 2 x 16 + 4 + 8 = 76 floats, the head 2 x 4 + 2 + 16 = 26.
+        // Two sequences (16 tokens, 1 per row): 4 x (2 x 76 + 26) = 712 bytes; three (24
+        // tokens, 2 per row) 1,424. With 1,000 bytes: passes of 2, 2, 1 sequences, the last on
+        // 8 rows.
+        let plan = plan_step(
+            &tiny,
+            5,
+            8,
+            &fabric_with_sram(16, 16, 1_000),
+            Precision::F32,
+        )
+        .unwrap();
+        assert!(!plan.recompute_attention);
+        assert_eq!((plan.micro_batch, plan.pass_count()), (2, 3));
+        assert_eq!(plan.resident_bytes, 712);
+        let passes = plan.passes();
+        let sequences: Vec<_> = passes.iter().map(|p| p.sequences.clone()).collect();
+        assert_eq!(sequences, vec![0..2, 2..4, 4..5]);
+        assert_eq!(passes[2].plan.region, Region::at_origin(16, 8));
+        assert_eq!(passes[2].plan.tokens(), 8);
+        assert_eq!(passes[0].plan.region, Region::at_origin(16, 16));
+        // Enough memory: one pass of all five.
+        let all = plan_step(
+            &tiny,
+            5,
+            8,
+            &FabricConfig::rectangle(16, 16).unwrap(),
+            Precision::F32,
+        )
+        .unwrap();
+        assert_eq!((all.micro_batch, all.pass_count()), (5, 1));
+    }
+
+    #[test]
+    fn attention_is_recomputed_only_when_one_sequence_cannot_keep_its_probabilities() {
+        let tiny = GptConfig::preset("tiny").unwrap();
+        // 64-token sequences on 16 x 16, 4 tokens per row each: per layer and token
+        // 8 x 4 + 2 x 16 + 4 = 68 floats besides attention. Keeping the 64 probabilities of one
+        // head: 4 x 4 x (2 x (68 + 64) + 26) = 4,640 bytes; with one statistic:
+        // 4 x 4 x (2 x 69 + 26) = 2,624. The streamed kernels need at least 424 more: the
+        // weight gradient of c_fc, X 4 x 4 and dY 4 x 16 tiles (4 x 80), 16 bias slots, a
+        // counter pair (8) and one column (4 x 4 gathered + 4 x 4 slots): 320 + 64 + 8 + 32.
+        let short = plan_step(
+            &tiny,
+            2,
+            64,
+            &fabric_with_sram(16, 16, 3_047),
+            Precision::F32,
+        );
+        assert!(short.is_err(), "2,624 + 424 = 3,048 bytes");
+        let recompute = plan_step(
+            &tiny,
+            2,
+            64,
+            &fabric_with_sram(16, 16, 3_100),
+            Precision::F32,
+        )
+        .unwrap();
+        assert!(recompute.recompute_attention);
+        assert_eq!(
+            (recompute.micro_batch, recompute.resident_bytes),
+            (1, 2_624)
+        );
+        let keep = plan_step(
+            &tiny,
+            2,
+            64,
+            &fabric_with_sram(16, 16, 5_064),
+            Precision::F32,
+        )
+        .unwrap();
+        assert!(!keep.recompute_attention);
+        assert_eq!((keep.micro_batch, keep.resident_bytes), (1, 4_640));
+    }
+
     #[test]
     fn a_model_too_big_is_refused_with_bytes_and_advice() {
         let xl = GptConfig::preset("mediswift-xl").unwrap();
-        let err = plan_step(&xl, 1, 2048, &FabricConfig::wse2(), Precision::F32)
+        // 100 x 100 PEs: per column 21 of d, 82 of d_ffn, 503 of the vocabulary, 2 heads; 21
+        // tokens per row. Even one sequence with the attention recomputed:
+        // 4 x 21 x (8 x 21 + 2 x 82 + 4 + 2) = 28,392 bytes per layer, the head
+        // 4 x 21 x (2 x 21 + 2 + 503) = 45,948: 24 x 28,392 + 45,948 = 727,356. The head's
+        // weight gradient needs 4 x 21 x (21 + 503) + 4 x 503 + 8 + 4 x 21 + 4 x 21 = 46,204.
+        let fabric = FabricConfig::rectangle(100, 100).unwrap();
+        let err = plan_step(&xl, 1, 2048, &fabric, Precision::F32)
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("the model does not fit the fabric: each PE must keep"),
+            err.starts_with(
+                "the model does not fit the fabric: even one sequence per pass with the attention recomputed, each PE must keep 727356 bytes"
+            ),
             "{err}"
         );
         assert!(
-            err.contains("has 49152; use a bigger fabric or fewer tokens"),
+            err.contains("(28392 per layer x 24 layers + 45948 for the head) and the weight-streamed products need 46204 more, but it has 49152; use a bigger fabric or shorter sequences"),
             "{err}"
         );
     }

@@ -297,7 +297,7 @@ pub fn run_gemm(spec: &GemmSpec, fabric: &FabricConfig) -> Result<GemmReport, Ge
         return fast_gemm(spec, fabric, region, &mask);
     }
     let ops = operands(spec, mask);
-    let sparse = StreamedMatrix::from_dense(spec.k, spec.n, &ops.w, Some(ops.mask.keep()));
+    let sparse = StreamedMatrix::from_dense(spec.k, spec.n, &ops.w, Some(&ops.mask.keep()));
     let dense = StreamedMatrix::from_dense(spec.k, spec.n, &ops.w, None);
     let ctx = Ctx {
         spec,
@@ -430,7 +430,7 @@ impl Ctx<'_> {
         let want = match phase {
             Phase::Forward => products::matmul(&o.x, &o.w, t, k, n),
             Phase::InputGrad => products::matmul(&o.dy, &transpose(&o.w, k, n), t, n, k),
-            Phase::WeightGrad => products::masked_weight_grad(&o.x, &o.dy, o.mask.keep(), t, k, n),
+            Phase::WeightGrad => products::masked_weight_grad(&o.x, &o.dy, &o.mask.keep(), t, k, n),
         };
         let scale = want.iter().fold(f64::MIN_POSITIVE, |m, v| m.max(v.abs()));
         got.iter()
@@ -449,8 +449,8 @@ fn fast_gemm(
 ) -> Result<GemmReport, GemmError> {
     let (t, k, n) = (spec.tokens, spec.k, spec.n);
     let cols = region.cols as usize;
-    let streamed = ColumnCounts::streamed(k, n, mask.keep(), cols);
-    let transposed = ColumnCounts::streamed_transposed(k, n, mask.keep(), cols);
+    let streamed = ColumnCounts::streamed(k, n, &mask.keep(), cols);
+    let transposed = ColumnCounts::streamed_transposed(k, n, &mask.keep(), cols);
     let nnz = mask.nnz() as u64;
     let phases = spec
         .phases

@@ -21,4 +21,5 @@ pub mod runtime;
 pub mod sparsity;
 pub mod sweep;
 pub mod training;
+pub mod tune;
 pub mod utilisation;

@@ -129,7 +129,7 @@ fn add_exact(
 ) -> Result<(), KernelError> {
     let (plan, fabric) = (kernels.plan, kernels.fabric);
     let (k, n, t) = (mask.rows(), mask.cols(), plan.tokens());
-    let w = StreamedMatrix::from_dense(k, n, &vec![1.0; k * n], Some(mask.keep()));
+    let w = StreamedMatrix::from_dense(k, n, &vec![1.0; k * n], Some(&mask.keep()));
     let wt = w.transpose();
     let (x, dy, bias) = (vec![0.0; t * k], vec![0.0; t * n], vec![0.0; n]);
     let forward = StreamMatmul {
@@ -196,7 +196,7 @@ fn add_model(
 ) -> Result<(), KernelError> {
     let (plan, fabric) = (kernels.plan, kernels.fabric);
     let (k, n, cols) = (mask.rows(), mask.cols(), plan.region.cols as usize);
-    let (forward_counts, transposed) = ColumnCounts::both_ways(k, n, mask.keep(), cols);
+    let (forward_counts, transposed) = ColumnCounts::both_ways(k, n, &mask.keep(), cols);
     let shape = |k, n, bias| MatmulShape {
         region: plan.region,
         tokens: plan.tokens(),

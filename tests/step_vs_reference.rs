@@ -92,7 +92,7 @@ fn check(
         for kind in wafersim::model::SparseKind::ALL {
             let mask = masks.get(l, kind).unwrap();
             let g = &block.linear(kind).weight.data;
-            assert!(g.iter().zip(mask.keep()).all(|(v, &k)| k || *v == 0.0));
+            assert!(g.iter().zip(&mask.keep()).all(|(v, &k)| k || *v == 0.0));
         }
     }
     // Executed matmul FLOPs equal the analytic count exactly.

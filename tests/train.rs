@@ -129,7 +129,7 @@ fn three_exact_sparse_steps_equal_the_reference_run() {
         for kind in SparseKind::ALL {
             let w = &got.trainer.params.blocks[l].linear(kind).weight.data;
             let keep = layer[kind.index()].keep();
-            assert!(w.iter().zip(keep).all(|(v, k)| *k || *v == 0.0));
+            assert!(w.iter().zip(keep).all(|(v, k)| k || *v == 0.0));
         }
     }
 }
@@ -178,7 +178,7 @@ fn a_dense_finetune_step_trains_the_pruned_weights_from_zero() {
             let moved = w
                 .iter()
                 .zip(keep)
-                .filter(|(v, k)| !**k && **v != 0.0)
+                .filter(|(v, k)| !*k && **v != 0.0)
                 .count();
             // AdamW's first step moves every weight with a non-zero gradient by about lr.
             assert!(

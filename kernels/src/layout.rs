@@ -77,6 +77,17 @@ impl Split {
             extra + (i - big) / base.max(1)
         }
     }
+
+    /// How many nonempty blocks share an item with `range` (items past `total` ignored), in
+    /// O(1): the blocks from the owner of its first item to that of its last (empty blocks come
+    /// last, so none lies between).
+    pub fn blocks_overlapping(&self, range: &Range<usize>) -> usize {
+        let end = range.end.min(self.total);
+        if range.start >= end || self.parts == 0 {
+            return 0;
+        }
+        self.owner(end - 1) - self.owner(range.start) + 1
+    }
 }
 
 /// A `[tokens x features]` matrix laid over a region: tokens by rows, features by columns.
@@ -117,6 +128,29 @@ impl Tiling {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn blocks_overlapping_counts_what_a_scan_of_the_blocks_counts() {
+        for (total, parts) in [(10, 3), (7, 7), (3, 5), (2048, 750), (0, 4)] {
+            let split = Split::new(total, parts);
+            for start in 0..total.min(40) + 1 {
+                for end in start..(total + 2).min(start + 60) {
+                    let range = start..end;
+                    let scan = (0..parts)
+                        .filter(|&b| {
+                            let blk = split.block(b);
+                            blk.start.max(start) < blk.end.min(end)
+                        })
+                        .count();
+                    assert_eq!(
+                        split.blocks_overlapping(&range),
+                        scan,
+                        "{total}/{parts} {range:?}"
+                    );
+                }
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -64,6 +64,15 @@ impl StreamLoad {
         load
     }
 
+    /// Counts given per chunk and PE column: `counts[chunk * cols + column]` (a trailing partial
+    /// chunk is dropped). For callers that count kept entries their own way, e.g. by popcount
+    /// over a bitset.
+    pub fn from_counts(cols: usize, mut counts: Vec<u64>) -> Self {
+        let whole = counts.len() - counts.len() % cols.max(1);
+        counts.truncate(whole);
+        StreamLoad { cols, counts }
+    }
+
     fn zeros(cols: usize, chunks: usize) -> Self {
         StreamLoad {
             cols,

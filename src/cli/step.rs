@@ -24,10 +24,11 @@ use crate::model::checkpoint::{
 use crate::model::{GptConfig, GptParams, Matrix, init_params};
 use crate::reference::{AdamState, AdamW, Batch};
 use crate::runtime::{
-    GradientSet, Numerics, OpRecord, StepHooks, StepInputs, StepMode, StepReport,
-    simulate_step_with,
+    CostInputs, Fidelity, GradientSet, Numerics, OpRecord, RuntimeError, StepHooks, StepInputs,
+    StepMode, StepReport, cost_step, simulate_step_with,
 };
 use crate::sparsity::{self, ModelMasks};
+use crate::tune::{self, RegionChoice, RegionSearch};
 
 /// Arguments of `wafersim step`.
 #[derive(clap::Args)]
@@ -97,35 +98,44 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let setup = Setup::check(&args)?;
+    let mut setup = Setup::check(&args)?;
     let trace_flags = TraceFlags {
         path: args.trace.as_deref(),
         region: args.trace_region.as_deref(),
         cycles: args.trace_cycles.as_deref(),
     };
     let traced = trace::request(&trace_flags, &setup.fabric, args.fidelity.fidelity())?;
-    let (params, masks) = load_weights(&args, &setup.config)?;
-    let opt = AdamW::new(args.lr);
-    let started = Instant::now();
-    let inputs = StepInputs {
-        config: &setup.config,
-        params: &params,
-        masks: &masks,
-        batch: &setup.batch,
-        fabric: &setup.fabric,
-        plan: &setup.plan,
-        dense_baseline: !args.no_dense_baseline,
-        prompt: setup.prompt.as_ref(),
-        gradients: if setup.prompt.is_some() {
-            GradientSet::PromptOnly
-        } else {
-            GradientSet::All
-        },
-    };
     let mode = StepMode {
         fidelity: args.fidelity.fidelity(),
         numerics: !args.no_numerics,
     };
+    // Costing alone (fast, no numerics) reads shapes and masks: a preset's weights are never
+    // drawn (1.3 B of them would take 5 GB and most of a minute).
+    let costing_only = mode.fidelity == Fidelity::Fast && !mode.numerics;
+    let (params, masks) = if costing_only && args.checkpoint.is_none() {
+        (None, preset_masks(&args, &setup.config)?)
+    } else {
+        let (params, masks) = load_weights(&args, &setup.config)?;
+        (Some(params), masks)
+    };
+    let opt = AdamW::new(args.lr);
+    let started = Instant::now();
+    let gradients = if setup.prompt.is_some() {
+        GradientSet::PromptOnly
+    } else {
+        GradientSet::All
+    };
+    let search = tune::choose_region(RegionSearch {
+        config: &setup.config,
+        masks: &masks,
+        batch: &setup.batch,
+        fabric: &setup.fabric,
+        precision: setup.plan.precision,
+        allow_recompute: mode.fidelity == Fidelity::Fast,
+        prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
+        gradients,
+    })?;
+    setup.plan = search.plan.clone();
     let progress = Progress::new(None, "kernel runs");
     let on_record = |r: &OpRecord| {
         progress.inc();
@@ -135,7 +145,42 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         progress: Some(&on_record),
         trace: traced.as_ref().map(|t| t.window),
     };
-    let run = simulate_step_with(inputs, mode, hooks);
+    let run = match &params {
+        Some(params) => {
+            let inputs = StepInputs {
+                config: &setup.config,
+                params,
+                masks: &masks,
+                batch: &setup.batch,
+                fabric: &setup.fabric,
+                plan: &setup.plan,
+                dense_baseline: !args.no_dense_baseline,
+                prompt: setup.prompt.as_ref(),
+                gradients,
+            };
+            simulate_step_with(inputs, mode, hooks)
+        }
+        None => {
+            let inputs = CostInputs {
+                config: &setup.config,
+                masks: &masks,
+                batch: &setup.batch,
+                fabric: &setup.fabric,
+                plan: &setup.plan,
+                dense_baseline: !args.no_dense_baseline,
+                prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
+                gradients,
+            };
+            cost_step(inputs).map(|cost| {
+                let report = StepReport {
+                    fidelity: mode.fidelity,
+                    numerics: None,
+                    cost,
+                };
+                (report, None)
+            })
+        }
+    };
     drop(progress);
     let (step, recorded) = run?;
     let wall = started.elapsed().as_secs_f64();
@@ -147,22 +192,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             step.cost.executed_matmul_flops(),
         );
     }
-    let updated = match &step.numerics {
-        Some(_) if setup.prompt.is_some() => None,
-        Some(numerics) => {
+    // The weights the step ran with, and (not for a prompt step: the model is frozen) the
+    // updated ones.
+    let written = match (&step.numerics, &params) {
+        (Some(_), Some(params)) if setup.prompt.is_some() => Some((params, None)),
+        (Some(numerics), Some(params)) => {
             let mut updated = params.clone();
             opt.step(
                 &mut updated,
                 &numerics.grads,
                 &masks,
-                &mut AdamState::new(&params),
+                &mut AdamState::new(params),
             )?;
             check_results(numerics, &updated)?;
-            Some(updated)
+            Some((params, Some(updated)))
         }
-        None => None,
+        _ => None,
     };
     let summary = Summary {
+        search: &search,
         config: &setup.config,
         plan: &setup.plan,
         fabric: &setup.fabric,
@@ -174,14 +222,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
     };
     print_summary(&summary);
-    write_outputs(
-        &args.out,
-        &summary,
-        &params,
-        updated.as_ref(),
-        args.seed,
-        wall,
-    )?;
+    let written = written.as_ref().map(|(w, u)| (*w, u.as_ref()));
+    write_outputs(&args.out, &summary, written, args.seed, wall)?;
     match (&traced, &recorded) {
         (Some(request), Some(trace)) => trace::write(request, trace),
         _ => Ok(()),
@@ -225,6 +267,9 @@ impl Setup {
                     e => bad_input("--fabric", e),
                 },
             )?;
+        if plan.recompute_attention && args.fidelity.fidelity() == Fidelity::Exact {
+            return Err(RuntimeError::Recompute { seq: plan.seq }.into());
+        }
         guard::check_output_folder("--out", &args.out, &OUTPUT_FILES)?;
         guard::check_output_folder("--out", &args.out, &[PROMPT_GRAD_FILE])?;
         Ok(Setup {
@@ -286,8 +331,15 @@ fn analytic_flops(
 
 fn masks(args: &Args, config: &GptConfig, params: &GptParams) -> anyhow::Result<ModelMasks> {
     match args.sparsity {
-        Some(s) => ModelMasks::random(config, s, args.seed).map_err(|e| bad_input("--sparsity", e)),
         None if args.checkpoint.is_some() => Ok(ModelMasks::from_params_zeros(params)),
+        _ => preset_masks(args, config),
+    }
+}
+
+/// The masks `--sparsity` draws from `--seed` (dense without it), no weights needed.
+fn preset_masks(args: &Args, config: &GptConfig) -> anyhow::Result<ModelMasks> {
+    match args.sparsity {
+        Some(s) => ModelMasks::random(config, s, args.seed).map_err(|e| bad_input("--sparsity", e)),
         None => Ok(ModelMasks::dense(config)),
     }
 }
@@ -327,7 +379,8 @@ fn expected_matmul_flops(analytic: &flops::FlopReport, prompt: bool) -> u64 {
 /// Written instead of grads and updated weights by a step with `--prompt`: tensor `prompt`.
 const PROMPT_GRAD_FILE: &str = "prompt_grad.safetensors";
 
-/// The files `--out` receives (the last three only with numerics).
+/// The files `--out` receives (the last three only with numerics: without a loss and gradients,
+/// the weights they would go with are not worth 4 bytes per parameter on disk).
 const OUTPUT_FILES: [&str; 4] = [
     "report.json",
     "weights.safetensors",
@@ -348,6 +401,8 @@ fn check_results(numerics: &Numerics, updated: &GptParams) -> anyhow::Result<()>
 }
 
 struct Summary<'a> {
+    /// The region shapes costed and the one chosen.
+    search: &'a RegionChoice,
     config: &'a GptConfig,
     plan: &'a StepPlan,
     fabric: &'a FabricConfig,
@@ -362,7 +417,95 @@ struct Summary<'a> {
     prompt_len: usize,
 }
 
+/// What one block (or the embedding and head, `layer: None`) cost and saved.
+struct LayerFigures {
+    layer: Option<usize>,
+    cycles: u64,
+    dense_cycles: Option<u64>,
+    flops: u64,
+    dense_flops: Option<u64>,
+}
+
+impl LayerFigures {
+    /// Dense matmul FLOPs over executed ones: the speedup sparsity promises.
+    fn ideal(&self) -> Option<f64> {
+        Some(self.dense_flops? as f64 / self.flops as f64).filter(|v| v.is_finite())
+    }
+
+    /// Dense cycles over cycles: the speedup realised.
+    fn realised(&self) -> Option<f64> {
+        Some(self.dense_cycles? as f64 / self.cycles as f64).filter(|v| v.is_finite())
+    }
+
+    fn efficiency(&self) -> Option<f64> {
+        Some(self.realised()? / self.ideal()?)
+    }
+}
+
 impl Summary<'_> {
+    /// Per block, then the rest (embedding and head): cycles and matmul FLOPs, sparse and
+    /// dense. A sparse matrix's dense FMACs are its executed ones times `numel / nnz` (each
+    /// kept entry meets every token once).
+    fn layers(&self) -> Vec<LayerFigures> {
+        let mut out: Vec<LayerFigures> = (0..self.config.n_layer)
+            .map(Some)
+            .chain([None])
+            .map(|layer| LayerFigures {
+                layer,
+                cycles: 0,
+                dense_cycles: self.dense_timed.then_some(0),
+                flops: 0,
+                dense_flops: Some(0),
+            })
+            .collect();
+        for r in &self.step.cost.records {
+            let index = r.op.layer.unwrap_or(self.config.n_layer);
+            let Some(entry) = out.get_mut(index) else {
+                continue;
+            };
+            entry.cycles += r.cycles;
+            entry.dense_cycles = entry.dense_cycles.map(|d| d + r.dense_cycles);
+            if r.op.matmuls.is_empty() {
+                continue;
+            }
+            entry.flops += 2 * r.fmacs;
+            let dense = if r.op.sparse {
+                r.op.matmuls.iter().find_map(|m| match (m, r.op.layer) {
+                    (crate::flops::OpKind::Linear(kind), Some(l)) => {
+                        let mask = self.masks.get(l, *kind)?;
+                        let nnz = mask.nnz() as u64;
+                        (nnz > 0).then(|| 2 * r.fmacs / nnz * mask.numel() as u64)
+                    }
+                    _ => None,
+                })
+            } else {
+                Some(2 * r.fmacs)
+            };
+            entry.dense_flops = entry.dense_flops.zip(dense).map(|(a, b)| a + b);
+        }
+        out
+    }
+
+    /// Seconds of the step at the fabric clock.
+    fn seconds(&self) -> f64 {
+        self.step.cost.cycles() as f64 / (f64::from(self.fabric.clock_mhz) * 1e6)
+    }
+
+    /// Tokens of the step over its seconds at the fabric clock.
+    fn tokens_per_second(&self) -> f64 {
+        self.plan.tokens() as f64 / self.seconds()
+    }
+
+    /// FLOPs of the attention recomputed in the backward passes, as costed (the forward
+    /// attention again, scores and context: `2 x 2 B S^2 d` per layer); 0 when nothing is.
+    fn recompute_flops(&self) -> u64 {
+        if !self.plan.recompute_attention {
+            return 0;
+        }
+        let (c, p) = (self.config, self.plan);
+        4 * (c.n_layer * p.batch * p.seq * p.seq * c.n_embd) as u64
+    }
+
     /// `cycles` as a JSON number when the dense baseline was timed, `null` when it was not.
     fn dense_json(&self, cycles: u64) -> Value {
         if self.dense_timed {
@@ -390,6 +533,20 @@ fn print_summary(s: &Summary<'_>) {
         p.region.rows,
         s.step.fidelity.name()
     );
+    println!(
+        "passes: {} of up to {} sequence(s) ({} tokens) each, attention probabilities {}; {:.0} tokens/s at {} MHz",
+        p.pass_count(),
+        p.micro_batch,
+        p.micro_batch * p.seq,
+        if p.recompute_attention {
+            "recomputed in the backward pass (softmax statistics kept)"
+        } else {
+            "kept for the backward pass"
+        },
+        s.tokens_per_second(),
+        s.fabric.clock_mhz
+    );
+    print_search(s);
     match &s.step.numerics {
         Some(n) => println!("loss {:.6}", n.loss),
         None => println!("loss not computed (--no-numerics)"),
@@ -436,6 +593,38 @@ fn print_summary(s: &Summary<'_>) {
     }
 }
 
+/// One line on the region search, one on the layers' efficiency.
+fn print_search(s: &Summary<'_>) {
+    let costed: Vec<String> = s
+        .search
+        .trials
+        .iter()
+        .filter_map(|t| {
+            let plan = t.plan.as_ref().ok()?;
+            Some(format!(
+                "{}x{}: {}",
+                plan.region.cols, plan.region.rows, t.estimated_cycles?
+            ))
+        })
+        .collect();
+    println!(
+        "region search (estimated cycles, one-block proxy): {}",
+        costed.join(", ")
+    );
+    let layers = s.layers();
+    let efficiency = layers
+        .iter()
+        .filter(|l| l.layer.is_some())
+        .filter_map(|l| l.efficiency());
+    let (lo, hi) = efficiency.fold((f64::INFINITY, 0f64), |(lo, hi), e| (lo.min(e), hi.max(e)));
+    if lo <= hi {
+        println!(
+            "blocks: realised / ideal speedup {:.3} to {:.3} (per layer in report.json)",
+            lo, hi
+        );
+    }
+}
+
 fn precision_name(p: Precision) -> &'static str {
     match p {
         Precision::F32 => "fp32",
@@ -448,17 +637,20 @@ fn precision_name(p: Precision) -> &'static str {
 fn write_outputs(
     dir: &Path,
     s: &Summary<'_>,
-    weights: &GptParams,
-    updated: Option<&GptParams>,
+    weights_and_updated: Option<(&GptParams, Option<&GptParams>)>,
     seed: u64,
     wall: f64,
 ) -> anyhow::Result<()> {
     let [report_file, weights_file, grads_file, updated_file] = OUTPUT_FILES;
     guard::write_all(dir, |dir| {
-        let mut files = vec![(weights_file, weights)];
-        if let (Some(numerics), Some(updated)) = (&s.step.numerics, updated) {
-            files.push((grads_file, &numerics.grads));
-            files.push((updated_file, updated));
+        let mut files = Vec::new();
+        if let (Some(numerics), Some((weights, updated))) = (&s.step.numerics, weights_and_updated)
+        {
+            files.push((weights_file, weights));
+            if let Some(updated) = updated {
+                files.push((grads_file, &numerics.grads));
+                files.push((updated_file, updated));
+            }
         }
         let mut staged = Vec::new();
         if let Some(grad) = s
@@ -495,6 +687,46 @@ fn write_outputs(
         );
         Ok(staged)
     })
+}
+
+fn search_json(search: &RegionChoice) -> Value {
+    let trials: Vec<Value> = search
+        .trials
+        .iter()
+        .map(|t| {
+            let (region, error) = match &t.plan {
+                Ok(p) => (
+                    json!({"cols": p.region.cols, "rows": p.region.rows, "micro_batch": p.micro_batch,
+                        "attention_recomputed": p.recompute_attention}),
+                    Value::Null,
+                ),
+                Err(e) => (Value::Null, json!(e)),
+            };
+            json!({
+                "max_cols": t.limit.cols, "max_rows": t.limit.rows, "plan": region,
+                "refused": error, "estimated_cycles": t.estimated_cycles,
+            })
+        })
+        .collect();
+    json!({
+        "method": "fast-fidelity cost of the embedding, block 0 and the head, block 0 counted n_layer times",
+        "chosen": {"cols": search.plan.region.cols, "rows": search.plan.region.rows},
+        "trials": trials,
+    })
+}
+
+fn layers_json(s: &Summary<'_>) -> Vec<Value> {
+    s.layers()
+        .iter()
+        .map(|l| {
+            json!({
+                "layer": l.layer, "cycles": l.cycles, "dense_cycles": l.dense_cycles,
+                "matmul_flops": l.flops, "dense_matmul_flops": l.dense_flops,
+                "ideal_speedup": l.ideal(), "realised_speedup": l.realised(),
+                "efficiency": l.efficiency(),
+            })
+        })
+        .collect()
 }
 
 fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
@@ -535,11 +767,21 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
             "cycles": "fabric clock cycles", "flops": "floating-point operations (1 FMAC = 2)",
             "loss": "nats per predicted token (null: not computed)", "seconds": "at the fabric clock",
             "busy_cycles": "summed over the region (null: not simulated)",
+            "tokens_per_second": "tokens of the step per second at the fabric clock",
+            "micro_batch": "sequences per pass; weight gradients accumulate over the passes",
+            "layers": "per block (layer null: embedding, final LayerNorm, head and loss); efficiency = realised / ideal speedup, null without the dense baseline",
         },
         "model": { "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions },
         "batch": p.batch, "seq": p.seq, "prompt_len": s.prompt_len, "sparsity": s.masks.sparsity(), "dtype": precision_name(p.precision), "seed": seed,
         "fabric": { "name": s.fabric.name, "width": s.fabric.width, "height": s.fabric.height, "clock_mhz": s.fabric.clock_mhz },
         "region": { "cols": p.region.cols, "rows": p.region.rows, "resident_bytes_per_pe": p.resident_bytes },
+        "passes": {
+            "count": p.pass_count(), "micro_batch": p.micro_batch, "tokens_per_pass": p.micro_batch * p.seq,
+            "attention_recomputed": p.recompute_attention, "recompute_flops": s.recompute_flops(),
+        },
+        "tokens_per_second": s.tokens_per_second(),
+        "region_search": search_json(s.search),
+        "layers": layers_json(s),
         "loss": s.step.numerics.as_ref().map(|n| n.loss),
         "flops": {
             "analytic_matmul_sparse": s.analytic.matmul_sparse(),
@@ -559,7 +801,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
             "by_phase": by_phase,
             "by_op": by_op,
         },
-        "seconds": cost.cycles() as f64 / (f64::from(s.fabric.clock_mhz) * 1e6),
+        "seconds": s.seconds(),
         "ops": ops,
         "host": { "wall_seconds": wall },
     })

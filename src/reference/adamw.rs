@@ -250,7 +250,7 @@ impl StepScalars {
             &mut m.weight.data,
             &mut v.weight.data,
         );
-        self.update(weight, true, Some(mask.keep()));
+        self.update(weight, true, Some(&mask.keep()));
         self.update(
             slot(&mut w.bias, &g.bias, &mut m.bias, &mut v.bias),
             false,

@@ -120,7 +120,7 @@ pub(crate) fn check_pruned_are_zero(
         for kind in SparseKind::ALL {
             let w = &block.linear(kind).weight;
             let keep = block_masks[kind.index()].keep();
-            let stray = w.data.iter().zip(keep).position(|(&x, &k)| !k && x != 0.0);
+            let stray = w.data.iter().zip(&keep).position(|(&x, &k)| !k && x != 0.0);
             if let Some(i) = stray {
                 return Err(ReferenceError::UnmaskedWeight {
                     layer,

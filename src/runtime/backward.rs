@@ -41,7 +41,7 @@ impl ExactEngine<'_> {
             bias,
             precision: self.precision(),
         };
-        let run = kernel.run(self.fabric(), self.options())?;
+        let run = kernel.run(&self.streaming, self.options())?;
         let dense_cycles = if matches!(weight, Weight::Linear { .. }) && self.inputs.dense_baseline
         {
             let (k, n) = (pattern.rows(), pattern.cols());
@@ -50,7 +50,7 @@ impl ExactEngine<'_> {
                 pattern: &all,
                 ..kernel
             };
-            dense.run(self.fabric(), self.options())?.stats.cycles
+            dense.run(&self.streaming, self.options())?.stats.cycles
         } else {
             run.stats.cycles
         };

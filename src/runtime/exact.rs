@@ -45,6 +45,9 @@ pub(crate) struct ExactEngine<'a> {
     pub token_table: Vec<f32>,
     /// Gradient of the prompt vectors, filled in by the embedding's backward.
     pub prompt_grad: Option<Matrix>,
+    /// The fabric as the weight-streamed kernels see it: the SRAM the resident activations
+    /// leave (`StepPlan::kernel_sram_bytes`).
+    pub streaming: FabricConfig,
     /// The trace being recorded, if one was asked for.
     pub trace: Option<RefCell<StepTrace>>,
 }
@@ -107,7 +110,7 @@ impl<'a> ExactEngine<'a> {
                 SparseKind::ALL.map(|kind| {
                     let w = &block.linear(kind).weight;
                     let mask = inputs.masks.get(l, kind).expect("masks match the model");
-                    StreamedMatrix::from_dense(w.rows, w.cols, &w.data, Some(mask.keep()))
+                    StreamedMatrix::from_dense(w.rows, w.cols, &w.data, Some(&mask.keep()))
                 })
             })
             .collect();
@@ -124,6 +127,7 @@ impl<'a> ExactEngine<'a> {
             token_table,
             prompt_grad: None,
             trace: None,
+            streaming: inputs.plan.streaming_fabric(inputs.fabric),
         }
     }
 
@@ -222,6 +226,20 @@ impl Engine for ExactEngine<'_> {
 
     fn attention(&mut self, _layer: usize, q: &Act, k: &Act, v: &Act) -> Launched<(Act, Vec<f32>)> {
         self.attention_forward(q, k, v)
+    }
+
+    /// Never reached: [`super::run_step`] refuses a plan that recomputes the attention.
+    fn attention_recompute(
+        &mut self,
+        _layer: usize,
+        _q: &Act,
+        _k: &Act,
+        _v: &Act,
+    ) -> Launched<Vec<f32>> {
+        Err(wafersim_kernels::KernelError::Shape {
+            kernel: "attention",
+            reason: "the exact engine keeps the probabilities and cannot recompute them".into(),
+        })
     }
 
     fn attention_backward(

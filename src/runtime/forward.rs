@@ -131,11 +131,11 @@ impl ExactEngine<'_> {
             bias,
             precision: self.precision(),
         };
-        let run = kernel.run(self.fabric(), self.options())?;
+        let run = kernel.run(&self.streaming, self.options())?;
         let dense_cycles = match &all {
             Some(all) => {
                 let dense = StreamMatmul { w: all, ..kernel };
-                dense.run(self.fabric(), self.options())?.stats.cycles
+                dense.run(&self.streaming, self.options())?.stats.cycles
             }
             None => run.stats.cycles,
         };

@@ -13,6 +13,13 @@
 //! order, recorded as the same [`OpRecord`]s, so a fast report lines up with an exact one
 //! operation by operation.
 //!
+//! A step runs as the plan's passes ([`crate::compile::StepPlan::passes`]): each pass is the
+//! whole schedule over its own sequences, its records appended in order; the weight gradients
+//! (and the loss) of the passes are summed, weighted by their share of the predicted tokens, as
+//! a host accumulating gradients over micro-batches does. With the attention recomputed, the
+//! backward pass of each block first reruns the attention's scores and softmax
+//! (`attention_recompute`); only the fast fidelity can cost that ([`RuntimeError::Recompute`]).
+//!
 //! Cycles of a step are the sum of its kernels' cycles: kernels do not overlap. For the dense
 //! baseline, the kernels of the six sparse matrices are timed a second time streaming every
 //! weight (all other kernels cost the same either way, since their cycles do not depend on the
@@ -24,6 +31,7 @@ mod backward;
 mod exact;
 mod fast;
 mod forward;
+mod loads;
 mod record;
 mod walk;
 
@@ -32,10 +40,53 @@ pub use record::{Op, OpRecord, StepCost};
 use wafersim_kernels::KernelError;
 use wafersim_sim::{FabricConfig, Trace, TraceWindow};
 
-use crate::compile::StepPlan;
+use crate::compile::{Pass, StepPlan};
 use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::{self, Batch, ReferenceError};
 use crate::sparsity::ModelMasks;
+
+/// What costing a step needs: shapes, masks and token ids, no weights (the fast engine reads
+/// nothing else, so a step of a billion-parameter model is costed without its parameters).
+#[derive(Clone, Copy)]
+pub struct CostInputs<'a> {
+    pub config: &'a GptConfig,
+    pub masks: &'a ModelMasks,
+    pub batch: &'a Batch,
+    pub fabric: &'a FabricConfig,
+    pub plan: &'a StepPlan,
+    /// Also time the sparse matrices' kernels with every weight streamed.
+    pub dense_baseline: bool,
+    /// Prompt vectors in front of every sequence (their values are not needed to cost them).
+    pub prompt_len: usize,
+    /// Which gradients the step computes.
+    pub gradients: GradientSet,
+}
+
+impl CostInputs<'_> {
+    /// Positions per sequence on the fabric: the prompt's and the batch's.
+    pub fn seq(&self) -> usize {
+        self.batch.seq + self.prompt_len
+    }
+
+    /// The sequences as the fabric sees them.
+    pub(crate) fn sequences(&self) -> Sequences {
+        let (p, s, vocab) = (self.prompt_len, self.batch.seq, self.config.vocab_size);
+        let mut ids = Vec::with_capacity(self.batch.batch * (p + s));
+        let mut targets = Vec::with_capacity(ids.capacity());
+        for row in self.batch.tokens.chunks_exact(s) {
+            ids.extend((0..p).map(|i| (vocab + i) as u32));
+            ids.extend_from_slice(row);
+            targets.extend(std::iter::repeat_n(0, p));
+            targets.extend_from_slice(row);
+        }
+        Sequences {
+            seq: p + s,
+            unscored_prefix: p.saturating_sub(1),
+            ids,
+            targets,
+        }
+    }
+}
 
 /// How a step's cycles are obtained.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,26 +149,12 @@ impl StepInputs<'_> {
 
     /// Positions per sequence on the fabric: the prompt's and the batch's.
     pub fn seq(&self) -> usize {
-        self.batch.seq + self.prompt_len()
+        self.costing().seq()
     }
 
     /// The sequences as the fabric sees them.
     pub(crate) fn sequences(&self) -> Sequences {
-        let (p, s, vocab) = (self.prompt_len(), self.batch.seq, self.config.vocab_size);
-        let mut ids = Vec::with_capacity(self.batch.batch * (p + s));
-        let mut targets = Vec::with_capacity(ids.capacity());
-        for row in self.batch.tokens.chunks_exact(s) {
-            ids.extend((0..p).map(|i| (vocab + i) as u32));
-            ids.extend_from_slice(row);
-            targets.extend(std::iter::repeat_n(0, p));
-            targets.extend_from_slice(row);
-        }
-        Sequences {
-            seq: p + s,
-            unscored_prefix: p.saturating_sub(1),
-            ids,
-            targets,
-        }
+        self.costing().sequences()
     }
 }
 
@@ -135,6 +172,22 @@ pub(crate) struct Sequences {
     pub targets: Vec<u32>,
     /// Positions of each sequence that predict nothing: all prompt positions but the last.
     pub unscored_prefix: usize,
+}
+
+impl<'a> StepInputs<'a> {
+    /// The part of the inputs costing reads.
+    pub fn costing(&self) -> CostInputs<'a> {
+        CostInputs {
+            config: self.config,
+            masks: self.masks,
+            batch: self.batch,
+            fabric: self.fabric,
+            plan: self.plan,
+            dense_baseline: self.dense_baseline,
+            prompt_len: self.prompt_len(),
+            gradients: self.gradients,
+        }
+    }
 }
 
 /// How to run a step.
@@ -199,6 +252,17 @@ pub enum RuntimeError {
     Reference(#[from] ReferenceError),
     #[error("a trace needs the exact fidelity (the fast one simulates no wavelet)")]
     TraceNeedsExact,
+    #[error(
+        "the exact fidelity cannot recompute the attention probabilities (its attention backward reads stored ones), and even one sequence of {seq} tokens cannot keep them; use --fidelity fast, shorter sequences or a bigger fabric"
+    )]
+    Recompute { seq: usize },
+    #[error("pass {pass} (sequences {first}..{end}): {reason}")]
+    Pass {
+        pass: usize,
+        first: usize,
+        end: usize,
+        reason: String,
+    },
 }
 
 /// What a step can report while it runs, besides its cost.
@@ -211,28 +275,137 @@ pub struct StepHooks<'a> {
     pub trace: Option<TraceWindow>,
 }
 
-/// Runs one training step on the exact engine: the fabric's loss and gradients and the cost.
+/// Runs one training step on the exact engine: the fabric's loss and gradients and the cost,
+/// pass by pass.
 pub fn run_step(inputs: StepInputs<'_>) -> Result<StepRun, RuntimeError> {
     run_exact(inputs, StepHooks::default()).map(|(run, _)| run)
 }
 
+/// [`run_step`] with `hooks` (progress and a trace window, which runs on across the passes).
 fn run_exact(
     inputs: StepInputs<'_>,
     hooks: StepHooks<'_>,
 ) -> Result<(StepRun, Option<Trace>), RuntimeError> {
-    let mut engine = exact::ExactEngine::new(inputs);
-    engine.trace = hooks
-        .trace
-        .map(|w| std::cell::RefCell::new(exact::StepTrace::new(w)));
-    let cost = walk::walk(&mut engine, inputs, hooks.progress)?;
-    let trace = engine.trace.map(|t| t.into_inner().finish());
-    let run = StepRun {
-        loss: engine.loss,
-        grads: engine.grads,
-        prompt_grad: engine.prompt_grad,
-        cost,
+    if inputs.plan.recompute_attention {
+        return Err(RuntimeError::Recompute {
+            seq: inputs.plan.seq,
+        });
+    }
+    let passes = passes(inputs.costing())?;
+    let single = passes.len() == 1;
+    let total = inputs.plan.batch.max(1) as f64;
+    let mut run = StepRun {
+        loss: 0.0,
+        grads: GptParams::zeros(inputs.config),
+        prompt_grad: None,
+        cost: StepCost::default(),
     };
-    Ok((run, trace))
+    let mut trace = hooks.trace.map(exact::StepTrace::new);
+    for (pass, batch) in passes {
+        let pass_inputs = StepInputs {
+            batch: &batch,
+            plan: &pass.plan,
+            ..inputs
+        };
+        let mut engine = exact::ExactEngine::new(pass_inputs);
+        engine.trace = trace.take().map(std::cell::RefCell::new);
+        let cost = walk::walk(&mut engine, pass_inputs.costing(), hooks.progress)?;
+        trace = engine.trace.take().map(std::cell::RefCell::into_inner);
+        run.cost.records.extend(cost.records);
+        if single {
+            run.loss = engine.loss;
+            run.grads = engine.grads;
+            run.prompt_grad = engine.prompt_grad;
+        } else {
+            let share = pass.sequences.len() as f64 / total;
+            run.loss += share * engine.loss;
+            accumulate(&mut run.grads, &engine.grads, share as f32);
+            if let Some(g) = &engine.prompt_grad {
+                let sum = run
+                    .prompt_grad
+                    .get_or_insert_with(|| Matrix::zeros(g.rows, g.cols));
+                add_scaled(&mut sum.data, &g.data, share as f32);
+            }
+        }
+    }
+    Ok((run, trace.map(exact::StepTrace::finish)))
+}
+
+/// `sum += share * grads`, tensor by tensor.
+fn accumulate(sum: &mut GptParams, grads: &GptParams, share: f32) {
+    let grads = grads.tensors();
+    for ((_, s), (_, g)) in sum.tensors_mut().into_iter().zip(grads) {
+        add_scaled(s, g, share);
+    }
+}
+
+fn add_scaled(sum: &mut [f32], values: &[f32], share: f32) {
+    for (s, v) in sum.iter_mut().zip(values) {
+        *s += share * v;
+    }
+}
+
+/// Each pass of the plan with its batch (the step's own when there is one pass).
+fn passes(inputs: CostInputs<'_>) -> Result<Vec<(Pass, Batch)>, RuntimeError> {
+    let seq = inputs.batch.seq;
+    inputs
+        .plan
+        .passes()
+        .into_iter()
+        .enumerate()
+        .map(|(p, pass)| {
+            let tokens = inputs
+                .batch
+                .tokens
+                .get(pass.sequences.start * seq..pass.sequences.end * seq)
+                .unwrap_or_default()
+                .to_vec();
+            let batch =
+                Batch::new(inputs.config, pass.sequences.len(), seq, tokens).map_err(|e| {
+                    RuntimeError::Pass {
+                        pass: p,
+                        first: pass.sequences.start,
+                        end: pass.sequences.end,
+                        reason: e.to_string(),
+                    }
+                })?;
+            Ok((pass, batch))
+        })
+        .collect()
+}
+
+/// Costs one training step on the fast engine, pass by pass, from shapes and masks only. The
+/// passes of one plan share an engine (their kept-entry loads and the kernels' costs, which do
+/// not depend on the tokens).
+pub fn cost_step(inputs: CostInputs<'_>) -> Result<StepCost, RuntimeError> {
+    cost_step_with(inputs, None)
+}
+
+/// [`cost_step`], handing each record to `on_record` as it is made.
+fn cost_step_with(
+    inputs: CostInputs<'_>,
+    on_record: walk::OnRecord<'_>,
+) -> Result<StepCost, RuntimeError> {
+    let passes = passes(inputs)?;
+    let mut cost = StepCost::default();
+    let mut engine: Option<fast::FastEngine<'_>> = None;
+    for (pass, batch) in &passes {
+        let pass_inputs = CostInputs {
+            batch,
+            plan: &pass.plan,
+            ..inputs
+        };
+        let engine = match &mut engine {
+            Some(e) if e.plans(&pass.plan) => {
+                e.next_pass(pass_inputs);
+                e
+            }
+            _ => engine.insert(fast::FastEngine::new(pass_inputs)),
+        };
+        cost.records
+            .extend(walk::walk(engine, pass_inputs, on_record)?.records);
+    }
+    Ok(cost)
 }
 
 /// Runs (exact) or costs (fast) one training step.
@@ -263,7 +436,7 @@ pub fn simulate_step_with(
             (run.cost, numerics)
         }
         Fidelity::Fast => {
-            let cost = walk::walk(&mut fast::FastEngine::new(inputs), inputs, hooks.progress)?;
+            let cost = cost_step_with(inputs.costing(), hooks.progress)?;
             let numerics = if mode.numerics {
                 Some(reference_numerics(inputs)?)
             } else {

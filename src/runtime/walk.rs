@@ -13,7 +13,7 @@
 use wafersim_kernels::KernelError;
 
 use super::record::{Op, OpRecord, StepCost};
-use super::{GradientSet, RuntimeError, StepInputs};
+use super::{CostInputs, GradientSet, RuntimeError};
 use crate::flops::{OpKind, Phase};
 use crate::model::SparseKind;
 
@@ -93,6 +93,15 @@ pub(crate) trait Engine {
         k: &Self::Act,
         v: &Self::Act,
     ) -> Launched<(Self::Act, Self::Probs)>;
+    /// The attention's scores and softmax rerun in the backward pass from Q, K and the kept
+    /// softmax statistics (the plan keeps no probabilities).
+    fn attention_recompute(
+        &mut self,
+        layer: usize,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+    ) -> Launched<Self::Probs>;
     /// `dQ, dK, dV`.
     fn attention_backward(
         &mut self,
@@ -145,7 +154,7 @@ pub(crate) type OnRecord<'a> = Option<&'a dyn Fn(&OpRecord)>;
 /// `on_record` as it is made).
 pub(crate) fn walk<E: Engine>(
     engine: &mut E,
-    inputs: StepInputs<'_>,
+    inputs: CostInputs<'_>,
     on_record: OnRecord<'_>,
 ) -> Result<StepCost, RuntimeError> {
     let mut walk = Walk {
@@ -161,7 +170,7 @@ pub(crate) fn walk<E: Engine>(
 
 struct Walk<'a, E: Engine> {
     engine: &'a mut E,
-    inputs: StepInputs<'a>,
+    inputs: CostInputs<'a>,
     cost: StepCost,
     on_record: OnRecord<'a>,
 }
@@ -353,9 +362,16 @@ impl<E: Engine> Walk<'_, E> {
         let dh = self.add(Some(l), "residual_ffn", Phase::InputGrad, dx, &dh_norm)?;
         // h = x_in + attn_proj(attention(q, k, v)), q, k, v = ln_1(x_in) W.
         let dctx = self.linear_backward(l, SparseKind::AttnProj, &dh, &a.ctx)?;
+        let recomputed = if self.inputs.plan.recompute_attention {
+            let op = Op::plain(Some(l), "attention_recompute", Phase::InputGrad);
+            Some(self.launch(op, |e| e.attention_recompute(l, &a.q, &a.k, &a.v))?)
+        } else {
+            None
+        };
+        let probs = recomputed.as_ref().unwrap_or(&a.probs);
         let op = Op::attention(l, Phase::InputGrad);
         let [dq, dk, dv] = self.launch(op, |e| {
-            e.attention_backward(l, [&a.q, &a.k, &a.v], &a.probs, &dctx)
+            e.attention_backward(l, [&a.q, &a.k, &a.v], probs, &dctx)
         })?;
         let ln1 = E::output(&a.ln1);
         let dln1_q = self.linear_backward(l, SparseKind::Q, &dq, ln1)?;

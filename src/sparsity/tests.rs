@@ -1,5 +1,5 @@
 //! Tests of the mask rule: exact counts, the rounding rule, determinism, the one-stream-per-matrix
-//! contract and uniformity of the chosen positions.
+//! contract, uniformity of the chosen positions, the per-row law and the bitset helpers.
 
 use super::*;
 use crate::model::Matrix;
@@ -291,4 +291,61 @@ fn masks_that_do_not_fit_the_model_are_refused() {
         err.to_string(),
         "mask of layer 1 `fc` is 8 x 32, the weight is 8 x 31"
     );
+}
+
+/// The zeros of one row follow the hypergeometric law of a uniform draw over the whole matrix,
+/// not an even share per row. A 4 x 5 matrix with 10 zeros: row 0 holds `x` of them with
+/// probability `C(10, x) C(10, 5 - x) / C(20, 5)`, i.e. (252, 2100, 5400, 5400, 2100, 252) /
+/// 15,504 for x = 0..5. Over 4000 seeds, Pearson's statistic has 5 degrees of freedom; its
+/// 1e-4 and 0.9999 quantiles are 0.082 and 25.74 (regularised gamma, computed with torch).
+#[test]
+fn zeros_per_row_are_hypergeometric() {
+    let draws = 4000u64;
+    let mut counts = [0u64; 6];
+    for seed in 0..draws {
+        let mask = Mask::random(4, 5, 0.5, seed, 1).unwrap();
+        let zeros = (0..5).filter(|&c| !mask.is_kept(0, c)).count();
+        counts[zeros] += 1;
+    }
+    let weights = [252.0, 2100.0, 5400.0, 5400.0, 2100.0, 252.0];
+    let chi2: f64 = counts
+        .iter()
+        .zip(weights)
+        .map(|(&o, w)| {
+            let expected = draws as f64 * w / 15_504.0;
+            (o as f64 - expected).powi(2) / expected
+        })
+        .sum();
+    assert!(
+        (0.082..25.74).contains(&chi2),
+        "chi-square {chi2} (5 dof), counts {counts:?}"
+    );
+}
+
+/// The bitset's row helpers against the flags: counts over column ranges (crossing 64-bit
+/// words, clamped at the row's end) and the kept columns in order.
+#[test]
+fn row_counts_and_kept_columns_match_the_flags() {
+    let (rows, cols) = (5, 70);
+    let mask = Mask::random(rows, cols, 0.6, 9, 0).unwrap();
+    let keep = mask.keep();
+    for r in 0..rows {
+        let flags = &keep[r * cols..(r + 1) * cols];
+        for (start, end) in [(0, 70), (3, 66), (60, 70), (10, 10), (65, 200)] {
+            let want = flags[start.min(cols)..end.min(cols)]
+                .iter()
+                .filter(|&&k| k)
+                .count();
+            assert_eq!(
+                mask.kept_in_row(r, start..end),
+                want as u64,
+                "row {r} {start}..{end}"
+            );
+        }
+        let mut kept = Vec::new();
+        mask.for_each_kept_in_row(r, |c| kept.push(c));
+        let want: Vec<usize> = (0..cols).filter(|&c| flags[c]).collect();
+        assert_eq!(kept, want, "row {r}");
+    }
+    assert_eq!(mask.kept_in_row(rows, 0..cols), 0, "past the last row");
 }

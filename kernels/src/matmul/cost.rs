@@ -74,16 +74,13 @@ fn end_task(costs: &Costs<'_>, outs: Split, chunk: &Range<usize>, c: usize, t: u
     } else {
         0
     };
-    let ops: u64 = (0..cols)
-        .filter(|&b| overlap(chunk, outs.block(b)) > 0)
-        .map(|b| {
-            if b != c {
-                1
-            } else {
-                u64::from(c > 0) + u64::from(c + 1 < cols)
-            }
-        })
-        .sum();
+    // One operation per other block the chunk touches, and the own block's sends east and west.
+    let touched = outs.blocks_overlapping(chunk) as u64;
+    let ops = if own > 0 {
+        touched - 1 + u64::from(c > 0) + u64::from(c + 1 < cols)
+    } else {
+        touched
+    };
     let join = if ops > 0 {
         costs.issue() * (1 + ops)
     } else {

@@ -69,9 +69,8 @@ impl Costs<'_> {
         } else {
             0
         };
-        let others = (0..cols)
-            .filter(|&b| b != c && overlap(chunk, outs.block(b)) > 0)
-            .count() as u64;
+        let touched = outs.blocks_overlapping(chunk) as u64;
+        let others = touched - u64::from(own > 0);
         let sends = if own > 0 {
             u64::from(c > 0) + u64::from(c + 1 < cols)
         } else {

@@ -1,0 +1,304 @@
+//! Full-wafer scale (issue 5): steps cut into passes of a micro-batch, attention recomputed in
+//! the backward pass, and costing without weights. What is asserted: a step costs the sum of its
+//! passes; the exact engine's gradients accumulated over passes are the whole batch's; the
+//! recompute costs one more forward attention per layer and is refused by the exact engine; a
+//! fast step without numerics writes the report only, with its passes and tokens per second.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use wafersim::compile::{StepPlan, plan_step};
+use wafersim::model::{GptConfig, GptParams, init_params};
+use wafersim::reference::{self, Batch};
+use wafersim::runtime::{
+    CostInputs, Fidelity, GradientSet, StepCost, StepInputs, StepMode, cost_step, run_step,
+    simulate_step,
+};
+use wafersim::sparsity::ModelMasks;
+use wafersim_kernels::Precision;
+use wafersim_sim::FabricConfig;
+
+struct Tiny {
+    config: GptConfig,
+    params: GptParams,
+    masks: ModelMasks,
+    batch: Batch,
+    fabric: FabricConfig,
+}
+
+fn tiny(batch: usize, seq: usize) -> Tiny {
+    let config = GptConfig::preset("tiny").unwrap();
+    let mut params = init_params(&config, 3);
+    let masks = ModelMasks::random(&config, 0.5, 5).unwrap();
+    masks.apply(&mut params).unwrap();
+    let tokens = (0..batch * seq)
+        .map(|i| ((i * 37 + 11) % config.vocab_size) as u32)
+        .collect();
+    let batch = Batch::new(&config, batch, seq, tokens).unwrap();
+    let fabric = FabricConfig::rectangle(8, 8).unwrap();
+    Tiny {
+        config,
+        params,
+        masks,
+        batch,
+        fabric,
+    }
+}
+
+impl Tiny {
+    fn plan(&self) -> StepPlan {
+        plan_step(
+            &self.config,
+            self.batch.batch,
+            self.batch.seq,
+            &self.fabric,
+            Precision::F32,
+        )
+        .unwrap()
+    }
+
+    fn cost(&self, plan: &StepPlan, batch: &Batch) -> StepCost {
+        cost_step(CostInputs {
+            config: &self.config,
+            masks: &self.masks,
+            batch,
+            fabric: &self.fabric,
+            plan,
+            dense_baseline: true,
+            prompt_len: 0,
+            gradients: GradientSet::All,
+        })
+        .unwrap()
+    }
+
+    fn inputs<'a>(&'a self, plan: &'a StepPlan) -> StepInputs<'a> {
+        StepInputs {
+            config: &self.config,
+            params: &self.params,
+            masks: &self.masks,
+            batch: &self.batch,
+            fabric: &self.fabric,
+            plan,
+            dense_baseline: false,
+            prompt: None,
+            gradients: GradientSet::All,
+        }
+    }
+
+    /// Sequence `i` of the batch alone.
+    fn sequence(&self, i: usize) -> Batch {
+        let s = self.batch.seq;
+        let tokens = self.batch.tokens[i * s..(i + 1) * s].to_vec();
+        Batch::new(&self.config, 1, s, tokens).unwrap()
+    }
+}
+
+/// Three sequences in passes of one: the records are those of three one-sequence steps, in
+/// order, and the cycles their sum.
+#[test]
+fn a_step_in_passes_costs_the_sum_of_its_passes() {
+    let t = tiny(3, 16);
+    let mut plan = t.plan();
+    assert_eq!(plan.micro_batch, 3, "48 tokens fit the 8 x 8 PEs at once");
+    plan.micro_batch = 1;
+    let whole = t.cost(&plan, &t.batch);
+    let one = plan.passes().remove(0).plan;
+    assert_eq!(one.batch, 1);
+    let parts: Vec<StepCost> = (0..3).map(|i| t.cost(&one, &t.sequence(i))).collect();
+    let concatenated: Vec<_> = parts.iter().flat_map(|c| c.records.clone()).collect();
+    assert_eq!(whole.records, concatenated);
+    assert_eq!(
+        whole.cycles(),
+        parts.iter().map(StepCost::cycles).sum::<u64>()
+    );
+    // A pass of 16 tokens on 8 rows costs less than a third of the 48-token pass, as its
+    // per-weight work does not shrink with the tokens.
+    let at_once = t.cost(&t.plan(), &t.batch);
+    assert!(at_once.cycles() < whole.cycles());
+    assert_eq!(
+        at_once.executed_matmul_flops(),
+        whole.executed_matmul_flops(),
+        "the same FLOPs either way"
+    );
+}
+
+/// The exact engine over two passes of one sequence: the loss and gradients of the whole
+/// batch (each pass's weighted by its half of the predicted tokens), as the reference computes
+/// them in one go.
+#[test]
+fn gradients_accumulated_over_passes_are_the_whole_batch_gradients() {
+    let t = tiny(2, 8);
+    let mut plan = t.plan();
+    plan.micro_batch = 1;
+    let run = run_step(t.inputs(&plan)).unwrap();
+    assert_eq!(run.cost.records.len() % 2, 0);
+    let (loss, grads) =
+        reference::loss_and_grads(&t.config, &t.params, &t.masks, &t.batch).unwrap();
+    assert!(
+        (run.loss - f64::from(loss)).abs() < 1e-5 * f64::from(loss),
+        "loss {} vs {loss}",
+        run.loss
+    );
+    for ((name, got), (_, want)) in run.grads.tensors().into_iter().zip(grads.tensors()) {
+        let scale = want.iter().fold(0f32, |m, w| m.max(w.abs())).max(1e-3);
+        let worst = got
+            .iter()
+            .zip(want)
+            .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+        assert!(
+            worst < 1e-3 * scale,
+            "{name}: off by {worst} (scale {scale})"
+        );
+    }
+}
+
+/// Recomputing the attention adds, per layer, one `attention_recompute` record just before the
+/// attention backward, costing the forward attention again; nothing else changes.
+#[test]
+fn recomputing_attention_costs_one_more_forward_attention_per_layer() {
+    let t = tiny(2, 16);
+    let kept = t.plan();
+    let recomputed = StepPlan {
+        recompute_attention: true,
+        ..kept.clone()
+    };
+    let (a, b) = (t.cost(&kept, &t.batch), t.cost(&recomputed, &t.batch));
+    let extra: Vec<_> = b
+        .records
+        .iter()
+        .filter(|r| r.op.name == "attention_recompute")
+        .collect();
+    assert_eq!(extra.len(), t.config.n_layer);
+    let forward_attention = a
+        .records
+        .iter()
+        .find(|r| r.op.name == "attention")
+        .unwrap()
+        .cycles;
+    assert!(extra.iter().all(|r| r.cycles == forward_attention));
+    assert_eq!(
+        b.cycles(),
+        a.cycles() + t.config.n_layer as u64 * forward_attention
+    );
+    let others: Vec<_> = b
+        .records
+        .iter()
+        .filter(|r| r.op.name != "attention_recompute")
+        .cloned()
+        .collect();
+    assert_eq!(others, a.records);
+    // Where it sits: right before the attention backward of its layer.
+    let at = b
+        .records
+        .iter()
+        .position(|r| r.op.name == "attention_recompute")
+        .unwrap();
+    assert_eq!(b.records[at + 1].op.name, "attention");
+    assert_eq!(b.records[at + 1].op.layer, b.records[at].op.layer);
+}
+
+#[test]
+fn the_exact_engine_refuses_to_recompute_attention() {
+    let t = tiny(1, 8);
+    let plan = StepPlan {
+        recompute_attention: true,
+        ..t.plan()
+    };
+    let mode = StepMode {
+        fidelity: Fidelity::Exact,
+        numerics: false,
+    };
+    let err = simulate_step(t.inputs(&plan), mode)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("the exact fidelity cannot recompute the attention probabilities"),
+        "{err}"
+    );
+    assert!(err.contains("use --fidelity fast"), "{err}");
+}
+
+fn wafersim(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_wafersim"))
+        .args(args)
+        .output()
+        .expect("the wafersim binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// tiny, 4 sequences of 64 tokens on 16 x 16 PEs of 3,100 bytes: the probabilities of one
+/// sequence need 4,640 bytes, its statistics 2,624, and the streamed kernels 424 more (see
+/// `compile.rs`'s tests), so one sequence per pass, attention recomputed.
+const SMALL_SRAM: &str = r#"{"name": "small", "width": 16, "height": 16, "sram_bytes": 3100}"#;
+
+#[test]
+fn a_fast_step_without_numerics_reports_passes_and_writes_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fabric = tmp.path().join("small.json");
+    std::fs::write(&fabric, SMALL_SRAM).unwrap();
+    let out = tmp.path().join("out");
+    let args = |fidelity: &'static str| {
+        vec![
+            "step".to_string(),
+            "--batch".into(),
+            "4".into(),
+            "--seq".into(),
+            "64".into(),
+            "--sparsity".into(),
+            "0.5".into(),
+            "--fabric".into(),
+            fabric.display().to_string(),
+            "--fidelity".into(),
+            fidelity.into(),
+            "--no-numerics".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ]
+    };
+    let fast = args("fast");
+    let (code, stdout, stderr) = wafersim(&fast.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(
+            "passes: 4 of up to 1 sequence(s) (64 tokens) each, attention probabilities recomputed"
+        ),
+        "{stdout}"
+    );
+    assert_eq!(listing(&out), vec!["report.json"]);
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["passes"]["count"], 4);
+    assert_eq!(r["passes"]["micro_batch"], 1);
+    assert_eq!(r["passes"]["attention_recomputed"], true);
+    // 2 layers x 2 (scores and context) x 2 FLOPs x B S^2 d = 8 x 4 x 64^2 x 64.
+    assert_eq!(r["passes"]["recompute_flops"], 8 * 4 * 64 * 64 * 64);
+    let cycles = r["cycles"]["total"].as_f64().unwrap();
+    let clock = r["fabric"]["clock_mhz"].as_f64().unwrap();
+    let tokens_per_second = r["tokens_per_second"].as_f64().unwrap();
+    let expected = 256.0 / (cycles / (clock * 1e6));
+    assert!((tokens_per_second - expected).abs() < 1e-9 * expected);
+    // The exact fidelity refuses, before writing anything.
+    let exact = args("exact");
+    std::fs::remove_dir_all(&out).unwrap();
+    let (code, _, stderr) = wafersim(&exact.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot recompute the attention"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
