@@ -508,7 +508,7 @@ impl ModelMasks {
 }
 
 /// `(rows, cols)` of the weight of `kind` (`[in, out]`).
-fn weight_shape(config: &GptConfig, kind: SparseKind) -> (usize, usize) {
+pub(crate) fn weight_shape(config: &GptConfig, kind: SparseKind) -> (usize, usize) {
     let (d, f) = (config.n_embd, config.n_inner);
     match kind {
         SparseKind::Q | SparseKind::K | SparseKind::V | SparseKind::AttnProj => (d, d),

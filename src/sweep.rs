@@ -21,7 +21,8 @@ use crate::model::SparseKind;
 use crate::model::{GptConfig, GptParams};
 use crate::reference::Batch;
 use crate::runtime::{
-    Fidelity, GradientSet, RuntimeError, StepCost, StepInputs, StepMode, simulate_step,
+    CostInputs, Fidelity, GradientSet, RuntimeError, StepCost, StepInputs, StepMode, StepReport,
+    cost_step, simulate_step,
 };
 use crate::sparsity::{self, Mask, ModelMasks, SparsityError};
 use crate::utilisation::{self, Heatmap, LayerKernels};
@@ -101,6 +102,8 @@ pub enum SweepError {
     Flops(#[from] FlopError),
     #[error("the cause breakdown: {0}")]
     Breakdown(#[from] BreakdownError),
+    #[error("a sweep without weights can only be costed (fast fidelity, no numerics)")]
+    NeedsWeights,
     #[error(
         "sparsity {sparsity}: executed matmul FLOPs {executed} differ from the analytic {analytic}: a simulator bug"
     )]
@@ -114,8 +117,9 @@ pub enum SweepError {
 /// The model, data and machine every step of a sweep shares.
 pub struct SweepSetup<'a> {
     pub config: &'a GptConfig,
-    /// Weights before pruning.
-    pub params: &'a GptParams,
+    /// Weights before pruning; `None` costs the steps from shapes and masks alone (the fast
+    /// fidelity without numerics), so a billion-parameter model needs no weights in memory.
+    pub params: Option<&'a GptParams>,
     pub batch: &'a Batch,
     pub fabric: &'a FabricConfig,
     pub precision: Precision,
@@ -187,15 +191,15 @@ pub fn slowest_layer_heatmap(
     let Some(layer) = utilisation::slowest_layer(&point.cost) else {
         return Ok(None);
     };
-    let Some(block) = setup.params.blocks.get(layer) else {
+    if layer >= setup.config.n_layer {
         return Ok(None);
-    };
+    }
     let masks = SparseKind::ALL
         .iter()
         .map(|&kind| {
-            let w = &block.linear(kind).weight;
+            let (rows, cols) = sparsity::weight_shape(setup.config, kind);
             let stream = sparsity::stream_of(layer, kind);
-            Mask::random(w.rows, w.cols, point.sparsity, setup.seed, stream)
+            Mask::random(rows, cols, point.sparsity, setup.seed, stream)
         })
         .collect::<Result<Vec<_>, _>>()?;
     let kernels = LayerKernels {
@@ -230,24 +234,48 @@ fn run_point(
 ) -> Result<SweepPoint, SweepError> {
     let config = setup.config;
     let masks = ModelMasks::random(config, sparsity, setup.seed)?;
-    let mut params = setup.params.clone();
-    masks.apply(&mut params)?;
-    let inputs = StepInputs {
-        config,
-        params: &params,
-        masks: &masks,
-        batch: setup.batch,
-        fabric: setup.fabric,
-        plan,
-        dense_baseline: false,
-        prompt: None,
-        gradients: GradientSet::All,
-    };
     let mode = StepMode {
         fidelity: setup.fidelity,
         numerics: setup.numerics,
     };
-    let step = simulate_step(inputs, mode)?;
+    let step = match setup.params {
+        Some(weights) => {
+            let mut params = weights.clone();
+            masks.apply(&mut params)?;
+            let inputs = StepInputs {
+                config,
+                params: &params,
+                masks: &masks,
+                batch: setup.batch,
+                fabric: setup.fabric,
+                plan,
+                dense_baseline: false,
+                prompt: None,
+                gradients: GradientSet::All,
+            };
+            simulate_step(inputs, mode)?
+        }
+        None if mode.numerics || mode.fidelity == Fidelity::Exact => {
+            return Err(SweepError::NeedsWeights);
+        }
+        None => {
+            let inputs = CostInputs {
+                config,
+                masks: &masks,
+                batch: setup.batch,
+                fabric: setup.fabric,
+                plan,
+                dense_baseline: false,
+                prompt_len: 0,
+                gradients: GradientSet::All,
+            };
+            StepReport {
+                fidelity: mode.fidelity,
+                numerics: None,
+                cost: cost_step(inputs)?,
+            }
+        }
+    };
     let nnz = NnzSource::from_fn(config, |l, k| masks.get(l, k).map_or(0, |m| m.nnz() as u64))?;
     let shape = StepShape {
         batch: setup.batch.batch,

@@ -31,7 +31,7 @@ fn sweep(
     let fabric = FabricConfig::rectangle(fabric.0, fabric.1).unwrap();
     let setup = SweepSetup {
         config: &config,
-        params: &params,
+        params: Some(&params),
         batch: &batch,
         fabric: &fabric,
         precision: Precision::F32,
@@ -105,7 +105,7 @@ fn the_exact_heatmap_reruns_the_slowest_layers_kernels_as_the_step_ran_them() {
     let fabric = FabricConfig::rectangle(8, 8).unwrap();
     let setup = SweepSetup {
         config: &config,
-        params: &params,
+        params: Some(&params),
         batch: &batch,
         fabric: &fabric,
         precision: Precision::F32,

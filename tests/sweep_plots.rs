@@ -123,3 +123,27 @@ fn an_exact_sweep_plots_simulated_busy_cycles() {
     let (_, t) = plot(tmp.path(), "reduction.svg");
     assert!(has(&t, "exact fidelity"));
 }
+
+/// The losses of a fast sweep come from the CPU reference only with `--losses`; without it, the
+/// steps are costed without weights and `loss` is null, with the same cycles.
+#[test]
+fn a_fast_sweep_reports_losses_only_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, with) = (tmp.path().join("plain"), tmp.path().join("with"));
+    sweep(&plain, &["--fidelity", "fast"]);
+    sweep(&with, &["--fidelity", "fast", "--losses"]);
+    let runs = |dir: &Path| -> Vec<serde_json::Value> {
+        let text = fs::read_to_string(dir.join("sweep.json")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json["runs"].as_array().unwrap().clone()
+    };
+    let (a, b) = (runs(&plain), runs(&with));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(x["loss"].is_null());
+        let loss = y["loss"].as_f64().unwrap();
+        // Near ln(256) = 5.545 for the freshly initialised tiny model.
+        assert!((loss - 5.545).abs() < 0.2, "{loss}");
+        assert_eq!(x["cycles"], y["cycles"]);
+    }
+}

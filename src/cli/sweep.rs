@@ -17,6 +17,7 @@ use crate::compile::{CompileError, plan_step};
 use crate::model::checkpoint::stage_bytes;
 use crate::model::{GptConfig, init_params, load_checkpoint};
 use crate::plot::{PLOT_FILES, sweep_plots};
+use crate::runtime::Fidelity;
 use crate::reference::Batch;
 use crate::sweep::{
     Sweep, SweepPoint, SweepSetup, run_sweep_with, slowest_layer_heatmap, step_count,
@@ -66,6 +67,11 @@ pub struct Args {
     /// Cycles and FLOPs only: no losses.
     #[arg(long)]
     no_numerics: bool,
+    /// With --fidelity fast: also compute each step's loss on the CPU reference (slow and
+    /// memory-hungry for big models, so off by default; without it a preset's weights are never
+    /// drawn).
+    #[arg(long, conflicts_with = "no_numerics")]
+    losses: bool,
     /// Also write sweep.csv, sweep.json (schema wafersim.sweep/v2) and the SVG plots
     /// (reduction, cycles_by_op, gap_by_cause, utilisation) into this folder.
     #[arg(long, value_name = "DIR")]
@@ -102,23 +108,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     let batch =
         Batch::new(&config, args.batch, args.seq, tokens).map_err(|e| bad_input(what, e))?;
+    let fidelity = args.fidelity.fidelity();
+    let numerics = match fidelity {
+        Fidelity::Exact => !args.no_numerics,
+        Fidelity::Fast => args.losses,
+    };
+    let costing_only = fidelity == Fidelity::Fast && !numerics;
     let params = match checkpoint_params {
-        Some(params) => params,
+        Some(params) => Some(params),
+        None if costing_only => None,
         None => {
             let bytes = guard::f32_bytes(config.total_params() as u64);
             guard::check_host_memory("the model's parameters", bytes)?;
-            init_params(&config, args.seed)
+            Some(init_params(&config, args.seed))
         }
     };
     let setup = SweepSetup {
         config: &config,
-        params: &params,
+        params: params.as_ref(),
         batch: &batch,
         fabric: &fabric,
         precision,
         seed: args.seed,
-        fidelity: args.fidelity.fidelity(),
-        numerics: !args.no_numerics,
+        fidelity,
+        numerics,
     };
     let started = Instant::now();
     let progress = Progress::new(Some(step_count(&sparsities) as u64), "steps");
