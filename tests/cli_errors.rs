@@ -950,3 +950,20 @@ fn a_token_file_and_a_sequence_length_are_refused_together() {
     );
     assert!(!Path::new("never").exists());
 }
+
+/// Output into a pipe whose reader has gone (`wafersim ... | head`) ends the process like other
+/// Unix tools (SIGPIPE), never with a panic.
+#[test]
+fn a_closed_stdout_ends_the_run_without_a_panic() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wafersim"))
+        .args(["flops", "--model", "gpt2-small", "--sparsity", "0,0.5,0.9"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("the binary ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+}

@@ -221,13 +221,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dense_timed: !args.no_dense_baseline,
         prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
     };
-    print_summary(&summary);
+    // The files first: a terminal or pipe that goes away while the summary prints loses nothing.
     let written = written.as_ref().map(|(w, u)| (*w, u.as_ref()));
     write_outputs(&args.out, &summary, written, args.seed, wall)?;
-    match (&traced, &recorded) {
-        (Some(request), Some(trace)) => trace::write(request, trace),
-        _ => Ok(()),
+    if let (Some(request), Some(trace)) = (&traced, &recorded) {
+        trace::write(request, trace)?;
     }
+    print_summary(&summary);
+    Ok(())
 }
 
 /// Everything about a step that can be checked before any weight is drawn or read, so that bad

@@ -17,8 +17,8 @@ use crate::compile::{CompileError, plan_step};
 use crate::model::checkpoint::stage_bytes;
 use crate::model::{GptConfig, init_params, load_checkpoint};
 use crate::plot::{PLOT_FILES, sweep_plots};
-use crate::runtime::Fidelity;
 use crate::reference::Batch;
+use crate::runtime::Fidelity;
 use crate::sweep::{
     Sweep, SweepPoint, SweepSetup, run_sweep_with, slowest_layer_heatmap, step_count,
 };
@@ -146,7 +146,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         e => anyhow::Error::new(e),
     })?;
     check_losses(&sweep)?;
-    print_table(&sweep, &config, &fabric, started.elapsed().as_secs_f64());
+    let simulated = started.elapsed().as_secs_f64();
+    // The files first: a terminal or pipe that goes away while the table prints loses nothing.
     if let Some(dir) = &args.out {
         let heatmap = match sweep
             .points
@@ -159,6 +160,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let plots = sweep_plots(&sweep, heatmap.as_ref())?;
         write_outputs(dir, &sweep, &plots)?;
     }
+    print_table(&sweep, &config, &fabric, simulated);
     Ok(())
 }
 
