@@ -6,6 +6,7 @@ OUT_DIR/prompt.json (question/answer lines): JSON arrays of sequences of byte va
 fixed below, so the files are the same on every machine.
 """
 import json
+import os
 import sys
 
 PRETRAIN = """The river runs past the old mill and under the stone bridge. In spring the water is high
@@ -36,6 +37,7 @@ def sequences(text, repeats):
 
 def main():
     out = sys.argv[1]
+    os.makedirs(out, exist_ok=True)
     for name, text, repeats in [("pretrain", PRETRAIN, 6), ("finetune", FINETUNE, 6), ("prompt", PROMPT, 10)]:
         seqs = sequences(text, repeats)
         with open(f"{out}/{name}.json", "w") as f:
