@@ -4,7 +4,8 @@
 //! Each sparsity is an independent step (its own masks, drawn from the seed), so the steps run
 //! in parallel (rayon) and the results, collected in the given order, do not depend on the thread
 //! count. The dense baseline is the sparsity-0 step, run once whether or not 0 is in the list.
-//! Each step runs at the setup's [`Fidelity`]: simulated, or costed by the kernels' formulas.
+//! Each step runs at the setup's [`Fidelity`]: simulated, or costed by the kernels' formulas
+//! (without weights, when the setup has none: shapes and masks are all the costing reads).
 //! Every point carries the split of its gap to the FLOP reduction by cause
 //! ([`crate::breakdown`]).
 

@@ -137,35 +137,6 @@ impl StepCost {
             .collect()
     }
 
-    /// The cycles beyond perfect scaling at `density` (the sparse matrices' kept fraction),
-    /// split by where they are spent: the sparse matmuls' own shortfall (sparse cycles minus
-    /// dense cycles times the density), the dense matmuls (attention, LM head) and the other
-    /// operations (neither scales with sparsity at all, so their whole time counts). Largest
-    /// first.
-    pub fn gap(&self, density: f64) -> Vec<(&'static str, i64)> {
-        let mut sparse_excess = 0i64;
-        let (mut dense_matmul, mut other) = (0i64, 0i64);
-        for r in &self.records {
-            if r.op.sparse {
-                sparse_excess += r.cycles as i64 - (density * r.dense_cycles as f64).round() as i64;
-            } else if !r.op.matmuls.is_empty() {
-                dense_matmul += (r.cycles as f64 * (1.0 - density)).round() as i64;
-            } else {
-                other += (r.cycles as f64 * (1.0 - density)).round() as i64;
-            }
-        }
-        let mut parts = vec![
-            (
-                "sparse matmuls' per-weight and reduction costs",
-                sparse_excess,
-            ),
-            ("dense matmuls (attention, LM head)", dense_matmul),
-            ("non-matmul operations", other),
-        ];
-        parts.sort_by_key(|&(_, c)| std::cmp::Reverse(c));
-        parts
-    }
-
     /// `(operation name, cycles, dense cycles)` summed over layers and phases, in first-run order.
     pub fn by_op(&self) -> Vec<(&'static str, u64, u64)> {
         let mut out: Vec<(&'static str, u64, u64)> = Vec::new();
