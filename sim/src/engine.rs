@@ -112,8 +112,6 @@ pub struct Executed {
     pub stats: Stats,
     /// What left the fabric, per sink, in [`SinkId`] order.
     pub sinks: Vec<SinkLog>,
-    /// The recorded window, if one was asked for.
-    pub trace: Option<Trace>,
 }
 
 impl Executed {
@@ -573,7 +571,7 @@ fn finish(
         pes: pe_stats,
         links,
         total,
-        trace: trace.clone(),
+        trace,
     };
     Executed {
         config,
@@ -581,7 +579,6 @@ fn finish(
         srams,
         stats,
         sinks,
-        trace,
     }
 }
 

@@ -84,8 +84,8 @@ pub struct Stats {
     pub links: Vec<LinkUse>,
     /// Sum over all PEs.
     pub total: PeStats,
-    /// The recorded window if the run was asked for one (a copy of [`crate::Executed::trace`],
-    /// so that callers that keep only the statistics keep it too); not serialised.
+    /// The recorded window, if the run was asked for one ([`crate::RunOptions::trace`]); not
+    /// serialised.
     #[serde(skip)]
     pub trace: Option<crate::trace::Trace>,
 }

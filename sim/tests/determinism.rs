@@ -20,7 +20,7 @@ fn once() -> (Stats, Vec<f32>, String) {
         ..RunOptions::default()
     };
     let run = Simulator::new(program).unwrap().run(options).unwrap();
-    let trace = run.trace.as_ref().unwrap().to_chrome_json();
+    let trace = run.stats.trace.as_ref().unwrap().to_chrome_json();
     (run.stats.clone(), gather(&run, &sinks), trace)
 }
 

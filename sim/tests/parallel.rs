@@ -35,7 +35,7 @@ fn spmv_run(problem: &Spmv, config: FabricConfig, rows: u32, cols: u32, threads:
     let run = Simulator::new(program).unwrap().run(options).unwrap();
     Outcome {
         y_bits: gather(&run, &sinks).iter().map(|v| v.to_bits()).collect(),
-        trace: run.trace.as_ref().unwrap().to_chrome_json(),
+        trace: run.stats.trace.as_ref().unwrap().to_chrome_json(),
         stats: run.stats,
     }
 }
@@ -133,6 +133,7 @@ fn backpressure_across_boundaries_keeps_the_hand_worked_timing() {
             })
             .unwrap();
         let starts: Vec<u64> = run
+            .stats
             .trace
             .as_ref()
             .unwrap()
@@ -153,7 +154,10 @@ fn backpressure_across_boundaries_keeps_the_hand_worked_timing() {
             assert_eq!(pe.queue_high_water, 4, "PE {x}, {threads} threads");
         }
         // Beyond the timing: every counter (router waits included) and the trace.
-        let outcome = (run.stats.clone(), run.trace.unwrap().to_chrome_json());
+        let outcome = (
+            run.stats.clone(),
+            run.stats.trace.clone().unwrap().to_chrome_json(),
+        );
         match &first {
             None => first = Some(outcome),
             Some(one) => assert!(*one == outcome, "{threads} threads differ from 1"),

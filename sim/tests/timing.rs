@@ -33,7 +33,7 @@ fn traced(p: Program) -> Executed {
 
 /// Start cycles of the tasks called `name` on `pe`, from the trace.
 fn task_starts(run: &Executed, pe: Coord, name: &str) -> Vec<u64> {
-    let events = &run.trace.as_ref().unwrap().events;
+    let events = &run.stats.trace.as_ref().unwrap().events;
     events
         .iter()
         .filter_map(|e| match *e {
