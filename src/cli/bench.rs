@@ -102,7 +102,7 @@ struct Sample {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let region = parse_region(&args.region)?;
+    let region = super::gemm::parse_region(&args.region)?;
     if let Some(case) = args.child {
         let threads = args.threads.first().copied().unwrap_or(1);
         let sample = measure(case, threads, region)?;
@@ -132,19 +132,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
-}
-
-fn parse_region(text: &str) -> anyhow::Result<Region> {
-    let parsed = text
-        .split_once(['x', 'X'])
-        .and_then(|(c, r)| Some((c.trim().parse::<u32>().ok()?, r.trim().parse::<u32>().ok()?)));
-    match parsed {
-        Some((cols, rows)) if cols > 0 && rows > 0 => Ok(Region::at_origin(cols, rows)),
-        _ => Err(bad_input(
-            "--region",
-            anyhow::anyhow!("\"{text}\" is not COLSxROWS such as 4x4"),
-        )),
-    }
 }
 
 fn print_machine() {

@@ -147,7 +147,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn parse_region(text: &str) -> anyhow::Result<Region> {
+/// `COLSxROWS` (`--region`) as a region at the origin.
+pub(crate) fn parse_region(text: &str) -> anyhow::Result<Region> {
     let parsed = text
         .split_once(['x', 'X'])
         .and_then(|(c, r)| Some((c.trim().parse::<u32>().ok()?, r.trim().parse::<u32>().ok()?)));

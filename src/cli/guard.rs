@@ -139,8 +139,18 @@ fn available_memory() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+/// Weights drawn from `seed` as GPT-2 initialises them, refused (exit code 1) before allocating
+/// if one f32 copy of them exceeds the memory the host has.
+pub fn seeded_params(config: &GptConfig, seed: u64) -> anyhow::Result<GptParams> {
+    check_host_memory(
+        "the model's parameters",
+        f32_bytes(config.total_params() as u64),
+    )?;
+    Ok(crate::model::init_params(config, seed))
+}
+
 /// Bytes of one f32 copy of a model with `params` parameters.
-pub fn f32_bytes(params: u64) -> Option<u64> {
+fn f32_bytes(params: u64) -> Option<u64> {
     params.checked_mul(4)
 }
 

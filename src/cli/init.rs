@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 use super::{bad_input, guard};
+use crate::model::GptConfig;
 use crate::model::checkpoint::{read_config, save_checkpoint};
-use crate::model::{GptConfig, init_params};
 
 /// Arguments of `wafersim init`.
 #[derive(clap::Args)]
@@ -37,9 +37,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let (config, source) = resolve_config(&args)?;
     check_out_folder(&args.out)?;
-    let bytes = guard::f32_bytes(config.total_params() as u64);
-    guard::check_host_memory("the model's parameters", bytes)?;
-    let params = init_params(&config, args.seed);
+    let params = guard::seeded_params(&config, args.seed)?;
     save_checkpoint(&args.out, &config, &params)
         .with_context(|| format!("cannot write checkpoint {}", args.out.display()))?;
     println!(

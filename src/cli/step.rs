@@ -21,7 +21,7 @@ use crate::model::checkpoint::{
     CONFIG_FILE, WEIGHTS_FILE, hf_named_tensors, read_config, read_params, stage_bytes,
     stage_f32_safetensors,
 };
-use crate::model::{GptConfig, GptParams, Matrix, init_params};
+use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::{AdamState, AdamW, Batch};
 use crate::runtime::{
     CostInputs, Fidelity, GradientSet, Numerics, OpRecord, RuntimeError, StepHooks, StepInputs,
@@ -296,11 +296,7 @@ fn load_weights(args: &Args, config: &GptConfig) -> anyhow::Result<(GptParams, M
     let mut params = match &args.checkpoint {
         Some(dir) => read_params(&dir.join(WEIGHTS_FILE), config)
             .map_err(|e| bad_input("--checkpoint", e))?,
-        None => {
-            let bytes = guard::f32_bytes(config.total_params() as u64);
-            guard::check_host_memory("the model's parameters", bytes)?;
-            init_params(config, args.seed)
-        }
+        None => guard::seeded_params(config, args.seed)?,
     };
     let masks = masks(args, config, &params)?;
     masks

@@ -15,7 +15,7 @@ use super::{bad_input, guard, load_fabric};
 use crate::breakdown::Causes;
 use crate::compile::{CompileError, plan_step};
 use crate::model::checkpoint::stage_bytes;
-use crate::model::{GptConfig, init_params, load_checkpoint};
+use crate::model::{GptConfig, load_checkpoint};
 use crate::plot::{PLOT_FILES, sweep_plots};
 use crate::reference::Batch;
 use crate::runtime::Fidelity;
@@ -117,11 +117,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let params = match checkpoint_params {
         Some(params) => Some(params),
         None if costing_only => None,
-        None => {
-            let bytes = guard::f32_bytes(config.total_params() as u64);
-            guard::check_host_memory("the model's parameters", bytes)?;
-            Some(init_params(&config, args.seed))
-        }
+        None => Some(guard::seeded_params(&config, args.seed)?),
     };
     let setup = SweepSetup {
         config: &config,

@@ -27,7 +27,7 @@ use crate::model::checkpoint::{
     CONFIG_FILE, Staged, WEIGHTS_FILE, hf_named_tensors, read_config, read_params, stage_bytes,
     stage_f32_safetensors,
 };
-use crate::model::{GptConfig, GptParams, init_params};
+use crate::model::{GptConfig, GptParams};
 use crate::reference::AdamW;
 use crate::sparsity::{self, ModelMasks};
 use crate::training::{Corpus, LrSchedule, RunShape, Sampler, StepRecord, TrainPhase, Trainer};
@@ -327,11 +327,7 @@ fn load_weights(args: &Args, setup: &Setup) -> anyhow::Result<(GptParams, ModelM
     let mut params = match &args.checkpoint {
         Some(dir) => read_params(&dir.join(WEIGHTS_FILE), config)
             .map_err(|e| bad_input("--checkpoint", e))?,
-        None => {
-            let bytes = guard::f32_bytes(config.total_params() as u64);
-            guard::check_host_memory("the model's parameters", bytes)?;
-            init_params(config, args.seed)
-        }
+        None => guard::seeded_params(config, args.seed)?,
     };
     let masks = match (setup.phase, args.sparsity) {
         (TrainPhase::SparsePretrain, Some(s)) => {
