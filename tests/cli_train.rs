@@ -416,7 +416,7 @@ fn the_recipe_adds_up_its_phases() {
 fn the_same_seed_writes_the_same_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let tokens = tokens_file(tmp.path());
-    let run = |name: &str| {
+    let run = |name: &str, seed: &str| {
         let out = tmp.path().join(name);
         let mut args = train_args(&tokens, &out, "3");
         args.extend([
@@ -427,12 +427,21 @@ fn the_same_seed_writes_the_same_bytes() {
             "--sparsity",
             "0.5",
         ]);
-        args.extend(["--seed", "4"]);
+        args.extend(["--seed", seed]);
         let (code, stderr) = wafersim(&args);
         assert_eq!(code, 0, "{stderr}");
         out
     };
-    let (a, b) = (run("a"), run("b"));
+    let (a, b) = (run("a", "4"), run("b", "4"));
+    // Another seed draws other weights, masks and batches: the bytes must change.
+    let other = run("other", "5");
+    for file in ["train.csv", "checkpoint/model.safetensors"] {
+        assert_ne!(
+            fs::read(a.join(file)).unwrap(),
+            fs::read(other.join(file)).unwrap(),
+            "{file} ignores the seed"
+        );
+    }
     for file in [
         "train.csv",
         "loss.svg",
