@@ -5,46 +5,14 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
 use wafersim::model::checkpoint::{
     CONFIG_FILE, F32Tensor, WEIGHTS_FILE, hf_named_tensors, load_checkpoint, save_checkpoint,
     write_safetensors_atomic,
 };
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn wafersim(args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_wafersim"))
-        .args(args)
-        .output()
-        .expect("the wafersim binary runs");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temporary paths are UTF-8")
-}
-
-/// Exit code `code`, one stderr line `error: ...` containing every `needle`, no panic.
-fn assert_fails(run: &Run, code: i32, needles: &[&str]) {
-    assert_eq!(run.code, code, "stderr: {}", run.stderr);
-    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
-    let lines: Vec<&str> = run.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line: {:?}", run.stderr);
-    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
-    for needle in needles {
-        assert!(lines[0].contains(needle), "{needle:?} not in {}", lines[0]);
-    }
-}
+mod common;
+use common::{assert_fails, path_str, wafersim};
 
 /// The names in `dir`, sorted.
 fn listing(dir: &Path) -> Vec<String> {

@@ -15,45 +15,18 @@ use wafersim::model::GptConfig;
 use wafersim::model::checkpoint::{CONFIG_FILE, WEIGHTS_FILE, hf_named_tensors};
 use wafersim::model::init_params;
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+mod common;
+use common::{Run, path_str as s, wafersim};
 
-fn wafersim(args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_wafersim"))
-        .args(args)
-        // A panic would print a backtrace: make sure the check below would see one.
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("the wafersim binary runs");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Exit code `code` and exactly one stderr line, `error: ...`, containing every needle.
+/// Runs `args`, expecting a refusal: exit code `code` and exactly one stderr line, `error: ...`,
+/// containing every needle (see [`common::assert_fails`]).
 #[track_caller]
 fn assert_fails(args: &[&str], code: i32, needles: &[&str]) -> Run {
     let run = wafersim(args);
-    let context = format!("wafersim {}\nstderr: {}", args.join(" "), run.stderr);
-    assert!(!run.stderr.contains("panicked"), "{context}");
-    assert!(!run.stderr.contains("backtrace"), "{context}");
-    assert_eq!(run.code, code, "{context}");
-    let lines: Vec<&str> = run.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{context}");
-    assert!(lines[0].starts_with("error: "), "{context}");
-    for needle in needles {
-        assert!(lines[0].contains(needle), "{needle:?} missing; {context}");
-    }
+    // Shown with a failure: which command it was.
+    eprintln!("wafersim {}", args.join(" "));
+    common::assert_fails(&run, code, needles);
     run
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temporary paths are UTF-8")
 }
 
 /// The names in `dir`, sorted.

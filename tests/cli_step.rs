@@ -9,7 +9,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -18,34 +17,15 @@ use wafersim::model::{GptConfig, GptParams, SparseKind};
 use wafersim::reference::{self, Batch};
 use wafersim::sparsity::ModelMasks;
 
+mod common;
+use common::{Run, assert_fails, path_str, wafersim};
+
 const OUTPUTS: [&str; 4] = [
     "grads.safetensors",
     "report.json",
     "updated.safetensors",
     "weights.safetensors",
 ];
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn wafersim(args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_wafersim"))
-        .args(args)
-        .output()
-        .expect("the wafersim binary runs");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temporary paths are UTF-8")
-}
 
 /// `wafersim step` writing to `out` with `extra` arguments, on the tiny preset and a 2 x 2 fabric
 /// unless `extra` names others.
@@ -72,18 +52,6 @@ fn small_step(out: &Path, extra: &[&str]) -> Run {
 fn assert_ok(run: &Run) {
     assert_eq!(run.code, 0, "stderr: {}", run.stderr);
     assert!(run.stderr.is_empty(), "{}", run.stderr);
-}
-
-/// Exit code `code`, one stderr line `error: ...` containing every `needle`, no panic.
-fn assert_fails(run: &Run, code: i32, needles: &[&str]) {
-    assert_eq!(run.code, code, "stderr: {}", run.stderr);
-    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
-    let lines: Vec<&str> = run.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line: {:?}", run.stderr);
-    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
-    for needle in needles {
-        assert!(lines[0].contains(needle), "{needle:?} not in {}", lines[0]);
-    }
 }
 
 /// The names in `dir`, sorted (empty if `dir` does not exist).
