@@ -507,7 +507,7 @@ struct Estimate<'a> {
 impl Estimate<'_> {
     /// One vector instruction over `n` elements at `width` per cycle.
     fn vector(&self, n: u64, width: u32) -> u64 {
-        u64::from(self.config.issue_cycles) + n.div_ceil(u64::from(width))
+        self.config.vector_cycles(n, width)
     }
 
     fn issue(&self) -> u64 {

@@ -64,12 +64,12 @@ pub(crate) fn gather(
 
 /// Cycles of one f32 add/sub/mul/scale/add_scalar over `len` elements (also `sum`).
 pub(crate) fn arith(config: &FabricConfig, len: usize) -> u64 {
-    u64::from(config.issue_cycles) + (len as u64).div_ceil(u64::from(config.simd.arith_f32))
+    config.vector_cycles(len as u64, config.simd.arith_f32)
 }
 
 /// Cycles of one f32 move over `len` elements.
 pub(crate) fn mov(config: &FabricConfig, len: usize) -> u64 {
-    u64::from(config.issue_cycles) + (len as u64).div_ceil(u64::from(config.simd.mov_f32))
+    config.vector_cycles(len as u64, config.simd.mov_f32)
 }
 
 /// Cycles of one transcendental (`exp`, `tanh`) over `len` elements.

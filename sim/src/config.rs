@@ -96,6 +96,13 @@ pub enum ConfigError {
 }
 
 impl FabricConfig {
+    /// Cycles of one vector instruction over `len` elements at `width` elements per cycle:
+    /// `issue_cycles + ceil(len / width)`. The engine charges exactly this, and the kernels' cost
+    /// formulas call it, so the two cannot disagree on an instruction's price.
+    pub fn vector_cycles(&self, len: u64, width: u32) -> u64 {
+        u64::from(self.issue_cycles) + len.div_ceil(u64::from(width.max(1)))
+    }
+
     /// The CS-2 (WSE-2): the largest SDK program rectangle, 750 x 994 PEs.
     pub fn wse2() -> Self {
         Self {

@@ -155,7 +155,7 @@ impl TaskCtx<'_> {
     }
 
     fn charge_vector(&mut self, len: u32, width: u32) {
-        self.cycles += u64::from(self.config.issue_cycles) + u64::from(len.div_ceil(width));
+        self.cycles += self.config.vector_cycles(u64::from(len), width);
         self.stats.vector_elements += u64::from(len);
     }
 

@@ -17,7 +17,7 @@ use super::pe::RECIPROCAL_CYCLES;
 
 /// Cycles of one vector instruction of `len` elements at `width` elements per cycle.
 fn vector(c: &FabricConfig, len: usize, width: u32) -> u64 {
-    u64::from(c.issue_cycles) + (len as u64).div_ceil(u64::from(width.max(1)))
+    c.vector_cycles(len as u64, width)
 }
 
 /// One scalar load or store.

@@ -32,7 +32,7 @@ impl Costs<'_> {
 
     /// One vector instruction over `len` elements at `width` per cycle.
     fn vector(&self, len: u64, width: u32) -> u64 {
-        self.issue() + len.div_ceil(u64::from(width.max(1)))
+        self.config.vector_cycles(len, width)
     }
 
     /// The weight task(s) of one kept entry on a PE with `t` tokens: decode the index (1 cycle

@@ -37,7 +37,7 @@ impl Costs<'_> {
     }
 
     fn vector(&self, len: u64, width: u32) -> u64 {
-        self.issue() + len.div_ceil(u64::from(width.max(1)))
+        self.config.vector_cycles(len, width)
     }
 
     /// One index task: decode (1 cycle), a dot product over the tokens, store the result.
