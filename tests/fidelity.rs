@@ -26,6 +26,9 @@ struct Row {
     dense_fast: u64,
     /// The largest per-operation error and the operation.
     worst_op: (f64, String),
+    /// Every operation of a step outside its last block: label, exact and fast cycles (the
+    /// per-operation table of the docs; empty for a gemm).
+    ops: Vec<(String, u64, u64)>,
 }
 
 impl Row {
@@ -46,6 +49,19 @@ impl Row {
             100.0 * self.worst_op.0,
             self.worst_op.1
         );
+    }
+
+    fn print_ops(&self) {
+        if self.ops.is_empty() {
+            return;
+        }
+        eprintln!("\nper operation, {}:\n", self.what);
+        eprintln!("| operation | exact | fast | error |");
+        eprintln!("|---|---:|---:|---:|");
+        for (label, exact, fast) in &self.ops {
+            let error = 100.0 * rel(*fast, *exact);
+            eprintln!("| {label} | {exact} | {fast} | {error:+.2} % |");
+        }
     }
 
     fn check(&self) {
@@ -129,6 +145,7 @@ fn gemm_row(
         dense_exact: exact.dense_cycles(),
         dense_fast: fast.dense_cycles(),
         worst_op,
+        ops: Vec::new(),
     }
 }
 
@@ -165,10 +182,15 @@ fn step_row(sparsity: f64, fabric: (u32, u32), precision: Precision) -> Row {
     assert!(exact.numerics.is_none() && fast.numerics.is_none());
     assert_eq!(exact.cost.records.len(), fast.cost.records.len());
     let mut worst_op = (0.0, String::new());
+    let mut ops = Vec::new();
+    let last_block = Some(config.n_layer - 1);
     for (e, f) in exact.cost.records.iter().zip(&fast.cost.records) {
         assert_eq!(e.op, f.op, "the same operations in the same order");
         assert_eq!(e.fmacs, f.fmacs, "{}", e.op.label());
         worst_op = worse(worst_op, rel(f.cycles, e.cycles), || e.op.label());
+        if e.op.layer != last_block || config.n_layer == 1 {
+            ops.push((e.op.label(), e.cycles, f.cycles));
+        }
     }
     let fp = if precision == Precision::F32 { 32 } else { 16 };
     Row {
@@ -181,6 +203,7 @@ fn step_row(sparsity: f64, fabric: (u32, u32), precision: Precision) -> Row {
         dense_exact: exact.cost.dense_cycles(),
         dense_fast: fast.cost.dense_cycles(),
         worst_op,
+        ops,
     }
 }
 
@@ -206,6 +229,12 @@ fn fast_agrees_with_exact_on_layers_and_whole_steps() {
     eprintln!("|---|---:|---:|---:|---:|---:|---:|---|");
     for row in &rows {
         row.print();
+    }
+    for row in rows
+        .iter()
+        .filter(|r| r.what.starts_with("tiny step, s 0.5,"))
+    {
+        row.print_ops();
     }
     for row in &rows {
         row.check();

@@ -592,22 +592,34 @@ fn print_summary(s: &Summary<'_>) {
 
 /// One line on the region search, one on the layers' efficiency.
 fn print_search(s: &Summary<'_>) {
-    let costed: Vec<String> = s
-        .search
-        .trials
-        .iter()
-        .filter_map(|t| {
-            let plan = t.plan.as_ref().ok()?;
-            Some(format!(
-                "{}x{}: {}",
-                plan.region.cols, plan.region.rows, t.estimated_cycles?
-            ))
-        })
-        .collect();
+    let mut costed: Vec<String> = Vec::new();
+    for t in &s.search.trials {
+        let (Ok(plan), Some(cycles)) = (&t.plan, t.estimated_cycles) else {
+            continue;
+        };
+        // Limits larger than the model give the same region more than once.
+        let shape = format!("{}x{}: {cycles}", plan.region.cols, plan.region.rows);
+        if !costed.contains(&shape) {
+            costed.push(shape);
+        }
+    }
     println!(
         "region search (estimated cycles, one-block proxy): {}",
         costed.join(", ")
     );
+    if let (Some(bound), Some(chosen)) = (
+        s.search.per_operation_bound(),
+        s.search
+            .trials
+            .iter()
+            .filter_map(|t| t.estimated_cycles)
+            .min(),
+    ) {
+        println!(
+            "  each operation on its own best shape (free re-layout): {bound}, {:.2} % fewer",
+            100.0 * (1.0 - bound as f64 / chosen as f64)
+        );
+    }
     let layers = s.layers();
     let efficiency = layers
         .iter()
@@ -705,10 +717,23 @@ fn search_json(search: &RegionChoice) -> Value {
             })
         })
         .collect();
+    let operations: Vec<Value> = search
+        .per_operation()
+        .iter()
+        .map(|o| {
+            json!({
+                "name": o.key.name, "phase": o.key.phase.name(), "in_blocks": o.key.in_blocks,
+                "chosen_cycles": o.chosen_cycles, "best_cycles": o.best_cycles,
+                "best_region": {"cols": o.best_cols, "rows": o.best_rows},
+            })
+        })
+        .collect();
     json!({
         "method": "fast-fidelity cost of the embedding, block 0 and the head, block 0 counted n_layer times",
         "chosen": {"cols": search.plan.region.cols, "rows": search.plan.region.rows},
         "trials": trials,
+        "per_operation_bound_cycles": search.per_operation_bound(),
+        "per_operation": operations,
     })
 }
 
