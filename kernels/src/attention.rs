@@ -102,6 +102,15 @@
 //!    done. With whole heads only this is the first task alone, as before;
 //! 3. backward only: the reduce-scatter, which moves the gather's wavelets the other way round.
 //!
+//! [`Attention::estimate_recompute_cycles`] costs a pass no kernel here runs: the probabilities
+//! recomputed in a backward pass from Q, K and the kept log-sum-exp (FlashAttention's recipe,
+//! which the compiler picks when the probabilities do not fit). It is the forward's formula with
+//! three things taken out: V's half of the gather (its copy into the window and its wavelets),
+//! the context product, and the softmax's statistics (the row max, the row sum, the reciprocals
+//! and the normalising multiply: with the log-sum-exp kept, `p = exp(scale s - lse)` costs the
+//! scale, the mask, one subtraction per key row and the `exp`). The scores and, for heads over
+//! several columns, their group sums stay: the probabilities need full scores.
+//!
 //! The products dominate: about `2 S F_c (n_r + 2)` cycles per PE forward and twice that
 //! backward, against `2 F_c W` wavelets of gather and `2 S n_r` per shared head of group sums,
 //! so widening the region divides the products by the columns until the sums (which do not
@@ -653,8 +662,28 @@ impl Attention<'_> {
     /// Cycles the forward takes by the analytic formula (module doc, "Cost"); 0 for a shape
     /// the region refuses.
     pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
+        self.estimate(config, Pass::Forward)
+    }
+
+    /// Cycles a backward pass spends recomputing these probabilities from `Q`, `K` and the
+    /// softmax statistics the forward kept (one log-sum-exp per token and head), by the forward's
+    /// formula (module doc, "Cost") with what the recompute does not do taken out. It counts
+    /// the all-gather of K alone, the scores `Q K^T` with their group sums, and per score the
+    /// scale, the causal mask, the subtraction of the kept log-sum-exp and the `exp`:
+    /// `p = exp(scale s - lse)`. It does not count V's half of the gather, the context product
+    /// `P V`, or the row max, row sum, reciprocals and normalisation the forward needs to find
+    /// the statistics. 0 for a shape the region refuses.
+    ///
+    /// No kernel runs this pass (the exact engine's backward reads stored probabilities), so it
+    /// is not validated against the exact engine; its terms are the forward's, which are.
+    /// Like [`Attention::estimate_cycles`] it does not check that the probabilities fit the SRAM.
+    pub fn estimate_recompute_cycles(&self, config: &FabricConfig) -> u64 {
+        self.estimate(config, Pass::Recompute)
+    }
+
+    fn estimate(&self, config: &FabricConfig, pass: Pass) -> u64 {
         match geometry(KERNEL, config, self.region, &self.shape) {
-            Ok(g) => cost::total(config, &g, Pass::Forward),
+            Ok(g) => cost::total(config, &g, pass),
             Err(_) => 0,
         }
     }

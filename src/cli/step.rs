@@ -493,14 +493,14 @@ impl Summary<'_> {
         self.plan.tokens() as f64 / self.seconds()
     }
 
-    /// FLOPs of the attention recomputed in the backward passes, as costed (the forward
-    /// attention again, scores and context: `2 x 2 B S^2 d` per layer); 0 when nothing is.
+    /// FLOPs of the attention recomputed in the backward passes, as costed (the scores
+    /// `Q K^T` again, no context product: `2 B S^2 d` per layer); 0 when nothing is.
     fn recompute_flops(&self) -> u64 {
         if !self.plan.recompute_attention {
             return 0;
         }
         let (c, p) = (self.config, self.plan);
-        4 * (c.n_layer * p.batch * p.seq * p.seq * c.n_embd) as u64
+        2 * (c.n_layer * p.batch * p.seq * p.seq * c.n_embd) as u64
     }
 
     /// `cycles` as a JSON number when the dense baseline was timed, `null` when it was not.

@@ -145,8 +145,9 @@ pub(crate) struct FastEngine<'a> {
     /// Cycles of a weight-streamed kernel streaming every weight, by `(phase, k, n)`: the same
     /// in every layer, so costed once (the formulas take most of a large step's costing time).
     dense: RefCell<HashMap<(Phase, usize, usize), u64>>,
-    /// Cycles of the attention forward and backward kernels: the same in every layer.
-    attention: [Option<u64>; 2],
+    /// Cycles of the attention forward kernel, backward kernel and recompute, in that order:
+    /// the same in every layer.
+    attention: [Option<u64>; 3],
     /// `(cycles, dense cycles)` of each sparse matrix's kernels, by `(layer, kind, phase)`:
     /// every pass of one plan streams the same kept entries.
     sparse: HashMap<(usize, SparseKind, Phase), (u64, u64)>,
@@ -170,7 +171,7 @@ impl<'a> FastEngine<'a> {
             streaming,
             loads,
             dense: RefCell::new(HashMap::new()),
-            attention: [None; 2],
+            attention: [None; 3],
             sparse: HashMap::new(),
             seqs: inputs.sequences(),
         }
@@ -240,6 +241,18 @@ impl<'a> FastEngine<'a> {
             fmacs: None,
             busy_cycles: None,
             router_forwards: None,
+        }
+    }
+
+    /// The forward attention over the plan's region and sequences, without data (for its
+    /// formulas).
+    fn attention_kernel(&self) -> Attention<'static> {
+        Attention {
+            region: self.region(),
+            shape: attention_shape(self.inputs.config, self.inputs.batch.batch, self.seqs.seq),
+            q: NO_DATA,
+            k: NO_DATA,
+            v: NO_DATA,
         }
     }
 
@@ -424,37 +437,32 @@ impl Engine for FastEngine<'_> {
     ) -> Launched<(Shape, ())> {
         let cycles = match self.attention[0] {
             Some(cycles) => cycles,
-            None => {
-                let kernel = Attention {
-                    region: self.region(),
-                    shape: attention_shape(
-                        self.inputs.config,
-                        self.inputs.batch.batch,
-                        self.seqs.seq,
-                    ),
-                    q: NO_DATA,
-                    k: NO_DATA,
-                    v: NO_DATA,
-                };
-                nonzero(kernel.estimate_cycles(self.fabric()))?
-            }
+            None => nonzero(self.attention_kernel().estimate_cycles(self.fabric()))?,
         };
         self.attention[0] = Some(cycles);
         Ok(((*q, ()), self.cost(cycles)))
     }
 
-    /// Costed as the forward attention kernel run again (scores, softmax and the context
-    /// product): the recompute needs the first two, so this overstates it by the context
-    /// product (see `docs/scale.md`).
+    /// Costed as what it computes (`Attention::estimate_recompute_cycles`): K gathered, the
+    /// scores, and the probabilities from the kept log-sum-exp, `exp(scale s - lse)`; neither
+    /// the context product nor the softmax's row max and sum. The same in every layer, so
+    /// costed once, like the forward.
     fn attention_recompute(
         &mut self,
-        layer: usize,
-        q: &Shape,
-        k: &Shape,
-        v: &Shape,
+        _layer: usize,
+        _q: &Shape,
+        _k: &Shape,
+        _v: &Shape,
     ) -> Launched<()> {
-        let ((_, probs), cost) = self.attention(layer, q, k, v)?;
-        Ok((probs, cost))
+        let cycles = match self.attention[2] {
+            Some(cycles) => cycles,
+            None => nonzero(
+                self.attention_kernel()
+                    .estimate_recompute_cycles(self.fabric()),
+            )?,
+        };
+        self.attention[2] = Some(cycles);
+        Ok(((), self.cost(cycles)))
     }
 
     fn attention_backward(

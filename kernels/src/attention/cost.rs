@@ -6,6 +6,12 @@
 //! Key design decision: the compute terms mirror the instruction sequences of `pe.rs` one for
 //! one, so a change there shows up as a gap in the estimate-versus-exact test.
 //!
+//! Three passes are costed: the forward and backward kernels that run on the simulator, and the
+//! recompute of the probabilities a backward pass needs when only the softmax statistics were
+//! kept ([`Pass::Recompute`]). No kernel runs that recompute, so its formula is the forward's
+//! with the terms it does not need taken out (the V half of the gather, the context product, the
+//! softmax's row max, row sum, reciprocals and normalisation), each term shared with the forward.
+//!
 //! What it is not: a simulation. It ignores the join tasks (a few cycles per PE), contention
 //! beyond the busiest core's ramp, and the skew between columns finishing their gathers at
 //! different times (every column starts its compute when the slowest gather is done).
@@ -34,22 +40,33 @@ fn product(c: &FabricConfig, seq: usize, dims: usize, len: usize) -> u64 {
 /// The forward's non-product instructions for one head and one segment of `len` tokens from
 /// position `first`: scale, mask, max, subtract, exp, sum, reciprocals, normalise.
 fn softmax(c: &FabricConfig, seq: usize, len: usize, first: usize) -> u64 {
+    probabilities_from_statistics(c, seq, len, first) + softmax_statistics(c, seq, len)
+}
+
+/// What turns the scores into probabilities given one statistic per token to subtract: scale,
+/// mask the future keys, subtract (the row max in the forward, the kept log-sum-exp in the
+/// recompute) from each key's row, exponentiate the block.
+fn probabilities_from_statistics(c: &FabricConfig, seq: usize, len: usize, first: usize) -> u64 {
     let s = &c.simd;
-    let rows = seq as u64;
     let mask: u64 = (first + 1..seq)
         .map(|j| vector(c, (j - first).min(len), s.mov_f32))
         .sum();
+    let subtract = seq as u64 * vector(c, len, s.arith_f32);
+    let exp = u64::from(c.issue_cycles) + (seq * len) as u64 * u64::from(c.exp_cycles_per_element);
+    vector(c, seq * len, s.arith_f32) + mask + subtract + exp
+}
+
+/// What the forward adds to find and apply the statistics itself: the row max, the row sum of
+/// the exponentials, one reciprocal per token, and the multiply by it of each key's row. A
+/// recompute from the kept log-sum-exp (`p = exp(s - lse)`) needs none of it.
+fn softmax_statistics(c: &FabricConfig, seq: usize, len: usize) -> u64 {
+    let s = &c.simd;
+    let rows = seq as u64;
     let max = vector(c, len, s.mov_f32) + (rows - 1) * vector(c, len, s.max);
     let sum = vector(c, len, s.mov_f32) + (rows - 1) * vector(c, len, s.arith_f32);
-    let exp = u64::from(c.issue_cycles) + (seq * len) as u64 * u64::from(c.exp_cycles_per_element);
     let reciprocals = len as u64 * (2 * scalar(c) + RECIPROCAL_CYCLES);
-    vector(c, seq * len, s.arith_f32)
-        + mask
-        + max
-        + 2 * rows * vector(c, len, s.arith_f32)
-        + exp
-        + sum
-        + reciprocals
+    let normalise = rows * vector(c, len, s.arith_f32);
+    max + sum + reciprocals + normalise
 }
 
 /// The backward's softmax gradient for one head and one segment of `len` tokens.
@@ -68,6 +85,29 @@ fn softmax_grad(c: &FabricConfig, seq: usize, len: usize) -> u64 {
 pub(super) enum Pass {
     Forward,
     Backward,
+    /// The probabilities again from Q, K and the kept log-sum-exp: the forward's geometry and
+    /// scores, `p = exp(scale s - lse)` (masked), no context product; only K is gathered.
+    Recompute,
+}
+
+impl Pass {
+    /// Products after the scores (or dP) are summed: the context (forward); dQ, dK and dV
+    /// (backward); none (recompute).
+    fn products_after_sum(self) -> u64 {
+        match self {
+            Pass::Forward => 1,
+            Pass::Backward => 3,
+            Pass::Recompute => 0,
+        }
+    }
+
+    /// Tiles of each row the all-gather moves: K and V, or K alone for the recompute.
+    fn gathered_tiles(self) -> u64 {
+        match self {
+            Pass::Forward | Pass::Backward => 2,
+            Pass::Recompute => 1,
+        }
+    }
 }
 
 /// Per segment of a row: the instructions that do not depend on a head's width, and its length.
@@ -84,6 +124,9 @@ impl RowCosts {
                 let (len, first) = (seg.len as usize, seg.first_pos as usize);
                 match pass {
                     Pass::Forward => (len, softmax(c, g.seq, len, first), 0),
+                    Pass::Recompute => {
+                        (len, probabilities_from_statistics(c, g.seq, len, first), 0)
+                    }
                     Pass::Backward => (
                         len,
                         softmax_grad(c, g.seq, len),
@@ -96,7 +139,7 @@ impl RowCosts {
     }
 
     /// The partial products a head of `dims` features runs before its sums are needed: the
-    /// scores (forward), or the fill and dP (backward), over every segment.
+    /// scores (forward, recompute), or the fill and dP (backward), over every segment.
     fn before_sum(&self, c: &FabricConfig, seq: usize, dims: usize) -> u64 {
         self.segments
             .iter()
@@ -104,10 +147,10 @@ impl RowCosts {
             .sum()
     }
 
-    /// What follows: softmax and context (forward), or the softmax gradient, dQ and the
-    /// partial dK, dV (backward).
+    /// What follows: softmax and context (forward), the softmax gradient, dQ and the partial
+    /// dK, dV (backward), or the probabilities from the kept statistics (recompute).
     fn after_sum(&self, c: &FabricConfig, seq: usize, dims: usize, pass: Pass) -> u64 {
-        let products = if pass == Pass::Forward { 1 } else { 3 };
+        let products = pass.products_after_sum();
         self.segments
             .iter()
             .map(|&(len, rest, _)| rest + products * product(c, seq, dims, len))
@@ -205,12 +248,13 @@ pub(super) fn row_compute(c: &FabricConfig, g: &Geometry, r: usize, pass: Pass) 
         .unwrap_or(0)
 }
 
-/// What row `r`'s core in column `col` moves in the K/V all-gather: `(wavelets in, wavelets
-/// out)`. In: the slot of every other row of its window. Out: per direction, the slots it
-/// forwards (those whose reach goes on past it) and its own slot if its reach goes that way.
-/// The dK/dV reduce-scatter moves the same wavelets the other way round.
-fn gather_flows(g: &Geometry, col: usize, r: usize) -> (u64, u64) {
-    let slot = |b: usize| u64::from(g.slot_len(col, b));
+/// What row `r`'s core in column `col` moves in an all-gather of `tiles` tiles per row (K and
+/// V: 2; K alone: 1): `(wavelets in, wavelets out)`. In: the slot of every other row of its
+/// window. Out: per direction, the slots it forwards (those whose reach goes on past it) and its
+/// own slot if its reach goes that way. The dK/dV reduce-scatter moves the K/V gather's wavelets
+/// the other way round.
+fn gather_flows(g: &Geometry, col: usize, r: usize, tiles: u64) -> (u64, u64) {
+    let slot = |b: usize| tiles * (g.fc(col) * g.n(b)) as u64;
     let goes_on = |b: usize, next: Option<usize>| next.is_some_and(|x| g.reach(b).contains(&x));
     let (south, north) = (Some(r + 1), r.checked_sub(1));
     let mut flows = (0, 0);
@@ -232,13 +276,16 @@ fn collective(c: &FabricConfig, g: &Geometry, flows: impl Fn(usize) -> u64) -> u
     busiest + (span as u64 - 1) * hop(c)
 }
 
-/// The K/V all-gather, and the task that starts it (copying K and V into the window), in the
-/// widest column (the layout's first columns are the widest).
-pub(super) fn gather(c: &FabricConfig, g: &Geometry) -> u64 {
-    let start = u64::from(c.task_switch_cycles) + 2 * vector(c, g.fc(0) * g.n(0), c.simd.mov_f32);
+/// The all-gather of `pass`'s tiles (K and V, or K alone), and the task that starts it
+/// (copying them into the window), in the widest column (the layout's first columns are the
+/// widest).
+pub(super) fn gather(c: &FabricConfig, g: &Geometry, pass: Pass) -> u64 {
+    let tiles = pass.gathered_tiles();
+    let copy = vector(c, g.fc(0) * g.n(0), c.simd.mov_f32);
+    let start = u64::from(c.task_switch_cycles) + tiles * copy;
     start
         + collective(c, g, |r| {
-            let (inp, out) = gather_flows(g, 0, r);
+            let (inp, out) = gather_flows(g, 0, r, tiles);
             inp.max(out)
         })
 }
@@ -248,12 +295,14 @@ pub(super) fn reduce(c: &FabricConfig, g: &Geometry) -> u64 {
     let start = vector(c, g.slot_len(0, 0) as usize, c.simd.mov_f32);
     start
         + collective(c, g, |r| {
-            let (out, inp) = gather_flows(g, 0, r);
+            let (out, inp) = gather_flows(g, 0, r, Pass::Backward.gathered_tiles());
             inp.max(out)
         })
 }
 
-/// The whole pass: gather, the slowest row's compute, and the backward's reduce-scatter.
+/// The whole pass: gather, the slowest row's compute, and the backward's reduce-scatter. The
+/// recompute is the forward without the V half of the gather, the context product and the
+/// softmax's statistics (`softmax_statistics`): every term it keeps is the forward's own.
 pub(super) fn total(c: &FabricConfig, g: &Geometry, pass: Pass) -> u64 {
     let compute = (0..g.rows)
         .map(|r| row_compute(c, g, r, pass))
@@ -264,5 +313,92 @@ pub(super) fn total(c: &FabricConfig, g: &Geometry, pass: Pass) -> u64 {
     } else {
         0
     };
-    gather(c, g) + compute + reduce
+    gather(c, g, pass) + compute + reduce
+}
+
+#[cfg(test)]
+mod tests {
+    use wafersim_sim::FabricConfig;
+
+    use crate::attention::{Attention, AttentionShape};
+    use crate::layout::Region;
+
+    /// `(forward, recompute)` estimates of one sequence of 4 tokens, one head of 2 features, on
+    /// `cols x rows` PEs of the `wse2` machine.
+    fn estimates(cols: u32, rows: u32) -> (u64, u64) {
+        let attention = Attention {
+            region: Region::at_origin(cols, rows),
+            shape: AttentionShape {
+                batch: 1,
+                seq_len: 4,
+                heads: 1,
+                features: 2,
+                scale: 1.0,
+            },
+            q: &[],
+            k: &[],
+            v: &[],
+        };
+        let c = FabricConfig::wse2();
+        (
+            attention.estimate_cycles(&c),
+            attention.estimate_recompute_cycles(&c),
+        )
+    }
+
+    // Prices on `wse2`: a vector instruction of `len` elements costs `1 + ceil(len / width)`
+    // (fp32 move and add 2 per cycle, max and FMAC 1), a scalar load or store 1, a reciprocal
+    // 1, a task switch 3, `exp` 4 cycles per element after its issue; a hop between cores
+    // `1 + 2 x 2 + 1 = 6`.
+
+    /// One PE (S = 4, one segment of 4 tokens from position 0, F_c = 2, the head whole). The
+    /// recompute drops:
+    /// - V's copy into the window: `vector(2 x 4 = 8, mov 2) = 1 + 4 = 5` (one PE: nothing to
+    ///   send, no hops);
+    /// - the context product: `S d (load + vector(4, fmac 1)) = 4 x 2 x (1 + 5) = 48`;
+    /// - the statistics: max `vector(4, mov) + 3 vector(4, max) = 3 + 3 x 5 = 18`, sum
+    ///   `vector(4, mov) + 3 vector(4, add) = 3 + 3 x 3 = 12`, reciprocals `4 x (2 + 1) = 12`,
+    ///   normalise `4 vector(4, mul) = 4 x 3 = 12`: 54.
+    ///
+    /// What both keep: the start task 3, K's copy 5, the scores 48, and the probabilities from
+    /// the statistics: scale `vector(16, 2) = 9`, mask `vector(1) + vector(2) + vector(3) =
+    /// 2 + 2 + 3 = 7`, subtract `4 vector(4, 2) = 12`, exp `1 + 16 x 4 = 65`: 93. So the
+    /// recompute is `3 + 5 + 3 + 48 + 93 = 152` (start, K copy, task switch, scores,
+    /// probabilities) and the forward `152 + 5 + 48 + 54 = 259`.
+    #[test]
+    fn the_recompute_is_the_forward_without_v_the_context_and_the_statistics_on_one_pe() {
+        let (forward, recompute) = estimates(1, 1);
+        let (v_gather, context, statistics) = (5, 48, 54);
+        assert_eq!(recompute, forward - v_gather - context - statistics);
+        assert_eq!((forward, recompute), (259, 152));
+        assert!(recompute < forward);
+    }
+
+    /// 2 x 2 PEs: the head's 2 features over 2 columns (one each, so the head is shared and its
+    /// scores summed along each row), 2 tokens per row, both rows in one sequence (each row's
+    /// window and reach is both rows). The slowest row is row 0 (its mask is longest) in both.
+    ///
+    /// Gather (column 0, F_c = 1, n = 2): each row receives the other's slot and sends its own
+    /// one way, a slot being `tiles x 1 x 2` wavelets, plus one hop of 6; started by copying
+    /// `tiles` tiles of 2 (`vector(2, mov) = 2` each) after a task switch of 3. K and V:
+    /// `3 + 2 x 2 + 4 + 6 = 17`; K alone: `3 + 2 + 2 + 6 = 13`. Dropped: 4.
+    ///
+    /// Row 0: partial scores `4 x 1 x (1 + vector(2, fmac) = 3) = 16`, after the task switch and
+    /// before 2 issues: the sums are issued at `3 + 16 + 2 = 21`. They travel east in
+    /// `m + (g - 1) hop = S n + 6 = 14`, the turnaround task takes `3 + 3`, and 14 back west: at
+    /// 55 both columns have the full scores. Then the second task: a task switch 3 and the
+    /// probabilities from the statistics: scale `vector(8, 2) = 5`, mask (keys 1..3 over 1, 2,
+    /// 2 tokens) `2 + 2 + 2 = 6`, subtract `4 vector(2, 2) = 8`, exp `1 + 8 x 4 = 33`: 52. The
+    /// forward adds the context, a load and an AXPY per key and feature, `4 x 1 x (1 + 3) =
+    /// 16`, and the statistics: max `2 + 3 x 3 = 11`, sum `2 + 3 x 2 = 8`, reciprocals
+    /// `2 x 3 = 6`, normalise `4 x 2 = 8`: 33. Recompute `13 + 55 + 3 + 52 = 123`; forward
+    /// `123 + 4 + 16 + 33 = 176`.
+    #[test]
+    fn the_recompute_keeps_the_group_sums_of_a_head_over_two_columns() {
+        let (forward, recompute) = estimates(2, 2);
+        let (v_gather, context, statistics) = (4, 16, 33);
+        assert_eq!(recompute, forward - v_gather - context - statistics);
+        assert_eq!((forward, recompute), (176, 123));
+        assert!(recompute < forward);
+    }
 }
