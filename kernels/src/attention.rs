@@ -955,7 +955,7 @@ impl ReduceStep {
     fn issue(&self, ctx: &mut wafersim_sim::TaskCtx<'_>) {
         ctx.mov(self.result.all(), self.own);
         for op in REDUCE.reduce_scatter(self.r, &self.parts, self.result.all()) {
-            op.issue(ctx, Then::Nothing);
+            ctx.issue(op, Then::Nothing);
         }
     }
 }

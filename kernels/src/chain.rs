@@ -7,7 +7,8 @@
 //! of every PE at once pipelines the whole collective.
 //!
 //! - [`RowChain::reduce_scatter`]: the partial sums of each owner's segment flow east (from the
-//!   PEs west of the owner) and west (from the PEs east of it) and are added on the way.
+//!   PEs west of the owner) and west (from the PEs east of it) and are added on the way;
+//!   [`RowChain::reduce_scatter_ops`] makes the same operations one at a time, for long rows.
 //! - [`RowChain::all_gather`]: every PE's segment is stored and forwarded by every other PE of the
 //!   row, eastward and westward.
 //! - [`ColumnChain::reduce_south`]: a vector summed down a column and sent off the fabric's
@@ -15,9 +16,11 @@
 //! - [`RowAllReduce`]: a vector summed along a row into its last column, then multicast back
 //!   west to every PE of the row (two phases, each issued after the previous finished).
 
+use std::ops::Range;
+
 use wafersim_sim::{BuildError, Color, Port, PortSet, Program, RecvMode, VecRef};
 
-use crate::join::Op;
+use crate::join::{Op, OpSource};
 use crate::layout::Region;
 
 /// The colors of the east- and west-bound chains of a row.
@@ -75,52 +78,86 @@ impl RowChain {
         cols: usize,
         segments: &[(usize, VecRef, VecRef)],
     ) -> Vec<Op> {
-        let mut ops = Vec::new();
-        for &(b, partial, result) in segments {
-            if b > c {
-                ops.push(if c == 0 {
-                    Op::Send {
-                        out: self.east_out(c),
-                        src: partial,
-                    }
-                } else {
-                    Op::RecvAddSend {
-                        inp: self.east_in(c),
-                        local: partial,
-                        out: self.east_out(c),
-                    }
-                });
-            } else if b < c {
-                ops.push(if c + 1 == cols {
-                    Op::Send {
-                        out: self.west_out(c),
-                        src: partial,
-                    }
-                } else {
-                    Op::RecvAddSend {
-                        inp: self.west_in(c),
-                        local: partial,
-                        out: self.west_out(c),
-                    }
-                });
+        segments
+            .iter()
+            .flat_map(|&(b, partial, result)| self.segment_ops(c, cols, b, partial, result))
+            .flatten()
+            .collect()
+    }
+
+    /// The same operations as [`RowChain::reduce_scatter`] for the consecutive owners `owners`,
+    /// made one at a time when the simulator takes them up: a PE of a row of `C` columns posts
+    /// about `C` operations per reduce-scatter, too many to hold on every PE of a wafer.
+    /// `segment(b)` gives owner `b`'s `(partial sums, result)` on this PE; none may be empty.
+    pub fn reduce_scatter_ops<F>(
+        &self,
+        c: usize,
+        cols: usize,
+        owners: Range<usize>,
+        segment: F,
+    ) -> ReduceScatterOps<F>
+    where
+        F: Fn(usize) -> (VecRef, VecRef) + Send + 'static,
+    {
+        ReduceScatterOps {
+            chain: *self,
+            c,
+            cols,
+            owners,
+            segment,
+        }
+    }
+
+    /// Column `c`'s operations for owner `b`'s segment: one passing it on (or starting it) for
+    /// another owner; for its own, a receive from each side that has columns.
+    fn segment_ops(
+        &self,
+        c: usize,
+        cols: usize,
+        b: usize,
+        partial: VecRef,
+        result: VecRef,
+    ) -> [Option<Op>; 2] {
+        let add_into = |inp| Op::Recv {
+            inp,
+            dst: result,
+            mode: RecvMode::Add,
+        };
+        if b > c {
+            let op = match c {
+                0 => Op::Send {
+                    out: self.east_out(c),
+                    src: partial,
+                },
+                _ => Op::RecvAddSend {
+                    inp: self.east_in(c),
+                    local: partial,
+                    out: self.east_out(c),
+                },
+            };
+            [Some(op), None]
+        } else if b < c {
+            let op = if c + 1 == cols {
+                Op::Send {
+                    out: self.west_out(c),
+                    src: partial,
+                }
             } else {
-                if c > 0 {
-                    ops.push(Op::Recv {
-                        inp: self.east_in(c),
-                        dst: result,
-                        mode: RecvMode::Add,
-                    });
+                Op::RecvAddSend {
+                    inp: self.west_in(c),
+                    local: partial,
+                    out: self.west_out(c),
                 }
-                if c + 1 < cols {
-                    ops.push(Op::Recv {
-                        inp: self.west_in(c),
-                        dst: result,
-                        mode: RecvMode::Add,
-                    });
-                }
+            };
+            [Some(op), None]
+        } else {
+            let from_west = (c > 0).then(|| add_into(self.east_in(c)));
+            let from_east = (c + 1 < cols).then(|| add_into(self.west_in(c)));
+            match (from_west, from_east) {
+                (None, east) => [east, None],
+                both => [both.0, both.1],
             }
         }
-        ops
     }
 
     /// PE column `c`'s part of gathering every column's segment into every PE. Each entry is
@@ -351,4 +388,100 @@ pub fn feed_column_from_north(
         p.route(region.pe(c, r), color, Port::North, tx)?;
     }
     Ok(wafersim_sim::Coord::new(x, 0))
+}
+
+/// A row reduce-scatter made one operation at a time ([`RowChain::reduce_scatter_ops`]).
+pub struct ReduceScatterOps<F> {
+    chain: RowChain,
+    c: usize,
+    cols: usize,
+    owners: Range<usize>,
+    segment: F,
+}
+
+impl<F> ReduceScatterOps<F> {
+    /// Owners west of this column, and this column's own operations (0 if it owns nothing).
+    fn counts(&self) -> (usize, usize) {
+        let west = self.c.clamp(self.owners.start, self.owners.end) - self.owners.start;
+        let own = if self.owners.contains(&self.c) {
+            usize::from(self.c > 0) + usize::from(self.c + 1 < self.cols)
+        } else {
+            0
+        };
+        (west, own)
+    }
+
+    fn owns(&self) -> bool {
+        self.owners.contains(&self.c)
+    }
+}
+
+impl<F> OpSource for ReduceScatterOps<F>
+where
+    F: Fn(usize) -> (VecRef, VecRef) + Send + 'static,
+{
+    fn len(&self) -> usize {
+        let (_, own) = self.counts();
+        self.owners.len() - usize::from(self.owns()) + own
+    }
+
+    fn op(&self, i: usize) -> Op {
+        let (west, own) = self.counts();
+        let (b, k) = if i < west {
+            (self.owners.start + i, 0)
+        } else if i < west + own {
+            (self.c, i - west)
+        } else {
+            let east = i - west - own;
+            (
+                self.owners.start + west + usize::from(self.owns()) + east,
+                0,
+            )
+        };
+        let (partial, result) = (self.segment)(b);
+        self.chain
+            .segment_ops(self.c, self.cols, b, partial, result)[k]
+            .expect("an index below len() names an operation")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wafersim_sim::{Buf, Coord, DType, FabricConfig};
+
+    use super::*;
+
+    const ROW: RowChain = RowChain {
+        east: [Color(1), Color(2)],
+        west: [Color(3), Color(4)],
+    };
+
+    fn buffer() -> Buf {
+        let mut p = Program::new(FabricConfig::rectangle(1, 1).unwrap()).unwrap();
+        p.alloc_zeros(Coord::new(0, 0), "sums", DType::F32, 200)
+            .unwrap()
+    }
+
+    #[test]
+    fn made_one_at_a_time_the_reduce_scatter_is_the_listed_one() {
+        for cols in 1..6 {
+            for c in 0..cols {
+                for lo in 0..cols {
+                    for hi in lo + 1..=cols {
+                        // Owner b's partial sums at 4 b and its result at 100 + 4 b, 4 long.
+                        let buf = buffer();
+                        let segment = move |b: usize| {
+                            (buf.slice(4 * b as u32, 4), buf.slice(100 + 4 * b as u32, 4))
+                        };
+                        let listed: Vec<(usize, VecRef, VecRef)> =
+                            (lo..hi).map(|b| (b, segment(b).0, segment(b).1)).collect();
+                        let listed = ROW.reduce_scatter(c, cols, &listed);
+                        let made = ROW.reduce_scatter_ops(c, cols, lo..hi, segment);
+                        let made: Vec<Op> = (0..made.len()).map(|i| made.op(i)).collect();
+                        assert_eq!(made, listed, "column {c} of {cols}, owners {lo}..{hi}");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -469,8 +469,7 @@ fn row_loss(ctx: &mut TaskCtx<'_>, shape: &PeShape, bufs: &Buffers) {
     ctx.mul(work, work, bufs.weight.all());
     let total = ctx.sum(work);
     ctx.store(loss.at(0), total);
-    LOSS.reduce_south(shape.r, loss.all())
-        .issue(ctx, Then::Nothing);
+    ctx.issue(LOSS.reduce_south(shape.r, loss.all()), Then::Nothing);
 }
 
 /// Step 5: `dZ = exp(z - m) weight / s`, then `-1/N` at the owned targets.

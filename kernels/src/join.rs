@@ -7,61 +7,10 @@
 //! tasks matter: activating an already active task is idempotent on the hardware, so one shared
 //! task could miss a completion.
 
-use wafersim_sim::{
-    Buf, BuildError, Color, Coord, DType, Program, RecvMode, TaskCtx, TaskId, Then, VecRef,
-};
+use wafersim_sim::{Buf, BuildError, Color, Coord, DType, OpList, Program, TaskCtx, TaskId, Then};
 
-/// One asynchronous fabric operation to issue.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Op {
-    /// Send `src` on `out`.
-    Send { out: Color, src: VecRef },
-    /// Receive into `dst` from `inp`.
-    Recv {
-        inp: Color,
-        dst: VecRef,
-        mode: RecvMode,
-    },
-    /// Receive from `inp`, add `local`, send on `out`.
-    RecvAddSend {
-        inp: Color,
-        local: VecRef,
-        out: Color,
-    },
-    /// Receive from `inp`, store into `dst`, send on `out`.
-    RecvStoreSend { inp: Color, dst: VecRef, out: Color },
-}
-
-impl Op {
-    fn colors(self) -> (Option<Color>, Option<Color>) {
-        match self {
-            Op::Send { out, .. } => (None, Some(out)),
-            Op::Recv { inp, .. } => (Some(inp), None),
-            Op::RecvAddSend { inp, out, .. } | Op::RecvStoreSend { inp, out, .. } => {
-                (Some(inp), Some(out))
-            }
-        }
-    }
-
-    fn len(self) -> u32 {
-        match self {
-            Op::Send { src: v, .. }
-            | Op::Recv { dst: v, .. }
-            | Op::RecvAddSend { local: v, .. }
-            | Op::RecvStoreSend { dst: v, .. } => v.len,
-        }
-    }
-
-    /// Starts the operation, doing `then` when it finishes.
-    pub fn issue(self, ctx: &mut TaskCtx<'_>, then: Then) {
-        match self {
-            Op::Send { out, src } => ctx.send(out, src, then),
-            Op::Recv { inp, dst, mode } => ctx.recv(inp, dst, mode, then),
-            Op::RecvAddSend { inp, local, out } => ctx.recv_add_send(inp, local, out, then),
-            Op::RecvStoreSend { inp, dst, out } => ctx.recv_store_send(inp, dst, out, then),
-        }
-    }
-}
+/// One asynchronous fabric operation to issue (the simulator's [`wafersim_sim::FabricOp`]).
+pub use wafersim_sim::FabricOp as Op;
 
 /// Most final operations one join can wait for.
 pub const ARMS: usize = 4;
@@ -96,37 +45,98 @@ impl Join {
     }
 }
 
+/// Operations generated on demand, in issue order, none of them empty: for lists too long to
+/// hold on every PE (a row reduce-scatter posts one per column), see [`issue_generated`].
+pub trait OpSource: Send + 'static {
+    /// How many operations.
+    fn len(&self) -> usize;
+
+    /// Whether there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Operation `i` (`i < len()`).
+    fn op(&self, i: usize) -> Op;
+}
+
+impl OpSource for Vec<Op> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+
+    fn op(&self, i: usize) -> Op {
+        self[i]
+    }
+}
+
 /// Issues the non-empty `ops` in order and makes `join` activate its target once all of them
 /// have finished (at once if there are none).
 pub fn issue(ctx: &mut TaskCtx<'_>, ops: &[Op], join: &Join) {
-    let ops: Vec<Op> = ops.iter().copied().filter(|op| op.len() > 0).collect();
-    let finals: Vec<bool> = (0..ops.len())
-        .map(|i| {
-            let (a_in, a_out) = ops[i].colors();
-            !ops[i + 1..].iter().any(|later| {
-                let (b_in, b_out) = later.colors();
-                (a_in.is_some() && a_in == b_in) || (a_out.is_some() && a_out == b_out)
-            })
-        })
-        .collect();
-    let count = finals.iter().filter(|&&f| f).count();
-    assert!(
-        count <= ARMS,
-        "a join waits for at most {ARMS} final operations, got {count}"
-    );
-    if count == 0 {
+    let ops: Vec<Op> = ops.iter().copied().filter(|op| !op.is_empty()).collect();
+    issue_generated(ctx, ops, join);
+}
+
+/// Issues the operations of `source` in order (as one [`wafersim_sim::OpList`], so the PE holds
+/// only the few that could start) and makes `join` activate its target once all of them have
+/// finished (at once if there are none).
+pub fn issue_generated<S: OpSource>(ctx: &mut TaskCtx<'_>, source: S, join: &Join) {
+    let finals = final_ops(&source);
+    if finals.is_empty() {
         ctx.activate(join.target);
         return;
     }
-    ctx.store(join.pending.at(0), count as f32);
-    let mut arm = 0;
-    for (op, is_final) in ops.into_iter().zip(finals) {
-        let then = if is_final {
-            arm += 1;
-            Then::Activate(join.arms[arm - 1])
-        } else {
-            Then::Nothing
-        };
-        op.issue(ctx, then);
+    ctx.store(join.pending.at(0), finals.len() as f32);
+    let mut arms = [None; ARMS];
+    for (arm, &i) in finals.iter().enumerate() {
+        arms[arm] = Some((i, join.arms[arm]));
+    }
+    ctx.issue_list(Box::new(Joined { source, arms }));
+}
+
+/// The operations no later one shares a color with (the input color as input, the output color
+/// as output), in order: when they have finished, all have. At most [`ARMS`].
+fn final_ops<S: OpSource>(source: &S) -> Vec<usize> {
+    let bit = |c: Option<Color>| c.map_or(0, |c| 1u32 << c.index());
+    let (mut later_in, mut later_out) = (0u32, 0u32);
+    let mut finals = Vec::new();
+    for i in (0..source.len()).rev() {
+        let op = source.op(i);
+        debug_assert!(!op.is_empty(), "an op source yields no empty operation");
+        let (a_in, a_out) = op.colors();
+        if bit(a_in) & later_in == 0 && bit(a_out) & later_out == 0 {
+            finals.push(i);
+        }
+        later_in |= bit(a_in);
+        later_out |= bit(a_out);
+    }
+    assert!(
+        finals.len() <= ARMS,
+        "a join waits for at most {ARMS} final operations, got {}",
+        finals.len()
+    );
+    finals.reverse();
+    finals
+}
+
+/// A source with its final operations armed: operation `i` activates the arm paired with it.
+struct Joined<S> {
+    source: S,
+    arms: [Option<(usize, TaskId)>; ARMS],
+}
+
+impl<S: OpSource> OpList for Joined<S> {
+    fn len(&self) -> usize {
+        self.source.len()
+    }
+
+    fn get(&self, i: usize) -> (Op, Then) {
+        let then = self
+            .arms
+            .iter()
+            .flatten()
+            .find(|(final_op, _)| *final_op == i)
+            .map_or(Then::Nothing, |&(_, arm)| Then::Activate(arm));
+        (self.source.op(i), then)
     }
 }

@@ -709,9 +709,7 @@ impl LayerNormBackward<'_> {
                     Then::Unblock(gradients),
                 );
                 xhat_and_parameter_partials(ctx, pe, bufs);
-                COLUMN
-                    .reduce_south(row, bufs.dparams.all())
-                    .issue(ctx, Then::Nothing);
+                ctx.issue(COLUMN.reduce_south(row, bufs.dparams.all()), Then::Nothing);
                 ctx.activate(gradients);
             })?,
         ];

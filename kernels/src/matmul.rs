@@ -49,7 +49,7 @@ use std::ops::Range;
 
 use half::f16;
 use wafersim_sim::{
-    Buf, Color, DType, FabricConfig, Program, RunOptions, Simulator, Stats, TaskId, Wavelet,
+    Buf, Color, DType, FabricConfig, Program, RunOptions, Simulator, Stats, TaskId, VecRef, Wavelet,
 };
 
 use crate::chain::{RowChain, feed_column_from_north};
@@ -397,9 +397,14 @@ impl StreamMatmul<'_> {
                 ctx.block(weights_id);
                 let chunk = chunk_list[chunk_index].clone();
                 chunk_index += 1;
-                let segments = owner_segments(ctx, &chunk, outs, cu, partial, y, t_len);
-                let ops = ROW.reduce_scatter(cu, cols, &segments);
-                join::issue(ctx, &ops, &join);
+                let owners = owners_of(&chunk, outs);
+                let segment = move |b| owner_segment(&chunk, outs, b, partial, y, t_len);
+                if owners.contains(&cu) {
+                    let (part, result) = segment(cu);
+                    ctx.mov(result, part);
+                }
+                let ops = ROW.reduce_scatter_ops(cu, cols, owners, segment);
+                join::issue_generated(ctx, ops, &join);
                 return;
             }
             ctx.scalar_cycles(1); // split the index into (column, input feature)
@@ -415,31 +420,26 @@ impl StreamMatmul<'_> {
     }
 }
 
-/// The pieces of `chunk` each owner column reduces, as `(owner, partial sums, owner's result)`;
-/// this PE's own piece is copied into its result first.
-fn owner_segments(
-    ctx: &mut wafersim_sim::TaskCtx<'_>,
+/// The owner columns whose output features `chunk` touches, in order.
+fn owners_of(chunk: &Range<usize>, outs: Split) -> Range<usize> {
+    let first = outs.owner(chunk.start);
+    first..first + outs.blocks_overlapping(chunk)
+}
+
+/// Owner `b`'s piece of `chunk`: this PE's partial sums of it and where the owner keeps them.
+fn owner_segment(
     chunk: &Range<usize>,
     outs: Split,
-    c: usize,
+    b: usize,
     partial: Buf,
     y: Buf,
     t_len: u32,
-) -> Vec<(usize, wafersim_sim::VecRef, wafersim_sim::VecRef)> {
-    let mut segments = Vec::new();
-    for b in 0..outs.parts {
-        let owned = outs.block(b);
-        let (lo, hi) = (chunk.start.max(owned.start), chunk.end.min(owned.end));
-        if lo >= hi {
-            continue;
-        }
-        let len = (hi - lo) as u32 * t_len;
-        let part = partial.slice((lo - chunk.start) as u32 * t_len, len);
-        let result = y.slice((lo - owned.start) as u32 * t_len, len);
-        if b == c {
-            ctx.mov(result, part);
-        }
-        segments.push((b, part, result));
-    }
-    segments
+) -> (VecRef, VecRef) {
+    let owned = outs.block(b);
+    let (lo, hi) = (chunk.start.max(owned.start), chunk.end.min(owned.end));
+    debug_assert!(lo < hi, "owner {b} has a piece of the chunk");
+    let len = (hi - lo) as u32 * t_len;
+    let part = partial.slice((lo - chunk.start) as u32 * t_len, len);
+    let result = y.slice((lo - owned.start) as u32 * t_len, len);
+    (part, result)
 }

@@ -183,7 +183,7 @@ impl GroupAllReduce {
                         src: x,
                     };
                     let turn = p.local_task(pe, "group_total", move |ctx| {
-                        back.issue(ctx, Then::Nothing);
+                        ctx.issue(back, Then::Nothing);
                         count_down(ctx, pending, done);
                     })?;
                     let total = Op::Recv {
@@ -253,7 +253,7 @@ impl GroupPart {
             ctx.store(pending.at(0), self.groups as f32);
         }
         for &(op, then) in &self.ops {
-            op.issue(ctx, then);
+            ctx.issue(op, then);
         }
     }
 }

@@ -294,7 +294,7 @@ mod tests {
             p.local_task(pe, "reduce", move |ctx| {
                 ctx.mov(result.all(), partial.slice(offset(r), own_len));
                 for op in REDUCE.reduce_scatter(r, &reduce_parts, result.all()) {
-                    op.issue(ctx, Then::Nothing);
+                    ctx.issue(op, Then::Nothing);
                 }
             })
             .unwrap();

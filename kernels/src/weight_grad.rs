@@ -535,8 +535,7 @@ impl PeTasks {
             let s = ctx.sum(column);
             ctx.store(self.bias_sums.at(j), s);
         }
-        COLUMN
-            .reduce_south(self.r, self.bias_sums.all())
-            .issue(ctx, wafersim_sim::Then::Nothing);
+        let op = COLUMN.reduce_south(self.r, self.bias_sums.all());
+        ctx.issue(op, wafersim_sim::Then::Nothing);
     }
 }

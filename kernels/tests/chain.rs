@@ -137,7 +137,7 @@ fn column_reduce_leaves_through_the_south_edge() {
         let ru = r as usize;
         let t = p
             .local_task(pe, "reduce", move |ctx| {
-                chain.reduce_south(ru, v.all()).issue(ctx, Then::Nothing)
+                ctx.issue(chain.reduce_south(ru, v.all()), Then::Nothing)
             })
             .unwrap();
         p.activate(pe, t).unwrap();

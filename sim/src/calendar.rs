@@ -15,6 +15,10 @@ use std::collections::BinaryHeap;
 
 /// Cycles covered by the buckets (a power of two).
 const WINDOW: u64 = 1 << 12;
+/// Largest bucket buffer kept for reuse, in wakes. A bucket that once held a wake for every PE
+/// of a wafer would otherwise lend its megabytes to a bucket of a few wakes, and every bucket in
+/// use could end up holding one: beyond this, buffers go back to the allocator.
+const SPARE_CAPACITY: usize = 1 << 12;
 
 pub(crate) struct Calendar {
     buckets: Vec<Vec<u32>>,
@@ -105,7 +109,7 @@ impl Calendar {
         let bucket = &mut self.buckets[(t % WINDOW) as usize];
         std::mem::swap(bucket, out);
         let emptied = std::mem::take(bucket);
-        if emptied.capacity() > 0 {
+        if (1..=SPARE_CAPACITY).contains(&emptied.capacity()) {
             self.spare.push(emptied);
         }
         self.near -= out.len();

@@ -159,6 +159,7 @@ impl Simulator {
             shard,
             sinks,
         };
+        sim.reserve(&programs);
         for (slot, p) in programs.into_iter().enumerate() {
             sim.add_pe(slot as u32, p)?;
         }
@@ -169,6 +170,22 @@ impl Simulator {
             sim.add_injector(inj.pe, inj.port, inj.wavelets)?;
         }
         Ok(sim)
+    }
+
+    /// Sizes the shard's arrays for `programs` at once: grown by doubling, the largest of them
+    /// would briefly take twice their size at a wafer's scale.
+    fn reserve(&mut self, programs: &[crate::program::PeProgram]) {
+        let routes = programs.iter().flat_map(|p| &p.routes);
+        let inbufs: usize = routes.clone().map(|r| r.rx.len()).sum();
+        let queues = inbufs + routes.clone().filter(|r| r.tx.contains(Port::Ramp)).count();
+        let shard = &mut self.shard;
+        shard.pes.reserve_exact(programs.len());
+        shard.routes.reserve_exact(routes.count());
+        shard.inbufs.reserve_exact(inbufs);
+        shard.queues.reserve_exact(queues);
+        shard
+            .items
+            .reserve_exact(queues * (shard.ring_mask as usize + 1));
     }
 
     fn add_pe(&mut self, slot: u32, p: crate::program::PeProgram) -> Result<(), BuildError> {
@@ -194,6 +211,8 @@ impl Simulator {
             })
             .unzip();
         let sram_bytes = p.sram.used_bytes;
+        let mut sram = p.sram;
+        sram.shrink_to_fit();
         let route_start = shard.routes.len() as u32;
         shard.routes.extend(p.routes.iter().map(|r| RouteState {
             color: r.color,
@@ -219,12 +238,13 @@ impl Simulator {
             ramp_next: 0,
             eligible: None,
             ops: Vec::new(),
+            lazy: None,
             tasks,
             flags,
             bodies,
             core_in: Vec::new(),
             core_out: Vec::new(),
-            sram: p.sram,
+            sram,
             stats: PeStats {
                 sram_bytes,
                 ..PeStats::default()

@@ -149,6 +149,14 @@ impl std::fmt::Display for AccessError {
 }
 
 impl Sram {
+    /// Gives back the arenas' spare capacity (left by growing them buffer by buffer): once a
+    /// program is built its buffers are fixed, and a wafer holds hundreds of thousands of PEs.
+    pub fn shrink_to_fit(&mut self) {
+        self.f32s.shrink_to_fit();
+        self.f16s.shrink_to_fit();
+        self.buffers.shrink_to_fit();
+    }
+
     /// Adds a buffer holding `init` (`f32`) or `init16` (`f16`); the caller checked capacity.
     pub fn push_f32(&mut self, name: &'static str, init: &[f32]) -> Buf {
         let start = self.f32s.len();

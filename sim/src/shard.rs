@@ -28,6 +28,7 @@ use crate::config::FabricConfig;
 use crate::error::{RunError, SimError, Stuck};
 use crate::geometry::{Coord, Port, PortSet};
 use crate::memory::{DType, Sram, VecRef};
+use crate::oplist::{self, LazyOps};
 use crate::program::{TaskBody, Then, Trigger};
 use crate::stats::PeStats;
 use crate::task::{AsyncKind, AsyncOp, CoreLinks, RecvMode, TaskCtx, TaskFlags};
@@ -205,6 +206,9 @@ pub(crate) struct Pe {
     /// The asynchronous operation that gets the first chance at the ramp next cycle.
     pub ramp_next: usize,
     pub ops: Vec<AsyncOp>,
+    /// The rest of a list of operations not taken up into `ops` yet (`crate::oplist`): none of
+    /// it could start while `ops` holds what it has.
+    pub lazy: Option<Box<LazyOps>>,
     /// The operations of `ops` that may move (see [`first_of_each_color`]), or `None` when `ops`
     /// changed since they were last found: they depend on the operations' colors only.
     pub eligible: Option<Eligible>,
@@ -690,8 +694,12 @@ impl Shard {
             .eligible
             .get_or_insert_with(|| first_of_each_color(&pe.ops));
         let eligible = eligible.as_slice();
-        let first = self.pes[p as usize].ramp_next % self.pes[p as usize].ops.len();
-        let from = eligible.partition_point(|&i| (i as usize) < first);
+        // Positions count the operations not taken up yet, as if they were all held.
+        let (ops, lazy) = (&pe.ops, pe.lazy.as_deref());
+        let held = ops.len() + lazy.map_or(0, LazyOps::remaining);
+        let first = pe.ramp_next % held;
+        let from =
+            eligible.partition_point(|&i| oplist::position_of(ops, lazy, i as usize) < first);
         let mut again = false;
         let mut finished: u64 = 0;
         let mut finished_late = Vec::new();
@@ -738,8 +746,40 @@ impl Shard {
             let op = self.pes[p as usize].ops.remove(i);
             self.complete(env, p, op, t);
         }
+        if self.pes[p as usize].lazy.is_some() {
+            self.take_up(p, t);
+        }
         if again {
             self.wake(t + 1, comp(p, CORE));
+        }
+    }
+
+    /// Takes up operations of PE `p`'s list that could now start, and wakes the core when they
+    /// may (as issuing them would have).
+    fn take_up(&mut self, p: u32, t: u64) {
+        let pe = &mut self.pes[p as usize];
+        let Pe {
+            ops,
+            lazy,
+            sram,
+            core_in,
+            core_out,
+            ..
+        } = pe;
+        let links = CoreLinks {
+            inputs: core_in,
+            outputs: core_out,
+        };
+        let before = ops.len();
+        if oplist::take_up(ops, lazy, sram, links, false) == 0 {
+            return;
+        }
+        pe.eligible = None;
+        for k in before..self.pes[p as usize].ops.len() {
+            let at = self.pes[p as usize].ops[k].start_at;
+            if at > t {
+                self.wake(at, comp(p, CORE));
+            }
         }
     }
 
@@ -818,7 +858,7 @@ impl Shard {
         op.next_at = t + 1;
         if let (Some(w), Some(q)) = (outgoing, out_queue) {
             pe.last_ramp_push = t;
-            pe.ramp_next = i + 1;
+            pe.ramp_next = oplist::position_of(&pe.ops, pe.lazy.as_deref(), i) + 1;
             pe.stats.wavelets_sent += 1;
             self.deliver(q, w, t, env.ramp);
         }
@@ -839,6 +879,7 @@ impl Shard {
                 Trigger::Data(color) => {
                     self.is_ready(task.queue, t)
                         && !pe.ops.iter().any(|o| o.in_color == Some(color))
+                        && pe.lazy.as_ref().is_none_or(|l| !l.rest_reads(color))
                 }
             }
         })
@@ -988,6 +1029,13 @@ impl Shard {
                 op.issued_by, op.done, op.len
             ));
         }
+        if let Some(l) = &pe.lazy {
+            what.push(format!(
+                "{} more fabric ops of task \"{}\" not started",
+                l.remaining(),
+                l.issued_by()
+            ));
+        }
         for (i, t) in pe.tasks.iter().enumerate() {
             if pe.flags[i].active {
                 let state = if pe.flags[i].blocked {
@@ -1078,6 +1126,7 @@ fn execute_body(
         sram,
         flags,
         ops,
+        lazy,
         stats,
         core_in,
         core_out,
@@ -1093,6 +1142,7 @@ fn execute_body(
         sram,
         tasks: flags,
         ops,
+        lazy,
         stats,
         links: CoreLinks {
             inputs: core_in,

@@ -7,10 +7,12 @@
 //! ([`crate::SimdWidths`]); transcendentals cost `exp_cycles_per_element` per element.
 //!
 //! Fabric input and output are asynchronous, as DSD operations with `.async = true` are on the
-//! hardware: [`TaskCtx::send`], [`TaskCtx::recv`] and [`TaskCtx::recv_add_send`] start a
-//! microthread that moves at most one wavelet per cycle in the background and may activate or
-//! unblock a task when it finishes. Operations on the same color run one after another in issue
-//! order. Values to send are read when the send is issued.
+//! hardware: [`TaskCtx::send`], [`TaskCtx::recv`] and [`TaskCtx::recv_add_send`] (or
+//! [`TaskCtx::issue`] with a [`FabricOp`]) start a microthread that moves at most one wavelet per
+//! cycle in the background and may activate or unblock a task when it finishes. Operations on the
+//! same color run one after another in issue order. Values to send are read when the send is
+//! issued. [`TaskCtx::issue_list`] issues a long list at once without holding it
+//! (`oplist.rs`).
 //!
 //! Numerics: `f32` instructions compute in `f32`; `f16` instructions compute each element in
 //! `f32` and round the result to `f16` once. Operands are read before the destination is written
@@ -25,6 +27,7 @@ use half::slice::HalfFloatSliceExt;
 use crate::config::FabricConfig;
 use crate::geometry::Coord;
 use crate::memory::{DType, Sram, VecRef};
+use crate::oplist::{self, FabricOp, LazyOps, OpList};
 use crate::program::{TaskId, Then};
 use crate::stats::PeStats;
 use crate::wavelet::{Color, Wavelet};
@@ -65,6 +68,8 @@ pub(crate) struct AsyncOp {
     pub stalled_since: Option<u64>,
     pub then: Then,
     pub issued_by: &'static str,
+    /// Its position in the list being taken up (`oplist::NOT_LISTED` otherwise).
+    pub list_index: u32,
 }
 
 #[derive(Debug)]
@@ -84,6 +89,22 @@ pub(crate) struct CoreLinks<'a> {
     pub outputs: &'a [(Color, u32)],
 }
 
+impl CoreLinks<'_> {
+    /// The core input queue of `color`, if a route delivers it to RAMP.
+    pub fn input(&self, color: Color) -> Option<u32> {
+        find_queue(self.inputs, color)
+    }
+
+    /// The router buffer taking `color` from RAMP, if a route accepts it.
+    pub fn output(&self, color: Color) -> Option<u32> {
+        find_queue(self.outputs, color)
+    }
+}
+
+fn find_queue(table: &[(Color, u32)], color: Color) -> Option<u32> {
+    table.iter().find(|(c, _)| *c == color).map(|&(_, q)| q)
+}
+
 /// What a running task sees of its PE: the instruction set.
 pub struct TaskCtx<'a> {
     pub(crate) config: &'a FabricConfig,
@@ -94,6 +115,8 @@ pub struct TaskCtx<'a> {
     pub(crate) sram: &'a mut Sram,
     pub(crate) tasks: &'a mut [TaskFlags],
     pub(crate) ops: &'a mut Vec<AsyncOp>,
+    /// A list issued by [`TaskCtx::issue_list`] and not all taken up yet.
+    pub(crate) lazy: &'a mut Option<Box<LazyOps>>,
     pub(crate) stats: &'a mut PeStats,
     pub(crate) links: CoreLinks<'a>,
     pub(crate) name: &'static str,
@@ -491,12 +514,11 @@ impl TaskCtx<'_> {
     }
 
     fn queue_of(&mut self, op: &str, color: Color, output: bool) -> Option<u32> {
-        let table = if output {
-            self.links.outputs
+        let found = if output {
+            self.links.output(color)
         } else {
-            self.links.inputs
+            self.links.input(color)
         };
-        let found = table.iter().find(|(c, _)| *c == color).map(|&(_, q)| q);
         if found.is_none() {
             let dir = if output {
                 "accepts it from RAMP"
@@ -508,53 +530,77 @@ impl TaskCtx<'_> {
         found
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn start(
-        &mut self,
-        kind: AsyncKind,
-        len: u32,
-        in_color: Option<Color>,
-        out_color: Option<Color>,
-        in_queue: Option<u32>,
-        out_queue: Option<u32>,
-        then: Then,
-    ) {
+    /// Checks `op` as this task issues it: its vector, its types, a route for each color.
+    fn check_op(&mut self, op: FabricOp) -> bool {
+        let (name, input, output) = match op {
+            FabricOp::Send { out, .. } => ("send", None, Some(out)),
+            FabricOp::Recv { inp, .. } => ("recv", Some(inp), None),
+            FabricOp::RecvAddSend { inp, local, out } => {
+                if local.dtype() != DType::F32 {
+                    self.fail("recv_add_send: the local vector must be f32".into());
+                    return false;
+                }
+                ("recv_add_send", Some(inp), Some(out))
+            }
+            FabricOp::RecvStoreSend { inp, out, .. } => ("recv_store_send", Some(inp), Some(out)),
+        };
+        self.checked(name, op.vector()).is_some()
+            && input.is_none_or(|c| self.queue_of(name, c, false).is_some())
+            && output.is_none_or(|c| self.queue_of(name, c, true).is_some())
+    }
+
+    /// The start cycle of an operation issued now, after charging its issue.
+    fn charge_issue(&mut self) -> u64 {
         self.cycles += u64::from(self.config.issue_cycles);
-        let start_at = self.now + u64::from(self.config.task_switch_cycles) + self.cycles;
-        self.ops.push(AsyncOp {
-            kind,
-            in_queue,
-            out_queue,
-            in_color,
-            out_color,
-            done: 0,
-            len,
-            start_at,
-            next_at: start_at,
-            stalled_since: None,
-            then,
-            issued_by: self.name,
-        });
+        self.now + u64::from(self.config.task_switch_cycles) + self.cycles
+    }
+
+    /// Takes up the rest of an earlier list, so that what is issued now comes behind it; from
+    /// then on its operations count as issued one by one.
+    fn take_up_all(&mut self) {
+        if self.lazy.is_some() {
+            oplist::take_up(self.ops, self.lazy, self.sram, self.links, true);
+        }
+        for op in self.ops.iter_mut() {
+            op.list_index = oplist::NOT_LISTED;
+        }
+    }
+
+    /// Starts `op`, doing `then` when it finishes.
+    pub fn issue(&mut self, op: FabricOp, then: Then) {
+        if !self.check_op(op) {
+            return;
+        }
+        self.take_up_all();
+        let start_at = self.charge_issue();
+        let pending = oplist::async_op(op, then, self.sram, self.links, start_at, self.name);
+        self.ops.push(pending);
+    }
+
+    /// Issues every operation of `list` in order, charged as [`TaskCtx::issue`] one by one; the
+    /// PE holds only those that could start (see [`OpList`]). An operation that fails its
+    /// checks stops the task before any of the list is issued.
+    pub fn issue_list(&mut self, list: Box<dyn OpList>) {
+        for i in 0..list.len() {
+            if !self.check_op(list.get(i).0) {
+                return;
+            }
+        }
+        if list.is_empty() {
+            return;
+        }
+        self.take_up_all();
+        let issue = u64::from(self.config.issue_cycles);
+        let first_start = self.charge_issue();
+        self.cycles += issue * (list.len() as u64 - 1);
+        *self.lazy = Some(Box::new(LazyOps::new(list, first_start, issue, self.name)));
+        oplist::take_up(self.ops, self.lazy, self.sram, self.links, false);
     }
 
     /// Sends the elements of `src` on `color`, one wavelet each: an `f32` payload, or for `f16`
     /// the sparse form with the element's position in `src` as index.
     pub fn send(&mut self, color: Color, src: VecRef, then: Then) {
-        let Some(range) = self.checked("send", src) else {
-            return;
-        };
-        let wavelets: Vec<Wavelet> = match src.dtype() {
-            DType::F32 => self.sram.f32s[range]
-                .iter()
-                .map(|&v| Wavelet::from_f32(v))
-                .collect(),
-            DType::F16 => self.sram.f16s[range]
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| Wavelet::sparse(v, i as u16))
-                .collect(),
-        };
-        self.send_wavelets(color, wavelets, then);
+        self.issue(FabricOp::Send { out: color, src }, then);
     }
 
     /// Sends the given wavelets on `color` (for payloads the task builds itself).
@@ -562,84 +608,57 @@ impl TaskCtx<'_> {
         let Some(q) = self.queue_of("send", color, true) else {
             return;
         };
-        let len = wavelets.len() as u32;
-        self.start(
-            AsyncKind::Send { wavelets },
-            len,
-            None,
-            Some(color),
-            None,
-            Some(q),
+        self.take_up_all();
+        let start_at = self.charge_issue();
+        self.ops.push(AsyncOp {
+            len: wavelets.len() as u32,
+            kind: AsyncKind::Send { wavelets },
+            in_queue: None,
+            out_queue: Some(q),
+            in_color: None,
+            out_color: Some(color),
+            done: 0,
+            start_at,
+            next_at: start_at,
+            stalled_since: None,
             then,
-        );
+            issued_by: self.name,
+            list_index: oplist::NOT_LISTED,
+        });
     }
 
     /// Receives `dst.len` wavelets of `color` into `dst` (stored or added, as `f32` payloads, or
     /// as the fp16 low half for an `f16` destination).
     pub fn recv(&mut self, color: Color, dst: VecRef, mode: RecvMode, then: Then) {
-        if self.checked("recv", dst).is_none() {
-            return;
-        }
-        let Some(q) = self.queue_of("recv", color, false) else {
-            return;
+        let op = FabricOp::Recv {
+            inp: color,
+            dst,
+            mode,
         };
-        let kind = AsyncKind::Recv { dst, mode };
-        self.start(kind, dst.len, Some(color), None, Some(q), None, then);
+        self.issue(op, then);
     }
 
     /// For each element: receive a wavelet on `in_color`, add `local[i]`, send the sum on
     /// `out_color` (one step of a chain reduction, `@fadds(fabout, fabin, mem)`). `f32` only.
     pub fn recv_add_send(&mut self, in_color: Color, local: VecRef, out_color: Color, then: Then) {
-        if local.dtype() != DType::F32 {
-            self.fail("recv_add_send: the local vector must be f32".into());
-            return;
-        }
-        if self.checked("recv_add_send", local).is_none() {
-            return;
-        }
-        let (Some(qi), Some(qo)) = (
-            self.queue_of("recv_add_send", in_color, false),
-            self.queue_of("recv_add_send", out_color, true),
-        ) else {
-            return;
+        let op = FabricOp::RecvAddSend {
+            inp: in_color,
+            local,
+            out: out_color,
         };
-        let kind = AsyncKind::RecvAddSend { local };
-        self.start(
-            kind,
-            local.len,
-            Some(in_color),
-            Some(out_color),
-            Some(qi),
-            Some(qo),
-            then,
-        );
+        self.issue(op, then);
     }
-}
 
-impl TaskCtx<'_> {
     /// For each element: receive a wavelet on `in_color`, store it in `dst[i]` (as `f32`, or the
     /// fp16 low half for an `f16` destination) and send it on unchanged on `out_color` (a
     /// store-and-forward hop of an all-gather through the core).
     pub fn recv_store_send(&mut self, in_color: Color, dst: VecRef, out_color: Color, then: Then) {
-        if self.checked("recv_store_send", dst).is_none() {
-            return;
-        }
-        let (Some(qi), Some(qo)) = (
-            self.queue_of("recv_store_send", in_color, false),
-            self.queue_of("recv_store_send", out_color, true),
-        ) else {
-            return;
+        let op = FabricOp::RecvStoreSend {
+            inp: in_color,
+            dst,
+            out: out_color,
         };
-        let kind = AsyncKind::RecvStoreSend { dst };
-        self.start(
-            kind,
-            dst.len,
-            Some(in_color),
-            Some(out_color),
-            Some(qi),
-            Some(qo),
-            then,
-        );
+        self.issue(op, then);
     }
 }
 
