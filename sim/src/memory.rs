@@ -160,12 +160,16 @@ impl Sram {
     /// Adds a buffer holding `init` (`f32`) or `init16` (`f16`); the caller checked capacity.
     pub fn push_f32(&mut self, name: &'static str, init: &[f32]) -> Buf {
         let start = self.f32s.len();
+        // Exactly what is asked: grown by doubling, a PE's arena would briefly hold up to twice
+        // its buffers while a whole wafer's programs are built.
+        self.f32s.reserve_exact(init.len());
         self.f32s.extend_from_slice(init);
         self.add_meta(name, DType::F32, start, init.len())
     }
 
     pub fn push_f16(&mut self, name: &'static str, init: &[f16]) -> Buf {
         let start = self.f16s.len();
+        self.f16s.reserve_exact(init.len());
         self.f16s.extend_from_slice(init);
         self.add_meta(name, DType::F16, start, init.len())
     }
