@@ -197,4 +197,26 @@ mod tests {
         assert_eq!(cal.next_cycle(), Some(11));
         assert_eq!(drain(&mut cal), vec![(11, 4), (12, 3), (WINDOW * 2 + 5, 7)]);
     }
+
+    #[test]
+    fn a_huge_bucket_buffer_is_not_kept_for_reuse() {
+        // A cycle with a wake for every PE of a big region hands its buffer to the caller; when
+        // the caller gives it back with the next cycle's take, it is freed, not lent to the next
+        // bucket that gets a wake.
+        let mut cal = Calendar::new();
+        let many = 4 * SPARE_CAPACITY as u32;
+        for c in 0..many {
+            cal.push(1, c);
+        }
+        let mut batch = Vec::new();
+        cal.take(1, &mut batch);
+        assert_eq!(batch.len(), many as usize);
+        batch.clear();
+        cal.push(2, 0);
+        cal.push(3, 0);
+        cal.take(2, &mut batch);
+        assert!(cal.spare.iter().all(|b| b.capacity() <= SPARE_CAPACITY));
+        assert!(cal.buckets.iter().all(|b| b.capacity() <= SPARE_CAPACITY));
+        assert_eq!(batch, vec![0]);
+    }
 }

@@ -169,6 +169,8 @@ pub(crate) struct LazyOps {
     taken_count: usize,
     /// Per key, the first operation not taken up with it, or `NEVER`; exact after [`take_up`].
     first_untaken: [u32; 2 * COLORS],
+    /// The keys the list uses, one bit each.
+    keys: u64,
 }
 
 impl LazyOps {
@@ -184,7 +186,11 @@ impl LazyOps {
                 first_untaken[key] = i as u32;
             }
         }
+        let keys = (0..2 * COLORS)
+            .filter(|&k| first_untaken[k] != NEVER)
+            .fold(0u64, |mask, k| mask | 1 << k);
         LazyOps {
+            keys,
             taken: vec![0; list.len().div_ceil(64)],
             taken_count: 0,
             list,
@@ -295,7 +301,8 @@ pub(crate) fn take_up(
         let mut changed = true;
         while changed {
             changed = false;
-            for key in 0..2 * COLORS {
+            let keys = l.keys;
+            for key in (0..2 * COLORS).filter(|&k| keys >> k & 1 == 1) {
                 let Some(i) = l.advance(key) else {
                     continue;
                 };

@@ -206,8 +206,8 @@ pub(crate) struct Pe {
     /// The asynchronous operation that gets the first chance at the ramp next cycle.
     pub ramp_next: usize,
     pub ops: Vec<AsyncOp>,
-    /// The rest of a list of operations not taken up into `ops` yet (`crate::oplist`): none of
-    /// it could start while `ops` holds what it has.
+    /// A list of operations not all taken up into `ops` yet (`crate::oplist`): every one not
+    /// taken up waits behind one in `ops`.
     pub lazy: Option<Box<LazyOps>>,
     /// The operations of `ops` that may move (see [`first_of_each_color`]), or `None` when `ops`
     /// changed since they were last found: they depend on the operations' colors only.
@@ -731,7 +731,8 @@ impl Shard {
                 again = true;
             }
         }
-        if finished != 0 || !finished_late.is_empty() {
+        let any_finished = finished != 0 || !finished_late.is_empty();
+        if any_finished {
             self.pes[p as usize].eligible = None;
         }
         // Remove from the highest index down.
@@ -746,7 +747,7 @@ impl Shard {
             let op = self.pes[p as usize].ops.remove(i);
             self.complete(env, p, op, t);
         }
-        if self.pes[p as usize].lazy.is_some() {
+        if any_finished && self.pes[p as usize].lazy.is_some() {
             self.take_up(p, t);
         }
         if again {
@@ -770,12 +771,13 @@ impl Shard {
             inputs: core_in,
             outputs: core_out,
         };
-        let before = ops.len();
         if oplist::take_up(ops, lazy, sram, links, false) == 0 {
             return;
         }
         pe.eligible = None;
-        for k in before..self.pes[p as usize].ops.len() {
+        // Taken up out of order, the new operations need not be the last ones; a wake for one
+        // that already had it is a duplicate, which the engine drops.
+        for k in 0..self.pes[p as usize].ops.len() {
             let at = self.pes[p as usize].ops[k].start_at;
             if at > t {
                 self.wake(at, comp(p, CORE));
