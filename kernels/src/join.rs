@@ -5,7 +5,9 @@
 //! operations (at most one per color) and arms one distinct *arm* task per final operation; each
 //! arm counts down a counter in SRAM and the last one activates the join's target. Distinct arm
 //! tasks matter: activating an already active task is idempotent on the hardware, so one shared
-//! task could miss a completion.
+//! task could miss a completion. [`issue_generated`] does the same for operations made on demand
+//! (an [`OpSource`]); both hand the simulator one list, so a PE holds only the operations that
+//! could start.
 
 use wafersim_sim::{Buf, BuildError, Color, Coord, DType, OpList, Program, TaskCtx, TaskId, Then};
 
