@@ -168,6 +168,27 @@ fn a_step_writes_four_files_that_agree() {
 /// - LM head: 3 x 2 T d V = 3 x 2 x 16 x 64 x 256 = 1,572,864.
 ///
 /// Sparse 4,718,592 + 196,608 + 1,572,864 = 6,488,064; dense 9,437,184 + ... = 11,206,656.
+#[test]
+fn a_run_without_numerics_names_the_files_an_earlier_run_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let full = small_step(&out, &[]);
+    assert_ok(&full);
+    assert_eq!(report(&out)["files"].as_array().unwrap().len(), 4);
+    let cost_only = small_step(&out, &["--fidelity", "fast", "--no-numerics"]);
+    assert_eq!(cost_only.code, 0, "stderr: {}", cost_only.stderr);
+    // The three safetensors are the first run's: kept, and named on stderr, one line each; the
+    // report lists only itself.
+    assert_eq!(listing(&out), OUTPUTS);
+    let notes: Vec<&str> = cost_only.stderr.lines().collect();
+    assert_eq!(notes.len(), 3, "{}", cost_only.stderr);
+    for (note, file) in notes.iter().zip(["weights", "grads", "updated"]) {
+        assert!(note.starts_with("note: ") && note.contains(&format!("{file}.safetensors")));
+        assert!(note.contains("earlier run"), "{note}");
+    }
+    assert_eq!(report(&out)["files"], serde_json::json!(["report.json"]));
+}
+
 fn check_flops(r: &Value) {
     assert_eq!(u64_at(r, "/flops/analytic_matmul_sparse"), 6_488_064);
     assert_eq!(u64_at(r, "/flops/analytic_matmul_dense"), 11_206_656);

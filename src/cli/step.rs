@@ -223,7 +223,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     // The files first: a terminal or pipe that goes away while the summary prints loses nothing.
     let written = written.as_ref().map(|(w, u)| (*w, u.as_ref()));
-    write_outputs(&args.out, &summary, written, args.seed, wall)?;
+    let files = write_outputs(&args.out, &summary, written, args.seed, wall)?;
+    note_stale_outputs(&args.out, &files);
     if let (Some(request), Some(trace)) = (&traced, &recorded) {
         trace::write(request, trace)?;
     }
@@ -641,16 +642,31 @@ fn precision_name(p: Precision) -> &'static str {
     }
 }
 
+/// One stderr line per output file in `dir` that this run did not write (a `--no-numerics` or
+/// prompt step after a full one): it is left as it was, from an earlier run, and `report.json`'s
+/// `files` says which ones are this run's.
+fn note_stale_outputs(dir: &Path, written: &[&str]) {
+    for name in OUTPUT_FILES.iter().chain([&PROMPT_GRAD_FILE]) {
+        if !written.contains(name) && dir.join(name).exists() {
+            eprintln!(
+                "note: {} is from an earlier run (this run did not write it)",
+                dir.join(name).display()
+            );
+        }
+    }
+}
+
 /// Writes the output files: all are staged beside their targets before any is moved into place
-/// (see [`guard::write_all`]), so an error leaves the folder as it was.
+/// (see [`guard::write_all`]), so an error leaves the folder as it was. Returns their names.
 fn write_outputs(
     dir: &Path,
     s: &Summary<'_>,
     weights_and_updated: Option<(&GptParams, Option<&GptParams>)>,
     seed: u64,
     wall: f64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<&'static str>> {
     let [report_file, weights_file, grads_file, updated_file] = OUTPUT_FILES;
+    let mut names = vec![report_file];
     guard::write_all(dir, |dir| {
         let mut files = Vec::new();
         if let (Some(numerics), Some((weights, updated))) = (&s.step.numerics, weights_and_updated)
@@ -677,7 +693,9 @@ fn write_outputs(
                 stage_f32_safetensors(&dir.join(PROMPT_GRAD_FILE), &tensors)
                     .with_context(|| format!("writing {PROMPT_GRAD_FILE}"))?,
             );
+            names.push(PROMPT_GRAD_FILE);
         }
+        names.extend(files.iter().map(|(name, _)| *name));
         for (name, params) in files {
             let named = hf_named_tensors(params);
             let views: Vec<_> = named
@@ -689,13 +707,16 @@ fn write_outputs(
                     .with_context(|| format!("writing {name}"))?,
             );
         }
-        let report = super::json_text(&report_json(s, seed, wall))?;
+        let mut report = report_json(s, seed, wall);
+        report["files"] = json!(names);
+        let report = super::json_text(&report)?;
         staged.push(
             stage_bytes(&dir.join(report_file), report.as_bytes())
                 .with_context(|| format!("writing {report_file}"))?,
         );
         Ok(staged)
-    })
+    })?;
+    Ok(names)
 }
 
 fn search_json(search: &RegionChoice) -> Value {
