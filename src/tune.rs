@@ -262,6 +262,25 @@ fn by_operation(cost: &StepCost, layers: u64) -> BTreeMap<OperationKey, u64> {
 mod tests {
     use super::*;
 
+    /// A search for a whole fp32 training step, recompute allowed, without a prompt.
+    fn search_on<'a>(
+        config: &'a GptConfig,
+        masks: &'a ModelMasks,
+        batch: &'a Batch,
+        fabric: &'a FabricConfig,
+    ) -> RegionSearch<'a> {
+        RegionSearch {
+            config,
+            masks,
+            batch,
+            fabric,
+            precision: Precision::F32,
+            allow_recompute: true,
+            prompt_len: 0,
+            gradients: GradientSet::All,
+        }
+    }
+
     #[test]
     fn candidates_are_fractions_of_the_widest_region_without_repeats() {
         let xl = GptConfig::preset("mediswift-xl").unwrap();
@@ -298,16 +317,7 @@ mod tests {
         let tokens = (0..32).map(|i| (i * 7 % 256) as u32).collect();
         let batch = Batch::new(&config, 2, 16, tokens).unwrap();
         let fabric = FabricConfig::rectangle(16, 16).unwrap();
-        let search = RegionSearch {
-            config: &config,
-            masks: &masks,
-            batch: &batch,
-            fabric: &fabric,
-            precision: Precision::F32,
-            allow_recompute: true,
-            prompt_len: 0,
-            gradients: GradientSet::All,
-        };
+        let search = search_on(&config, &masks, &batch, &fabric);
         let choice = choose_region(search).unwrap();
         let best = choice
             .trials
@@ -344,17 +354,7 @@ mod tests {
         let tokens = (0..64).map(|i| (i * 5 % 256) as u32).collect();
         let batch = Batch::new(&config, 2, 32, tokens).unwrap();
         let fabric = FabricConfig::rectangle(16, 16).unwrap();
-        let choice = choose_region(RegionSearch {
-            config: &config,
-            masks: &masks,
-            batch: &batch,
-            fabric: &fabric,
-            precision: Precision::F32,
-            allow_recompute: true,
-            prompt_len: 0,
-            gradients: GradientSet::All,
-        })
-        .unwrap();
+        let choice = choose_region(search_on(&config, &masks, &batch, &fabric)).unwrap();
         let chosen = choice
             .trials
             .iter()
@@ -386,17 +386,7 @@ mod tests {
         let masks = ModelMasks::random(&config, 0.5, 3).unwrap();
         let batch = Batch::new(&config, 1, 4, vec![1, 2, 3, 4]).unwrap();
         let fabric = FabricConfig::rectangle(1, 1).unwrap();
-        let choice = choose_region(RegionSearch {
-            config: &config,
-            masks: &masks,
-            batch: &batch,
-            fabric: &fabric,
-            precision: Precision::F32,
-            allow_recompute: true,
-            prompt_len: 0,
-            gradients: GradientSet::All,
-        })
-        .unwrap();
+        let choice = choose_region(search_on(&config, &masks, &batch, &fabric)).unwrap();
         assert_eq!(choice.trials.len(), 1);
         assert!(choice.trials[0].estimated_cycles.is_some());
         assert_eq!(
