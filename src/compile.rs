@@ -26,8 +26,9 @@
 //! limited shapes with the fast fidelity and keeps the fastest.
 //!
 //! Not here: the kernels' own working memory (each kernel's plan checks it against the whole
-//! SRAM, not against what the resident activations leave), a different region per layer (all
-//! kernels share one, so no activation is ever re-laid out).
+//! SRAM, not against what the resident activations leave; the attention's, which no region
+//! shrinks below a whole sequence's K and V, is `crate::runtime::attention_memory`), a different
+//! region per layer (all kernels share one, so no activation is ever re-laid out).
 
 use wafersim_kernels::{KernelError, MatmulShape, Precision, Region, Split, WeightGradShape};
 use wafersim_sim::FabricConfig;

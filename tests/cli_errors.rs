@@ -844,6 +844,38 @@ fn a_step_that_does_not_fit_is_a_run_failure_and_writes_nothing() {
 }
 
 #[test]
+fn a_sweep_whose_attention_overflows_the_sram_is_refused_exactly_and_flagged_when_costed() {
+    // tiny with 2 x 64 tokens on 1 x 64: the backward attention needs 71,700 bytes per PE
+    // (worked out in tests/cli_step.rs, `LONG_ATTENTION`).
+    let long = ["sweep", "--batch", "2", "--seq", "64", "--fabric", "1x64"];
+    let needles = [
+        "attention does not fit",
+        "71700 B in the backward, of 49152 B",
+    ];
+    assert_fails(&long, 1, &needles);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let fast = [
+        &long[..],
+        &["--fidelity", "fast", "--sparsity", "0.5", "--out", s(&out)],
+    ]
+    .concat();
+    let run = wafersim(&fast);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let warnings = run.stderr.lines().filter(|l| l.starts_with("warning:"));
+    assert_eq!(
+        warnings.filter(|l| l.contains(needles[1])).count(),
+        1,
+        "{}",
+        run.stderr
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    assert_eq!(json["region"]["attention"]["backward_bytes_per_pe"], 71_700);
+    assert_eq!(json["region"]["attention"]["fits"], false);
+}
+
+#[test]
 fn a_cycle_limit_names_the_pe_the_task_and_the_color() {
     let args = [
         "gemm",

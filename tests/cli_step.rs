@@ -147,6 +147,10 @@ fn a_step_writes_four_files_that_agree() {
 
     let r = report(&out);
     assert_eq!(r["schema"], "wafersim.step/v1");
+    assert_eq!(
+        r.pointer("/region/attention/fits"),
+        Some(&Value::Bool(true))
+    );
     check_flops(&r);
     check_cycles(&r);
     check_loss(&r);
@@ -434,6 +438,54 @@ fn a_model_too_big_for_the_fabric_is_refused_with_bytes() {
         &["--batch", "2", "--seq", "64", "--fabric", "2x2"],
         1,
         &["does not fit", "157440 bytes", "has 49152"],
+    );
+}
+
+/// tiny (64 features, 4 heads of 16) with 2 x 64 tokens on a 1 x 64 fabric: one column of all
+/// 64 features, 2 tokens per row, each sequence on 32 whole rows, so each PE's window is its
+/// sequence's 64 tokens. Forward f32s: Q, K, V, O tiles 4 x 64 x 2 = 512, window 2 x 64 x 64 =
+/// 8,192, probabilities 4 heads x 2 x 64 = 512, softmax rows 2 x 2, the join counter 1: 9,221,
+/// 36,884 bytes. Backward: the 512 of the tiles, the 512 probabilities, window and partial
+/// dK/dV 16,384, dS 64 x 2 and rows 2 x 2 = 132, dQ, dK, dV tiles 384, the counter 1: 17,925,
+/// 71,700 bytes, more than 48 KiB = 49,152.
+const LONG_ATTENTION: [&str; 6] = ["--batch", "2", "--seq", "64", "--fabric", "1x64"];
+
+#[test]
+fn an_attention_too_big_for_the_sram_is_refused_exactly_and_flagged_when_costed() {
+    fails_without_output(
+        &LONG_ATTENTION,
+        1,
+        &[
+            "attention does not fit",
+            "36884 B in the forward and 71700 B in the backward, of 49152 B",
+        ],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let mut args = LONG_ATTENTION.to_vec();
+    args.extend_from_slice(&["--fidelity", "fast", "--no-numerics"]);
+    let run = step(&out, &args);
+    assert_eq!(run.code, 0, "stderr: {}", run.stderr);
+    let warnings: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", run.stderr);
+    assert!(
+        warnings[0].contains("36884 B in the forward and 71700 B"),
+        "{}",
+        warnings[0]
+    );
+    let r = report(&out);
+    assert_eq!(u64_at(&r, "/region/attention/forward_bytes_per_pe"), 36_884);
+    assert_eq!(
+        u64_at(&r, "/region/attention/backward_bytes_per_pe"),
+        71_700
+    );
+    assert_eq!(
+        r.pointer("/region/attention/fits"),
+        Some(&Value::Bool(false))
     );
 }
 

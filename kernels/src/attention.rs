@@ -226,6 +226,42 @@ impl AttentionShape {
     }
 }
 
+/// SRAM the fullest PE of a region needs for the two attention kernels, whether or not it has
+/// that much: what [`Attention::plan`] and [`AttentionBackward::plan`] check against
+/// `FabricConfig::sram_bytes`, from the shape alone (no data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionMemory {
+    /// Bytes of the forward's buffers (tiles, the K/V window, the probabilities of every local
+    /// head, softmax rows).
+    pub forward_bytes: u64,
+    /// Bytes of the backward's buffers (the forward's, with the partial dK/dV beside the window,
+    /// dS, the shared heads' dP and the gradient tiles).
+    pub backward_bytes: u64,
+}
+
+impl AttentionMemory {
+    /// Whether both kernels fit `sram_bytes`.
+    pub fn fits(&self, sram_bytes: u32) -> bool {
+        self.forward_bytes.max(self.backward_bytes) <= u64::from(sram_bytes)
+    }
+}
+
+impl AttentionShape {
+    /// The SRAM the attention kernels need on `region` of `config`'s fabric (the fullest PE of
+    /// each); an error when the region refuses the shape.
+    pub fn memory(
+        &self,
+        config: &FabricConfig,
+        region: Region,
+    ) -> Result<AttentionMemory, KernelError> {
+        let g = geometry(KERNEL, config, region, self)?;
+        Ok(AttentionMemory {
+            forward_bytes: 4 * fullest_pe(&g, forward_elements).0,
+            backward_bytes: 4 * fullest_pe(&g, backward_elements).0,
+        })
+    }
+}
+
 /// The forward pass to run.
 #[derive(Clone, Copy, Debug)]
 pub struct Attention<'a> {
@@ -408,13 +444,12 @@ impl RowFacts {
     }
 }
 
-/// The plan, if the fullest PE's `elements(column, row)` f32 fit its SRAM.
-fn plan(
-    kernel: &'static str,
-    config: &FabricConfig,
-    g: &Geometry,
-    elements: fn(ColumnFacts, RowFacts) -> (u64, String),
-) -> Result<AttentionPlan, KernelError> {
+/// The f32 elements on a PE, given its column's and row's facts, and what they are.
+type Elements = fn(ColumnFacts, RowFacts) -> (u64, String);
+
+/// The fullest PE by `elements`: `(f32 elements, its facts, column, row)`, the first in row
+/// order among equals.
+fn fullest_pe(g: &Geometry, elements: Elements) -> (u64, ColumnFacts, RowFacts, usize, usize) {
     let columns: Vec<ColumnFacts> = (0..g.cols).map(|c| ColumnFacts::of(g, c)).collect();
     let rows: Vec<RowFacts> = (0..g.rows).map(|r| RowFacts::of(g, r)).collect();
     let mut worst = (0, 0, 0);
@@ -427,9 +462,20 @@ fn plan(
         }
     }
     let (count, c, r) = worst;
+    (count, columns[c], rows[r], c, r)
+}
+
+/// The plan, if the fullest PE's `elements(column, row)` f32 fit its SRAM.
+fn plan(
+    kernel: &'static str,
+    config: &FabricConfig,
+    g: &Geometry,
+    elements: Elements,
+) -> Result<AttentionPlan, KernelError> {
+    let (count, col, row, c, r) = fullest_pe(g, elements);
     let (needed, available) = (4 * count, u64::from(config.sram_bytes));
     if needed > available {
-        let (_, what) = elements(columns[c], rows[r]);
+        let (_, what) = elements(col, row);
         return Err(KernelError::DoesNotFit {
             kernel,
             needed,

@@ -39,7 +39,8 @@ pub use embedding::{
 };
 
 pub use attention::{
-    Attention, AttentionBackward, AttentionGrads, AttentionPlan, AttentionRun, AttentionShape,
+    Attention, AttentionBackward, AttentionGrads, AttentionMemory, AttentionPlan, AttentionRun,
+    AttentionShape,
 };
 pub use error::KernelError;
 pub use layernorm::{

@@ -170,6 +170,12 @@ fn check(batch: usize, seq: usize, heads: usize, f: usize, cols: u32, rows: u32,
     }
     assert_eq!(bwd.stats.total.fmacs, 4 * product, "{name}: backward FMACs");
     assert_eq!(bwd.plan.sram_bytes, fullest_pe(&bwd.stats), "{name}");
+    // The shape-only count agrees with what the programs allocated.
+    let memory = AttentionMemory {
+        forward_bytes: fullest_pe(&fwd.stats),
+        backward_bytes: fullest_pe(&bwd.stats),
+    };
+    assert_eq!(shape.memory(&config, region).unwrap(), memory, "{name}");
     within(
         &format!("{name} backward"),
         backward.estimate_cycles(&config),
@@ -475,6 +481,25 @@ fn the_longest_sequence_that_fits_one_head_of_64_per_column() {
             Err(other) => panic!("S {seq}: {other}"),
         }
     };
+    let memory = |seq: usize| {
+        let shape = AttentionShape {
+            batch: 1,
+            seq_len: seq,
+            heads: 1,
+            features: 64,
+            scale: 0.125,
+        };
+        let config = FabricConfig::rectangle(1, seq as u32).unwrap();
+        shape.memory(&config, Region::at_origin(1, seq as u32))
+    };
+    for seq in [45, 94] {
+        let want = AttentionMemory {
+            forward_bytes: 4 * (259 + 129 * seq as u64),
+            backward_bytes: 4 * (451 + 258 * seq as u64),
+        };
+        assert_eq!(memory(seq as usize).unwrap(), want, "S {seq}");
+        assert_eq!(want.fits(49_152), seq == 45, "S {seq}");
+    }
     assert_eq!(plan(93, false), Ok(4 * (259 + 129 * 93)));
     assert_eq!(plan(94, false), Err(4 * (259 + 129 * 94)));
     assert_eq!(plan(45, true), Ok(4 * (451 + 258 * 45)));

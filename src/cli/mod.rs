@@ -179,9 +179,21 @@ fn clap_one_line(e: &clap::Error) -> String {
         .join(" ")
 }
 
-/// The whole context chain on one line.
+/// The whole context chain on one line. A cause whose text its parent's already ends with (a
+/// library error that prints its source and also reports it as its source) is not repeated.
 fn one_line(err: &anyhow::Error) -> String {
-    format!("{err:#}").replace('\n', " ")
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
 }
 
 fn exit_code(err: &anyhow::Error) -> u8 {
@@ -189,5 +201,27 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         2
     } else {
         1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("layer 1: {source}")]
+    struct Wrapping {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn one_line_names_each_cause_once() {
+        let inner = || std::io::Error::other("no room");
+        // A cause printed by its parent is not repeated.
+        let wrapped = anyhow::Error::new(Wrapping { source: inner() }).context("step");
+        assert_eq!(one_line(&wrapped), "step: layer 1: no room");
+        // A cause its parent does not print is appended; newlines become spaces.
+        let plain = anyhow::Error::new(inner()).context("reading\nDIR");
+        assert_eq!(one_line(&plain), "reading DIR: no room");
     }
 }

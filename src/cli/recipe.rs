@@ -6,11 +6,12 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
-use super::{bad_input, guard, load_fabric};
+use super::{bad_input, guard, load_fabric, step};
 use crate::model::GptConfig;
 use crate::recipe::{
     PhaseCost, RecipeCost, RecipeError, RecipeSpec, longest_fitting_seq, recipe_cost,
 };
+use crate::runtime::attention_memory;
 use crate::sparsity;
 
 /// Arguments of `wafersim recipe`.
@@ -115,9 +116,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         e => anyhow::Error::new(e),
     })?;
     let clock_hz = f64::from(fabric.clock_mhz) * 1e6;
+    let attention = attention_memory(&config, &cost.plan, &fabric).ok();
     print_table(&args, &fabric, &cost, clock_hz);
+    if let Some(warning) = attention.and_then(|m| step::attention_warning(m, &fabric)) {
+        eprintln!("{warning}");
+    }
     match &args.json {
-        Some(path) => super::write_json(path, &report_json(&args, &fabric, &spec, &cost, clock_hz)),
+        Some(path) => {
+            let attention = step::attention_json(attention, &fabric);
+            let report = report_json(&args, &fabric, &spec, &cost, clock_hz, attention);
+            super::write_json(path, &report)
+        }
         None => Ok(()),
     }
 }
@@ -194,6 +203,7 @@ fn report_json(
     spec: &RecipeSpec,
     cost: &RecipeCost,
     clock_hz: f64,
+    attention: Value,
 ) -> Value {
     let side = |phases: &[PhaseCost]| {
         let (f, c) = RecipeCost::total(phases);
@@ -210,7 +220,7 @@ fn report_json(
         "units": { "flops": "matmul floating-point operations (1 FMAC = 2)", "cycles": "fabric clock cycles", "seconds": "at the fabric clock" },
         "model": args.model,
         "fabric": { "name": fabric.name, "width": fabric.width, "height": fabric.height, "clock_mhz": fabric.clock_mhz },
-        "step": { "batch": spec.batch, "seq": spec.seq, "prompt_len": spec.prompt_len, "region": { "cols": cost.plan.region.cols, "rows": cost.plan.region.rows } },
+        "step": { "batch": spec.batch, "seq": spec.seq, "prompt_len": spec.prompt_len, "region": { "cols": cost.plan.region.cols, "rows": cost.plan.region.rows, "attention": attention } },
         "sparsity": spec.sparsity,
         "sparse": side(&cost.sparse),
         "dense": side(&cost.dense),

@@ -11,14 +11,14 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use super::progress::Progress;
-use super::{bad_input, guard, load_fabric};
+use super::{bad_input, guard, load_fabric, step};
 use crate::breakdown::Causes;
 use crate::compile::{CompileError, plan_step};
 use crate::model::checkpoint::stage_bytes;
 use crate::model::{GptConfig, load_checkpoint};
 use crate::plot::{PLOT_FILES, sweep_plots};
 use crate::reference::Batch;
-use crate::runtime::Fidelity;
+use crate::runtime::{Fidelity, attention_memory};
 use crate::sweep::{
     Sweep, SweepPoint, SweepSetup, run_sweep_with, slowest_layer_heatmap, step_count,
 };
@@ -96,7 +96,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let what = "--batch/--seq";
     guard::check_batch_shape(what, &config, args.batch, args.seq)?;
     let precision = args.dtype.precision();
-    plan_step(&config, args.batch, args.seq, &fabric, precision).map_err(plan_error)?;
+    let plan = plan_step(&config, args.batch, args.seq, &fabric, precision).map_err(plan_error)?;
+    let fidelity = args.fidelity.fidelity();
+    let attention = attention_memory(&config, &plan, &fabric).ok();
+    step::refuse_unplaceable_attention(attention, &fabric, fidelity)?;
     if let Some(dir) = &args.out {
         let names: Vec<&str> = OUTPUT_FILES.iter().chain(&PLOT_FILES).copied().collect();
         guard::check_output_folder("--out", dir, &names)?;
@@ -108,7 +111,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     let batch =
         Batch::new(&config, args.batch, args.seq, tokens).map_err(|e| bad_input(what, e))?;
-    let fidelity = args.fidelity.fidelity();
     let numerics = match fidelity {
         Fidelity::Exact => !args.no_numerics,
         Fidelity::Fast => args.losses,
@@ -154,9 +156,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => None,
         };
         let plots = sweep_plots(&sweep, heatmap.as_ref())?;
-        write_outputs(dir, &sweep, &plots)?;
+        write_outputs(
+            dir,
+            &sweep,
+            &plots,
+            step::attention_json(attention, &fabric),
+        )?;
     }
     print_table(&sweep, &config, &fabric, simulated);
+    if let Some(warning) = attention.and_then(|m| step::attention_warning(m, &fabric)) {
+        eprintln!("{warning}");
+    }
     Ok(())
 }
 
@@ -327,6 +337,7 @@ fn write_outputs(
     dir: &std::path::Path,
     sweep: &Sweep,
     plots: &[(&'static str, String)],
+    attention: serde_json::Value,
 ) -> anyhow::Result<()> {
     let mut csv = csv_header();
     let mut runs = Vec::new();
@@ -350,7 +361,7 @@ fn write_outputs(
             "step_cycles_by_part": "cycles of the step in the breakdown's parts (absolute, not a gap); per_nonzero_overhead holds the whole per-entry work",
             "by_op": "cycles per operation name, summed over layers and phases",
         },
-        "batch": p.batch, "seq": p.seq, "region": { "cols": p.region.cols, "rows": p.region.rows },
+        "batch": p.batch, "seq": p.seq, "region": { "cols": p.region.cols, "rows": p.region.rows, "attention": attention },
         "runs": runs,
     });
     let json_text = super::json_text(&value)?;

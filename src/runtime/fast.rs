@@ -14,7 +14,9 @@
 //!
 //! What it is not: a check of the kernels' SRAM. The step's resident activations are checked by
 //! [`crate::compile`] and the weight-streamed kernels' chunking by their plans, but the dense
-//! kernels' scratch is only checked by the exact engine. FMACs are the analytic count.
+//! kernels' scratch is only checked by the exact engine; the attention's, which grows with the
+//! sequence, is reported by the callers ([`super::attention_memory`]) and costed even where it
+//! does not fit (`docs/scale.md`). FMACs are the analytic count.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
