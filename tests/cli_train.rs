@@ -274,6 +274,38 @@ fn ctrl_c_ends_the_run_after_the_current_step_with_everything_written() {
     assert!(load_checkpoint(&out.join("checkpoint")).is_ok());
 }
 
+#[test]
+fn a_run_whose_stdout_is_gone_still_writes_its_checkpoint() {
+    // `wafersim train ... | true`: the reader is gone before the summary prints, and the process
+    // dies of SIGPIPE at its first line, so everything must be written before it.
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens_file(tmp.path());
+    let out = tmp.path().join("out");
+    let mut args = train_args(&tokens, &out, "2");
+    args.extend([
+        "--model",
+        "tiny",
+        "--phase",
+        "dense-finetune",
+        "--fidelity",
+        "fast",
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wafersim"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the summary should have met a closed pipe"
+    );
+    assert_eq!(json(&out.join("train.json"))["steps"]["done"], 2);
+    assert!(load_checkpoint(&out.join("checkpoint")).is_ok());
+}
+
 /// Prompt tuning from the CLI: the vectors are saved on their own, the weights are untouched,
 /// `train.json` shows the weight-gradient work skipped, and `wafersim step --prompt` loads the
 /// vectors and computes the reference's prompt loss.

@@ -140,10 +140,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     guard::check_host_memory("the layer's operands", host_bytes(&spec))?;
     let report = run_gemm(&spec, &fabric).map_err(plan_error)?;
-    print_report(&report, &fabric);
+    // The file first: a terminal or pipe that goes away while the table prints loses nothing.
     if let Some(path) = &args.json {
         write_json(path, &report_json(&report, &fabric))?;
     }
+    print_report(&report, &fabric);
     Ok(())
 }
 

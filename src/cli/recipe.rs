@@ -117,18 +117,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })?;
     let clock_hz = f64::from(fabric.clock_mhz) * 1e6;
     let attention = attention_memory(&config, &cost.plan, &fabric).ok();
+    // The file first: a terminal or pipe that goes away while the table prints loses nothing.
+    if let Some(path) = &args.json {
+        let attention_json = step::attention_json(attention, &fabric);
+        let report = report_json(&args, &fabric, &spec, &cost, clock_hz, attention_json);
+        super::write_json(path, &report)?;
+    }
     print_table(&args, &fabric, &cost, clock_hz);
     if let Some(warning) = attention.and_then(|m| step::attention_warning(m, &fabric)) {
         eprintln!("{warning}");
     }
-    match &args.json {
-        Some(path) => {
-            let attention = step::attention_json(attention, &fabric);
-            let report = report_json(&args, &fabric, &spec, &cost, clock_hz, attention);
-            super::write_json(path, &report)
-        }
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 fn print_table(args: &Args, fabric: &wafersim_sim::FabricConfig, cost: &RecipeCost, clock_hz: f64) {

@@ -177,8 +177,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let interrupted = trainer.steps < args.steps;
     let mut run = Finished::new(&setup, &args, &trainer, &log, started, interrupted);
     run.savings = savings;
+    // The files first: a terminal or pipe that goes away while the summary prints loses nothing.
+    write_outputs(&args.out, &args.out.join(CHECKPOINT_DIR), &run)?;
     print_summary(&run);
-    write_outputs(&args.out, &args.out.join(CHECKPOINT_DIR), &run)
+    Ok(())
 }
 
 /// Prompt tuning: one step's cost with every gradient against the run's (no weight gradient),
