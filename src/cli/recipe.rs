@@ -6,12 +6,11 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
-use super::{bad_input, guard, load_fabric, step};
+use super::{bad_input, fit, guard, load_fabric};
 use crate::model::GptConfig;
 use crate::recipe::{
     PhaseCost, RecipeCost, RecipeError, RecipeSpec, longest_fitting_seq, recipe_cost,
 };
-use crate::runtime::attention_memory;
 use crate::sparsity;
 
 /// Arguments of `wafersim recipe`.
@@ -116,15 +115,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         e => anyhow::Error::new(e),
     })?;
     let clock_hz = f64::from(fabric.clock_mhz) * 1e6;
-    let attention = attention_memory(&config, &cost.plan, &fabric).ok();
+    let attention = fit::attention(&config, &cost.plan, &fabric);
     // The file first: a terminal or pipe that goes away while the table prints loses nothing.
     if let Some(path) = &args.json {
-        let attention_json = step::attention_json(attention, &fabric);
+        let attention_json = fit::attention_json(attention, &fabric);
         let report = report_json(&args, &fabric, &spec, &cost, clock_hz, attention_json);
         super::write_json(path, &report)?;
     }
     print_table(&args, &fabric, &cost, clock_hz);
-    if let Some(warning) = attention.and_then(|m| step::attention_warning(m, &fabric)) {
+    if let Some(warning) = attention.and_then(|m| fit::attention_warning(m, &fabric)) {
         eprintln!("{warning}");
     }
     Ok(())

@@ -14,7 +14,7 @@ use wafersim_sim::FabricConfig;
 
 use super::progress::Progress;
 use super::trace::{self, TraceFlags};
-use super::{bad_input, guard, load_fabric};
+use super::{bad_input, fit, guard, load_fabric};
 use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopOptions, NnzSource, StepShape};
 use crate::model::checkpoint::{
@@ -25,7 +25,7 @@ use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::{AdamState, AdamW, Batch};
 use crate::runtime::{
     CostInputs, Fidelity, GradientSet, Numerics, OpRecord, RuntimeError, StepHooks, StepInputs,
-    StepMode, StepReport, attention_memory, cost_step, simulate_step_with,
+    StepMode, StepReport, cost_step, simulate_step_with,
 };
 use crate::sparsity::{self, ModelMasks};
 use crate::tune::{self, RegionChoice, RegionSearch};
@@ -136,8 +136,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         gradients,
     })?;
     setup.plan = search.plan.clone();
-    let attention = attention_memory(&setup.config, &setup.plan, &setup.fabric).ok();
-    refuse_unplaceable_attention(attention, &setup.fabric, mode.fidelity)?;
+    let attention = fit::attention(&setup.config, &setup.plan, &setup.fabric);
+    fit::refuse_unplaceable_attention(attention, &setup.fabric, mode.fidelity)?;
     let progress = Progress::new(None, "kernel runs");
     let on_record = |r: &OpRecord| {
         progress.inc();
@@ -549,7 +549,10 @@ fn print_summary(s: &Summary<'_>) {
         s.tokens_per_second(),
         s.fabric.clock_mhz
     );
-    if let Some(warning) = s.attention.and_then(|m| attention_warning(m, s.fabric)) {
+    if let Some(warning) = s
+        .attention
+        .and_then(|m| fit::attention_warning(m, s.fabric))
+    {
         eprintln!("{warning}");
     }
     print_search(s);
@@ -597,53 +600,6 @@ fn print_summary(s: &Summary<'_>) {
             100.0 * cycles as f64 / cost.cycles() as f64
         );
     }
-}
-
-/// What is wrong when the attention kernels need more SRAM than a PE has (`None` when they
-/// fit). The fast fidelity costs them anyway ([`attention_warning`]); the exact one refuses
-/// the step before simulating anything.
-fn attention_overflow(memory: AttentionMemory, fabric: &FabricConfig) -> Option<String> {
-    (!memory.fits(fabric.sram_bytes)).then(|| {
-        format!(
-            "attention does not fit the PEs' SRAM: the fullest PE needs {} B in the forward and {} B in the backward, of {} B (each PE keeps K and V of whole sequences for its features, and the probabilities of its heads)",
-            memory.forward_bytes, memory.backward_bytes, fabric.sram_bytes
-        )
-    })
-}
-
-/// Refuses an exact step or sweep whose attention does not fit the SRAM, before anything is
-/// simulated (the kernel would refuse it when its turn came).
-pub(super) fn refuse_unplaceable_attention(
-    memory: Option<AttentionMemory>,
-    fabric: &FabricConfig,
-    fidelity: Fidelity,
-) -> anyhow::Result<()> {
-    match memory.and_then(|m| attention_overflow(m, fabric)) {
-        Some(what) if fidelity == Fidelity::Exact => anyhow::bail!(
-            "{what}: the exact fidelity cannot place it; use shorter sequences, or --fidelity fast to cost it anyway"
-        ),
-        _ => Ok(()),
-    }
-}
-
-/// The attention kernels' SRAM on the fullest PE for a report (`null` where the region refuses
-/// them).
-pub(super) fn attention_json(memory: Option<AttentionMemory>, fabric: &FabricConfig) -> Value {
-    memory.map_or(Value::Null, |m| {
-        json!({
-            "forward_bytes_per_pe": m.forward_bytes, "backward_bytes_per_pe": m.backward_bytes,
-            "fits": m.fits(fabric.sram_bytes),
-        })
-    })
-}
-
-/// A warning line for a fast step or sweep whose attention does not fit the SRAM.
-pub(super) fn attention_warning(memory: AttentionMemory, fabric: &FabricConfig) -> Option<String> {
-    attention_overflow(memory, fabric).map(|what| {
-        format!(
-            "warning: {what}; the exact fidelity refuses this step, and the attention cycles here are the formula's for a kernel that cannot be placed"
-        )
-    })
 }
 
 /// One line on the region search, one on the layers' efficiency.
@@ -874,7 +830,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         "fabric": { "name": s.fabric.name, "width": s.fabric.width, "height": s.fabric.height, "clock_mhz": s.fabric.clock_mhz },
         "region": {
             "cols": p.region.cols, "rows": p.region.rows, "resident_bytes_per_pe": p.resident_bytes,
-            "attention": attention_json(s.attention, s.fabric),
+            "attention": fit::attention_json(s.attention, s.fabric),
         },
         "passes": {
             "count": p.pass_count(), "micro_batch": p.micro_batch, "tokens_per_pass": p.micro_batch * p.seq,

@@ -11,14 +11,14 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use super::progress::Progress;
-use super::{bad_input, guard, load_fabric, step};
+use super::{bad_input, fit, guard, load_fabric};
 use crate::breakdown::Causes;
 use crate::compile::{CompileError, plan_step};
 use crate::model::checkpoint::stage_bytes;
 use crate::model::{GptConfig, load_checkpoint};
 use crate::plot::{PLOT_FILES, sweep_plots};
 use crate::reference::Batch;
-use crate::runtime::{Fidelity, attention_memory};
+use crate::runtime::Fidelity;
 use crate::sweep::{
     Sweep, SweepPoint, SweepSetup, run_sweep_with, slowest_layer_heatmap, step_count,
 };
@@ -98,8 +98,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let precision = args.dtype.precision();
     let plan = plan_step(&config, args.batch, args.seq, &fabric, precision).map_err(plan_error)?;
     let fidelity = args.fidelity.fidelity();
-    let attention = attention_memory(&config, &plan, &fabric).ok();
-    step::refuse_unplaceable_attention(attention, &fabric, fidelity)?;
+    let attention = fit::attention(&config, &plan, &fabric);
+    fit::refuse_unplaceable_attention(attention, &fabric, fidelity)?;
     if let Some(dir) = &args.out {
         let names: Vec<&str> = OUTPUT_FILES.iter().chain(&PLOT_FILES).copied().collect();
         guard::check_output_folder("--out", dir, &names)?;
@@ -156,15 +156,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => None,
         };
         let plots = sweep_plots(&sweep, heatmap.as_ref())?;
-        write_outputs(
-            dir,
-            &sweep,
-            &plots,
-            step::attention_json(attention, &fabric),
-        )?;
+        write_outputs(dir, &sweep, &plots, fit::attention_json(attention, &fabric))?;
     }
     print_table(&sweep, &config, &fabric, simulated);
-    if let Some(warning) = attention.and_then(|m| step::attention_warning(m, &fabric)) {
+    if let Some(warning) = attention.and_then(|m| fit::attention_warning(m, &fabric)) {
         eprintln!("{warning}");
     }
     Ok(())

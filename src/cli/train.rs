@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use wafersim_kernels::Precision;
 use wafersim_sim::FabricConfig;
 
-use super::{bad_input, guard, load_fabric, step};
+use super::{bad_input, fit, guard, load_fabric};
 use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopOptions, NnzSource, StepShape};
 use crate::model::checkpoint::{
@@ -29,7 +29,6 @@ use crate::model::checkpoint::{
 };
 use crate::model::{GptConfig, GptParams};
 use crate::reference::AdamW;
-use crate::runtime::attention_memory;
 use crate::sparsity::{self, ModelMasks};
 use crate::training::{Corpus, LrSchedule, RunShape, Sampler, StepRecord, TrainPhase, Trainer};
 
@@ -250,9 +249,9 @@ impl Setup {
                 e => bad_input("--fabric", e),
             },
         )?;
-        let attention = attention_memory(&config, &plan, &fabric).ok();
-        step::refuse_unplaceable_attention(attention, &fabric, args.fidelity.fidelity())?;
-        if let Some(warning) = attention.and_then(|m| step::attention_warning(m, &fabric)) {
+        let attention = fit::attention(&config, &plan, &fabric);
+        fit::refuse_unplaceable_attention(attention, &fabric, args.fidelity.fidelity())?;
+        if let Some(warning) = attention.and_then(|m| fit::attention_warning(m, &fabric)) {
             eprintln!("{warning}");
         }
         guard::check_output_folder("--out", &args.out, &LOG_FILES)?;
