@@ -12,25 +12,34 @@
 //! - no more rows than tokens (of one pass).
 //!
 //! The fit check counts what must stay resident on a PE between the forward and the backward
-//! pass (the activations the backward pass reads, per layer). Key design decision: the batch is
-//! cut into passes of `micro_batch` sequences (forward and backward of one pass, weight
-//! gradients accumulated over the passes on the host; a step costs the sum of its passes), the
-//! largest micro-batch whose resident activations fit. Where even one sequence cannot keep its
+//! pass (the activations the backward pass reads, per layer), and beside it the largest working
+//! set of a kernel (one kernel runs at a time): the weight-streamed kernels' smallest (their
+//! chunks are then cut to the SRAM left) and the attention kernels' buffers beyond the Q, K, V
+//! tiles and probabilities already resident (its K/V window, gradients, dS). Key design
+//! decision: the batch is cut into passes of `micro_batch` sequences (forward and backward of
+//! one pass, weight gradients accumulated over the passes on the host; a step costs the sum of
+//! its passes), the largest micro-batch that fits. Where even one sequence cannot keep its
 //! attention probabilities (`seq` floats per token and head), only their softmax statistics are
 //! kept (one log-sum-exp per token and head) and the probabilities are recomputed in the
 //! backward pass, as FlashAttention does; the fast fidelity costs that recompute, the exact one
-//! refuses it (its attention backward reads stored probabilities). A step that does not fit
-//! even then is refused, naming the bytes needed and available and what to change.
+//! refuses it (its attention backward reads stored probabilities). Where the attention's K/V
+//! window (a whole sequence per PE) does not fit even then, the plan is made without counting
+//! it and says so ([`StepPlan::attention_fits`]): the fast fidelity costs it with a warning and
+//! the exact one refuses it. A step whose resident activations do not fit is refused, naming
+//! the bytes needed and available and what to change.
 //!
 //! The region's shape can be limited ([`plan_step_within`]): `crate::tune` costs a few
 //! limited shapes with the fast fidelity and keeps the fastest.
 //!
-//! Not here: the kernels' own working memory (each kernel's plan checks it against the whole
-//! SRAM, not against what the resident activations leave; the attention's, which no region
-//! shrinks below a whole sequence's K and V, is `crate::runtime::attention_memory`), a different
-//! region per layer (all kernels share one, so no activation is ever re-laid out).
+//! Not here: the small dense kernels' working memory (LayerNorm, GELU, the loss, the
+//! embedding: each kernel's plan checks it against the whole SRAM, a few hundred bytes at
+//! MediSwift-XL scale), a different region per layer (all kernels share one, so no activation is
+//! ever re-laid out).
 
-use wafersim_kernels::{KernelError, MatmulShape, Precision, Region, Split, WeightGradShape};
+use wafersim_kernels::{
+    AttentionMemory, AttentionShape, KernelError, MatmulShape, Precision, Region, Split,
+    WeightGradShape,
+};
 use wafersim_sim::FabricConfig;
 
 use crate::model::GptConfig;
@@ -56,6 +65,10 @@ pub struct StepPlan {
     /// SRAM a PE has left for the weight-streamed kernels' tiles and partial sums once the
     /// resident activations of a full pass are kept: their plans are cut to fit it.
     pub kernel_sram_bytes: u32,
+    /// The attention kernels' buffers fit beside the resident activations. When no micro-batch
+    /// allows that, the plan is made without them and this is `false`: the fast fidelity costs
+    /// such a step with a warning, the exact one refuses it ([`attention_memory`]).
+    pub attention_fits: bool,
 }
 
 /// One pass of a step: which sequences, and the plan its kernels run under.
@@ -156,20 +169,25 @@ struct Fit {
     needed: u64,
     /// Minimal working set of the weight-streamed kernels on this pass.
     working: u64,
+    /// What the attention kernels hold beyond the resident activations (0 when not counted).
+    attention: u64,
 }
 
-/// How a pass of `sequences` sequences is placed: the region limit, the precision and whether
-/// attention is recomputed.
+/// How a pass of `sequences` sequences is placed: the region limit, the precision, whether
+/// attention is recomputed and whether its kernels' buffers are counted.
 #[derive(Clone, Copy)]
 struct Placement {
     limit: RegionLimit,
     precision: Precision,
     recompute: bool,
+    count_attention: bool,
 }
 
 impl Fit {
+    /// The resident activations and, beside them, the largest working set of the kernels (one
+    /// kernel runs at a time).
     fn fits(&self, available: u64) -> bool {
-        self.needed + self.working <= available
+        self.needed + self.working.max(self.attention) <= available
     }
 }
 
@@ -185,13 +203,49 @@ fn fit(
     let (per_layer, head) = resident_bytes(config, kept, region, tokens);
     let needed = per_layer * config.n_layer as u64 + head;
     let working = streaming_minimum(config, region, tokens, place.precision, fabric);
+    let resident_fit = needed + working <= u64::from(fabric.sram_bytes);
+    // Counted only where it can decide (it takes a pass over the region's PEs).
+    let attention = if place.count_attention && resident_fit {
+        attention_shape(config, sequences, seq)
+            .memory(fabric, region)
+            .map_or(0, |m| m.beyond_resident(!place.recompute))
+    } else {
+        0
+    };
     Ok(Fit {
         region,
         per_layer,
         head,
         needed,
         working,
+        attention,
     })
+}
+
+/// The attention of `config` over a batch of `batch` sequences of `seq` tokens.
+pub(crate) fn attention_shape(config: &GptConfig, batch: usize, seq: usize) -> AttentionShape {
+    let scale = if config.scale_attn_weights {
+        1.0 / (config.head_dim() as f32).sqrt()
+    } else {
+        1.0
+    };
+    AttentionShape {
+        batch,
+        seq_len: seq,
+        heads: config.n_head,
+        features: config.n_embd,
+        scale,
+    }
+}
+
+/// The SRAM the attention kernels need on the fullest PE of a full pass of `plan` (an error
+/// when the region refuses them: the step then reports that itself).
+pub fn attention_memory(
+    config: &GptConfig,
+    plan: &StepPlan,
+    fabric: &FabricConfig,
+) -> Result<AttentionMemory, KernelError> {
+    attention_shape(config, plan.micro_batch, plan.seq).memory(fabric, plan.region)
 }
 
 /// The largest of the weight-streamed kernels' minimal working sets (tiles, bias and one
@@ -242,7 +296,8 @@ fn streaming_minimum(
 
 /// Picks the step's micro-batch, whether attention is recomputed and the region, and checks
 /// that the resident activations fit: the largest micro-batch that keeps the probabilities, or
-/// if not even one sequence can, the largest that keeps only their statistics.
+/// if not even one sequence can, the largest that keeps only their statistics; both first with
+/// the attention kernels' buffers counted, then (if neither fits) without.
 pub fn plan_step(
     config: &GptConfig,
     batch: usize,
@@ -267,11 +322,13 @@ pub fn plan_step_within(
         rows: limit.rows.min(fabric.height as usize),
     };
     let available = u64::from(fabric.sram_bytes);
-    for recompute in [false, true] {
+    let tiers = [(true, false), (true, true), (false, false), (false, true)];
+    for (count_attention, recompute) in tiers {
         let place = Placement {
             limit,
             precision,
             recompute,
+            count_attention,
         };
         if let Some((micro_batch, full)) = largest_fitting(config, (batch, seq), fabric, place)? {
             let last = batch % micro_batch;
@@ -290,6 +347,7 @@ pub fn plan_step_within(
                 recompute_attention: recompute,
                 last_region,
                 kernel_sram_bytes: (available - full.needed) as u32,
+                attention_fits: count_attention,
             });
         }
     }
@@ -297,6 +355,7 @@ pub fn plan_step_within(
         limit,
         precision,
         recompute: true,
+        count_attention: false,
     };
     let one = fit(config, (batch.min(1), seq), fabric, place)?;
     Err(CompileError::DoesNotFit {
@@ -353,8 +412,8 @@ fn choose_region(
 ///
 /// Per layer and token, the backward pass reads: the block input and the attention residual
 /// (LayerNorm inputs), both LayerNorm outputs (inputs of the matmuls' weight gradients), Q, K, V
-/// and the attention context, the FFN pre-activation and its GELU: `16 d` features over the
-/// columns, two LayerNorm statistics each, and `per_head` floats of attention per head the
+/// and the attention context, the FFN pre-activation and its GELU: `8 d + 2 d_ffn` features
+/// over the columns, two LayerNorm statistics each, and `per_head` floats of attention per head the
 /// column touches (the `seq` probabilities, or one log-sum-exp when they are recomputed). The
 /// head keeps the final LayerNorm's input and output and the logits.
 fn resident_bytes(
@@ -477,9 +536,37 @@ mod tests {
         assert_eq!(plan.kernel_sram_bytes, 49_152 - 37_072);
         let sizes: Vec<usize> = plan.passes().iter().map(|p| p.sequences.len()).collect();
         assert_eq!(sizes, vec![3, 3, 2]);
+        // The attention's K/V window alone is 2 x 3 features x 4,098 tokens (two sequences meet
+        // on a row) = 98,352 bytes: no micro-batch fits it, so the plan is made without it.
+        assert!(!plan.attention_fits);
         let one = plan_step(&xl, 1, 2048, &FabricConfig::wse2(), Precision::F32).unwrap();
         // One sequence: 5,296 x 3 = 15,888 bytes.
         assert_eq!((one.micro_batch, one.resident_bytes), (1, 15_888));
+    }
+
+    #[test]
+    fn the_micro_batch_leaves_room_for_the_attention_kernels() {
+        let tiny = GptConfig::preset("tiny").unwrap();
+        // Tiny on one column of 32 PEs with 32-token sequences: all 64 features, 256 FFN
+        // features, the 256-entry vocabulary and the 4 heads on the column; m sequences put
+        // n = m tokens on each row. Kept per token and layer 8 x 64 + 2 x 256 + 4 + 4 x 32 =
+        // 1,156 floats, for the head 2 x 64 + 2 + 256 = 386: 4 n (2 x 1,156 + 386) = 10,792 n
+        // bytes. The attention backward holds besides its Q, K, V tiles and the probabilities
+        // dO (64 n), the window and partial dK/dV of the sequence's 32 tokens (4 x 64 x 32 =
+        // 8,192), dS and two rows (32 n + 2 n), dQ, dK, dV (192 n) and a counter: 4 (8,193 +
+        // 290 n) bytes. One sequence: 10,792 + 33,932 = 44,724 fits 49,152; two: 21,584 +
+        // 35,092 = 56,676 do not, though their resident 21,584 alone would.
+        let plan = |sram| plan_step(&tiny, 4, 32, &fabric_with_sram(1, 32, sram), Precision::F32);
+        let small = plan(49_152).unwrap();
+        assert_eq!(small.region, Region::at_origin(1, 32));
+        assert_eq!((small.micro_batch, small.resident_bytes), (1, 10_792));
+        assert!(small.attention_fits && !small.recompute_attention);
+        // With 56,676 bytes two sequences fit; four (n = 4: 43,168 + 37,412) do not.
+        let larger = plan(56_676).unwrap();
+        assert_eq!((larger.micro_batch, larger.resident_bytes), (2, 21_584));
+        assert!(larger.attention_fits);
+        let less = plan(56_675).unwrap();
+        assert_eq!(less.micro_batch, 1);
     }
 
     #[test]

@@ -245,7 +245,7 @@ fn shapes_only(config: &GptConfig) -> GptParams {
 }
 
 /// The longest power-of-two sequence (at most `n_positions`) whose step of `batch` sequences
-/// fits `fabric`, or `None`.
+/// fits `fabric`, its attention kernels included, or `None`.
 pub fn longest_fitting_seq(
     config: &GptConfig,
     batch: usize,
@@ -254,7 +254,7 @@ pub fn longest_fitting_seq(
     let mut seq = config.n_positions.next_power_of_two();
     while seq >= 2 {
         let s = seq.min(config.n_positions);
-        if plan_step(config, batch, s, fabric, Precision::F32).is_ok() {
+        if plan_step(config, batch, s, fabric, Precision::F32).is_ok_and(|p| p.attention_fits) {
             return Some(s);
         }
         seq /= 2;
@@ -285,6 +285,23 @@ mod tests {
             c.step(&masks, None, GradientSet::All).unwrap()
         };
         assert_eq!(cost(&real), cost(&shapes_only(&config)));
+    }
+
+    /// MediSwift-XL on wse2, one sequence per step: 750 columns of 3 features. At 1024 tokens
+    /// the backward's K/V window and partial dK/dV alone are 4 x 3 x 1024 f32 = 49,152 bytes,
+    /// the whole PE. At 512 (one token on each of 512 rows, the probabilities recomputed) a PE
+    /// keeps 4 (24 x 52 + 76) = 5,296 bytes, and the attention adds 4 x (3 + 2 x 2 x 3 x 512 +
+    /// 514 + 2 x 512 + 9 + 2) (dO, window and partials, dS and rows, dP of 2 shared heads, dQ,
+    /// dK, dV, counters) plus the recomputed probabilities 4 x 2 x 512: 34,880, in all 40,176.
+    #[test]
+    fn the_default_sequence_is_the_longest_whose_attention_fits() {
+        let xl = GptConfig::preset("mediswift-xl").unwrap();
+        let wse2 = FabricConfig::wse2();
+        assert_eq!(longest_fitting_seq(&xl, 1, &wse2), Some(512));
+        let plan = plan_step(&xl, 1, 512, &wse2, Precision::F32).unwrap();
+        assert_eq!(plan.resident_bytes, 5_296);
+        let memory = crate::compile::attention_memory(&xl, &plan, &wse2).unwrap();
+        assert_eq!(memory.beyond_resident(false), 34_880);
     }
 
     /// Tiny, B 2, S 16 (32 tokens per step): 100 pre-training tokens are 4 steps (ceil), the

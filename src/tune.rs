@@ -160,20 +160,15 @@ pub fn candidates(config: &GptConfig, fabric: &FabricConfig) -> Vec<RegionLimit>
 }
 
 /// Costs every candidate and keeps the one with the fewest estimated cycles (the first of
-/// equals, so the widest on a tie). Fails only if no candidate can be planned: then with the
-/// widest's reason.
+/// equals, so the widest on a tie) among those whose attention kernels fit, or among all if
+/// none does. Fails only if no candidate can be planned: then with the widest's reason.
 pub fn choose_region(search: RegionSearch<'_>) -> Result<RegionChoice, CompileError> {
     // Independent trials, collected in candidate order: the same choice on any thread count.
     let trials: Vec<RegionTrial> = candidates(search.config, search.fabric)
         .into_par_iter()
         .map(|limit| trial(search, limit))
         .collect();
-    let best = trials
-        .iter()
-        .filter_map(|t| Some((t.estimated_cycles?, t.plan.as_ref().ok()?)))
-        .min_by_key(|(cycles, _)| *cycles)
-        .map(|(_, plan)| plan.clone());
-    match best {
+    match cheapest(&trials).cloned() {
         Some(plan) => Ok(RegionChoice { plan, trials }),
         None => {
             let widest = plan_step_within(
@@ -189,6 +184,22 @@ pub fn choose_region(search: RegionSearch<'_>) -> Result<RegionChoice, CompileEr
             })
         }
     }
+}
+
+/// The plan of the costed trial with the fewest cycles whose attention kernels fit beside the
+/// kept activations, else of the cheapest of all (which the fast fidelity costs with a warning
+/// and the exact one refuses); the first of equals.
+fn cheapest(trials: &[RegionTrial]) -> Option<&StepPlan> {
+    let costed = || {
+        trials
+            .iter()
+            .filter_map(|t| Some((t.estimated_cycles?, t.plan.as_ref().ok()?)))
+    };
+    costed()
+        .filter(|(_, plan)| plan.attention_fits)
+        .min_by_key(|(cycles, _)| *cycles)
+        .or_else(|| costed().min_by_key(|(cycles, _)| *cycles))
+        .map(|(_, plan)| plan)
 }
 
 fn trial(search: RegionSearch<'_>, limit: RegionLimit) -> RegionTrial {
@@ -279,6 +290,46 @@ mod tests {
             prompt_len: 0,
             gradients: GradientSet::All,
         }
+    }
+
+    #[test]
+    fn a_plan_whose_attention_fits_wins_over_a_cheaper_one_that_does_not() {
+        let tiny = GptConfig::preset("tiny").unwrap();
+        let fabric = FabricConfig::rectangle(4, 4).unwrap();
+        let plan = plan_step_within(
+            &tiny,
+            (2, 8),
+            &fabric,
+            Precision::F32,
+            RegionLimit::fabric(&fabric),
+        )
+        .unwrap();
+        let trial = |rows: usize, cycles: Option<u64>, fits: bool| RegionTrial {
+            limit: RegionLimit { cols: 4, rows },
+            plan: Ok(StepPlan {
+                attention_fits: fits,
+                ..plan.clone()
+            }),
+            estimated_cycles: cycles,
+            operations: BTreeMap::new(),
+        };
+        let fits_of = |t: &[RegionTrial]| -> Option<bool> { cheapest(t).map(|p| p.attention_fits) };
+        // The cheapest that fits, though one that does not is cheaper still.
+        let trials = [
+            trial(4, Some(300), false),
+            trial(3, Some(500), true),
+            trial(2, Some(400), true),
+            trial(1, None, true),
+        ];
+        let best = cheapest(&trials).unwrap();
+        assert!(best.attention_fits);
+        assert_eq!(trials[2].plan.as_ref().ok(), Some(best));
+        // None fits: the cheapest of all.
+        let none = [trial(4, Some(300), false), trial(3, Some(200), false)];
+        assert_eq!(none[1].plan.as_ref().ok(), cheapest(&none));
+        assert_eq!(fits_of(&none), Some(false));
+        // Nothing costed: nothing to pick.
+        assert_eq!(fits_of(&[trial(4, None, true)]), None);
     }
 
     #[test]

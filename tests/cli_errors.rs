@@ -850,7 +850,7 @@ fn a_sweep_whose_attention_overflows_the_sram_is_refused_exactly_and_flagged_whe
     let long = ["sweep", "--batch", "2", "--seq", "64", "--fabric", "1x64"];
     let needles = [
         "attention does not fit",
-        "71700 B in the backward, of 49152 B",
+        "71700 B (backward), of which 68116 B come on top of the 23632 B of activations kept for the backward pass, of 49152 B",
     ];
     assert_fails(&long, 1, &needles);
     let tmp = tempfile::tempdir().unwrap();

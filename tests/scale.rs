@@ -113,8 +113,8 @@ fn a_step_in_passes_costs_the_sum_of_its_passes() {
         whole.cycles(),
         parts.iter().map(StepCost::cycles).sum::<u64>()
     );
-    // A pass of 16 tokens on 8 rows costs less than a third of the 48-token pass, as its
-    // per-weight work does not shrink with the tokens.
+    // One pass of 48 tokens costs less than three of 16: each pass streams every weight
+    // again, and the per-weight work does not shrink with the tokens.
     let at_once = t.cost(&t.plan(), &t.batch);
     assert!(at_once.cycles() < whole.cycles());
     assert_eq!(

@@ -228,7 +228,8 @@ impl AttentionShape {
 
 /// SRAM the fullest PE of a region needs for the two attention kernels, whether or not it has
 /// that much: what [`Attention::plan`] and [`AttentionBackward::plan`] check against
-/// `FabricConfig::sram_bytes`, from the shape alone (no data).
+/// `FabricConfig::sram_bytes`, from the shape alone (no data), and the part of it a training
+/// step does not already keep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionMemory {
     /// Bytes of the forward's buffers (tiles, the K/V window, the probabilities of every local
@@ -237,12 +238,27 @@ pub struct AttentionMemory {
     /// Bytes of the backward's buffers (the forward's, with the partial dK/dV beside the window,
     /// dS, the shared heads' dP and the gradient tiles).
     pub backward_bytes: u64,
+    /// The most either kernel holds beyond its Q, K, V (and O) tiles and the probabilities: what
+    /// a step that keeps those for the backward pass needs on top of them (fullest PE).
+    pub scratch_bytes: u64,
+    /// The same with the probabilities: what a step that recomputes them needs (fullest PE).
+    pub scratch_and_probs_bytes: u64,
 }
 
 impl AttentionMemory {
-    /// Whether both kernels fit `sram_bytes`.
+    /// Whether both kernels fit `sram_bytes` on their own.
     pub fn fits(&self, sram_bytes: u32) -> bool {
         self.forward_bytes.max(self.backward_bytes) <= u64::from(sram_bytes)
+    }
+
+    /// Bytes the kernels add to what a step keeps resident: the scratch, and the probabilities
+    /// too when the step does not keep them (it recomputes them for the backward).
+    pub fn beyond_resident(&self, probs_kept: bool) -> u64 {
+        if probs_kept {
+            self.scratch_bytes
+        } else {
+            self.scratch_and_probs_bytes
+        }
     }
 }
 
@@ -255,9 +271,30 @@ impl AttentionShape {
         region: Region,
     ) -> Result<AttentionMemory, KernelError> {
         let g = geometry(KERNEL, config, region, self)?;
+        let columns: Vec<ColumnFacts> = (0..g.cols).map(|c| ColumnFacts::of(&g, c)).collect();
+        let mut most = [0; 4];
+        for r in 0..g.rows {
+            let row = RowFacts::of(&g, r);
+            for &col in &columns {
+                let (forward, backward) = (forward_parts(col, row), backward_parts(col, row));
+                let scratch = forward.scratch.max(backward.scratch);
+                let pe = [
+                    forward.total(),
+                    backward.total(),
+                    scratch,
+                    scratch + forward.probs,
+                ];
+                for (m, x) in most.iter_mut().zip(pe) {
+                    *m = (*m).max(x);
+                }
+            }
+        }
+        let [forward, backward, scratch, scratch_and_probs] = most.map(|elements| 4 * elements);
         Ok(AttentionMemory {
-            forward_bytes: 4 * fullest_pe(&g, forward_elements).0,
-            backward_bytes: 4 * fullest_pe(&g, backward_elements).0,
+            forward_bytes: forward,
+            backward_bytes: backward,
+            scratch_bytes: scratch,
+            scratch_and_probs_bytes: scratch_and_probs,
         })
     }
 }
@@ -444,40 +481,71 @@ impl RowFacts {
     }
 }
 
-/// The f32 elements on a PE, given its column's and row's facts, and what they are.
-type Elements = fn(ColumnFacts, RowFacts) -> (u64, String);
+/// One PE's f32 elements of a kernel, in the three parts a training step tells apart.
+#[derive(Clone, Copy, Debug)]
+struct Parts {
+    /// The Q, K, V (and the forward's O) tiles: activations a step keeps for its backward pass.
+    tiles: u64,
+    /// The probabilities of every head touching the column, for the PE's tokens.
+    probs: u64,
+    /// Everything else: the K/V window, softmax rows, gradients, counters.
+    scratch: u64,
+}
 
-/// The fullest PE by `elements`: `(f32 elements, its facts, column, row)`, the first in row
-/// order among equals.
-fn fullest_pe(g: &Geometry, elements: Elements) -> (u64, ColumnFacts, RowFacts, usize, usize) {
+impl Parts {
+    fn total(self) -> u64 {
+        self.tiles + self.probs + self.scratch
+    }
+}
+
+/// A kernel's parts on a PE given its column's and row's facts, and their description.
+struct Kernel {
+    name: &'static str,
+    parts: fn(ColumnFacts, RowFacts) -> Parts,
+    describe: fn(ColumnFacts, RowFacts) -> String,
+}
+
+const FORWARD: Kernel = Kernel {
+    name: KERNEL,
+    parts: forward_parts,
+    describe: describe_forward,
+};
+
+const BACKWARD: Kernel = Kernel {
+    name: BACKWARD_KERNEL,
+    parts: backward_parts,
+    describe: describe_backward,
+};
+
+/// The fullest PE by `count`: `(f32 elements, column, row)`, the first in row order among
+/// equals.
+fn fullest_pe(g: &Geometry, count: impl Fn(ColumnFacts, RowFacts) -> u64) -> (u64, usize, usize) {
     let columns: Vec<ColumnFacts> = (0..g.cols).map(|c| ColumnFacts::of(g, c)).collect();
     let rows: Vec<RowFacts> = (0..g.rows).map(|r| RowFacts::of(g, r)).collect();
     let mut worst = (0, 0, 0);
     for (r, row) in rows.iter().enumerate() {
         for (c, col) in columns.iter().enumerate() {
-            let (count, _) = elements(*col, *row);
-            if count > worst.0 {
-                worst = (count, c, r);
+            let elements = count(*col, *row);
+            if elements > worst.0 {
+                worst = (elements, c, r);
             }
         }
     }
-    let (count, c, r) = worst;
-    (count, columns[c], rows[r], c, r)
+    worst
 }
 
-/// The plan, if the fullest PE's `elements(column, row)` f32 fit its SRAM.
+/// The plan, if the fullest PE's buffers of `kernel` fit its SRAM.
 fn plan(
-    kernel: &'static str,
     config: &FabricConfig,
     g: &Geometry,
-    elements: Elements,
+    kernel: &Kernel,
 ) -> Result<AttentionPlan, KernelError> {
-    let (count, col, row, c, r) = fullest_pe(g, elements);
+    let (count, c, r) = fullest_pe(g, |col, row| (kernel.parts)(col, row).total());
     let (needed, available) = (4 * count, u64::from(config.sram_bytes));
     if needed > available {
-        let (_, what) = elements(col, row);
+        let what = (kernel.describe)(ColumnFacts::of(g, c), RowFacts::of(g, r));
         return Err(KernelError::DoesNotFit {
-            kernel,
+            kernel: kernel.name,
             needed,
             available,
             what: format!("PE column {c}, row {r}: {what}"),
@@ -508,12 +576,20 @@ fn bytes(elements: u64) -> String {
     format!("{} B", 4 * elements)
 }
 
-/// The forward's f32 elements on a PE, and what they are.
-fn forward_elements(col: ColumnFacts, row: RowFacts) -> (u64, String) {
+/// The forward's f32 elements on a PE: Q, K, V, O tiles, probabilities, and as scratch the
+/// window, the softmax rows and the counters.
+fn forward_parts(col: ColumnFacts, row: RowFacts) -> Parts {
     let [tile, window, probs] = common_parts(col, row);
-    let rows = 2 * row.longest;
-    let total = 4 * tile + window + probs + rows + 1 + col.counter;
-    let what = format!(
+    Parts {
+        tiles: 4 * tile,
+        probs,
+        scratch: window + 2 * row.longest + 1 + col.counter,
+    }
+}
+
+fn describe_forward(col: ColumnFacts, row: RowFacts) -> String {
+    let [tile, window, probs] = common_parts(col, row);
+    format!(
         "Q, K, V, O tiles {}, K/V window of {} tokens {}, \
          probabilities {} heads x {} tokens x {} keys {}, softmax rows {}, counters {}",
         bytes(4 * tile),
@@ -523,19 +599,30 @@ fn forward_elements(col: ColumnFacts, row: RowFacts) -> (u64, String) {
         row.n,
         row.seq,
         bytes(probs),
-        bytes(rows),
+        bytes(2 * row.longest),
         bytes(1 + col.counter)
-    );
-    (total, what)
+    )
 }
 
-/// The backward's f32 elements on a PE, and what they are.
-fn backward_elements(col: ColumnFacts, row: RowFacts) -> (u64, String) {
+/// The backward's f32 elements on a PE: Q, K, V tiles, probabilities, and as scratch the dO
+/// tile, the window and partial dK/dV, dS and its rows, the shared heads' dP, the dQ, dK, dV
+/// tiles and the counters.
+fn backward_parts(col: ColumnFacts, row: RowFacts) -> Parts {
     let [tile, window, probs] = common_parts(col, row);
     let ds = row.seq * row.longest + 2 * row.longest;
     let dp = col.shared * row.n * row.seq;
-    let total = 4 * tile + probs + 2 * window + ds + dp + 3 * tile + 1 + col.counter;
-    let what = format!(
+    Parts {
+        tiles: 3 * tile,
+        probs,
+        scratch: tile + 2 * window + ds + dp + 3 * tile + 1 + col.counter,
+    }
+}
+
+fn describe_backward(col: ColumnFacts, row: RowFacts) -> String {
+    let [tile, window, probs] = common_parts(col, row);
+    let ds = row.seq * row.longest + 2 * row.longest;
+    let dp = col.shared * row.n * row.seq;
+    format!(
         "Q, K, V, dO tiles {}, probabilities {}, K/V window and partial dK/dV of {} tokens {}, \
          dS and rows {}, dP of {} shared heads {}, dQ, dK, dV tiles {}, counters {}",
         bytes(4 * tile),
@@ -547,8 +634,7 @@ fn backward_elements(col: ColumnFacts, row: RowFacts) -> (u64, String) {
         bytes(dp),
         bytes(3 * tile),
         bytes(1 + col.counter)
-    );
-    (total, what)
+    )
 }
 
 /// Every PE of the region, row by row: `(column, row)`.
@@ -649,7 +735,7 @@ impl Attention<'_> {
 
     /// Checks the shapes and that every PE's buffers fit its SRAM.
     pub fn plan(&self, config: &FabricConfig) -> Result<AttentionPlan, KernelError> {
-        plan(KERNEL, config, &self.checked(config)?, forward_elements)
+        plan(config, &self.checked(config)?, &FORWARD)
     }
 
     /// The program, the plan, and each PE's output buffers (PEs row by row).
@@ -658,7 +744,7 @@ impl Attention<'_> {
         config: &FabricConfig,
     ) -> Result<(Program, AttentionPlan, Vec<ForwardBuffers>), KernelError> {
         let g = self.checked(config)?;
-        let plan = plan(KERNEL, config, &g, forward_elements)?;
+        let plan = plan(config, &g, &FORWARD)?;
         let mut p = Program::new(config.clone())?;
         let mut outputs = Vec::new();
         for (c, r) in region_pes(self.region) {
@@ -830,12 +916,7 @@ impl AttentionBackward<'_> {
 
     /// Checks the shapes and that every PE's buffers fit its SRAM.
     pub fn plan(&self, config: &FabricConfig) -> Result<AttentionPlan, KernelError> {
-        plan(
-            BACKWARD_KERNEL,
-            config,
-            &self.checked(config)?,
-            backward_elements,
-        )
+        plan(config, &self.checked(config)?, &BACKWARD)
     }
 
     /// The program, the plan, and each PE's output buffers (PEs row by row).
@@ -844,7 +925,7 @@ impl AttentionBackward<'_> {
         config: &FabricConfig,
     ) -> Result<(Program, AttentionPlan, Vec<BackwardBuffers>), KernelError> {
         let g = self.checked(config)?;
-        let plan = plan(BACKWARD_KERNEL, config, &g, backward_elements)?;
+        let plan = plan(config, &g, &BACKWARD)?;
         let mut p = Program::new(config.clone())?;
         let mut outputs = Vec::new();
         for (c, r) in region_pes(self.region) {

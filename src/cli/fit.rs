@@ -1,72 +1,85 @@
-//! Whether a step's attention kernels fit the PEs' SRAM, as `step`, `sweep`, `recipe` and
-//! `train` report it: a warning line at the fast fidelity (which costs them anyway), a refusal
-//! before anything is simulated at the exact one (whose kernels would refuse them when their
-//! turn came), and the bytes in the JSON reports.
+//! Whether a step's attention kernels fit the PEs' SRAM beside the activations the step keeps,
+//! as `step`, `sweep`, `recipe` and `train` report it: a warning line at the fast fidelity
+//! (which costs them anyway), a refusal before anything is simulated at the exact one (whose
+//! kernels could not be placed), and the bytes in the JSON reports.
 //!
-//! What it is not: the check itself, which is the kernels' (`AttentionShape::memory`, the same
-//! count their plans check).
+//! What it is not: the check itself, which is the compiler's (`StepPlan::attention_fits`, from
+//! the kernels' own count, `AttentionShape::memory`).
 
 use serde_json::{Value, json};
 use wafersim_kernels::AttentionMemory;
 use wafersim_sim::FabricConfig;
 
-use crate::compile::StepPlan;
+use crate::compile::{StepPlan, attention_memory};
 use crate::model::GptConfig;
-use crate::runtime::{Fidelity, attention_memory};
+use crate::runtime::Fidelity;
 
-/// The attention kernels' SRAM on the fullest PE of a full pass (`None` where the region
-/// refuses them: the step reports that itself).
-pub fn attention(
-    config: &GptConfig,
-    plan: &StepPlan,
-    fabric: &FabricConfig,
-) -> Option<AttentionMemory> {
-    attention_memory(config, plan, fabric).ok()
+/// A plan's attention memory and whether it fits.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionFit {
+    /// On the fullest PE of a full pass (`None` where the region refuses the kernels: the step
+    /// reports that itself).
+    pub memory: Option<AttentionMemory>,
+    pub fits: bool,
+    /// The plan keeps the probabilities (else the backward recomputes them into scratch).
+    probs_kept: bool,
+    /// Bytes of activations a PE keeps for the backward pass.
+    resident_bytes: u64,
+    sram_bytes: u32,
 }
 
-/// What is wrong when the attention kernels need more SRAM than a PE has (`None` when they
-/// fit). The fast fidelity costs them anyway ([`attention_warning`]); the exact one refuses
-/// the step before simulating anything.
-fn attention_overflow(memory: AttentionMemory, fabric: &FabricConfig) -> Option<String> {
-    (!memory.fits(fabric.sram_bytes)).then(|| {
-        format!(
-            "attention does not fit the PEs' SRAM: the fullest PE needs {} B in the forward and {} B in the backward, of {} B (each PE keeps K and V of whole sequences for its features, and the probabilities of its heads)",
-            memory.forward_bytes, memory.backward_bytes, fabric.sram_bytes
-        )
-    })
-}
-
-/// Refuses an exact step or sweep whose attention does not fit the SRAM, before anything is
-/// simulated (the kernel would refuse it when its turn came).
-pub fn refuse_unplaceable_attention(
-    memory: Option<AttentionMemory>,
-    fabric: &FabricConfig,
-    fidelity: Fidelity,
-) -> anyhow::Result<()> {
-    match memory.and_then(|m| attention_overflow(m, fabric)) {
-        Some(what) if fidelity == Fidelity::Exact => anyhow::bail!(
-            "{what}: the exact fidelity cannot place it; use shorter sequences, or --fidelity fast to cost it anyway"
-        ),
-        _ => Ok(()),
+impl AttentionFit {
+    pub fn of(config: &GptConfig, plan: &StepPlan, fabric: &FabricConfig) -> Self {
+        AttentionFit {
+            memory: attention_memory(config, plan, fabric).ok(),
+            fits: plan.attention_fits,
+            probs_kept: !plan.recompute_attention,
+            resident_bytes: plan.resident_bytes,
+            sram_bytes: fabric.sram_bytes,
+        }
     }
-}
 
-/// The attention kernels' SRAM on the fullest PE for a report (`null` where the region refuses
-/// them).
-pub fn attention_json(memory: Option<AttentionMemory>, fabric: &FabricConfig) -> Value {
-    memory.map_or(Value::Null, |m| {
-        json!({
-            "forward_bytes_per_pe": m.forward_bytes, "backward_bytes_per_pe": m.backward_bytes,
-            "fits": m.fits(fabric.sram_bytes),
+    /// What is wrong, when the kernels do not fit (`None` when they do).
+    fn overflow(&self) -> Option<String> {
+        let m = self.memory.filter(|_| !self.fits)?;
+        Some(format!(
+            "attention does not fit the PEs' SRAM: on the fullest PE its kernels need {} B (forward) and {} B (backward), of which {} B come on top of the {} B of activations kept for the backward pass, of {} B (each PE keeps K and V of whole sequences for its features, and the probabilities of its heads)",
+            m.forward_bytes,
+            m.backward_bytes,
+            m.beyond_resident(self.probs_kept),
+            self.resident_bytes,
+            self.sram_bytes
+        ))
+    }
+
+    /// Refuses an exact step whose attention does not fit, before anything is simulated.
+    pub fn refuse_if_exact(&self, fidelity: Fidelity) -> anyhow::Result<()> {
+        match self.overflow() {
+            Some(what) if fidelity == Fidelity::Exact => anyhow::bail!(
+                "{what}: the exact fidelity cannot place it; use shorter sequences, or --fidelity fast to cost it anyway"
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The warning line for a fast step whose attention does not fit.
+    pub fn warning(&self) -> Option<String> {
+        self.overflow().map(|what| {
+            format!(
+                "warning: {what}; the exact fidelity refuses this step, and the attention cycles here are the formula's for kernels that cannot be placed"
+            )
         })
-    })
-}
+    }
 
-/// A warning line for a fast step or sweep whose attention does not fit the SRAM.
-pub fn attention_warning(memory: AttentionMemory, fabric: &FabricConfig) -> Option<String> {
-    attention_overflow(memory, fabric).map(|what| {
-        format!(
-            "warning: {what}; the exact fidelity refuses this step, and the attention cycles here are the formula's for a kernel that cannot be placed"
-        )
-    })
+    /// The bytes and the verdict for a JSON report (`null` where the region refuses the
+    /// kernels).
+    pub fn json(&self) -> Value {
+        self.memory.map_or(Value::Null, |m| {
+            json!({
+                "forward_bytes_per_pe": m.forward_bytes, "backward_bytes_per_pe": m.backward_bytes,
+                "beyond_resident_bytes_per_pe": m.beyond_resident(self.probs_kept),
+                "fits": self.fits,
+            })
+        })
+    }
 }

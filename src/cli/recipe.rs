@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
-use super::{bad_input, fit, guard, load_fabric};
+use super::fit::AttentionFit;
+use super::{bad_input, guard, load_fabric};
 use crate::model::GptConfig;
 use crate::recipe::{
     PhaseCost, RecipeCost, RecipeError, RecipeSpec, longest_fitting_seq, recipe_cost,
@@ -115,15 +116,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         e => anyhow::Error::new(e),
     })?;
     let clock_hz = f64::from(fabric.clock_mhz) * 1e6;
-    let attention = fit::attention(&config, &cost.plan, &fabric);
+    let attention = AttentionFit::of(&config, &cost.plan, &fabric);
     // The file first: a terminal or pipe that goes away while the table prints loses nothing.
     if let Some(path) = &args.json {
-        let attention_json = fit::attention_json(attention, &fabric);
+        let attention_json = attention.json();
         let report = report_json(&args, &fabric, &spec, &cost, clock_hz, attention_json);
         super::write_json(path, &report)?;
     }
     print_table(&args, &fabric, &cost, clock_hz);
-    if let Some(warning) = attention.and_then(|m| fit::attention_warning(m, &fabric)) {
+    if let Some(warning) = attention.warning() {
         eprintln!("{warning}");
     }
     Ok(())

@@ -9,12 +9,13 @@ use clap::ArgGroup;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
-use wafersim_kernels::{AttentionMemory, Precision};
+use wafersim_kernels::Precision;
 use wafersim_sim::FabricConfig;
 
+use super::fit::AttentionFit;
 use super::progress::Progress;
 use super::trace::{self, TraceFlags};
-use super::{bad_input, fit, guard, load_fabric};
+use super::{bad_input, guard, load_fabric};
 use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopOptions, NnzSource, StepShape};
 use crate::model::checkpoint::{
@@ -136,8 +137,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         gradients,
     })?;
     setup.plan = search.plan.clone();
-    let attention = fit::attention(&setup.config, &setup.plan, &setup.fabric);
-    fit::refuse_unplaceable_attention(attention, &setup.fabric, mode.fidelity)?;
+    let attention = AttentionFit::of(&setup.config, &setup.plan, &setup.fabric);
+    attention.refuse_if_exact(mode.fidelity)?;
     let progress = Progress::new(None, "kernel runs");
     let on_record = |r: &OpRecord| {
         progress.inc();
@@ -416,8 +417,8 @@ struct Summary<'a> {
     dense_timed: bool,
     /// Prompt vectors in front of each sequence (`seq` counts them).
     prompt_len: usize,
-    /// The attention kernels' SRAM on the fullest PE (`None` where the region refuses them).
-    attention: Option<AttentionMemory>,
+    /// The attention kernels' SRAM and whether it fits.
+    attention: AttentionFit,
 }
 
 /// What one block (or the embedding and head, `layer: None`) cost and saved.
@@ -549,10 +550,7 @@ fn print_summary(s: &Summary<'_>) {
         s.tokens_per_second(),
         s.fabric.clock_mhz
     );
-    if let Some(warning) = s
-        .attention
-        .and_then(|m| fit::attention_warning(m, s.fabric))
-    {
+    if let Some(warning) = s.attention.warning() {
         eprintln!("{warning}");
     }
     print_search(s);
@@ -738,7 +736,7 @@ fn search_json(search: &RegionChoice) -> Value {
             let (region, error) = match &t.plan {
                 Ok(p) => (
                     json!({"cols": p.region.cols, "rows": p.region.rows, "micro_batch": p.micro_batch,
-                        "attention_recomputed": p.recompute_attention}),
+                        "attention_recomputed": p.recompute_attention, "attention_fits": p.attention_fits}),
                     Value::Null,
                 ),
                 Err(e) => (Value::Null, json!(e)),
@@ -761,7 +759,7 @@ fn search_json(search: &RegionChoice) -> Value {
         })
         .collect();
     json!({
-        "method": "fast-fidelity cost of the embedding, block 0 and the head, block 0 counted n_layer times",
+        "method": "fast-fidelity cost of the embedding, block 0 and the head, block 0 counted n_layer times; the cheapest plan whose attention fits, else the cheapest",
         "chosen": {"cols": search.plan.region.cols, "rows": search.plan.region.rows},
         "trials": trials,
         "per_operation_bound_cycles": search.per_operation_bound(),
@@ -830,7 +828,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         "fabric": { "name": s.fabric.name, "width": s.fabric.width, "height": s.fabric.height, "clock_mhz": s.fabric.clock_mhz },
         "region": {
             "cols": p.region.cols, "rows": p.region.rows, "resident_bytes_per_pe": p.resident_bytes,
-            "attention": fit::attention_json(s.attention, s.fabric),
+            "attention": s.attention.json(),
         },
         "passes": {
             "count": p.pass_count(), "micro_batch": p.micro_batch, "tokens_per_pass": p.micro_batch * p.seq,

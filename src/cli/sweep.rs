@@ -10,8 +10,9 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
+use super::fit::AttentionFit;
 use super::progress::Progress;
-use super::{bad_input, fit, guard, load_fabric};
+use super::{bad_input, guard, load_fabric};
 use crate::breakdown::Causes;
 use crate::compile::{CompileError, plan_step};
 use crate::model::checkpoint::stage_bytes;
@@ -98,8 +99,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let precision = args.dtype.precision();
     let plan = plan_step(&config, args.batch, args.seq, &fabric, precision).map_err(plan_error)?;
     let fidelity = args.fidelity.fidelity();
-    let attention = fit::attention(&config, &plan, &fabric);
-    fit::refuse_unplaceable_attention(attention, &fabric, fidelity)?;
+    let attention = AttentionFit::of(&config, &plan, &fabric);
+    attention.refuse_if_exact(fidelity)?;
     if let Some(dir) = &args.out {
         let names: Vec<&str> = OUTPUT_FILES.iter().chain(&PLOT_FILES).copied().collect();
         guard::check_output_folder("--out", dir, &names)?;
@@ -156,10 +157,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => None,
         };
         let plots = sweep_plots(&sweep, heatmap.as_ref())?;
-        write_outputs(dir, &sweep, &plots, fit::attention_json(attention, &fabric))?;
+        write_outputs(dir, &sweep, &plots, attention.json())?;
     }
     print_table(&sweep, &config, &fabric, simulated);
-    if let Some(warning) = attention.and_then(|m| fit::attention_warning(m, &fabric)) {
+    if let Some(warning) = attention.warning() {
         eprintln!("{warning}");
     }
     Ok(())

@@ -20,7 +20,8 @@ use serde_json::{Value, json};
 use wafersim_kernels::Precision;
 use wafersim_sim::FabricConfig;
 
-use super::{bad_input, fit, guard, load_fabric};
+use super::fit::AttentionFit;
+use super::{bad_input, guard, load_fabric};
 use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopOptions, NnzSource, StepShape};
 use crate::model::checkpoint::{
@@ -249,9 +250,9 @@ impl Setup {
                 e => bad_input("--fabric", e),
             },
         )?;
-        let attention = fit::attention(&config, &plan, &fabric);
-        fit::refuse_unplaceable_attention(attention, &fabric, args.fidelity.fidelity())?;
-        if let Some(warning) = attention.and_then(|m| fit::attention_warning(m, &fabric)) {
+        let attention = AttentionFit::of(&config, &plan, &fabric);
+        attention.refuse_if_exact(args.fidelity.fidelity())?;
+        if let Some(warning) = attention.warning() {
             eprintln!("{warning}");
         }
         guard::check_output_folder("--out", &args.out, &LOG_FILES)?;

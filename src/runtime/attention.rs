@@ -2,25 +2,10 @@
 
 use wafersim_kernels::{Attention, AttentionBackward, AttentionShape, KernelError};
 
+pub(crate) use crate::compile::attention_shape;
+
 use super::exact::{Act, ExactEngine};
 use super::walk::Cost;
-use crate::model::GptConfig;
-
-/// The attention of `config` over a batch of `batch` sequences of `seq` tokens.
-pub(crate) fn attention_shape(config: &GptConfig, batch: usize, seq: usize) -> AttentionShape {
-    let scale = if config.scale_attn_weights {
-        1.0 / (config.head_dim() as f32).sqrt()
-    } else {
-        1.0
-    };
-    AttentionShape {
-        batch,
-        seq_len: seq,
-        heads: config.n_head,
-        features: config.n_embd,
-        scale,
-    }
-}
 
 impl ExactEngine<'_> {
     fn shape(&self) -> AttentionShape {

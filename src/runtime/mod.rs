@@ -37,24 +37,13 @@ mod walk;
 
 pub use record::{Op, OpRecord, StepCost};
 
-use wafersim_kernels::{AttentionMemory, KernelError};
+use wafersim_kernels::KernelError;
 use wafersim_sim::{FabricConfig, Trace, TraceWindow};
 
 use crate::compile::{Pass, StepPlan};
 use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::{self, Batch, ReferenceError};
 use crate::sparsity::ModelMasks;
-
-/// The SRAM the attention kernels need on the fullest PE of a full pass of `plan`. The exact
-/// fidelity refuses a step whose attention does not fit (the kernels check it as they are
-/// built); the fast fidelity costs it all the same, so a caller reports this beside its cycles.
-pub fn attention_memory(
-    config: &GptConfig,
-    plan: &StepPlan,
-    fabric: &FabricConfig,
-) -> Result<AttentionMemory, KernelError> {
-    attention::attention_shape(config, plan.micro_batch, plan.seq).memory(fabric, plan.region)
-}
 
 /// What costing a step needs: shapes, masks and token ids, no weights (the fast engine reads
 /// nothing else, so a step of a billion-parameter model is costed without its parameters).
