@@ -37,8 +37,8 @@
 //! ever re-laid out).
 
 use wafersim_kernels::{
-    AttentionMemory, AttentionShape, KernelError, MatmulShape, Precision, Region, Split,
-    WeightGradShape,
+    AttentionMemory, AttentionShape, KernelError, MatmulShape, Precision, Region, STEP_COLORS,
+    Split, WeightGradShape,
 };
 use wafersim_sim::FabricConfig;
 
@@ -141,6 +141,10 @@ pub enum CompileError {
     },
     #[error("no region fits: {reason}")]
     NoRegion { reason: String },
+    #[error(
+        "the fabric has {available} colors but a training step's kernels route on {needed} (the attention's K/V gather, dK/dV reduction and head sums); use a fabric with at least {needed}"
+    )]
+    TooFewColors { needed: u8, available: u8 },
 }
 
 /// The most columns and rows a step's region may take (the fabric's, unless a search of
@@ -317,6 +321,12 @@ pub fn plan_step_within(
     precision: Precision,
     limit: RegionLimit,
 ) -> Result<StepPlan, CompileError> {
+    if fabric.colors < STEP_COLORS {
+        return Err(CompileError::TooFewColors {
+            needed: STEP_COLORS,
+            available: fabric.colors,
+        });
+    }
     let limit = RegionLimit {
         cols: limit.cols.min(fabric.width as usize),
         rows: limit.rows.min(fabric.height as usize),

@@ -18,8 +18,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use wafersim_kernels::{
-    ColumnCounts, KernelError, MatmulShape, Precision, Region, StreamLoad, StreamMatmul,
-    StreamedMatrix, WeightGrad, WeightGradShape,
+    ColumnCounts, KernelError, LAYER_COLORS, MatmulShape, Precision, Region, StreamLoad,
+    StreamMatmul, StreamedMatrix, WeightGrad, WeightGradShape,
 };
 use wafersim_sim::{FabricConfig, RunOptions, Stats};
 
@@ -165,6 +165,10 @@ pub enum GemmError {
     #[error("{what} must be at least 1")]
     Empty { what: &'static str },
     #[error(
+        "the fabric has {available} colors but a layer's kernels route on {needed} (the weight gradient's row and column chains); use a fabric with at least {needed}"
+    )]
+    TooFewColors { needed: u8, available: u8 },
+    #[error(
         "sparsity {sparsity} prunes all {weights} weights of W: at least one must be kept for the reductions to be defined"
     )]
     AllPruned { sparsity: f64, weights: usize },
@@ -247,6 +251,12 @@ pub fn plan_gemm(spec: &GemmSpec, fabric: &FabricConfig) -> Result<Region, GemmE
         if v == 0 {
             return Err(GemmError::Empty { what });
         }
+    }
+    if fabric.colors < LAYER_COLORS {
+        return Err(GemmError::TooFewColors {
+            needed: LAYER_COLORS,
+            available: fabric.colors,
+        });
     }
     let sparsity = crate::sparsity::validate(spec.sparsity)?;
     let weights = spec.k.saturating_mul(spec.n);

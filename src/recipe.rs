@@ -245,21 +245,23 @@ fn shapes_only(config: &GptConfig) -> GptParams {
 }
 
 /// The longest power-of-two sequence (at most `n_positions`) whose step of `batch` sequences
-/// fits `fabric`, its attention kernels included, or `None`.
+/// fits `fabric`, its attention kernels included, or `None`; an error where no sequence length
+/// could fit (a fabric with too few colors or no region).
 pub fn longest_fitting_seq(
     config: &GptConfig,
     batch: usize,
     fabric: &FabricConfig,
-) -> Option<usize> {
+) -> Result<Option<usize>, CompileError> {
     let mut seq = config.n_positions.next_power_of_two();
     while seq >= 2 {
         let s = seq.min(config.n_positions);
-        if plan_step(config, batch, s, fabric, Precision::F32).is_ok_and(|p| p.attention_fits) {
-            return Some(s);
+        match plan_step(config, batch, s, fabric, Precision::F32) {
+            Ok(plan) if plan.attention_fits => return Ok(Some(s)),
+            Ok(_) | Err(CompileError::DoesNotFit { .. }) => seq /= 2,
+            Err(e) => return Err(e),
         }
-        seq /= 2;
     }
-    None
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -297,7 +299,7 @@ mod tests {
     fn the_default_sequence_is_the_longest_whose_attention_fits() {
         let xl = GptConfig::preset("mediswift-xl").unwrap();
         let wse2 = FabricConfig::wse2();
-        assert_eq!(longest_fitting_seq(&xl, 1, &wse2), Some(512));
+        assert_eq!(longest_fitting_seq(&xl, 1, &wse2).unwrap(), Some(512));
         let plan = plan_step(&xl, 1, 512, &wse2, Precision::F32).unwrap();
         assert_eq!(plan.resident_bytes, 5_296);
         let memory = crate::compile::attention_memory(&xl, &plan, &wse2).unwrap();

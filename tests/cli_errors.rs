@@ -464,6 +464,52 @@ fn bad_fabric_files_name_the_file_and_the_field() {
     );
 }
 
+#[test]
+fn a_fabric_with_too_few_colors_is_refused_at_either_fidelity() {
+    // The attention routes on colors 0-11 (K/V gather 0-3, dK/dV reduction 4-7, head sums
+    // 8-11); one linear layer on 0-6 (the weight gradient's pattern, row and column chains).
+    // Before this check the fast fidelity costed such steps as if the colors existed.
+    let tmp = tempfile::tempdir().unwrap();
+    let eleven = tmp.path().join("eleven.toml");
+    fs::write(&eleven, "base = \"16x16\"\ncolors = 11\n").unwrap();
+    let step_needles = ["--fabric", "11 colors", "route on 12"];
+    for fidelity in ["exact", "fast"] {
+        let out = tmp.path().join(format!("out-{fidelity}"));
+        let step = ["step", "--fabric", s(&eleven), "--fidelity", fidelity];
+        assert_fails(&[&step[..], &["--out", s(&out)]].concat(), 2, &step_needles);
+        assert!(!out.exists());
+        let sweep = ["sweep", "--fabric", s(&eleven), "--fidelity", fidelity];
+        assert_fails(&sweep, 2, &step_needles);
+    }
+    let recipe = ["recipe", "--model", "tiny", "--pretrain-tokens", "1000"];
+    assert_fails(
+        &[&recipe[..], &["--sparsity", "0.5", "--fabric", s(&eleven)]].concat(),
+        2,
+        &step_needles,
+    );
+    // Eleven colors are enough for one layer; six are not.
+    let six = tmp.path().join("six.toml");
+    fs::write(&six, "base = \"16x16\"\ncolors = 6\n").unwrap();
+    let gemm = [
+        "gemm",
+        "--m",
+        "16",
+        "--k",
+        "16",
+        "--n",
+        "16",
+        "--fidelity",
+        "fast",
+    ];
+    assert_fails(
+        &[&gemm[..], &["--fabric", s(&six)]].concat(),
+        2,
+        &["--fabric", "6 colors", "route on 7"],
+    );
+    let run = wafersim(&[&gemm[..], &["--fabric", s(&eleven)]].concat());
+    assert_eq!(run.code, 0, "{}", run.stderr);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Checkpoints
 

@@ -177,6 +177,18 @@ const SUMS: GroupAllReduce = GroupAllReduce {
     east: [Color(8), Color(9)],
     west: [Color(10), Color(11)],
 };
+/// Colors the kernel routes on: `0..COLORS`.
+pub(crate) const COLORS: u8 = crate::colors_used(
+    &[
+        GATHER.south,
+        GATHER.north,
+        REDUCE.south,
+        REDUCE.north,
+        SUMS.east,
+        SUMS.west,
+    ],
+    &[],
+);
 
 /// The attention problem: `batch` sequences of `seq_len` tokens, `features = heads x head_dim`.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -82,6 +82,8 @@ const ROW: RowMaxAllReduce = RowMaxAllReduce {
 const LOSS: ColumnChain = ColumnChain {
     south: [Color(3), Color(4)],
 };
+/// Colors the kernel routes on: `0..COLORS`.
+pub(crate) const COLORS: u8 = crate::colors_used(&[ROW.east, LOSS.south], &[ROW.broadcast]);
 
 /// One loss and gradient to compute.
 #[derive(Clone, Copy, Debug)]

@@ -31,6 +31,48 @@ mod tiles;
 pub mod vchain;
 pub mod weight_grad;
 
+/// Colors a training step's kernels route on (`0..STEP_COLORS`): a fabric needs at least as
+/// many. The attention uses the most.
+pub const STEP_COLORS: u8 = max_colors(&[
+    attention::COLORS,
+    layernorm::COLORS,
+    cross_entropy::COLORS,
+    embedding::COLORS,
+    matmul::COLORS,
+    weight_grad::COLORS,
+]);
+
+/// Colors one linear layer's kernels route on (the product and the weight gradient).
+pub const LAYER_COLORS: u8 = max_colors(&[matmul::COLORS, weight_grad::COLORS]);
+
+/// One more than the highest of a kernel's colors: its chains' pairs and its single colors.
+const fn colors_used(pairs: &[[Color; 2]], singles: &[Color]) -> u8 {
+    let mut most = 0;
+    let mut i = 0;
+    while i < pairs.len() {
+        most = max_colors(&[most, pairs[i][0].0 + 1, pairs[i][1].0 + 1]);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < singles.len() {
+        most = max_colors(&[most, singles[i].0 + 1]);
+        i += 1;
+    }
+    most
+}
+
+const fn max_colors(counts: &[u8]) -> u8 {
+    let mut most = 0;
+    let mut i = 0;
+    while i < counts.len() {
+        if counts[i] > most {
+            most = counts[i];
+        }
+        i += 1;
+    }
+    most
+}
+
 pub use cross_entropy::{CrossEntropyPlan, CrossEntropyRun, SoftmaxCrossEntropy};
 pub use elementwise::{ElementwisePlan, ElementwiseRun, Gelu, GeluBackward, ResidualAdd};
 pub use embedding::{
@@ -55,7 +97,7 @@ pub use sparse::StreamedMatrix;
 pub use vchain::VerticalChain;
 pub use weight_grad::{WeightGrad, WeightGradPlan, WeightGradRun, WeightGradShape};
 
-use wafersim_sim::FabricConfig;
+use wafersim_sim::{Color, FabricConfig};
 
 /// Storage precision of activations and streamed weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -120,4 +162,26 @@ fn check_region(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_color_counts_are_the_kernels_highest_colors_plus_one() {
+        // Attention: K/V gather 0-3, dK/dV reduce 4-7, group sums 8-11. Weight gradient:
+        // pattern 0, row chain 1-4, column chain 5-6. Product: weights 0, row chain 1-4.
+        assert_eq!(
+            (attention::COLORS, weight_grad::COLORS, matmul::COLORS),
+            (12, 7, 5)
+        );
+        // LayerNorm: parameters 0, row all-reduce 1-3, column chain 4-5; the loss: row max
+        // 0-2, column chain 3-4; the embedding: values 0, column chain 1-2.
+        assert_eq!(
+            (layernorm::COLORS, cross_entropy::COLORS, embedding::COLORS),
+            (6, 5, 3)
+        );
+        assert_eq!((STEP_COLORS, LAYER_COLORS), (12, 7));
+    }
 }

@@ -70,6 +70,8 @@ const ROW: RowChain = RowChain {
     east: [Color(1), Color(2)],
     west: [Color(3), Color(4)],
 };
+/// Colors the kernel routes on: `0..COLORS`.
+pub(crate) const COLORS: u8 = crate::colors_used(&[ROW.east, ROW.west], &[WEIGHTS]);
 /// The weight index that ends a chunk.
 const END_OF_CHUNK: u16 = u16::MAX;
 

@@ -128,6 +128,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let plan_error = |e| match e {
         e @ (GemmError::Empty { .. } | GemmError::Sparsity(_)) => bad_input("gemm", e),
         e @ GemmError::AllPruned { .. } => bad_input("--sparsity", e),
+        e @ GemmError::TooFewColors { .. } => bad_input("--fabric", e),
         e @ (GemmError::RegionOutside { .. }
         | GemmError::Kernel(wafersim_kernels::KernelError::Shape { .. })) => {
             bad_input("--region", e)

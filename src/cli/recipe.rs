@@ -86,14 +86,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             guard::check_batch_shape("--batch/--seq", &config, args.batch, seq)?;
             seq
         }
-        None => longest_fitting_seq(&config, args.batch, &fabric).ok_or_else(|| {
-            anyhow::anyhow!(
-                "no step of {} sequence(s) of {} fits {}: use a bigger fabric",
-                args.batch,
-                args.model,
-                fabric.name
-            )
-        })?,
+        None => longest_fitting_seq(&config, args.batch, &fabric)
+            .map_err(|e| bad_input("--fabric", e))?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no step of {} sequence(s) of {} fits {}: use a bigger fabric",
+                    args.batch,
+                    args.model,
+                    fabric.name
+                )
+            })?,
     };
     // Two mask sets (dense, sparse) of one byte per sparsifiable weight, and their per-column
     // counts: about 6 bytes per weight at the peak (6.4 GB measured for MediSwift-XL).

@@ -169,10 +169,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// The files `--out` receives.
 const OUTPUT_FILES: [&str; 2] = ["sweep.csv", "sweep.json"];
 
-/// A step that does not fit is a failure (exit code 1); a fabric with no region is bad input.
+/// A step that does not fit is a failure (exit code 1); a fabric with no region or too few
+/// colors is bad input.
 fn plan_error(e: CompileError) -> anyhow::Error {
     match e {
-        e @ CompileError::NoRegion { .. } => bad_input("--fabric", e),
+        e @ (CompileError::NoRegion { .. } | CompileError::TooFewColors { .. }) => {
+            bad_input("--fabric", e)
+        }
         e => anyhow::Error::new(e),
     }
 }
