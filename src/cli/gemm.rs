@@ -200,7 +200,10 @@ fn print_report(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) {
         "dense cycles",
         "cycle red",
         "FLOP red",
-        "FLOPs executed",
+        match s.fidelity {
+            Fidelity::Exact => "FLOPs executed",
+            Fidelity::Fast => "FLOPs counted",
+        },
         "max rel err",
         "util"
     );
@@ -314,6 +317,7 @@ fn report_json(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) -> Value {
         "units": {
             "cycles": "fabric clock cycles", "flops": "floating-point operations (1 FMAC = 2)",
             "max_rel_error": "max |fabric - cpu| / max |cpu| (null: not checked)", "pe_utilisation": "busy core cycles / (cycles x region PEs) (null: not simulated)",
+            "flops_executed": "executed by the fabric (exact fidelity) or the analytic count (fast: nothing runs)",
         },
         "fidelity": s.fidelity.name(),
         "m": s.tokens, "k": s.k, "n": s.n, "sparsity": s.sparsity, "nnz": r.nnz,
