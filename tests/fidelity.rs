@@ -218,6 +218,8 @@ fn fast_agrees_with_exact_on_layers_and_whole_steps() {
         gemm_row((48, 96, 80), 0.5, (3, 5), Precision::F16, None),
         gemm_row((16, 32, 32), 0.9, (2, 2), Precision::F32, None),
         gemm_row((64, 64, 256), 0.75, (8, 2), Precision::F32, Some(12_288)),
+        // A row of 64 columns in a MediSwift-XL step's per-PE regime: 6 tokens and 3 features.
+        gemm_row((12, 192, 192), 0.75, (64, 2), Precision::F32, None),
         step_row(0.0, (16, 16), Precision::F32),
         step_row(0.5, (16, 16), Precision::F32),
         step_row(0.9, (16, 16), Precision::F32),
