@@ -499,6 +499,38 @@ fn an_attention_too_big_for_the_sram_is_refused_exactly_and_flagged_when_costed(
 }
 
 #[test]
+fn the_fast_fidelity_warns_on_latencies_its_formulas_were_not_checked_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fabric = tmp.path().join("slow.toml");
+    fs::write(
+        &fabric,
+        "base = \"2x2\"\nqueue_depth = 1\nramp_latency = 6\n",
+    )
+    .unwrap();
+    let fabric = path_str(&fabric);
+    let fast = small_step(
+        &tmp.path().join("fast"),
+        &["--fabric", fabric, "--fidelity", "fast", "--no-numerics"],
+    );
+    assert_eq!(fast.code, 0, "{}", fast.stderr);
+    let warnings: Vec<&str> = fast
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", fast.stderr);
+    for needle in [
+        "queue_depth 1 (validated: 4)",
+        "ramp_latency 6 (validated: 2)",
+    ] {
+        assert!(warnings[0].contains(needle), "{}", warnings[0]);
+    }
+    // The exact fidelity simulates those latencies: nothing to warn about.
+    let exact = small_step(&tmp.path().join("exact"), &["--fabric", fabric]);
+    assert_ok(&exact);
+}
+
+#[test]
 fn a_huge_model_is_refused_before_its_weights_exist() {
     // 1.3 B parameters would take ~24 s and 6 GB to initialise; the fit check comes first.
     // Region 100 x 100: 21 tokens per row; per column 21 of d, 82 of d_ffn, 503 of the

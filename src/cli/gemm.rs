@@ -136,6 +136,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         other => anyhow::Error::new(other),
     };
     plan_gemm(&spec, &fabric).map_err(plan_error)?;
+    if let Some(warning) = super::unvalidated_timing_warning(&fabric, spec.fidelity) {
+        eprintln!("{warning}");
+    }
     if let Some(path) = &args.json {
         guard::check_output_file("--json", path)?;
     }

@@ -97,6 +97,31 @@ pub fn load_fabric(spec: &str) -> anyhow::Result<wafersim_sim::FabricConfig> {
     config.map_err(|e| bad_input(what, e))
 }
 
+/// A warning line for the fast fidelity on a fabric whose queue depth or latencies differ from
+/// the presets': its formulas were validated on the presets' values and drift with others
+/// (`docs/fidelity.md`, "Machine parameters").
+pub fn unvalidated_timing_warning(
+    fabric: &wafersim_sim::FabricConfig,
+    fidelity: crate::runtime::Fidelity,
+) -> Option<String> {
+    let preset = wafersim_sim::FabricConfig::wse2();
+    let changed: Vec<String> = [
+        ("queue_depth", fabric.queue_depth, preset.queue_depth),
+        ("hop_latency", fabric.hop_latency, preset.hop_latency),
+        ("ramp_latency", fabric.ramp_latency, preset.ramp_latency),
+    ]
+    .into_iter()
+    .filter(|&(_, value, validated)| value != validated)
+    .map(|(name, value, validated)| format!("{name} {value} (validated: {validated})"))
+    .collect();
+    (fidelity == crate::runtime::Fidelity::Fast && !changed.is_empty()).then(|| {
+        format!(
+            "warning: the fast fidelity's formulas were checked against the exact engine with the presets' queue depth and latencies; this fabric has {}: expect larger errors (docs/fidelity.md)",
+            changed.join(", ")
+        )
+    })
+}
+
 /// Writes `value` as pretty JSON to `path`, atomically (a failure leaves no partial file).
 pub fn write_json(path: &std::path::Path, value: &serde_json::Value) -> anyhow::Result<()> {
     crate::model::checkpoint::write_file_atomic(path, json_text(value)?.as_bytes())

@@ -12,6 +12,7 @@ use crate::model::GptConfig;
 use crate::recipe::{
     PhaseCost, RecipeCost, RecipeError, RecipeSpec, longest_fitting_seq, recipe_cost,
 };
+use crate::runtime::Fidelity;
 use crate::sparsity;
 
 /// Arguments of `wafersim recipe`.
@@ -113,6 +114,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         batch: args.batch,
         seq,
     };
+    if let Some(warning) = super::unvalidated_timing_warning(&fabric, Fidelity::Fast) {
+        eprintln!("{warning}");
+    }
     let cost = recipe_cost(&config, &fabric, &spec, args.seed).map_err(|e| match e {
         e @ RecipeError::PromptTooLong { .. } => bad_input("--prompt-len", e),
         e => anyhow::Error::new(e),

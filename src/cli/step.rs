@@ -110,6 +110,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fidelity: args.fidelity.fidelity(),
         numerics: !args.no_numerics,
     };
+    if let Some(warning) = super::unvalidated_timing_warning(&setup.fabric, mode.fidelity) {
+        eprintln!("{warning}");
+    }
     // Costing alone (fast, no numerics) reads shapes and masks: a preset's weights are never
     // drawn (1.3 B of them would take 5 GB and most of a minute).
     let costing_only = mode.fidelity == Fidelity::Fast && !mode.numerics;

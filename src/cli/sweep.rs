@@ -99,6 +99,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let precision = args.dtype.precision();
     let plan = plan_step(&config, args.batch, args.seq, &fabric, precision).map_err(plan_error)?;
     let fidelity = args.fidelity.fidelity();
+    if let Some(warning) = super::unvalidated_timing_warning(&fabric, fidelity) {
+        eprintln!("{warning}");
+    }
     let attention = AttentionFit::of(&config, &plan, &fabric);
     attention.refuse_if_exact(fidelity)?;
     if let Some(dir) = &args.out {

@@ -126,6 +126,11 @@ const PROMPT_FILE: &str = "prompt.safetensors";
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let setup = Setup::check(&args)?;
+    if let Some(warning) =
+        super::unvalidated_timing_warning(&setup.fabric, args.fidelity.fidelity())
+    {
+        eprintln!("{warning}");
+    }
     let (params, masks) = load_weights(&args, &setup)?;
     let schedule = LrSchedule {
         peak: args.lr,
