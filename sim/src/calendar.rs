@@ -117,6 +117,56 @@ impl Calendar {
     }
 }
 
+/// A cycle's wakes, distinct and in increasing order: what sorting them and dropping
+/// duplicates gives, by way of a two-level bitmap over components (a bit per component, a
+/// summary bit per 64-bit word) instead of a comparison sort. Its cost per cycle is one bit per
+/// wake plus a scan of the summary, so a cycle with few wakes among many components sorts
+/// them instead.
+#[derive(Default)]
+pub(crate) struct WakeSet {
+    words: Vec<u64>,
+    summary: Vec<u64>,
+}
+
+impl WakeSet {
+    /// Replaces `wakes` by its distinct values in increasing order.
+    pub fn sort_dedup(&mut self, wakes: &mut Vec<u32>) {
+        let Some(&max) = wakes.iter().max() else {
+            return;
+        };
+        let words = max as usize / 64 + 1;
+        if self.words.len() < words {
+            self.words.resize(words, 0);
+            self.summary.resize(words.div_ceil(64), 0);
+        }
+        // A comparison sort wins when the scan of the summary would dwarf the wakes.
+        if wakes.len() < 64 || wakes.len() * 4 < self.summary.len() {
+            wakes.sort_unstable();
+            wakes.dedup();
+            return;
+        }
+        for &c in wakes.iter() {
+            let w = c as usize / 64;
+            self.words[w] |= 1 << (c % 64);
+            self.summary[w / 64] |= 1 << (w % 64);
+        }
+        wakes.clear();
+        let used = words.div_ceil(64);
+        for (s, summary) in self.summary[..used].iter_mut().enumerate() {
+            let mut marked = std::mem::take(summary);
+            while marked != 0 {
+                let w = s * 64 + marked.trailing_zeros() as usize;
+                marked &= marked - 1;
+                let mut bits = std::mem::take(&mut self.words[w]);
+                while bits != 0 {
+                    wakes.push((w * 64) as u32 + bits.trailing_zeros());
+                    bits &= bits - 1;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +268,31 @@ mod tests {
         assert!(cal.spare.iter().all(|b| b.capacity() <= SPARE_CAPACITY));
         assert!(cal.buckets.iter().all(|b| b.capacity() <= SPARE_CAPACITY));
         assert_eq!(batch, vec![0]);
+    }
+
+    #[test]
+    fn a_wake_set_sorts_and_drops_duplicates() {
+        // Wakes pushed in an arbitrary order, with duplicates, as a cycle collects them: both the
+        // bitmap (many wakes) and the comparison sort (few wakes among many components) give
+        // the sorted distinct values, and the set is empty again afterwards.
+        let mut set = WakeSet::default();
+        let mut many: Vec<u32> = (0..500u32).map(|i| (i * 7919) % 4099).collect();
+        many.extend([0, 4098, 4098, 63, 64, 65, 4095]);
+        let mut want = many.clone();
+        want.sort_unstable();
+        want.dedup();
+        set.sort_dedup(&mut many);
+        assert_eq!(many, want);
+        assert!(set.words.iter().chain(&set.summary).all(|&w| w == 0));
+
+        let mut few = vec![1 << 20, 5, 1 << 20, 3];
+        set.sort_dedup(&mut few);
+        assert_eq!(few, vec![3, 5, 1 << 20]);
+        let mut again = vec![9, 2, 9, 70, 2, 1];
+        again.extend(128..200u32);
+        let mut want: Vec<u32> = vec![1, 2, 9, 70];
+        want.extend(128..200u32);
+        set.sort_dedup(&mut again);
+        assert_eq!(again, want);
     }
 }

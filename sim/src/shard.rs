@@ -23,7 +23,7 @@
 //! buffer lists are arenas too, so a PE costs a few hundred bytes plus the SRAM its program
 //! allocated.
 
-use crate::calendar::Calendar;
+use crate::calendar::{Calendar, WakeSet};
 use crate::config::FabricConfig;
 use crate::error::{RunError, SimError, Stuck};
 use crate::geometry::{Coord, Port, PortSet};
@@ -266,6 +266,7 @@ pub(crate) struct Shard {
     /// Messages for each shard, sent at the end of the cycle.
     pub outbox: Vec<Vec<Msg>>,
     batch: Vec<u32>,
+    wake_set: WakeSet,
 }
 
 enum Step {
@@ -293,6 +294,7 @@ impl Shard {
             failure: None,
             outbox: Vec::new(),
             batch: Vec::new(),
+            wake_set: WakeSet::default(),
         }
     }
 
@@ -373,14 +375,9 @@ impl Shard {
         let mut batch = std::mem::take(&mut self.batch);
         self.cal.take(t, &mut batch);
         // In PE order: the cycle's memory accesses sweep the shard's arrays once, and a
-        // component woken several times comes up adjacent, to run once.
-        batch.sort_unstable();
-        let mut previous = None;
+        // component woken several times runs once.
+        self.wake_set.sort_dedup(&mut batch);
         for &c in &batch {
-            if previous == Some(c) {
-                continue;
-            }
-            previous = Some(c);
             let p = comp_pe(c);
             let kind = c & KIND_MASK;
             self.events += 1;
