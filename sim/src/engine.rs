@@ -52,7 +52,7 @@ use crate::shard::{
     TaskInfo, comp, injector_kind,
 };
 use crate::stats::{LinkUse, PeStats, Stats};
-use crate::task::TaskFlags;
+use crate::task::TaskStates;
 use crate::trace::{Trace, TraceEvent, TraceWindow};
 use crate::wavelet::{Color, Wavelet};
 
@@ -190,14 +190,18 @@ impl Simulator {
 
     fn add_pe(&mut self, slot: u32, p: crate::program::PeProgram) -> Result<(), BuildError> {
         let shard = &mut self.shard;
-        let flags = p
-            .tasks
-            .iter()
-            .map(|t| TaskFlags {
-                active: t.active,
-                blocked: t.blocked,
-            })
-            .collect();
+        let mut task_states = TaskStates {
+            count: p.tasks.len() as u32,
+            ..TaskStates::default()
+        };
+        let mut data_tasks = 0u64;
+        for (i, t) in p.tasks.iter().enumerate() {
+            task_states.set_active(i, t.active);
+            task_states.set_blocked(i, t.blocked);
+            if matches!(t.trigger, Trigger::Data(_)) {
+                data_tasks |= 1 << i;
+            }
+        }
         let (tasks, bodies): (Vec<_>, Vec<_>) = p
             .tasks
             .into_iter()
@@ -240,7 +244,8 @@ impl Simulator {
             ops: Vec::new(),
             lazy: None,
             tasks,
-            flags,
+            task_states,
+            data_tasks,
             bodies,
             core_in: Vec::new(),
             core_out: Vec::new(),

@@ -31,7 +31,7 @@ use crate::memory::{DType, Sram, VecRef};
 use crate::oplist::{self, LazyOps};
 use crate::program::{TaskBody, Then, Trigger};
 use crate::stats::PeStats;
-use crate::task::{AsyncKind, AsyncOp, CoreLinks, RecvMode, TaskCtx, TaskFlags};
+use crate::task::{AsyncKind, AsyncOp, CoreLinks, RecvMode, TaskCtx, TaskStates};
 use crate::trace::{TraceEvent, TraceWindow};
 use crate::wavelet::{Color, Wavelet};
 
@@ -213,7 +213,9 @@ pub(crate) struct Pe {
     /// changed since they were last found: they depend on the operations' colors only.
     pub eligible: Option<Eligible>,
     pub tasks: Vec<TaskInfo>,
-    pub flags: Vec<TaskFlags>,
+    pub task_states: TaskStates,
+    /// Bit `i` set when task `i` is a data task.
+    pub data_tasks: u64,
     pub bodies: Vec<TaskBody>,
     /// `(color, core input queue)` per route delivering to RAMP.
     pub core_in: Vec<(Color, u32)>,
@@ -363,7 +365,7 @@ impl Shard {
             self.wake(0, c);
         }
         for p in 0..self.pes.len() {
-            if self.pes[p].flags.iter().any(|f| f.active) {
+            if self.pes[p].task_states.active != 0 {
                 self.wake(0, comp(p as u32, CORE));
             }
         }
@@ -695,8 +697,7 @@ impl Shard {
         let (ops, lazy) = (&pe.ops, pe.lazy.as_deref());
         let held = ops.len() + lazy.map_or(0, LazyOps::remaining);
         let first = pe.ramp_next % held;
-        let from =
-            eligible.partition_point(|&i| oplist::position_of(ops, lazy, i as usize) < first);
+        let from = eligible.partition_point(|&i| oplist::position_of(ops, i as usize) < first);
         let mut again = false;
         let mut finished: u64 = 0;
         let mut finished_late = Vec::new();
@@ -787,8 +788,8 @@ impl Shard {
         pe.op_done_at = t;
         match op.then {
             Then::Nothing => {}
-            Then::Activate(task) => pe.flags[usize::from(task.0)].active = true,
-            Then::Unblock(task) => pe.flags[usize::from(task.0)].blocked = false,
+            Then::Activate(task) => pe.task_states.set_active(usize::from(task.0), true),
+            Then::Unblock(task) => pe.task_states.set_blocked(usize::from(task.0), false),
         }
         self.end = self.end.max(t + 1);
         let coord = pe.coord;
@@ -857,31 +858,37 @@ impl Shard {
         op.next_at = t + 1;
         if let (Some(w), Some(q)) = (outgoing, out_queue) {
             pe.last_ramp_push = t;
-            pe.ramp_next = oplist::position_of(&pe.ops, pe.lazy.as_deref(), i) + 1;
+            pe.ramp_next = oplist::position_of(&pe.ops, i) + 1;
             pe.stats.wavelets_sent += 1;
             self.deliver(q, w, t, env.ramp);
         }
         Step::Moved
     }
 
-    /// The lowest-numbered runnable task, if any.
+    /// The lowest-numbered runnable task, if any: an activated local task, or a data task with
+    /// a wavelet ready that no pending operation reads; neither blocked.
     fn pick_task(&self, p: u32, t: u64) -> Option<usize> {
         let pe = &self.pes[p as usize];
-        (0..pe.tasks.len()).find(|&i| {
-            let flags = pe.flags[i];
-            if flags.blocked {
-                return false;
+        let states = pe.task_states;
+        let mut candidates = ((states.active & !pe.data_tasks) | pe.data_tasks) & !states.blocked;
+        while candidates != 0 {
+            let i = candidates.trailing_zeros() as usize;
+            candidates &= candidates - 1;
+            if pe.data_tasks >> i & 1 == 0 {
+                return Some(i);
             }
             let task = &pe.tasks[i];
-            match task.trigger {
-                Trigger::Local => flags.active,
-                Trigger::Data(color) => {
-                    self.is_ready(task.queue, t)
-                        && !pe.ops.iter().any(|o| o.in_color == Some(color))
-                        && pe.lazy.as_ref().is_none_or(|l| !l.rest_reads(color))
-                }
+            let Trigger::Data(color) = task.trigger else {
+                continue;
+            };
+            if self.is_ready(task.queue, t)
+                && !pe.ops.iter().any(|o| o.in_color == Some(color))
+                && pe.lazy.as_ref().is_none_or(|l| !l.rest_reads(color))
+            {
+                return Some(i);
             }
-        })
+        }
+        None
     }
 
     fn run_task(&mut self, env: &Env<'_>, p: u32, task: usize, t: u64) -> Result<(), SimError> {
@@ -889,7 +896,7 @@ impl Shard {
         let (trigger, queue) = (info.trigger, info.queue);
         let wavelet = match trigger {
             Trigger::Local => {
-                self.pes[p as usize].flags[task].active = false;
+                self.pes[p as usize].task_states.set_active(task, false);
                 None
             }
             Trigger::Data(_) => {
@@ -976,7 +983,7 @@ impl Shard {
             pe.injectors.iter().filter(|&&id| id != NONE).any(|&id| {
                 self.injectors[id as usize].pos < self.injectors[id as usize].stream.len()
             });
-        queued || !pe.ops.is_empty() || pe.flags.iter().any(|f| f.active) || streaming
+        queued || !pe.ops.is_empty() || pe.task_states.active != 0 || streaming
     }
 
     /// What PE `p` still has to do: waiting wavelets, unfinished operations, activated tasks,
@@ -1001,7 +1008,7 @@ impl Shard {
                     .enumerate()
                     .find(|(_, t)| t.trigger == Trigger::Data(queue.color));
                 let why = match task {
-                    Some((i, t)) if pe.flags[i].blocked => {
+                    Some((i, t)) if pe.task_states.is_blocked(i) => {
                         format!("data task \"{}\" is blocked", t.name)
                     }
                     Some((_, t)) => format!("data task \"{}\"", t.name),
@@ -1036,8 +1043,8 @@ impl Shard {
             ));
         }
         for (i, t) in pe.tasks.iter().enumerate() {
-            if pe.flags[i].active {
-                let state = if pe.flags[i].blocked {
+            if pe.task_states.is_active(i) {
+                let state = if pe.task_states.is_blocked(i) {
                     "activated but blocked"
                 } else {
                     "activated"
@@ -1123,7 +1130,7 @@ fn execute_body(
     let Pe {
         coord,
         sram,
-        flags,
+        task_states,
         ops,
         lazy,
         stats,
@@ -1139,7 +1146,7 @@ fn execute_body(
         cycles: 0,
         wavelet,
         sram,
-        tasks: flags,
+        tasks: task_states,
         ops,
         lazy,
         stats,
