@@ -223,7 +223,6 @@ impl Simulator {
             rx: r.rx,
             tx: r.tx,
             dest: [NONE; 5],
-            sent: [0; 5],
         }));
         shard.pes.push(Pe {
             coord: p.coord,
@@ -553,13 +552,18 @@ fn finish(
     for mut shard in shards {
         for p in 0..shard.pes.len() as u32 {
             let high_water = shard.queue_high_water(p);
-            for r in shard.pe_routes(p) {
+            let mut forwarded = vec![0u64; shard.pe_routes(p).len()];
+            for &q in shard.pe_inbufs(p) {
+                let queue = &shard.queues[q as usize];
+                forwarded[usize::from(queue.route)] += queue.forwarded;
+            }
+            for (r, sent) in shard.pe_routes(p).iter().zip(forwarded) {
                 for port in r.tx.iter() {
                     links.push(LinkUse {
                         pe: shard.pes[p as usize].coord,
                         color: r.color,
                         port,
-                        wavelets: r.sent[port.index()],
+                        wavelets: sent,
                     });
                 }
             }

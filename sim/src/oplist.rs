@@ -339,13 +339,21 @@ pub(crate) fn async_op(
     issued_by: &'static str,
 ) -> AsyncOp {
     let (in_color, out_color) = op.colors();
+    let at = sram.range(op.vector()).expect("checked at issue").start;
     let kind = match op {
         FabricOp::Send { src, .. } => AsyncKind::Send {
             wavelets: wavelets_of(sram, src),
         },
-        FabricOp::Recv { dst, mode, .. } => AsyncKind::Recv { dst, mode },
-        FabricOp::RecvAddSend { local, .. } => AsyncKind::RecvAddSend { local },
-        FabricOp::RecvStoreSend { dst, .. } => AsyncKind::RecvStoreSend { dst },
+        FabricOp::Recv { dst, mode, .. } => AsyncKind::Recv {
+            dtype: dst.dtype(),
+            at,
+            mode,
+        },
+        FabricOp::RecvAddSend { .. } => AsyncKind::RecvAddSend { at },
+        FabricOp::RecvStoreSend { dst, .. } => AsyncKind::RecvStoreSend {
+            dtype: dst.dtype(),
+            at,
+        },
     };
     AsyncOp {
         kind,

@@ -27,7 +27,7 @@ use crate::calendar::{Calendar, WakeSet};
 use crate::config::FabricConfig;
 use crate::error::{RunError, SimError, Stuck};
 use crate::geometry::{Coord, Port, PortSet};
-use crate::memory::{DType, Sram, VecRef};
+use crate::memory::{DType, Sram};
 use crate::oplist::{self, LazyOps};
 use crate::program::{TaskBody, Then, Trigger};
 use crate::stats::PeStats;
@@ -142,6 +142,9 @@ pub(crate) struct Queue {
     /// Where its wavelets arrive from (RAMP for a router buffer fed by the core, and for a core
     /// input queue).
     pub port: Port,
+    /// Wavelets the router forwarded from it (each went out of every tx port of its route): the
+    /// route's per-link counts are the sums over its buffers.
+    pub forwarded: u64,
 }
 
 /// A router buffer of another shard that a router of this shard feeds.
@@ -172,7 +175,6 @@ pub(crate) struct RouteState {
     pub tx: PortSet,
     /// Destination per output port: a queue, `SINK_BIT | sink`, `REMOTE_BIT | remote` or `NONE`.
     pub dest: [u32; 5],
-    pub sent: [u64; 5],
 }
 
 pub(crate) struct TaskInfo {
@@ -328,6 +330,7 @@ impl Shard {
             core_input,
             color,
             port,
+            forwarded: 0,
         });
         self.queues.len() as u32 - 1
     }
@@ -567,7 +570,6 @@ impl Shard {
     fn router_step(&mut self, env: &Env<'_>, p: u32, t: u64) {
         let pe = &self.pes[p as usize];
         let (n, start, inbuf_start) = (pe.inbuf_len as usize, pe.rr as usize, pe.inbuf_start);
-        let route_start = pe.route_start as usize;
         let mut used = PortSet::EMPTY;
         let mut again = false;
         let mut last_granted = None;
@@ -587,8 +589,7 @@ impl Shard {
             if queue.head_at > t {
                 continue;
             }
-            let (tx, dest) = (queue.tx, queue.dest);
-            let r = route_start + usize::from(queue.route);
+            let (tx, dest, color) = (queue.tx, queue.dest, queue.color);
             if tx.intersects(used) {
                 again = true; // lost arbitration for a port: try next cycle
                 continue;
@@ -597,7 +598,8 @@ impl Shard {
                 continue; // a destination's pop wakes us
             }
             let item = self.take(q, t);
-            self.forward(env, p, r, item.w, t);
+            self.queues[q as usize].forwarded += 1;
+            self.forward(env, p, color, tx, &dest, item.w, t);
             let stats = &mut self.pes[p as usize].stats;
             stats.router_forwards += 1;
             stats.router_wait_cycles += t - item.ready;
@@ -635,12 +637,18 @@ impl Shard {
         ok
     }
 
-    /// Sends `w` out of every tx port of route `r` of PE `p` at cycle `t`.
-    fn forward(&mut self, env: &Env<'_>, p: u32, r: usize, w: Wavelet, t: u64) {
-        let (color, tx, dest) = {
-            let route = &self.routes[r];
-            (route.color, route.tx, route.dest)
-        };
+    /// Sends `w` of `color` out of ports `tx` of PE `p` (to `dest` per port) at cycle `t`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        env: &Env<'_>,
+        p: u32,
+        color: Color,
+        tx: PortSet,
+        dest: &[u32; 5],
+        w: Wavelet,
+        t: u64,
+    ) {
         for port in tx.iter() {
             let latency = if port == Port::Ramp {
                 env.ramp
@@ -657,7 +665,6 @@ impl Shard {
             } else {
                 self.deliver(d, w, t, latency);
             }
-            self.routes[r].sent[port.index()] += 1;
         }
         let pe = self.pes[p as usize].coord;
         if env.traced(pe, t, t) {
@@ -689,14 +696,16 @@ impl Shard {
     /// for the ramp round-robin, from the one after the last to use it.
     fn step_async_ops(&mut self, env: &Env<'_>, p: u32, t: u64) {
         let pe = &mut self.pes[p as usize];
-        let eligible = *pe
+        let found = pe
             .eligible
-            .get_or_insert_with(|| first_of_each_color(&pe.ops));
-        let eligible = eligible.as_slice();
+            .get_or_insert_with(|| first_of_each_color(&pe.ops, pe.lazy.as_deref()));
+        // A copy of the indices only (the array is sized for the worst case).
+        let mut indices = [0u32; MAX_ELIGIBLE];
+        let eligible = &mut indices[..found.count];
+        eligible.copy_from_slice(found.as_slice());
         // Positions count the operations not taken up yet, as if they were all held.
-        let (ops, lazy) = (&pe.ops, pe.lazy.as_deref());
-        let held = ops.len() + lazy.map_or(0, LazyOps::remaining);
-        let first = pe.ramp_next % held;
+        let first = pe.ramp_next % found.held;
+        let ops = &pe.ops;
         let from = eligible.partition_point(|&i| oplist::position_of(ops, i as usize) < first);
         let mut again = false;
         let mut finished: u64 = 0;
@@ -836,20 +845,18 @@ impl Shard {
         let k = op.done;
         let outgoing = match &op.kind {
             AsyncKind::Send { wavelets } => Some(wavelets[k as usize]),
-            AsyncKind::Recv { dst, mode } => {
+            AsyncKind::Recv { dtype, at, mode } => {
                 let w = received.expect("recv has an input");
-                store_received(&mut pe.sram, *dst, k, w, *mode);
+                store_received(&mut pe.sram, *dtype, at + k as usize, w, *mode);
                 None
             }
-            AsyncKind::RecvAddSend { local } => {
-                let range = pe.sram.range(*local).expect("checked at issue");
-                let sum =
-                    received.expect("has an input").f32() + pe.sram.f32s[range.start + k as usize];
+            AsyncKind::RecvAddSend { at } => {
+                let sum = received.expect("has an input").f32() + pe.sram.f32s[at + k as usize];
                 Some(Wavelet::from_f32(sum))
             }
-            AsyncKind::RecvStoreSend { dst } => {
+            AsyncKind::RecvStoreSend { dtype, at } => {
                 let w = received.expect("has an input");
-                store_received(&mut pe.sram, *dst, k, w, RecvMode::Store);
+                store_received(&mut pe.sram, *dtype, at + k as usize, w, RecvMode::Store);
                 Some(w)
             }
         };
@@ -881,8 +888,12 @@ impl Shard {
             let Trigger::Data(color) = task.trigger else {
                 continue;
             };
+            let held_reads = match &pe.eligible {
+                Some(e) => e.reads,
+                None => colors_read(&pe.ops),
+            };
             if self.is_ready(task.queue, t)
-                && !pe.ops.iter().any(|o| o.in_color == Some(color))
+                && held_reads & 1 << color.index() == 0
                 && pe.lazy.as_ref().is_none_or(|l| !l.rest_reads(color))
             {
                 return Some(i);
@@ -906,6 +917,7 @@ impl Shard {
             }
         };
         let ops_before = self.pes[p as usize].ops.len();
+        let held_before = held(&self.pes[p as usize]);
         let (cycles, error, name) =
             execute_body(env.config, &mut self.pes[p as usize], task, wavelet, t);
         let pe = &mut self.pes[p as usize];
@@ -926,7 +938,8 @@ impl Shard {
         pe.stats.tasks_run += 1;
         self.end = self.end.max(t + cost);
         self.wake(t + cost, comp(p, CORE));
-        if self.pes[p as usize].ops.len() != ops_before {
+        // Anything issued adds to the operations held or listed (a list may add none to `ops`).
+        if held(&self.pes[p as usize]) != held_before {
             self.pes[p as usize].eligible = None;
         }
         for k in ops_before..self.pes[p as usize].ops.len() {
@@ -1083,11 +1096,18 @@ impl Shard {
 /// input or as output.
 const MAX_ELIGIBLE: usize = 2 * crate::config::HARDWARE_COLORS as usize;
 
-/// Indices into a PE's operations, in index order.
+/// What a PE's core finds about its operations, valid until they change (an operation issued,
+/// taken up or finished). Laid out with the counts first: a step reads one cache line of it.
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub(crate) struct Eligible {
-    index: [u32; MAX_ELIGIBLE],
     count: usize,
+    /// Operations held plus those of a list not taken up yet (positions run over these).
+    held: usize,
+    /// The colors held operations read, one bit each.
+    reads: u32,
+    /// Indices into the PE's operations, in index order.
+    index: [u32; MAX_ELIGIBLE],
 }
 
 impl Eligible {
@@ -1096,14 +1116,28 @@ impl Eligible {
     }
 }
 
+/// Operations PE `pe` holds plus those of its list not taken up yet.
+fn held(pe: &Pe) -> usize {
+    pe.ops.len() + pe.lazy.as_deref().map_or(0, LazyOps::remaining)
+}
+
+/// The colors `ops` read, one bit each.
+fn colors_read(ops: &[AsyncOp]) -> u32 {
+    ops.iter()
+        .filter_map(|o| o.in_color)
+        .fold(0, |m, c| m | 1 << c.index())
+}
+
 /// The indices of the operations that no earlier operation shares a color with (in either
-/// direction), in index order.
-fn first_of_each_color(ops: &[AsyncOp]) -> Eligible {
+/// direction), in index order, with the counts that go with them.
+fn first_of_each_color(ops: &[AsyncOp], lazy: Option<&LazyOps>) -> Eligible {
     let (mut seen_in, mut seen_out) = (0u32, 0u32);
     let bit = |c: Color| 1u32 << c.index();
     let mut eligible = Eligible {
-        index: [0; MAX_ELIGIBLE],
         count: 0,
+        held: ops.len() + lazy.map_or(0, LazyOps::remaining),
+        reads: 0,
+        index: [0; MAX_ELIGIBLE],
     };
     for (i, op) in ops.iter().enumerate() {
         let waits = op.in_color.is_some_and(|c| seen_in & bit(c) != 0)
@@ -1115,6 +1149,7 @@ fn first_of_each_color(ops: &[AsyncOp]) -> Eligible {
         seen_in |= op.in_color.map_or(0, bit);
         seen_out |= op.out_color.map_or(0, bit);
     }
+    eligible.reads = seen_in;
     eligible
 }
 
@@ -1161,10 +1196,9 @@ fn execute_body(
     (ctx.cycles, ctx.error, name)
 }
 
-fn store_received(sram: &mut Sram, dst: VecRef, k: u32, w: Wavelet, mode: RecvMode) {
-    let range = sram.range(dst).expect("checked at issue");
-    let i = range.start + k as usize;
-    match dst.dtype() {
+/// Stores (or adds) `w` at arena index `i` of type `dtype`.
+fn store_received(sram: &mut Sram, dtype: DType, i: usize, w: Wavelet, mode: RecvMode) {
+    match dtype {
         DType::F32 => match mode {
             RecvMode::Store => sram.f32s[i] = w.f32(),
             RecvMode::Add => sram.f32s[i] += w.f32(),

@@ -105,12 +105,26 @@ pub(crate) struct AsyncOp {
     pub untaken_before: u32,
 }
 
+/// What an operation does per wavelet. `at` is the arena index of the vector's first element,
+/// found when the operation is issued (a PE's buffers do not move during a run), so moving a
+/// wavelet does not look its buffer up again.
 #[derive(Debug)]
 pub(crate) enum AsyncKind {
-    Send { wavelets: Vec<Wavelet> },
-    Recv { dst: VecRef, mode: RecvMode },
-    RecvAddSend { local: VecRef },
-    RecvStoreSend { dst: VecRef },
+    Send {
+        wavelets: Vec<Wavelet>,
+    },
+    Recv {
+        dtype: DType,
+        at: usize,
+        mode: RecvMode,
+    },
+    RecvAddSend {
+        at: usize,
+    },
+    RecvStoreSend {
+        dtype: DType,
+        at: usize,
+    },
 }
 
 /// The colors a core can read from and write to, with their queue ids.
