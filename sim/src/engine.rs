@@ -227,6 +227,7 @@ impl Simulator {
         shard.pes.push(Pe {
             coord: p.coord,
             slot,
+            router_wait_cycles: 0,
             occupied: 0,
             inbuf_start: shard.inbufs.len() as u32,
             inbuf_len: 0,
@@ -553,9 +554,11 @@ fn finish(
         for p in 0..shard.pes.len() as u32 {
             let high_water = shard.queue_high_water(p);
             let mut forwarded = vec![0u64; shard.pe_routes(p).len()];
+            let mut router_forwards = 0;
             for &q in shard.pe_inbufs(p) {
                 let queue = &shard.queues[q as usize];
                 forwarded[usize::from(queue.route)] += queue.forwarded;
+                router_forwards += queue.forwarded;
             }
             for (r, sent) in shard.pe_routes(p).iter().zip(forwarded) {
                 for port in r.tx.iter() {
@@ -570,6 +573,8 @@ fn finish(
             let pe = &mut shard.pes[p as usize];
             let mut s = std::mem::take(&mut pe.stats);
             s.queue_high_water = high_water;
+            s.router_forwards = router_forwards;
+            s.router_wait_cycles = pe.router_wait_cycles;
             pe_stats.push((pe.coord, s));
             srams[pe.slot as usize] = std::mem::take(&mut pe.sram);
         }

@@ -184,10 +184,12 @@ pub(crate) struct TaskInfo {
     pub queue: u32,
 }
 
+/// One PE's state. Laid out by use (`repr(C)`, cache-line aligned): the router's fields and
+/// what a push into the core's queue checks come first, then the core's, then what tasks and
+/// operations use, then what only building and reports read; most events touch the first two or
+/// three cache lines only.
+#[repr(C, align(64))]
 pub(crate) struct Pe {
-    pub coord: Coord,
-    /// Index in the program (the order PEs were first touched).
-    pub slot: u32,
     /// Bit `i` set when router buffer `i` holds a wavelet.
     pub occupied: u128,
     /// First of its router buffers in the shard's `inbufs`, in arbitration order.
@@ -195,10 +197,12 @@ pub(crate) struct Pe {
     pub inbuf_len: u32,
     /// Router buffer that gets the first chance next (round-robin).
     pub rr: u32,
-    /// First of its routes in the shard's `routes`.
-    pub route_start: u32,
-    pub route_len: u32,
-    pub injectors: [u32; 4],
+    /// Index in the program (the order PEs were first touched).
+    pub slot: u32,
+    /// `PeStats::router_wait_cycles`, kept here beside the router's other fields (the router
+    /// forwards, `PeStats::router_forwards`, are counted per buffer); merged at the end.
+    pub router_wait_cycles: u64,
+    pub coord: Coord,
     pub busy_until: u64,
     /// Cycle the last task started, and the last asynchronous operation finished.
     pub task_started_at: u64,
@@ -211,20 +215,24 @@ pub(crate) struct Pe {
     /// A list of operations not all taken up into `ops` yet (`crate::oplist`): every one not
     /// taken up waits behind one in `ops`.
     pub lazy: Option<Box<LazyOps>>,
+    /// Bit `i` set when task `i` is a data task.
+    pub data_tasks: u64,
+    pub task_states: TaskStates,
+    pub tasks: Vec<TaskInfo>,
     /// The operations of `ops` that may move (see [`first_of_each_color`]), or `None` when `ops`
     /// changed since they were last found: they depend on the operations' colors only.
     pub eligible: Option<Eligible>,
-    pub tasks: Vec<TaskInfo>,
-    pub task_states: TaskStates,
-    /// Bit `i` set when task `i` is a data task.
-    pub data_tasks: u64,
+    pub stats: PeStats,
+    pub sram: Sram,
     pub bodies: Vec<TaskBody>,
     /// `(color, core input queue)` per route delivering to RAMP.
     pub core_in: Vec<(Color, u32)>,
     /// `(color, router RAMP buffer)` per route accepting from RAMP.
     pub core_out: Vec<(Color, u32)>,
-    pub sram: Sram,
-    pub stats: PeStats,
+    /// First of its routes in the shard's `routes`.
+    pub route_start: u32,
+    pub route_len: u32,
+    pub injectors: [u32; 4],
 }
 
 /// A host stream entering at one edge port.
@@ -600,9 +608,7 @@ impl Shard {
             let item = self.take(q, t);
             self.queues[q as usize].forwarded += 1;
             self.forward(env, p, color, tx, &dest, item.w, t);
-            let stats = &mut self.pes[p as usize].stats;
-            stats.router_forwards += 1;
-            stats.router_wait_cycles += t - item.ready;
+            self.pes[p as usize].router_wait_cycles += t - item.ready;
             used = used.union(tx);
             last_granted = Some(k);
             if self.is_ready(q, t + 1) {
