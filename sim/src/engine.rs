@@ -180,6 +180,9 @@ impl Simulator {
         let queues = inbufs + routes.clone().filter(|r| r.tx.contains(Port::Ramp)).count();
         let shard = &mut self.shard;
         shard.pes.reserve_exact(programs.len());
+        shard
+            .tasks
+            .reserve_exact(programs.iter().map(|p| p.tasks.len()).sum());
         shard.routes.reserve_exact(routes.count());
         shard.inbufs.reserve_exact(inbufs);
         shard.queues.reserve_exact(queues);
@@ -202,18 +205,19 @@ impl Simulator {
                 data_tasks |= 1 << i;
             }
         }
-        let (tasks, bodies): (Vec<_>, Vec<_>) = p
+        let task_start = shard.tasks.len() as u32;
+        let bodies = p
             .tasks
             .into_iter()
             .map(|t| {
-                let info = TaskInfo {
+                shard.tasks.push(TaskInfo {
                     name: t.name,
                     trigger: t.trigger,
                     queue: NONE,
-                };
-                (info, t.body)
+                });
+                t.body
             })
-            .unzip();
+            .collect();
         let sram_bytes = p.sram.used_bytes;
         let mut sram = p.sram;
         sram.shrink_to_fit();
@@ -243,7 +247,7 @@ impl Simulator {
             eligible: None,
             ops: Vec::new(),
             lazy: None,
-            tasks,
+            task_start,
             task_states,
             data_tasks,
             bodies,
@@ -290,7 +294,8 @@ impl Simulator {
                 pe.core_in.push((color, q));
                 let start = pe.route_start as usize;
                 shard.routes[start + r].dest[Port::Ramp.index()] = q;
-                for task in pe.tasks.iter_mut() {
+                let tasks = pe.task_start as usize..(pe.task_start + pe.task_states.count) as usize;
+                for task in shard.tasks[tasks].iter_mut() {
                     if task.trigger == Trigger::Data(color) {
                         task.queue = q;
                     }
@@ -372,8 +377,8 @@ impl Simulator {
 
     /// A data task must listen on a color that reaches its core.
     fn check_data_tasks(&self) -> Result<(), BuildError> {
-        for pe in &self.shard.pes {
-            for t in &pe.tasks {
+        for (p, pe) in self.shard.pes.iter().enumerate() {
+            for t in self.shard.pe_tasks(p as u32) {
                 if let Trigger::Data(color) = t.trigger
                     && t.queue == NONE
                 {

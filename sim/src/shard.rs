@@ -218,7 +218,8 @@ pub(crate) struct Pe {
     /// Bit `i` set when task `i` is a data task.
     pub data_tasks: u64,
     pub task_states: TaskStates,
-    pub tasks: Vec<TaskInfo>,
+    /// First of its tasks in the shard's `tasks` (`task_states.count` of them).
+    pub task_start: u32,
     /// The operations of `ops` that may move (see [`first_of_each_color`]), or `None` when `ops`
     /// changed since they were last found: they depend on the operations' colors only.
     pub eligible: Option<Eligible>,
@@ -260,6 +261,8 @@ pub(crate) struct TaskFailure {
 
 pub(crate) struct Shard {
     pub pes: Vec<Pe>,
+    /// Every PE's tasks, PE after PE: a sweep over the PEs reads them in memory order.
+    pub tasks: Vec<TaskInfo>,
     pub routes: Vec<RouteState>,
     pub inbufs: Vec<u32>,
     pub queues: Vec<Queue>,
@@ -291,6 +294,7 @@ impl Shard {
     pub fn new(depth: u32) -> Self {
         Shard {
             pes: Vec::new(),
+            tasks: Vec::new(),
             routes: Vec::new(),
             inbufs: Vec::new(),
             queues: Vec::new(),
@@ -357,6 +361,11 @@ impl Shard {
     pub fn pe_routes(&self, p: u32) -> &[RouteState] {
         let pe = &self.pes[p as usize];
         &self.routes[pe.route_start as usize..][..pe.route_len as usize]
+    }
+
+    pub fn pe_tasks(&self, p: u32) -> &[TaskInfo] {
+        let pe = &self.pes[p as usize];
+        &self.tasks[pe.task_start as usize..][..pe.task_states.count as usize]
     }
 
     pub fn pe_inbufs(&self, p: u32) -> &[u32] {
@@ -705,10 +714,16 @@ impl Shard {
         let found = pe
             .eligible
             .get_or_insert_with(|| first_of_each_color(&pe.ops, pe.lazy.as_deref()));
-        // A copy of the indices only (the array is sized for the worst case).
+        // A copy of the indices in use (the array is sized for the worst case; a fixed-size
+        // copy of the first few is a couple of moves, a copy of `count` a call to memcpy).
         let mut indices = [0u32; MAX_ELIGIBLE];
-        let eligible = &mut indices[..found.count];
-        eligible.copy_from_slice(found.as_slice());
+        const FEW: usize = 8;
+        if found.count <= FEW {
+            indices[..FEW].copy_from_slice(&found.index[..FEW]);
+        } else {
+            indices[..found.count].copy_from_slice(found.as_slice());
+        }
+        let eligible = &indices[..found.count];
         // Positions count the operations not taken up yet, as if they were all held.
         let first = pe.ramp_next % found.held;
         let ops = &pe.ops;
@@ -890,7 +905,7 @@ impl Shard {
             if pe.data_tasks >> i & 1 == 0 {
                 return Some(i);
             }
-            let task = &pe.tasks[i];
+            let task = &self.tasks[pe.task_start as usize + i];
             let Trigger::Data(color) = task.trigger else {
                 continue;
             };
@@ -909,8 +924,8 @@ impl Shard {
     }
 
     fn run_task(&mut self, env: &Env<'_>, p: u32, task: usize, t: u64) -> Result<(), SimError> {
-        let info = &self.pes[p as usize].tasks[task];
-        let (trigger, queue) = (info.trigger, info.queue);
+        let info = &self.tasks[self.pes[p as usize].task_start as usize + task];
+        let (trigger, queue, name) = (info.trigger, info.queue, info.name);
         let wavelet = match trigger {
             Trigger::Local => {
                 self.pes[p as usize].task_states.set_active(task, false);
@@ -924,8 +939,14 @@ impl Shard {
         };
         let ops_before = self.pes[p as usize].ops.len();
         let held_before = held(&self.pes[p as usize]);
-        let (cycles, error, name) =
-            execute_body(env.config, &mut self.pes[p as usize], task, wavelet, t);
+        let (cycles, error) = execute_body(
+            env.config,
+            &mut self.pes[p as usize],
+            task,
+            name,
+            wavelet,
+            t,
+        );
         let pe = &mut self.pes[p as usize];
         let coord = pe.coord;
         if let Some(reason) = error {
@@ -1021,8 +1042,8 @@ impl Shard {
             }
             let n = queue.len;
             if queue.core_input {
-                let task = pe
-                    .tasks
+                let task = self
+                    .pe_tasks(p)
                     .iter()
                     .enumerate()
                     .find(|(_, t)| t.trigger == Trigger::Data(queue.color));
@@ -1061,7 +1082,7 @@ impl Shard {
                 l.issued_by()
             ));
         }
-        for (i, t) in pe.tasks.iter().enumerate() {
+        for (i, t) in self.pe_tasks(p).iter().enumerate() {
             if pe.task_states.is_active(i) {
                 let state = if pe.task_states.is_blocked(i) {
                     "activated but blocked"
@@ -1159,15 +1180,15 @@ fn first_of_each_color(ops: &[AsyncOp], lazy: Option<&LazyOps>) -> Eligible {
     eligible
 }
 
-/// Calls task `task`'s body on `pe`; returns its cycles, its error if any, and its name.
+/// Calls task `task` (named `name`)'s body on `pe`; returns its cycles and its error if any.
 fn execute_body(
     config: &FabricConfig,
     pe: &mut Pe,
     task: usize,
+    name: &'static str,
     wavelet: Option<Wavelet>,
     t: u64,
-) -> (u64, Option<String>, &'static str) {
-    let name = pe.tasks[task].name;
+) -> (u64, Option<String>) {
     let Pe {
         coord,
         sram,
@@ -1199,7 +1220,7 @@ fn execute_body(
         error: None,
     };
     (bodies[task])(&mut ctx);
-    (ctx.cycles, ctx.error, name)
+    (ctx.cycles, ctx.error)
 }
 
 /// Stores (or adds) `w` at arena index `i` of type `dtype`.
