@@ -118,10 +118,10 @@ impl Calendar {
 }
 
 /// A cycle's wakes, distinct and in increasing order: what sorting them and dropping
-/// duplicates gives, by way of a two-level bitmap over components (a bit per component, a
-/// summary bit per 64-bit word) instead of a comparison sort. Its cost per cycle is one bit per
-/// wake plus a scan of the summary, so a cycle with few wakes among many components sorts
-/// them instead.
+/// duplicates gives, by way of a bitmap over components (one bit per component; above
+/// [`WakeSet::FLAT_WORDS`] words, a summary bit per word too) instead of a comparison sort. Its
+/// cost per cycle is one bit per wake plus a scan of the words (or of the summary), so a cycle
+/// with few wakes among many components sorts them instead.
 #[derive(Default)]
 pub(crate) struct WakeSet {
     words: Vec<u64>,
@@ -129,41 +129,62 @@ pub(crate) struct WakeSet {
 }
 
 impl WakeSet {
+    /// Up to this many words (16,384 components), scanning them all costs less than keeping a
+    /// summary.
+    const FLAT_WORDS: usize = 256;
+
     /// Replaces `wakes` by its distinct values in increasing order.
     pub fn sort_dedup(&mut self, wakes: &mut Vec<u32>) {
         let Some(&max) = wakes.iter().max() else {
             return;
         };
-        let words = max as usize / 64 + 1;
-        if self.words.len() < words {
-            self.words.resize(words, 0);
-            self.summary.resize(words.div_ceil(64), 0);
+        let used = max as usize / 64 + 1;
+        if self.words.len() < used {
+            self.words.resize(used, 0);
+            self.summary.resize(used.div_ceil(64), 0);
         }
-        // A comparison sort wins when the scan of the summary would dwarf the wakes.
-        if wakes.len() < 64 || wakes.len() * 4 < self.summary.len() {
+        let flat = used <= Self::FLAT_WORDS;
+        // A comparison sort wins when the scan would dwarf the wakes.
+        let scanned = if flat { used } else { used.div_ceil(64) };
+        if wakes.len() < 64 || wakes.len() * 4 < scanned {
             wakes.sort_unstable();
             wakes.dedup();
             return;
         }
+        let words = &mut self.words[..used];
+        if flat {
+            for &c in wakes.iter() {
+                words[c as usize / 64] |= 1 << (c % 64);
+            }
+            wakes.clear();
+            for (w, word) in words.iter_mut().enumerate() {
+                drain_word(w, std::mem::take(word), wakes);
+            }
+            return;
+        }
+        let summary = &mut self.summary[..used.div_ceil(64)];
         for &c in wakes.iter() {
             let w = c as usize / 64;
-            self.words[w] |= 1 << (c % 64);
-            self.summary[w / 64] |= 1 << (w % 64);
+            words[w] |= 1 << (c % 64);
+            summary[w / 64] |= 1 << (w % 64);
         }
         wakes.clear();
-        let used = words.div_ceil(64);
-        for (s, summary) in self.summary[..used].iter_mut().enumerate() {
-            let mut marked = std::mem::take(summary);
+        for (s, marked) in summary.iter_mut().enumerate() {
+            let mut marked = std::mem::take(marked);
             while marked != 0 {
                 let w = s * 64 + marked.trailing_zeros() as usize;
                 marked &= marked - 1;
-                let mut bits = std::mem::take(&mut self.words[w]);
-                while bits != 0 {
-                    wakes.push((w * 64) as u32 + bits.trailing_zeros());
-                    bits &= bits - 1;
-                }
+                drain_word(w, std::mem::take(&mut words[w]), wakes);
             }
         }
+    }
+}
+
+/// Appends the components of word `w`'s set bits, in order.
+fn drain_word(w: usize, mut bits: u64, out: &mut Vec<u32>) {
+    while bits != 0 {
+        out.push((w * 64) as u32 + bits.trailing_zeros());
+        bits &= bits - 1;
     }
 }
 
@@ -283,6 +304,16 @@ mod tests {
         want.dedup();
         set.sort_dedup(&mut many);
         assert_eq!(many, want);
+        assert!(set.words.iter().chain(&set.summary).all(|&w| w == 0));
+
+        // Beyond FLAT_WORDS words the summary is used.
+        let mut wide: Vec<u32> = (0..3000u32).map(|i| (i * 104_729) % 200_003).collect();
+        wide.extend([199_999, 0, 0]);
+        let mut want = wide.clone();
+        want.sort_unstable();
+        want.dedup();
+        set.sort_dedup(&mut wide);
+        assert_eq!(wide, want);
         assert!(set.words.iter().chain(&set.summary).all(|&w| w == 0));
 
         let mut few = vec![1 << 20, 5, 1 << 20, 3];
