@@ -206,18 +206,12 @@ impl Simulator {
             }
         }
         let task_start = shard.tasks.len() as u32;
-        let bodies = p
-            .tasks
-            .into_iter()
-            .map(|t| {
-                shard.tasks.push(TaskInfo {
-                    name: t.name,
-                    trigger: t.trigger,
-                    queue: NONE,
-                });
-                t.body
-            })
-            .collect();
+        shard.tasks.extend(p.tasks.into_iter().map(|t| TaskInfo {
+            trigger: t.trigger,
+            queue: NONE,
+            name: t.name,
+            body: t.body,
+        }));
         let sram_bytes = p.sram.used_bytes;
         let mut sram = p.sram;
         sram.shrink_to_fit();
@@ -250,7 +244,6 @@ impl Simulator {
             task_start,
             task_states,
             data_tasks,
-            bodies,
             core_in: Vec::new(),
             core_out: Vec::new(),
             sram,

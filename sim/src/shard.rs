@@ -177,11 +177,13 @@ pub(crate) struct RouteState {
     pub dest: [u32; 5],
 }
 
+/// A task, with its body: what the core reads to pick it and to run it lies together.
 pub(crate) struct TaskInfo {
-    pub name: &'static str,
     pub trigger: Trigger,
     /// The core input queue of a data task's color (`NONE` for a local task).
     pub queue: u32,
+    pub name: &'static str,
+    pub body: TaskBody,
 }
 
 /// One PE's state. Laid out by use (`repr(C)`, cache-line aligned): the router's fields and
@@ -225,7 +227,6 @@ pub(crate) struct Pe {
     pub eligible: Option<Eligible>,
     pub stats: PeStats,
     pub sram: Sram,
-    pub bodies: Vec<TaskBody>,
     /// `(color, core input queue)` per route delivering to RAMP.
     pub core_in: Vec<(Color, u32)>,
     /// `(color, router RAMP buffer)` per route accepting from RAMP.
@@ -939,10 +940,11 @@ impl Shard {
         };
         let ops_before = self.pes[p as usize].ops.len();
         let held_before = held(&self.pes[p as usize]);
+        let task_index = self.pes[p as usize].task_start as usize + task;
         let (cycles, error) = execute_body(
             env.config,
             &mut self.pes[p as usize],
-            task,
+            &mut self.tasks[task_index].body,
             name,
             wavelet,
             t,
@@ -1180,11 +1182,11 @@ fn first_of_each_color(ops: &[AsyncOp], lazy: Option<&LazyOps>) -> Eligible {
     eligible
 }
 
-/// Calls task `task` (named `name`)'s body on `pe`; returns its cycles and its error if any.
+/// Calls the body of a task of `pe` (named `name`); returns its cycles and its error if any.
 fn execute_body(
     config: &FabricConfig,
     pe: &mut Pe,
-    task: usize,
+    body: &mut TaskBody,
     name: &'static str,
     wavelet: Option<Wavelet>,
     t: u64,
@@ -1198,7 +1200,6 @@ fn execute_body(
         stats,
         core_in,
         core_out,
-        bodies,
         ..
     } = pe;
     let mut ctx = TaskCtx {
@@ -1219,7 +1220,7 @@ fn execute_body(
         name,
         error: None,
     };
-    (bodies[task])(&mut ctx);
+    body(&mut ctx);
     (ctx.cycles, ctx.error)
 }
 
