@@ -374,6 +374,7 @@ impl Shard {
         &self.inbufs[pe.inbuf_start as usize..][..pe.inbuf_len as usize]
     }
 
+    #[inline]
     fn wake(&mut self, at: u64, c: Comp) {
         self.cal.push(at, c);
     }
@@ -467,6 +468,7 @@ impl Shard {
 
     /// Pushes `w` into local queue `q` at cycle `t`, visible from `ready`, and wakes its
     /// consumer then.
+    #[inline]
     pub fn push_local(&mut self, q: u32, w: Wavelet, t: u64, ready: u64) {
         let mask = self.ring_mask;
         let queue = &mut self.queues[q as usize];
@@ -501,6 +503,7 @@ impl Shard {
     }
 
     /// Sends `w` to destination `d` (local queue or remote buffer) at `t` with `latency`.
+    #[inline]
     fn deliver(&mut self, d: u32, w: Wavelet, t: u64, latency: u64) {
         let ready = t + latency;
         if d & REMOTE_BIT != 0 {
@@ -515,6 +518,7 @@ impl Shard {
     }
 
     /// Pops the head of `q` at cycle `t`, waking or crediting its producer.
+    #[inline]
     fn take(&mut self, q: u32, t: u64) -> Item {
         let mask = self.ring_mask;
         let queue = &mut self.queues[q as usize];
