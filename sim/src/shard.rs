@@ -222,8 +222,9 @@ pub(crate) struct Pe {
     pub task_states: TaskStates,
     /// First of its tasks in the shard's `tasks` (`task_states.count` of them).
     pub task_start: u32,
-    /// The operations of `ops` that may move (see [`first_of_each_color`]), or `None` when `ops`
-    /// changed since they were last found: they depend on the operations' colors only.
+    /// The operations of `ops` that may move (see [`first_of_each_color`]) with the counts that
+    /// go with them, or `None` when an operation was issued, taken up or finished since they were
+    /// last found: they depend on the operations' colors and on how many are held or listed.
     pub eligible: Option<Eligible>,
     pub stats: PeStats,
     pub sram: Sram,
