@@ -720,24 +720,28 @@ impl Shard {
         let found = pe
             .eligible
             .get_or_insert_with(|| first_of_each_color(&pe.ops, pe.lazy.as_deref()));
-        // A copy of the indices in use (the array is sized for the worst case; a fixed-size
-        // copy of the first few is a couple of moves, a copy of `count` a call to memcpy).
-        let mut indices = [0u32; MAX_ELIGIBLE];
-        const FEW: usize = 8;
-        if found.count <= FEW {
-            indices[..FEW].copy_from_slice(&found.index[..FEW]);
-        } else {
-            indices[..found.count].copy_from_slice(found.as_slice());
-        }
-        let eligible = &indices[..found.count];
+        let count = found.count;
         // Positions count the operations not taken up yet, as if they were all held.
         let first = pe.ramp_next % found.held;
         let ops = &pe.ops;
-        let from = eligible.partition_point(|&i| oplist::position_of(ops, i as usize) < first);
+        let from = found
+            .as_slice()
+            .partition_point(|&i| oplist::position_of(ops, i as usize) < first);
         let mut again = false;
         let mut finished: u64 = 0;
         let mut finished_late = Vec::new();
-        for &i in eligible[from..].iter().chain(&eligible[..from]) {
+        // Nothing below changes the eligible operations until the loop ends (finished ones are
+        // removed after it), so each index is read where it is, not copied out.
+        for n in 0..count {
+            // From `from` round to `from - 1` (`from <= count`, so one wrap at most).
+            let k = if from + n < count {
+                from + n
+            } else {
+                from + n - count
+            };
+            let Some(i) = self.pes[p as usize].eligible.as_ref().map(|e| e.index[k]) else {
+                break;
+            };
             let i = i as usize;
             let op = &self.pes[p as usize].ops[i];
             if op.next_at > t {

@@ -721,8 +721,17 @@ fn round_to(dtype: DType, x: f32) -> f32 {
 /// Elements converted from fp16 at a time (a stack buffer).
 const CHUNK: usize = 64;
 
-/// `dst += s * src` with `src` in fp16, each product and sum in `f32`.
+/// `dst += s * src` with `src` in fp16, each product and sum in `f32` (every fp16 value is
+/// exact in `f32`, so how it is widened does not matter).
 fn axpy_mixed(dst: &mut [f32], src: &[f16], s: f32) {
+    // Below one SIMD conversion's width, the slice conversion copies through a buffer: element
+    // by element is cheaper.
+    if src.len() < 8 {
+        for (d, x) in dst.iter_mut().zip(src) {
+            *d += x.to_f32() * s;
+        }
+        return;
+    }
     let mut wide = [0.0f32; CHUNK];
     for (d, x) in dst.chunks_mut(CHUNK).zip(src.chunks(CHUNK)) {
         let wide = &mut wide[..x.len()];
