@@ -48,6 +48,8 @@ impl Calendar {
     }
 
     /// Schedules component `c` at cycle `at` (not before the first cycle not yet taken).
+    /// Inlined: the engine calls it about once per event, nearly always for a bucket in use.
+    #[inline]
     pub fn push(&mut self, at: u64, c: u32) {
         debug_assert!(
             at >= self.floor,
@@ -61,16 +63,27 @@ impl Calendar {
         }
     }
 
+    #[inline]
     fn push_near(&mut self, at: u64, c: u32) {
         let bucket = &mut self.buckets[(at % WINDOW) as usize];
-        if bucket.capacity() == 0
-            && let Some(buffer) = self.spare.pop()
-        {
-            *bucket = buffer;
+        if bucket.len() == bucket.capacity() {
+            Self::make_room(bucket, &mut self.spare);
         }
         bucket.push(c);
         self.near += 1;
         self.cursor = self.cursor.min(at);
+    }
+
+    /// Gives a full bucket room for one more wake: a spare buffer if it has none yet.
+    #[cold]
+    #[inline(never)]
+    fn make_room(bucket: &mut Vec<u32>, spare: &mut Vec<Vec<u32>>) {
+        if bucket.capacity() == 0
+            && let Some(buffer) = spare.pop()
+        {
+            *bucket = buffer;
+        }
+        bucket.reserve(1);
     }
 
     /// The earliest cycle with wakes, or `None` when nothing is scheduled.
@@ -114,6 +127,77 @@ impl Calendar {
         }
         self.near -= out.len();
         self.advance(t + 1);
+    }
+}
+
+/// A cycle's wakes, distinct and in increasing order: what sorting them and dropping
+/// duplicates gives, by way of a bitmap over components (one bit per component; above
+/// [`WakeSet::FLAT_WORDS`] words, a summary bit per word too) instead of a comparison sort. Its
+/// cost per cycle is one bit per wake plus a scan of the words (or of the summary), so a cycle
+/// with few wakes among many components sorts them instead.
+#[derive(Default)]
+pub(crate) struct WakeSet {
+    words: Vec<u64>,
+    summary: Vec<u64>,
+}
+
+impl WakeSet {
+    /// Up to this many words (16,384 components), scanning them all costs less than keeping a
+    /// summary.
+    const FLAT_WORDS: usize = 256;
+
+    /// Replaces `wakes` by its distinct values in increasing order.
+    pub fn sort_dedup(&mut self, wakes: &mut Vec<u32>) {
+        let Some(&max) = wakes.iter().max() else {
+            return;
+        };
+        let used = max as usize / 64 + 1;
+        if self.words.len() < used {
+            self.words.resize(used, 0);
+            self.summary.resize(used.div_ceil(64), 0);
+        }
+        let flat = used <= Self::FLAT_WORDS;
+        // A comparison sort wins when the scan would dwarf the wakes.
+        let scanned = if flat { used } else { used.div_ceil(64) };
+        if wakes.len() < 64 || wakes.len() * 4 < scanned {
+            wakes.sort_unstable();
+            wakes.dedup();
+            return;
+        }
+        let words = &mut self.words[..used];
+        if flat {
+            for &c in wakes.iter() {
+                words[c as usize / 64] |= 1 << (c % 64);
+            }
+            wakes.clear();
+            for (w, word) in words.iter_mut().enumerate() {
+                drain_word(w, std::mem::take(word), wakes);
+            }
+            return;
+        }
+        let summary = &mut self.summary[..used.div_ceil(64)];
+        for &c in wakes.iter() {
+            let w = c as usize / 64;
+            words[w] |= 1 << (c % 64);
+            summary[w / 64] |= 1 << (w % 64);
+        }
+        wakes.clear();
+        for (s, marked) in summary.iter_mut().enumerate() {
+            let mut marked = std::mem::take(marked);
+            while marked != 0 {
+                let w = s * 64 + marked.trailing_zeros() as usize;
+                marked &= marked - 1;
+                drain_word(w, std::mem::take(&mut words[w]), wakes);
+            }
+        }
+    }
+}
+
+/// Appends the components of word `w`'s set bits, in order.
+fn drain_word(w: usize, mut bits: u64, out: &mut Vec<u32>) {
+    while bits != 0 {
+        out.push((w * 64) as u32 + bits.trailing_zeros());
+        bits &= bits - 1;
     }
 }
 
@@ -218,5 +302,41 @@ mod tests {
         assert!(cal.spare.iter().all(|b| b.capacity() <= SPARE_CAPACITY));
         assert!(cal.buckets.iter().all(|b| b.capacity() <= SPARE_CAPACITY));
         assert_eq!(batch, vec![0]);
+    }
+
+    #[test]
+    fn a_wake_set_sorts_and_drops_duplicates() {
+        // Wakes pushed in an arbitrary order, with duplicates, as a cycle collects them: both the
+        // bitmap (many wakes) and the comparison sort (few wakes among many components) give
+        // the sorted distinct values, and the set is empty again afterwards.
+        let mut set = WakeSet::default();
+        let mut many: Vec<u32> = (0..500u32).map(|i| (i * 7919) % 4099).collect();
+        many.extend([0, 4098, 4098, 63, 64, 65, 4095]);
+        let mut want = many.clone();
+        want.sort_unstable();
+        want.dedup();
+        set.sort_dedup(&mut many);
+        assert_eq!(many, want);
+        assert!(set.words.iter().chain(&set.summary).all(|&w| w == 0));
+
+        // Beyond FLAT_WORDS words the summary is used.
+        let mut wide: Vec<u32> = (0..3000u32).map(|i| (i * 104_729) % 200_003).collect();
+        wide.extend([199_999, 0, 0]);
+        let mut want = wide.clone();
+        want.sort_unstable();
+        want.dedup();
+        set.sort_dedup(&mut wide);
+        assert_eq!(wide, want);
+        assert!(set.words.iter().chain(&set.summary).all(|&w| w == 0));
+
+        let mut few = vec![1 << 20, 5, 1 << 20, 3];
+        set.sort_dedup(&mut few);
+        assert_eq!(few, vec![3, 5, 1 << 20]);
+        let mut again = vec![9, 2, 9, 70, 2, 1];
+        again.extend(128..200u32);
+        let mut want: Vec<u32> = vec![1, 2, 9, 70];
+        want.extend(128..200u32);
+        set.sort_dedup(&mut again);
+        assert_eq!(again, want);
     }
 }

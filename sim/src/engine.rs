@@ -52,7 +52,7 @@ use crate::shard::{
     TaskInfo, comp, injector_kind,
 };
 use crate::stats::{LinkUse, PeStats, Stats};
-use crate::task::TaskFlags;
+use crate::task::TaskStates;
 use crate::trace::{Trace, TraceEvent, TraceWindow};
 use crate::wavelet::{Color, Wavelet};
 
@@ -180,6 +180,9 @@ impl Simulator {
         let queues = inbufs + routes.clone().filter(|r| r.tx.contains(Port::Ramp)).count();
         let shard = &mut self.shard;
         shard.pes.reserve_exact(programs.len());
+        shard
+            .tasks
+            .reserve_exact(programs.iter().map(|p| p.tasks.len()).sum());
         shard.routes.reserve_exact(routes.count());
         shard.inbufs.reserve_exact(inbufs);
         shard.queues.reserve_exact(queues);
@@ -190,26 +193,25 @@ impl Simulator {
 
     fn add_pe(&mut self, slot: u32, p: crate::program::PeProgram) -> Result<(), BuildError> {
         let shard = &mut self.shard;
-        let flags = p
-            .tasks
-            .iter()
-            .map(|t| TaskFlags {
-                active: t.active,
-                blocked: t.blocked,
-            })
-            .collect();
-        let (tasks, bodies): (Vec<_>, Vec<_>) = p
-            .tasks
-            .into_iter()
-            .map(|t| {
-                let info = TaskInfo {
-                    name: t.name,
-                    trigger: t.trigger,
-                    queue: NONE,
-                };
-                (info, t.body)
-            })
-            .unzip();
+        let mut task_states = TaskStates {
+            count: p.tasks.len() as u32,
+            ..TaskStates::default()
+        };
+        let mut data_tasks = 0u64;
+        for (i, t) in p.tasks.iter().enumerate() {
+            task_states.set_active(i, t.active);
+            task_states.set_blocked(i, t.blocked);
+            if matches!(t.trigger, Trigger::Data(_)) {
+                data_tasks |= 1 << i;
+            }
+        }
+        let task_start = shard.tasks.len() as u32;
+        shard.tasks.extend(p.tasks.into_iter().map(|t| TaskInfo {
+            trigger: t.trigger,
+            queue: NONE,
+            name: t.name,
+            body: t.body,
+        }));
         let sram_bytes = p.sram.used_bytes;
         let mut sram = p.sram;
         sram.shrink_to_fit();
@@ -219,11 +221,11 @@ impl Simulator {
             rx: r.rx,
             tx: r.tx,
             dest: [NONE; 5],
-            sent: [0; 5],
         }));
         shard.pes.push(Pe {
             coord: p.coord,
             slot,
+            router_wait_cycles: 0,
             occupied: 0,
             inbuf_start: shard.inbufs.len() as u32,
             inbuf_len: 0,
@@ -239,9 +241,9 @@ impl Simulator {
             eligible: None,
             ops: Vec::new(),
             lazy: None,
-            tasks,
-            flags,
-            bodies,
+            task_start,
+            task_states,
+            data_tasks,
             core_in: Vec::new(),
             core_out: Vec::new(),
             sram,
@@ -285,7 +287,8 @@ impl Simulator {
                 pe.core_in.push((color, q));
                 let start = pe.route_start as usize;
                 shard.routes[start + r].dest[Port::Ramp.index()] = q;
-                for task in pe.tasks.iter_mut() {
+                let tasks = pe.task_start as usize..(pe.task_start + pe.task_states.count) as usize;
+                for task in shard.tasks[tasks].iter_mut() {
                     if task.trigger == Trigger::Data(color) {
                         task.queue = q;
                     }
@@ -367,8 +370,8 @@ impl Simulator {
 
     /// A data task must listen on a color that reaches its core.
     fn check_data_tasks(&self) -> Result<(), BuildError> {
-        for pe in &self.shard.pes {
-            for t in &pe.tasks {
+        for (p, pe) in self.shard.pes.iter().enumerate() {
+            for t in self.shard.pe_tasks(p as u32) {
                 if let Trigger::Data(color) = t.trigger
                     && t.queue == NONE
                 {
@@ -548,19 +551,28 @@ fn finish(
     for mut shard in shards {
         for p in 0..shard.pes.len() as u32 {
             let high_water = shard.queue_high_water(p);
-            for r in shard.pe_routes(p) {
+            let mut forwarded = vec![0u64; shard.pe_routes(p).len()];
+            let mut router_forwards = 0;
+            for &q in shard.pe_inbufs(p) {
+                let queue = &shard.queues[q as usize];
+                forwarded[usize::from(queue.route)] += queue.forwarded;
+                router_forwards += queue.forwarded;
+            }
+            for (r, sent) in shard.pe_routes(p).iter().zip(forwarded) {
                 for port in r.tx.iter() {
                     links.push(LinkUse {
                         pe: shard.pes[p as usize].coord,
                         color: r.color,
                         port,
-                        wavelets: r.sent[port.index()],
+                        wavelets: sent,
                     });
                 }
             }
             let pe = &mut shard.pes[p as usize];
             let mut s = std::mem::take(&mut pe.stats);
             s.queue_high_water = high_water;
+            s.router_forwards = router_forwards;
+            s.router_wait_cycles = pe.router_wait_cycles;
             pe_stats.push((pe.coord, s));
             srams[pe.slot as usize] = std::mem::take(&mut pe.sram);
         }

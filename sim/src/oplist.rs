@@ -160,6 +160,8 @@ fn has_key(op: &AsyncOp, key: usize) -> bool {
 /// held operation of the same key that comes earlier still.
 pub(crate) struct LazyOps {
     list: Box<dyn OpList>,
+    /// `list.len()`, asked often (the list's own may be a virtual call that computes it).
+    len: usize,
     /// Start cycle of operation 0; each later one starts `issue` cycles after the one before.
     first_start: u64,
     issue: u64,
@@ -191,6 +193,7 @@ impl LazyOps {
             .fold(0u64, |mask, k| mask | 1 << k);
         LazyOps {
             keys,
+            len: list.len(),
             taken: vec![0; list.len().div_ceil(64)],
             taken_count: 0,
             list,
@@ -203,7 +206,7 @@ impl LazyOps {
 
     /// Operations not taken up yet.
     pub(crate) fn remaining(&self) -> usize {
-        self.list.len() - self.taken_count
+        self.len - self.taken_count
     }
 
     /// The task that issued the list.
@@ -240,7 +243,7 @@ impl LazyOps {
             if !self.is_taken(j) && keys(self.list.get(j).0).contains(&Some(key)) {
                 return Some(j);
             }
-            i = if j + 1 < self.list.len() {
+            i = if j + 1 < self.len {
                 j as u32 + 1
             } else {
                 NEVER
@@ -269,12 +272,10 @@ impl LazyOps {
 }
 
 /// Where held operation `ops[p]` would stand with the whole list held (the simulator's
-/// round-robin over a PE's operations counts positions).
-pub(crate) fn position_of(ops: &[AsyncOp], lazy: Option<&LazyOps>, p: usize) -> usize {
-    match (lazy, ops[p].list_index) {
-        (Some(l), i) if i != NOT_LISTED => p + l.untaken_below(i as usize),
-        _ => p,
-    }
+/// round-robin over a PE's operations counts positions): its index plus the operations of its
+/// list before it not taken up yet, which change only when [`take_up`] takes some up.
+pub(crate) fn position_of(ops: &[AsyncOp], p: usize) -> usize {
+    p + ops[p].untaken_before as usize
 }
 
 /// Takes operations of `lazy` up into `ops` until every one not taken up waits behind a held
@@ -292,7 +293,7 @@ pub(crate) fn take_up(
     };
     let before = l.taken_count;
     if all {
-        for i in 0..l.list.len() {
+        for i in 0..l.len {
             if !l.is_taken(i) {
                 l.take(i, ops, sram, links);
             }
@@ -317,6 +318,11 @@ pub(crate) fn take_up(
         }
     }
     let taken = l.taken_count - before;
+    if taken > 0 {
+        for op in ops.iter_mut().filter(|o| o.list_index != NOT_LISTED) {
+            op.untaken_before = l.untaken_below(op.list_index as usize) as u32;
+        }
+    }
     if l.remaining() == 0 {
         *lazy = None;
     }
@@ -333,13 +339,21 @@ pub(crate) fn async_op(
     issued_by: &'static str,
 ) -> AsyncOp {
     let (in_color, out_color) = op.colors();
+    let at = sram.range(op.vector()).expect("checked at issue").start;
     let kind = match op {
         FabricOp::Send { src, .. } => AsyncKind::Send {
             wavelets: wavelets_of(sram, src),
         },
-        FabricOp::Recv { dst, mode, .. } => AsyncKind::Recv { dst, mode },
-        FabricOp::RecvAddSend { local, .. } => AsyncKind::RecvAddSend { local },
-        FabricOp::RecvStoreSend { dst, .. } => AsyncKind::RecvStoreSend { dst },
+        FabricOp::Recv { dst, mode, .. } => AsyncKind::Recv {
+            dtype: dst.dtype(),
+            at,
+            mode,
+        },
+        FabricOp::RecvAddSend { .. } => AsyncKind::RecvAddSend { at },
+        FabricOp::RecvStoreSend { dst, .. } => AsyncKind::RecvStoreSend {
+            dtype: dst.dtype(),
+            at,
+        },
     };
     AsyncOp {
         kind,
@@ -355,6 +369,7 @@ pub(crate) fn async_op(
         then,
         issued_by,
         list_index: NOT_LISTED,
+        untaken_before: 0,
     }
 }
 

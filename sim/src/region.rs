@@ -141,6 +141,7 @@ impl Splitter {
         // Routes and router buffer lists are stored PE after PE, in program order.
         let mut routes = std::mem::take(&mut self.full.routes).into_iter();
         let mut inbufs = std::mem::take(&mut self.full.inbufs).into_iter();
+        let mut tasks = std::mem::take(&mut self.full.tasks).into_iter();
         for (p, mut pe) in pes.into_iter().enumerate() {
             let r = self.region_of[p] as usize;
             pe.route_start = self.shards[r].routes.len() as u32;
@@ -158,8 +159,12 @@ impl Splitter {
             for (_, q) in pe.core_in.iter_mut().chain(pe.core_out.iter_mut()) {
                 *q = self.queue_at[*q as usize].1;
             }
-            for task in pe.tasks.iter_mut().filter(|t| t.queue != NONE) {
-                task.queue = self.queue_at[task.queue as usize].1;
+            pe.task_start = self.shards[r].tasks.len() as u32;
+            for mut task in tasks.by_ref().take(pe.task_states.count as usize) {
+                if task.queue != NONE {
+                    task.queue = self.queue_at[task.queue as usize].1;
+                }
+                self.shards[r].tasks.push(task);
             }
             pe.injectors = [NONE; 4];
             self.shards[r].pes.push(pe);

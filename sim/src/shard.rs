@@ -23,15 +23,15 @@
 //! buffer lists are arenas too, so a PE costs a few hundred bytes plus the SRAM its program
 //! allocated.
 
-use crate::calendar::Calendar;
+use crate::calendar::{Calendar, WakeSet};
 use crate::config::FabricConfig;
 use crate::error::{RunError, SimError, Stuck};
 use crate::geometry::{Coord, Port, PortSet};
-use crate::memory::{DType, Sram, VecRef};
+use crate::memory::{DType, Sram};
 use crate::oplist::{self, LazyOps};
 use crate::program::{TaskBody, Then, Trigger};
 use crate::stats::PeStats;
-use crate::task::{AsyncKind, AsyncOp, CoreLinks, RecvMode, TaskCtx, TaskFlags};
+use crate::task::{AsyncKind, AsyncOp, CoreLinks, RecvMode, TaskCtx, TaskStates};
 use crate::trace::{TraceEvent, TraceWindow};
 use crate::wavelet::{Color, Wavelet};
 
@@ -142,6 +142,9 @@ pub(crate) struct Queue {
     /// Where its wavelets arrive from (RAMP for a router buffer fed by the core, and for a core
     /// input queue).
     pub port: Port,
+    /// Wavelets the router forwarded from it (each went out of every tx port of its route): the
+    /// route's per-link counts are the sums over its buffers.
+    pub forwarded: u64,
 }
 
 /// A router buffer of another shard that a router of this shard feeds.
@@ -172,20 +175,23 @@ pub(crate) struct RouteState {
     pub tx: PortSet,
     /// Destination per output port: a queue, `SINK_BIT | sink`, `REMOTE_BIT | remote` or `NONE`.
     pub dest: [u32; 5],
-    pub sent: [u64; 5],
 }
 
+/// A task, with its body: what the core reads to pick it and to run it lies together.
 pub(crate) struct TaskInfo {
-    pub name: &'static str,
     pub trigger: Trigger,
     /// The core input queue of a data task's color (`NONE` for a local task).
     pub queue: u32,
+    pub name: &'static str,
+    pub body: TaskBody,
 }
 
+/// One PE's state. Laid out by use (`repr(C)`, cache-line aligned): the router's fields and
+/// what a push into the core's queue checks come first, then the core's, then what tasks and
+/// operations use, then what only building and reports read; most events touch the first two or
+/// three cache lines only.
+#[repr(C, align(64))]
 pub(crate) struct Pe {
-    pub coord: Coord,
-    /// Index in the program (the order PEs were first touched).
-    pub slot: u32,
     /// Bit `i` set when router buffer `i` holds a wavelet.
     pub occupied: u128,
     /// First of its router buffers in the shard's `inbufs`, in arbitration order.
@@ -193,10 +199,12 @@ pub(crate) struct Pe {
     pub inbuf_len: u32,
     /// Router buffer that gets the first chance next (round-robin).
     pub rr: u32,
-    /// First of its routes in the shard's `routes`.
-    pub route_start: u32,
-    pub route_len: u32,
-    pub injectors: [u32; 4],
+    /// Index in the program (the order PEs were first touched).
+    pub slot: u32,
+    /// `PeStats::router_wait_cycles`, kept here beside the router's other fields (the router
+    /// forwards, `PeStats::router_forwards`, are counted per buffer); merged at the end.
+    pub router_wait_cycles: u64,
+    pub coord: Coord,
     pub busy_until: u64,
     /// Cycle the last task started, and the last asynchronous operation finished.
     pub task_started_at: u64,
@@ -209,18 +217,25 @@ pub(crate) struct Pe {
     /// A list of operations not all taken up into `ops` yet (`crate::oplist`): every one not
     /// taken up waits behind one in `ops`.
     pub lazy: Option<Box<LazyOps>>,
-    /// The operations of `ops` that may move (see [`first_of_each_color`]), or `None` when `ops`
-    /// changed since they were last found: they depend on the operations' colors only.
+    /// Bit `i` set when task `i` is a data task.
+    pub data_tasks: u64,
+    pub task_states: TaskStates,
+    /// First of its tasks in the shard's `tasks` (`task_states.count` of them).
+    pub task_start: u32,
+    /// The operations of `ops` that may move (see [`first_of_each_color`]) with the counts that
+    /// go with them, or `None` when an operation was issued, taken up or finished since they were
+    /// last found: they depend on the operations' colors and on how many are held or listed.
     pub eligible: Option<Eligible>,
-    pub tasks: Vec<TaskInfo>,
-    pub flags: Vec<TaskFlags>,
-    pub bodies: Vec<TaskBody>,
+    pub stats: PeStats,
+    pub sram: Sram,
     /// `(color, core input queue)` per route delivering to RAMP.
     pub core_in: Vec<(Color, u32)>,
     /// `(color, router RAMP buffer)` per route accepting from RAMP.
     pub core_out: Vec<(Color, u32)>,
-    pub sram: Sram,
-    pub stats: PeStats,
+    /// First of its routes in the shard's `routes`.
+    pub route_start: u32,
+    pub route_len: u32,
+    pub injectors: [u32; 4],
 }
 
 /// A host stream entering at one edge port.
@@ -248,6 +263,8 @@ pub(crate) struct TaskFailure {
 
 pub(crate) struct Shard {
     pub pes: Vec<Pe>,
+    /// Every PE's tasks, PE after PE: a sweep over the PEs reads them in memory order.
+    pub tasks: Vec<TaskInfo>,
     pub routes: Vec<RouteState>,
     pub inbufs: Vec<u32>,
     pub queues: Vec<Queue>,
@@ -266,6 +283,7 @@ pub(crate) struct Shard {
     /// Messages for each shard, sent at the end of the cycle.
     pub outbox: Vec<Vec<Msg>>,
     batch: Vec<u32>,
+    wake_set: WakeSet,
 }
 
 enum Step {
@@ -278,6 +296,7 @@ impl Shard {
     pub fn new(depth: u32) -> Self {
         Shard {
             pes: Vec::new(),
+            tasks: Vec::new(),
             routes: Vec::new(),
             inbufs: Vec::new(),
             queues: Vec::new(),
@@ -293,6 +312,7 @@ impl Shard {
             failure: None,
             outbox: Vec::new(),
             batch: Vec::new(),
+            wake_set: WakeSet::default(),
         }
     }
 
@@ -324,6 +344,7 @@ impl Shard {
             core_input,
             color,
             port,
+            forwarded: 0,
         });
         self.queues.len() as u32 - 1
     }
@@ -344,11 +365,17 @@ impl Shard {
         &self.routes[pe.route_start as usize..][..pe.route_len as usize]
     }
 
+    pub fn pe_tasks(&self, p: u32) -> &[TaskInfo] {
+        let pe = &self.pes[p as usize];
+        &self.tasks[pe.task_start as usize..][..pe.task_states.count as usize]
+    }
+
     pub fn pe_inbufs(&self, p: u32) -> &[u32] {
         let pe = &self.pes[p as usize];
         &self.inbufs[pe.inbuf_start as usize..][..pe.inbuf_len as usize]
     }
 
+    #[inline]
     fn wake(&mut self, at: u64, c: Comp) {
         self.cal.push(at, c);
     }
@@ -361,7 +388,7 @@ impl Shard {
             self.wake(0, c);
         }
         for p in 0..self.pes.len() {
-            if self.pes[p].flags.iter().any(|f| f.active) {
+            if self.pes[p].task_states.active != 0 {
                 self.wake(0, comp(p as u32, CORE));
             }
         }
@@ -373,14 +400,9 @@ impl Shard {
         let mut batch = std::mem::take(&mut self.batch);
         self.cal.take(t, &mut batch);
         // In PE order: the cycle's memory accesses sweep the shard's arrays once, and a
-        // component woken several times comes up adjacent, to run once.
-        batch.sort_unstable();
-        let mut previous = None;
+        // component woken several times runs once.
+        self.wake_set.sort_dedup(&mut batch);
         for &c in &batch {
-            if previous == Some(c) {
-                continue;
-            }
-            previous = Some(c);
             let p = comp_pe(c);
             let kind = c & KIND_MASK;
             self.events += 1;
@@ -447,6 +469,7 @@ impl Shard {
 
     /// Pushes `w` into local queue `q` at cycle `t`, visible from `ready`, and wakes its
     /// consumer then.
+    #[inline]
     pub fn push_local(&mut self, q: u32, w: Wavelet, t: u64, ready: u64) {
         let mask = self.ring_mask;
         let queue = &mut self.queues[q as usize];
@@ -481,6 +504,7 @@ impl Shard {
     }
 
     /// Sends `w` to destination `d` (local queue or remote buffer) at `t` with `latency`.
+    #[inline]
     fn deliver(&mut self, d: u32, w: Wavelet, t: u64, latency: u64) {
         let ready = t + latency;
         if d & REMOTE_BIT != 0 {
@@ -495,6 +519,7 @@ impl Shard {
     }
 
     /// Pops the head of `q` at cycle `t`, waking or crediting its producer.
+    #[inline]
     fn take(&mut self, q: u32, t: u64) -> Item {
         let mask = self.ring_mask;
         let queue = &mut self.queues[q as usize];
@@ -568,7 +593,6 @@ impl Shard {
     fn router_step(&mut self, env: &Env<'_>, p: u32, t: u64) {
         let pe = &self.pes[p as usize];
         let (n, start, inbuf_start) = (pe.inbuf_len as usize, pe.rr as usize, pe.inbuf_start);
-        let route_start = pe.route_start as usize;
         let mut used = PortSet::EMPTY;
         let mut again = false;
         let mut last_granted = None;
@@ -588,8 +612,7 @@ impl Shard {
             if queue.head_at > t {
                 continue;
             }
-            let (tx, dest) = (queue.tx, queue.dest);
-            let r = route_start + usize::from(queue.route);
+            let (tx, dest, color) = (queue.tx, queue.dest, queue.color);
             if tx.intersects(used) {
                 again = true; // lost arbitration for a port: try next cycle
                 continue;
@@ -598,10 +621,9 @@ impl Shard {
                 continue; // a destination's pop wakes us
             }
             let item = self.take(q, t);
-            self.forward(env, p, r, item.w, t);
-            let stats = &mut self.pes[p as usize].stats;
-            stats.router_forwards += 1;
-            stats.router_wait_cycles += t - item.ready;
+            self.queues[q as usize].forwarded += 1;
+            self.forward(env, p, color, tx, &dest, item.w, t);
+            self.pes[p as usize].router_wait_cycles += t - item.ready;
             used = used.union(tx);
             last_granted = Some(k);
             if self.is_ready(q, t + 1) {
@@ -636,12 +658,18 @@ impl Shard {
         ok
     }
 
-    /// Sends `w` out of every tx port of route `r` of PE `p` at cycle `t`.
-    fn forward(&mut self, env: &Env<'_>, p: u32, r: usize, w: Wavelet, t: u64) {
-        let (color, tx, dest) = {
-            let route = &self.routes[r];
-            (route.color, route.tx, route.dest)
-        };
+    /// Sends `w` of `color` out of ports `tx` of PE `p` (to `dest` per port) at cycle `t`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        env: &Env<'_>,
+        p: u32,
+        color: Color,
+        tx: PortSet,
+        dest: &[u32; 5],
+        w: Wavelet,
+        t: u64,
+    ) {
         for port in tx.iter() {
             let latency = if port == Port::Ramp {
                 env.ramp
@@ -658,7 +686,6 @@ impl Shard {
             } else {
                 self.deliver(d, w, t, latency);
             }
-            self.routes[r].sent[port.index()] += 1;
         }
         let pe = self.pes[p as usize].coord;
         if env.traced(pe, t, t) {
@@ -690,20 +717,31 @@ impl Shard {
     /// for the ramp round-robin, from the one after the last to use it.
     fn step_async_ops(&mut self, env: &Env<'_>, p: u32, t: u64) {
         let pe = &mut self.pes[p as usize];
-        let eligible = *pe
+        let found = pe
             .eligible
-            .get_or_insert_with(|| first_of_each_color(&pe.ops));
-        let eligible = eligible.as_slice();
+            .get_or_insert_with(|| first_of_each_color(&pe.ops, pe.lazy.as_deref()));
+        let count = found.count;
         // Positions count the operations not taken up yet, as if they were all held.
-        let (ops, lazy) = (&pe.ops, pe.lazy.as_deref());
-        let held = ops.len() + lazy.map_or(0, LazyOps::remaining);
-        let first = pe.ramp_next % held;
-        let from =
-            eligible.partition_point(|&i| oplist::position_of(ops, lazy, i as usize) < first);
+        let first = pe.ramp_next % found.held;
+        let ops = &pe.ops;
+        let from = found
+            .as_slice()
+            .partition_point(|&i| oplist::position_of(ops, i as usize) < first);
         let mut again = false;
         let mut finished: u64 = 0;
         let mut finished_late = Vec::new();
-        for &i in eligible[from..].iter().chain(&eligible[..from]) {
+        // Nothing below changes the eligible operations until the loop ends (finished ones are
+        // removed after it), so each index is read where it is, not copied out.
+        for n in 0..count {
+            // From `from` round to `from - 1` (`from <= count`, so one wrap at most).
+            let k = if from + n < count {
+                from + n
+            } else {
+                from + n - count
+            };
+            let Some(i) = self.pes[p as usize].eligible.as_ref().map(|e| e.index[k]) else {
+                break;
+            };
             let i = i as usize;
             let op = &self.pes[p as usize].ops[i];
             if op.next_at > t {
@@ -790,8 +828,8 @@ impl Shard {
         pe.op_done_at = t;
         match op.then {
             Then::Nothing => {}
-            Then::Activate(task) => pe.flags[usize::from(task.0)].active = true,
-            Then::Unblock(task) => pe.flags[usize::from(task.0)].blocked = false,
+            Then::Activate(task) => pe.task_states.set_active(usize::from(task.0), true),
+            Then::Unblock(task) => pe.task_states.set_blocked(usize::from(task.0), false),
         }
         self.end = self.end.max(t + 1);
         let coord = pe.coord;
@@ -838,20 +876,18 @@ impl Shard {
         let k = op.done;
         let outgoing = match &op.kind {
             AsyncKind::Send { wavelets } => Some(wavelets[k as usize]),
-            AsyncKind::Recv { dst, mode } => {
+            AsyncKind::Recv { dtype, at, mode } => {
                 let w = received.expect("recv has an input");
-                store_received(&mut pe.sram, *dst, k, w, *mode);
+                store_received(&mut pe.sram, *dtype, at + k as usize, w, *mode);
                 None
             }
-            AsyncKind::RecvAddSend { local } => {
-                let range = pe.sram.range(*local).expect("checked at issue");
-                let sum =
-                    received.expect("has an input").f32() + pe.sram.f32s[range.start + k as usize];
+            AsyncKind::RecvAddSend { at } => {
+                let sum = received.expect("has an input").f32() + pe.sram.f32s[at + k as usize];
                 Some(Wavelet::from_f32(sum))
             }
-            AsyncKind::RecvStoreSend { dst } => {
+            AsyncKind::RecvStoreSend { dtype, at } => {
                 let w = received.expect("has an input");
-                store_received(&mut pe.sram, *dst, k, w, RecvMode::Store);
+                store_received(&mut pe.sram, *dtype, at + k as usize, w, RecvMode::Store);
                 Some(w)
             }
         };
@@ -860,39 +896,49 @@ impl Shard {
         op.next_at = t + 1;
         if let (Some(w), Some(q)) = (outgoing, out_queue) {
             pe.last_ramp_push = t;
-            pe.ramp_next = oplist::position_of(&pe.ops, pe.lazy.as_deref(), i) + 1;
+            pe.ramp_next = oplist::position_of(&pe.ops, i) + 1;
             pe.stats.wavelets_sent += 1;
             self.deliver(q, w, t, env.ramp);
         }
         Step::Moved
     }
 
-    /// The lowest-numbered runnable task, if any.
+    /// The lowest-numbered runnable task, if any: an activated local task, or a data task with
+    /// a wavelet ready that no pending operation reads; neither blocked.
     fn pick_task(&self, p: u32, t: u64) -> Option<usize> {
         let pe = &self.pes[p as usize];
-        (0..pe.tasks.len()).find(|&i| {
-            let flags = pe.flags[i];
-            if flags.blocked {
-                return false;
+        let states = pe.task_states;
+        let mut candidates = ((states.active & !pe.data_tasks) | pe.data_tasks) & !states.blocked;
+        while candidates != 0 {
+            let i = candidates.trailing_zeros() as usize;
+            candidates &= candidates - 1;
+            if pe.data_tasks >> i & 1 == 0 {
+                return Some(i);
             }
-            let task = &pe.tasks[i];
-            match task.trigger {
-                Trigger::Local => flags.active,
-                Trigger::Data(color) => {
-                    self.is_ready(task.queue, t)
-                        && !pe.ops.iter().any(|o| o.in_color == Some(color))
-                        && pe.lazy.as_ref().is_none_or(|l| !l.rest_reads(color))
-                }
+            let task = &self.tasks[pe.task_start as usize + i];
+            let Trigger::Data(color) = task.trigger else {
+                continue;
+            };
+            let held_reads = match &pe.eligible {
+                Some(e) => e.reads,
+                None => colors_read(&pe.ops),
+            };
+            if self.is_ready(task.queue, t)
+                && held_reads & 1 << color.index() == 0
+                && pe.lazy.as_ref().is_none_or(|l| !l.rest_reads(color))
+            {
+                return Some(i);
             }
-        })
+        }
+        None
     }
 
     fn run_task(&mut self, env: &Env<'_>, p: u32, task: usize, t: u64) -> Result<(), SimError> {
-        let info = &self.pes[p as usize].tasks[task];
-        let (trigger, queue) = (info.trigger, info.queue);
+        let info = &self.tasks[self.pes[p as usize].task_start as usize + task];
+        let (trigger, queue, name) = (info.trigger, info.queue, info.name);
         let wavelet = match trigger {
             Trigger::Local => {
-                self.pes[p as usize].flags[task].active = false;
+                self.pes[p as usize].task_states.set_active(task, false);
                 None
             }
             Trigger::Data(_) => {
@@ -902,8 +948,16 @@ impl Shard {
             }
         };
         let ops_before = self.pes[p as usize].ops.len();
-        let (cycles, error, name) =
-            execute_body(env.config, &mut self.pes[p as usize], task, wavelet, t);
+        let held_before = held(&self.pes[p as usize]);
+        let task_index = self.pes[p as usize].task_start as usize + task;
+        let (cycles, error) = execute_body(
+            env.config,
+            &mut self.pes[p as usize],
+            &mut self.tasks[task_index].body,
+            name,
+            wavelet,
+            t,
+        );
         let pe = &mut self.pes[p as usize];
         let coord = pe.coord;
         if let Some(reason) = error {
@@ -922,7 +976,8 @@ impl Shard {
         pe.stats.tasks_run += 1;
         self.end = self.end.max(t + cost);
         self.wake(t + cost, comp(p, CORE));
-        if self.pes[p as usize].ops.len() != ops_before {
+        // Anything issued adds to the operations held or listed (a list may add none to `ops`).
+        if held(&self.pes[p as usize]) != held_before {
             self.pes[p as usize].eligible = None;
         }
         for k in ops_before..self.pes[p as usize].ops.len() {
@@ -979,7 +1034,7 @@ impl Shard {
             pe.injectors.iter().filter(|&&id| id != NONE).any(|&id| {
                 self.injectors[id as usize].pos < self.injectors[id as usize].stream.len()
             });
-        queued || !pe.ops.is_empty() || pe.flags.iter().any(|f| f.active) || streaming
+        queued || !pe.ops.is_empty() || pe.task_states.active != 0 || streaming
     }
 
     /// What PE `p` still has to do: waiting wavelets, unfinished operations, activated tasks,
@@ -998,13 +1053,13 @@ impl Shard {
             }
             let n = queue.len;
             if queue.core_input {
-                let task = pe
-                    .tasks
+                let task = self
+                    .pe_tasks(p)
                     .iter()
                     .enumerate()
                     .find(|(_, t)| t.trigger == Trigger::Data(queue.color));
                 let why = match task {
-                    Some((i, t)) if pe.flags[i].blocked => {
+                    Some((i, t)) if pe.task_states.is_blocked(i) => {
                         format!("data task \"{}\" is blocked", t.name)
                     }
                     Some((_, t)) => format!("data task \"{}\"", t.name),
@@ -1038,9 +1093,9 @@ impl Shard {
                 l.issued_by()
             ));
         }
-        for (i, t) in pe.tasks.iter().enumerate() {
-            if pe.flags[i].active {
-                let state = if pe.flags[i].blocked {
+        for (i, t) in self.pe_tasks(p).iter().enumerate() {
+            if pe.task_states.is_active(i) {
+                let state = if pe.task_states.is_blocked(i) {
                     "activated but blocked"
                 } else {
                     "activated"
@@ -1079,11 +1134,18 @@ impl Shard {
 /// input or as output.
 const MAX_ELIGIBLE: usize = 2 * crate::config::HARDWARE_COLORS as usize;
 
-/// Indices into a PE's operations, in index order.
+/// What a PE's core finds about its operations, valid until they change (an operation issued,
+/// taken up or finished). Laid out with the counts first: a step reads one cache line of it.
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub(crate) struct Eligible {
-    index: [u32; MAX_ELIGIBLE],
     count: usize,
+    /// Operations held plus those of a list not taken up yet (positions run over these).
+    held: usize,
+    /// The colors held operations read, one bit each.
+    reads: u32,
+    /// Indices into the PE's operations, in index order.
+    index: [u32; MAX_ELIGIBLE],
 }
 
 impl Eligible {
@@ -1092,14 +1154,28 @@ impl Eligible {
     }
 }
 
+/// Operations PE `pe` holds plus those of its list not taken up yet.
+fn held(pe: &Pe) -> usize {
+    pe.ops.len() + pe.lazy.as_deref().map_or(0, LazyOps::remaining)
+}
+
+/// The colors `ops` read, one bit each.
+fn colors_read(ops: &[AsyncOp]) -> u32 {
+    ops.iter()
+        .filter_map(|o| o.in_color)
+        .fold(0, |m, c| m | 1 << c.index())
+}
+
 /// The indices of the operations that no earlier operation shares a color with (in either
-/// direction), in index order.
-fn first_of_each_color(ops: &[AsyncOp]) -> Eligible {
+/// direction), in index order, with the counts that go with them.
+fn first_of_each_color(ops: &[AsyncOp], lazy: Option<&LazyOps>) -> Eligible {
     let (mut seen_in, mut seen_out) = (0u32, 0u32);
     let bit = |c: Color| 1u32 << c.index();
     let mut eligible = Eligible {
-        index: [0; MAX_ELIGIBLE],
         count: 0,
+        held: ops.len() + lazy.map_or(0, LazyOps::remaining),
+        reads: 0,
+        index: [0; MAX_ELIGIBLE],
     };
     for (i, op) in ops.iter().enumerate() {
         let waits = op.in_color.is_some_and(|c| seen_in & bit(c) != 0)
@@ -1111,28 +1187,28 @@ fn first_of_each_color(ops: &[AsyncOp]) -> Eligible {
         seen_in |= op.in_color.map_or(0, bit);
         seen_out |= op.out_color.map_or(0, bit);
     }
+    eligible.reads = seen_in;
     eligible
 }
 
-/// Calls task `task`'s body on `pe`; returns its cycles, its error if any, and its name.
+/// Calls the body of a task of `pe` (named `name`); returns its cycles and its error if any.
 fn execute_body(
     config: &FabricConfig,
     pe: &mut Pe,
-    task: usize,
+    body: &mut TaskBody,
+    name: &'static str,
     wavelet: Option<Wavelet>,
     t: u64,
-) -> (u64, Option<String>, &'static str) {
-    let name = pe.tasks[task].name;
+) -> (u64, Option<String>) {
     let Pe {
         coord,
         sram,
-        flags,
+        task_states,
         ops,
         lazy,
         stats,
         core_in,
         core_out,
-        bodies,
         ..
     } = pe;
     let mut ctx = TaskCtx {
@@ -1142,7 +1218,7 @@ fn execute_body(
         cycles: 0,
         wavelet,
         sram,
-        tasks: flags,
+        tasks: task_states,
         ops,
         lazy,
         stats,
@@ -1153,14 +1229,13 @@ fn execute_body(
         name,
         error: None,
     };
-    (bodies[task])(&mut ctx);
-    (ctx.cycles, ctx.error, name)
+    body(&mut ctx);
+    (ctx.cycles, ctx.error)
 }
 
-fn store_received(sram: &mut Sram, dst: VecRef, k: u32, w: Wavelet, mode: RecvMode) {
-    let range = sram.range(dst).expect("checked at issue");
-    let i = range.start + k as usize;
-    match dst.dtype() {
+/// Stores (or adds) `w` at arena index `i` of type `dtype`.
+fn store_received(sram: &mut Sram, dtype: DType, i: usize, w: Wavelet, mode: RecvMode) {
+    match dtype {
         DType::F32 => match mode {
             RecvMode::Store => sram.f32s[i] = w.f32(),
             RecvMode::Add => sram.f32s[i] += w.f32(),

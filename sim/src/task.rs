@@ -32,11 +32,41 @@ use crate::program::{TaskId, Then};
 use crate::stats::PeStats;
 use crate::wavelet::{Color, Wavelet};
 
-/// Run state of one task.
+/// Run state of a PE's tasks (at most [`crate::MAX_TASKS_PER_PE`] = 64): bit `i` of `active`
+/// (`blocked`) set when task `i` is activated (blocked). Bits make the core's search for the
+/// first runnable task a few word operations.
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct TaskFlags {
-    pub active: bool,
-    pub blocked: bool,
+pub(crate) struct TaskStates {
+    pub active: u64,
+    pub blocked: u64,
+    /// How many tasks the PE has.
+    pub count: u32,
+}
+
+impl TaskStates {
+    pub fn is_active(&self, task: usize) -> bool {
+        self.active >> task & 1 == 1
+    }
+
+    pub fn is_blocked(&self, task: usize) -> bool {
+        self.blocked >> task & 1 == 1
+    }
+
+    pub fn set_active(&mut self, task: usize, on: bool) {
+        set_bit(&mut self.active, task, on);
+    }
+
+    pub fn set_blocked(&mut self, task: usize, on: bool) {
+        set_bit(&mut self.blocked, task, on);
+    }
+}
+
+fn set_bit(word: &mut u64, bit: usize, on: bool) {
+    if on {
+        *word |= 1 << bit;
+    } else {
+        *word &= !(1 << bit);
+    }
 }
 
 /// How a receive combines each arriving value with the destination.
@@ -70,14 +100,31 @@ pub(crate) struct AsyncOp {
     pub issued_by: &'static str,
     /// Its position in the list being taken up (`oplist::NOT_LISTED` otherwise).
     pub list_index: u32,
+    /// Operations of its list before it not taken up yet (0 when not listed): kept up to date
+    /// by `oplist::take_up`, the only place operations are taken up (see `oplist::position_of`).
+    pub untaken_before: u32,
 }
 
+/// What an operation does per wavelet. `at` is the arena index of the vector's first element,
+/// found when the operation is issued (a PE's buffers do not move during a run), so moving a
+/// wavelet does not look its buffer up again.
 #[derive(Debug)]
 pub(crate) enum AsyncKind {
-    Send { wavelets: Vec<Wavelet> },
-    Recv { dst: VecRef, mode: RecvMode },
-    RecvAddSend { local: VecRef },
-    RecvStoreSend { dst: VecRef },
+    Send {
+        wavelets: Vec<Wavelet>,
+    },
+    Recv {
+        dtype: DType,
+        at: usize,
+        mode: RecvMode,
+    },
+    RecvAddSend {
+        at: usize,
+    },
+    RecvStoreSend {
+        dtype: DType,
+        at: usize,
+    },
 }
 
 /// The colors a core can read from and write to, with their queue ids.
@@ -113,7 +160,7 @@ pub struct TaskCtx<'a> {
     pub(crate) cycles: u64,
     pub(crate) wavelet: Option<Wavelet>,
     pub(crate) sram: &'a mut Sram,
-    pub(crate) tasks: &'a mut [TaskFlags],
+    pub(crate) tasks: &'a mut TaskStates,
     pub(crate) ops: &'a mut Vec<AsyncOp>,
     /// A list issued by [`TaskCtx::issue_list`] and not all taken up yet.
     pub(crate) lazy: &'a mut Option<Box<LazyOps>>,
@@ -486,31 +533,31 @@ impl TaskCtx<'_> {
 
     /// Marks `task` runnable.
     pub fn activate(&mut self, task: TaskId) {
-        if let Some(t) = self.task_flags(task) {
-            t.active = true;
+        if let Some(i) = self.task_index(task) {
+            self.tasks.set_active(i, true);
         }
     }
 
     /// Blocks `task`: it will not be picked until unblocked.
     pub fn block(&mut self, task: TaskId) {
-        if let Some(t) = self.task_flags(task) {
-            t.blocked = true;
+        if let Some(i) = self.task_index(task) {
+            self.tasks.set_blocked(i, true);
         }
     }
 
     /// Unblocks `task`.
     pub fn unblock(&mut self, task: TaskId) {
-        if let Some(t) = self.task_flags(task) {
-            t.blocked = false;
+        if let Some(i) = self.task_index(task) {
+            self.tasks.set_blocked(i, false);
         }
     }
 
-    fn task_flags(&mut self, task: TaskId) -> Option<&mut TaskFlags> {
-        if usize::from(task.0) >= self.tasks.len() {
+    fn task_index(&mut self, task: TaskId) -> Option<usize> {
+        if u32::from(task.0) >= self.tasks.count {
             self.fail(format!("no task {} on this PE", task.0));
             return None;
         }
-        self.tasks.get_mut(usize::from(task.0))
+        Some(usize::from(task.0))
     }
 
     fn queue_of(&mut self, op: &str, color: Color, output: bool) -> Option<u32> {
@@ -563,6 +610,7 @@ impl TaskCtx<'_> {
         }
         for op in self.ops.iter_mut() {
             op.list_index = oplist::NOT_LISTED;
+            op.untaken_before = 0;
         }
     }
 
@@ -624,6 +672,7 @@ impl TaskCtx<'_> {
             then,
             issued_by: self.name,
             list_index: oplist::NOT_LISTED,
+            untaken_before: 0,
         });
     }
 
@@ -672,8 +721,17 @@ fn round_to(dtype: DType, x: f32) -> f32 {
 /// Elements converted from fp16 at a time (a stack buffer).
 const CHUNK: usize = 64;
 
-/// `dst += s * src` with `src` in fp16, each product and sum in `f32`.
+/// `dst += s * src` with `src` in fp16, each product and sum in `f32` (every fp16 value is
+/// exact in `f32`, so how it is widened does not matter).
 fn axpy_mixed(dst: &mut [f32], src: &[f16], s: f32) {
+    // Below one SIMD conversion's width, the slice conversion copies through a buffer: element
+    // by element is cheaper.
+    if src.len() < 8 {
+        for (d, x) in dst.iter_mut().zip(src) {
+            *d += x.to_f32() * s;
+        }
+        return;
+    }
     let mut wide = [0.0f32; CHUNK];
     for (d, x) in dst.chunks_mut(CHUNK).zip(src.chunks(CHUNK)) {
         let wide = &mut wide[..x.len()];
