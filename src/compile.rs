@@ -423,9 +423,9 @@ fn choose_region(
 /// Per layer and token, the backward pass reads: the block input and the attention residual
 /// (LayerNorm inputs), both LayerNorm outputs (inputs of the matmuls' weight gradients), Q, K, V
 /// and the attention context, the FFN pre-activation and its GELU: `8 d + 2 d_ffn` features
-/// over the columns, two LayerNorm statistics each, and `per_head` floats of attention per head the
-/// column touches (the `seq` probabilities, or one log-sum-exp when they are recomputed). The
-/// head keeps the final LayerNorm's input and output and the logits.
+/// over the columns, two LayerNorm statistics each, and `per_head` floats of attention per head
+/// the column touches (the `seq` probabilities, or one log-sum-exp when they are recomputed).
+/// The head keeps the final LayerNorm's input and output and the logits.
 fn resident_bytes(
     config: &GptConfig,
     per_head: usize,

@@ -258,11 +258,6 @@ pub struct AttentionMemory {
 }
 
 impl AttentionMemory {
-    /// Whether both kernels fit `sram_bytes` on their own.
-    pub fn fits(&self, sram_bytes: u32) -> bool {
-        self.forward_bytes.max(self.backward_bytes) <= u64::from(sram_bytes)
-    }
-
     /// Bytes the kernels add to what a step keeps resident: the scratch, and the probabilities
     /// too when the step does not keep them (it recomputes them for the backward).
     pub fn beyond_resident(&self, probs_kept: bool) -> u64 {

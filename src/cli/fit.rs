@@ -19,8 +19,8 @@ use crate::runtime::Fidelity;
 pub struct AttentionFit {
     /// On the fullest PE of a full pass (`None` where the region refuses the kernels: the step
     /// reports that itself).
-    pub memory: Option<AttentionMemory>,
-    pub fits: bool,
+    memory: Option<AttentionMemory>,
+    fits: bool,
     /// The plan keeps the probabilities (else the backward recomputes them into scratch).
     probs_kept: bool,
     /// Bytes of activations a PE keeps for the backward pass.

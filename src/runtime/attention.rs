@@ -2,7 +2,7 @@
 
 use wafersim_kernels::{Attention, AttentionBackward, AttentionShape, KernelError};
 
-pub(crate) use crate::compile::attention_shape;
+use crate::compile::attention_shape;
 
 use super::exact::{Act, ExactEngine};
 use super::walk::Cost;

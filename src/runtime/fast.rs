@@ -33,9 +33,9 @@ use wafersim_sim::FabricConfig;
 
 use super::CostInputs;
 use super::Sequences;
-use super::attention::attention_shape;
 use super::loads;
 use super::walk::{Cost, Engine, Launched, Ln, Weight};
+use crate::compile::attention_shape;
 use crate::flops::Phase;
 use crate::model::SparseKind;
 use crate::sparsity::Mask;
