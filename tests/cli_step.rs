@@ -54,6 +54,18 @@ fn assert_ok(run: &Run) {
     assert!(run.stderr.is_empty(), "{}", run.stderr);
 }
 
+/// The one `warning:` line of a run that succeeded.
+fn only_warning(run: &Run) -> &str {
+    assert_eq!(run.code, 0, "stderr: {}", run.stderr);
+    let warnings: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", run.stderr);
+    warnings[0]
+}
+
 /// The names in `dir`, sorted (empty if `dir` does not exist).
 fn listing(dir: &Path) -> Vec<String> {
     let Ok(entries) = fs::read_dir(dir) else {
@@ -470,17 +482,10 @@ fn an_attention_too_big_for_the_sram_is_refused_exactly_and_flagged_when_costed(
     let mut args = LONG_ATTENTION.to_vec();
     args.extend_from_slice(&["--fidelity", "fast", "--no-numerics"]);
     let run = step(&out, &args);
-    assert_eq!(run.code, 0, "stderr: {}", run.stderr);
-    let warnings: Vec<&str> = run
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("warning:"))
-        .collect();
-    assert_eq!(warnings.len(), 1, "{}", run.stderr);
+    let warning = only_warning(&run);
     assert!(
-        warnings[0].contains("36884 B (forward) and 71700 B (backward), of which 68116 B"),
-        "{}",
-        warnings[0]
+        warning.contains("36884 B (forward) and 71700 B (backward), of which 68116 B"),
+        "{warning}"
     );
     let r = report(&out);
     assert_eq!(u64_at(&r, "/region/attention/forward_bytes_per_pe"), 36_884);
@@ -512,18 +517,12 @@ fn the_fast_fidelity_warns_on_latencies_its_formulas_were_not_checked_on() {
         &tmp.path().join("fast"),
         &["--fabric", fabric, "--fidelity", "fast", "--no-numerics"],
     );
-    assert_eq!(fast.code, 0, "{}", fast.stderr);
-    let warnings: Vec<&str> = fast
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("warning:"))
-        .collect();
-    assert_eq!(warnings.len(), 1, "{}", fast.stderr);
+    let warning = only_warning(&fast);
     for needle in [
         "queue_depth 1 (validated: 4)",
         "ramp_latency 6 (validated: 2)",
     ] {
-        assert!(warnings[0].contains(needle), "{}", warnings[0]);
+        assert!(warning.contains(needle), "{warning}");
     }
     // The exact fidelity simulates those latencies: nothing to warn about.
     let exact = small_step(&tmp.path().join("exact"), &["--fabric", fabric]);

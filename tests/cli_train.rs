@@ -45,6 +45,20 @@ fn train_args<'a>(tokens: &'a Path, out: &'a Path, steps: &'a str) -> Vec<&'a st
     ]
 }
 
+/// [`train_args`] for a fast-fidelity dense fine-tuning of the tiny preset.
+fn fast_finetune_args<'a>(tokens: &'a Path, out: &'a Path, steps: &'a str) -> Vec<&'a str> {
+    let mut args = train_args(tokens, out, steps);
+    args.extend([
+        "--model",
+        "tiny",
+        "--phase",
+        "dense-finetune",
+        "--fidelity",
+        "fast",
+    ]);
+    args
+}
+
 fn wafersim(args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_wafersim"))
         .args(args)
@@ -234,15 +248,7 @@ fn ctrl_c_ends_the_run_after_the_current_step_with_everything_written() {
     let tmp = tempfile::tempdir().unwrap();
     let tokens = tokens_file(tmp.path());
     let out = tmp.path().join("out");
-    let mut args = train_args(&tokens, &out, "100000");
-    args.extend([
-        "--model",
-        "tiny",
-        "--phase",
-        "dense-finetune",
-        "--fidelity",
-        "fast",
-    ]);
+    let args = fast_finetune_args(&tokens, &out, "100000");
     let mut child = Command::new(env!("CARGO_BIN_EXE_wafersim"))
         .args(&args)
         .stdout(Stdio::null())
@@ -274,6 +280,7 @@ fn ctrl_c_ends_the_run_after_the_current_step_with_everything_written() {
     assert!(load_checkpoint(&out.join("checkpoint")).is_ok());
 }
 
+#[cfg(unix)]
 #[test]
 fn a_run_whose_stdout_is_gone_still_writes_its_checkpoint() {
     // `wafersim train ... | true`: the reader is gone before the summary prints, and the process
@@ -281,15 +288,7 @@ fn a_run_whose_stdout_is_gone_still_writes_its_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let tokens = tokens_file(tmp.path());
     let out = tmp.path().join("out");
-    let mut args = train_args(&tokens, &out, "2");
-    args.extend([
-        "--model",
-        "tiny",
-        "--phase",
-        "dense-finetune",
-        "--fidelity",
-        "fast",
-    ]);
+    let args = fast_finetune_args(&tokens, &out, "2");
     let mut child = Command::new(env!("CARGO_BIN_EXE_wafersim"))
         .args(&args)
         .stdout(Stdio::piped())

@@ -440,10 +440,8 @@ fn the_longest_sequence_that_fits_one_head_of_64_per_column() {
     // rows and the join counter: 4 (259 + 129 S) bytes, which fits 49,152 up to S = 93. The
     // backward holds Q, K, V, dO, dQ, dK, dV (7 x 64), probabilities (S), window and partials
     // (4 x 64 x S), dS (S), two rows and the counter: 4 (451 + 258 S) bytes, up to S = 45.
-    let plan = |seq: usize, backward: bool| {
-        let data = vec![0.0; seq * 64];
-        let probs = vec![0.0; seq * seq];
-        let region = Region::at_origin(1, seq as u32);
+    // One sequence of S tokens, one head of 64, on a column of S PEs.
+    let one_head = |seq: usize| {
         let shape = AttentionShape {
             batch: 1,
             seq_len: seq,
@@ -452,6 +450,12 @@ fn the_longest_sequence_that_fits_one_head_of_64_per_column() {
             scale: 0.125,
         };
         let config = FabricConfig::rectangle(1, seq as u32).unwrap();
+        (shape, config, Region::at_origin(1, seq as u32))
+    };
+    let plan = |seq: usize, backward: bool| {
+        let data = vec![0.0; seq * 64];
+        let probs = vec![0.0; seq * seq];
+        let (shape, config, region) = one_head(seq);
         let result = if backward {
             AttentionBackward {
                 region,
@@ -480,15 +484,8 @@ fn the_longest_sequence_that_fits_one_head_of_64_per_column() {
         }
     };
     let memory = |seq: usize| {
-        let shape = AttentionShape {
-            batch: 1,
-            seq_len: seq,
-            heads: 1,
-            features: 64,
-            scale: 0.125,
-        };
-        let config = FabricConfig::rectangle(1, seq as u32).unwrap();
-        shape.memory(&config, Region::at_origin(1, seq as u32))
+        let (shape, config, region) = one_head(seq);
+        shape.memory(&config, region)
     };
     // Beyond the Q, K, V (and O) tiles and the probabilities, the backward holds the most:
     // dO, dQ, dK, dV (4 x 64), window and partials (4 x 64 x S), dS (S), two rows and the

@@ -310,24 +310,22 @@ mod tests {
         // bitmap (many wakes) and the comparison sort (few wakes among many components) give
         // the sorted distinct values, and the set is empty again afterwards.
         let mut set = WakeSet::default();
+        let mut check = |mut wakes: Vec<u32>| {
+            let mut want = wakes.clone();
+            want.sort_unstable();
+            want.dedup();
+            set.sort_dedup(&mut wakes);
+            assert_eq!(wakes, want);
+            assert!(set.words.iter().chain(&set.summary).all(|&w| w == 0));
+        };
         let mut many: Vec<u32> = (0..500u32).map(|i| (i * 7919) % 4099).collect();
         many.extend([0, 4098, 4098, 63, 64, 65, 4095]);
-        let mut want = many.clone();
-        want.sort_unstable();
-        want.dedup();
-        set.sort_dedup(&mut many);
-        assert_eq!(many, want);
-        assert!(set.words.iter().chain(&set.summary).all(|&w| w == 0));
+        check(many);
 
         // Beyond FLAT_WORDS words the summary is used.
         let mut wide: Vec<u32> = (0..3000u32).map(|i| (i * 104_729) % 200_003).collect();
         wide.extend([199_999, 0, 0]);
-        let mut want = wide.clone();
-        want.sort_unstable();
-        want.dedup();
-        set.sort_dedup(&mut wide);
-        assert_eq!(wide, want);
-        assert!(set.words.iter().chain(&set.summary).all(|&w| w == 0));
+        check(wide);
 
         let mut few = vec![1 << 20, 5, 1 << 20, 3];
         set.sort_dedup(&mut few);

@@ -371,7 +371,6 @@ mod tests {
         let (v_gather, context, statistics) = (5, 48, 54);
         assert_eq!(recompute, forward - v_gather - context - statistics);
         assert_eq!((forward, recompute), (259, 152));
-        assert!(recompute < forward);
     }
 
     /// 2 x 2 PEs: the head's 2 features over 2 columns (one each, so the head is shared and its
@@ -399,6 +398,5 @@ mod tests {
         let (v_gather, context, statistics) = (4, 16, 33);
         assert_eq!(recompute, forward - v_gather - context - statistics);
         assert_eq!((forward, recompute), (176, 123));
-        assert!(recompute < forward);
     }
 }
