@@ -294,6 +294,80 @@ fn an_exact_prompt_step_equals_the_reference_and_changes_no_weight() {
     let saved = all.executed_matmul_flops() - only.executed_matmul_flops();
     assert_eq!(saved, expected);
     assert!(all.cycles() > only.cycles());
+    // The LayerNorm backwards (2 per block and ln_f) compute no parameter gradient: each is
+    // cheaper; every other kernel both steps run costs the same.
+    let ln_backward = |c: &wafersim::runtime::StepCost| -> Vec<u64> {
+        c.records
+            .iter()
+            .filter(|r| r.op.phase == Phase::InputGrad && r.op.name.starts_with("ln_"))
+            .map(|r| r.cycles)
+            .collect()
+    };
+    let (ln_all, ln_only) = (ln_backward(&all), ln_backward(&only));
+    assert_eq!((ln_all.len(), ln_only.len()), (5, 5));
+    assert!(
+        ln_all.iter().zip(&ln_only).all(|(a, o)| o < a),
+        "{ln_all:?} vs {ln_only:?}"
+    );
+}
+
+/// A prompt step on the fabric leaves every frozen parameter's gradient at zero, the LayerNorms'
+/// and the embedding tables' included (their kernels compute or keep none), and gives the
+/// reference's prompt gradient.
+#[test]
+fn an_exact_prompt_step_computes_no_frozen_gradient() {
+    use wafersim::runtime::{GradientSet, StepInputs, StepMode, simulate_step};
+    let config = tiny();
+    let fabric = FabricConfig::from_spec("4x4").unwrap();
+    let (params, masks) = sparse_start(&config, 0.5);
+    let (b, s, p) = (2, 12, 4);
+    let corpus = corpus(&config, s);
+    let prompt = prompt_from_data(&params, &corpus, p);
+    let plan = plan_step(&config, b, s + p, &fabric, Precision::F32).unwrap();
+    let batch = Sampler::new(&corpus, b, 1)
+        .next_batch(&corpus, &config)
+        .unwrap();
+    let inputs = StepInputs {
+        config: &config,
+        params: &params,
+        masks: &masks,
+        batch: &batch,
+        fabric: &fabric,
+        plan: &plan,
+        dense_baseline: false,
+        prompt: Some(&prompt),
+        gradients: GradientSet::PromptOnly,
+    };
+    let mode = StepMode {
+        fidelity: Fidelity::Exact,
+        numerics: true,
+    };
+    let numerics = simulate_step(inputs, mode).unwrap().numerics.unwrap();
+    let zeros = |v: &[f32]| v.iter().all(|&g| g == 0.0);
+    let grads = &numerics.grads;
+    assert!(
+        zeros(&grads.wte.data) && zeros(&grads.wpe.data),
+        "embedding tables"
+    );
+    assert!(zeros(&grads.ln_f.gamma) && zeros(&grads.ln_f.beta), "ln_f");
+    for block in &grads.blocks {
+        for ln in [&block.ln_1, &block.ln_2] {
+            assert!(zeros(&ln.gamma) && zeros(&ln.beta), "a block's LayerNorm");
+        }
+    }
+    let (_, want) = reference::prompt_loss_and_grad(&config, &params, &prompt, &batch).unwrap();
+    let got = numerics.prompt_grad.unwrap();
+    let scale = norm(want.data.iter().map(|&g| f64::from(g)));
+    let error = norm(
+        got.data
+            .iter()
+            .zip(&want.data)
+            .map(|(&a, &b)| f64::from(a - b)),
+    );
+    assert!(
+        error < 1e-4 * scale,
+        "prompt gradient: error {error} of {scale}"
+    );
 }
 
 #[test]

@@ -30,9 +30,10 @@
 //! ([`feed_column_from_north`], multicast to every row), from cycle 0. The receive is issued at
 //! the very start of the first task, so the stream lands while the PE computes its partial sums,
 //! and the last task (the only one using them) is blocked until it has. The backward streams
-//! `gamma` the same way. Parameter gradients leave the wafer: each PE sums `dy xhat` and `dy` over
-//! its tokens, and the `[dgamma[F_c], dbeta[F_c]]` partials are summed down each column
-//! ([`ColumnChain`]) and out of the south edge to a host sink, overlapping the row all-reduce.
+//! `gamma` the same way. Parameter gradients, when asked for, leave the wafer: each PE sums
+//! `dy xhat` and `dy` over its tokens, and the `[dgamma[F_c], dbeta[F_c]]` partials are summed
+//! down each column ([`ColumnChain`]) and out of the south edge to a host sink, overlapping the
+//! row all-reduce.
 //!
 //! # Variance: two all-reduces, mean first, then centered squares
 //!
@@ -56,7 +57,7 @@
 //! | 0 | host stream of `gamma` (and `beta`) down each column from the north edge |
 //! | 1, 2 | row all-reduce: east-bound summing chain (alternating per column) |
 //! | 3 | row all-reduce: west-bound multicast of the totals |
-//! | 4, 5 | backward: `dgamma`/`dbeta` summed down each column, out of the south edge |
+//! | 4, 5 | backward: `dgamma`/`dbeta` summed down each column, out of the south edge (only when asked for) |
 //!
 //! The forward's two all-reduces share colors 1-3: operations on one color run in issue order
 //! and the second is issued on a PE only after the first has finished there, with the same
@@ -94,6 +95,9 @@
 //!   `TG = s + i + 2 V(t) + M(t) + (f - 1)(i + 4 V(t)) + K`, `TF = s + V(2t) + 4 f V(t)`, and
 //!   `Z = (R - 1)(2 rho + h) + rho + h (1 + rows below the region) + 2f - 1` the column
 //!   reduction's last wavelet reaching the south edge;
+//! - without the parameter gradients (a frozen model), `start` only computes `xhat` and issues
+//!   no column reduction: `TS = s + i + 2 f V(t)` and the backward is `max(TS, P(f)) + TG +
+//!   A(2t) + TF`;
 //! - `P(n) = h (Y + R) + rho + n - 1` the last of `n` streamed parameters reaching the core of
 //!   the region's last row (`Y` rows above the region), which unblocks the task using them. It
 //!   binds only for regions of many rows and few tokens per PE.
@@ -106,8 +110,8 @@
 //! `stats.total.fmacs`. Products are `mul`/`scale`, sums `add`/`sum`.
 
 use wafersim_sim::{
-    Buf, Color, DType, FabricConfig, Port, Program, RecvMode, RunOptions, Simulator, SinkId, Stats,
-    TaskCtx, TaskId, Then, VecRef, Wavelet,
+    Buf, Color, DType, Executed, FabricConfig, Port, Program, RecvMode, RunOptions, Simulator,
+    SinkId, Stats, TaskCtx, TaskId, Then, VecRef, Wavelet,
 };
 
 use crate::chain::{ColumnChain, RowAllReduce, feed_column_from_north};
@@ -157,7 +161,7 @@ pub struct LayerNorm<'a> {
     pub eps: f32,
 }
 
-/// LayerNorm backward: input gradient and parameter gradients.
+/// LayerNorm backward: input gradient and, if asked for, parameter gradients.
 #[derive(Clone, Copy, Debug)]
 pub struct LayerNormBackward<'a> {
     pub region: Region,
@@ -173,6 +177,9 @@ pub struct LayerNormBackward<'a> {
     pub mean: &'a [f32],
     /// Per-token `1 / sqrt(var + eps)` from the forward.
     pub rstd: &'a [f32],
+    /// Also compute `dgamma` and `dbeta` and send them to the host. Without them (a frozen
+    /// model), no PE sums `dy xhat` or `dy`, allocates their buffer or joins the column chain.
+    pub parameter_gradients: bool,
 }
 
 /// How a LayerNorm is laid out.
@@ -194,7 +201,7 @@ pub struct LayerNormBuffers {
 }
 
 /// Where the backward's results are: per PE (row by row) its `dX` tile; per region column the
-/// sink receiving `[dgamma[F_c], dbeta[F_c]]`.
+/// sink receiving `[dgamma[F_c], dbeta[F_c]]` (none without parameter gradients).
 #[derive(Clone, Debug)]
 pub struct LayerNormBackwardBuffers {
     pub dx: Vec<Buf>,
@@ -219,12 +226,17 @@ pub struct LayerNormRun {
 pub struct LayerNormBackwardRun {
     /// `dX`, `tokens x features` row-major.
     pub dx: Vec<f32>,
-    /// Gradient of `gamma`, one per feature, as it reached the host.
-    pub dgamma: Vec<f32>,
-    /// Gradient of `beta`, one per feature, as it reached the host.
-    pub dbeta: Vec<f32>,
+    /// `dgamma` and `dbeta` as they reached the host, if the kernel was asked for them.
+    pub parameter_gradients: Option<ParameterGradients>,
     pub plan: LayerNormPlan,
     pub stats: Stats,
+}
+
+/// The gradients of a LayerNorm's parameters, one per feature each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParameterGradients {
+    pub dgamma: Vec<f32>,
+    pub dbeta: Vec<f32>,
 }
 
 /// The sizes one PE works with.
@@ -570,14 +582,15 @@ impl LayerNormBackward<'_> {
             tiling.tokens.max_len() as u64,
             tiling.features.max_len() as u64,
         );
-        // x, dy, dx, g tiles; mean, rstd, [sum g, sum g xhat], scratch; gamma, [dgamma, dbeta];
-        // 2 joins.
-        let bytes = 4 * (4 * t * f + 5 * t + 3 * f + 2);
+        // x, dy, dx, g tiles; mean, rstd, [sum g, sum g xhat], scratch; gamma and, with the
+        // parameter gradients, [dgamma, dbeta]; 2 joins.
+        let per_feature = if self.parameter_gradients { 3 } else { 1 };
+        let bytes = 4 * (4 * t * f + 5 * t + per_feature * f + 2);
         check_fit(
             KERNEL_BACKWARD,
             config,
             bytes,
-            format!("four tiles of {t} x {f}, five vectors of {t}, three of {f}"),
+            format!("four tiles of {t} x {f}, five vectors of {t}, {per_feature} of {f}"),
         )?;
         Ok(LayerNormPlan {
             tiling,
@@ -608,7 +621,9 @@ impl LayerNormBackward<'_> {
                 Port::North,
                 stream.map(|&v| (PARAMS, Wavelet::from_f32(v))),
             )?;
-            sinks.push(COLUMN.install_exit(&mut p, self.region, c)?);
+            if self.parameter_gradients {
+                sinks.push(COLUMN.install_exit(&mut p, self.region, c)?);
+            }
         }
         Ok((p, plan, LayerNormBackwardBuffers { dx, sinks }))
     }
@@ -622,33 +637,18 @@ impl LayerNormBackward<'_> {
         let (program, plan, bufs) = self.build(config)?;
         let executed = Simulator::new(program)?.run(options)?;
         let dx = tiles::gather(&executed, self.region, &plan.tiling, &bufs.dx);
-        let (mut dgamma, mut dbeta) = (vec![0.0; self.features], vec![0.0; self.features]);
-        for (c, &sink) in bufs.sinks.iter().enumerate() {
-            let own = plan.tiling.features.block(c);
-            let got: Vec<f32> = executed
-                .sink(sink)
-                .received
-                .iter()
-                .map(|w| w.2.f32())
-                .collect();
-            if got.len() != 2 * own.len() {
-                return Err(KernelError::Shape {
-                    kernel: KERNEL_BACKWARD,
-                    reason: format!(
-                        "column {c} sent {} parameter gradients to the host, expected {}",
-                        got.len(),
-                        2 * own.len()
-                    ),
-                });
-            }
-            let (g, b) = got.split_at(own.len());
-            dgamma[own.clone()].copy_from_slice(g);
-            dbeta[own].copy_from_slice(b);
-        }
+        let parameter_gradients = if self.parameter_gradients {
+            Some(read_parameter_gradients(
+                &executed,
+                &plan.tiling,
+                &bufs.sinks,
+            )?)
+        } else {
+            None
+        };
         Ok(LayerNormBackwardRun {
             dx,
-            dgamma,
-            dbeta,
+            parameter_gradients,
             plan,
             stats: executed.stats,
         })
@@ -680,10 +680,16 @@ impl LayerNormBackward<'_> {
             sums: p.alloc_zeros(pe_at, "sum_g_gxhat", DType::F32, 2 * t)?,
             tmp: p.alloc_zeros(pe_at, "scratch", DType::F32, t)?,
             gamma: p.alloc_zeros(pe_at, "gamma", DType::F32, f)?,
-            dparams: p.alloc_zeros(pe_at, "dgamma_dbeta", DType::F32, 2 * f)?,
+            dparams: if self.parameter_gradients {
+                Some(p.alloc_zeros(pe_at, "dgamma_dbeta", DType::F32, 2 * f)?)
+            } else {
+                None
+            },
         };
         ROW.install(p, self.region, c, r)?;
-        COLUMN.install(p, self.region, c, r)?;
+        if self.parameter_gradients {
+            COLUMN.install(p, self.region, c, r)?;
+        }
 
         // Task ids: 2 joins of ARMS arms each, then the four tasks below in this order.
         let base = p.next_task_id(pe_at)?.0 + 2 * ARMS as u16;
@@ -712,7 +718,9 @@ impl LayerNormBackward<'_> {
                     Then::Unblock(gradients),
                 );
                 xhat_and_parameter_partials(ctx, pe, bufs);
-                ctx.issue(COLUMN.reduce_south(row, bufs.dparams.all()), Then::Nothing);
+                if let Some(dparams) = bufs.dparams {
+                    ctx.issue(COLUMN.reduce_south(row, dparams.all()), Then::Nothing);
+                }
                 ctx.activate(gradients);
             })?,
         ];
@@ -726,15 +734,55 @@ impl LayerNormBackward<'_> {
     pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
         let c = Costs::new(config, self.region, self.tokens, self.features);
         let (t, f) = (c.t, c.f);
-        let ts = c.s + 2 * c.i + f * (5 * c.v(t) + 2 * c.i);
+        let ts = if self.parameter_gradients {
+            c.s + 2 * c.i + f * (5 * c.v(t) + 2 * c.i)
+        } else {
+            c.s + c.i + 2 * f * c.v(t)
+        };
         let tg = c.s + c.i + 2 * c.v(t) + c.mov(t) + (f - 1) * (c.i + 4 * c.v(t)) + c.k;
         let tf = c.s + c.v(2 * t) + 4 * f * c.v(t);
+        let main = ts.max(c.params_arrive(f)) + tg + c.all_reduce(2 * t) + tf;
+        if !self.parameter_gradients {
+            return main;
+        }
         let rows = u64::from(self.region.rows);
         let below = u64::from(config.height).saturating_sub(c.rows_down_to_end);
         let column = (rows - 1) * (2 * c.rho + c.h) + c.rho + c.h * (1 + below) + 2 * f - 1;
-        let main = ts.max(c.params_arrive(f)) + tg + c.all_reduce(2 * t) + tf;
         main.max(ts + column)
     }
+}
+
+/// `[dgamma[F_c], dbeta[F_c]]` from the sink below each region column `c`.
+fn read_parameter_gradients(
+    executed: &Executed,
+    tiling: &Tiling,
+    sinks: &[SinkId],
+) -> Result<ParameterGradients, KernelError> {
+    let features = tiling.features.total;
+    let (mut dgamma, mut dbeta) = (vec![0.0; features], vec![0.0; features]);
+    for (c, &sink) in sinks.iter().enumerate() {
+        let own = tiling.features.block(c);
+        let got: Vec<f32> = executed
+            .sink(sink)
+            .received
+            .iter()
+            .map(|w| w.2.f32())
+            .collect();
+        if got.len() != 2 * own.len() {
+            return Err(KernelError::Shape {
+                kernel: KERNEL_BACKWARD,
+                reason: format!(
+                    "column {c} sent {} parameter gradients to the host, expected {}",
+                    got.len(),
+                    2 * own.len()
+                ),
+            });
+        }
+        let (g, b) = got.split_at(own.len());
+        dgamma[own.clone()].copy_from_slice(g);
+        dbeta[own].copy_from_slice(b);
+    }
+    Ok(ParameterGradients { dgamma, dbeta })
 }
 
 /// The buffers of one PE of the backward.
@@ -751,22 +799,25 @@ struct BackwardBufs {
     sums: Buf,
     tmp: Buf,
     gamma: Buf,
-    /// `[sum_t dy xhat, sum_t dy]` per feature of this PE.
-    dparams: Buf,
+    /// `[sum_t dy xhat, sum_t dy]` per feature of this PE, if the parameter gradients are asked
+    /// for.
+    dparams: Option<Buf>,
 }
 
-/// `xhat[j] = (x[j] - mean) rstd` into `dx`; `dgamma_j = sum(dy[j] xhat[j])`, `dbeta_j =
-/// sum(dy[j])` over this PE's tokens.
+/// `xhat[j] = (x[j] - mean) rstd` into `dx`; with `dparams`, `dgamma_j = sum(dy[j] xhat[j])`,
+/// `dbeta_j = sum(dy[j])` over this PE's tokens.
 fn xhat_and_parameter_partials(ctx: &mut TaskCtx<'_>, pe: Pe, b: BackwardBufs) {
     for j in 0..pe.f {
         let (xhat, dy) = (pe.column(b.dx, j), pe.column(b.dy, j));
         ctx.sub(xhat, pe.column(b.x, j), b.mean.all());
         ctx.mul(xhat, xhat, b.rstd.all());
-        ctx.mul(b.tmp.all(), dy, xhat);
-        let dgamma = ctx.sum(b.tmp.all());
-        ctx.store(b.dparams.at(j), dgamma);
-        let dbeta = ctx.sum(dy);
-        ctx.store(b.dparams.at(pe.f + j), dbeta);
+        if let Some(dparams) = b.dparams {
+            ctx.mul(b.tmp.all(), dy, xhat);
+            let dgamma = ctx.sum(b.tmp.all());
+            ctx.store(dparams.at(j), dgamma);
+            let dbeta = ctx.sum(dy);
+            ctx.store(dparams.at(pe.f + j), dbeta);
+        }
     }
 }
 

@@ -87,6 +87,7 @@ pub use attention::{
 pub use error::KernelError;
 pub use layernorm::{
     LayerNorm, LayerNormBackward, LayerNormBackwardRun, LayerNormPlan, LayerNormRun,
+    ParameterGradients,
 };
 pub use layout::{Region, Split, Tiling};
 pub use load::{ColumnCounts, StreamLoad, StreamTerms};

@@ -80,6 +80,7 @@ impl ExactEngine<'_> {
         dy: &Act,
         x: &Act,
         normed: &Normed,
+        parameters_trained: bool,
     ) -> Result<(Act, Cost), KernelError> {
         let params = self.ln_params(ln);
         let kernel = LayerNormBackward {
@@ -91,13 +92,16 @@ impl ExactEngine<'_> {
             gamma: &params.gamma,
             mean: &normed.mean,
             rstd: &normed.rstd,
+            parameter_gradients: parameters_trained,
         };
         let run = kernel.run(self.fabric(), self.options())?;
         let cost = self.measured(&run.stats, run.stats.cycles);
-        *self.ln_grads(ln) = LnParams {
-            gamma: run.dgamma,
-            beta: run.dbeta,
-        };
+        if let Some(grads) = run.parameter_gradients {
+            *self.ln_grads(ln) = LnParams {
+                gamma: grads.dgamma,
+                beta: grads.dbeta,
+            };
+        }
         let act = Act {
             data: run.dx,
             features: x.features,
@@ -121,16 +125,24 @@ impl ExactEngine<'_> {
         Ok((act, self.measured(&run.stats, run.stats.cycles)))
     }
 
-    /// The embedding tables' gradients: added to wte (the head's part is already there), wpe.
-    pub(crate) fn embedding_grad(&mut self, dx: &Act) -> Result<Cost, KernelError> {
+    /// The prompt's gradient and, if `tables_trained`, the embedding tables': added to wte (the
+    /// head's part is already there), wpe.
+    pub(crate) fn embedding_grad(
+        &mut self,
+        dx: &Act,
+        tables_trained: bool,
+    ) -> Result<Cost, KernelError> {
         let kernel = EmbeddingBackward {
             shape: self.embedding_shape(),
             dx: &dx.data,
         };
         let run = kernel.run(self.fabric(), self.options())?;
         let (wte_part, prompt_part) = run.d_token_table.split_at(self.grads.wte.data.len());
-        for (g, d) in self.grads.wte.data.iter_mut().zip(wte_part) {
-            *g += d;
+        if tables_trained {
+            for (g, d) in self.grads.wte.data.iter_mut().zip(wte_part) {
+                *g += d;
+            }
+            self.grads.wpe.data = run.d_position_table;
         }
         if let Some(prompt) = self.inputs.prompt {
             self.prompt_grad = Some(crate::model::Matrix {
@@ -139,7 +151,6 @@ impl ExactEngine<'_> {
                 data: prompt_part.to_vec(),
             });
         }
-        self.grads.wpe.data = run.d_position_table;
         Ok(self.measured(&run.stats, run.stats.cycles))
     }
 }

@@ -268,11 +268,18 @@ impl Engine for ExactEngine<'_> {
         self.loss_and_dlogits(logits)
     }
 
-    fn layer_norm_backward(&mut self, ln: Ln, dy: &Act, x: &Act, normed: &Normed) -> Launched<Act> {
-        self.layer_norm_grad(ln, dy, x, normed)
+    fn layer_norm_backward(
+        &mut self,
+        ln: Ln,
+        dy: &Act,
+        x: &Act,
+        normed: &Normed,
+        parameters_trained: bool,
+    ) -> Launched<Act> {
+        self.layer_norm_grad(ln, dy, x, normed, parameters_trained)
     }
 
-    fn embedding_backward(&mut self, dx: &Act) -> Launched<()> {
-        Ok(((), self.embedding_grad(dx)?))
+    fn embedding_backward(&mut self, dx: &Act, parameters_trained: bool) -> Launched<()> {
+        Ok(((), self.embedding_grad(dx, parameters_trained)?))
     }
 }

@@ -547,6 +547,7 @@ impl Engine for FastEngine<'_> {
         _dy: &Shape,
         x: &Shape,
         _normed: &Shape,
+        parameters_trained: bool,
     ) -> Launched<Shape> {
         let kernel = LayerNormBackward {
             region: self.region(),
@@ -557,11 +558,12 @@ impl Engine for FastEngine<'_> {
             gamma: NO_DATA,
             mean: NO_DATA,
             rstd: NO_DATA,
+            parameter_gradients: parameters_trained,
         };
         Ok((*x, self.cost(kernel.estimate_cycles(self.fabric()))))
     }
 
-    fn embedding_backward(&mut self, _dx: &Shape) -> Launched<()> {
+    fn embedding_backward(&mut self, _dx: &Shape, _parameters_trained: bool) -> Launched<()> {
         let kernel = EmbeddingBackward {
             shape: self.embedding_shape(),
             dx: NO_DATA,
@@ -617,6 +619,7 @@ mod tests {
                 gamma: g,
                 mean: s,
                 rstd: s,
+                parameter_gradients: true,
             };
             kernel.estimate_cycles(&fabric)
         };

@@ -135,9 +135,10 @@ pub enum GradientSet {
     /// cycles and FLOPs are those of every gradient.
     #[default]
     All,
-    /// The prompt vectors only: the model is frozen, so no weight-gradient kernel runs (no
-    /// gradient of a frozen weight is computed or leaves the wafer). The input gradients still
-    /// run: they carry the gradient back to the prompt.
+    /// The prompt vectors only: the model is frozen, so no weight-gradient kernel runs and the
+    /// LayerNorm backwards compute no parameter gradient (no gradient of a frozen parameter is
+    /// computed or leaves the wafer). The input gradients still run: they carry the gradient
+    /// back to the prompt.
     PromptOnly,
 }
 
@@ -217,7 +218,7 @@ pub struct Numerics {
     /// Mean next-token cross-entropy.
     pub loss: f64,
     /// Gradient of every parameter (pruned entries zero); with [`GradientSet::PromptOnly`] the
-    /// weight gradients are not computed and read 0.
+    /// parameters' gradients are not computed and read 0.
     pub grads: GptParams,
     /// Gradient of the prompt vectors, `[P, d]`, when there are any.
     pub prompt_grad: Option<Matrix>,

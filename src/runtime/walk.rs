@@ -115,14 +115,18 @@ pub(crate) trait Engine {
     fn gelu_backward(&mut self, f: &Self::Act, dg: &Self::Act) -> Launched<Self::Act>;
     /// The loss (kept by the engine) and the gradient of the logits.
     fn cross_entropy(&mut self, logits: &Self::Act) -> Launched<Self::Act>;
+    /// `dx`, and the gradients of `gamma` and `beta` if `parameters_trained`.
     fn layer_norm_backward(
         &mut self,
         ln: Ln,
         dy: &Self::Act,
         x: &Self::Act,
         normed: &Self::Normed,
+        parameters_trained: bool,
     ) -> Launched<Self::Act>;
-    fn embedding_backward(&mut self, dx: &Self::Act) -> Launched<()>;
+    /// The prompt's gradient (if there is a prompt) and, if `parameters_trained`, the token and
+    /// position tables'.
+    fn embedding_backward(&mut self, dx: &Self::Act, parameters_trained: bool) -> Launched<()>;
 }
 
 /// What one block's backward pass reads.
@@ -333,7 +337,8 @@ impl<E: Engine> Walk<'_, E> {
             dx = self.block_backward(l, &layers[l], &dx)?;
         }
         let op = Op::plain(None, "embedding", Phase::WeightGrad);
-        self.launch(op, |e| e.embedding_backward(&dx))
+        let trained = self.weights_trained();
+        self.launch(op, |e| e.embedding_backward(&dx, trained))
     }
 
     fn layer_norm_backward(
@@ -344,7 +349,8 @@ impl<E: Engine> Walk<'_, E> {
         normed: &E::Normed,
     ) -> Result<E::Act, RuntimeError> {
         let op = Op::plain(ln.layer(), ln.name(), Phase::InputGrad);
-        self.launch(op, |e| e.layer_norm_backward(ln, dy, x, normed))
+        let trained = self.weights_trained();
+        self.launch(op, |e| e.layer_norm_backward(ln, dy, x, normed, trained))
     }
 
     fn block_backward(
