@@ -44,9 +44,9 @@
 //! # Cost
 //!
 //! Non-matmul only: `max`, `sub`, `exp`, `add`, `mul`, `sum`, scalar loads and stores, no
-//! `fmac`/`fma`/`dot` (the FMAC count is 0). The simulator has no logarithm or reciprocal
-//! instruction, so `ln s` and `1/s` (one per token) are software routines computed as scalar
-//! math and charged `exp_cycles_per_element` cycles each (an assumption, like exp's cost).
+//! `fmac`/`fma`/`dot` (the FMAC count is 0). The PE has no logarithm or reciprocal instruction,
+//! so `ln s` and `1/s` (one per token) are software routines ([`TaskCtx::ln`],
+//! [`TaskCtx::recip`]), charged `exp_cycles_per_element` cycles each, like one element of exp.
 //! [`SoftmaxCrossEntropy::estimate_cycles`] adds up the steps on the critical path for the
 //! largest tile `T x V` (`T`, `V` the largest blocks): the exponentials (`exp_cycles * T V`)
 //! dominate, then the `4 V` vector instructions over `T` elements, the two all-reduces (about
@@ -151,8 +151,6 @@ struct PeShape {
     /// Features `V_c`.
     v_len: u32,
     inv_n: f32,
-    /// Cycles charged per `ln` or `1/x` done in software (the machine's `exp` cost).
-    software_cycles: u64,
 }
 
 impl Buffers {
@@ -314,7 +312,6 @@ impl SoftmaxCrossEntropy<'_> {
             t_len: tokens.len() as u32,
             v_len: features.len() as u32,
             inv_n: 1.0 / plan.predicted as f32,
-            software_cycles: u64::from(p.config().exp_cycles_per_element),
         };
         let targets: Vec<f32> = tokens
             .clone()
@@ -447,12 +444,18 @@ fn exp_and_sum(
     join::issue(ctx, &ops, reduced);
 }
 
-/// `work[t] = f(s[t])` for a routine the PE has no instruction for, charged like `exp`.
-fn software_map(ctx: &mut TaskCtx<'_>, shape: &PeShape, bufs: &Buffers, f: fn(f32) -> f32) {
+/// `work[t] = f(s[t])` by a scalar routine the PE has no instruction for ([`TaskCtx::ln`],
+/// [`TaskCtx::recip`]: software, charged like one element of `exp`).
+fn software_map(
+    ctx: &mut TaskCtx<'_>,
+    shape: &PeShape,
+    bufs: &Buffers,
+    f: fn(&mut TaskCtx<'_>, f32) -> f32,
+) {
     for t in 0..shape.t_len {
         let s = ctx.load(bufs.sg.at(t));
-        ctx.scalar_cycles(shape.software_cycles);
-        ctx.store(bufs.work.at(t), f(s));
+        let y = f(ctx, s);
+        ctx.store(bufs.work.at(t), y);
     }
 }
 
@@ -462,7 +465,7 @@ fn row_loss(ctx: &mut TaskCtx<'_>, shape: &PeShape, bufs: &Buffers) {
     let Some(loss) = bufs.loss else {
         return;
     };
-    software_map(ctx, shape, bufs, f32::ln);
+    software_map(ctx, shape, bufs, |ctx, s| ctx.ln(s));
     let (work, g) = (bufs.work.all(), bufs.g(shape));
     // m - g first: both are logits of similar size, so this difference is exact or nearly, and
     // ln s is added to a small number (lse - g in one go would lose the digits of ln s).
@@ -476,7 +479,7 @@ fn row_loss(ctx: &mut TaskCtx<'_>, shape: &PeShape, bufs: &Buffers) {
 
 /// Step 5: `dZ = exp(z - m) weight / s`, then `-1/N` at the owned targets.
 fn gradient(ctx: &mut TaskCtx<'_>, shape: &PeShape, bufs: &Buffers) {
-    software_map(ctx, shape, bufs, f32::recip);
+    software_map(ctx, shape, bufs, |ctx, s| ctx.recip(s));
     let work = bufs.work.all();
     ctx.mul(work, work, bufs.weight.all());
     for v in 0..shape.v_len {

@@ -67,8 +67,9 @@
 //!
 //! Forward: `start` (issue the `gamma`/`beta` receive; partial sums `sum_f x`; issue the reduce)
 //! -> `broadcast_sum` -> `center` (`mean`; `x - mean` into `y`; partial `sum (x - mean)^2`;
-//! reduce) -> `broadcast_var` -> `normalize` (`var + eps`; one scalar `1/sqrt` per token at
-//! [`RSQRT_CYCLES`]; `y = y rstd gamma + beta`). Backward: `start` (issue the `gamma` receive;
+//! reduce) -> `broadcast_var` -> `normalize` (`var + eps`; one scalar `1/sqrt` per token,
+//! [`TaskCtx::rsqrt`], a software routine at `E = exp_cycles_per_element` cycles; `y = y rstd
+//! gamma + beta`). Backward: `start` (issue the `gamma` receive;
 //! `xhat` into `dx`; `sum dy xhat` and `sum dy` per feature; issue the column reduction) ->
 //! `gradients` (`g = dy gamma`; partial `[sum g, sum g xhat]`; reduce) -> `broadcast` ->
 //! `finish` (`dx = rstd (g - mean(g) - xhat mean(g xhat))`). Arrows are all-reduce phases,
@@ -88,7 +89,7 @@
 //! - forward `= max(T1 + A(t) + T3 + A(t), P(2f)) + T5`, with
 //!   `T1 = s + i + M(t) + (f - 1) V(t) + K`,
 //!   `T3 = s + V(t) + f V(t) + V(t) + 2 (f - 1) V(t) + K`,
-//!   `T5 = s + 2 V(t) + t (2 i + RSQRT_CYCLES) + f (3 V(t) + 2 i)`, `K = 2i` if `C > 1` (the
+//!   `T5 = s + 2 V(t) + t (2 i + E) + f (3 V(t) + 2 i)`, `K = 2i` if `C > 1` (the
 //!   join's counter store and the operation's issue) else 0;
 //! - backward `= max(max(TS, P(f)) + TG + A(2t) + TF, TS + Z)`, with
 //!   `TS = s + 2 i + f (5 V(t) + 2 i)`,
@@ -125,13 +126,6 @@ use crate::tiles;
 pub const KERNEL: &str = "layernorm";
 /// Name of the backward kernel.
 pub const KERNEL_BACKWARD: &str = "layernorm_backward";
-
-/// Cycles charged for one scalar `1 / sqrt(v)`. An assumption (no published cost; the simulator
-/// has no such parameter): done in software, a bit-trick seed (2 integer operations) and three
-/// Newton-Raphson steps `y (1.5 - 0.5 v y^2)` of 4 scalar operations each, one cycle per
-/// operation. The value is computed as the f32 `1 / sqrt(v)` (two correctly rounded steps,
-/// within an ulp of the exact value, which three Newton steps also reach).
-pub const RSQRT_CYCLES: u64 = 14;
 
 const PARAMS: Color = Color(0);
 const ROW: RowAllReduce = RowAllReduce {
@@ -513,7 +507,8 @@ impl LayerNorm<'_> {
         let (t, f) = (c.t, c.f);
         let t1 = c.s + c.i + c.mov(t) + (f - 1) * c.v(t) + c.k;
         let t3 = c.s + c.v(t) + f * c.v(t) + c.v(t) + 2 * (f - 1) * c.v(t) + c.k;
-        let t5 = c.s + 2 * c.v(t) + t * (2 * c.i + RSQRT_CYCLES) + f * (3 * c.v(t) + 2 * c.i);
+        let rsqrt = u64::from(config.exp_cycles_per_element);
+        let t5 = c.s + 2 * c.v(t) + t * (2 * c.i + rsqrt) + f * (3 * c.v(t) + 2 * c.i);
         (t1 + c.all_reduce(t) + t3 + c.all_reduce(t)).max(c.params_arrive(2 * f)) + t5
     }
 }
@@ -549,8 +544,8 @@ fn normalize_tokens(
     ctx.add_scalar(var, var, eps);
     for k in 0..pe.t {
         let v = ctx.load(acc.at(k));
-        ctx.scalar_cycles(RSQRT_CYCLES);
-        ctx.store(rstd.at(k), 1.0 / v.sqrt());
+        let r = ctx.rsqrt(v);
+        ctx.store(rstd.at(k), r);
     }
     for j in 0..pe.f {
         let yj = pe.column(y, j);

@@ -74,7 +74,8 @@ pub struct FabricConfig {
     pub task_switch_cycles: u32,
     /// Cycles to issue one vector instruction before its elements stream (assumption: 1).
     pub issue_cycles: u32,
-    /// Cycles per element of a transcendental (exp), done in software (assumption: 4).
+    /// Cycles per element of a transcendental (exp, tanh) or of a scalar routine the PE has no
+    /// instruction for (reciprocal, `1/sqrt`, `ln`), done in software (assumption: 4).
     pub exp_cycles_per_element: u32,
     /// Elements per cycle of each vector instruction class.
     pub simd: SimdWidths,

@@ -4,7 +4,8 @@
 //! instruction on the PE's SRAM at once and adds its cycles to the task's running total; the core
 //! is busy for `task_switch_cycles` plus that total. Vector instructions cost
 //! `issue_cycles + ceil(len / simd_width)` with the width of their class and types
-//! ([`crate::SimdWidths`]); transcendentals cost `exp_cycles_per_element` per element.
+//! ([`crate::SimdWidths`]); transcendentals cost `exp_cycles_per_element` per element, and so
+//! does each scalar routine the PE has no instruction for (reciprocal, `1/sqrt`, `ln`).
 //!
 //! Fabric input and output are asynchronous, as DSD operations with `.async = true` are on the
 //! hardware: [`TaskCtx::send`], [`TaskCtx::recv`] and [`TaskCtx::recv_add_send`] (or
@@ -469,6 +470,28 @@ impl TaskCtx<'_> {
     /// `dst = tanh(a)`.
     pub fn tanh(&mut self, dst: VecRef, a: VecRef) {
         self.transcendental("tanh", dst, a, f32::tanh);
+    }
+
+    /// A scalar routine the PE has no instruction for, done in software: charged like one
+    /// element of a transcendental, `exp_cycles_per_element`.
+    fn software_scalar(&mut self, x: f32, f: fn(f32) -> f32) -> f32 {
+        self.cycles += u64::from(self.config.exp_cycles_per_element);
+        f(x)
+    }
+
+    /// `1 / x` of one scalar (in software: the PE has no divide).
+    pub fn recip(&mut self, x: f32) -> f32 {
+        self.software_scalar(x, f32::recip)
+    }
+
+    /// `1 / sqrt(x)` of one scalar (in software), as the f32 `1 / sqrt(x)`.
+    pub fn rsqrt(&mut self, x: f32) -> f32 {
+        self.software_scalar(x, |v| 1.0 / v.sqrt())
+    }
+
+    /// `ln x` of one scalar (in software).
+    pub fn ln(&mut self, x: f32) -> f32 {
+        self.software_scalar(x, f32::ln)
     }
 
     /// The sum of `a`, accumulated in `f32` in element order.

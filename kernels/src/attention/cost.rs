@@ -19,7 +19,6 @@
 use wafersim_sim::FabricConfig;
 
 use super::geometry::{Geometry, LocalHead, Segment};
-use super::pe::RECIPROCAL_CYCLES;
 
 /// Cycles of one vector instruction of `len` elements at `width` elements per cycle.
 fn vector(c: &FabricConfig, len: usize, width: u32) -> u64 {
@@ -64,7 +63,7 @@ fn softmax_statistics(c: &FabricConfig, seq: usize, len: usize) -> u64 {
     let rows = seq as u64;
     let max = vector(c, len, s.mov_f32) + (rows - 1) * vector(c, len, s.max);
     let sum = vector(c, len, s.mov_f32) + (rows - 1) * vector(c, len, s.arith_f32);
-    let reciprocals = len as u64 * (2 * scalar(c) + RECIPROCAL_CYCLES);
+    let reciprocals = len as u64 * (2 * scalar(c) + u64::from(c.exp_cycles_per_element));
     let normalise = rows * vector(c, len, s.arith_f32);
     max + sum + reciprocals + normalise
 }
@@ -348,7 +347,7 @@ mod tests {
 
     // Prices on `wse2`: a vector instruction of `len` elements costs `1 + ceil(len / width)`
     // (fp32 move and add 2 per cycle, max and FMAC 1), a scalar load or store 1, a reciprocal
-    // 1, a task switch 3, `exp` 4 cycles per element after its issue; a hop between cores
+    // (software) 4, a task switch 3, `exp` 4 cycles per element after its issue; a hop between cores
     // `1 + 2 x 2 + 1 = 6`.
 
     /// One PE (S = 4, one segment of 4 tokens from position 0, F_c = 2, the head whole). The
@@ -357,20 +356,20 @@ mod tests {
     ///   send, no hops);
     /// - the context product: `S d (load + vector(4, fmac 1)) = 4 x 2 x (1 + 5) = 48`;
     /// - the statistics: max `vector(4, mov) + 3 vector(4, max) = 3 + 3 x 5 = 18`, sum
-    ///   `vector(4, mov) + 3 vector(4, add) = 3 + 3 x 3 = 12`, reciprocals `4 x (2 + 1) = 12`,
-    ///   normalise `4 vector(4, mul) = 4 x 3 = 12`: 54.
+    ///   `vector(4, mov) + 3 vector(4, add) = 3 + 3 x 3 = 12`, reciprocals `4 x (2 + 4) = 24`,
+    ///   normalise `4 vector(4, mul) = 4 x 3 = 12`: 66.
     ///
     /// What both keep: the start task 3, K's copy 5, the scores 48, and the probabilities from
     /// the statistics: scale `vector(16, 2) = 9`, mask `vector(1) + vector(2) + vector(3) =
     /// 2 + 2 + 3 = 7`, subtract `4 vector(4, 2) = 12`, exp `1 + 16 x 4 = 65`: 93. So the
     /// recompute is `3 + 5 + 3 + 48 + 93 = 152` (start, K copy, task switch, scores,
-    /// probabilities) and the forward `152 + 5 + 48 + 54 = 259`.
+    /// probabilities) and the forward `152 + 5 + 48 + 66 = 271`.
     #[test]
     fn the_recompute_is_the_forward_without_v_the_context_and_the_statistics_on_one_pe() {
         let (forward, recompute) = estimates(1, 1);
-        let (v_gather, context, statistics) = (5, 48, 54);
+        let (v_gather, context, statistics) = (5, 48, 66);
         assert_eq!(recompute, forward - v_gather - context - statistics);
-        assert_eq!((forward, recompute), (259, 152));
+        assert_eq!((forward, recompute), (271, 152));
     }
 
     /// 2 x 2 PEs: the head's 2 features over 2 columns (one each, so the head is shared and its
@@ -390,13 +389,13 @@ mod tests {
     /// 2 tokens) `2 + 2 + 2 = 6`, subtract `4 vector(2, 2) = 8`, exp `1 + 8 x 4 = 33`: 52. The
     /// forward adds the context, a load and an AXPY per key and feature, `4 x 1 x (1 + 3) =
     /// 16`, and the statistics: max `2 + 3 x 3 = 11`, sum `2 + 3 x 2 = 8`, reciprocals
-    /// `2 x 3 = 6`, normalise `4 x 2 = 8`: 33. Recompute `13 + 55 + 3 + 52 = 123`; forward
-    /// `123 + 4 + 16 + 33 = 176`.
+    /// `2 x (2 + 4) = 12`, normalise `4 x 2 = 8`: 39. Recompute `13 + 55 + 3 + 52 = 123`;
+    /// forward `123 + 4 + 16 + 39 = 182`.
     #[test]
     fn the_recompute_keeps_the_group_sums_of_a_head_over_two_columns() {
         let (forward, recompute) = estimates(2, 2);
-        let (v_gather, context, statistics) = (4, 16, 33);
+        let (v_gather, context, statistics) = (4, 16, 39);
         assert_eq!(recompute, forward - v_gather - context - statistics);
-        assert_eq!((forward, recompute), (176, 123));
+        assert_eq!((forward, recompute), (182, 123));
     }
 }

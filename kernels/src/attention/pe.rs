@@ -24,9 +24,6 @@ use wafersim_sim::{Buf, TaskCtx, VecRef};
 
 use super::geometry::{LocalHead, PeWork, Segment};
 
-/// Scalar cycles charged for one `f32` division (an assumption: a reciprocal per token).
-pub(super) const RECIPROCAL_CYCLES: u64 = 1;
-
 /// Elements `offset .. offset + len` of `v`.
 fn sub(v: VecRef, offset: u32, len: u32) -> VecRef {
     VecRef {
@@ -157,8 +154,8 @@ fn softmax(ctx: &mut TaskCtx<'_>, w: &PeWork, seg: &Segment, block: VecRef, max:
     }
     for t in 0..len {
         let x = ctx.load(sum.at(t));
-        ctx.scalar_cycles(RECIPROCAL_CYCLES);
-        ctx.store(sum.at(t), 1.0 / x);
+        let r = ctx.recip(x);
+        ctx.store(sum.at(t), r);
     }
     for j in 0..w.seq {
         let row = key_row(block, j, len);
