@@ -225,7 +225,7 @@ fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricC
     );
     for point in &sweep.points {
         let loss = point.loss.map_or_else(|| "-".into(), |l| format!("{l:.5}"));
-        println!(
+        let row = format!(
             "{:>8.3} {:>10} {:>14} {:>8.3}x {:>12} {:>8.3}x {:>10.1} {:>8.3}x  {}",
             point.sparsity,
             loss,
@@ -237,6 +237,8 @@ fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricC
             1.0 / (1.0 - point.sparsity),
             largest_gap(point)
         );
+        // The dense row names no cause: no padding after its last column.
+        println!("{}", row.trim_end());
     }
     let verb = match sweep.fidelity {
         crate::runtime::Fidelity::Exact => "simulated",
