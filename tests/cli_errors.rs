@@ -99,6 +99,35 @@ fn help_and_version_still_go_to_stdout_with_exit_code_0() {
     assert!(run.stdout.contains("--fabric"), "{}", run.stdout);
 }
 
+/// Standard output on a full device (Linux's `/dev/full`): one error line, exit code 1, not a
+/// panic in `println!`.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_stdout_is_one_error_line() {
+    for args in [vec!["presets"], vec!["flops", "--model", "tiny"]] {
+        let full = fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_wafersim"))
+            .args(&args)
+            .env("RUST_BACKTRACE", "1")
+            .stdout(full)
+            .output()
+            .unwrap();
+        let run = Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::new(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        common::assert_fails(
+            &run,
+            1,
+            &["cannot write to standard output", "No space left on device"],
+        );
+    }
+}
+
 #[test]
 fn bad_sparsities_are_refused_by_every_command() {
     for bad in ["NaN", "nan", "-0.5", "1", "1.5", "inf", "x"] {
@@ -982,11 +1011,44 @@ fn a_non_finite_result_is_a_run_failure_and_writes_nothing() {
 }
 
 #[test]
-fn zero_threads_are_refused() {
+fn thread_counts_out_of_range_are_refused() {
+    for n in ["0", "100000"] {
+        assert_fails(
+            &["--threads", n, "presets"],
+            2,
+            &["--threads", n, "not between 1 and 256"],
+        );
+    }
     assert_fails(
-        &["--threads", "0", "presets"],
+        &["bench", "--cases", "gemm256", "--threads", "1,300"],
         2,
-        &["--threads", "at least 1"],
+        &["--threads", "300 is more than 256"],
+    );
+}
+
+/// `bench` checks what it can before the first run: the `gemm256` region and the JSON path.
+#[test]
+fn bench_arguments_are_checked_before_anything_runs() {
+    assert_fails(
+        &["bench", "--cases", "gemm256", "--region", "64x64"],
+        2,
+        &["--region 64x64", "does not fit the 32 x 32 fabric"],
+    );
+    assert_fails(
+        &["bench", "--cases", "gemm256", "--region", "1x1"],
+        2,
+        &["--region 1x1", "does not fit: a PE needs"],
+    );
+    assert_fails(
+        &[
+            "bench",
+            "--cases",
+            "gemm256",
+            "--json",
+            "/nonexistent-wafersim/b.json",
+        ],
+        2,
+        &["--json", "does not exist"],
     );
 }
 

@@ -374,6 +374,10 @@ fn prompt_tuning_saves_its_vectors_and_step_loads_them() {
         (r["prompt_len"].as_u64(), r["seq"].as_u64()),
         (Some(4), Some(10))
     );
+    // The FLOPs of the step that ran (no weight gradient): what the fabric executed is what
+    // the analytic count of those operations says.
+    let flops = &r["flops"];
+    assert_eq!(flops["executed_matmul"], flops["analytic_matmul_sparse"]);
     let tiny = GptConfig::preset("tiny").unwrap();
     let weights = read_params(&step_out.join("weights.safetensors"), &tiny).unwrap();
     let bytes = fs::read(&prompt_file).unwrap();

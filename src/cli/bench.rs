@@ -20,10 +20,10 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde_json::{Value, json};
-use wafersim_kernels::{Precision, Region, StreamMatmul, StreamedMatrix};
+use wafersim_kernels::{MatmulShape, Precision, Region, StreamMatmul, StreamedMatrix};
 use wafersim_sim::{FabricConfig, RunOptions};
 
-use super::{bad_input, write_json};
+use super::{MAX_THREADS, bad_input, guard, write_json};
 use crate::compile::plan_step;
 use crate::model::{GptConfig, init_params};
 use crate::reference::{Batch, products};
@@ -106,7 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(case) = args.child {
         let threads = args.threads.first().copied().unwrap_or(1);
         let sample = measure(case, threads, region)?;
-        println!("{}", sample_json(&sample));
+        outln!("{}", sample_json(&sample))?;
         return Ok(());
     }
     if args.repeat == 0 || args.threads.contains(&0) {
@@ -115,12 +115,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             anyhow::anyhow!("need at least one run and one thread"),
         ));
     }
+    if let Some(&n) = args.threads.iter().find(|&&n| n > MAX_THREADS) {
+        return Err(bad_input(
+            "--threads",
+            anyhow::anyhow!("{n} is more than {MAX_THREADS}"),
+        ));
+    }
     let cases = if args.cases.is_empty() {
         Case::ALL.to_vec()
     } else {
         args.cases.clone()
     };
-    print_machine();
+    if cases.contains(&Case::Gemm256) {
+        check_gemm256_region(&args.region, region)?;
+    }
+    if let Some(path) = &args.json {
+        guard::check_output_file("--json", path)?;
+    }
+    print_machine()?;
     let mut rows = Vec::new();
     for case in cases {
         rows.push(bench_case(case, &args)?);
@@ -134,7 +146,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_machine() {
+fn print_machine() -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -145,7 +157,8 @@ fn print_machine() {
                 .map(|(_, m)| m.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into());
-    println!("host: {cpus} CPUs, {model}");
+    outln!("host: {cpus} CPUs, {model}")?;
+    Ok(())
 }
 
 /// Runs `case` `repeat` times per thread count in child processes; prints and returns a summary.
@@ -162,18 +175,25 @@ fn bench_case(case: Case, args: &Args) -> anyhow::Result<Value> {
         .iter()
         .flat_map(|(_, s)| s)
         .all(|s| s.digest == first.digest);
-    println!("\n{}: {} ({})", case.name(), first.setup, first.check);
-    println!(
+    outln!("\n{}: {} ({})", case.name(), first.setup, first.check)?;
+    outln!(
         "  {:>7} {:>10} {:>12} {:>13} {:>10} {:>11} {:>12} {:>8}",
-        "threads", "cycles", "events", "MACs", "host s", "M MAC/s", "M events/s", "peak MB"
-    );
+        "threads",
+        "cycles",
+        "events",
+        "MACs",
+        "host s",
+        "M MAC/s",
+        "M events/s",
+        "peak MB"
+    )?;
     let mut rows = Vec::new();
     let base = median(&per_threads[0].1);
     for (threads, samples) in &per_threads {
         let seconds = median(samples);
         let peak = samples.iter().map(|s| s.peak_bytes).max().unwrap_or(0);
         let s = &samples[0];
-        println!(
+        outln!(
             "  {:>7} {:>10} {:>12} {:>13} {:>10.3} {:>11.1} {:>12.2} {:>8.1}",
             threads,
             s.cycles,
@@ -183,7 +203,7 @@ fn bench_case(case: Case, args: &Args) -> anyhow::Result<Value> {
             s.macs as f64 / seconds / 1e6,
             s.events as f64 / seconds / 1e6,
             peak as f64 / 1e6
-        );
+        )?;
         rows.push(json!({
             "threads": threads, "cycles": s.cycles, "events": s.events, "macs": s.macs,
             "host_seconds_median": seconds,
@@ -193,16 +213,16 @@ fn bench_case(case: Case, args: &Args) -> anyhow::Result<Value> {
         }));
     }
     for (threads, samples) in per_threads.iter().skip(1) {
-        println!(
+        outln!(
             "  {threads} threads vs {}: {:.2}x",
             per_threads[0].0,
             base / median(samples)
-        );
+        )?;
     }
-    println!(
+    outln!(
         "  results identical across thread counts and runs: {}",
         if identical { "yes" } else { "NO" }
-    );
+    )?;
     if !identical {
         bail!("{}: runs gave different results", case.name());
     }
@@ -220,6 +240,24 @@ fn median(samples: &[Sample]) -> f64 {
         s[mid]
     } else {
         (s[mid - 1] + s[mid]) / 2.0
+    }
+}
+
+/// The `gemm256` case's product placed on `region` of its 32 x 32 fabric, checked before any
+/// run (the region inside the fabric, every PE's tiles within its SRAM).
+fn check_gemm256_region(spec: &str, region: Region) -> anyhow::Result<()> {
+    let shape = MatmulShape {
+        region,
+        tokens: 256,
+        k: 256,
+        n: 256,
+        bias: false,
+        precision: Precision::F16,
+    };
+    let fabric = FabricConfig::rectangle(32, 32)?;
+    match shape.plan(&fabric) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(bad_input(format!("--region {spec}"), e)),
     }
 }
 

@@ -78,10 +78,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(Run { sparsity, report })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    print_header(&source, &config, shape, opts);
-    print_summary(&runs);
+    print_header(&source, &config, shape, opts)?;
+    print_summary(&runs)?;
     if let Some(last) = runs.last() {
-        print_breakdown(last, config.n_layer);
+        print_breakdown(last, config.n_layer)?;
     }
     if let Some(path) = &args.json {
         let doc = json_document(&source, &config, shape, opts, &runs);
@@ -149,8 +149,13 @@ fn sci(flops: u64) -> String {
     }
 }
 
-fn print_header(source: &str, config: &GptConfig, shape: StepShape, opts: FlopOptions) {
-    println!(
+fn print_header(
+    source: &str,
+    config: &GptConfig,
+    shape: StepShape,
+    opts: FlopOptions,
+) -> anyhow::Result<()> {
+    outln!(
         "model {source}: {} layers, d {}, {} heads, d_ffn {}, vocab {}, n_positions {}",
         config.n_layer,
         config.n_embd,
@@ -158,53 +163,59 @@ fn print_header(source: &str, config: &GptConfig, shape: StepShape, opts: FlopOp
         config.n_inner,
         config.vocab_size,
         config.n_positions
-    );
+    )?;
     let attention = if opts.causal_halving {
         "attention matmuls halved for the causal mask"
     } else {
         "attention matmuls in full (--causal-halving halves them)"
     };
-    println!(
+    outln!(
         "step: batch {} x seq {} = {} tokens; {attention}",
         shape.batch,
         shape.seq,
         shape.batch * shape.seq
-    );
-    println!(
+    )?;
+    outln!(
         "FLOPs of one training step (forward + input-gradient + weight-gradient), \
          1 multiply-add = 2 FLOPs"
-    );
-    println!();
+    )?;
+    outln!()?;
+    Ok(())
 }
 
-fn print_summary(runs: &[Run]) {
-    println!(
+fn print_summary(runs: &[Run]) -> anyhow::Result<()> {
+    outln!(
         "{:>8}  {:>18}  {:>19}  {:>9}  {:>16}",
-        "sparsity", "matmul dense FLOPs", "matmul sparse FLOPs", "reduction", "non-matmul FLOPs"
-    );
+        "sparsity",
+        "matmul dense FLOPs",
+        "matmul sparse FLOPs",
+        "reduction",
+        "non-matmul FLOPs"
+    )?;
     for run in runs {
         let r = &run.report;
-        println!(
+        outln!(
             "{:>8}  {:>18}  {:>19}  {:>8.3}x  {:>16}",
             run.sparsity,
             sci(r.matmul_dense()),
             sci(r.matmul_sparse()),
             r.reduction(),
             sci(r.non_matmul())
-        );
+        )?;
     }
-    println!();
+    outln!()?;
+    Ok(())
 }
 
-fn print_breakdown(run: &Run, n_layer: usize) {
+fn print_breakdown(run: &Run, n_layer: usize) -> anyhow::Result<()> {
     let by_op = run.report.by_op();
     let (matmul, other): (Vec<OpTotals>, Vec<OpTotals>) =
         by_op.into_iter().partition(|t| t.op.is_matmul());
-    println!(
+    outln!(
         "matmul FLOPs by operation at sparsity {} (block operations summed over {n_layer} layers)",
         run.sparsity
-    );
-    println!(
+    )?;
+    outln!(
         "{:<14}  {:>11} {:>11}  {:>11} {:>11}  {:>11} {:>11}",
         "op",
         "fwd dense",
@@ -213,28 +224,33 @@ fn print_breakdown(run: &Run, n_layer: usize) {
         "igrad sparse",
         "wgrad dense",
         "wgrad sparse"
-    );
+    )?;
     for t in &matmul {
-        print_matmul_row(t.op.name(), &t.dense, &t.sparse);
+        print_matmul_row(t.op.name(), &t.dense, &t.sparse)?;
     }
     let (dense, sparse) = (
         phase_sums(&matmul, |t| t.dense),
         phase_sums(&matmul, |t| t.sparse),
     );
-    print_matmul_row("total", &dense, &sparse);
-    println!();
-    println!("non-matmul FLOPs by operation (unchanged by sparsity; convention in docs/flops.md)");
-    println!(
+    print_matmul_row("total", &dense, &sparse)?;
+    outln!()?;
+    outln!("non-matmul FLOPs by operation (unchanged by sparsity; convention in docs/flops.md)")?;
+    outln!(
         "{:<14}  {:>11}  {:>11}  {:>11}  {:>11}",
-        "op", "forward", "input-grad", "weight-grad", "total"
-    );
+        "op",
+        "forward",
+        "input-grad",
+        "weight-grad",
+        "total"
+    )?;
     for t in &other {
-        print_phase_row(t.op.name(), &t.dense);
+        print_phase_row(t.op.name(), &t.dense)?;
     }
-    print_phase_row("total", &phase_sums(&other, |t| t.dense));
+    print_phase_row("total", &phase_sums(&other, |t| t.dense))?;
+    Ok(())
 }
 
-fn print_matmul_row(name: &str, dense: &[u64; 3], sparse: &[u64; 3]) {
+fn print_matmul_row(name: &str, dense: &[u64; 3], sparse: &[u64; 3]) -> anyhow::Result<()> {
     let cells: Vec<String> = Phase::ALL
         .iter()
         .map(|p| {
@@ -245,18 +261,20 @@ fn print_matmul_row(name: &str, dense: &[u64; 3], sparse: &[u64; 3]) {
             )
         })
         .collect();
-    println!("{name:<14}  {}", cells.join("  "));
+    outln!("{name:<14}  {}", cells.join("  "))?;
+    Ok(())
 }
 
-fn print_phase_row(name: &str, flops: &[u64; 3]) {
+fn print_phase_row(name: &str, flops: &[u64; 3]) -> anyhow::Result<()> {
     let total: u64 = flops.iter().sum();
-    println!(
+    outln!(
         "{name:<14}  {:>11}  {:>11}  {:>11}  {:>11}",
         sci(flops[0]),
         sci(flops[1]),
         sci(flops[2]),
         sci(total)
-    );
+    )?;
+    Ok(())
 }
 
 /// Per-phase sums over operations (bounded by the report's checked totals, so no overflow).

@@ -148,7 +148,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         write_json(path, &report_json(&report, &fabric))?;
     }
-    print_report(&report, &fabric);
+    print_report(&report, &fabric)?;
     Ok(())
 }
 
@@ -166,9 +166,9 @@ pub(crate) fn parse_region(text: &str) -> anyhow::Result<Region> {
     }
 }
 
-fn print_report(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) {
+fn print_report(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) -> anyhow::Result<()> {
     let s = &r.spec;
-    println!(
+    outln!(
         "gemm Y[{} x {}] = X[{} x {}] W[{} x {}], sparsity {} ({} of {} weights kept), {}",
         s.tokens,
         s.n,
@@ -184,8 +184,8 @@ fn print_report(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) {
         } else {
             "fp16"
         }
-    );
-    println!(
+    )?;
+    outln!(
         "fabric {} ({} x {} PEs, {} MHz), region {} x {} PEs, {} fidelity",
         fabric.name,
         fabric.width,
@@ -194,9 +194,9 @@ fn print_report(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) {
         r.region.cols,
         r.region.rows,
         s.fidelity.name()
-    );
-    println!();
-    println!(
+    )?;
+    outln!()?;
+    outln!(
         "{:<16} {:>12} {:>12} {:>9} {:>9} {:>14} {:>11} {:>6}  main cause of the gap to 1/density",
         "phase",
         "cycles",
@@ -209,15 +209,15 @@ fn print_report(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) {
         },
         "max rel err",
         "util"
-    );
+    )?;
     for p in &r.phases {
-        print_row(p);
+        print_row(p)?;
     }
     if r.phases.len() > 1 {
         let (c, d) = (r.cycles(), r.dense_cycles());
         let f: u64 = r.phases.iter().map(|p| p.flops_executed).sum();
         let fd: u64 = r.phases.iter().map(|p| p.flops_dense).sum();
-        println!(
+        outln!(
             "{:<16} {:>12} {:>12} {:>8.3}x {:>8.3}x {:>14}",
             "all",
             c,
@@ -225,24 +225,25 @@ fn print_report(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) {
             d as f64 / c as f64,
             fd as f64 / f.max(1) as f64,
             f
-        );
+        )?;
     }
     let us = r.cycles() as f64 / f64::from(fabric.clock_mhz);
-    println!(
+    outln!(
         "\nsparse step: {us:.1} us at {} MHz; ideal cycle reduction 1/density = {:.3}x",
         fabric.clock_mhz,
         (s.k * s.n) as f64 / r.nnz.max(1) as f64
-    );
+    )?;
+    Ok(())
 }
 
-fn print_row(p: &PhaseResult) {
+fn print_row(p: &PhaseResult) -> anyhow::Result<()> {
     let error = p
         .max_rel_error
         .map_or_else(|| "-".into(), |e| format!("{e:.2e}"));
     let util = p
         .utilisation
         .map_or_else(|| "-".into(), |u| format!("{:.1}%", 100.0 * u));
-    println!(
+    outln!(
         "{:<16} {:>12} {:>12} {:>8.3}x {:>8.3}x {:>14} {:>11} {:>6}  {}",
         p.phase.name(),
         p.cycles,
@@ -253,7 +254,8 @@ fn print_row(p: &PhaseResult) {
         error,
         util,
         gap_cause(p)
-    );
+    )?;
+    Ok(())
 }
 
 /// The part of the busiest PE's time that scaled worst, with its excess cycles.

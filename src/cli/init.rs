@@ -40,7 +40,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let params = guard::seeded_params(&config, args.seed)?;
     save_checkpoint(&args.out, &config, &params)
         .with_context(|| format!("cannot write checkpoint {}", args.out.display()))?;
-    println!(
+    outln!(
         "wrote {}: {source}, {} layers x {} (heads {}, d_ffn {}, seq {}, vocab {}), {} parameters, seed {}",
         args.out.display(),
         config.n_layer,
@@ -51,7 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config.vocab_size,
         config.total_params(),
         args.seed
-    );
+    )?;
     Ok(())
 }
 

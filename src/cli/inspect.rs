@@ -20,24 +20,30 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let (config, params) =
         load_checkpoint(&args.checkpoint).map_err(|e| bad_input("invalid checkpoint", e))?;
-    println!("checkpoint   {}", args.checkpoint.display());
-    print_shape(&config);
-    print_zero_table(&params);
+    outln!("checkpoint   {}", args.checkpoint.display())?;
+    print_shape(&config)?;
+    print_zero_table(&params)?;
     Ok(())
 }
 
-fn print_shape(c: &GptConfig) {
-    println!(
+fn print_shape(c: &GptConfig) -> anyhow::Result<()> {
+    outln!(
         "shape        {} layers, d {}, {} heads, d_ffn {}, seq {}, vocab {}",
-        c.n_layer, c.n_embd, c.n_head, c.n_inner, c.n_positions, c.vocab_size
-    );
+        c.n_layer,
+        c.n_embd,
+        c.n_head,
+        c.n_inner,
+        c.n_positions,
+        c.vocab_size
+    )?;
     let sparsifiable: usize = c.n_layer * (4 * c.n_embd * c.n_embd + 2 * c.n_embd * c.n_inner);
-    println!(
+    outln!(
         "parameters   {} total, {} non-embedding, {} in sparsifiable matrices",
         c.total_params(),
         c.non_embedding_params(),
         sparsifiable
-    );
+    )?;
+    Ok(())
 }
 
 /// Exact zeros and elements of one matrix.
@@ -72,13 +78,13 @@ impl ZeroCount {
 }
 
 /// One row per layer, one column per sparsifiable matrix, then the totals.
-fn print_zero_table(params: &GptParams) {
-    println!("zero fraction of the sparsifiable matrices (exact zeros / elements):");
+fn print_zero_table(params: &GptParams) -> anyhow::Result<()> {
+    outln!("zero fraction of the sparsifiable matrices (exact zeros / elements):")?;
     let header: Vec<String> = SparseKind::ALL
         .iter()
         .map(|k| format!("{:>10}", k.name()))
         .collect();
-    println!("{:<8}{}", "layer", header.join(""));
+    outln!("{:<8}{}", "layer", header.join(""))?;
     let mut per_kind = [ZeroCount::default(); 6];
     for (l, block) in params.blocks.iter().enumerate() {
         let mut row = String::new();
@@ -87,18 +93,19 @@ fn print_zero_table(params: &GptParams) {
             *total = total.add(count);
             row.push_str(&format!("{:>10.4}", count.fraction()));
         }
-        println!("{l:<8}{row}");
+        outln!("{l:<8}{row}")?;
     }
     let row: String = per_kind
         .iter()
         .map(|c| format!("{:>10.4}", c.fraction()))
         .collect();
-    println!("{:<8}{row}", "all");
+    outln!("{:<8}{row}", "all")?;
     let all = per_kind.iter().fold(ZeroCount::default(), |a, &c| a.add(c));
-    println!(
+    outln!(
         "overall      {} of {} sparsifiable weights are zero ({:.4})",
         all.zeros,
         all.numel,
         all.fraction()
-    );
+    )?;
+    Ok(())
 }

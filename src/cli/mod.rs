@@ -8,6 +8,16 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// `println!` that returns a [`StdoutError`] instead of panicking when standard output cannot be
+/// written (a full disk, a closed file). A broken pipe never gets here: `main` restores SIGPIPE's
+/// default action, which ends the process quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::cli::StdoutError)
+    }};
+}
+
 mod bench;
 mod fit;
 mod flops;
@@ -133,15 +143,19 @@ pub fn json_text(value: &serde_json::Value) -> anyhow::Result<String> {
     Ok(serde_json::to_string_pretty(value)? + "\n")
 }
 
+/// The most host threads `--threads` accepts: far more than any host this runs on has cores,
+/// and few enough that starting them is instant.
+pub(crate) const MAX_THREADS: usize = 256;
+
 /// Sizes rayon's global pool, which the engine's default thread count and the sweeps use.
 fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
     let Some(n) = threads else {
         return Ok(());
     };
-    if n == 0 {
+    if n == 0 || n > MAX_THREADS {
         return Err(bad_input(
             "--threads",
-            anyhow::anyhow!("must be at least 1"),
+            anyhow::anyhow!("{n} is not between 1 and {MAX_THREADS}"),
         ));
     }
     rayon::ThreadPoolBuilder::new()
@@ -221,6 +235,11 @@ fn one_line(err: &anyhow::Error) -> String {
     }
     line.replace('\n', " ")
 }
+
+/// Standard output could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write to standard output: {0}")]
+pub struct StdoutError(pub std::io::Error);
 
 fn exit_code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<BadInput>().is_some() {

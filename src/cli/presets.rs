@@ -7,13 +7,21 @@ use crate::model::PRESETS;
 pub struct Args {}
 
 pub fn run(_args: Args) -> anyhow::Result<()> {
-    println!(
+    outln!(
         "{:<16} {:>6} {:>6} {:>6} {:>6} {:>7} {:>8} {:>14} {:>14}  description",
-        "preset", "layers", "d", "heads", "d_ffn", "seq", "vocab", "params", "non-embedding"
-    );
+        "preset",
+        "layers",
+        "d",
+        "heads",
+        "d_ffn",
+        "seq",
+        "vocab",
+        "params",
+        "non-embedding"
+    )?;
     for preset in PRESETS {
         let c = preset.config();
-        println!(
+        outln!(
             "{:<16} {:>6} {:>6} {:>6} {:>6} {:>7} {:>8} {:>14} {:>14}  {}",
             preset.name,
             c.n_layer,
@@ -25,7 +33,7 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
             c.total_params(),
             c.non_embedding_params(),
             preset.description
-        );
+        )?;
     }
     Ok(())
 }

@@ -92,14 +92,61 @@ pub fn read_prompt(path: &Path, d: usize) -> anyhow::Result<Matrix> {
             ),
         ));
     }
-    let data = tensor
+    let data: Vec<f32> = tensor
         .data()
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
+    if let Some((index, value)) = data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(bad_input(
+            what(),
+            anyhow::anyhow!(
+                "tensor `prompt` has a non-finite value ({value}) at row {}, column {}",
+                index / d,
+                index % d
+            ),
+        ));
+    }
     Ok(Matrix {
         rows: shape[0],
         cols: d,
         data,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use safetensors::tensor::TensorView;
+
+    use super::*;
+
+    fn write_prompt(path: &Path, values: &[f32], shape: Vec<usize>) {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = TensorView::new(Dtype::F32, shape, &bytes).unwrap();
+        std::fs::write(
+            path,
+            safetensors::serialize([("prompt", view)], None).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// A NaN in the file is refused as bad input (exit 2), naming where it is; the finite file
+    /// reads back as written.
+    #[test]
+    fn a_non_finite_prompt_is_refused_with_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prompt.safetensors");
+        let mut values: Vec<f32> = (0..2 * 3).map(|i| i as f32 * 0.5).collect();
+        write_prompt(&path, &values, vec![2, 3]);
+        assert_eq!(read_prompt(&path, 3).unwrap().data, values);
+        values[5] = f32::NAN;
+        write_prompt(&path, &values, vec![2, 3]);
+        let err = read_prompt(&path, 3).unwrap_err();
+        assert!(err.downcast_ref::<super::super::BadInput>().is_some());
+        let line = format!("{err:#}");
+        assert!(
+            line.contains("non-finite value (NaN) at row 1, column 2"),
+            "{line}"
+        );
+    }
 }

@@ -129,16 +129,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let report = report_json(&args, &fabric, &spec, &cost, clock_hz, attention_json);
         super::write_json(path, &report)?;
     }
-    print_table(&args, &fabric, &cost, clock_hz);
+    print_table(&args, &fabric, &cost, clock_hz)?;
     if let Some(warning) = attention.warning() {
         eprintln!("{warning}");
     }
     Ok(())
 }
 
-fn print_table(args: &Args, fabric: &wafersim_sim::FabricConfig, cost: &RecipeCost, clock_hz: f64) {
+fn print_table(
+    args: &Args,
+    fabric: &wafersim_sim::FabricConfig,
+    cost: &RecipeCost,
+    clock_hz: f64,
+) -> anyhow::Result<()> {
     let p = &cost.plan;
-    println!(
+    outln!(
         "recipe of {} on {} ({} x {} PEs at {} MHz): steps of {} x {} positions, region {} x {}, fast fidelity, pre-training sparsity {}",
         args.model,
         fabric.name,
@@ -150,18 +155,23 @@ fn print_table(args: &Args, fabric: &wafersim_sim::FabricConfig, cost: &RecipeCo
         p.region.cols,
         p.region.rows,
         args.sparsity
-    );
-    println!(
+    )?;
+    outln!(
         "\n{:<16} {:>12} {:>12} {:>14} {:>14} {:>14}",
-        "phase", "tokens", "steps", "FLOPs", "cycles", "seconds"
-    );
+        "phase",
+        "tokens",
+        "steps",
+        "FLOPs",
+        "cycles",
+        "seconds"
+    )?;
     for (title, phases) in [
         ("sparse recipe", &cost.sparse),
         ("dense recipe", &cost.dense),
     ] {
-        println!("{title}:");
+        outln!("{title}:")?;
         for ph in phases.iter() {
-            println!(
+            outln!(
                 "{:<16} {:>12.4e} {:>12} {:>14.4e} {:>14.4e} {:>14.4e}",
                 ph.name,
                 ph.tokens as f64,
@@ -169,10 +179,10 @@ fn print_table(args: &Args, fabric: &wafersim_sim::FabricConfig, cost: &RecipeCo
                 ph.flops() as f64,
                 ph.cycles() as f64,
                 ph.cycles() as f64 / clock_hz
-            );
+            )?;
         }
         let (f, c) = RecipeCost::total(phases);
-        println!(
+        outln!(
             "{:<16} {:>12} {:>12} {:>14.4e} {:>14.4e} {:>14.4e}",
             "total",
             "",
@@ -180,17 +190,18 @@ fn print_table(args: &Args, fabric: &wafersim_sim::FabricConfig, cost: &RecipeCo
             f as f64,
             c as f64,
             c as f64 / clock_hz
-        );
+        )?;
     }
     let (sf, sc) = RecipeCost::total(&cost.sparse);
     let (df, dc) = RecipeCost::total(&cost.dense);
-    println!(
+    outln!(
         "\nsparse pre-training saves {:.3}x FLOPs and {:.3}x cycles over the whole recipe ({:.4e} s against {:.4e} s)",
         df as f64 / sf as f64,
         dc as f64 / sc as f64,
         sc as f64 / clock_hz,
         dc as f64 / clock_hz
-    );
+    )?;
+    Ok(())
 }
 
 fn phase_json(ph: &PhaseCost, clock_hz: f64) -> Value {

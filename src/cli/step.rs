@@ -190,12 +190,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     drop(progress);
     let (step, recorded) = run?;
     let wall = started.elapsed().as_secs_f64();
-    let (analytic, dense) = analytic_flops(&setup, &masks)?;
-    let expected = expected_matmul_flops(&analytic, setup.prompt.is_some());
-    if step.cost.executed_matmul_flops() != expected {
+    let analytic = analytic_flops(&setup, &masks)?;
+    let matmul = StepMatmulFlops::of(&analytic, setup.prompt.is_some());
+    if step.cost.executed_matmul_flops() != matmul.sparse {
         anyhow::bail!(
-            "executed matmul FLOPs {} differ from the analytic {expected}: a simulator bug",
+            "executed matmul FLOPs {} differ from the analytic {}: a simulator bug",
             step.cost.executed_matmul_flops(),
+            matmul.sparse
         );
     }
     // The weights the step ran with, and (not for a prompt step: the model is frozen) the
@@ -222,7 +223,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fabric: &setup.fabric,
         masks: &masks,
         step: &step,
-        dense_flops: dense.matmul_dense(),
+        matmul,
         analytic: &analytic,
         dense_timed: !args.no_dense_baseline,
         prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
@@ -235,7 +236,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let (Some(request), Some(trace)) = (&traced, &recorded) {
         trace::write(request, trace)?;
     }
-    print_summary(&summary);
+    print_summary(&summary)?;
     Ok(())
 }
 
@@ -314,24 +315,20 @@ fn load_weights(args: &Args, config: &GptConfig) -> anyhow::Result<(GptParams, M
 }
 
 /// The analytic matmul FLOPs of the step: `(sparse, dense)`.
-fn analytic_flops(
-    setup: &Setup,
-    masks: &ModelMasks,
-) -> anyhow::Result<(flops::FlopReport, flops::FlopReport)> {
+/// The step's FLOPs by the convention, every operation with its dense and its sparse count.
+fn analytic_flops(setup: &Setup, masks: &ModelMasks) -> anyhow::Result<flops::FlopReport> {
     let config = &setup.config;
     let shape = StepShape {
         batch: setup.plan.batch,
         seq: setup.plan.seq,
     };
     let nnz = NnzSource::from_fn(config, |l, k| masks.get(l, k).map_or(0, |m| m.nnz() as u64))?;
-    let sparse = flops::step_flops(config, shape, &nnz, FlopOptions::default())?;
-    let dense = flops::step_flops(
+    Ok(flops::step_flops(
         config,
         shape,
-        &NnzSource::dense(config),
+        &nnz,
         FlopOptions::default(),
-    )?;
-    Ok((sparse, dense))
+    )?)
 }
 
 fn masks(args: &Args, config: &GptConfig, params: &GptParams) -> anyhow::Result<ModelMasks> {
@@ -370,15 +367,29 @@ pub(crate) fn read_tokens(path: &Path, config: &GptConfig) -> anyhow::Result<Bat
     Batch::from_json(config, &text).map_err(|e| bad_input(what(), e))
 }
 
-/// The matmul FLOPs a step must execute: all of `analytic`'s, or without the weight-gradient
-/// phase for a prompt step (no weight gradient is computed).
-fn expected_matmul_flops(analytic: &flops::FlopReport, prompt: bool) -> u64 {
-    analytic
-        .ops()
-        .iter()
-        .filter(|o| o.is_matmul() && !(prompt && o.phase == flops::Phase::WeightGrad))
-        .map(|o| o.sparse)
-        .sum()
+/// The matmul FLOPs of the step that runs: all of the analytic report's, or without the
+/// weight-gradient phase for a prompt step (no weight gradient is computed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StepMatmulFlops {
+    /// What the kernels must execute, with the masks' nonzeros.
+    sparse: u64,
+    /// The same operations with every weight present.
+    dense: u64,
+}
+
+impl StepMatmulFlops {
+    fn of(analytic: &flops::FlopReport, prompt: bool) -> Self {
+        let ops = analytic.ops();
+        let run = ops
+            .iter()
+            .filter(|o| o.is_matmul() && !(prompt && o.phase == flops::Phase::WeightGrad));
+        let (sparse, dense) = run.fold((0, 0), |(s, d), o| (s + o.sparse, d + o.dense));
+        StepMatmulFlops { sparse, dense }
+    }
+
+    fn reduction(&self) -> f64 {
+        self.dense as f64 / self.sparse as f64
+    }
 }
 
 /// Written instead of grads and updated weights by a step with `--prompt`: tensor `prompt`.
@@ -413,7 +424,8 @@ struct Summary<'a> {
     fabric: &'a FabricConfig,
     masks: &'a ModelMasks,
     step: &'a StepReport,
-    dense_flops: u64,
+    /// The matmul FLOPs of the gradients this step computes.
+    matmul: StepMatmulFlops,
     analytic: &'a flops::FlopReport,
     /// Whether the dense baseline was timed (`--no-dense-baseline` not given). Without it, the
     /// records' dense cycles merely repeat the sparse ones and are not reported.
@@ -523,14 +535,22 @@ impl Summary<'_> {
     }
 }
 
-fn print_summary(s: &Summary<'_>) {
+fn print_summary(s: &Summary<'_>) -> anyhow::Result<()> {
     let (c, p, cost) = (s.config, s.plan, &s.step.cost);
-    println!(
-        "step: {} layers x {}, batch {} x {} tokens, sparsity {:.4}, {} on {} ({} x {} PEs), region {} x {}, {} fidelity",
+    let positions = if s.prompt_len > 0 {
+        let tokens = p.seq - s.prompt_len;
+        format!(
+            "{} positions ({} prompt vectors + {tokens} tokens)",
+            p.seq, s.prompt_len
+        )
+    } else {
+        format!("{} tokens", p.seq)
+    };
+    outln!(
+        "step: {} layers x {}, batch {} x {positions}, sparsity {:.4}, {} on {} ({} x {} PEs), region {} x {}, {} fidelity",
         c.n_layer,
         c.n_embd,
         p.batch,
-        p.seq,
         s.masks.sparsity(),
         precision_name(p.precision),
         s.fabric.name,
@@ -539,8 +559,8 @@ fn print_summary(s: &Summary<'_>) {
         p.region.cols,
         p.region.rows,
         s.step.fidelity.name()
-    );
-    println!(
+    )?;
+    outln!(
         "passes: {} of up to {} sequence(s) ({} tokens) each, attention probabilities {}; {:.0} tokens/s at {} MHz",
         p.pass_count(),
         p.micro_batch,
@@ -552,16 +572,16 @@ fn print_summary(s: &Summary<'_>) {
         },
         s.tokens_per_second(),
         s.fabric.clock_mhz
-    );
+    )?;
     if let Some(warning) = s.attention.warning() {
         eprintln!("{warning}");
     }
-    print_search(s);
+    print_search(s)?;
     match &s.step.numerics {
-        Some(n) => println!("loss {:.6}", n.loss),
-        None => println!("loss not computed (--no-numerics)"),
+        Some(n) => outln!("loss {:.6}", n.loss)?,
+        None => outln!("loss not computed (--no-numerics)")?,
     }
-    let sparse = s.analytic.matmul_sparse();
+    let sparse = s.matmul.sparse;
     let counted = match s.step.fidelity {
         Fidelity::Exact => format!(
             "{} executed = {sparse} analytic",
@@ -569,47 +589,56 @@ fn print_summary(s: &Summary<'_>) {
         ),
         Fidelity::Fast => format!("{sparse} analytic (fast fidelity: none executed)"),
     };
-    println!(
-        "matmul FLOPs: {counted}, dense {} ({:.3}x fewer)",
-        s.dense_flops,
-        s.dense_flops as f64 / sparse as f64
-    );
+    let which = if s.prompt_len > 0 {
+        " (the prompt's gradient: no weight gradient)"
+    } else {
+        ""
+    };
+    outln!(
+        "matmul FLOPs: {counted}, dense {} ({:.3}x fewer){which}",
+        s.matmul.dense,
+        s.matmul.reduction()
+    )?;
     if s.dense_timed {
-        println!(
+        outln!(
             "cycles: {} against {} dense ({:.3}x fewer); {:.1} us at {} MHz",
             cost.cycles(),
             cost.dense_cycles(),
             cost.dense_cycles() as f64 / cost.cycles() as f64,
             cost.cycles() as f64 / f64::from(s.fabric.clock_mhz),
             s.fabric.clock_mhz
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "cycles: {} ({:.1} us at {} MHz)",
             cost.cycles(),
             cost.cycles() as f64 / f64::from(s.fabric.clock_mhz),
             s.fabric.clock_mhz
-        );
+        )?;
     }
-    println!(
+    outln!(
         "\n{:<16} {:>12} {:>12} {:>8}",
-        "operation", "cycles", "dense", "share"
-    );
+        "operation",
+        "cycles",
+        "dense",
+        "share"
+    )?;
     for (name, cycles, dense) in cost.by_op() {
         let dense = if s.dense_timed {
             dense.to_string()
         } else {
             "-".into()
         };
-        println!(
+        outln!(
             "{name:<16} {cycles:>12} {dense:>12} {:>7.1}%",
             100.0 * cycles as f64 / cost.cycles() as f64
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// One line on the region search, one on the layers' efficiency.
-fn print_search(s: &Summary<'_>) {
+fn print_search(s: &Summary<'_>) -> anyhow::Result<()> {
     let mut costed: Vec<String> = Vec::new();
     for t in &s.search.trials {
         let (Ok(plan), Some(cycles)) = (&t.plan, t.estimated_cycles) else {
@@ -621,10 +650,10 @@ fn print_search(s: &Summary<'_>) {
             costed.push(shape);
         }
     }
-    println!(
+    outln!(
         "region search (estimated cycles, one-block proxy): {}",
         costed.join(", ")
-    );
+    )?;
     if let (Some(bound), Some(chosen)) = (
         s.search.per_operation_bound(),
         s.search
@@ -633,10 +662,10 @@ fn print_search(s: &Summary<'_>) {
             .filter_map(|t| t.estimated_cycles)
             .min(),
     ) {
-        println!(
+        outln!(
             "  each operation on its own best shape (free re-layout): {bound}, {:.2} % fewer",
             100.0 * (1.0 - bound as f64 / chosen as f64)
-        );
+        )?;
     }
     let layers = s.layers();
     let efficiency = layers
@@ -645,11 +674,13 @@ fn print_search(s: &Summary<'_>) {
         .filter_map(|l| l.efficiency());
     let (lo, hi) = efficiency.fold((f64::INFINITY, 0f64), |(lo, hi), e| (lo.min(e), hi.max(e)));
     if lo <= hi {
-        println!(
+        outln!(
             "blocks: realised / ideal speedup {:.3} to {:.3} (per layer in report.json)",
-            lo, hi
-        );
+            lo,
+            hi
+        )?;
     }
+    Ok(())
 }
 
 fn precision_name(p: Precision) -> &'static str {
@@ -827,6 +858,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
             "cycles": "fabric clock cycles", "flops": "floating-point operations (1 FMAC = 2)",
             "loss": "nats per predicted token (null: not computed)", "seconds": "at the fabric clock",
             "busy_cycles": "summed over the region (null: not simulated)",
+            "analytic_matmul": "the matmul FLOPs of the gradients the step computes (a prompt step computes no weight gradient)",
             "flops_executed": "per op: executed by the fabric (exact fidelity) or the analytic count (fast: nothing runs); flops.executed_matmul is null at the fast fidelity",
             "tokens_per_second": "tokens of the step per second at the fabric clock",
             "micro_batch": "sequences per pass; weight gradients accumulate over the passes",
@@ -848,11 +880,11 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         "layers": layers_json(s),
         "loss": s.step.numerics.as_ref().map(|n| n.loss),
         "flops": {
-            "analytic_matmul_sparse": s.analytic.matmul_sparse(),
-            "analytic_matmul_dense": s.dense_flops,
+            "analytic_matmul_sparse": s.matmul.sparse,
+            "analytic_matmul_dense": s.matmul.dense,
             "executed_matmul": (s.step.fidelity == Fidelity::Exact).then(|| cost.executed_matmul_flops()),
             "non_matmul": s.analytic.non_matmul(),
-            "reduction": s.dense_flops as f64 / s.analytic.matmul_sparse() as f64,
+            "reduction": s.matmul.reduction(),
         },
         "cycles": {
             "total": cost.cycles(),

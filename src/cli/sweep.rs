@@ -162,7 +162,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let plots = sweep_plots(&sweep, heatmap.as_ref())?;
         write_outputs(dir, &sweep, &plots, attention.json())?;
     }
-    print_table(&sweep, &config, &fabric, simulated);
+    print_table(&sweep, &config, &fabric, simulated)?;
     if let Some(warning) = attention.warning() {
         eprintln!("{warning}");
     }
@@ -203,9 +203,14 @@ fn parse_list(text: &str) -> anyhow::Result<Vec<f64>> {
         .collect()
 }
 
-fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricConfig, wall: f64) {
+fn print_table(
+    sweep: &Sweep,
+    config: &GptConfig,
+    fabric: &wafersim_sim::FabricConfig,
+    wall: f64,
+) -> anyhow::Result<()> {
     let p = &sweep.plan;
-    println!(
+    outln!(
         "training step of a {} x {} GPT, batch {} x {} tokens, on {} ({} x {} PEs at {} MHz), region {} x {}, {} fidelity",
         config.n_layer,
         config.n_embd,
@@ -218,11 +223,18 @@ fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricC
         p.region.cols,
         p.region.rows,
         sweep.fidelity.name()
-    );
-    println!(
+    )?;
+    outln!(
         "\n{:>8} {:>10} {:>14} {:>9} {:>12} {:>9} {:>10} {:>9}  largest cause of the gap (FLOP red - cycle red)",
-        "sparsity", "loss", "matmul FLOPs", "FLOP red", "cycles", "cycle red", "time (us)", "ideal"
-    );
+        "sparsity",
+        "loss",
+        "matmul FLOPs",
+        "FLOP red",
+        "cycles",
+        "cycle red",
+        "time (us)",
+        "ideal"
+    )?;
     for point in &sweep.points {
         let loss = point.loss.map_or_else(|| "-".into(), |l| format!("{l:.5}"));
         let row = format!(
@@ -238,13 +250,14 @@ fn print_table(sweep: &Sweep, config: &GptConfig, fabric: &wafersim_sim::FabricC
             largest_gap(point)
         );
         // The dense row names no cause: no padding after its last column.
-        println!("{}", row.trim_end());
+        outln!("{}", row.trim_end())?;
     }
     let verb = match sweep.fidelity {
         crate::runtime::Fidelity::Exact => "simulated",
         crate::runtime::Fidelity::Fast => "costed",
     };
     eprintln!("\n({verb} in {wall:.1} s)");
+    Ok(())
 }
 
 /// The largest cause of the gap between the FLOP and the cycle reduction, with its share of it.

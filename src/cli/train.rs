@@ -184,7 +184,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     run.savings = savings;
     // The files first: a terminal or pipe that goes away while the summary prints loses nothing.
     write_outputs(&args.out, &args.out.join(CHECKPOINT_DIR), &run)?;
-    print_summary(&run);
+    print_summary(&run)?;
     Ok(())
 }
 
@@ -401,10 +401,10 @@ impl<'a> Finished<'a> {
     }
 }
 
-fn print_summary(run: &Finished<'_>) {
+fn print_summary(run: &Finished<'_>) -> anyhow::Result<()> {
     let (first, last) = (run.log.first(), run.log.last());
     let loss = |r: Option<&StepRecord>| r.map_or(f64::NAN, |r| r.loss);
-    println!(
+    outln!(
         "{}: {} of {} steps{}, loss {:.4} -> {:.4} (ln vocab {:.4})",
         run.setup.phase.name(),
         run.log.len(),
@@ -417,15 +417,16 @@ fn print_summary(run: &Finished<'_>) {
         loss(first),
         loss(last),
         (run.setup.config.vocab_size as f64).ln()
-    );
-    println!(
+    )?;
+    outln!(
         "matmul FLOPs {}, cycles {} ({:.6} s at {} MHz), host wall {:.1} s",
         run.total_flops(),
         run.total_cycles(),
         run.seconds(),
         run.setup.fabric.clock_mhz,
         run.wall
-    );
+    )?;
+    Ok(())
 }
 
 /// Stages the logs in `out` and the checkpoint in `checkpoint`, then moves them all into place
