@@ -299,6 +299,50 @@ pub fn host_bytes(spec: &GemmSpec) -> Option<u64> {
     values.checked_mul(4)
 }
 
+/// The simulator's own state for one PE of a run beyond its SRAM (router buffers, tasks, held
+/// operations, wakes): about 5 KB, measured on the full-wafer gemm (8 KB per PE in all, 3 KB of
+/// it simulated SRAM; `docs/performance.md`, "Memory").
+const ENGINE_BYTES_PER_PE: u64 = 5 * 1024;
+
+/// Bytes of host memory an exact run takes at its peak, `None` if that overflows: the operands
+/// ([`host_bytes`]) and, for each PE of `region`, the SRAM of the fullest PE of the largest
+/// phase's plan (a PE's arenas hold exactly what its program allocates) and the engine's state.
+/// One phase's program lives at a time.
+pub fn exact_host_bytes(spec: &GemmSpec, fabric: &FabricConfig, region: Region) -> Option<u64> {
+    let (t, k, n) = (spec.tokens, spec.k, spec.n);
+    let product = |k, n| MatmulShape {
+        region,
+        tokens: t,
+        k,
+        n,
+        bias: false,
+        precision: spec.precision,
+    };
+    let grad = WeightGradShape {
+        region,
+        tokens: t,
+        k,
+        n,
+        bias: false,
+        precision: spec.precision,
+    };
+    let sram = spec
+        .phases
+        .iter()
+        .map(|phase| {
+            let planned = match phase {
+                Phase::Forward => product(k, n).plan(fabric).map(|p| p.sram_bytes),
+                Phase::InputGrad => product(n, k).plan(fabric).map(|p| p.sram_bytes),
+                Phase::WeightGrad => grad.plan(fabric).map(|p| p.sram_bytes),
+            };
+            planned.unwrap_or(u64::from(fabric.sram_bytes))
+        })
+        .max()
+        .unwrap_or(0);
+    let pes = u64::from(region.cols) * u64::from(region.rows);
+    host_bytes(spec)?.checked_add(pes.checked_mul(sram + ENGINE_BYTES_PER_PE)?)
+}
+
 /// Runs the experiment on `fabric`.
 pub fn run_gemm(spec: &GemmSpec, fabric: &FabricConfig) -> Result<GemmReport, GemmError> {
     let region = plan_gemm(spec, fabric)?;
@@ -603,6 +647,32 @@ mod tests {
                 assert_eq!(p.flops_dense, 2 * 16 * 480);
             }
         }
+    }
+
+    /// The full-wafer run of `docs/performance.md` (994 x 750 x 750, fp16, forward, on all of
+    /// wse2) peaked at 5.93 GB measured; the estimate the CLI checks before an exact run must not
+    /// refuse it, nor be far off.
+    #[test]
+    fn the_exact_memory_estimate_of_the_full_wafer_run_is_near_its_measured_peak() {
+        let fabric = FabricConfig::wse2();
+        let wafer = GemmSpec {
+            tokens: 994,
+            k: 750,
+            n: 750,
+            sparsity: 0.75,
+            phases: vec![Phase::Forward],
+            precision: Precision::F16,
+            region: None,
+            ..spec(0.75, Precision::F16)
+        };
+        let region = plan_gemm(&wafer, &fabric).unwrap();
+        assert_eq!((region.cols, region.rows), (750, 994));
+        let estimate = exact_host_bytes(&wafer, &fabric, region).unwrap() as f64;
+        let measured = 5_926_808.0 * 1024.0;
+        assert!(
+            (0.75..1.25).contains(&(estimate / measured)),
+            "{estimate} against {measured}"
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@ use wafersim_kernels::{Precision, Region};
 
 use super::{bad_input, guard, load_fabric, write_json};
 use crate::flops::Phase;
-use crate::gemm::{GemmError, GemmReport, GemmSpec, PhaseResult, host_bytes, plan_gemm, run_gemm};
+use crate::gemm::{
+    GemmError, GemmReport, GemmSpec, PhaseResult, exact_host_bytes, host_bytes, plan_gemm, run_gemm,
+};
 use crate::runtime::Fidelity;
 
 /// Arguments of `wafersim gemm`.
@@ -135,14 +137,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         other => anyhow::Error::new(other),
     };
-    plan_gemm(&spec, &fabric).map_err(plan_error)?;
+    if spec.cycle_limit == Some(0) {
+        return Err(bad_input(
+            "--cycle-limit",
+            anyhow::anyhow!("0 stops before the first cycle; give at least 1"),
+        ));
+    }
+    if spec.cycle_limit.is_some() && spec.fidelity == Fidelity::Fast {
+        return Err(bad_input(
+            "--cycle-limit",
+            anyhow::anyhow!(
+                "limits the exact fidelity's simulation; the fast one simulates nothing"
+            ),
+        ));
+    }
+    let chosen = plan_gemm(&spec, &fabric).map_err(plan_error)?;
     if let Some(warning) = super::unvalidated_timing_warning(&fabric, spec.fidelity) {
         eprintln!("{warning}");
     }
     if let Some(path) = &args.json {
         guard::check_output_file("--json", path)?;
     }
-    guard::check_host_memory("the layer's operands", host_bytes(&spec))?;
+    match spec.fidelity {
+        Fidelity::Exact => guard::check_host_memory(
+            "the layer's operands and the simulated region",
+            exact_host_bytes(&spec, &fabric, chosen),
+        )?,
+        Fidelity::Fast => guard::check_host_memory("the layer's operands", host_bytes(&spec))?,
+    }
     let report = run_gemm(&spec, &fabric).map_err(plan_error)?;
     // The file first: a terminal or pipe that goes away while the table prints loses nothing.
     if let Some(path) = &args.json {
