@@ -263,6 +263,17 @@ fn gemm_sizes_and_regions_are_checked_before_allocating() {
     assert_fails(&huge, 1, &["does not fit", "49152"]);
     let overflow = gemm(&["--m", "4611686018427387904", "--k", "8", "--n", "8"]);
     assert_fails(&overflow, 1, &["does not fit"]);
+    let small = ["--m", "4", "--k", "4", "--n", "4"];
+    assert_fails(
+        &gemm(&[&small[..], &["--cycle-limit", "0"]].concat()),
+        2,
+        &["--cycle-limit", "at least 1"],
+    );
+    assert_fails(
+        &gemm(&[&small[..], &["--cycle-limit", "10", "--fidelity", "fast"]].concat()),
+        2,
+        &["--cycle-limit", "the fast one simulates nothing"],
+    );
 }
 
 #[test]
