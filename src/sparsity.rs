@@ -56,6 +56,15 @@ pub enum SparsityError {
         expected: usize,
         got: usize,
     },
+    #[error(
+        "sparsity {sparsity} prunes every weight of the {rows} x {cols} `{kind}` matrices: nothing would be streamed; use a smaller sparsity"
+    )]
+    PrunesEverything {
+        sparsity: f64,
+        kind: &'static str,
+        rows: usize,
+        cols: usize,
+    },
     #[error("masks cover {masks} layers but the model has {model}")]
     LayerCount { masks: usize, model: usize },
     #[error(
@@ -95,6 +104,23 @@ pub fn pruned_count(numel: usize, sparsity: f64) -> usize {
     let zeros = (sparsity * numel as f64).round();
     // `as` saturates: NaN -> 0, negative -> 0; `min` guards the top end.
     (zeros as usize).min(numel)
+}
+
+/// Checks that `sparsity` keeps at least one weight of every sparsified matrix of `config` (the
+/// smallest decides): a matrix without weights has nothing to stream, and no per-layer ratio.
+pub fn check_keeps_weights(config: &GptConfig, sparsity: f64) -> Result<(), SparsityError> {
+    for kind in SparseKind::ALL {
+        let (rows, cols) = weight_shape(config, kind);
+        if pruned_count(rows * cols, sparsity) == rows * cols {
+            return Err(SparsityError::PrunesEverything {
+                sparsity,
+                kind: kind.name(),
+                rows,
+                cols,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The ChaCha stream of matrix `kind` in layer `layer` (the contract documented on
@@ -389,6 +415,7 @@ impl ModelMasks {
     /// Random masks at `sparsity` for every sparsified matrix, from `seed` (module doc).
     pub fn random(config: &GptConfig, sparsity: f64, seed: u64) -> Result<Self, SparsityError> {
         let sparsity = validate(sparsity)?;
+        check_keeps_weights(config, sparsity)?;
         // One stream per matrix: the layers are drawn in parallel, in any order.
         let layers = (0..config.n_layer)
             .into_par_iter()

@@ -176,6 +176,45 @@ fn a_sparsity_that_prunes_every_weight_of_a_gemm_is_refused() {
     assert_fails(&args, 2, &["--sparsity", "prunes all 16 weights"]);
 }
 
+/// The model's commands refuse a sparsity that empties the smallest sparse matrices (tiny's
+/// 64 x 64: round(0.9999 x 4096) = 4096), as `gemm` does, instead of reporting null ratios.
+#[test]
+fn a_sparsity_that_prunes_every_weight_of_a_model_matrix_is_refused() {
+    let needles = [
+        "--sparsity",
+        "prunes every weight of the 64 x 64 `q` matrices",
+    ];
+    for args in [
+        &[
+            "step",
+            "--model",
+            "tiny",
+            "--fabric",
+            "8x8",
+            "--out",
+            "never",
+            "--sparsity",
+            "0.9999",
+        ][..],
+        &["sweep", "--fabric", "8x8", "--sparsity", "0.5,0.9999"],
+        &["flops", "--model", "tiny", "--sparsity", "0.9999"],
+        &[
+            "recipe",
+            "--model",
+            "tiny",
+            "--fabric",
+            "8x8",
+            "--pretrain-tokens",
+            "1000",
+            "--sparsity",
+            "0.9999",
+        ],
+    ] {
+        assert_fails(args, 2, &needles);
+    }
+    assert!(!Path::new("never").exists());
+}
+
 #[test]
 fn impossible_fabric_specs_name_the_field() {
     let cases: &[(&str, &[&str])] = &[

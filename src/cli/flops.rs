@@ -73,6 +73,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|sparsity| {
             let nnz =
                 NnzSource::uniform(&config, sparsity).map_err(|e| bad_input("--sparsity", e))?;
+            crate::sparsity::check_keeps_weights(&config, sparsity)
+                .map_err(|e| bad_input("--sparsity", e))?;
             let report = flops::step_flops(&config, shape, &nnz, opts)
                 .map_err(|e| bad_input(format!("--batch {}", shape.batch), e))?;
             Ok(Run { sparsity, report })

@@ -72,7 +72,9 @@ fn parse_tokens(text: &str) -> Result<u64, String> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let fabric = load_fabric(&args.fabric)?;
     let config = GptConfig::preset(&args.model).map_err(|e| bad_input("--model", e))?;
-    sparsity::validate(args.sparsity).map_err(|e| bad_input("--sparsity", e))?;
+    sparsity::validate(args.sparsity)
+        .and_then(|s| sparsity::check_keeps_weights(&config, s))
+        .map_err(|e| bad_input("--sparsity", e))?;
     if args.pretrain_tokens + args.finetune_tokens + args.prompt_tokens == 0 {
         return Err(bad_input(
             "--pretrain-tokens/--finetune-tokens/--prompt-tokens",

@@ -94,6 +94,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             (config, None)
         }
     };
+    for &s in &sparsities {
+        crate::sparsity::check_keeps_weights(&config, s).map_err(|e| bad_input("--sparsity", e))?;
+    }
     let what = "--batch/--seq";
     guard::check_batch_shape(what, &config, args.batch, args.seq)?;
     let precision = args.dtype.precision();

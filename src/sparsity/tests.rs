@@ -349,3 +349,21 @@ fn row_counts_and_kept_columns_match_the_flags() {
     }
     assert_eq!(mask.kept_in_row(rows, 0..cols), 0, "past the last row");
 }
+
+/// tiny's smallest sparse matrices are 64 x 64 = 4096 weights: 0.9998 prunes round(4095.18) =
+/// 4095 (one kept), 0.9999 prunes round(4095.59) = 4096 (none).
+#[test]
+fn a_sparsity_must_keep_a_weight_of_the_smallest_matrix() {
+    let config = GptConfig::preset("tiny").unwrap();
+    assert!(check_keeps_weights(&config, 0.9998).is_ok());
+    let err = check_keeps_weights(&config, 0.9999).unwrap_err();
+    assert!(matches!(
+        err,
+        SparsityError::PrunesEverything {
+            rows: 64,
+            cols: 64,
+            ..
+        }
+    ));
+    assert!(ModelMasks::random(&config, 0.9999, 1).is_err());
+}
