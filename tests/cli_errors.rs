@@ -82,6 +82,11 @@ fn usage_errors_are_one_line_naming_the_argument() {
             &["--checkpoint", "--model"],
         ),
         (&["flops"], &["--model", "--config"]),
+        (&["init", "--out", "never"], &["--model", "--config"]),
+        (
+            &["flops", "--model", "tiny", "--seq", "1"],
+            &["--seq", "below 2"],
+        ),
         (&["frobnicate"], &["frobnicate"]),
     ];
     for (args, needles) in cases {

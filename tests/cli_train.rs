@@ -199,7 +199,7 @@ fn bad_flags_are_refused_with_exit_code_2_and_nothing_written() {
     let prompt_file = tmp.path().join("p.safetensors");
     fs::write(&prompt_file, b"not safetensors").unwrap();
     let p = path_str(&prompt_file);
-    let more: [(&Path, &[&str], &str); 4] = [
+    let more: [(&Path, &[&str], &str); 7] = [
         (
             &bad_json,
             &["--phase", "dense-finetune"],
@@ -219,6 +219,28 @@ fn bad_flags_are_refused_with_exit_code_2_and_nothing_written() {
             &tokens,
             &["--phase", "prompt-tune", "--prompt-len", "4", "--prompt", p],
             "--prompt",
+        ),
+        (
+            &tokens,
+            &["--phase", "dense-finetune", "--prompt-len", "4"],
+            "--prompt-len: only prompt-tune",
+        ),
+        (
+            &tokens,
+            &["--phase", "dense-finetune", "--prompt-init", "random"],
+            "--prompt-init: only prompt-tune",
+        ),
+        (
+            &tokens,
+            &[
+                "--phase",
+                "prompt-tune",
+                "--prompt-init",
+                "random",
+                "--prompt",
+                p,
+            ],
+            "--prompt/--prompt-init",
         ),
     ];
     for (file, extra, needle) in more {
@@ -340,6 +362,41 @@ fn prompt_tuning_saves_its_vectors_and_step_loads_them() {
         trained,
         wafersim::model::init_params(&config, 0),
         "weights moved"
+    );
+
+    // Resuming from the saved vectors: their count comes from the file; a different
+    // --prompt-len is refused.
+    let saved_prompt = out.join("prompt.safetensors");
+    let resumed = tmp.path().join("resumed");
+    let mut args = train_args(&tokens, &resumed, "1");
+    args.extend([
+        "--model",
+        "tiny",
+        "--phase",
+        "prompt-tune",
+        "--fidelity",
+        "fast",
+    ]);
+    args.extend(["--prompt", path_str(&saved_prompt)]);
+    let (code, stderr) = wafersim(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(json(&resumed.join("train.json"))["prompt"]["len"], 4);
+    let other = tmp.path().join("other");
+    let mut args = train_args(&tokens, &other, "1");
+    args.extend([
+        "--model",
+        "tiny",
+        "--phase",
+        "prompt-tune",
+        "--fidelity",
+        "fast",
+    ]);
+    args.extend(["--prompt", path_str(&saved_prompt), "--prompt-len", "5"]);
+    let (code, stderr) = wafersim(&args);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("the --prompt file holds 4 vectors"),
+        "{stderr}"
     );
 
     // step --prompt: the reference's prompt loss on the saved weights and vectors.

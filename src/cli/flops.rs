@@ -132,6 +132,13 @@ fn step_shape(args: &Args, config: &GptConfig) -> anyhow::Result<StepShape> {
         batch: args.batch,
         seq: args.seq.unwrap_or(config.n_positions),
     };
+    if shape.seq == 1 {
+        // As `step` and `train`: one token predicts nothing.
+        return Err(bad_input(
+            "--seq",
+            crate::reference::BatchError::SeqTooShort { seq: 1 },
+        ));
+    }
     shape.check(config).map_err(|e| {
         let flag = match &e {
             flops::FlopError::Shape { field, .. } => format!("--{field}"),

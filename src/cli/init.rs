@@ -16,12 +16,7 @@ use crate::model::checkpoint::{read_config, save_checkpoint};
 #[derive(clap::Args)]
 pub struct Args {
     /// Model preset (see `wafersim presets`).
-    #[arg(
-        long,
-        value_name = "PRESET",
-        required_unless_present = "config",
-        conflicts_with = "config"
-    )]
+    #[arg(long, value_name = "PRESET", conflicts_with = "config")]
     model: Option<String>,
     /// Take the shape from this Hugging Face GPT-2 config.json instead of a preset.
     #[arg(long, value_name = "PATH")]

@@ -66,7 +66,10 @@ fn parse_tokens(text: &str) -> Result<u64, String> {
     if !(value.is_finite() && (0.0..=1e18).contains(&value)) {
         return Err(format!("{text} tokens: expected a number in [0, 1e18]"));
     }
-    Ok(value.round() as u64)
+    if value.fract() != 0.0 {
+        return Err(format!("{text} tokens: expected a whole number"));
+    }
+    Ok(value as u64)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -83,6 +86,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.json {
         guard::check_output_file("--json", path)?;
+    }
+    if args.batch == 0 {
+        return Err(bad_input(
+            "--batch",
+            anyhow::anyhow!("0 sequences: give at least 1"),
+        ));
     }
     let seq = match args.seq {
         Some(seq) => {

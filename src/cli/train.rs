@@ -62,12 +62,14 @@ pub struct Args {
     /// the checkpoint's zeros].
     #[arg(long, value_name = "S", allow_hyphen_values = true)]
     sparsity: Option<f64>,
-    /// prompt-tune: learned prompt vectors in front of every sequence.
-    #[arg(long, value_name = "P", default_value_t = 8)]
-    prompt_len: usize,
-    /// prompt-tune: start from the embeddings of the data's first P token ids, or random.
-    #[arg(long, value_enum, default_value = "data")]
-    prompt_init: PromptInit,
+    /// prompt-tune: learned prompt vectors in front of every sequence [default: 8, or the
+    /// --prompt file's].
+    #[arg(long, value_name = "P")]
+    prompt_len: Option<usize>,
+    /// prompt-tune: start from the embeddings of the data's first P token ids, or random
+    /// [default: data].
+    #[arg(long, value_enum)]
+    prompt_init: Option<PromptInit>,
     /// prompt-tune: start from the prompt vectors of this file (a `prompt.safetensors` written by
     /// an earlier run) instead of --prompt-init.
     #[arg(long, value_name = "PATH")]
@@ -141,10 +143,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         TrainPhase::PromptTune => {
             let prompt = super::prompt::initial_prompt(
                 args.prompt.as_deref(),
-                args.prompt_init == PromptInit::Random,
+                args.prompt_init == Some(PromptInit::Random),
                 &setup.corpus,
                 &params,
-                args.prompt_len,
+                setup.prompt_len,
                 args.seed,
             )?;
             Trainer::prompt_tuning(params, masks, prompt, schedule)
@@ -232,6 +234,8 @@ struct Setup {
     config: GptConfig,
     corpus: Corpus,
     plan: StepPlan,
+    /// Prompt vectors in front of every sequence (0 outside prompt-tune).
+    prompt_len: usize,
 }
 
 impl Setup {
@@ -243,7 +247,7 @@ impl Setup {
         guard::check_batch_shape("--batch/--seq", &config, args.batch, args.seq)?;
         let corpus = read_corpus(&args.tokens, args.seq, &config)?;
         let prompt_len = if phase == TrainPhase::PromptTune {
-            args.prompt_len
+            prompt_len(args, config.n_embd)?
         } else {
             0
         };
@@ -267,6 +271,7 @@ impl Setup {
             config,
             corpus,
             plan,
+            prompt_len,
         })
     }
 }
@@ -305,19 +310,48 @@ fn check_flags(args: &Args, phase: TrainPhase) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    if phase == TrainPhase::PromptTune && args.prompt_len == 0 && args.prompt.is_none() {
+    if args.prompt_len == Some(0) {
         return Err(bad_input(
             "--prompt-len",
             anyhow::anyhow!("must be at least 1"),
         ));
     }
-    if phase != TrainPhase::PromptTune && args.prompt.is_some() {
+    let prompt_flags = [
+        ("--prompt", args.prompt.is_some()),
+        ("--prompt-len", args.prompt_len.is_some()),
+        ("--prompt-init", args.prompt_init.is_some()),
+    ];
+    if phase != TrainPhase::PromptTune
+        && let Some((flag, _)) = prompt_flags.iter().find(|(_, given)| *given)
+    {
         return Err(bad_input(
-            "--prompt",
+            *flag,
             anyhow::anyhow!("only prompt-tune learns prompt vectors"),
         ));
     }
+    if args.prompt.is_some() && args.prompt_init.is_some() {
+        return Err(bad_input(
+            "--prompt/--prompt-init",
+            anyhow::anyhow!("give one: the vectors of a file, or how to draw new ones"),
+        ));
+    }
     Ok(())
+}
+
+/// The prompt-tune run's number of prompt vectors: `--prompt-len` (8 if absent), or the rows of
+/// the `--prompt` file (which `--prompt-len`, if given, must equal).
+fn prompt_len(args: &Args, d: usize) -> anyhow::Result<usize> {
+    let Some(path) = &args.prompt else {
+        return Ok(args.prompt_len.unwrap_or(8));
+    };
+    let rows = super::prompt::read_prompt(path, d)?.rows;
+    match args.prompt_len {
+        Some(given) if given != rows => Err(bad_input(
+            "--prompt-len",
+            anyhow::anyhow!("{given}, but the --prompt file holds {rows} vectors"),
+        )),
+        _ => Ok(rows),
+    }
 }
 
 fn load_config(args: &Args) -> anyhow::Result<GptConfig> {

@@ -91,25 +91,25 @@ impl AdamW {
     /// Checks `lr, weight_decay >= 0`, `0 <= beta < 1`, `eps > 0`, all finite.
     pub fn validate(&self) -> Result<(), ReferenceError> {
         let checks = [
-            ("lr", self.lr, self.lr >= 0.0, "must be >= 0"),
+            ("lr", self.lr, self.lr >= 0.0, "must be finite and >= 0"),
             (
                 "beta1",
                 self.beta1,
                 (0.0..1.0).contains(&self.beta1),
-                "must be in [0, 1)",
+                "must be finite and in [0, 1)",
             ),
             (
                 "beta2",
                 self.beta2,
                 (0.0..1.0).contains(&self.beta2),
-                "must be in [0, 1)",
+                "must be finite and in [0, 1)",
             ),
-            ("eps", self.eps, self.eps > 0.0, "must be > 0"),
+            ("eps", self.eps, self.eps > 0.0, "must be finite and > 0"),
             (
                 "weight_decay",
                 self.weight_decay,
                 self.weight_decay >= 0.0,
-                "must be >= 0",
+                "must be finite and >= 0",
             ),
         ];
         for (field, value, ok, reason) in checks {

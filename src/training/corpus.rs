@@ -55,11 +55,43 @@ pub struct Corpus {
     first: Vec<u32>,
 }
 
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum TokenFile {
-    Flat(Vec<u32>),
-    Nested(Vec<Vec<u32>>),
+/// The sequences of a token file: one flat array, or an array of arrays, of token ids. An element
+/// that is not a token id is named by its place.
+fn parse_token_file(text: &str) -> Result<Vec<Vec<u32>>, CorpusError> {
+    use serde_json::Value;
+    let json = |reason: String| CorpusError::Json { reason };
+    let value: Value = serde_json::from_str(text).map_err(|e| json(e.to_string()))?;
+    let Value::Array(items) = value else {
+        return Err(json(format!("the file holds {}", kind_of(&value))));
+    };
+    let id = |v: &Value, at: String| {
+        v.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| json(format!("{at} is {v}, not a token id (an integer >= 0)")))
+    };
+    if !items.is_empty() && items.iter().all(Value::is_array) {
+        let rows = items.iter().enumerate().map(|(r, row)| {
+            let ids = row.as_array().map(Vec::as_slice).unwrap_or_default();
+            let at = |p| format!("sequence {r}, position {p}");
+            ids.iter().enumerate().map(|(p, v)| id(v, at(p))).collect()
+        });
+        return rows.collect();
+    }
+    let ids = items.iter().enumerate();
+    let row = ids.map(|(p, v)| id(v, format!("position {p}")));
+    Ok(vec![row.collect::<Result<_, _>>()?])
+}
+
+/// What a JSON value is, for an error.
+fn kind_of(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 impl Corpus {
@@ -69,13 +101,7 @@ impl Corpus {
         if seq < 2 {
             return Err(CorpusError::SeqTooShort { seq });
         }
-        let file: TokenFile = serde_json::from_str(text).map_err(|e| CorpusError::Json {
-            reason: e.to_string(),
-        })?;
-        let rows = match file {
-            TokenFile::Flat(ids) => vec![ids],
-            TokenFile::Nested(rows) => rows,
-        };
+        let rows = parse_token_file(text)?;
         Self::from_sequences(&rows, seq, config)
     }
 
@@ -226,10 +252,23 @@ mod tests {
         );
         let err = Corpus::from_json("[1,2,3]", 4, &tiny()).unwrap_err();
         assert_eq!(err, CorpusError::TooShort { seq: 4, longest: 3 });
-        assert!(matches!(
-            Corpus::from_json("{\"a\": 1}", 4, &tiny()),
-            Err(CorpusError::Json { .. })
-        ));
+        let json_error = |text| match Corpus::from_json(text, 2, &tiny()) {
+            Err(CorpusError::Json { reason }) => reason,
+            other => panic!("{text}: {other:?}"),
+        };
+        assert_eq!(json_error("{\"a\": 1}"), "the file holds an object");
+        assert_eq!(
+            json_error("[1,2,-3]"),
+            "position 2 is -3, not a token id (an integer >= 0)"
+        );
+        assert_eq!(
+            json_error("[[1,2],[1.5,2]]"),
+            "sequence 1, position 0 is 1.5, not a token id (an integer >= 0)"
+        );
+        assert_eq!(
+            json_error("[[1,2],3]"),
+            "position 0 is [1,2], not a token id (an integer >= 0)"
+        );
     }
 
     #[test]

@@ -192,7 +192,7 @@ fn optimizer_settings_and_state_are_checked() {
         .validate()
         .unwrap_err()
         .to_string(),
-        "AdamW beta1 = 1 must be in [0, 1)"
+        "AdamW beta1 = 1 must be finite and in [0, 1)"
     );
     state.v.wte.data.pop();
     let err = AdamW::new(0.1)
