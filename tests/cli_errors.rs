@@ -1135,3 +1135,20 @@ fn a_closed_stdout_ends_the_run_without_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_ne!(out.status.code(), Some(101), "{stderr}");
 }
+
+#[test]
+fn recipe_flags_are_named() {
+    let recipe = |extra: &[&'static str]| -> Vec<&'static str> {
+        [&["recipe", "--model", "tiny", "--fabric", "8x8"][..], extra].concat()
+    };
+    assert_fails(
+        &recipe(&["--pretrain-tokens", "1000", "--batch", "0"]),
+        2,
+        &["--batch", "at least 1"],
+    );
+    assert_fails(
+        &recipe(&["--pretrain-tokens", "0.5"]),
+        2,
+        &["--pretrain-tokens", "0.5 tokens: expected a whole number"],
+    );
+}
