@@ -80,10 +80,11 @@ pub enum SparsityError {
     },
 }
 
-/// Checks a sparsity level: `0 <= s < 1`; NaN, negative values and `s >= 1` are refused.
+/// Checks a sparsity level: `0 <= s < 1`; NaN, negative values and `s >= 1` are refused. `-0` is
+/// returned as `0` (adding `+0` does that), so it prints as `0`.
 pub fn validate(sparsity: f64) -> Result<f64, SparsityError> {
     if (0.0..1.0).contains(&sparsity) {
-        Ok(sparsity)
+        Ok(sparsity + 0.0)
     } else {
         Err(SparsityError::OutOfRange { value: sparsity })
     }

@@ -87,6 +87,14 @@ fn usage_errors_are_one_line_naming_the_argument() {
             &["flops", "--model", "tiny", "--seq", "1"],
             &["--seq", "below 2"],
         ),
+        (
+            &["sweep", "--sparsity", "0.5,0.5"],
+            &["--sparsity", "0.5 is listed twice"],
+        ),
+        (
+            &["sweep", "--sparsity", "-0,0"],
+            &["--sparsity", "0 is listed twice"],
+        ),
         (&["frobnicate"], &["frobnicate"]),
     ];
     for (args, needles) in cases {

@@ -215,10 +215,12 @@ fn print_table(
     Ok(())
 }
 
+/// One phase; a phase without tokens runs no step, so it has no step figures (null).
 fn phase_json(ph: &PhaseCost, clock_hz: f64) -> Value {
+    let runs = ph.steps > 0;
     json!({
         "phase": ph.name, "tokens": ph.tokens, "steps": ph.steps,
-        "step_flops": ph.step_flops, "step_cycles": ph.step_cycles,
+        "step_flops": runs.then_some(ph.step_flops), "step_cycles": runs.then_some(ph.step_cycles),
         "flops": ph.flops() as f64, "cycles": ph.cycles() as f64,
         "seconds": ph.cycles() as f64 / clock_hz,
     })
@@ -244,7 +246,11 @@ fn report_json(
     json!({
         "schema": "wafersim.recipe/v1",
         "fidelity": "fast",
-        "units": { "flops": "matmul floating-point operations (1 FMAC = 2)", "cycles": "fabric clock cycles", "seconds": "at the fabric clock" },
+        "units": {
+            "flops": "matmul floating-point operations (1 FMAC = 2); the totals are written as floats, since a recipe's can exceed 2^64",
+            "cycles": "fabric clock cycles (totals as floats, like the FLOPs)", "seconds": "at the fabric clock",
+            "step_flops": "of one step of the phase; null for a phase without tokens (no step runs)",
+        },
         "model": args.model,
         "fabric": { "name": fabric.name, "width": fabric.width, "height": fabric.height, "clock_mhz": fabric.clock_mhz },
         "step": { "batch": spec.batch, "seq": spec.seq, "prompt_len": spec.prompt_len, "region": { "cols": cost.plan.region.cols, "rows": cost.plan.region.rows, "attention": attention } },

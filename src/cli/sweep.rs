@@ -200,10 +200,21 @@ fn check_losses(sweep: &Sweep) -> anyhow::Result<()> {
     }
 }
 
+/// The sparsities of `--sparsity`, in ascending order (the table, CSV and plots read as a curve);
+/// one listed twice is refused.
 fn parse_list(text: &str) -> anyhow::Result<Vec<f64>> {
-    text.split(',')
+    let mut list = text
+        .split(',')
         .map(|item| crate::sparsity::parse_sparsity(item).map_err(|e| bad_input("--sparsity", e)))
-        .collect()
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    list.sort_by(f64::total_cmp);
+    if let Some(pair) = list.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(bad_input(
+            "--sparsity",
+            anyhow::anyhow!("{} is listed twice", pair[0]),
+        ));
+    }
+    Ok(list)
 }
 
 fn print_table(

@@ -367,3 +367,10 @@ fn a_sparsity_must_keep_a_weight_of_the_smallest_matrix() {
     ));
     assert!(ModelMasks::random(&config, 0.9999, 1).is_err());
 }
+
+#[test]
+fn minus_zero_is_zero() {
+    let zero = parse_sparsity("-0").unwrap();
+    assert!(zero == 0.0 && zero.is_sign_positive());
+    assert_eq!(format!("{zero}"), "0");
+}
