@@ -266,6 +266,18 @@ fn bad_flags_are_refused_with_exit_code_2_and_nothing_written() {
 #[cfg(unix)]
 #[test]
 fn ctrl_c_ends_the_run_after_the_current_step_with_everything_written() {
+    interrupt_a_run_with("-INT");
+}
+
+/// SIGTERM (what `kill` and job schedulers send) ends the run the same way.
+#[cfg(unix)]
+#[test]
+fn sigterm_ends_the_run_after_the_current_step_with_everything_written() {
+    interrupt_a_run_with("-TERM");
+}
+
+#[cfg(unix)]
+fn interrupt_a_run_with(signal: &str) {
     use std::io::{BufRead, BufReader};
     let tmp = tempfile::tempdir().unwrap();
     let tokens = tokens_file(tmp.path());
@@ -287,7 +299,7 @@ fn ctrl_c_ends_the_run_after_the_current_step_with_everything_written() {
         assert!(started.elapsed() < Duration::from_secs(60), "no progress");
     }
     let killed = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());

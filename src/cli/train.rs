@@ -6,8 +6,8 @@
 //! takes every zero of a sparsified matrix as pruned (a kept weight reaching exactly 0.0 in f32
 //! under AdamW is not a practical concern). Nothing else is needed to continue with the same mask.
 //!
-//! Ctrl-C sets a flag; the run ends after the step in progress and writes everything, as at the
-//! end of a full run (`train.json` says `"interrupted": true`).
+//! Ctrl-C (SIGINT), SIGTERM or SIGHUP sets a flag; the run ends after the step in progress and
+//! writes everything, as at the end of a full run (`train.json` says `"interrupted": true`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -217,12 +217,12 @@ fn prompt_savings(
     })))
 }
 
-/// Set by Ctrl-C: the loop ends after the step in progress.
+/// Set by Ctrl-C, SIGTERM or SIGHUP: the loop ends after the step in progress.
 fn stop_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let handler_flag = Arc::clone(&flag);
     if let Err(e) = ctrlc::set_handler(move || handler_flag.store(true, Ordering::SeqCst)) {
-        eprintln!("warning: Ctrl-C will not stop the run cleanly: {e}");
+        eprintln!("warning: Ctrl-C and SIGTERM will not stop the run cleanly: {e}");
     }
     flag
 }
