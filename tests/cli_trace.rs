@@ -172,3 +172,41 @@ fn wrong_trace_options_are_refused_with_one_line() {
     }
     assert!(!trace.exists() && !out.exists(), "nothing ran");
 }
+
+/// A trace named like a file `--out` writes, in that folder, is refused before the step runs;
+/// a window after the step's end writes an empty trace and says so.
+#[test]
+fn a_trace_neither_replaces_an_output_nor_comes_back_empty_silently() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let clash = out.join("report.json");
+    let window = ["--trace-region", "0,0,1,1", "--trace-cycles"];
+    let run = step(
+        &out,
+        &[
+            &["--trace", clash.to_str().unwrap()][..],
+            &window,
+            &["0..10"],
+        ]
+        .concat(),
+    );
+    assert_refused(
+        &run,
+        &["--trace", "report.json", "--out writes a file of that name"],
+    );
+    assert!(!out.exists());
+
+    let late = tmp.path().join("late.json");
+    let far = "100000000..100000010";
+    let run = step(
+        &out,
+        &[&["--trace", late.to_str().unwrap()][..], &window, &[far]].concat(),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("holds no event") && run.stderr.contains(far),
+        "{}",
+        run.stderr
+    );
+    assert!(late.exists());
+}

@@ -235,6 +235,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     note_stale_outputs(&args.out, &files);
     if let (Some(request), Some(trace)) = (&traced, &recorded) {
         trace::write(request, trace)?;
+        if trace.events.is_empty() {
+            eprintln!(
+                "warning: the trace {} holds no event: nothing happened on the traced PEs in cycles {}..{} (the step took {} cycles)",
+                request.path.display(),
+                request.window.start,
+                request.window.end,
+                step.cost.cycles()
+            );
+        }
     }
     print_summary(&summary)?;
     Ok(())
@@ -282,6 +291,9 @@ impl Setup {
         }
         guard::check_output_folder("--out", &args.out, &OUTPUT_FILES)?;
         guard::check_output_folder("--out", &args.out, &[PROMPT_GRAD_FILE])?;
+        if let Some(trace) = &args.trace {
+            check_trace_path(trace, &args.out)?;
+        }
         Ok(Setup {
             prompt,
             fabric,
@@ -390,6 +402,27 @@ impl StepMatmulFlops {
     fn reduction(&self) -> f64 {
         self.dense as f64 / self.sparse as f64
     }
+}
+
+/// The trace must not be one of the files `--out` receives (it would silently replace it).
+fn check_trace_path(trace: &Path, out: &Path) -> anyhow::Result<()> {
+    let name = trace.file_name().and_then(|n| n.to_str());
+    let written = name.is_some_and(|n| OUTPUT_FILES.contains(&n) || n == PROMPT_GRAD_FILE);
+    let folder = trace
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    if written && same(folder, out) {
+        return Err(bad_input(
+            format!("--trace {}", trace.display()),
+            anyhow::anyhow!("--out writes a file of that name there"),
+        ));
+    }
+    Ok(())
 }
 
 /// Written instead of grads and updated weights by a step with `--prompt`: tensor `prompt`.
