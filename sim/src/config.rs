@@ -202,11 +202,15 @@ impl FabricConfig {
         let serde_json::Value::Object(mut overrides) = overrides else {
             return Err(file_error("expected a table of fields".into()));
         };
-        let base = match overrides.remove("base") {
+        let mut base = match overrides.remove("base") {
             None => Self::wse2(),
             Some(serde_json::Value::String(spec)) => Self::from_spec(&spec)?,
             Some(other) => return Err(file_error(format!("`base` must be a string, got {other}"))),
         };
+        // Unnamed, the machine is the base as the file changes it: say so in every report.
+        let file_name = std::path::Path::new(path).file_name();
+        let file_name = file_name.map_or(path.into(), |n| n.to_string_lossy());
+        base.name = format!("{} via {file_name}", base.name);
         let mut merged = serde_json::to_value(&base).map_err(|e| file_error(e.to_string()))?;
         merge(&mut merged, serde_json::Value::Object(overrides));
         let config: Self = serde_path_to_error::deserialize(merged)
@@ -227,6 +231,12 @@ impl FabricConfig {
             if value == 0 || value > MAX_SIDE {
                 return invalid(field, format!("{value} is outside 1..={MAX_SIDE}"));
             }
+        }
+        if self.name.trim().is_empty() || self.name.chars().any(char::is_control) {
+            return invalid(
+                "name",
+                format!("{:?} must be some printable text", self.name),
+            );
         }
         if self.colors == 0 || self.colors > HARDWARE_COLORS {
             return invalid(
@@ -333,6 +343,11 @@ mod tests {
         );
         assert_eq!(c.simd.fmac_f32, 2);
         assert_eq!(c.simd.fmac_f16, 4, "fields not given keep the base's value");
+        assert_eq!(c.name, "8x4 via m.toml", "unnamed: the base as the file changes it");
+        let named = FabricConfig::from_file_text("dir/m.toml", "name = \"lab\"", false).unwrap();
+        assert_eq!(named.name, "lab");
+        let empty = FabricConfig::from_file_text("m.toml", "name = \" \"", false).unwrap_err();
+        assert!(empty.to_string().contains("name"), "{empty}");
     }
 
     #[test]
