@@ -155,6 +155,34 @@ fn a_sparse_run_writes_agreeing_logs_and_a_checkpoint_that_keeps_its_mask() {
         }
     }
     assert_eq!(json(&next.join("train.json"))["sparsity"], 0.5);
+    assert!(!stderr.contains("note:"), "{stderr}");
+
+    // A new --sparsity over the checkpoint's zeros draws new masks, and says so.
+    let redrawn = tmp.path().join("redrawn");
+    let step = [
+        "step",
+        "--checkpoint",
+        path_str(&ckpt),
+        "--sparsity",
+        "0.25",
+        "--fabric",
+        "4x4",
+        "--batch",
+        "1",
+        "--seq",
+        "8",
+        "--fidelity",
+        "fast",
+        "--no-numerics",
+        "--out",
+        path_str(&redrawn),
+    ];
+    let (code, stderr) = wafersim(&step);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("note: --sparsity draws new masks; the checkpoint's zeros (50.0 %"),
+        "{stderr}"
+    );
 
     // Dense fine-tuning from it: the pruned weights learn.
     let fine = tmp.path().join("fine");

@@ -343,7 +343,10 @@ mod tests {
         );
         assert_eq!(c.simd.fmac_f32, 2);
         assert_eq!(c.simd.fmac_f16, 4, "fields not given keep the base's value");
-        assert_eq!(c.name, "8x4 via m.toml", "unnamed: the base as the file changes it");
+        assert_eq!(
+            c.name, "8x4 via m.toml",
+            "unnamed: the base as the file changes it"
+        );
         let named = FabricConfig::from_file_text("dir/m.toml", "name = \"lab\"", false).unwrap();
         assert_eq!(named.name, "lab");
         let empty = FabricConfig::from_file_text("m.toml", "name = \" \"", false).unwrap_err();

@@ -139,6 +139,19 @@ fn available_memory() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+/// Says so when `--sparsity` draws new masks over a checkpoint whose sparsifiable matrices already
+/// hold zeros (more than 1 %): those weights stay zero but are no longer the mask, so they are
+/// streamed and counted as kept.
+pub fn note_new_masks_over_zeros(params: &GptParams) {
+    let zeros = crate::sparsity::ModelMasks::from_params_zeros(params).sparsity();
+    if zeros > 0.01 {
+        eprintln!(
+            "note: --sparsity draws new masks; the checkpoint's zeros ({:.1} % of the sparsifiable weights) are not its mask here (omit --sparsity to keep them as the mask)",
+            100.0 * zeros
+        );
+    }
+}
+
 /// Weights drawn from `seed` as GPT-2 initialises them, refused (exit code 1) before allocating
 /// if one f32 copy of them exceeds the memory the host has.
 pub fn seeded_params(config: &GptConfig, seed: u64) -> anyhow::Result<GptParams> {

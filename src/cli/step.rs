@@ -320,13 +320,15 @@ fn load_weights(args: &Args, config: &GptConfig) -> anyhow::Result<(GptParams, M
         None => guard::seeded_params(config, args.seed)?,
     };
     let masks = masks(args, config, &params)?;
+    if args.checkpoint.is_some() && args.sparsity.is_some() {
+        guard::note_new_masks_over_zeros(&params);
+    }
     masks
         .apply(&mut params)
         .map_err(|e| bad_input("--sparsity", e))?;
     Ok((params, masks))
 }
 
-/// The analytic matmul FLOPs of the step: `(sparse, dense)`.
 /// The step's FLOPs by the convention, every operation with its dense and its sparse count.
 fn analytic_flops(setup: &Setup, masks: &ModelMasks) -> anyhow::Result<flops::FlopReport> {
     let config = &setup.config;

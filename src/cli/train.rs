@@ -378,6 +378,9 @@ fn load_weights(args: &Args, setup: &Setup) -> anyhow::Result<(GptParams, ModelM
     };
     let masks = match (setup.phase, args.sparsity) {
         (TrainPhase::SparsePretrain, Some(s)) => {
+            if args.checkpoint.is_some() {
+                guard::note_new_masks_over_zeros(&params);
+            }
             ModelMasks::random(config, s, args.seed).map_err(|e| bad_input("--sparsity", e))?
         }
         (TrainPhase::SparsePretrain | TrainPhase::PromptTune, _) => {
