@@ -238,8 +238,14 @@ fn print_table(
         p.region.rows,
         sweep.fidelity.name()
     )?;
+    // Wide enough for the largest count (a 1.3 B model's step has 16-digit FLOPs).
+    let digits = |n: u64| n.to_string().len();
+    let flops_width = sweep.points.iter().map(|p| digits(p.flops)).fold(14, usize::max);
+    let cycles_width = (sweep.points.iter())
+        .map(|p| digits(p.cost.cycles()))
+        .fold(12, usize::max);
     outln!(
-        "\n{:>8} {:>10} {:>14} {:>9} {:>12} {:>9} {:>10} {:>9}  largest cause of the gap (FLOP red - cycle red)",
+        "\n{:>8} {:>10} {:>flops_width$} {:>9} {:>cycles_width$} {:>9} {:>10} {:>9}  largest cause of the gap (FLOP red - cycle red)",
         "sparsity",
         "loss",
         "matmul FLOPs",
@@ -252,7 +258,7 @@ fn print_table(
     for point in &sweep.points {
         let loss = point.loss.map_or_else(|| "-".into(), |l| format!("{l:.5}"));
         let row = format!(
-            "{:>8.3} {:>10} {:>14} {:>8.3}x {:>12} {:>8.3}x {:>10.1} {:>8.3}x  {}",
+            "{:>8.3} {:>10} {:>flops_width$} {:>8.3}x {:>cycles_width$} {:>8.3}x {:>10.1} {:>8.3}x  {}",
             point.sparsity,
             loss,
             point.flops,
