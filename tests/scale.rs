@@ -292,7 +292,7 @@ fn a_fast_step_without_numerics_reports_passes_and_writes_nothing_else() {
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stdout.contains(
-            "passes: 4 of up to 1 sequence(s) (64 tokens) each, attention probabilities recomputed"
+            "passes: 4, each of up to 1 sequence (64 tokens), attention probabilities recomputed"
         ),
         "{stdout}"
     );

@@ -595,8 +595,9 @@ fn print_summary(s: &Summary<'_>) -> anyhow::Result<()> {
         p.region.rows,
         s.step.fidelity.name()
     )?;
+    let plural = if p.micro_batch == 1 { "" } else { "s" };
     outln!(
-        "passes: {} of up to {} sequence(s) ({} tokens) each, attention probabilities {}; {:.0} tokens/s at {} MHz",
+        "passes: {}, each of up to {} sequence{plural} ({} tokens), attention probabilities {}; {:.0} tokens/s at {} MHz",
         p.pass_count(),
         p.micro_batch,
         p.micro_batch * p.seq,

@@ -240,7 +240,11 @@ fn print_table(
     )?;
     // Wide enough for the largest count (a 1.3 B model's step has 16-digit FLOPs).
     let digits = |n: u64| n.to_string().len();
-    let flops_width = sweep.points.iter().map(|p| digits(p.flops)).fold(14, usize::max);
+    let flops_width = sweep
+        .points
+        .iter()
+        .map(|p| digits(p.flops))
+        .fold(14, usize::max);
     let cycles_width = (sweep.points.iter())
         .map(|p| digits(p.cost.cycles()))
         .fold(12, usize::max);
