@@ -1085,7 +1085,7 @@ fn thread_counts_out_of_range_are_refused() {
     assert_fails(
         &["bench", "--cases", "gemm256", "--threads", "1,300"],
         2,
-        &["--threads", "300 is more than 256"],
+        &["--threads", "300 is not between 1 and 256"],
     );
 }
 

@@ -241,7 +241,7 @@ fn bad_flags_are_refused_with_exit_code_2_and_nothing_written() {
         (
             &tokens,
             &["--phase", "prompt-tune", "--prompt-len", "60"],
-            "--seq + --prompt-len",
+            "--seq + the prompt's vectors",
         ),
         (
             &tokens,
@@ -268,7 +268,7 @@ fn bad_flags_are_refused_with_exit_code_2_and_nothing_written() {
                 "--prompt",
                 p,
             ],
-            "--prompt/--prompt-init",
+            "'--prompt-init <PROMPT_INIT>' cannot be used with '--prompt <PATH>'",
         ),
     ];
     for (file, extra, needle) in more {
@@ -392,6 +392,8 @@ fn prompt_tuning_saves_its_vectors_and_step_loads_them() {
     assert_eq!(code, 0, "{stderr}");
     let report = json(&out.join("train.json"));
     assert_eq!(report["prompt"]["len"], 4);
+    // A dense model's prompt steps against dense prompt steps: no weight gradient in either.
+    assert_eq!(report["totals"]["flops"], report["totals"]["dense_flops"]);
     // Skipped: every weight gradient of the dense tiny model over T = 2 x (16 + 4) = 40
     // positions: 2 T (2 layers x 12 x 64^2 + the head's 256 x 64) = 80 x 114,688 = 9,175,040.
     assert_eq!(report["prompt"]["savings"]["saved"]["flops"], 9_175_040);
@@ -471,10 +473,13 @@ fn prompt_tuning_saves_its_vectors_and_step_loads_them() {
         (r["prompt_len"].as_u64(), r["seq"].as_u64()),
         (Some(4), Some(10))
     );
-    // The FLOPs of the step that ran (no weight gradient): what the fabric executed is what
-    // the analytic count of those operations says.
+    // The FLOPs of the step that ran, no weight gradient, on the dense tiny model with T = 2 x
+    // (4 + 6) positions: forward and input gradient, 9,482,240 worked out by hand in
+    // `flops::tests::a_step_without_weight_gradients_by_hand`; its dense count is the same.
     let flops = &r["flops"];
-    assert_eq!(flops["executed_matmul"], flops["analytic_matmul_sparse"]);
+    assert_eq!(flops["executed_matmul"], 9_482_240);
+    assert_eq!(flops["analytic_matmul_sparse"], 9_482_240);
+    assert_eq!(flops["analytic_matmul_dense"], 9_482_240);
     let tiny = GptConfig::preset("tiny").unwrap();
     let weights = read_params(&step_out.join("weights.safetensors"), &tiny).unwrap();
     let bytes = fs::read(&prompt_file).unwrap();

@@ -574,7 +574,7 @@ impl Estimate<'_> {
     fn tail(&self) -> u64 {
         let simd = &self.config.simd;
         let (t, v) = (self.t, self.v);
-        let software = t * (2 * self.issue() + u64::from(self.config.exp_cycles_per_element));
+        let software = t * (2 * self.issue() + self.config.software_routine_cycles());
         let gradient = software
             + self.vector(t, simd.arith_f32)
             + v * self.vector(t, simd.arith_f32)

@@ -507,7 +507,7 @@ impl LayerNorm<'_> {
         let (t, f) = (c.t, c.f);
         let t1 = c.s + c.i + c.mov(t) + (f - 1) * c.v(t) + c.k;
         let t3 = c.s + c.v(t) + f * c.v(t) + c.v(t) + 2 * (f - 1) * c.v(t) + c.k;
-        let rsqrt = u64::from(config.exp_cycles_per_element);
+        let rsqrt = config.software_routine_cycles();
         let t5 = c.s + 2 * c.v(t) + t * (2 * c.i + rsqrt) + f * (3 * c.v(t) + 2 * c.i);
         (t1 + c.all_reduce(t) + t3 + c.all_reduce(t)).max(c.params_arrive(2 * f)) + t5
     }
@@ -623,7 +623,8 @@ impl LayerNormBackward<'_> {
         Ok((p, plan, LayerNormBackwardBuffers { dx, sinks }))
     }
 
-    /// Builds, runs and reads back `dx`, and `dgamma`, `dbeta` from the south-edge sinks.
+    /// Builds, runs and reads back `dx` and, if asked for, `dgamma`, `dbeta` from the
+    /// south-edge sinks.
     pub fn run(
         &self,
         config: &FabricConfig,

@@ -49,7 +49,8 @@ pub struct SimdWidths {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FabricConfig {
-    /// A label for reports (`wse2`, `wse3`, `32x32`, or the file's own).
+    /// A label for reports: `wse2`, `wse3`, `32x32`, a file's `name`, or for a file without one
+    /// `<base> via <file name>`.
     pub name: String,
     /// PE columns of the program rectangle.
     pub width: u32,
@@ -102,6 +103,14 @@ impl FabricConfig {
     /// formulas call it, so the two cannot disagree on an instruction's price.
     pub fn vector_cycles(&self, len: u64, width: u32) -> u64 {
         u64::from(self.issue_cycles) + len.div_ceil(u64::from(width.max(1)))
+    }
+
+    /// Cycles of one scalar routine the PE has no instruction for (reciprocal, `1/sqrt`, `ln`):
+    /// done in software, priced like one element of `exp` (`exp_cycles_per_element`). The engine
+    /// charges exactly this ([`crate::TaskCtx::recip`] and its siblings), and the kernels' cost
+    /// formulas call it.
+    pub fn software_routine_cycles(&self) -> u64 {
+        u64::from(self.exp_cycles_per_element)
     }
 
     /// The CS-2 (WSE-2): the largest SDK program rectangle, 750 x 994 PEs.
@@ -188,6 +197,7 @@ impl FabricConfig {
 
     /// A config file's text: TOML, or JSON when `is_json`. The optional key `base` names the
     /// preset or `WxH` the other keys override (default `wse2`); `simd` may be given in part.
+    /// Without a `name`, the machine is called `<base> via <file name>`.
     pub fn from_file_text(path: &str, text: &str, is_json: bool) -> Result<Self, ConfigError> {
         let file_error = |reason: String| ConfigError::File {
             path: path.to_string(),
@@ -210,6 +220,8 @@ impl FabricConfig {
         // Unnamed, the machine is the base as the file changes it: say so in every report.
         let file_name = std::path::Path::new(path).file_name();
         let file_name = file_name.map_or(path.into(), |n| n.to_string_lossy());
+        // A control character in the file's name would make the label unprintable.
+        let file_name: String = file_name.chars().filter(|c| !c.is_control()).collect();
         base.name = format!("{} via {file_name}", base.name);
         let mut merged = serde_json::to_value(&base).map_err(|e| file_error(e.to_string()))?;
         merge(&mut merged, serde_json::Value::Object(overrides));

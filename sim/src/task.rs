@@ -472,10 +472,10 @@ impl TaskCtx<'_> {
         self.transcendental("tanh", dst, a, f32::tanh);
     }
 
-    /// A scalar routine the PE has no instruction for, done in software: charged like one
-    /// element of a transcendental, `exp_cycles_per_element`.
+    /// A scalar routine the PE has no instruction for, done in software:
+    /// [`FabricConfig::software_routine_cycles`].
     fn software_scalar(&mut self, x: f32, f: fn(f32) -> f32) -> f32 {
-        self.cycles += u64::from(self.config.exp_cycles_per_element);
+        self.cycles += self.config.software_routine_cycles();
         f(x)
     }
 

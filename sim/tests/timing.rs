@@ -280,6 +280,30 @@ fn vector_instruction_costs_follow_the_simd_table() {
     }
 }
 
+/// `1/x`, `1/sqrt(x)` and `ln x` of one scalar: software routines at 4 cycles each (one element
+/// of `exp`), with the f32 values. One task: switch 3, a load 1, the three routines 12, three
+/// stores 3: 19 cycles.
+#[test]
+fn software_scalar_routines_cost_one_exp_element_each() {
+    let mut p = fabric(1, 1);
+    let pe = Coord::new(0, 0);
+    let x = p.alloc_f32(pe, "x", &[6.25]).unwrap();
+    let out = p.alloc_zeros(pe, "out", DType::F32, 3).unwrap();
+    let t = p
+        .local_task(pe, "routines", move |ctx| {
+            let v = ctx.load(x.at(0));
+            let (r, s, l) = (ctx.recip(v), ctx.rsqrt(v), ctx.ln(v));
+            ctx.store(out.at(0), r);
+            ctx.store(out.at(1), s);
+            ctx.store(out.at(2), l);
+        })
+        .unwrap();
+    p.activate(pe, t).unwrap();
+    let r = run(p);
+    assert_eq!(r.stats.cycles, 3 + 1 + 3 * 4 + 3);
+    assert_eq!(r.read(pe, out).unwrap(), vec![0.16, 0.4, 6.25f32.ln()]);
+}
+
 #[test]
 fn the_wse3_preset_doubles_simd_widths() {
     // fp16 FMAC of 10 elements at width 8: 1 + 2 cycles, plus the switch.

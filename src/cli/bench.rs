@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use wafersim_kernels::{MatmulShape, Precision, Region, StreamMatmul, StreamedMatrix};
 use wafersim_sim::{FabricConfig, RunOptions};
 
-use super::{MAX_THREADS, bad_input, guard, write_json};
+use super::{bad_input, check_threads, guard, write_json};
 use crate::compile::plan_step;
 use crate::model::{GptConfig, init_params};
 use crate::reference::{Batch, products};
@@ -109,17 +109,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         outln!("{}", sample_json(&sample))?;
         return Ok(());
     }
-    if args.repeat == 0 || args.threads.contains(&0) {
+    if args.repeat == 0 {
         return Err(bad_input(
-            "--repeat/--threads",
-            anyhow::anyhow!("need at least one run and one thread"),
+            "--repeat",
+            anyhow::anyhow!("need at least one run"),
         ));
     }
-    if let Some(&n) = args.threads.iter().find(|&&n| n > MAX_THREADS) {
-        return Err(bad_input(
-            "--threads",
-            anyhow::anyhow!("{n} is more than {MAX_THREADS}"),
-        ));
+    for &n in &args.threads {
+        check_threads(n)?;
     }
     let cases = if args.cases.is_empty() {
         Case::ALL.to_vec()
@@ -246,15 +243,16 @@ fn median(samples: &[Sample]) -> f64 {
 /// The `gemm256` case's product placed on `region` of its 32 x 32 fabric, checked before any
 /// run (the region inside the fabric, every PE's tiles within its SRAM).
 fn check_gemm256_region(spec: &str, region: Region) -> anyhow::Result<()> {
+    let n = GEMM_N;
     let shape = MatmulShape {
         region,
-        tokens: 256,
-        k: 256,
-        n: 256,
+        tokens: n,
+        k: n,
+        n,
         bias: false,
-        precision: Precision::F16,
+        precision: GEMM_PRECISION,
     };
-    let fabric = FabricConfig::rectangle(32, 32)?;
+    let fabric = FabricConfig::rectangle(GEMM256_SIDE, GEMM256_SIDE)?;
     match shape.plan(&fabric) {
         Ok(_) => Ok(()),
         Err(e) => Err(bad_input(format!("--region {spec}"), e)),
@@ -305,12 +303,21 @@ fn parse_sample(line: &str) -> anyhow::Result<Sample> {
     })
 }
 
+/// The gemm cases' product: `Y = X W`, `GEMM_N` cubed, fp16, forward.
+const GEMM_N: usize = 256;
+const GEMM_PRECISION: Precision = Precision::F16;
+/// The fabric side of `gemm256` and `gemm256-full`.
+const GEMM256_SIDE: u32 = 32;
+
 /// One run of `case` in this process.
 fn measure(case: Case, threads: usize, region: Region) -> anyhow::Result<Sample> {
     match case {
-        Case::Gemm256 => gemm(32, 256, region, threads),
-        Case::Gemm256Full => gemm(32, 256, Region::at_origin(32, 32), threads),
-        Case::Gemm64 => gemm(64, 256, Region::at_origin(64, 64), threads),
+        Case::Gemm256 => gemm(GEMM256_SIDE, region, threads),
+        Case::Gemm256Full => {
+            let whole = Region::at_origin(GEMM256_SIDE, GEMM256_SIDE);
+            gemm(GEMM256_SIDE, whole, threads)
+        }
+        Case::Gemm64 => gemm(64, Region::at_origin(64, 64), threads),
         Case::StepS0 => step(0.0),
         Case::StepS75 => step(0.75),
     }
@@ -322,8 +329,9 @@ fn normal_values(seed: u64, len: usize) -> Vec<f32> {
     (0..len).map(|_| normal.sample(&mut rng)).collect()
 }
 
-/// A dense `n x n x n` forward product on a `side x side` fabric.
-fn gemm(side: u32, n: usize, region: Region, threads: usize) -> anyhow::Result<Sample> {
+/// The dense `GEMM_N` cubed forward product on `region` of a `side x side` fabric.
+fn gemm(side: u32, region: Region, threads: usize) -> anyhow::Result<Sample> {
+    let n = GEMM_N;
     let fabric = FabricConfig::rectangle(side, side)?;
     let (x, w) = (normal_values(1, n * n), normal_values(2, n * n));
     let w_stream = StreamedMatrix::from_dense(n, n, &w, None);
@@ -333,7 +341,7 @@ fn gemm(side: u32, n: usize, region: Region, threads: usize) -> anyhow::Result<S
         x: &x,
         w: &w_stream,
         bias: None,
-        precision: Precision::F16,
+        precision: GEMM_PRECISION,
     };
     let options = RunOptions {
         threads,

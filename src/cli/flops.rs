@@ -8,10 +8,8 @@
 //! with `serde_json::json!` (no `Serialize` derives on library types) and written atomically.
 
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::ArgGroup;
 use serde_json::{Value, json};
 
@@ -80,15 +78,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(Run { sparsity, report })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // The file first: a terminal or pipe that goes away while the table prints loses nothing.
+    if let Some(path) = &args.json {
+        let doc = json_document(&source, &config, shape, opts, &runs);
+        super::write_json(path, &doc)?;
+    }
     print_header(&source, &config, shape, opts)?;
     print_summary(&runs)?;
     if let Some(last) = runs.last() {
         print_breakdown(last, config.n_layer)?;
-    }
-    if let Some(path) = &args.json {
-        let doc = json_document(&source, &config, shape, opts, &runs);
-        let text = serde_json::to_string_pretty(&doc)? + "\n";
-        write_atomically(path, &text)?;
     }
     Ok(())
 }
@@ -361,32 +359,4 @@ fn json_op(t: &OpTotals) -> Value {
     op.insert("total_flops_dense".into(), json!(t.dense_total()));
     op.insert("total_flops_sparse".into(), json!(t.sparse_total()));
     Value::Object(op)
-}
-
-/// Writes `text` to a temporary file next to `path`, then renames it over `path`, so readers
-/// never see a half-written file.
-fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
-    let context = || format!("writing --json {}", path.display());
-    let name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file name", context()))?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let written = fs::File::create(&tmp)
-        .and_then(|mut file| {
-            file.write_all(text.as_bytes())?;
-            file.sync_all()
-        })
-        .and_then(|()| fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written.with_context(context)
 }

@@ -147,17 +147,23 @@ pub fn json_text(value: &serde_json::Value) -> anyhow::Result<String> {
 /// and few enough that starting them is instant.
 pub(crate) const MAX_THREADS: usize = 256;
 
-/// Sizes rayon's global pool, which the engine's default thread count and the sweeps use.
-fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
-    let Some(n) = threads else {
-        return Ok(());
-    };
+/// A thread count given with `--threads`: 1 to [`MAX_THREADS`].
+pub(crate) fn check_threads(n: usize) -> anyhow::Result<()> {
     if n == 0 || n > MAX_THREADS {
         return Err(bad_input(
             "--threads",
             anyhow::anyhow!("{n} is not between 1 and {MAX_THREADS}"),
         ));
     }
+    Ok(())
+}
+
+/// Sizes rayon's global pool, which the engine's default thread count and the sweeps use.
+fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    let Some(n) = threads else {
+        return Ok(());
+    };
+    check_threads(n)?;
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global()

@@ -16,9 +16,9 @@ use super::bad_input;
 use crate::model::{GptParams, Matrix};
 use crate::training::Corpus;
 
-/// The prompt vectors a run starts from.
+/// `len` new prompt vectors for a run: `N(0, 0.02)` from `seed` if `random`, else the token
+/// embeddings of the data's first `len` ids.
 pub fn initial_prompt(
-    file: Option<&Path>,
     random: bool,
     corpus: &Corpus,
     params: &GptParams,
@@ -26,20 +26,6 @@ pub fn initial_prompt(
     seed: u64,
 ) -> anyhow::Result<Matrix> {
     let d = params.wte.cols;
-    if let Some(path) = file {
-        let prompt = read_prompt(path, d)?;
-        if prompt.rows != len {
-            return Err(bad_input(
-                format!("--prompt {}", path.display()),
-                anyhow::anyhow!(
-                    "it holds {} vectors; give --prompt-len {}",
-                    prompt.rows,
-                    prompt.rows
-                ),
-            ));
-        }
-        return Ok(prompt);
-    }
     if random {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(0x7072_6f6d); // "prom"

@@ -60,6 +60,14 @@ pub struct Args {
 
 /// A token count written as an integer or in scientific notation (`104.86e9`).
 fn parse_tokens(text: &str) -> Result<u64, String> {
+    if let Ok(whole) = text.parse::<u64>() {
+        // Exact, however large: f64 would round counts above 2^53.
+        return if whole <= 1_000_000_000_000_000_000 {
+            Ok(whole)
+        } else {
+            Err(format!("{text} tokens: expected a number in [0, 1e18]"))
+        };
+    }
     let value: f64 = text
         .parse()
         .map_err(|_| format!("`{text}` is not a number of tokens"))?;
@@ -249,7 +257,7 @@ fn report_json(
         "units": {
             "flops": "matmul floating-point operations (1 FMAC = 2); the totals are written as floats, since a recipe's can exceed 2^64",
             "cycles": "fabric clock cycles (totals as floats, like the FLOPs)", "seconds": "at the fabric clock",
-            "step_flops": "of one step of the phase; null for a phase without tokens (no step runs)",
+            "step_flops": "step_flops and step_cycles: of one step of the phase; null for a phase without tokens (no step runs)",
         },
         "model": args.model,
         "fabric": { "name": fabric.name, "width": fabric.width, "height": fabric.height, "clock_mhz": fabric.clock_mhz },
@@ -259,4 +267,26 @@ fn report_json(
         "dense": side(&cost.dense),
         "savings": { "flops": df as f64 / sf as f64, "cycles": dc as f64 / sc as f64 },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_counts_are_whole_and_exact() {
+        assert_eq!(parse_tokens("104.86e9"), Ok(104_860_000_000));
+        // Above 2^53, an integer is taken as written, not through f64.
+        assert_eq!(
+            parse_tokens("100000000000000001"),
+            Ok(100_000_000_000_000_001)
+        );
+        assert!(parse_tokens("0.5").unwrap_err().contains("whole number"));
+        assert!(parse_tokens("2e18").unwrap_err().contains("[0, 1e18]"));
+        assert!(
+            parse_tokens("2000000000000000000")
+                .unwrap_err()
+                .contains("[0, 1e18]")
+        );
+    }
 }

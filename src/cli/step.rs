@@ -190,13 +190,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     drop(progress);
     let (step, recorded) = run?;
     let wall = started.elapsed().as_secs_f64();
-    let analytic = analytic_flops(&setup, &masks)?;
-    let matmul = StepMatmulFlops::of(&analytic, setup.prompt.is_some());
-    if step.cost.executed_matmul_flops() != matmul.sparse {
+    // A prompt step computes no weight gradient.
+    let flops = analytic_flops(&setup, &masks)?.of_step(setup.prompt.is_none());
+    if step.cost.executed_matmul_flops() != flops.matmul_sparse {
         anyhow::bail!(
             "executed matmul FLOPs {} differ from the analytic {}: a simulator bug",
             step.cost.executed_matmul_flops(),
-            matmul.sparse
+            flops.matmul_sparse
         );
     }
     // The weights the step ran with, and (not for a prompt step: the model is frozen) the
@@ -223,8 +223,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fabric: &setup.fabric,
         masks: &masks,
         step: &step,
-        matmul,
-        analytic: &analytic,
+        flops,
         dense_timed: !args.no_dense_baseline,
         prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
         attention,
@@ -381,31 +380,6 @@ pub(crate) fn read_tokens(path: &Path, config: &GptConfig) -> anyhow::Result<Bat
     Batch::from_json(config, &text).map_err(|e| bad_input(what(), e))
 }
 
-/// The matmul FLOPs of the step that runs: all of the analytic report's, or without the
-/// weight-gradient phase for a prompt step (no weight gradient is computed).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct StepMatmulFlops {
-    /// What the kernels must execute, with the masks' nonzeros.
-    sparse: u64,
-    /// The same operations with every weight present.
-    dense: u64,
-}
-
-impl StepMatmulFlops {
-    fn of(analytic: &flops::FlopReport, prompt: bool) -> Self {
-        let ops = analytic.ops();
-        let run = ops
-            .iter()
-            .filter(|o| o.is_matmul() && !(prompt && o.phase == flops::Phase::WeightGrad));
-        let (sparse, dense) = run.fold((0, 0), |(s, d), o| (s + o.sparse, d + o.dense));
-        StepMatmulFlops { sparse, dense }
-    }
-
-    fn reduction(&self) -> f64 {
-        self.dense as f64 / self.sparse as f64
-    }
-}
-
 /// The trace must not be one of the files `--out` receives (it would silently replace it).
 fn check_trace_path(trace: &Path, out: &Path) -> anyhow::Result<()> {
     let name = trace.file_name().and_then(|n| n.to_str());
@@ -460,8 +434,8 @@ struct Summary<'a> {
     masks: &'a ModelMasks,
     step: &'a StepReport,
     /// The matmul FLOPs of the gradients this step computes.
-    matmul: StepMatmulFlops,
-    analytic: &'a flops::FlopReport,
+    /// The FLOPs of the operations this step runs (a prompt step: no weight gradient).
+    flops: flops::StepFlops,
     /// Whether the dense baseline was timed (`--no-dense-baseline` not given). Without it, the
     /// records' dense cycles merely repeat the sparse ones and are not reported.
     dense_timed: bool,
@@ -596,8 +570,14 @@ fn print_summary(s: &Summary<'_>) -> anyhow::Result<()> {
         s.step.fidelity.name()
     )?;
     let plural = if p.micro_batch == 1 { "" } else { "s" };
+    // A prompt step's rows are positions: its prompt vectors and its tokens.
+    let rows = if s.prompt_len > 0 {
+        "positions"
+    } else {
+        "tokens"
+    };
     outln!(
-        "passes: {}, each of up to {} sequence{plural} ({} tokens), attention probabilities {}; {:.0} tokens/s at {} MHz",
+        "passes: {}, each of up to {} sequence{plural} ({} {rows}), attention probabilities {}; {:.0} {rows}/s at {} MHz",
         p.pass_count(),
         p.micro_batch,
         p.micro_batch * p.seq,
@@ -617,7 +597,7 @@ fn print_summary(s: &Summary<'_>) -> anyhow::Result<()> {
         Some(n) => outln!("loss {:.6}", n.loss)?,
         None => outln!("loss not computed (--no-numerics)")?,
     }
-    let sparse = s.matmul.sparse;
+    let sparse = s.flops.matmul_sparse;
     let counted = match s.step.fidelity {
         Fidelity::Exact => format!(
             "{} executed = {sparse} analytic",
@@ -632,8 +612,8 @@ fn print_summary(s: &Summary<'_>) -> anyhow::Result<()> {
     };
     outln!(
         "matmul FLOPs: {counted}, dense {} ({:.3}x fewer){which}",
-        s.matmul.dense,
-        s.matmul.reduction()
+        s.flops.matmul_dense,
+        s.flops.reduction()
     )?;
     if s.dense_timed {
         outln!(
@@ -894,9 +874,9 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
             "cycles": "fabric clock cycles", "flops": "floating-point operations (1 FMAC = 2)",
             "loss": "nats per predicted token (null: not computed)", "seconds": "at the fabric clock",
             "busy_cycles": "summed over the region (null: not simulated)",
-            "analytic_matmul": "the matmul FLOPs of the gradients the step computes (a prompt step computes no weight gradient)",
+            "flops_counted": "flops.analytic_* and flops.non_matmul: of the operations the step runs (a prompt step computes no weight gradient)",
             "flops_executed": "per op: executed by the fabric (exact fidelity) or the analytic count (fast: nothing runs); flops.executed_matmul is null at the fast fidelity",
-            "tokens_per_second": "tokens of the step per second at the fabric clock",
+            "tokens_per_second": "tokens of the step per second at the fabric clock (a prompt step: positions, its prompt vectors included)",
             "micro_batch": "sequences per pass; weight gradients accumulate over the passes",
             "layers": "per block (layer null: embedding, final LayerNorm, head and loss); efficiency = realised / ideal speedup, null without the dense baseline",
         },
@@ -916,11 +896,11 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         "layers": layers_json(s),
         "loss": s.step.numerics.as_ref().map(|n| n.loss),
         "flops": {
-            "analytic_matmul_sparse": s.matmul.sparse,
-            "analytic_matmul_dense": s.matmul.dense,
+            "analytic_matmul_sparse": s.flops.matmul_sparse,
+            "analytic_matmul_dense": s.flops.matmul_dense,
             "executed_matmul": (s.step.fidelity == Fidelity::Exact).then(|| cost.executed_matmul_flops()),
-            "non_matmul": s.analytic.non_matmul(),
-            "reduction": s.matmul.reduction(),
+            "non_matmul": s.flops.non_matmul,
+            "reduction": s.flops.reduction(),
         },
         "cycles": {
             "total": cost.cycles(),

@@ -28,7 +28,7 @@ use crate::model::checkpoint::{
     CONFIG_FILE, Staged, WEIGHTS_FILE, hf_named_tensors, read_config, read_params, stage_bytes,
     stage_f32_safetensors,
 };
-use crate::model::{GptConfig, GptParams};
+use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::AdamW;
 use crate::sparsity::{self, ModelMasks};
 use crate::training::{Corpus, LrSchedule, RunShape, Sampler, StepRecord, TrainPhase, Trainer};
@@ -68,7 +68,7 @@ pub struct Args {
     prompt_len: Option<usize>,
     /// prompt-tune: start from the embeddings of the data's first P token ids, or random
     /// [default: data].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, conflicts_with = "prompt")]
     prompt_init: Option<PromptInit>,
     /// prompt-tune: start from the prompt vectors of this file (a `prompt.safetensors` written by
     /// an earlier run) instead of --prompt-init.
@@ -141,14 +141,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut trainer = match setup.phase {
         TrainPhase::PromptTune => {
-            let prompt = super::prompt::initial_prompt(
-                args.prompt.as_deref(),
-                args.prompt_init == Some(PromptInit::Random),
-                &setup.corpus,
-                &params,
-                setup.prompt_len,
-                args.seed,
-            )?;
+            let prompt = match &setup.prompt_file {
+                Some(vectors) => vectors.clone(),
+                None => super::prompt::initial_prompt(
+                    args.prompt_init == Some(PromptInit::Random),
+                    &setup.corpus,
+                    &params,
+                    setup.prompt_len,
+                    args.seed,
+                )?,
+            };
             Trainer::prompt_tuning(params, masks, prompt, schedule)
         }
         _ => Trainer::new(setup.phase, params, masks, schedule),
@@ -236,6 +238,8 @@ struct Setup {
     plan: StepPlan,
     /// Prompt vectors in front of every sequence (0 outside prompt-tune).
     prompt_len: usize,
+    /// The vectors of `--prompt`, read once.
+    prompt_file: Option<Matrix>,
 }
 
 impl Setup {
@@ -246,13 +250,18 @@ impl Setup {
         check_flags(args, phase)?;
         guard::check_batch_shape("--batch/--seq", &config, args.batch, args.seq)?;
         let corpus = read_corpus(&args.tokens, args.seq, &config)?;
+        let prompt_file = match &args.prompt {
+            Some(path) => Some(super::prompt::read_prompt(path, config.n_embd)?),
+            None => None,
+        };
         let prompt_len = if phase == TrainPhase::PromptTune {
-            prompt_len(args, config.n_embd)?
+            prompt_len(args.prompt_len, prompt_file.as_ref())?
         } else {
             0
         };
         let positions = args.seq.saturating_add(prompt_len);
-        guard::check_batch_shape("--seq + --prompt-len", &config, args.batch, positions)?;
+        let what = "--seq + the prompt's vectors";
+        guard::check_batch_shape(what, &config, args.batch, positions)?;
         let plan = plan_step(&config, args.batch, positions, &fabric, Precision::F32).map_err(
             |e| match e {
                 e @ CompileError::DoesNotFit { .. } => anyhow::Error::new(e),
@@ -272,6 +281,7 @@ impl Setup {
             corpus,
             plan,
             prompt_len,
+            prompt_file,
         })
     }
 }
@@ -329,28 +339,24 @@ fn check_flags(args: &Args, phase: TrainPhase) -> anyhow::Result<()> {
             anyhow::anyhow!("only prompt-tune learns prompt vectors"),
         ));
     }
-    if args.prompt.is_some() && args.prompt_init.is_some() {
-        return Err(bad_input(
-            "--prompt/--prompt-init",
-            anyhow::anyhow!("give one: the vectors of a file, or how to draw new ones"),
-        ));
-    }
     Ok(())
 }
 
 /// The prompt-tune run's number of prompt vectors: `--prompt-len` (8 if absent), or the rows of
 /// the `--prompt` file (which `--prompt-len`, if given, must equal).
-fn prompt_len(args: &Args, d: usize) -> anyhow::Result<usize> {
-    let Some(path) = &args.prompt else {
-        return Ok(args.prompt_len.unwrap_or(8));
+fn prompt_len(given: Option<usize>, file: Option<&Matrix>) -> anyhow::Result<usize> {
+    let Some(vectors) = file else {
+        return Ok(given.unwrap_or(8));
     };
-    let rows = super::prompt::read_prompt(path, d)?.rows;
-    match args.prompt_len {
-        Some(given) if given != rows => Err(bad_input(
+    match given {
+        Some(given) if given != vectors.rows => Err(bad_input(
             "--prompt-len",
-            anyhow::anyhow!("{given}, but the --prompt file holds {rows} vectors"),
+            anyhow::anyhow!(
+                "{given}, but the --prompt file holds {} vectors",
+                vectors.rows
+            ),
         )),
-        _ => Ok(rows),
+        _ => Ok(vectors.rows),
     }
 }
 
@@ -572,12 +578,15 @@ fn report_json(run: &Finished<'_>, checkpoint: &Path) -> Value {
     })
 }
 
-/// Matmul FLOPs of one dense step of this shape (the comparison the totals are read against).
+/// Matmul FLOPs of one dense step of this shape and phase (the comparison the totals are read
+/// against); a prompt step computes no weight gradient.
 fn dense_step_flops(setup: &Setup) -> anyhow::Result<u64> {
     let shape = StepShape {
         batch: setup.plan.batch,
         seq: setup.plan.seq,
     };
     let nnz = NnzSource::dense(&setup.config);
-    Ok(flops::step_flops(&setup.config, shape, &nnz, FlopOptions::default())?.matmul_dense())
+    let report = flops::step_flops(&setup.config, shape, &nnz, FlopOptions::default())?;
+    let weight_gradients = setup.phase != TrainPhase::PromptTune;
+    Ok(report.of_step(weight_gradients).matmul_dense)
 }

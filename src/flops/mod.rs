@@ -393,6 +393,23 @@ pub struct FlopReport {
     non_matmul: u64,
 }
 
+/// The FLOPs of the operations a step runs ([`FlopReport::of_step`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepFlops {
+    /// Matmul FLOPs with the masks' nonzeros.
+    pub matmul_sparse: u64,
+    /// The same matmuls with every weight present.
+    pub matmul_dense: u64,
+    pub non_matmul: u64,
+}
+
+impl StepFlops {
+    /// The matmul FLOP reduction, dense / sparse.
+    pub fn reduction(&self) -> f64 {
+        self.matmul_dense as f64 / self.matmul_sparse as f64
+    }
+}
+
 impl FlopReport {
     /// Every (layer, operation, phase), in execution order of the forward pass, phases in
     /// [`Phase::ALL`] order; zero entries (e.g. attention's weight-gradient) included.
@@ -418,6 +435,25 @@ impl FlopReport {
     /// The matmul FLOP reduction, dense / sparse.
     pub fn reduction(&self) -> f64 {
         self.matmul_dense as f64 / self.matmul_sparse as f64
+    }
+
+    /// The FLOPs of the step that runs: all of them with the weight gradients, or, for a frozen
+    /// model (a prompt step), everything but the weight-gradient phase, except the embedding's
+    /// scatter (it gives the prompt vectors their gradient).
+    pub fn of_step(&self, weight_gradients: bool) -> StepFlops {
+        let runs = |o: &&OpFlops| {
+            weight_gradients || o.phase != Phase::WeightGrad || o.op == OpKind::Embedding
+        };
+        let mut step = StepFlops::default();
+        for o in self.ops.iter().filter(runs) {
+            if o.is_matmul() {
+                step.matmul_sparse += o.sparse;
+                step.matmul_dense += o.dense;
+            } else {
+                step.non_matmul += o.dense;
+            }
+        }
+        step
     }
 
     /// The entry for `op` in `layer` and `phase`.

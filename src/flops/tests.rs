@@ -274,3 +274,32 @@ fn huge_batches_overflow_into_an_error() {
     let err = step_flops(&config, shape, &nnz, FlopOptions::default()).unwrap_err();
     assert!(matches!(err, FlopError::Overflow { .. }), "{err}");
 }
+
+/// A frozen model's step (prompt tuning) on tiny, T = 2 x 10 positions, dense: per layer the
+/// forward's linears 2 T 12 d^2 = 1,966,080 and attention 4 B S^2 d = 51,200, the input
+/// gradient's linears the same again and attention 8 B S^2 d = 102,400, so 4,085,760 per layer,
+/// 8,171,520 for 2; the LM head 2 T d V forward and again backward: 2 x 655,360. In all
+/// 9,482,240 matmul FLOPs. With the weight gradients, the whole report.
+#[test]
+fn a_step_without_weight_gradients_by_hand() {
+    let config = GptConfig::preset("tiny").unwrap();
+    let r = report(&config, StepShape { batch: 2, seq: 10 }, 0.0, false);
+    let frozen = r.of_step(false);
+    assert_eq!(
+        (frozen.matmul_sparse, frozen.matmul_dense),
+        (9_482_240, 9_482_240)
+    );
+    assert_eq!(
+        frozen.non_matmul,
+        r.non_matmul() - phase_sum(&r, Phase::WeightGrad, false)
+            + r.get(None, OpKind::Embedding, Phase::WeightGrad)
+                .unwrap()
+                .dense,
+        "every weight-gradient op but the embedding's scatter"
+    );
+    let all = r.of_step(true);
+    assert_eq!(
+        (all.matmul_sparse, all.matmul_dense, all.non_matmul),
+        (r.matmul_sparse(), r.matmul_dense(), r.non_matmul())
+    );
+}

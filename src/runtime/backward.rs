@@ -125,12 +125,12 @@ impl ExactEngine<'_> {
         Ok((act, self.measured(&run.stats, run.stats.cycles)))
     }
 
-    /// The prompt's gradient and, if `tables_trained`, the embedding tables': added to wte (the
+    /// The prompt's gradient and, if `parameters_trained`, the embedding tables': added to wte (the
     /// head's part is already there), wpe.
     pub(crate) fn embedding_grad(
         &mut self,
         dx: &Act,
-        tables_trained: bool,
+        parameters_trained: bool,
     ) -> Result<Cost, KernelError> {
         let kernel = EmbeddingBackward {
             shape: self.embedding_shape(),
@@ -138,7 +138,7 @@ impl ExactEngine<'_> {
         };
         let run = kernel.run(self.fabric(), self.options())?;
         let (wte_part, prompt_part) = run.d_token_table.split_at(self.grads.wte.data.len());
-        if tables_trained {
+        if parameters_trained {
             for (g, d) in self.grads.wte.data.iter_mut().zip(wte_part) {
                 *g += d;
             }

@@ -136,9 +136,9 @@ pub enum GradientSet {
     #[default]
     All,
     /// The prompt vectors only: the model is frozen, so no weight-gradient kernel runs and the
-    /// LayerNorm backwards compute no parameter gradient (no gradient of a frozen parameter is
-    /// computed or leaves the wafer). The input gradients still run: they carry the gradient
-    /// back to the prompt.
+    /// LayerNorm backwards compute no parameter gradient (none is computed on or leaves the
+    /// wafer; of the embedding's scatter on the host, only the prompt rows are kept). The input
+    /// gradients still run: they carry the gradient back to the prompt.
     PromptOnly,
 }
 

@@ -326,7 +326,7 @@ impl<E: Engine> Walk<'_, E> {
         let d_lnf = self.launch(op, |e| {
             e.matmul(Weight::Head, Phase::InputGrad, &head.dlogits)
         })?;
-        if self.weights_trained() {
+        if self.parameters_trained() {
             let op = Op::lm_head(Phase::WeightGrad);
             self.launch(op, |e| {
                 e.weight_grad(Weight::Head, E::output(&head.ln_f), &head.dlogits)
@@ -337,7 +337,7 @@ impl<E: Engine> Walk<'_, E> {
             dx = self.block_backward(l, &layers[l], &dx)?;
         }
         let op = Op::plain(None, "embedding", Phase::WeightGrad);
-        let trained = self.weights_trained();
+        let trained = self.parameters_trained();
         self.launch(op, |e| e.embedding_backward(&dx, trained))
     }
 
@@ -349,7 +349,7 @@ impl<E: Engine> Walk<'_, E> {
         normed: &E::Normed,
     ) -> Result<E::Act, RuntimeError> {
         let op = Op::plain(ln.layer(), ln.name(), Phase::InputGrad);
-        let trained = self.weights_trained();
+        let trained = self.parameters_trained();
         self.launch(op, |e| e.layer_norm_backward(ln, dy, x, normed, trained))
     }
 
@@ -403,7 +403,7 @@ impl<E: Engine> Walk<'_, E> {
         let dx = self.launch(Op::linear(l, kind, Phase::InputGrad), |e| {
             e.matmul(weight, Phase::InputGrad, dy)
         })?;
-        if self.weights_trained() {
+        if self.parameters_trained() {
             self.launch(Op::linear(l, kind, Phase::WeightGrad), |e| {
                 e.weight_grad(weight, x, dy)
             })?;
@@ -411,8 +411,9 @@ impl<E: Engine> Walk<'_, E> {
         Ok(dx)
     }
 
-    /// Whether the weight-gradient kernels run (not for a frozen model).
-    fn weights_trained(&self) -> bool {
+    /// Whether the model's parameters get gradients: the weight-gradient kernels run and the
+    /// LayerNorms and embedding tables get theirs (not for a frozen model).
+    fn parameters_trained(&self) -> bool {
         self.inputs.gradients == GradientSet::All
     }
 }

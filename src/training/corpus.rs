@@ -26,6 +26,14 @@ use crate::reference::{Batch, BatchError};
 pub enum CorpusError {
     #[error("expected a JSON array of token ids or an array of arrays of token ids: {reason}")]
     Json { reason: String },
+    #[error("{} is {value}, not a token id (an integer from 0 to {})", place(.sequence, .position), u32::MAX)]
+    NotATokenId {
+        /// The sequence of a nested file, `None` for a flat one.
+        sequence: Option<usize>,
+        position: usize,
+        /// The element as JSON.
+        value: String,
+    },
     #[error(
         "token id {id} (sequence {row}, position {position}) is outside the vocabulary of {vocab_size}"
     )]
@@ -55,31 +63,67 @@ pub struct Corpus {
     first: Vec<u32>,
 }
 
-/// The sequences of a token file: one flat array, or an array of arrays, of token ids. An element
-/// that is not a token id is named by its place.
+/// Where an element of a token file is.
+fn place(sequence: &Option<usize>, position: &usize) -> String {
+    match sequence {
+        Some(s) => format!("sequence {s}, position {position}"),
+        None => format!("position {position}"),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum TokenFile {
+    Flat(Vec<u32>),
+    Nested(Vec<Vec<u32>>),
+}
+
+/// The sequences of a token file: one flat array, or an array of arrays, of token ids. A file
+/// that does not parse as either is read again as plain JSON to name its first bad element.
 fn parse_token_file(text: &str) -> Result<Vec<Vec<u32>>, CorpusError> {
+    match serde_json::from_str::<TokenFile>(text) {
+        Ok(TokenFile::Flat(ids)) => Ok(vec![ids]),
+        Ok(TokenFile::Nested(rows)) => Ok(rows),
+        Err(_) => Err(first_bad_element(text)),
+    }
+}
+
+/// Why `text` is not a token file: not JSON, not an array, or its first element that is not a
+/// token id (a nested file is recognised by its first element being an array).
+fn first_bad_element(text: &str) -> CorpusError {
     use serde_json::Value;
     let json = |reason: String| CorpusError::Json { reason };
-    let value: Value = serde_json::from_str(text).map_err(|e| json(e.to_string()))?;
+    let value: Value = match serde_json::from_str(text) {
+        Ok(value) => value,
+        Err(e) => return json(e.to_string()),
+    };
     let Value::Array(items) = value else {
-        return Err(json(format!("the file holds {}", kind_of(&value))));
+        return json(format!("the file holds {}", kind_of(&value)));
     };
-    let id = |v: &Value, at: String| {
-        v.as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| json(format!("{at} is {v}, not a token id (an integer >= 0)")))
+    let is_id = |v: &Value| v.as_u64().is_some_and(|n| u32::try_from(n).is_ok());
+    let bad = |sequence, position, v: &Value| CorpusError::NotATokenId {
+        sequence,
+        position,
+        value: v.to_string(),
     };
-    if !items.is_empty() && items.iter().all(Value::is_array) {
-        let rows = items.iter().enumerate().map(|(r, row)| {
-            let ids = row.as_array().map(Vec::as_slice).unwrap_or_default();
-            let at = |p| format!("sequence {r}, position {p}");
-            ids.iter().enumerate().map(|(p, v)| id(v, at(p))).collect()
-        });
-        return rows.collect();
+    let nested = items.first().is_some_and(Value::is_array);
+    for (i, item) in items.iter().enumerate() {
+        match (nested, item.as_array()) {
+            (true, Some(row)) => {
+                if let Some((p, v)) = row.iter().enumerate().find(|(_, v)| !is_id(v)) {
+                    return bad(Some(i), p, v);
+                }
+            }
+            (true, None) => {
+                return json(format!(
+                    "element {i} is {item}, not an array of token ids as element 0 is"
+                ));
+            }
+            (false, _) if !is_id(item) => return bad(None, i, item),
+            (false, _) => {}
+        }
     }
-    let ids = items.iter().enumerate();
-    let row = ids.map(|(p, v)| id(v, format!("position {p}")));
-    Ok(vec![row.collect::<Result<_, _>>()?])
+    json("it parses as JSON but not as token ids".into())
 }
 
 /// What a JSON value is, for an error.
@@ -252,22 +296,27 @@ mod tests {
         );
         let err = Corpus::from_json("[1,2,3]", 4, &tiny()).unwrap_err();
         assert_eq!(err, CorpusError::TooShort { seq: 4, longest: 3 });
-        let json_error = |text| match Corpus::from_json(text, 2, &tiny()) {
-            Err(CorpusError::Json { reason }) => reason,
-            other => panic!("{text}: {other:?}"),
-        };
-        assert_eq!(json_error("{\"a\": 1}"), "the file holds an object");
+        let error = |text| Corpus::from_json(text, 2, &tiny()).unwrap_err().to_string();
+        let prefix = "expected a JSON array of token ids or an array of arrays of token ids: ";
         assert_eq!(
-            json_error("[1,2,-3]"),
-            "position 2 is -3, not a token id (an integer >= 0)"
+            error("{\"a\": 1}"),
+            format!("{prefix}the file holds an object")
         );
         assert_eq!(
-            json_error("[[1,2],[1.5,2]]"),
-            "sequence 1, position 0 is 1.5, not a token id (an integer >= 0)"
+            error("[1,2,-3]"),
+            "position 2 is -3, not a token id (an integer from 0 to 4294967295)"
         );
         assert_eq!(
-            json_error("[[1,2],3]"),
-            "position 0 is [1,2], not a token id (an integer >= 0)"
+            error("[[1,2],[1.5,2]]"),
+            "sequence 1, position 0 is 1.5, not a token id (an integer from 0 to 4294967295)"
+        );
+        assert_eq!(
+            error("[1,4294967296]"),
+            "position 1 is 4294967296, not a token id (an integer from 0 to 4294967295)"
+        );
+        assert_eq!(
+            error("[[1,2],3]"),
+            format!("{prefix}element 1 is 3, not an array of token ids as element 0 is")
         );
     }
 

@@ -63,7 +63,7 @@ fn softmax_statistics(c: &FabricConfig, seq: usize, len: usize) -> u64 {
     let rows = seq as u64;
     let max = vector(c, len, s.mov_f32) + (rows - 1) * vector(c, len, s.max);
     let sum = vector(c, len, s.mov_f32) + (rows - 1) * vector(c, len, s.arith_f32);
-    let reciprocals = len as u64 * (2 * scalar(c) + u64::from(c.exp_cycles_per_element));
+    let reciprocals = len as u64 * (2 * scalar(c) + c.software_routine_cycles());
     let normalise = rows * vector(c, len, s.arith_f32);
     max + sum + reciprocals + normalise
 }
