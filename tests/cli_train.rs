@@ -180,7 +180,7 @@ fn a_sparse_run_writes_agreeing_logs_and_a_checkpoint_that_keeps_its_mask() {
     let (code, stderr) = wafersim(&step);
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stderr.contains("note: --sparsity draws new masks; the checkpoint's zeros (50.0 %"),
+        stderr.contains("note: the masks are drawn anew; the checkpoint's zeros (50.0 %"),
         "{stderr}"
     );
 

@@ -139,14 +139,14 @@ fn available_memory() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// Says so when `--sparsity` draws new masks over a checkpoint whose sparsifiable matrices already
-/// hold zeros (more than 1 %): those weights stay zero but are no longer the mask, so they are
-/// streamed and counted as kept.
-pub fn note_new_masks_over_zeros(params: &GptParams) {
+/// Says so when new masks are drawn over a checkpoint whose sparsifiable matrices already hold
+/// zeros (more than 1 %): those weights stay zero but are no longer the mask, so they are
+/// streamed and counted as kept. `hint` ends the line (how to keep them, where there is a way).
+pub fn note_new_masks_over_zeros(params: &GptParams, hint: &str) {
     let zeros = crate::sparsity::ModelMasks::from_params_zeros(params).sparsity();
     if zeros > 0.01 {
         eprintln!(
-            "note: --sparsity draws new masks; the checkpoint's zeros ({:.1} % of the sparsifiable weights) are not its mask here (omit --sparsity to keep them as the mask)",
+            "note: the masks are drawn anew; the checkpoint's zeros ({:.1} % of the sparsifiable weights) are not its mask here{hint}",
             100.0 * zeros
         );
     }

@@ -145,7 +145,7 @@ pub fn json_text(value: &serde_json::Value) -> anyhow::Result<String> {
 
 /// The most host threads `--threads` accepts: far more than any host this runs on has cores,
 /// and few enough that starting them is instant.
-pub(crate) const MAX_THREADS: usize = 256;
+const MAX_THREADS: usize = 256;
 
 /// A thread count given with `--threads`: 1 to [`MAX_THREADS`].
 pub(crate) fn check_threads(n: usize) -> anyhow::Result<()> {

@@ -320,7 +320,7 @@ fn load_weights(args: &Args, config: &GptConfig) -> anyhow::Result<(GptParams, M
     };
     let masks = masks(args, config, &params)?;
     if args.checkpoint.is_some() && args.sparsity.is_some() {
-        guard::note_new_masks_over_zeros(&params);
+        guard::note_new_masks_over_zeros(&params, " (omit --sparsity to keep them)");
     }
     masks
         .apply(&mut params)

@@ -87,7 +87,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(dir) => {
             let (config, params) =
                 load_checkpoint(dir).map_err(|e| bad_input("--checkpoint", e))?;
-            guard::note_new_masks_over_zeros(&params);
+            guard::note_new_masks_over_zeros(&params, "");
             (config, Some(params))
         }
         None => {

@@ -385,7 +385,7 @@ fn load_weights(args: &Args, setup: &Setup) -> anyhow::Result<(GptParams, ModelM
     let masks = match (setup.phase, args.sparsity) {
         (TrainPhase::SparsePretrain, Some(s)) => {
             if args.checkpoint.is_some() {
-                guard::note_new_masks_over_zeros(&params);
+                guard::note_new_masks_over_zeros(&params, " (omit --sparsity to keep them)");
             }
             ModelMasks::random(config, s, args.seed).map_err(|e| bad_input("--sparsity", e))?
         }
