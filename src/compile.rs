@@ -14,8 +14,9 @@
 //! The fit check counts what must stay resident on a PE between the forward and the backward
 //! pass (the activations the backward pass reads, per layer), and beside it the largest working
 //! set of a kernel (one kernel runs at a time): the weight-streamed kernels' smallest (their
-//! chunks are then cut to the SRAM left) and the attention kernels' buffers beyond the Q, K, V
-//! tiles and probabilities already resident (its K/V window, gradients, dS). Key design
+//! chunks are then cut to the SRAM left), the small dense kernels' buffers (LayerNorm, GELU, the
+//! residual add, the loss) and the attention kernels' buffers beyond the Q, K, V tiles and
+//! probabilities already resident (its K/V window, gradients, dS). Key design
 //! decision: the batch is cut into passes of `micro_batch` sequences (forward and backward of
 //! one pass, weight gradients accumulated over the passes on the host; a step costs the sum of
 //! its passes), the largest micro-batch that fits. Where even one sequence cannot keep its
@@ -31,14 +32,13 @@
 //! The region's shape can be limited ([`plan_step_within`]): `crate::tune` costs a few
 //! limited shapes with the fast fidelity and keeps the fastest.
 //!
-//! Not here: the small dense kernels' working memory (LayerNorm, GELU, the loss, the
-//! embedding: each kernel's plan checks it against the whole SRAM, a few hundred bytes at
-//! MediSwift-XL scale), a different region per layer (all kernels share one, so no activation is
-//! ever re-laid out).
+//! Not here: a different region per layer (all kernels share one, so no activation is ever
+//! re-laid out).
 
 use wafersim_kernels::{
-    AttentionMemory, AttentionShape, KernelError, MatmulShape, Precision, Region, STEP_COLORS,
-    Split, WeightGradShape,
+    AttentionMemory, AttentionShape, Gelu, GeluBackward, KernelError, LayerNorm, LayerNormBackward,
+    MatmulShape, Precision, Region, ResidualAdd, STEP_COLORS, SoftmaxCrossEntropy, Split,
+    WeightGradShape,
 };
 use wafersim_sim::FabricConfig;
 
@@ -127,15 +127,15 @@ impl StepPlan {
 #[non_exhaustive]
 pub enum CompileError {
     #[error(
-        "the model does not fit the fabric: even one sequence per pass with the attention recomputed, each PE must keep {needed} bytes of activations for the backward pass ({per_layer} per layer x {layers} layers + {head} for the head) and the weight-streamed products need {working} more, but it has {available}; use a bigger fabric or shorter sequences"
+        "the model does not fit the fabric: even one sequence per pass with the attention recomputed, each PE must keep {needed} bytes of activations for the backward pass ({per_layer} per layer x {layers} layers + {head} for the head) and the largest kernel's working set needs {working} more, but it has {available}; use a bigger fabric or shorter sequences"
     )]
     DoesNotFit {
         needed: u64,
         per_layer: u64,
         layers: usize,
         head: u64,
-        /// The largest minimal working set of the weight-streamed kernels (one partial-sum
-        /// column).
+        /// The largest minimal working set of a kernel (a weight-streamed one with one
+        /// partial-sum column, or a small dense one).
         working: u64,
         available: u64,
     },
@@ -171,7 +171,7 @@ struct Fit {
     per_layer: u64,
     head: u64,
     needed: u64,
-    /// Minimal working set of the weight-streamed kernels on this pass.
+    /// The largest minimal working set of a kernel on this pass, attention aside.
     working: u64,
     /// What the attention kernels hold beyond the resident activations (0 when not counted).
     attention: u64,
@@ -206,7 +206,8 @@ fn fit(
     let kept = if place.recompute { 1 } else { seq };
     let (per_layer, head) = resident_bytes(config, kept, region, tokens);
     let needed = per_layer * config.n_layer as u64 + head;
-    let working = streaming_minimum(config, region, tokens, place.precision, fabric);
+    let streaming = streaming_minimum(config, region, tokens, place.precision, fabric);
+    let working = streaming.max(dense_kernels_maximum(config, region, tokens));
     let resident_fit = needed + working <= u64::from(fabric.sram_bytes);
     // Counted only where it can decide (it takes a pass over the region's PEs).
     let attention = if place.count_attention && resident_fit {
@@ -250,6 +251,25 @@ pub fn attention_memory(
     fabric: &FabricConfig,
 ) -> Result<AttentionMemory, KernelError> {
     attention_shape(config, plan.micro_batch, plan.seq).memory(fabric, plan.region)
+}
+
+/// The largest of the small dense kernels' buffers on the fullest PE of `region` (LayerNorm and
+/// GELU both ways, the residual add, the loss), as each kernel's plan counts them, tiles it reads
+/// included. The embedding's are fewer than the LayerNorm's: a tile and a scratch that shrinks
+/// to what is left (at least one element).
+fn dense_kernels_maximum(config: &GptConfig, region: Region, tokens: usize) -> u64 {
+    let (d, f, v) = (config.n_embd, config.n_inner, config.vocab_size);
+    [
+        LayerNorm::sram_bytes(region, tokens, d),
+        LayerNormBackward::sram_bytes(region, tokens, d, true),
+        Gelu::sram_bytes(region, tokens, f),
+        GeluBackward::sram_bytes(region, tokens, f),
+        ResidualAdd::sram_bytes(region, tokens, d),
+        SoftmaxCrossEntropy::sram_bytes(region, tokens, v),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0)
 }
 
 /// The largest of the weight-streamed kernels' minimal working sets (tiles, bias and one
@@ -623,22 +643,24 @@ mod tests {
         // 64-token sequences on 16 x 16, 4 tokens per row each: per layer and token
         // 8 x 4 + 2 x 16 + 4 = 68 floats besides attention. Keeping the 64 probabilities of one
         // head: 4 x 4 x (2 x (68 + 64) + 26) = 4,640 bytes; with one statistic:
-        // 4 x 4 x (2 x 69 + 26) = 2,624. The streamed kernels need at least 424 more: the
-        // weight gradient of c_fc, X 4 x 4 and dY 4 x 16 tiles (4 x 80), 16 bias slots, a
-        // counter pair (8) and one column (4 x 4 gathered + 4 x 4 slots): 320 + 64 + 8 + 32.
+        // 4 x 4 x (2 x 69 + 26) = 2,624. The largest kernel working set beside them is the GELU
+        // backward's: X, dY, dX and a scratch tile of 4 tokens x 16 of the 256 hidden features,
+        // 4 x 4 x 64 = 1,024 bytes (the streamed kernels need at most 424: the weight gradient
+        // of c_fc, X 4 x 4 and dY 4 x 16 tiles (4 x 80), 16 bias slots, a counter pair (8) and
+        // one column (4 x 4 gathered + 4 x 4 slots): 320 + 64 + 8 + 32).
         let short = plan_step(
             &tiny,
             2,
             64,
-            &fabric_with_sram(16, 16, 3_047),
+            &fabric_with_sram(16, 16, 3_647),
             Precision::F32,
         );
-        assert!(short.is_err(), "2,624 + 424 = 3,048 bytes");
+        assert!(short.is_err(), "2,624 + 1,024 = 3,648 bytes");
         let recompute = plan_step(
             &tiny,
             2,
             64,
-            &fabric_with_sram(16, 16, 3_100),
+            &fabric_with_sram(16, 16, 3_648),
             Precision::F32,
         )
         .unwrap();
@@ -647,11 +669,23 @@ mod tests {
             (recompute.micro_batch, recompute.resident_bytes),
             (1, 2_624)
         );
+        let just_short = plan_step(
+            &tiny,
+            2,
+            64,
+            &fabric_with_sram(16, 16, 5_663),
+            Precision::F32,
+        )
+        .unwrap();
+        assert!(
+            just_short.recompute_attention,
+            "4,640 + 1,024 = 5,664 bytes"
+        );
         let keep = plan_step(
             &tiny,
             2,
             64,
-            &fabric_with_sram(16, 16, 5_064),
+            &fabric_with_sram(16, 16, 5_664),
             Precision::F32,
         )
         .unwrap();
@@ -678,7 +712,7 @@ mod tests {
             "{err}"
         );
         assert!(
-            err.contains("(28392 per layer x 24 layers + 45948 for the head) and the weight-streamed products need 46204 more, but it has 49152; use a bigger fabric or shorter sequences"),
+            err.contains("(28392 per layer x 24 layers + 45948 for the head) and the largest kernel's working set needs 46204 more, but it has 49152; use a bigger fabric or shorter sequences"),
             "{err}"
         );
     }

@@ -168,6 +168,15 @@ impl Buffers {
 }
 
 impl SoftmaxCrossEntropy<'_> {
+    /// SRAM of the fullest PE for `tokens` rows of `vocab` logits on `region` (shapes only).
+    pub fn sram_bytes(region: Region, tokens: usize, vocab: usize) -> u64 {
+        let tiling = Tiling::new(region, tokens, vocab);
+        let (t, v) = (tiling.tokens.max_len(), tiling.features.max_len());
+        // z; m, sg (2), target, weight, work; the max scratch; the loss; two join counters.
+        let scratch = if region.cols > 1 { t } else { 0 };
+        4 * (t * v + 6 * t + scratch + 3) as u64
+    }
+
     fn tokens(&self) -> usize {
         self.ids.len()
     }
@@ -215,9 +224,7 @@ impl SoftmaxCrossEntropy<'_> {
         self.check(config)?;
         let tiling = Tiling::new(self.region, self.tokens(), self.vocab);
         let (t, v) = (tiling.tokens.max_len(), tiling.features.max_len());
-        // z; m, sg (2), target, weight, work; the max scratch; the loss; two join counters.
-        let scratch = if self.region.cols > 1 { t } else { 0 };
-        let sram_bytes = 4 * (t * v + 6 * t + scratch + 3) as u64;
+        let sram_bytes = Self::sram_bytes(self.region, self.tokens(), self.vocab);
         let available = u64::from(config.sram_bytes);
         if sram_bytes > available {
             return Err(KernelError::DoesNotFit {

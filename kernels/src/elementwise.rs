@@ -136,6 +136,26 @@ impl Body {
         }
     }
 
+    /// Input tiles.
+    fn inputs(self) -> usize {
+        match self {
+            Body::Gelu => 1,
+            Body::GeluBackward | Body::Add => 2,
+        }
+    }
+
+    /// f32 tiles a PE holds: the inputs, the output and the scratch.
+    fn tiles(self) -> usize {
+        self.inputs() + 1 + self.scratch()
+    }
+
+    /// SRAM of the fullest PE for `tokens x features` on `region`.
+    fn sram_bytes(self, region: Region, tokens: usize, features: usize) -> u64 {
+        let tiling = Tiling::new(region, tokens, features);
+        let tile = (tiling.tokens.max_len() * tiling.features.max_len()) as u64;
+        4 * tile * self.tiles() as u64
+    }
+
     fn execute(self, ctx: &mut TaskCtx<'_>, inputs: &[Buf], out: Buf, scratch: &[Buf]) {
         let (k, c) = (gelu_k(), GELU_C);
         match (self, inputs, scratch) {
@@ -192,10 +212,13 @@ impl Local<'_> {
             tiles::check_len(self.kernel, name, m, self.tokens, self.features)?;
         }
         check_region(self.kernel, config, self.region, self.tokens, self.features)?;
+        debug_assert_eq!(self.inputs.len(), self.body.inputs());
         let tiling = Tiling::new(self.region, self.tokens, self.features);
         let tile = (tiling.tokens.max_len() * tiling.features.max_len()) as u64;
-        let buffers = (self.inputs.len() + 1 + self.body.scratch()) as u64;
-        let needed = 4 * tile * buffers;
+        let buffers = self.body.tiles();
+        let needed = self
+            .body
+            .sram_bytes(self.region, self.tokens, self.features);
         let available = u64::from(config.sram_bytes);
         if needed > available {
             return Err(KernelError::DoesNotFit {
@@ -318,6 +341,11 @@ local_kernel!(GeluBackward);
 local_kernel!(ResidualAdd);
 
 impl Gelu<'_> {
+    /// SRAM of the fullest PE for `tokens x features` on `region` (shapes only).
+    pub fn sram_bytes(region: Region, tokens: usize, features: usize) -> u64 {
+        Body::Gelu.sram_bytes(region, tokens, features)
+    }
+
     fn local(&self) -> Local<'_> {
         Local {
             kernel: GELU,
@@ -331,6 +359,11 @@ impl Gelu<'_> {
 }
 
 impl GeluBackward<'_> {
+    /// SRAM of the fullest PE for `tokens x features` on `region` (shapes only).
+    pub fn sram_bytes(region: Region, tokens: usize, features: usize) -> u64 {
+        Body::GeluBackward.sram_bytes(region, tokens, features)
+    }
+
     fn local(&self) -> Local<'_> {
         Local {
             kernel: GELU_BACKWARD,
@@ -344,6 +377,11 @@ impl GeluBackward<'_> {
 }
 
 impl ResidualAdd<'_> {
+    /// SRAM of the fullest PE for `tokens x features` on `region` (shapes only).
+    pub fn sram_bytes(region: Region, tokens: usize, features: usize) -> u64 {
+        Body::Add.sram_bytes(region, tokens, features)
+    }
+
     fn local(&self) -> Local<'_> {
         Local {
             kernel: RESIDUAL_ADD,

@@ -267,6 +267,14 @@ impl Pe {
     }
 }
 
+/// The largest token block and feature block of `tiling`: the fullest PE's tile.
+fn largest_tile(tiling: &Tiling) -> (u64, u64) {
+    (
+        tiling.tokens.max_len() as u64,
+        tiling.features.max_len() as u64,
+    )
+}
+
 /// Checks the region and that `bytes` fit a PE.
 fn check_fit(
     kernel: &'static str,
@@ -342,16 +350,19 @@ impl LayerNorm<'_> {
         check_region(KERNEL, config, self.region, t, f)
     }
 
+    /// SRAM of the fullest PE for `tokens x features` on `region` (shapes only).
+    pub fn sram_bytes(region: Region, tokens: usize, features: usize) -> u64 {
+        let (t, f) = largest_tile(&Tiling::new(region, tokens, features));
+        // x, y tiles; sum/mean, squares/var, scratch, rstd vectors; gamma and beta; 4 joins.
+        4 * (2 * t * f + 4 * t + 2 * f + 4)
+    }
+
     /// Checks shapes and that every PE's buffers fit its SRAM.
     pub fn plan(&self, config: &FabricConfig) -> Result<LayerNormPlan, KernelError> {
         self.check(config)?;
         let tiling = Tiling::new(self.region, self.tokens, self.features);
-        let (t, f) = (
-            tiling.tokens.max_len() as u64,
-            tiling.features.max_len() as u64,
-        );
-        // x, y tiles; sum/mean, squares/var, scratch, rstd vectors; gamma and beta; 4 joins.
-        let bytes = 4 * (2 * t * f + 4 * t + 2 * f + 4);
+        let (t, f) = largest_tile(&tiling);
+        let bytes = Self::sram_bytes(self.region, self.tokens, self.features);
         check_fit(
             KERNEL,
             config,
@@ -569,18 +580,33 @@ impl LayerNormBackward<'_> {
         check_region(k, config, self.region, t, f)
     }
 
+    /// SRAM of the fullest PE for `tokens x features` on `region`, with or without the
+    /// parameter gradients (shapes only).
+    pub fn sram_bytes(
+        region: Region,
+        tokens: usize,
+        features: usize,
+        parameter_gradients: bool,
+    ) -> u64 {
+        let (t, f) = largest_tile(&Tiling::new(region, tokens, features));
+        // x, dy, dx, g tiles; mean, rstd, [sum g, sum g xhat], scratch; gamma and, with the
+        // parameter gradients, [dgamma, dbeta]; 2 joins.
+        let per_feature = if parameter_gradients { 3 } else { 1 };
+        4 * (4 * t * f + 5 * t + per_feature * f + 2)
+    }
+
     /// Checks shapes and that every PE's buffers fit its SRAM.
     pub fn plan(&self, config: &FabricConfig) -> Result<LayerNormPlan, KernelError> {
         self.check(config)?;
         let tiling = Tiling::new(self.region, self.tokens, self.features);
-        let (t, f) = (
-            tiling.tokens.max_len() as u64,
-            tiling.features.max_len() as u64,
-        );
-        // x, dy, dx, g tiles; mean, rstd, [sum g, sum g xhat], scratch; gamma and, with the
-        // parameter gradients, [dgamma, dbeta]; 2 joins.
+        let (t, f) = largest_tile(&tiling);
         let per_feature = if self.parameter_gradients { 3 } else { 1 };
-        let bytes = 4 * (4 * t * f + 5 * t + per_feature * f + 2);
+        let bytes = Self::sram_bytes(
+            self.region,
+            self.tokens,
+            self.features,
+            self.parameter_gradients,
+        );
         check_fit(
             KERNEL_BACKWARD,
             config,
