@@ -78,12 +78,19 @@ impl RegionChoice {
             .find(|t| t.plan.as_ref().ok() == Some(&self.plan) && t.estimated_cycles.is_some())
     }
 
+    /// The proxy's cycles on the chosen plan (`None` if it was not costed).
+    pub fn chosen_cycles(&self) -> Option<u64> {
+        self.chosen_trial()?.estimated_cycles
+    }
+
     /// Every operation of the chosen plan with its cheapest candidate shape, in key order
-    /// (empty if the chosen plan was not costed).
+    /// (empty if the chosen plan was not costed). When the chosen plan's attention fits, only
+    /// candidates whose attention fits compete, as they did for the choice.
     pub fn per_operation(&self) -> Vec<OperationChoice> {
         let Some(chosen) = self.chosen_trial() else {
             return Vec::new();
         };
+        let placeable = |plan: &StepPlan| plan.attention_fits || !self.plan.attention_fits;
         chosen
             .operations
             .iter()
@@ -91,7 +98,10 @@ impl RegionChoice {
                 let (best_cycles, region) = self
                     .trials
                     .iter()
-                    .filter_map(|t| Some((*t.operations.get(&key)?, t.plan.as_ref().ok()?.region)))
+                    .filter_map(|t| {
+                        let plan = t.plan.as_ref().ok().filter(|p| placeable(p))?;
+                        Some((*t.operations.get(&key)?, plan.region))
+                    })
                     .min_by_key(|(cycles, _)| *cycles)
                     .expect("the chosen trial has the operation");
                 OperationChoice {
@@ -406,11 +416,14 @@ mod tests {
         let batch = Batch::new(&config, 2, 32, tokens).unwrap();
         let fabric = FabricConfig::rectangle(16, 16).unwrap();
         let choice = choose_region(search_on(&config, &masks, &batch, &fabric)).unwrap();
-        let chosen = choice
+        let chosen = choice.chosen_cycles();
+        // Every candidate's attention fits here, so the chosen one is the cheapest.
+        let cheapest = choice
             .trials
             .iter()
             .filter_map(|t| t.estimated_cycles)
             .min();
+        assert_eq!(chosen, cheapest);
         let ops = choice.per_operation();
         // The chosen cycles split by operation add back to the estimate; each operation's best
         // is the minimum over the candidates' own splits, never above its chosen cost.
@@ -428,6 +441,42 @@ mod tests {
         let bound = choice.per_operation_bound().unwrap();
         assert_eq!(bound, ops.iter().map(|o| o.best_cycles).sum::<u64>());
         assert!(bound <= chosen.unwrap());
+    }
+
+    /// While the chosen plan's attention fits, a candidate whose attention does not fit is no
+    /// operation's best shape (it could not have been chosen either), however cheap.
+    #[test]
+    fn unplaceable_candidates_are_no_operations_best_shape() {
+        let config = GptConfig::preset("tiny").unwrap();
+        let masks = ModelMasks::random(&config, 0.75, 3).unwrap();
+        let tokens = (0..64).map(|i| (i * 5 % 256) as u32).collect();
+        let batch = Batch::new(&config, 2, 32, tokens).unwrap();
+        let fabric = FabricConfig::rectangle(16, 16).unwrap();
+        let mut choice = choose_region(search_on(&config, &masks, &batch, &fabric)).unwrap();
+        let chosen = choice.plan.clone();
+        let other = (choice.trials.iter())
+            .position(|t| t.plan.as_ref().is_ok_and(|p| *p != chosen))
+            .expect("a second shape");
+        // The bound without that candidate at all.
+        let mut without = choice.clone();
+        without.trials.remove(other);
+        let bound = without.per_operation_bound();
+        let trial = &mut choice.trials[other];
+        trial.operations.values_mut().for_each(|cycles| *cycles = 0);
+        if let Ok(plan) = trial.plan.as_mut() {
+            plan.attention_fits = false;
+        }
+        assert_eq!(choice.per_operation_bound(), bound);
+        for t in &mut choice.trials {
+            if let Ok(plan) = t.plan.as_mut() {
+                plan.attention_fits = true;
+            }
+        }
+        assert_eq!(
+            choice.per_operation_bound(),
+            Some(0),
+            "placeable, it wins every operation"
+        );
     }
 
     #[test]

@@ -670,14 +670,8 @@ fn print_search(s: &Summary<'_>) -> anyhow::Result<()> {
         "region search (estimated cycles, one-block proxy): {}",
         costed.join(", ")
     )?;
-    if let (Some(bound), Some(chosen)) = (
-        s.search.per_operation_bound(),
-        s.search
-            .trials
-            .iter()
-            .filter_map(|t| t.estimated_cycles)
-            .min(),
-    ) {
+    if let (Some(bound), Some(chosen)) = (s.search.per_operation_bound(), s.search.chosen_cycles())
+    {
         outln!(
             "  each operation on its own best shape (free re-layout): {bound}, {:.2} % fewer",
             100.0 * (1.0 - bound as f64 / chosen as f64)
