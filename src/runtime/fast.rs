@@ -12,11 +12,11 @@
 //! kernels' formulas read shapes only, so they are called on kernels given no data
 //! ([`NO_DATA`]); a test checks that they give the same cycles as with data.
 //!
-//! What it is not: a check of the kernels' SRAM. The step's resident activations are checked by
-//! [`crate::compile`] and the weight-streamed kernels' chunking by their plans, but the dense
-//! kernels' scratch is only checked by the exact engine; the attention's, which grows with the
-//! sequence, is reported by the callers ([`super::attention_memory`]) and costed even where it
-//! does not fit (`docs/scale.md`). FMACs are the analytic count.
+//! What it is not: a check of the kernels' SRAM. The step's resident activations and, beside them,
+//! the largest kernel's working set are checked by [`crate::compile`], and the weight-streamed
+//! kernels' chunking by their plans; the attention's buffers, which grow with the sequence, are
+//! reported by the callers ([`crate::compile::attention_memory`]) and costed even where they do
+//! not fit (`docs/scale.md`). FMACs are the analytic count.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
