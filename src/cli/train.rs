@@ -448,8 +448,9 @@ fn print_summary(run: &Finished<'_>) -> anyhow::Result<()> {
     let (first, last) = (run.log.first(), run.log.last());
     let loss = |r: Option<&StepRecord>| r.map_or(f64::NAN, |r| r.loss);
     outln!(
-        "{}: {} of {} steps{}, loss {:.4} -> {:.4} (ln vocab {:.4})",
+        "{}, {} fidelity: {} of {} steps{}, loss {:.4} -> {:.4} (ln vocab {:.4})",
         run.setup.phase.name(),
+        run.args.fidelity.fidelity().name(),
         run.log.len(),
         run.args.steps,
         if run.interrupted {
@@ -461,8 +462,12 @@ fn print_summary(run: &Finished<'_>) -> anyhow::Result<()> {
         loss(last),
         (run.setup.config.vocab_size as f64).ln()
     )?;
+    let counted = match run.args.fidelity.fidelity() {
+        crate::runtime::Fidelity::Exact => "executed",
+        crate::runtime::Fidelity::Fast => "counted",
+    };
     outln!(
-        "matmul FLOPs {}, cycles {} ({:.6} s at {} MHz), host wall {:.1} s",
+        "matmul FLOPs {counted} {}, cycles {} ({:.6} s at {} MHz), host wall {:.1} s",
         run.total_flops(),
         run.total_cycles(),
         run.seconds(),
