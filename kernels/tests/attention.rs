@@ -99,8 +99,9 @@ fn fullest_pe(stats: &wafersim_sim::Stats) -> u64 {
 fn within(name: &str, estimate: u64, exact: u64) {
     let ratio = estimate as f64 / exact as f64;
     eprintln!("{name}: estimate {estimate} exact {exact} cycles (ratio {ratio:.3})");
+    // The module doc's claim: within 6 % on every shape tested here.
     assert!(
-        (0.75..=1.25).contains(&ratio),
+        (0.94..=1.06).contains(&ratio),
         "{name}: estimate {estimate} vs exact {exact}"
     );
 }
