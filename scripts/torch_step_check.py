@@ -37,7 +37,7 @@ Cases: sparsity 0.5 with 2 sequences, dense (--sparsity 0), and sparsity 0.5 wit
 Run from the repository root after building the release binary:
 
     cargo build --release
-    /opt/torchenv/bin/python scripts/torch_step_check.py            # all cases, ~1 minute
+    /opt/torchenv/bin/python scripts/torch_step_check.py            # all cases, ~20 s
     /opt/torchenv/bin/python scripts/torch_step_check.py --keep /tmp/stepcheck   # keep the files
 
 Prints one PASS/FAIL table per case and the largest errors; exits 1 on any failure. Needs torch,
