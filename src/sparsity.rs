@@ -1,5 +1,5 @@
 //! Static unstructured sparsity masks: which weights of the six sparsified matrices of every block
-//! are pruned (DESIGN.md section 4, the MediSwift / SPDF recipe).
+//! are pruned (the MediSwift / SPDF recipe, `docs/recipe.md`).
 //!
 //! What is sparsified: Q, K, V, the attention output projection and both FFN matrices of every
 //! block ([`SparseKind::ALL`]). Everything else (embeddings, the tied LM head, LayerNorms, biases)

@@ -1,7 +1,7 @@
 //! The weight-streamed sparse matrix product `Y[T x N] = X[T x K] W[K x N] (+ b)`: the forward
 //! pass of a linear layer and, fed `dY` and `W^T`, its input gradient.
 //!
-//! Placement (DESIGN.md section 3): PE (c, r) of an R x C region holds `X[T_r, K_c]`
+//! Placement (the shared layout, [`crate::layout`]): PE (c, r) of an R x C region holds `X[T_r, K_c]`
 //! feature-major. `W` is never resident: the host streams its kept entries down each PE column,
 //! those with input index in `K_c` down column c, multicast to every row, output column by output
 //! column. A pruned weight is never sent, so it never wakes a task and costs nothing.

@@ -2,9 +2,9 @@
 //! SIMD widths, with the `wse2` and `wse3` presets and file overrides.
 //!
 //! Every number the simulator uses to time anything lives here, so a reader can see (and a user
-//! can change) the whole machine model in one struct. Sources are in DESIGN.md section 2 and
-//! `notes/cerebras-fabric.md`; values marked "assumption" are not published and are parameters
-//! for that reason.
+//! can change) the whole machine model in one struct. Each field's doc names its source (the
+//! table of `docs/machine.md` too); values marked "assumption" are not published and are
+//! parameters for that reason.
 //!
 //! A config is built from a spec string (`wse2`, `wse3`, `WxH` = the wse2 machine cut to that
 //! rectangle) or from a TOML/JSON file whose `base` names a preset and whose other keys override

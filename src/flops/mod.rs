@@ -10,7 +10,7 @@
 //! arithmetic, because the simulator's executed FMACs must equal the sparse counts exactly
 //! (`2 x FMACs == sparse FLOPs` for every matmul it runs). Ratios are derived last, as `f64`.
 //!
-//! The convention (DESIGN.md section 5, `docs/flops.md`): one multiply-add = 2 FLOPs; a matmul
+//! The convention (`docs/flops.md`): one multiply-add = 2 FLOPs; a matmul
 //! `[M x K] x [K x N]` is `2 M N K`; a training step is forward + input-gradient + weight-gradient,
 //! so a dense matmul costs 3 x its forward. With `T = batch x seq` tokens:
 //! - the six sparsified linears (Q, K, V, attention output, FFN fc and fc_proj), `[K x N]` with

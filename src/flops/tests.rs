@@ -165,7 +165,7 @@ fn paper_reduction(preset: &str, sparsity: f64) -> f64 {
 
 #[test]
 fn mediswift_reductions_match_the_paper() {
-    // Per token forward, L = 24, S = 2048, V = 50257 (DESIGN.md section 5, notes section 3.3):
+    // Per token forward, L = 24, S = 2048, V = 50257 (`docs/flops.md`):
     //   linears 24 L d^2, attention 4 L S d, LM head 2 d V; the linears scale by (1 - s).
     // XL (d 2048): 2,415,919,104 + 402,653,184 + 205,852,672 = 3,024,424,960 dense;
     //   50 %: 1,207,959,552 + 608,505,856 = 1,816,465,408 -> 1.66501;
