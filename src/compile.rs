@@ -37,12 +37,23 @@
 
 use wafersim_kernels::{
     AttentionMemory, AttentionShape, Gelu, GeluBackward, KernelError, LayerNorm, LayerNormBackward,
-    MatmulShape, Precision, Region, ResidualAdd, STEP_COLORS, SoftmaxCrossEntropy, Split,
-    WeightGradShape,
+    MatmulShape, Precision, Region, ResidualAdd, SoftmaxCrossEntropy, Split, WeightGradShape,
+    attention, cross_entropy, embedding, layernorm, matmul, max_colors, weight_grad,
 };
 use wafersim_sim::FabricConfig;
 
 use crate::model::GptConfig;
+
+/// Colors a training step's kernels route on (`0..STEP_COLORS`): a fabric needs at least as
+/// many. The attention uses the most. (GELU and the residual add route on none.)
+pub const STEP_COLORS: u8 = max_colors(&[
+    attention::COLORS,
+    layernorm::COLORS,
+    cross_entropy::COLORS,
+    embedding::COLORS,
+    matmul::COLORS,
+    weight_grad::COLORS,
+]);
 
 /// Where and how a training step runs.
 #[derive(Clone, Debug, PartialEq)]
@@ -691,6 +702,13 @@ mod tests {
         .unwrap();
         assert!(!keep.recompute_attention);
         assert_eq!((keep.micro_batch, keep.resident_bytes), (1, 4_640));
+    }
+
+    /// The attention's K/V gather (0-3), dK/dV reduction (4-7) and head sums (8-11) use the most
+    /// colors of a step's kernels.
+    #[test]
+    fn a_step_routes_on_the_attentions_twelve_colors() {
+        assert_eq!(STEP_COLORS, 12);
     }
 
     #[test]

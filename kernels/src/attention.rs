@@ -178,7 +178,7 @@ const SUMS: GroupAllReduce = GroupAllReduce {
     west: [Color(10), Color(11)],
 };
 /// Colors the kernel routes on: `0..COLORS`.
-pub(crate) const COLORS: u8 = crate::colors_used(
+pub const COLORS: u8 = crate::colors_used(
     &[
         GATHER.south,
         GATHER.north,

@@ -83,7 +83,7 @@ const LOSS: ColumnChain = ColumnChain {
     south: [Color(3), Color(4)],
 };
 /// Colors the kernel routes on: `0..COLORS`.
-pub(crate) const COLORS: u8 = crate::colors_used(&[ROW.east, LOSS.south], &[ROW.broadcast]);
+pub const COLORS: u8 = crate::colors_used(&[ROW.east, LOSS.south], &[ROW.broadcast]);
 
 /// One loss and gradient to compute.
 #[derive(Clone, Copy, Debug)]

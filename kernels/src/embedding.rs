@@ -86,7 +86,7 @@ const OUT: ColumnChain = ColumnChain {
     south: [Color(1), Color(2)],
 };
 /// Colors the kernel routes on: `0..COLORS`.
-pub(crate) const COLORS: u8 = crate::colors_used(&[OUT.south], &[VALUES]);
+pub const COLORS: u8 = crate::colors_used(&[OUT.south], &[VALUES]);
 /// Most `f32` elements of the scratch vector that dropped or forwarded wavelets pass through
 /// (1 KiB); longer runs are received in several pieces, one receive each. (A CSL program would
 /// receive a whole run into a stride-0 memory DSD with one operation; the simulator's vectors

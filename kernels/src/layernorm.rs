@@ -136,8 +136,7 @@ const COLUMN: ColumnChain = ColumnChain {
     south: [Color(4), Color(5)],
 };
 /// Colors the kernel routes on: `0..COLORS`.
-pub(crate) const COLORS: u8 =
-    crate::colors_used(&[ROW.east, COLUMN.south], &[PARAMS, ROW.broadcast]);
+pub const COLORS: u8 = crate::colors_used(&[ROW.east, COLUMN.south], &[PARAMS, ROW.broadcast]);
 
 /// LayerNorm forward over the features of each token.
 #[derive(Clone, Copy, Debug)]

@@ -31,19 +31,22 @@ mod tiles;
 pub mod vchain;
 pub mod weight_grad;
 
-/// Colors a training step's kernels route on (`0..STEP_COLORS`): a fabric needs at least as
-/// many. The attention uses the most.
-pub const STEP_COLORS: u8 = max_colors(&[
-    attention::COLORS,
-    layernorm::COLORS,
-    cross_entropy::COLORS,
-    embedding::COLORS,
-    matmul::COLORS,
-    weight_grad::COLORS,
-]);
-
 /// Colors one linear layer's kernels route on (the product and the weight gradient).
 pub const LAYER_COLORS: u8 = max_colors(&[matmul::COLORS, weight_grad::COLORS]);
+
+/// The most colors any of the kernels counted in `counts` routes on: what a fabric running them
+/// one after the other needs.
+pub const fn max_colors(counts: &[u8]) -> u8 {
+    let mut most = 0;
+    let mut i = 0;
+    while i < counts.len() {
+        if counts[i] > most {
+            most = counts[i];
+        }
+        i += 1;
+    }
+    most
+}
 
 /// One more than the highest of a kernel's colors: its chains' pairs and its single colors.
 const fn colors_used(pairs: &[[Color; 2]], singles: &[Color]) -> u8 {
@@ -56,18 +59,6 @@ const fn colors_used(pairs: &[[Color; 2]], singles: &[Color]) -> u8 {
     let mut i = 0;
     while i < singles.len() {
         most = max_colors(&[most, singles[i].0 + 1]);
-        i += 1;
-    }
-    most
-}
-
-const fn max_colors(counts: &[u8]) -> u8 {
-    let mut most = 0;
-    let mut i = 0;
-    while i < counts.len() {
-        if counts[i] > most {
-            most = counts[i];
-        }
         i += 1;
     }
     most
@@ -183,6 +174,6 @@ mod tests {
             (layernorm::COLORS, cross_entropy::COLORS, embedding::COLORS),
             (6, 5, 3)
         );
-        assert_eq!((STEP_COLORS, LAYER_COLORS), (12, 7));
+        assert_eq!(LAYER_COLORS, 7);
     }
 }

@@ -71,7 +71,7 @@ const ROW: RowChain = RowChain {
     west: [Color(3), Color(4)],
 };
 /// Colors the kernel routes on: `0..COLORS`.
-pub(crate) const COLORS: u8 = crate::colors_used(&[ROW.east, ROW.west], &[WEIGHTS]);
+pub const COLORS: u8 = crate::colors_used(&[ROW.east, ROW.west], &[WEIGHTS]);
 /// The weight index that ends a chunk.
 const END_OF_CHUNK: u16 = u16::MAX;
 

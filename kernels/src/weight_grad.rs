@@ -65,7 +65,7 @@ const COLUMN: ColumnChain = ColumnChain {
     south: [Color(5), Color(6)],
 };
 /// Colors the kernel routes on: `0..COLORS`.
-pub(crate) const COLORS: u8 = crate::colors_used(&[ROW.east, ROW.west, COLUMN.south], &[PATTERN]);
+pub const COLORS: u8 = crate::colors_used(&[ROW.east, ROW.west, COLUMN.south], &[PATTERN]);
 const END_OF_CHUNK: u16 = u16::MAX;
 
 /// One gradient to compute.
