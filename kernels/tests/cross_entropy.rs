@@ -119,8 +119,9 @@ fn loss_and_gradient_match_the_cpu_on_every_layout() {
              {want_loss} (rel {loss_err:.1e}), dZ error {dz_err:.1e}",
             region.cols, region.rows, region.origin, run.stats.cycles, run.loss
         );
+        // Measured 1.002 to 1.097: the formula follows the largest tile's critical path.
         assert!(
-            (0.75..=1.25).contains(&ratio),
+            (0.9..=1.1).contains(&ratio),
             "{estimate} vs {}",
             run.stats.cycles
         );
@@ -238,7 +239,8 @@ fn the_estimate_tracks_bigger_shapes() {
             "cross-entropy T {t} V {v} on {cols}x{rows}: estimate {estimate} exact {} ({ratio:.3})",
             run.stats.cycles
         );
-        assert!((0.75..=1.25).contains(&ratio));
+        // Measured up to 1.097: the formula follows the largest tile's critical path.
+        assert!((0.9..=1.1).contains(&ratio));
     }
 }
 

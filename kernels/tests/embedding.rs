@@ -91,8 +91,9 @@ fn report(what: &str, region: Region, estimate: u64, exact: u64) {
         "{what} {}x{} at {}: estimate {estimate} exact {exact} ({ratio:.3})",
         region.cols, region.rows, region.origin
     );
+    // Measured 1.000 to 1.010.
     assert!(
-        (0.75..=1.25).contains(&ratio),
+        (0.98..=1.02).contains(&ratio),
         "{what}: {estimate} vs {exact}"
     );
 }

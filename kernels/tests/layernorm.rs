@@ -174,8 +174,9 @@ fn forward_matches_the_cpu_on_many_layouts() {
         let exact = run.stats.cycles;
         let ratio = estimate as f64 / exact as f64;
         eprintln!("layernorm forward {context}: exact {exact} estimate {estimate} ({ratio:.3})");
+        // Measured 1.000 on these shapes.
         assert!(
-            (0.75..=1.25).contains(&ratio),
+            (0.98..=1.02).contains(&ratio),
             "{context}: estimate {estimate} vs {exact}"
         );
     }
@@ -219,8 +220,9 @@ fn backward_matches_the_cpu_on_many_layouts() {
         let (exact, estimate) = (run.stats.cycles, kernel.estimate_cycles(&fabric));
         let ratio = estimate as f64 / exact as f64;
         eprintln!("layernorm backward {context}: exact {exact} estimate {estimate} ({ratio:.3})");
+        // Measured 0.986 to 1.000 on these shapes.
         assert!(
-            (0.75..=1.25).contains(&ratio),
+            (0.98..=1.02).contains(&ratio),
             "{context}: estimate {estimate} vs {exact}"
         );
     }
