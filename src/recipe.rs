@@ -5,9 +5,9 @@
 //! Key design decision: one step per distinct step kind is costed, at the fast fidelity, with
 //! weights that have shapes but no values (the fast engine reads shapes and masks only, never a
 //! weight), so MediSwift-XL on the whole wafer needs its masks in memory (one bit per
-//! sparsifiable weight, and their per-column counts) and nothing else. Three kinds exist: the sparse step (pre-training), the dense step
-//! (fine-tuning, and pre-training in the dense recipe) and the prompt step (a dense frozen
-//! model, no weight gradients). Steps are `ceil(tokens / tokens per step)`; a step of prompt
+//! sparsifiable weight, and their per-column counts) and nothing else. Three kinds exist: the
+//! sparse step (pre-training), the dense step (fine-tuning, and pre-training in the dense
+//! recipe) and the prompt step (a dense frozen model, no weight gradients). Steps are `ceil(tokens / tokens per step)`; a step of prompt
 //! tuning carries `P` prompt vectors and `S - P` tokens per sequence, so that every phase runs
 //! the same step shape `B x S`.
 //!

@@ -57,7 +57,7 @@
 //! | 0 | host stream of `gamma` (and `beta`) down each column from the north edge |
 //! | 1, 2 | row all-reduce: east-bound summing chain (alternating per column) |
 //! | 3 | row all-reduce: west-bound multicast of the totals |
-//! | 4, 5 | backward: `dgamma`/`dbeta` summed down each column, out of the south edge (only when asked for) |
+//! | 4, 5 | backward, if asked for: `dgamma`/`dbeta` summed down each column, out of the south edge |
 //!
 //! The forward's two all-reduces share colors 1-3: operations on one color run in issue order
 //! and the second is issued on a PE only after the first has finished there, with the same

@@ -4,7 +4,8 @@
 //! Placement (the shared layout, [`crate::layout`]): PE (c, r) of an R x C region holds
 //! `X[T_r, K_c]` feature-major. `W` is never resident: the host streams its kept entries down
 //! each PE column, those with input index in `K_c` down column c, multicast to every row, output
-//! column by output column. A pruned weight is never sent, so it never wakes a task and costs nothing.
+//! column by output column. A pruned weight is never sent, so it never wakes a task and costs
+//! nothing.
 //!
 //! Output columns are processed in chunks small enough for a partial-sum buffer `P[T_r x chunk]`
 //! to fit the PE. Each streamed entry `(n, k, w)` fires the weight task once: one AXPY

@@ -52,9 +52,9 @@ pub struct Preset {
     shape: (usize, usize, usize, usize, usize),
 }
 
-/// The built-in models (`wafersim presets`). The MediSwift sizes are GPT-3 shapes with sequence 2048
-/// and the GPT-2 vocabulary; their non-embedding parameter counts `12 L d^2` equal the paper's
-/// 302M (Med) and 1.21B (XL).
+/// The built-in models (`wafersim presets`). The MediSwift sizes are GPT-3 shapes with sequence
+/// 2048 and the GPT-2 vocabulary; their non-embedding parameter counts `12 L d^2` equal the
+/// paper's 302M (Med) and 1.21B (XL).
 pub const PRESETS: &[Preset] = &[
     Preset {
         name: "tiny",
