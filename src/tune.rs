@@ -408,14 +408,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_per_operation_bound_takes_each_operation_at_its_cheapest_shape() {
+    /// The search for tiny at 75 %, batch 2 x 32, on 16 x 16 PEs.
+    fn tiny_choice() -> RegionChoice {
         let config = GptConfig::preset("tiny").unwrap();
         let masks = ModelMasks::random(&config, 0.75, 3).unwrap();
         let tokens = (0..64).map(|i| (i * 5 % 256) as u32).collect();
         let batch = Batch::new(&config, 2, 32, tokens).unwrap();
         let fabric = FabricConfig::rectangle(16, 16).unwrap();
-        let choice = choose_region(search_on(&config, &masks, &batch, &fabric)).unwrap();
+        choose_region(search_on(&config, &masks, &batch, &fabric)).unwrap()
+    }
+
+    #[test]
+    fn the_per_operation_bound_takes_each_operation_at_its_cheapest_shape() {
+        let choice = tiny_choice();
         let chosen = choice.chosen_cycles();
         // Every candidate's attention fits here, so the chosen one is the cheapest.
         let cheapest = choice
@@ -447,12 +452,7 @@ mod tests {
     /// operation's best shape (it could not have been chosen either), however cheap.
     #[test]
     fn unplaceable_candidates_are_no_operations_best_shape() {
-        let config = GptConfig::preset("tiny").unwrap();
-        let masks = ModelMasks::random(&config, 0.75, 3).unwrap();
-        let tokens = (0..64).map(|i| (i * 5 % 256) as u32).collect();
-        let batch = Batch::new(&config, 2, 32, tokens).unwrap();
-        let fabric = FabricConfig::rectangle(16, 16).unwrap();
-        let mut choice = choose_region(search_on(&config, &masks, &batch, &fabric)).unwrap();
+        let mut choice = tiny_choice();
         let chosen = choice.plan.clone();
         let other = (choice.trials.iter())
             .position(|t| t.plan.as_ref().is_ok_and(|p| *p != chosen))
