@@ -309,31 +309,22 @@ const ENGINE_BYTES_PER_PE: u64 = 5 * 1024;
 /// phase's plan (a PE's arenas hold exactly what its program allocates) and the engine's state.
 /// One phase's program lives at a time.
 pub fn exact_host_bytes(spec: &GemmSpec, fabric: &FabricConfig, region: Region) -> Option<u64> {
-    let (t, k, n) = (spec.tokens, spec.k, spec.n);
-    let product = |k, n| MatmulShape {
-        region,
-        tokens: t,
-        k,
-        n,
-        bias: false,
-        precision: spec.precision,
-    };
-    let grad = WeightGradShape {
-        region,
-        tokens: t,
-        k,
-        n,
-        bias: false,
-        precision: spec.precision,
-    };
+    let (k, n) = (spec.k, spec.n);
     let sram = spec
         .phases
         .iter()
         .map(|phase| {
+            let product = |kn| {
+                product_shape(spec, region, kn)
+                    .plan(fabric)
+                    .map(|p| p.sram_bytes)
+            };
             let planned = match phase {
-                Phase::Forward => product(k, n).plan(fabric).map(|p| p.sram_bytes),
-                Phase::InputGrad => product(n, k).plan(fabric).map(|p| p.sram_bytes),
-                Phase::WeightGrad => grad.plan(fabric).map(|p| p.sram_bytes),
+                Phase::Forward => product((k, n)),
+                Phase::InputGrad => product((n, k)),
+                Phase::WeightGrad => weight_grad_shape(spec, region)
+                    .plan(fabric)
+                    .map(|p| p.sram_bytes),
             };
             planned.unwrap_or(u64::from(fabric.sram_bytes))
         })
@@ -539,6 +530,30 @@ fn fast_gemm(
     })
 }
 
+/// The streamed product `[T x k] [k x n]` of the experiment on `region`, without values.
+fn product_shape(spec: &GemmSpec, region: Region, (k, n): (usize, usize)) -> MatmulShape {
+    MatmulShape {
+        region,
+        tokens: spec.tokens,
+        k,
+        n,
+        bias: false,
+        precision: spec.precision,
+    }
+}
+
+/// The experiment's masked weight gradient on `region`, without values.
+fn weight_grad_shape(spec: &GemmSpec, region: Region) -> WeightGradShape {
+    WeightGradShape {
+        region,
+        tokens: spec.tokens,
+        k: spec.k,
+        n: spec.n,
+        bias: false,
+        precision: spec.precision,
+    }
+}
+
 /// `(sparse, dense)` cycles of the streamed product `[T x k] [k x n]` by its formula.
 fn fast_product(
     spec: &GemmSpec,
@@ -547,14 +562,7 @@ fn fast_product(
     (k, n): (usize, usize),
     counts: &ColumnCounts,
 ) -> Result<(u64, u64), GemmError> {
-    let shape = MatmulShape {
-        region,
-        tokens: spec.tokens,
-        k,
-        n,
-        bias: false,
-        precision: spec.precision,
-    };
+    let shape = product_shape(spec, region, (k, n));
     let plan = shape.plan(fabric)?;
     let dense = StreamLoad::dense(plan.input.features, &plan.chunks);
     Ok((
@@ -570,14 +578,7 @@ fn fast_weight_grad(
     region: Region,
     counts: &ColumnCounts,
 ) -> Result<(u64, u64), GemmError> {
-    let shape = WeightGradShape {
-        region,
-        tokens: spec.tokens,
-        k: spec.k,
-        n: spec.n,
-        bias: false,
-        precision: spec.precision,
-    };
+    let shape = weight_grad_shape(spec, region);
     let plan = shape.plan(fabric)?;
     let dense = StreamLoad::dense(plan.input.features, &plan.chunks);
     Ok((
