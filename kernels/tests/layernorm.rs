@@ -102,6 +102,59 @@ fn cpu_backward(
     (dx, dgamma, dbeta)
 }
 
+/// What a backward over `t x f` reads: `X`, `dY` (the values of `salt`), `gamma`, and the
+/// forward's `mean` and `rstd` as the CPU computes them, rounded to f32.
+struct BackwardInputs {
+    t: usize,
+    f: usize,
+    x: Vec<f32>,
+    dy: Vec<f32>,
+    gamma: Vec<f32>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+    cpu: Cpu,
+}
+
+impl BackwardInputs {
+    fn new(t: usize, f: usize, salt: u64) -> BackwardInputs {
+        let x = inputs(t, f, 0.0);
+        let (gamma, beta) = params(f);
+        let cpu = cpu_forward(&x, &gamma, &beta, t, f, EPS);
+        let rounded = |v: &[f64]| v.iter().map(|&v| v as f32).collect();
+        BackwardInputs {
+            t,
+            f,
+            dy: (0..t * f).map(|i| value(i, salt)).collect(),
+            mean: rounded(&cpu.mean),
+            rstd: rounded(&cpu.rstd),
+            x,
+            gamma,
+            cpu,
+        }
+    }
+
+    /// The kernel on `cols x rows` PEs at the origin.
+    fn kernel(&self, cols: u32, rows: u32, parameter_gradients: bool) -> LayerNormBackward<'_> {
+        LayerNormBackward {
+            region: Region::at_origin(cols, rows),
+            tokens: self.t,
+            features: self.f,
+            dy: &self.dy,
+            x: &self.x,
+            gamma: &self.gamma,
+            mean: &self.mean,
+            rstd: &self.rstd,
+            parameter_gradients,
+        }
+    }
+
+    /// `(dx, dgamma, dbeta)` by the CPU in f64.
+    fn cpu_backward(&self) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let c = &self.cpu;
+        cpu_backward(&self.dy, &c.xhat, &c.rstd, &self.gamma, self.t, self.f)
+    }
+}
+
 fn max_rel_error(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
@@ -187,27 +240,10 @@ fn backward_matches_the_cpu_on_many_layouts() {
     for (t, f, cols, rows) in SHAPES {
         // Two rows of idle PEs below the region: the gradients cross them to the south edge.
         let fabric = config(cols, rows + 2);
-        let x = inputs(t, f, 0.0);
-        let (gamma, _) = params(f);
-        let cpu = cpu_forward(&x, &gamma, &params(f).1, t, f, EPS);
-        let dy: Vec<f32> = (0..t * f).map(|i| value(i, 4)).collect();
-        let (mean, rstd): (Vec<f32>, Vec<f32>) = (
-            cpu.mean.iter().map(|&v| v as f32).collect(),
-            cpu.rstd.iter().map(|&v| v as f32).collect(),
-        );
-        let kernel = LayerNormBackward {
-            region: Region::at_origin(cols, rows),
-            tokens: t,
-            features: f,
-            dy: &dy,
-            x: &x,
-            gamma: &gamma,
-            mean: &mean,
-            rstd: &rstd,
-            parameter_gradients: true,
-        };
+        let inputs = BackwardInputs::new(t, f, 4);
+        let kernel = inputs.kernel(cols, rows, true);
         let run = kernel.run(&fabric, RunOptions::default()).unwrap();
-        let (dx, dgamma, dbeta) = cpu_backward(&dy, &cpu.xhat, &cpu.rstd, &gamma, t, f);
+        let (dx, dgamma, dbeta) = inputs.cpu_backward();
         let context = format!("T {t} F {f} on {cols} x {rows}");
         assert_close("dx", &run.dx, &dx, &context);
         let grads = run.parameter_gradients.as_ref().unwrap();
@@ -239,27 +275,11 @@ fn backward_matches_the_cpu_on_many_layouts() {
 fn without_parameter_gradients_dx_is_unchanged_and_nothing_leaves() {
     for (t, f, cols, rows) in [(4, 6, 1, 1), (10, 14, 3, 2)] {
         let fabric = config(cols, rows + 2);
-        let x = inputs(t, f, 0.0);
-        let (gamma, beta) = params(f);
-        let cpu = cpu_forward(&x, &gamma, &beta, t, f, EPS);
-        let dy: Vec<f32> = (0..t * f).map(|i| value(i, 5)).collect();
-        let mean: Vec<f32> = cpu.mean.iter().map(|&v| v as f32).collect();
-        let rstd: Vec<f32> = cpu.rstd.iter().map(|&v| v as f32).collect();
-        let with = LayerNormBackward {
-            region: Region::at_origin(cols, rows),
-            tokens: t,
-            features: f,
-            dy: &dy,
-            x: &x,
-            gamma: &gamma,
-            mean: &mean,
-            rstd: &rstd,
-            parameter_gradients: true,
-        };
-        let without = LayerNormBackward {
-            parameter_gradients: false,
-            ..with
-        };
+        let inputs = BackwardInputs::new(t, f, 5);
+        let (with, without) = (
+            inputs.kernel(cols, rows, true),
+            inputs.kernel(cols, rows, false),
+        );
         let full = with.run(&fabric, RunOptions::default()).unwrap();
         let frozen = without.run(&fabric, RunOptions::default()).unwrap();
         let context = format!("T {t} F {f} on {cols} x {rows}");
@@ -327,25 +347,10 @@ fn one_token_by_hand() {
 #[test]
 fn backward_input_gradient_is_orthogonal_to_ones() {
     let (t, f, cols, rows) = (10, 14, 3, 2);
-    let x = inputs(t, f, 0.0);
-    let (gamma, beta) = params(f);
-    let cpu = cpu_forward(&x, &gamma, &beta, t, f, EPS);
-    let dy: Vec<f32> = (0..t * f).map(|i| value(i, 9)).collect();
-    let mean: Vec<f32> = cpu.mean.iter().map(|&v| v as f32).collect();
-    let rstd: Vec<f32> = cpu.rstd.iter().map(|&v| v as f32).collect();
-    let run = LayerNormBackward {
-        region: Region::at_origin(cols, rows),
-        tokens: t,
-        features: f,
-        dy: &dy,
-        x: &x,
-        gamma: &gamma,
-        mean: &mean,
-        rstd: &rstd,
-        parameter_gradients: true,
-    }
-    .run(&config(cols, rows), RunOptions::default())
-    .unwrap();
+    let run = BackwardInputs::new(t, f, 9)
+        .kernel(cols, rows, true)
+        .run(&config(cols, rows), RunOptions::default())
+        .unwrap();
     for tok in 0..t {
         let row = &run.dx[tok * f..(tok + 1) * f];
         let sum: f64 = row.iter().map(|&v| f64::from(v)).sum();
