@@ -240,10 +240,10 @@ fn backward_matches_the_cpu_on_many_layouts() {
     for (t, f, cols, rows) in SHAPES {
         // Two rows of idle PEs below the region: the gradients cross them to the south edge.
         let fabric = config(cols, rows + 2);
-        let inputs = BackwardInputs::new(t, f, 4);
-        let kernel = inputs.kernel(cols, rows, true);
+        let case = BackwardInputs::new(t, f, 4);
+        let kernel = case.kernel(cols, rows, true);
         let run = kernel.run(&fabric, RunOptions::default()).unwrap();
-        let (dx, dgamma, dbeta) = inputs.cpu_backward();
+        let (dx, dgamma, dbeta) = case.cpu_backward();
         let context = format!("T {t} F {f} on {cols} x {rows}");
         assert_close("dx", &run.dx, &dx, &context);
         let grads = run.parameter_gradients.as_ref().unwrap();
@@ -275,10 +275,10 @@ fn backward_matches_the_cpu_on_many_layouts() {
 fn without_parameter_gradients_dx_is_unchanged_and_nothing_leaves() {
     for (t, f, cols, rows) in [(4, 6, 1, 1), (10, 14, 3, 2)] {
         let fabric = config(cols, rows + 2);
-        let inputs = BackwardInputs::new(t, f, 5);
+        let case = BackwardInputs::new(t, f, 5);
         let (with, without) = (
-            inputs.kernel(cols, rows, true),
-            inputs.kernel(cols, rows, false),
+            case.kernel(cols, rows, true),
+            case.kernel(cols, rows, false),
         );
         let full = with.run(&fabric, RunOptions::default()).unwrap();
         let frozen = without.run(&fabric, RunOptions::default()).unwrap();
