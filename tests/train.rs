@@ -229,11 +229,21 @@ fn prompt_from_data(params: &GptParams, corpus: &Corpus, p: usize) -> wafersim::
     }
 }
 
-/// Prompt tuning on the fabric: the loss and the prompt gradient equal the reference's, the
-/// weight-gradient kernels do not run (their cycles and FLOPs are saved), and no weight moves.
-#[test]
-fn an_exact_prompt_step_equals_the_reference_and_changes_no_weight() {
-    use wafersim::flops::Phase;
+/// A prompt step's inputs: tiny at 50 %, 2 sequences of 12 tokens behind 4 prompt vectors (the
+/// embeddings of the data's first ids), on 4 x 4 PEs.
+struct PromptCase {
+    config: GptConfig,
+    fabric: FabricConfig,
+    params: GptParams,
+    masks: ModelMasks,
+    prompt: wafersim::model::Matrix,
+    plan: wafersim::compile::StepPlan,
+    batch: Batch,
+    /// `(sequences, tokens per sequence, prompt vectors)`.
+    sizes: (usize, usize, usize),
+}
+
+fn prompt_case() -> PromptCase {
     let config = tiny();
     let fabric = FabricConfig::from_spec("4x4").unwrap();
     let (params, masks) = sparse_start(&config, 0.5);
@@ -241,6 +251,36 @@ fn an_exact_prompt_step_equals_the_reference_and_changes_no_weight() {
     let corpus = corpus(&config, s);
     let prompt = prompt_from_data(&params, &corpus, p);
     let plan = plan_step(&config, b, s + p, &fabric, Precision::F32).unwrap();
+    let batch = Sampler::new(&corpus, b, 1)
+        .next_batch(&corpus, &config)
+        .unwrap();
+    PromptCase {
+        config,
+        fabric,
+        params,
+        masks,
+        prompt,
+        plan,
+        batch,
+        sizes: (b, s, p),
+    }
+}
+
+/// Prompt tuning on the fabric: the loss and the prompt gradient equal the reference's, the
+/// weight-gradient kernels do not run (their cycles and FLOPs are saved), and no weight moves.
+#[test]
+fn an_exact_prompt_step_equals_the_reference_and_changes_no_weight() {
+    use wafersim::flops::Phase;
+    let PromptCase {
+        config,
+        fabric,
+        params,
+        masks,
+        prompt,
+        plan,
+        batch,
+        sizes: (b, s, p),
+    } = prompt_case();
     let shape = RunShape {
         config: &config,
         fabric: &fabric,
@@ -254,9 +294,6 @@ fn an_exact_prompt_step_equals_the_reference_and_changes_no_weight() {
     };
     let mut trainer =
         Trainer::prompt_tuning(params.clone(), masks.clone(), prompt.clone(), schedule);
-    let batch = Sampler::new(&corpus, b, 1)
-        .next_batch(&corpus, &config)
-        .unwrap();
     let (all, only) = trainer.cost_with_all_gradients(shape, &batch).unwrap();
     let record = trainer.step(shape, &batch).unwrap();
 
@@ -317,16 +354,16 @@ fn an_exact_prompt_step_equals_the_reference_and_changes_no_weight() {
 #[test]
 fn an_exact_prompt_step_computes_no_frozen_gradient() {
     use wafersim::runtime::{GradientSet, StepInputs, StepMode, simulate_step};
-    let config = tiny();
-    let fabric = FabricConfig::from_spec("4x4").unwrap();
-    let (params, masks) = sparse_start(&config, 0.5);
-    let (b, s, p) = (2, 12, 4);
-    let corpus = corpus(&config, s);
-    let prompt = prompt_from_data(&params, &corpus, p);
-    let plan = plan_step(&config, b, s + p, &fabric, Precision::F32).unwrap();
-    let batch = Sampler::new(&corpus, b, 1)
-        .next_batch(&corpus, &config)
-        .unwrap();
+    let PromptCase {
+        config,
+        fabric,
+        params,
+        masks,
+        prompt,
+        plan,
+        batch,
+        ..
+    } = prompt_case();
     let inputs = StepInputs {
         config: &config,
         params: &params,
