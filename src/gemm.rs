@@ -3,8 +3,8 @@
 //! `Y[T x N] = X[T x K] W[K x N]` with `W` pruned to exactly `round(s K N)` zeros (the model's
 //! mask rule), run phase by phase on one region: forward `X W`, input gradient `dY W^T`, masked
 //! weight gradient `X^T dY`. Each phase runs twice, once streaming only the kept weights and once
-//! streaming every weight (the dense baseline on the same fabric and region). Every run is
-//! checked: the values against the plain CPU products of [`crate::reference::products`], and the
+//! streaming every weight (the dense baseline on the same fabric and region); with nothing
+//! pruned the two are the same program, simulated once. Every run is checked: the values against the plain CPU products of [`crate::reference::products`], and the
 //! executed FMACs against the analytic count of [`crate::flops::linear_flops`], exactly.
 //!
 //! Data are seeded (ChaCha, one stream per matrix), so a run is reproducible.
@@ -385,7 +385,12 @@ impl Ctx<'_> {
                 value,
             });
         }
-        let (_, d_stats) = self.run(phase, dense)?;
+        // With nothing pruned the dense run is the same program: simulated once.
+        let d_stats = if sparse.keeps_every_entry() {
+            s_stats.clone()
+        } else {
+            self.run(phase, dense)?.1
+        };
         let (t, k, n) = (
             self.spec.tokens as u64,
             self.spec.k as u64,

@@ -60,6 +60,11 @@ impl StreamedMatrix {
         self.value.len()
     }
 
+    /// Whether every entry is kept: then the matrix streams exactly what its dense form does.
+    pub fn keeps_every_entry(&self) -> bool {
+        self.nnz() == self.rows * self.cols
+    }
+
     /// `(row, value)` of the kept entries of column `n`, by increasing row.
     pub fn column(&self, n: usize) -> impl Iterator<Item = (usize, f32)> + '_ {
         let range = self.col_start[n]..self.col_start[n + 1];

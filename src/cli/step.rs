@@ -68,7 +68,8 @@ pub struct Args {
     /// AdamW learning rate.
     #[arg(long, default_value_t = 6e-4, allow_hyphen_values = true)]
     lr: f64,
-    /// Skip timing the dense baseline (halves the matmul simulation time).
+    /// Skip timing the dense baseline (halves the sparse matmuls' simulation time; a dense
+    /// model's step is its own baseline and costs nothing more).
     #[arg(long)]
     no_dense_baseline: bool,
     /// How cycles are obtained: simulate every wavelet, or the kernels' cost formulas (then the

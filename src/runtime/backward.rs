@@ -42,7 +42,11 @@ impl ExactEngine<'_> {
             precision: self.precision(),
         };
         let run = kernel.run(&self.streaming, self.options())?;
-        let dense_cycles = if matches!(weight, Weight::Linear { .. }) && self.inputs.dense_baseline
+        // The kernel reads only the pattern's positions: one that keeps every entry is the
+        // dense baseline's own.
+        let dense_cycles = if matches!(weight, Weight::Linear { .. })
+            && self.inputs.dense_baseline
+            && !pattern.keeps_every_entry()
         {
             let (k, n) = (pattern.rows(), pattern.cols());
             let all = StreamedMatrix::from_dense(k, n, &vec![0.0; k * n], None);

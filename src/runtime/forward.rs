@@ -94,7 +94,8 @@ impl ExactEngine<'_> {
             Weight::Linear { layer, kind } => {
                 let lin: &Linear = self.inputs.params.blocks[layer].linear(kind);
                 let w = &self.sparse[layer][kind.index()];
-                let all = self.inputs.dense_baseline.then(|| {
+                // A matrix that keeps every weight is its own dense baseline.
+                let all = (self.inputs.dense_baseline && !w.keeps_every_entry()).then(|| {
                     let m = &lin.weight;
                     StreamedMatrix::from_dense(m.rows, m.cols, &m.data, None)
                 });

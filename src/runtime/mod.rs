@@ -54,7 +54,8 @@ pub struct CostInputs<'a> {
     pub batch: &'a Batch,
     pub fabric: &'a FabricConfig,
     pub plan: &'a StepPlan,
-    /// Also time the sparse matrices' kernels with every weight streamed.
+    /// Also time the sparse matrices' kernels with every weight streamed (a matrix that keeps
+    /// every weight is its own baseline and is not simulated again).
     pub dense_baseline: bool,
     /// Prompt vectors in front of every sequence (their values are not needed to cost them).
     pub prompt_len: usize,
@@ -118,7 +119,8 @@ pub struct StepInputs<'a> {
     pub batch: &'a Batch,
     pub fabric: &'a FabricConfig,
     pub plan: &'a StepPlan,
-    /// Also time the sparse matrices' kernels with every weight streamed.
+    /// Also time the sparse matrices' kernels with every weight streamed (a matrix that keeps
+    /// every weight is its own baseline and is not simulated again).
     pub dense_baseline: bool,
     /// Learned prompt vectors `[P, d]` in front of every sequence, or `None`. The plan must be
     /// made for `seq + P` positions ([`StepInputs::seq`]).
