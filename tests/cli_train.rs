@@ -377,21 +377,40 @@ fn prompt_tuning_saves_its_vectors_and_step_loads_them() {
     use wafersim::reference::{self, Batch};
     let tmp = tempfile::tempdir().unwrap();
     let tokens = tokens_file(tmp.path());
+    let tune = |out: &Path, steps: &str, extra: &[&str]| {
+        let mut args = train_args(&tokens, out, steps);
+        args.extend(["--model", "tiny", "--phase", "prompt-tune"]);
+        args.extend(["--prompt-len", "4", "--fidelity", "fast", "--lr", "0.01"]);
+        args.extend(extra);
+        wafersim(&args)
+    };
     let out = tmp.path().join("prompt");
-    let mut args = train_args(&tokens, &out, "3");
-    args.extend([
-        "--model",
-        "tiny",
-        "--phase",
-        "prompt-tune",
-        "--prompt-len",
-        "4",
-    ]);
-    args.extend(["--fidelity", "fast", "--lr", "0.01"]);
-    let (code, stderr) = wafersim(&args);
+    let (code, stderr) = tune(&out, "3", &[]);
     assert_eq!(code, 0, "{stderr}");
     let report = json(&out.join("train.json"));
     assert_eq!(report["prompt"]["len"], 4);
+    // Each checkpoint holds its own step's vectors: `step-1/` those of a one-step run (the
+    // first step's learning rate does not depend on the run's length).
+    let (snapshots, one) = (tmp.path().join("snapshots"), tmp.path().join("one"));
+    let (code, stderr) = tune(&snapshots, "3", &["--save-every", "1"]);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stderr) = tune(&one, "1", &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let read = |p: PathBuf| fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let prompts = |dir: &Path| {
+        ["step-1", "step-2", "checkpoint", "."]
+            .map(|d| read(dir.join(d).join("prompt.safetensors")))
+    };
+    let [first, second, last, latest] = prompts(&snapshots);
+    assert!(
+        first == read(one.join("prompt.safetensors")),
+        "step-1 is the first step's"
+    );
+    assert!(
+        first != second && second != last,
+        "each step moves the vectors"
+    );
+    assert!(last == latest && latest == read(out.join("prompt.safetensors")));
     // A dense model's prompt steps against dense prompt steps: no weight gradient in either.
     assert_eq!(report["totals"]["flops"], report["totals"]["dense_flops"]);
     // Skipped: every weight gradient of the dense tiny model over T = 2 x (16 + 4) = 40

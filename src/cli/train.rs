@@ -477,8 +477,8 @@ fn print_summary(run: &Finished<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stages the logs in `out` and the checkpoint in `checkpoint`, then moves them all into place
-/// (see [`guard::write_all`]).
+/// Stages the logs in `out` and the checkpoint in `checkpoint` (with the prompt, if any, in both),
+/// then moves them all into place (see [`guard::write_all`]).
 fn write_outputs(out: &Path, checkpoint: &Path, run: &Finished<'_>) -> anyhow::Result<()> {
     guard::write_all(out, |out| {
         std::fs::create_dir_all(checkpoint)
@@ -487,11 +487,13 @@ fn write_outputs(out: &Path, checkpoint: &Path, run: &Finished<'_>) -> anyhow::R
         if let Some(prompt) = &run.trainer.prompt {
             let v = &prompt.vectors;
             let tensors = [("prompt".to_string(), vec![v.rows, v.cols], &v.data[..])];
-            let path = out.join(PROMPT_FILE);
-            staged.push(
-                stage_f32_safetensors(&path, &tensors)
-                    .with_context(|| format!("writing {}", path.display()))?,
-            );
+            // The latest prompt in `out`, and each checkpoint's own beside its model.
+            for path in [out.join(PROMPT_FILE), checkpoint.join(PROMPT_FILE)] {
+                staged.push(
+                    stage_f32_safetensors(&path, &tensors)
+                        .with_context(|| format!("writing {}", path.display()))?,
+                );
+            }
         }
         let [csv, json_file, svg] = LOG_FILES;
         staged.push(stage_text(&out.join(csv), &csv_text(run.log))?);
