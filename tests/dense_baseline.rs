@@ -1,5 +1,6 @@
 //! A matrix that keeps every weight is its own dense baseline: `step` and `gemm` simulate its
-//! kernels once, not a second time for the baseline, and report the same figures.
+//! kernels once, not a second time for the baseline, and report the same figures. And a step
+//! simulates the baseline of each weight shape once: every layer after the first adds none.
 //!
 //! Measured with the engine's process-wide event counter ([`events_processed`]), so this file
 //! holds a single test: nothing else runs in its process while it counts.
@@ -9,7 +10,7 @@ use wafersim::flops::Phase;
 use wafersim::gemm::{GemmSpec, run_gemm};
 use wafersim::model::{GptConfig, init_params};
 use wafersim::reference::Batch;
-use wafersim::runtime::{Fidelity, GradientSet, StepInputs, StepRun, run_step};
+use wafersim::runtime::{Fidelity, GradientSet, OpRecord, StepInputs, StepRun, run_step};
 use wafersim::sparsity::ModelMasks;
 use wafersim_kernels::{Precision, Region, StreamMatmul, StreamedMatrix};
 use wafersim_sim::{FabricConfig, RunOptions, events_processed};
@@ -21,9 +22,13 @@ fn counting<T>(f: impl FnOnce() -> T) -> (T, u64) {
     (out, events_processed() - before)
 }
 
-/// One exact step of the tiny model at `sparsity`, with or without the dense baseline.
-fn tiny_step(sparsity: f64, dense_baseline: bool) -> StepRun {
-    let config = GptConfig::preset("tiny").unwrap();
+/// One exact step of the tiny model (with `layers` blocks) at `sparsity`, with or without the
+/// dense baseline.
+fn tiny_step(layers: usize, sparsity: f64, dense_baseline: bool) -> StepRun {
+    let config = GptConfig {
+        n_layer: layers,
+        ..GptConfig::preset("tiny").unwrap()
+    };
     let mut params = init_params(&config, 3);
     let masks = ModelMasks::random(&config, sparsity, 5).unwrap();
     masks.apply(&mut params).unwrap();
@@ -50,14 +55,40 @@ fn tiny_step(sparsity: f64, dense_baseline: bool) -> StepRun {
 #[test]
 fn a_matrix_keeping_every_weight_is_simulated_once() {
     // A dense step: the baseline adds no event and its cycles are the step's.
-    let (plain, plain_events) = counting(|| tiny_step(0.0, false));
-    let (with, with_events) = counting(|| tiny_step(0.0, true));
+    let (plain, plain_events) = counting(|| tiny_step(2, 0.0, false));
+    let (with, with_events) = counting(|| tiny_step(2, 0.0, true));
     assert_eq!(with_events, plain_events);
     assert_eq!(with.cost.dense_cycles(), plain.cost.cycles());
-    // A sparse one still simulates its baseline.
-    let (_, sparse_events) = counting(|| tiny_step(0.5, false));
-    let (_, sparse_with_events) = counting(|| tiny_step(0.5, true));
-    assert!(sparse_with_events > sparse_events);
+    // A sparse one simulates its baseline, as many events for two layers as for one (the
+    // second layer's shapes are the first's), and costs each of its operations as the dense
+    // step does.
+    let baseline_events = |layers| {
+        let (_, without) = counting(|| tiny_step(layers, 0.5, false));
+        let (sparse, with) = counting(|| tiny_step(layers, 0.5, true));
+        (sparse, with - without)
+    };
+    let (_, one_layer) = baseline_events(1);
+    let (sparse, two_layers) = baseline_events(2);
+    assert!(one_layer > 0);
+    assert_eq!(two_layers, one_layer);
+    let streamed =
+        |r: &&OpRecord| matches!(r.op.name, "q" | "k" | "v" | "attn_proj" | "fc" | "fc_proj");
+    let dense_costs: Vec<u64> = plain
+        .cost
+        .records
+        .iter()
+        .filter(streamed)
+        .map(|r| r.cycles)
+        .collect();
+    let baselines: Vec<u64> = sparse
+        .cost
+        .records
+        .iter()
+        .filter(streamed)
+        .map(|r| r.dense_cycles)
+        .collect();
+    assert_eq!(baselines.len(), 2 * 3 * 6);
+    assert_eq!(baselines, dense_costs);
 
     // `gemm` at sparsity 0: as many events as one run of the product's kernel.
     let (t, k, n, region) = (16, 24, 20, Region::at_origin(4, 4));

@@ -68,8 +68,8 @@ pub struct Args {
     /// AdamW learning rate.
     #[arg(long, default_value_t = 6e-4, allow_hyphen_values = true)]
     lr: f64,
-    /// Skip timing the dense baseline (halves the sparse matmuls' simulation time; a dense
-    /// model's step is its own baseline and costs nothing more).
+    /// Skip timing the dense baseline (one more simulation of each weight shape's products
+    /// streaming every weight; a dense model's step is its own baseline and costs none).
     #[arg(long)]
     no_dense_baseline: bool,
     /// How cycles are obtained: simulate every wavelet, or the kernels' cost formulas (then the

@@ -12,6 +12,7 @@
 //! knows how to run each one (`forward.rs`, `backward.rs`, `attention.rs` hold the kernel runs).
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 
 use wafersim_kernels::StreamedMatrix;
 use wafersim_sim::{FabricConfig, RunOptions, Stats, Trace, TraceEvent, TraceWindow};
@@ -50,6 +51,11 @@ pub(crate) struct ExactEngine<'a> {
     pub streaming: FabricConfig,
     /// The trace being recorded, if one was asked for.
     pub trace: Option<RefCell<StepTrace>>,
+    /// Cycles of the dense baselines simulated so far, by phase and weight shape (rows, cols).
+    /// A weight-streamed kernel's cycles depend on its shapes and the positions it streams, not
+    /// on any value (no instruction's cost or branch reads one), so the baseline of a shape is
+    /// simulated once per step: q, k, v and the attention projection of every layer share one.
+    pub baselines: HashMap<(Phase, usize, usize), u64>,
 }
 
 /// A trace of a window of the step: kernel runs are traced in their own cycles and placed at
@@ -128,6 +134,7 @@ impl<'a> ExactEngine<'a> {
             prompt_grad: None,
             trace: None,
             streaming: inputs.plan.streaming_fabric(inputs.fabric),
+            baselines: HashMap::new(),
         }
     }
 

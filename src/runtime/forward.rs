@@ -116,7 +116,7 @@ impl ExactEngine<'_> {
     }
 
     /// Runs `x w (+ bias)`; for a sparse weight with the dense baseline also times the same
-    /// product streaming every weight.
+    /// product streaming every weight (once per shape: [`ExactEngine::baselines`]).
     pub(crate) fn streamed_product(
         &mut self,
         weight: Weight,
@@ -124,6 +124,7 @@ impl ExactEngine<'_> {
         x: &Act,
     ) -> Result<(Act, Cost), KernelError> {
         let (w, bias, all) = self.streamed(weight, phase);
+        let (key, features) = ((phase, w.rows(), w.cols()), w.cols());
         let kernel = StreamMatmul {
             region: self.region(),
             tokens: self.tokens(),
@@ -133,17 +134,20 @@ impl ExactEngine<'_> {
             precision: self.precision(),
         };
         let run = kernel.run(&self.streaming, self.options())?;
-        let dense_cycles = match &all {
-            Some(all) => {
+        let dense_cycles = match (&all, self.baselines.get(&key)) {
+            (None, _) => run.stats.cycles,
+            (Some(_), Some(&cycles)) => cycles,
+            (Some(all), None) => {
                 let dense = StreamMatmul { w: all, ..kernel };
-                dense.run(&self.streaming, self.options())?.stats.cycles
+                let cycles = dense.run(&self.streaming, self.options())?.stats.cycles;
+                self.baselines.insert(key, cycles);
+                cycles
             }
-            None => run.stats.cycles,
         };
         let cost = self.measured(&run.stats, dense_cycles);
         let act = Act {
             data: run.y,
-            features: w.cols(),
+            features,
         };
         Ok((act, cost))
     }
