@@ -7,7 +7,8 @@
 //! things bound when a PE finishes:
 //!
 //! - the chain: a wavelet reaches the next core `L = 2 ramp + hop` cycles after it left, and a
-//!   PE takes its inputs only once it has issued its operations, one per cycle;
+//!   PE takes its inputs only once it has issued its operations, one per cycle; back the other
+//!   way, once the buffers between are full, a PE that issued late holds back the PEs feeding it;
 //! - its ramps: the router hands the core one wavelet per cycle whatever the color, and the core
 //!   puts one per cycle on the fabric, so everything a PE receives (or sends) once the PEs holding
 //!   its streams back have issued takes one cycle per wavelet (less the buffers' slack);
@@ -26,6 +27,12 @@ use wafersim_sim::FabricConfig;
 /// it: up the ramp, one hop, down the ramp.
 pub(crate) fn core_to_core(config: &FabricConfig) -> u64 {
     2 * u64::from(config.ramp_latency) + u64::from(config.hop_latency)
+}
+
+/// Wavelets the buffers between two neighbouring cores hold: the sender's router buffer from its
+/// ramp, the receiver's router buffer and its core queue.
+fn hop_slack(config: &FabricConfig) -> u64 {
+    3 * u64::from(config.queue_depth)
 }
 
 /// Sums of consecutive segments in O(1).
@@ -120,15 +127,17 @@ enum Pass {
 /// wavelet per cycle and no sooner than `l` after it left the previous PE.
 fn chain(
     l: u64,
+    slack: u64,
     issue: &[u64],
     segments: &[u64],
     order: impl Iterator<Item = usize>,
     volumes: impl Fn(usize) -> (u64, u64, u64),
     pass: Pass,
 ) -> Vec<Leg> {
+    let order: Vec<usize> = order.collect();
     let mut legs = vec![Leg::default(); issue.len()];
     let mut upstream: Option<(u64, u64)> = None; // first and last wavelet leaving the previous PE
-    for k in order {
+    for &k in &order {
         let (inp, out, other) = volumes(k);
         let mut output = (issue[k], issue[k] + out);
         if inp > 0
@@ -148,7 +157,39 @@ fn chain(
         upstream = (out > 0).then_some(output);
         legs[k].output = upstream;
     }
+    hold_back(&mut legs, &order, segments, slack, pass);
     legs
+}
+
+/// Back-pressure along a chain: the buffers between two cores hold `slack` wavelets, so a PE's
+/// last wavelet out leaves no sooner than the next PE takes the one `slack` before its last,
+/// and a PE that forwards takes its own input only as fast as it sends. Walking back from the
+/// far end, a PE that takes its input late (it issued late, behind a heavier weight stream)
+/// holds back every PE feeding it. The next PE takes its inputs at half rate where the two
+/// streams cross, so the buffered wavelets are counted as `2 slack` cycles. (Measured on rows
+/// whose first columns hold one input feature more, `docs/fidelity.md`: with `slack` cycles
+/// the formula ran 2 to 5 % high, with `2 slack` within 1.6 %; without back-pressure up to
+/// 11 % low.)
+fn hold_back(legs: &mut [Leg], order: &[usize], segments: &[u64], slack: u64, pass: Pass) {
+    for pair in order.windows(2).rev() {
+        let (k, next) = (pair[0], pair[1]);
+        let (Some((first, last)), Some((_, taken))) = (legs[k].output, legs[next].input) else {
+            continue;
+        };
+        let held = taken.saturating_sub(2 * slack);
+        if held <= last {
+            continue;
+        }
+        legs[k].output = Some((first, held));
+        if let Some((start, end)) = legs[k].input {
+            let needed = match pass {
+                Pass::AbsorbThenForward => held,
+                Pass::ForwardThenAbsorb => held + segments[k],
+                Pass::ForwardThenSend => held.saturating_sub(segments[k]),
+            };
+            legs[k].input = Some((start, end.max(needed)));
+        }
+    }
 }
 
 /// When each PE of a row finishes its operations of a reduce-scatter (one past the cycle its
@@ -157,12 +198,13 @@ fn chain(
 /// column (0 for an owner outside the chunk). A PE with nothing to do finishes at its issue time.
 pub(crate) fn reduce_scatter(config: &FabricConfig, issue: &[u64], segments: &[u64]) -> Vec<u64> {
     let cols = issue.len();
-    let l = core_to_core(config);
+    let (l, slack) = (core_to_core(config), hop_slack(config));
     let v = Volumes {
         prefix: Prefix::new(segments),
     };
     let east = chain(
         l,
+        slack,
         issue,
         segments,
         0..cols,
@@ -171,6 +213,7 @@ pub(crate) fn reduce_scatter(config: &FabricConfig, issue: &[u64], segments: &[u
     );
     let west = chain(
         l,
+        slack,
         issue,
         segments,
         (0..cols).rev(),
@@ -311,7 +354,7 @@ fn crossing(
 /// last segments then.
 pub(crate) fn all_gather(config: &FabricConfig, issue: &[u64], segments: &[u64]) -> Vec<u64> {
     let cols = issue.len();
-    let l = core_to_core(config);
+    let (l, slack) = (core_to_core(config), hop_slack(config));
     let prefix = Prefix::new(segments);
     let east_in = |k: usize| prefix.sum(0..k);
     let west_in = |k: usize| prefix.sum(k + 1..cols);
@@ -326,6 +369,7 @@ pub(crate) fn all_gather(config: &FabricConfig, issue: &[u64], segments: &[u64])
     let pass = Pass::ForwardThenSend;
     let east = chain(
         l,
+        slack,
         issue,
         segments,
         0..cols,
@@ -334,6 +378,7 @@ pub(crate) fn all_gather(config: &FabricConfig, issue: &[u64], segments: &[u64])
     );
     let west = chain(
         l,
+        slack,
         issue,
         segments,
         (0..cols).rev(),

