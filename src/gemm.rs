@@ -4,8 +4,9 @@
 //! mask rule), run phase by phase on one region: forward `X W`, input gradient `dY W^T`, masked
 //! weight gradient `X^T dY`. Each phase runs twice, once streaming only the kept weights and once
 //! streaming every weight (the dense baseline on the same fabric and region); with nothing
-//! pruned the two are the same program, simulated once. Every run is checked: the values against the plain CPU products of [`crate::reference::products`], and the
-//! executed FMACs against the analytic count of [`crate::flops::linear_flops`], exactly.
+//! pruned the two are the same program, simulated once. Every run is checked: the values against
+//! the plain CPU products of [`crate::reference::products`], and the executed FMACs against the
+//! analytic count of [`crate::flops::linear_flops`], exactly.
 //!
 //! Data are seeded (ChaCha, one stream per matrix), so a run is reproducible.
 //!
