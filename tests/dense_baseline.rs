@@ -53,7 +53,7 @@ fn tiny_step(layers: usize, sparsity: f64, dense_baseline: bool) -> StepRun {
 }
 
 #[test]
-fn a_matrix_keeping_every_weight_is_simulated_once() {
+fn each_dense_baseline_is_simulated_once() {
     // A dense step: the baseline adds no event and its cycles are the step's.
     let (plain, plain_events) = counting(|| tiny_step(2, 0.0, false));
     let (with, with_events) = counting(|| tiny_step(2, 0.0, true));
