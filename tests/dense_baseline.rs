@@ -71,24 +71,17 @@ fn each_dense_baseline_is_simulated_once() {
     let (sparse, two_layers) = baseline_events(2);
     assert!(one_layer > 0);
     assert_eq!(two_layers, one_layer);
-    let streamed =
-        |r: &&OpRecord| matches!(r.op.name, "q" | "k" | "v" | "attn_proj" | "fc" | "fc_proj");
-    let dense_costs: Vec<u64> = plain
-        .cost
-        .records
-        .iter()
-        .filter(streamed)
-        .map(|r| r.cycles)
-        .collect();
-    let baselines: Vec<u64> = sparse
-        .cost
-        .records
-        .iter()
-        .filter(streamed)
-        .map(|r| r.dense_cycles)
-        .collect();
+    let streamed = |run: &StepRun, cycles: fn(&OpRecord) -> u64| -> Vec<u64> {
+        let records = run.cost.records.iter();
+        let weights = ["q", "k", "v", "attn_proj", "fc", "fc_proj"];
+        records
+            .filter(|r| weights.contains(&r.op.name))
+            .map(cycles)
+            .collect()
+    };
+    let baselines = streamed(&sparse, |r| r.dense_cycles);
     assert_eq!(baselines.len(), 2 * 3 * 6);
-    assert_eq!(baselines, dense_costs);
+    assert_eq!(baselines, streamed(&plain, |r| r.cycles));
 
     // `gemm` at sparsity 0: as many events as one run of the product's kernel.
     let (t, k, n, region) = (16, 24, 20, Region::at_origin(4, 4));

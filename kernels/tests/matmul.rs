@@ -166,6 +166,17 @@ fn a_layer_too_big_for_the_pes_is_refused_with_the_bytes() {
     assert!(err.contains("49152"), "{err}");
 }
 
+/// The product's cycles on the exact engine, its formula's, and the formula's relative error.
+fn exact_and_estimate(kernel: &StreamMatmul<'_>, config: &FabricConfig) -> (u64, u64, f64) {
+    let exact = kernel
+        .run(config, RunOptions::default())
+        .unwrap()
+        .stats
+        .cycles;
+    let estimate = kernel.estimate_cycles(config);
+    (exact, estimate, estimate as f64 / exact as f64 - 1.0)
+}
+
 /// Estimate against the exact engine on a grid of shapes: printed as a table, each within 6 %
 /// (the worst, 24 x 48 x 40 at 90 % on 8 x 2 PEs in fp16, is +5.7 %: its random per-column
 /// loads make the back-pressure of `flow::hold_back` count a little more than the engine
@@ -222,13 +233,7 @@ fn the_cost_formula_agrees_with_the_exact_engine() {
                     }
                     Err(e) => panic!("case {case}: {e}"),
                 };
-                let exact = kernel
-                    .run(&config, RunOptions::default())
-                    .unwrap()
-                    .stats
-                    .cycles;
-                let estimate = kernel.estimate_cycles(&config);
-                let error = estimate as f64 / exact as f64 - 1.0;
+                let (exact, estimate, error) = exact_and_estimate(&kernel, &config);
                 worst = worst.max(error.abs());
                 eprintln!(
                     "{t:>4} {k:>4} {n:>4} {s:>5} {:>6} {:>4} {:>7} {exact:>9} {estimate:>9} {:>+6.2}%",
@@ -272,13 +277,7 @@ fn uneven_feature_blocks_are_paced_by_the_heavier_columns() {
             precision: Precision::F16,
         };
         let config = FabricConfig::rectangle(cols, 8).unwrap();
-        let exact = kernel
-            .run(&config, RunOptions::default())
-            .unwrap()
-            .stats
-            .cycles;
-        let estimate = kernel.estimate_cycles(&config);
-        let error = estimate as f64 / exact as f64 - 1.0;
+        let (exact, estimate, error) = exact_and_estimate(&kernel, &config);
         assert!(
             error.abs() < 0.02,
             "T {t} K {k} N {n} on {cols} columns: estimate {estimate} vs exact {exact}"
