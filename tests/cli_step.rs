@@ -32,7 +32,8 @@ const OUTPUTS: [&str; 4] = [
 fn step(out: &Path, extra: &[&str]) -> Run {
     let mut args = vec!["step", "--out", path_str(out)];
     for (flag, default) in [("--model", "tiny"), ("--fabric", "2x2")] {
-        if !extra.contains(&flag) {
+        let given = extra.contains(&flag) || (flag == "--model" && extra.contains(&"--checkpoint"));
+        if !given {
             args.extend_from_slice(&[flag, default]);
         }
     }
@@ -191,6 +192,7 @@ fn a_run_without_numerics_names_the_files_an_earlier_run_left() {
     let full = small_step(&out, &[]);
     assert_ok(&full);
     assert_eq!(report(&out)["files"].as_array().unwrap().len(), 4);
+    assert_eq!(report(&out)["reference_check"]["within_tolerance"], true);
     let cost_only = small_step(&out, &["--fidelity", "fast", "--no-numerics"]);
     assert_eq!(cost_only.code, 0, "stderr: {}", cost_only.stderr);
     // The three safetensors are the first run's: kept, and named on stderr, one line each; the
@@ -203,6 +205,11 @@ fn a_run_without_numerics_names_the_files_an_earlier_run_left() {
         assert!(note.contains("earlier run"), "{note}");
     }
     assert_eq!(report(&out)["files"], serde_json::json!(["report.json"]));
+    assert_eq!(
+        report(&out)["reference_check"],
+        Value::Null,
+        "nothing to check"
+    );
 }
 
 fn check_flops(r: &Value) {
@@ -353,11 +360,26 @@ fn the_saved_gradients_are_the_references_for_the_saved_weights() {
         .map(|(_, t)| norm(t).powi(2))
         .sum::<f64>()
         .sqrt();
+    let mut worst = (0.0, String::new());
     for ((name, g), (_, w)) in grads.tensors().into_iter().zip(want.tensors()) {
         let diff: Vec<f32> = g.iter().zip(w).map(|(a, b)| a - b).collect();
         let e = norm(&diff) / norm(w).max(1e-6 * whole);
         assert!(e < 1e-4, "{name}: relative L2 {e:e}");
+        if e > worst.0 {
+            worst = (e, name);
+        }
     }
+    // The report's own check found the same distances.
+    let check = &report(&out)["reference_check"];
+    assert!((f64_at(check, "/loss_relative_error") - rel).abs() <= 1e-9 * rel.max(1e-12));
+    let reported = f64_at(check, "/gradient_relative_l2");
+    assert!(
+        (reported - worst.0).abs() <= 1e-9 * worst.0,
+        "{reported} vs {}",
+        worst.0
+    );
+    assert_eq!(check["worst_gradient"], worst.1.as_str());
+    assert_eq!(check["within_tolerance"], true);
     for kind in SparseKind::ALL {
         assert!(masks.get(0, kind).is_some_and(|m| m.nnz() * 4 == m.numel()));
     }
@@ -637,4 +659,35 @@ fn an_output_that_cannot_be_written_is_refused_before_running() {
     let run = small_step(&out, &["--no-dense-baseline"]);
     assert_fails(&run, 2, &["--out", "report.json", "is a folder"]);
     assert_eq!(listing(&out), ["report.json"]);
+}
+
+/// fp16 on weights far from any initialisation (the MLP's at N(0, 40) instead of N(0, 0.02)):
+/// the step runs and its loss stays close, but the gradients leave fp16's range, so `step`
+/// warns with the distances instead of handing them over silently. The same checkpoint in fp32
+/// agrees with the reference and prints no warning.
+#[test]
+fn fp16_gradients_far_from_the_reference_are_flagged() {
+    use wafersim::model::checkpoint::save_checkpoint;
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny();
+    let mut params = wafersim::model::init_params(&config, 1);
+    for block in &mut params.blocks {
+        for lin in [&mut block.fc, &mut block.fc_proj] {
+            lin.weight.data.iter_mut().for_each(|w| *w *= 2000.0);
+        }
+    }
+    let ckpt = tmp.path().join("ckpt");
+    save_checkpoint(&ckpt, &config, &params).unwrap();
+    for (dtype, warned) in [("fp16", true), ("fp32", false)] {
+        let out = tmp.path().join(dtype);
+        let run = small_step(&out, &["--checkpoint", path_str(&ckpt), "--dtype", dtype]);
+        assert_eq!(run.code, 0, "stderr: {}", run.stderr);
+        let check = &report(&out)["reference_check"];
+        assert_eq!(check["within_tolerance"], !warned, "{dtype}: {check}");
+        assert_eq!(
+            run.stderr
+                .contains("warning: the fabric's loss and gradients"),
+            warned
+        );
+    }
 }

@@ -25,8 +25,8 @@ use crate::model::checkpoint::{
 use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::{AdamState, AdamW, Batch};
 use crate::runtime::{
-    CostInputs, Fidelity, GradientSet, Numerics, OpRecord, RuntimeError, StepHooks, StepInputs,
-    StepMode, StepReport, cost_step, simulate_step_with,
+    CostInputs, Fidelity, GradientSet, Numerics, OpRecord, ReferenceCheck, RuntimeError, StepHooks,
+    StepInputs, StepMode, StepReport, check_against_reference, cost_step, simulate_step_with,
 };
 use crate::sparsity::{self, ModelMasks};
 use crate::tune::{self, RegionChoice, RegionSearch};
@@ -165,7 +165,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 prompt: setup.prompt.as_ref(),
                 gradients,
             };
-            simulate_step_with(inputs, mode, hooks)
+            simulate_step_with(inputs, mode, hooks).and_then(|(report, trace)| {
+                // The fast fidelity's numerics are the reference's own.
+                let check = match (&report.numerics, mode.fidelity) {
+                    (Some(fabric), Fidelity::Exact) => {
+                        Some(check_against_reference(inputs, fabric)?)
+                    }
+                    _ => None,
+                };
+                Ok((report, trace, check))
+            })
         }
         None => {
             let inputs = CostInputs {
@@ -184,12 +193,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     numerics: None,
                     cost,
                 };
-                (report, None)
+                (report, None, None)
             })
         }
     };
     drop(progress);
-    let (step, recorded) = run?;
+    let (step, recorded, check) = run?;
     let wall = started.elapsed().as_secs_f64();
     // A prompt step computes no weight gradient.
     let flops = analytic_flops(&setup, &masks)?.of_step(setup.prompt.is_none());
@@ -228,6 +237,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dense_timed: !args.no_dense_baseline,
         prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
         attention,
+        check: check.as_ref(),
     };
     // The files first: a terminal or pipe that goes away while the summary prints loses nothing.
     let written = written.as_ref().map(|(w, u)| (*w, u.as_ref()));
@@ -444,6 +454,8 @@ struct Summary<'a> {
     prompt_len: usize,
     /// The attention kernels' SRAM and whether it fits.
     attention: AttentionFit,
+    /// The exact fidelity's loss and gradients against the CPU reference's.
+    check: Option<&'a ReferenceCheck>,
 }
 
 /// What one block (or the embedding and head, `layer: None`) cost and saved.
@@ -597,6 +609,9 @@ fn print_summary(s: &Summary<'_>) -> anyhow::Result<()> {
     match &s.step.numerics {
         Some(n) => outln!("loss {:.6}", n.loss)?,
         None => outln!("loss not computed (--no-numerics)")?,
+    }
+    if let Some(check) = s.check {
+        print_check(check, s.plan.precision)?;
     }
     let sparse = s.flops.matmul_sparse;
     let counted = match s.step.fidelity {
@@ -778,6 +793,40 @@ fn write_outputs(
     Ok(names)
 }
 
+/// The fabric's numerics against the reference's, and a warning beyond what the tests allow.
+fn print_check(check: &ReferenceCheck, precision: Precision) -> anyhow::Result<()> {
+    outln!(
+        "checked against the CPU reference: loss within {:.1e}, gradients within {:.1e} (relative L2, worst {})",
+        check.loss_error,
+        check.gradient_error,
+        check.worst_gradient
+    )?;
+    if !check.within() {
+        eprintln!(
+            "warning: the fabric's loss and gradients are further from the CPU reference than the tests allow for {} (loss {:.0e}, gradients {:.0e}){}",
+            precision_name(precision),
+            check.tolerance.loss,
+            check.tolerance.gradient,
+            if precision == Precision::F16 {
+                ": fp16 rounding, underflow or overflow of these values"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+fn check_json(check: &ReferenceCheck) -> Value {
+    json!({
+        "loss_relative_error": check.loss_error,
+        "gradient_relative_l2": check.gradient_error,
+        "worst_gradient": check.worst_gradient,
+        "tolerance": { "loss": check.tolerance.loss, "gradient": check.tolerance.gradient },
+        "within_tolerance": check.within(),
+    })
+}
+
 fn search_json(search: &RegionChoice) -> Value {
     let trials: Vec<Value> = search
         .trials
@@ -868,6 +917,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         "units": {
             "cycles": "fabric clock cycles", "flops": "floating-point operations (1 FMAC = 2)",
             "loss": "nats per predicted token (null: not computed)", "seconds": "at the fabric clock",
+            "reference_check": "the exact fidelity's loss (relative error) and gradients (largest relative L2 distance of a tensor) against the CPU reference's, with the tolerance tests hold them to (null: fast fidelity or no numerics)",
             "busy_cycles": "summed over the region (null: not simulated)",
             "flops_counted": "flops.analytic_* and flops.non_matmul: of the operations the step runs (a prompt step computes no weight gradient)",
             "flops_executed": "per op: executed by the fabric (exact fidelity) or the analytic count (fast: nothing runs); flops.executed_matmul is null at the fast fidelity",
@@ -890,6 +940,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         "region_search": search_json(s.search),
         "layers": layers_json(s),
         "loss": s.step.numerics.as_ref().map(|n| n.loss),
+        "reference_check": s.check.map(check_json),
         "flops": {
             "analytic_matmul_sparse": s.flops.matmul_sparse,
             "analytic_matmul_dense": s.flops.matmul_dense,

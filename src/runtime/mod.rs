@@ -22,12 +22,14 @@
 //!
 //! Cycles of a step are the sum of its kernels' cycles: kernels do not overlap. For the dense
 //! baseline, the kernels of the six sparse matrices are timed a second time streaming every
-//! weight (all other kernels cost the same either way, since their cycles do not depend on the
-//! values). The optimizer runs on the host, as in weight streaming
+//! weight, once per weight shape, and not for a matrix that keeps every weight (all other
+//! kernels cost the same either way, since their cycles do not depend on the values). An exact
+//! step's numerics can be measured against the CPU reference's ([`check_against_reference`]). The optimizer runs on the host, as in weight streaming
 //! (see [`crate::reference::AdamW`]).
 
 mod attention;
 mod backward;
+mod check;
 mod exact;
 mod fast;
 mod forward;
@@ -35,6 +37,7 @@ mod loads;
 mod record;
 mod walk;
 
+pub use check::{ReferenceCheck, Tolerance, check_against_reference};
 pub use record::{Op, OpRecord, StepCost};
 
 use wafersim_kernels::KernelError;
