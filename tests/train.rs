@@ -117,6 +117,15 @@ fn three_exact_sparse_steps_equal_the_reference_run() {
             "step {step}: loss {g} vs reference {w} ({rel:e})"
         );
     }
+    // The trainer checked its first step against the reference too, and found the same loss.
+    let check = got
+        .trainer
+        .first_check
+        .as_ref()
+        .expect("an exact run checks");
+    let first = (got.losses[0] - f64::from(want.losses[0])).abs() / f64::from(want.losses[0]);
+    assert!((check.loss_error - first).abs() <= 1e-9 * first.max(1e-12));
+    assert!(check.within(), "{check:?}");
     // Adam divides by sqrt(v): f32 gradient rounding moves an update by far less than its size.
     let rel = rel_to_update(&got.trainer.params, &want.params, &params);
     eprintln!("weights after 3 steps: {rel:.1e} of the update");
@@ -148,6 +157,10 @@ fn sparse_pretraining_lowers_the_loss_on_a_repeated_corpus() {
         &fabric,
     );
     let (first, last) = (r.losses[0], mean_last(&r.losses, 5));
+    assert!(
+        r.trainer.first_check.is_none(),
+        "fast numerics are the reference's"
+    );
     // ln 256 = 5.545 at the start; the sentence has 28 distinct bytes (ln 28 = 3.33).
     assert!(first > 5.3, "first loss {first}");
     assert!(last < 3.5, "loss {first} -> {last}");

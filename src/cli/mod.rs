@@ -19,6 +19,7 @@ macro_rules! outln {
 }
 
 mod bench;
+mod checked;
 mod fit;
 mod flops;
 mod gemm;

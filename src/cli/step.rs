@@ -15,7 +15,7 @@ use wafersim_sim::FabricConfig;
 use super::fit::AttentionFit;
 use super::progress::Progress;
 use super::trace::{self, TraceFlags};
-use super::{bad_input, guard, load_fabric};
+use super::{bad_input, checked, guard, load_fabric};
 use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopOptions, NnzSource, StepShape};
 use crate::model::checkpoint::{
@@ -611,7 +611,10 @@ fn print_summary(s: &Summary<'_>) -> anyhow::Result<()> {
         None => outln!("loss not computed (--no-numerics)")?,
     }
     if let Some(check) = s.check {
-        print_check(check, s.plan.precision)?;
+        outln!("{}", checked::summary(check))?;
+        if let Some(warning) = checked::warning(check, s.plan.precision) {
+            eprintln!("{warning}");
+        }
     }
     let sparse = s.flops.matmul_sparse;
     let counted = match s.step.fidelity {
@@ -793,40 +796,6 @@ fn write_outputs(
     Ok(names)
 }
 
-/// The fabric's numerics against the reference's, and a warning beyond what the tests allow.
-fn print_check(check: &ReferenceCheck, precision: Precision) -> anyhow::Result<()> {
-    outln!(
-        "checked against the CPU reference: loss within {:.1e}, gradients within {:.1e} (relative L2, worst {})",
-        check.loss_error,
-        check.gradient_error,
-        check.worst_gradient
-    )?;
-    if !check.within() {
-        eprintln!(
-            "warning: the fabric's loss and gradients are further from the CPU reference than the tests allow for {} (loss {:.0e}, gradients {:.0e}){}",
-            precision_name(precision),
-            check.tolerance.loss,
-            check.tolerance.gradient,
-            if precision == Precision::F16 {
-                ": fp16 rounding, underflow or overflow of these values"
-            } else {
-                ""
-            }
-        );
-    }
-    Ok(())
-}
-
-fn check_json(check: &ReferenceCheck) -> Value {
-    json!({
-        "loss_relative_error": check.loss_error,
-        "gradient_relative_l2": check.gradient_error,
-        "worst_gradient": check.worst_gradient,
-        "tolerance": { "loss": check.tolerance.loss, "gradient": check.tolerance.gradient },
-        "within_tolerance": check.within(),
-    })
-}
-
 fn search_json(search: &RegionChoice) -> Value {
     let trials: Vec<Value> = search
         .trials
@@ -940,7 +909,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         "region_search": search_json(s.search),
         "layers": layers_json(s),
         "loss": s.step.numerics.as_ref().map(|n| n.loss),
-        "reference_check": s.check.map(check_json),
+        "reference_check": s.check.map(checked::json),
         "flops": {
             "analytic_matmul_sparse": s.flops.matmul_sparse,
             "analytic_matmul_dense": s.flops.matmul_dense,

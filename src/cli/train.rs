@@ -21,7 +21,7 @@ use wafersim_kernels::Precision;
 use wafersim_sim::FabricConfig;
 
 use super::fit::AttentionFit;
-use super::{bad_input, guard, load_fabric};
+use super::{bad_input, checked, guard, load_fabric};
 use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::flops::{self, FlopOptions, NnzSource, StepShape};
 use crate::model::checkpoint::{
@@ -176,6 +176,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             record.step, args.steps, record.loss, record.lr, record.cycles
         );
         log.push(record);
+        if let (1, Some(check)) = (record.step, &trainer.first_check) {
+            eprintln!("step 1 {}", checked::summary(check));
+            if let Some(warning) = checked::warning(check, setup.plan.precision) {
+                eprintln!("{warning}");
+            }
+        }
         if args.save_every.is_some_and(|k| record.step % k == 0) && record.step < args.steps {
             let dir = args.out.join(format!("step-{}", record.step));
             let mut run = Finished::new(&setup, &args, &trainer, &log, started, false);
@@ -552,6 +558,7 @@ fn report_json(run: &Finished<'_>, checkpoint: &Path) -> Value {
         "units": {
             "loss": "nats per predicted token", "flops": "matmul floating-point operations (1 FMAC = 2)",
             "cycles": "fabric clock cycles", "seconds": "at the fabric clock",
+            "reference_check": "the first step's loss and gradients against the CPU reference's (exact fidelity; null at the fast one)",
         },
         "phase": setup.phase.name(),
         "fidelity": args.fidelity.fidelity().name(),
@@ -578,6 +585,7 @@ fn report_json(run: &Finished<'_>, checkpoint: &Path) -> Value {
             "seconds": run.seconds(),
         },
         "checkpoint": checkpoint.display().to_string(),
+        "reference_check": run.trainer.first_check.as_ref().map(checked::json),
         "prompt": run.trainer.prompt.as_ref().map(|p| json!({
             "len": p.vectors.rows, "file": PROMPT_FILE, "savings": run.savings,
         })),

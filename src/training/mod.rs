@@ -28,7 +28,8 @@ use crate::compile::StepPlan;
 use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::{AdamState, AdamW, Batch, ReferenceError};
 use crate::runtime::{
-    Fidelity, GradientSet, RuntimeError, StepCost, StepInputs, StepMode, simulate_step,
+    Fidelity, GradientSet, ReferenceCheck, RuntimeError, StepCost, StepInputs, StepMode,
+    check_against_reference, simulate_step,
 };
 use crate::sparsity::ModelMasks;
 
@@ -117,6 +118,9 @@ pub struct Trainer {
     pub prompt: Option<PromptVectors>,
     /// Steps taken.
     pub steps: u64,
+    /// At the exact fidelity, the first step's loss and gradients against the CPU reference's
+    /// (one reference pass per run: enough to catch arithmetic that cannot represent the model).
+    pub first_check: Option<ReferenceCheck>,
 }
 
 /// Learned prompt vectors and their optimizer state.
@@ -154,6 +158,7 @@ impl Trainer {
             params,
             masks,
             schedule,
+            first_check: None,
             prompt: None,
             steps: 0,
         }
@@ -229,6 +234,11 @@ impl Trainer {
             simulate_step(inputs, mode).map_err(|source| TrainError::Step { step, source })?;
         let numerics = report.numerics.ok_or(TrainError::NoNumerics { step })?;
         check_finite(step, "the loss", numerics.loss)?;
+        if step == 1 && shape.fidelity == Fidelity::Exact {
+            let check = check_against_reference(inputs, &numerics)
+                .map_err(|source| TrainError::Step { step, source })?;
+            self.first_check = Some(check);
+        }
         if let Some(prompt) = &self.prompt {
             let grad = numerics
                 .prompt_grad

@@ -1,0 +1,45 @@
+//! How the commands show an exact step's numerics against the CPU reference
+//! ([`crate::runtime::ReferenceCheck`]): one line of distances, a warning beyond the tolerance
+//! the tests hold, and the JSON object of the reports. Not the measuring itself
+//! (`runtime::check`).
+
+use serde_json::{Value, json};
+use wafersim_kernels::Precision;
+
+use crate::runtime::ReferenceCheck;
+
+/// `checked against the CPU reference: loss within .., gradients within .. (..)`.
+pub(crate) fn summary(check: &ReferenceCheck) -> String {
+    format!(
+        "checked against the CPU reference: loss within {:.1e}, gradients within {:.1e} (relative L2, worst {})",
+        check.loss_error, check.gradient_error, check.worst_gradient
+    )
+}
+
+/// A `warning:` line when the distances exceed what the tests allow for `precision`.
+pub(crate) fn warning(check: &ReferenceCheck, precision: Precision) -> Option<String> {
+    let (name, cause) = match precision {
+        Precision::F32 => ("fp32", ""),
+        Precision::F16 => (
+            "fp16",
+            ": fp16 rounding, underflow or overflow of these values",
+        ),
+    };
+    (!check.within()).then(|| {
+        format!(
+            "warning: the fabric's loss and gradients are further from the CPU reference than the tests allow for {name} (loss {:.0e}, gradients {:.0e}){cause}",
+            check.tolerance.loss, check.tolerance.gradient
+        )
+    })
+}
+
+/// The report's `reference_check` object.
+pub(crate) fn json(check: &ReferenceCheck) -> Value {
+    json!({
+        "loss_relative_error": check.loss_error,
+        "gradient_relative_l2": check.gradient_error,
+        "worst_gradient": check.worst_gradient,
+        "tolerance": { "loss": check.tolerance.loss, "gradient": check.tolerance.gradient },
+        "within_tolerance": check.within(),
+    })
+}
