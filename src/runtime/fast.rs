@@ -137,6 +137,9 @@ fn matrix_loads(inputs: &CostInputs<'_>, fabric: &FabricConfig, mask: &Mask) -> 
 }
 
 /// The step's shapes and kept-entry loads.
+/// A weight-streamed kernel streaming every weight: phase, `k`, `n`, and whether it adds a bias.
+type DenseKey = (Phase, usize, usize, bool);
+
 pub(crate) struct FastEngine<'a> {
     inputs: CostInputs<'a>,
     /// The fabric as the weight-streamed kernels see it (the SRAM the resident activations
@@ -144,9 +147,10 @@ pub(crate) struct FastEngine<'a> {
     streaming: FabricConfig,
     /// Per layer, the loads of the six sparse matrices.
     loads: Vec<[MatrixLoads; 6]>,
-    /// Cycles of a weight-streamed kernel streaming every weight, by `(phase, k, n)`: the same
-    /// in every layer, so costed once (the formulas take most of a large step's costing time).
-    dense: RefCell<HashMap<(Phase, usize, usize), u64>>,
+    /// Cycles of a weight-streamed kernel streaming every weight, by `(phase, k, n, bias)`: the
+    /// same in every layer, so costed once (the formulas take most of a large step's costing
+    /// time). The bias is part of the kernel: the head (no bias) may share the FFN's shape.
+    dense: RefCell<HashMap<DenseKey, u64>>,
     /// Cycles of the attention forward kernel, backward kernel and recompute, in that order:
     /// the same in every layer.
     attention: [Option<u64>; 3],
@@ -313,7 +317,7 @@ impl<'a> FastEngine<'a> {
     /// names the kernel for the dense memo).
     fn streamed(
         &self,
-        key: (Phase, usize, usize),
+        key: DenseKey,
         load: Option<(Cow<'_, StreamLoad>, Option<u64>)>,
         inputs: Split,
         chunks: &[Range<usize>],
@@ -387,13 +391,14 @@ impl Engine for FastEngine<'_> {
         if let Some(cost) = self.memo(sparse, phase) {
             return Ok((Shape { features: n }, cost));
         }
-        let shape = self.matmul_shape(k, n, forward && sparse.is_some());
+        let bias = forward && sparse.is_some();
+        let shape = self.matmul_shape(k, n, bias);
         let plan = shape.plan(&self.streaming)?;
         let load = self
             .kept(sparse)
             .and_then(|m| self.load(m, phase, plan.input.features, &plan.chunks));
         let (cycles, dense_cycles) = self.streamed(
-            (phase, k, n),
+            (phase, k, n, bias),
             load,
             plan.input.features,
             &plan.chunks,
@@ -412,12 +417,13 @@ impl Engine for FastEngine<'_> {
         if let Some(cost) = self.memo(sparse, Phase::WeightGrad) {
             return Ok(((), cost));
         }
-        let shape = self.weight_grad_shape(k, n, sparse.is_some());
+        let bias = sparse.is_some();
+        let shape = self.weight_grad_shape(k, n, bias);
         let plan = shape.plan(&self.streaming)?;
         let load = self
             .kept(sparse)
             .and_then(|m| self.load(m, Phase::WeightGrad, plan.input.features, &plan.chunks));
-        let key = (Phase::WeightGrad, k, n);
+        let key = (Phase::WeightGrad, k, n, bias);
         let (cycles, dense_cycles) =
             self.streamed(key, load, plan.input.features, &plan.chunks, |load| {
                 shape.estimate_cycles(&self.streaming, &plan, load)
@@ -681,5 +687,41 @@ mod tests {
         };
         assert!(attention(&data) > 0);
         assert_eq!(attention(NO_DATA), attention(&data));
+    }
+
+    /// Timing the dense baseline changes no operation's own cycles. The tiny model's head
+    /// (64 x 256, no bias) has the shape of its FFN's first product (64 x 256, with a bias):
+    /// the dense memo once served the head the FFN's cycles, 64 more per forward.
+    #[test]
+    fn the_dense_baseline_leaves_every_operations_cycles_alone() {
+        use crate::compile::plan_step;
+        use crate::model::GptConfig;
+        use crate::reference::Batch;
+        use crate::runtime::{GradientSet, cost_step};
+        use crate::sparsity::ModelMasks;
+        let config = GptConfig::preset("tiny").unwrap();
+        assert_eq!(config.vocab_size, config.n_inner);
+        let masks = ModelMasks::random(&config, 0.5, 1).unwrap();
+        let batch = Batch::new(&config, 2, 32, (0..64).collect()).unwrap();
+        let fabric = FabricConfig::rectangle(16, 16).unwrap();
+        let plan = plan_step(&config, 2, 32, &fabric, wafersim_kernels::Precision::F32).unwrap();
+        let cost = |dense_baseline| {
+            let inputs = CostInputs {
+                config: &config,
+                masks: &masks,
+                batch: &batch,
+                fabric: &fabric,
+                plan: &plan,
+                dense_baseline,
+                prompt_len: 0,
+                gradients: GradientSet::All,
+            };
+            let records = cost_step(inputs).unwrap().records;
+            records
+                .iter()
+                .map(|r| (r.op.label(), r.cycles))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(cost(true), cost(false));
     }
 }
