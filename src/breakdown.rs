@@ -184,6 +184,8 @@ pub enum BreakdownError {
     },
     #[error("the dense step has no matmul FLOPs")]
     NoFlops,
+    #[error("{records} records are not the same number for each of {passes} passes")]
+    Passes { records: usize, passes: usize },
 }
 
 /// One step's cycles, FLOPs and the split of its weight-streamed kernels.
@@ -273,12 +275,22 @@ pub struct StepKernels<'a> {
 
 /// The split of every weight-streamed kernel of `cost` (a step run with `kernels`), per record.
 /// The kernels' shapes are the runtime's: forward `x W + b` (`K x N`), input gradient
-/// `dy W^T` (no bias), weight gradient over the pattern with the bias gradient. The kept-entry
+/// `dy W^T` (no bias), weight gradient over the pattern with the bias gradient, each on its
+/// pass's region and tokens and with the SRAM the resident activations leave (the records of a
+/// step of several passes are the passes' in order, the same number each). The kept-entry
 /// counts of one matrix at a time are held, so memory stays at one matrix's counts.
 pub fn step_parts(
     kernels: &StepKernels<'_>,
     cost: &StepCost,
 ) -> Result<Vec<Option<KernelParts>>, BreakdownError> {
+    let passes = kernels.plan.passes();
+    let per_pass = cost.records.len() / passes.len().max(1);
+    if per_pass * passes.len() != cost.records.len() {
+        return Err(BreakdownError::Passes {
+            records: cost.records.len(),
+            passes: passes.len(),
+        });
+    }
     let mut at: HashMap<(usize, usize), Vec<usize>> = HashMap::new();
     for (i, r) in cost.records.iter().enumerate() {
         if let (true, Some(layer), [OpKind::Linear(kind)]) = (r.op.sparse, r.op.layer, r.op.matmuls)
@@ -297,11 +309,17 @@ pub fn step_parts(
             .ok_or_else(|| BreakdownError::MissingParts {
                 op: format!("layer {layer} {}", SparseKind::ALL[kind].name()),
             })?;
-        let counts = MatrixCounts::new(mask, kernels.plan.region.cols as usize);
+        // Counts per number of region columns: the last pass may run on another region.
+        let mut counts: HashMap<usize, MatrixCounts> = HashMap::new();
         for &i in &at[&key] {
             let record = &cost.records[i];
+            let plan = &passes[i / per_pass.max(1)].plan;
+            let cols = plan.region.cols as usize;
+            let counts = counts
+                .entry(cols)
+                .or_insert_with(|| MatrixCounts::new(mask, cols));
             let split = kernels
-                .record_parts(mask, &counts, record)
+                .record_parts(plan, mask, counts, record)
                 .map_err(|source| BreakdownError::Kernel {
                     op: record.op.label(),
                     source,
@@ -330,14 +348,17 @@ impl MatrixCounts {
 }
 
 impl StepKernels<'_> {
+    /// The split of `record`, a kernel of `mask`'s matrix in the pass planned by `plan`.
     fn record_parts(
         &self,
+        plan: &StepPlan,
         mask: &Mask,
         counts: &MatrixCounts,
         record: &OpRecord,
     ) -> Result<KernelParts, KernelError> {
-        let (region, tokens) = (self.plan.region, self.plan.tokens());
-        let precision = self.plan.precision;
+        let (region, tokens) = (plan.region, plan.tokens());
+        let precision = plan.precision;
+        let fabric = &plan.streaming_fabric(self.fabric);
         let (rows, cols) = (mask.rows(), mask.cols());
         if record.op.phase == Phase::WeightGrad {
             let shape = WeightGradShape {
@@ -348,9 +369,9 @@ impl StepKernels<'_> {
                 bias: true,
                 precision,
             };
-            let plan = shape.plan(self.fabric)?;
+            let plan = shape.plan(fabric)?;
             let load = counts.forward.load(&plan.chunks);
-            let terms = shape.terms(self.fabric, &plan);
+            let terms = shape.terms(fabric, &plan);
             return Ok(KernelParts::split(record.cycles, terms, &load));
         }
         let forward = record.op.phase == Phase::Forward;
@@ -367,9 +388,9 @@ impl StepKernels<'_> {
             bias: forward,
             precision,
         };
-        let plan = shape.plan(self.fabric)?;
+        let plan = shape.plan(fabric)?;
         let load = counts.load(&plan.chunks);
-        let terms = shape.terms(self.fabric, &plan);
+        let terms = shape.terms(fabric, &plan);
         Ok(KernelParts::split(record.cycles, terms, &load))
     }
 }

@@ -12,6 +12,10 @@
 //!   of PE column `c` on its slowest row (product) or first row (gradient): the per-entry tasks
 //!   of its kept entries and the per-chunk tasks, given to every row of the column.
 //!
+//! A step of several passes runs the same kernels once per pass; the heatmap is the first
+//! pass's (the others but a shorter last one are the same), on that pass's region and tokens
+//! and with the SRAM the resident activations leave, as the runtime runs it.
+//!
 //! What this is not: the step's whole utilisation (attention and the other dense kernels are
 //! not in it).
 
@@ -104,15 +108,16 @@ pub fn layer_heatmap(
         cycles: 0,
         runs: 0,
     };
+    let first = FirstPass::of(kernels);
     for mask in kernels.masks {
         match fidelity {
-            Fidelity::Exact => add_exact(kernels, mask, &mut map)?,
-            Fidelity::Fast => add_model(kernels, mask, &mut map)?,
+            Fidelity::Exact => add_exact(&first, mask, &mut map)?,
+            Fidelity::Fast => add_model(&first, mask, &mut map)?,
         }
     }
     if fidelity == Fidelity::Fast {
-        map.cycles = cost
-            .records
+        let first_pass = cost.records.len() / kernels.plan.pass_count().max(1);
+        map.cycles = cost.records[..first_pass]
             .iter()
             .filter(|r| r.op.sparse && r.op.layer == Some(layer))
             .map(|r| r.cycles)
@@ -121,13 +126,28 @@ pub fn layer_heatmap(
     Ok(map)
 }
 
+/// The first pass's plan and the fabric its weight-streamed kernels see.
+struct FirstPass {
+    plan: StepPlan,
+    fabric: FabricConfig,
+}
+
+impl FirstPass {
+    fn of(kernels: &LayerKernels<'_>) -> Self {
+        let plan = kernels
+            .plan
+            .passes()
+            .into_iter()
+            .next()
+            .map_or_else(|| kernels.plan.clone(), |pass| pass.plan);
+        let fabric = plan.streaming_fabric(kernels.fabric);
+        FirstPass { plan, fabric }
+    }
+}
+
 /// Runs the three kernels of `mask`'s matrix on the simulator and adds their PEs' busy cycles.
-fn add_exact(
-    kernels: &LayerKernels<'_>,
-    mask: &Mask,
-    map: &mut Heatmap,
-) -> Result<(), KernelError> {
-    let (plan, fabric) = (kernels.plan, kernels.fabric);
+fn add_exact(first: &FirstPass, mask: &Mask, map: &mut Heatmap) -> Result<(), KernelError> {
+    let (plan, fabric) = (&first.plan, &first.fabric);
     let (k, n, t) = (mask.rows(), mask.cols(), plan.tokens());
     let w = StreamedMatrix::from_dense(k, n, &vec![1.0; k * n], Some(&mask.keep()));
     let wt = w.transpose();
@@ -189,12 +209,8 @@ fn add_stats(map: &mut Heatmap, origin: Coord, stats: &Stats) {
 }
 
 /// Adds the per-entry busy cycles of the three kernels of `mask`'s matrix, by the formula.
-fn add_model(
-    kernels: &LayerKernels<'_>,
-    mask: &Mask,
-    map: &mut Heatmap,
-) -> Result<(), KernelError> {
-    let (plan, fabric) = (kernels.plan, kernels.fabric);
+fn add_model(first: &FirstPass, mask: &Mask, map: &mut Heatmap) -> Result<(), KernelError> {
+    let (plan, fabric) = (&first.plan, &first.fabric);
     let (k, n, cols) = (mask.rows(), mask.cols(), plan.region.cols as usize);
     let (forward_counts, transposed) = ColumnCounts::both_ways(k, n, &mask.keep(), cols);
     let shape = |k, n, bias| MatmulShape {

@@ -22,12 +22,23 @@ fn sweep(
     seed: u64,
     sparsities: &[f64],
 ) -> Sweep {
+    sweep_of(fidelity, fabric, (2, seq), seed, sparsities)
+}
+
+/// [`sweep`] of `(sequences, seq)`.
+fn sweep_of(
+    fidelity: Fidelity,
+    fabric: (u32, u32),
+    (b, seq): (usize, usize),
+    seed: u64,
+    sparsities: &[f64],
+) -> Sweep {
     let config = GptConfig::preset("tiny").unwrap();
     let params = init_params(&config, seed);
-    let tokens = (0..2 * seq as u32)
+    let tokens = (0..(b * seq) as u32)
         .map(|i| (i * 7 + seed as u32) % 256)
         .collect();
-    let batch = Batch::new(&config, 2, seq, tokens).unwrap();
+    let batch = Batch::new(&config, b, seq, tokens).unwrap();
     let fabric = FabricConfig::rectangle(fabric.0, fabric.1).unwrap();
     let setup = SweepSetup {
         config: &config,
@@ -154,6 +165,45 @@ fn the_exact_heatmap_reruns_the_slowest_layers_kernels_as_the_step_ran_them() {
         };
         assert!(rel(col(&fast), col(&map)) < 0.10, "column {c}");
     }
+}
+
+/// A step of two identical passes costs twice one pass, cause by cause, and its heatmap is
+/// the pass's (the causes once planned every kernel with both passes' tokens at once).
+#[test]
+fn two_identical_passes_double_every_cause() {
+    let one = sweep_of(Fidelity::Fast, (8, 8), (2, 64), 3, &[0.0, 0.5]);
+    let two = sweep_of(Fidelity::Fast, (8, 8), (4, 64), 3, &[0.0, 0.5]);
+    assert_eq!((one.plan.pass_count(), two.plan.pass_count()), (1, 2));
+    let (p1, p2) = (&one.points[1], &two.points[1]);
+    assert_eq!(p2.cost.cycles(), 2 * p1.cost.cycles());
+    let (c1, c2) = (p1.gap.causes.values(), p2.gap.causes.values());
+    for (name, (a, b)) in Causes::NAMES.iter().zip(c1.iter().zip(c2)) {
+        assert!(
+            close(b, 2.0 * a, p2.cost.cycles() as f64),
+            "{name}: {a} then {b}"
+        );
+    }
+    let config = GptConfig::preset("tiny").unwrap();
+    let map = |s: &Sweep, b: usize| {
+        let params = init_params(&config, 3);
+        let tokens = (0..(b * 64) as u32).map(|i| (i * 7 + 3) % 256).collect();
+        let batch = Batch::new(&config, b, 64, tokens).unwrap();
+        let fabric = FabricConfig::rectangle(8, 8).unwrap();
+        let setup = SweepSetup {
+            config: &config,
+            params: Some(&params),
+            batch: &batch,
+            fabric: &fabric,
+            precision: Precision::F32,
+            seed: 3,
+            fidelity: Fidelity::Fast,
+            numerics: false,
+        };
+        slowest_layer_heatmap(&setup, s, &s.points[1])
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(map(&one, 2), map(&two, 4));
 }
 
 #[test]
