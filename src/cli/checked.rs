@@ -11,8 +11,8 @@ use crate::runtime::ReferenceCheck;
 /// `checked against the CPU reference: loss within .., gradients within .. (..)`.
 pub(crate) fn summary(check: &ReferenceCheck) -> String {
     format!(
-        "checked against the CPU reference: loss within {:.1e}, gradients within {:.1e} (relative L2, worst {})",
-        check.loss_error, check.gradient_error, check.worst_gradient
+        "checked against the CPU reference: loss within {:.1e}, gradients within {:.1e} (relative L2 per tensor, floored at {:.0e} of the gradient's norm; worst {})",
+        check.loss_error, check.gradient_error, check.tolerance.floor, check.worst_gradient
     )
 }
 
@@ -39,7 +39,7 @@ pub(crate) fn json(check: &ReferenceCheck) -> Value {
         "loss_relative_error": check.loss_error,
         "gradient_relative_l2": check.gradient_error,
         "worst_gradient": check.worst_gradient,
-        "tolerance": { "loss": check.tolerance.loss, "gradient": check.tolerance.gradient },
+        "tolerance": { "loss": check.tolerance.loss, "gradient": check.tolerance.gradient, "floor": check.tolerance.floor },
         "within_tolerance": check.within(),
     })
 }

@@ -886,7 +886,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         "units": {
             "cycles": "fabric clock cycles", "flops": "floating-point operations (1 FMAC = 2)",
             "loss": "nats per predicted token (null: not computed)", "seconds": "at the fabric clock",
-            "reference_check": "the exact fidelity's loss (relative error) and gradients (largest relative L2 distance of a tensor) against the CPU reference's, with the tolerance tests hold them to (null: fast fidelity or no numerics)",
+            "reference_check": "the exact fidelity's loss (relative error) and gradients (largest relative L2 distance of a tensor, against the larger of the tensor's norm and floor x the whole gradient's norm) against the CPU reference's, with the tolerance tests hold them to (null: fast fidelity or no numerics)",
             "busy_cycles": "summed over the region (null: not simulated)",
             "flops_counted": "flops.analytic_* and flops.non_matmul: of the operations the step runs (a prompt step computes no weight gradient)",
             "flops_executed": "per op: executed by the fabric (exact fidelity) or the analytic count (fast: nothing runs); flops.executed_matmul is null at the fast fidelity",
