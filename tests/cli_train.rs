@@ -289,6 +289,51 @@ fn bad_flags_are_refused_with_exit_code_2_and_nothing_written() {
     assert!(stderr.contains("no sequence has 16 tokens"), "{stderr}");
 }
 
+/// The learning-rate schedule's short runs (src/training/schedule.rs), as `train.csv` logs them
+/// at the default `--lr` 1e-3: a run no longer than its warm-up ends during it, with one
+/// `warning:` line naming `--warmup`; a single step after warm-up runs at the floor, lr / 10.
+#[test]
+fn a_run_that_ends_during_warm_up_says_so_and_logs_its_rates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens_file(tmp.path());
+    let run = |name: &str, steps: &str, warmup: &str| {
+        let out = tmp.path().join(name);
+        let mut args = fast_finetune_args(&tokens, &out, steps);
+        args.extend(["--warmup", warmup]);
+        let (code, stderr) = wafersim(&args);
+        assert_eq!(code, 0, "{stderr}");
+        let lrs: Vec<f64> = csv_rows(&out.join("train.csv"))
+            .iter()
+            .map(|r| r[2])
+            .collect();
+        (stderr, lrs)
+    };
+    let assert_close = |got: &[f64], want: &[f64]| {
+        let close = got.len() == want.len()
+            && got
+                .iter()
+                .zip(want)
+                .all(|(g, w)| (g - w).abs() <= 1e-15 * w);
+        assert!(close, "{got:?} vs {want:?}");
+    };
+    // Steps 2, warm-up 4: 1/4 and 2/4 of the peak; the last step's 5e-4 is named.
+    let (stderr, lrs) = run("short", "2", "4");
+    assert_close(&lrs, &[2.5e-4, 5e-4]);
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    for needle in [
+        "warning: --warmup 4 is not shorter than --steps 2",
+        "ends during warm-up",
+        "lr 5.000e-4 (2/4 of --lr)",
+    ] {
+        assert!(warnings[0].contains(needle), "{needle:?} not in {stderr}");
+    }
+    // Steps 3, warm-up 2: 1/2 of the peak, the peak, then the last step at the floor; no warning.
+    let (stderr, lrs) = run("one-after", "3", "2");
+    assert_close(&lrs, &[5e-4, 1e-3, 1e-4]);
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
 /// Ctrl-C (SIGINT) after the second step: the run finishes the step in progress and writes
 /// complete logs and a loadable checkpoint, exit code 0.
 #[cfg(unix)]

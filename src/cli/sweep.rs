@@ -23,6 +23,7 @@ use crate::runtime::Fidelity;
 use crate::sweep::{
     Sweep, SweepPoint, SweepSetup, run_sweep_with, slowest_layer_heatmap, step_count,
 };
+use wafersim_kernels::Precision;
 
 /// Arguments of `wafersim sweep`.
 #[derive(clap::Args)]
@@ -164,7 +165,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => None,
         };
         let plots = sweep_plots(&sweep, heatmap.as_ref())?;
-        write_outputs(dir, &sweep, &plots, attention.json())?;
+        write_outputs(dir, &setup, &sweep, &plots, attention.json())?;
     }
     print_table(&sweep, &config, &fabric, simulated)?;
     if let Some(warning) = attention.warning() {
@@ -226,11 +227,12 @@ fn print_table(
 ) -> anyhow::Result<()> {
     let p = &sweep.plan;
     outln!(
-        "training step of a {} x {} GPT, batch {} x {} tokens, on {} ({} x {} PEs at {} MHz), region {} x {}, {} fidelity",
+        "training step of a {} x {} GPT, batch {} x {} tokens, {} on {} ({} x {} PEs at {} MHz), region {} x {}, {} fidelity",
         config.n_layer,
         config.n_embd,
         p.batch,
         p.seq,
+        precision_name(p.precision),
         fabric.name,
         fabric.width,
         fabric.height,
@@ -375,8 +377,17 @@ fn point_json(sweep: &Sweep, point: &SweepPoint) -> serde_json::Value {
     })
 }
 
+/// The storage precision as `--dtype` spells it (and `step`'s header and report.json).
+fn precision_name(p: Precision) -> &'static str {
+    match p {
+        Precision::F32 => "fp32",
+        Precision::F16 => "fp16",
+    }
+}
+
 fn write_outputs(
     dir: &std::path::Path,
+    setup: &SweepSetup<'_>,
     sweep: &Sweep,
     plots: &[(&'static str, String)],
     attention: serde_json::Value,
@@ -388,6 +399,7 @@ fn write_outputs(
         runs.push(point_json(sweep, point));
     }
     let p = &sweep.plan;
+    let (c, f) = (setup.config, setup.fabric);
     let value = json!({
         "schema": "wafersim.sweep/v2",
         "fidelity": sweep.fidelity.name(),
@@ -403,6 +415,10 @@ fn write_outputs(
             "step_cycles_by_part": "cycles of the step in the breakdown's parts (absolute, not a gap); per_nonzero_overhead holds the whole per-entry work",
             "by_op": "cycles per operation name, summed over layers and phases",
         },
+        // What ran, with the key names of `step`'s report.json.
+        "model": { "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions },
+        "fabric": { "name": f.name, "width": f.width, "height": f.height, "clock_mhz": f.clock_mhz },
+        "dtype": precision_name(p.precision), "seed": setup.seed,
         "batch": p.batch, "seq": p.seq, "region": { "cols": p.region.cols, "rows": p.region.rows, "attention": attention },
         "runs": runs,
     });

@@ -77,7 +77,8 @@ pub struct Args {
     /// Peak AdamW learning rate.
     #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
     lr: f64,
-    /// Steps of linear warm-up before the cosine decay.
+    /// Steps of linear warm-up before the cosine decay (a run of no more steps than this ends
+    /// during warm-up, with a warning).
     #[arg(long, value_name = "N", default_value_t = 0)]
     warmup: u64,
     /// The machine: wse2, wse3, WxH, or a .toml/.json file.
@@ -139,6 +140,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         warmup: args.warmup,
         total: args.steps,
     };
+    if let Some(warning) = warm_up_warning(&schedule) {
+        eprintln!("{warning}");
+    }
     let mut trainer = match setup.phase {
         TrainPhase::PromptTune => {
             let prompt = match &setup.prompt_file {
@@ -196,6 +200,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     write_outputs(&args.out, &args.out.join(CHECKPOINT_DIR), &run)?;
     print_summary(&run)?;
     Ok(())
+}
+
+/// A run no longer than its warm-up never reaches the cosine decay (nor, when shorter, the
+/// peak). A short test run is legitimate, so this is a warning, not a refusal.
+fn warm_up_warning(schedule: &LrSchedule) -> Option<String> {
+    if !schedule.ends_during_warm_up() {
+        return None;
+    }
+    let (steps, warmup) = (schedule.total, schedule.warmup);
+    let last = schedule.at(steps.saturating_sub(1));
+    Some(format!(
+        "warning: --warmup {warmup} is not shorter than --steps {steps}: the run ends during warm-up, its last step at lr {last:.3e} ({steps}/{warmup} of --lr), and never decays to --lr / 10"
+    ))
 }
 
 /// Prompt tuning: one step's cost with every gradient against the run's (no weight gradient),

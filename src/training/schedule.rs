@@ -4,12 +4,22 @@
 //! ```text
 //! step s (0-based) of N, warm-up W:
 //!   s <  W:  lr = peak (s + 1) / W
-//!   s >= W:  lr = min + (peak - min) (1 + cos(pi p)) / 2,   p = (s - W) / max(1, N - W - 1),
-//!            min = peak / 10
+//!   s >= W:  lr = min + (peak - min) (1 + cos(pi p)) / 2,   min = peak / 10,
+//!            p = min(1, (s - W) / (N - W - 1))      if N - W - 1 >= 1
+//!            p = 1, but p = 0 at s = 0              if N - W - 1 <= 0
 //! ```
 //!
-//! So the first step after warm-up runs at the peak and the last at exactly the minimum.
-//! What it is not: a scheduler with restarts or per-group rates.
+//! So warm-up's last step runs at the peak, the first step after warm-up too, and the run's last
+//! step at exactly the minimum. The short runs:
+//! - `W = N - 1 >= 1`: the one step after warm-up is the last, so it runs at the minimum (warm-up
+//!   reached the peak the step before).
+//! - `W = 0, N = 1`: the run's only step runs at the peak.
+//! - `W >= N`: the run ends during warm-up: its last step runs at `peak N / W` (the peak itself
+//!   when `W = N`) and the decay never starts ([`LrSchedule::ends_during_warm_up`]; `wafersim
+//!   train` warns).
+//!
+//! What it is not: a scheduler with restarts or per-group rates, or one that resumes: a run
+//! started from a checkpoint starts its schedule again at step 0.
 
 /// A warm-up-then-cosine schedule.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -28,14 +38,27 @@ impl LrSchedule {
         if step < self.warmup {
             return self.peak * (step + 1) as f64 / self.warmup as f64;
         }
-        let span = self
-            .total
-            .saturating_sub(self.warmup)
-            .saturating_sub(1)
-            .max(1);
-        let progress = ((step - self.warmup) as f64 / span as f64).min(1.0);
         let min = self.peak * Self::MIN_FRACTION;
+        let progress = self.decay_progress(step);
         min + (self.peak - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+
+    /// Whether the run ends before the decay starts (`warmup >= total`): its last step runs at
+    /// `peak total / warmup`, the peak only when the two are equal.
+    pub fn ends_during_warm_up(&self) -> bool {
+        self.warmup >= self.total
+    }
+
+    /// How far step `step` (not before warm-up's end) is through the cosine decay, 0 to 1.
+    fn decay_progress(&self, step: u64) -> f64 {
+        let span = self.total.saturating_sub(self.warmup).saturating_sub(1);
+        match span {
+            // A single step after warm-up is the run's last, so it runs at the floor, unless it
+            // is the run's only step (no warm-up to reach the peak): that one runs at the peak.
+            0 if step == 0 => 0.0,
+            0 => 1.0,
+            span => (step.saturating_sub(self.warmup) as f64 / span as f64).min(1.0),
+        }
     }
 }
 
@@ -70,5 +93,59 @@ mod tests {
             total: 1,
         };
         assert_eq!(one.at(0), 0.5);
+        assert!(!one.ends_during_warm_up());
+        // Two steps, no warm-up: the peak, then the floor (p = 1 / 1).
+        assert_lrs(LrSchedule { total: 2, ..one }, &[0.5, 0.05]);
+    }
+
+    /// Every step's rate, checked against `want` to rounding (peak / 10 is one more product).
+    #[track_caller]
+    fn assert_lrs(s: LrSchedule, want: &[f64]) {
+        let got: Vec<f64> = (0..s.total).map(|step| s.at(step)).collect();
+        let close = got.len() == want.len()
+            && got
+                .iter()
+                .zip(want)
+                .all(|(g, w)| (g - w).abs() <= 1e-15 * w);
+        assert!(close, "{got:?} vs {want:?}");
+    }
+
+    #[test]
+    fn one_step_after_warm_up_runs_at_the_floor() {
+        // Steps 3, warm-up 2: 1/2 and 2/2 of the peak, then the last step at peak / 10.
+        let s = LrSchedule {
+            peak: 1e-3,
+            warmup: 2,
+            total: 3,
+        };
+        assert_lrs(s, &[5e-4, 1e-3, 1e-4]);
+        assert!(!s.ends_during_warm_up());
+        // Steps 2, warm-up 1: the peak, then the floor.
+        let s = LrSchedule {
+            peak: 0.5,
+            warmup: 1,
+            total: 2,
+        };
+        assert_lrs(s, &[0.5, 0.05]);
+    }
+
+    #[test]
+    fn a_run_no_longer_than_its_warm_up_ends_during_it() {
+        // Steps 3, warm-up 5: 1/5, 2/5, 3/5 of the peak, never the peak, never the decay.
+        let s = LrSchedule {
+            peak: 1e-3,
+            warmup: 5,
+            total: 3,
+        };
+        assert_lrs(s, &[2e-4, 4e-4, 6e-4]);
+        assert!(s.ends_during_warm_up());
+        // Steps 4, warm-up 4: 1/4 .. 4/4: the last step at the peak, no decay.
+        let s = LrSchedule {
+            peak: 1e-3,
+            warmup: 4,
+            total: 4,
+        };
+        assert_lrs(s, &[2.5e-4, 5e-4, 7.5e-4, 1e-3]);
+        assert!(s.ends_during_warm_up());
     }
 }
