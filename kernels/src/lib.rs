@@ -101,6 +101,14 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// The name the command line and the reports use: `fp32` or `fp16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "fp32",
+            Precision::F16 => "fp16",
+        }
+    }
+
     /// The simulator's element type for stored activations.
     pub fn dtype(self) -> wafersim_sim::DType {
         match self {

@@ -18,12 +18,10 @@ pub(crate) fn summary(check: &ReferenceCheck) -> String {
 
 /// A `warning:` line when the distances exceed what the tests allow for `precision`.
 pub(crate) fn warning(check: &ReferenceCheck, precision: Precision) -> Option<String> {
-    let (name, cause) = match precision {
-        Precision::F32 => ("fp32", ""),
-        Precision::F16 => (
-            "fp16",
-            ": fp16 rounding, underflow or overflow of these values",
-        ),
+    let name = precision.name();
+    let cause = match precision {
+        Precision::F32 => "",
+        Precision::F16 => ": fp16 rounding, underflow or overflow of these values",
     };
     (!check.within()).then(|| {
         format!(

@@ -201,11 +201,7 @@ fn print_report(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) -> anyhow::
         s.sparsity,
         r.nnz,
         s.k * s.n,
-        if s.precision == Precision::F32 {
-            "fp32"
-        } else {
-            "fp16"
-        }
+        s.precision.name()
     )?;
     outln!(
         "fabric {} ({} x {} PEs, {} MHz), region {} x {} PEs, {} fidelity",
@@ -348,7 +344,7 @@ fn report_json(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) -> Value {
         },
         "fidelity": s.fidelity.name(),
         "m": s.tokens, "k": s.k, "n": s.n, "sparsity": s.sparsity, "nnz": r.nnz,
-        "dtype": if s.precision == Precision::F32 { "fp32" } else { "fp16" },
+        "dtype": s.precision.name(),
         "seed": s.seed,
         "fabric": { "name": fabric.name, "width": fabric.width, "height": fabric.height, "clock_mhz": fabric.clock_mhz },
         "region": { "cols": r.region.cols, "rows": r.region.rows },

@@ -9,7 +9,6 @@ use clap::ArgGroup;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
-use wafersim_kernels::Precision;
 use wafersim_sim::FabricConfig;
 
 use super::fit::AttentionFit;
@@ -574,7 +573,7 @@ fn print_summary(s: &Summary<'_>) -> anyhow::Result<()> {
         c.n_embd,
         p.batch,
         s.masks.sparsity(),
-        precision_name(p.precision),
+        p.precision.name(),
         s.fabric.name,
         s.fabric.width,
         s.fabric.height,
@@ -710,13 +709,6 @@ fn print_search(s: &Summary<'_>) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
-}
-
-fn precision_name(p: Precision) -> &'static str {
-    match p {
-        Precision::F32 => "fp32",
-        Precision::F16 => "fp16",
-    }
 }
 
 /// One stderr line per output file in `dir` that this run did not write (a `--no-numerics` or
@@ -895,7 +887,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
             "layers": "per block (layer null: embedding, final LayerNorm, head and loss); efficiency = realised / ideal speedup, null without the dense baseline",
         },
         "model": { "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions },
-        "batch": p.batch, "seq": p.seq, "prompt_len": s.prompt_len, "sparsity": s.masks.sparsity(), "dtype": precision_name(p.precision), "seed": seed,
+        "batch": p.batch, "seq": p.seq, "prompt_len": s.prompt_len, "sparsity": s.masks.sparsity(), "dtype": p.precision.name(), "seed": seed,
         "fabric": { "name": s.fabric.name, "width": s.fabric.width, "height": s.fabric.height, "clock_mhz": s.fabric.clock_mhz },
         "region": {
             "cols": p.region.cols, "rows": p.region.rows, "resident_bytes_per_pe": p.resident_bytes,

@@ -23,7 +23,6 @@ use crate::runtime::Fidelity;
 use crate::sweep::{
     Sweep, SweepPoint, SweepSetup, run_sweep_with, slowest_layer_heatmap, step_count,
 };
-use wafersim_kernels::Precision;
 
 /// Arguments of `wafersim sweep`.
 #[derive(clap::Args)]
@@ -232,7 +231,7 @@ fn print_table(
         config.n_embd,
         p.batch,
         p.seq,
-        precision_name(p.precision),
+        p.precision.name(),
         fabric.name,
         fabric.width,
         fabric.height,
@@ -377,14 +376,6 @@ fn point_json(sweep: &Sweep, point: &SweepPoint) -> serde_json::Value {
     })
 }
 
-/// The storage precision as `--dtype` spells it (and `step`'s header and report.json).
-fn precision_name(p: Precision) -> &'static str {
-    match p {
-        Precision::F32 => "fp32",
-        Precision::F16 => "fp16",
-    }
-}
-
 fn write_outputs(
     dir: &std::path::Path,
     setup: &SweepSetup<'_>,
@@ -418,7 +409,7 @@ fn write_outputs(
         // What ran, with the key names of `step`'s report.json.
         "model": { "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions },
         "fabric": { "name": f.name, "width": f.width, "height": f.height, "clock_mhz": f.clock_mhz },
-        "dtype": precision_name(p.precision), "seed": setup.seed,
+        "dtype": p.precision.name(), "seed": setup.seed,
         "batch": p.batch, "seq": p.seq, "region": { "cols": p.region.cols, "rows": p.region.rows, "attention": attention },
         "runs": runs,
     });
