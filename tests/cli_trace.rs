@@ -1,7 +1,10 @@
 //! `wafersim step --trace PATH --trace-region X,Y,W,H --trace-cycles A..B` (issue 5, item 6): a
-//! trace of a tiny step holds events inside the window only, on the traced PEs only, and the
-//! options are refused with one line when they are wrong or the fidelity is fast.
+//! trace of a tiny step holds events inside the window only, on the traced PEs only, with the
+//! events of every track nesting (overlapping fabric ops on lanes of their own), and the options
+//! are refused with one line when they are wrong or the fidelity is fast.
 
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
@@ -40,6 +43,43 @@ fn step(out: &Path, extra: &[&str]) -> Run {
     }
 }
 
+/// Microseconds with nanosecond decimals (1 cycle = 1 ns) back to cycles.
+fn cycles(micros: &Value) -> u64 {
+    (micros.as_f64().unwrap() * 1000.0).round() as u64
+}
+
+/// Every partial overlap among the complete events of one `(pid, tid)` track (Perfetto drops
+/// those). Sorted by start (longer first on ties), each event must end at or before the start
+/// of the next one it does not contain; a stack holds the ends of the events around it.
+fn partial_overlaps(events: &[Value]) -> Vec<String> {
+    let mut tracks: BTreeMap<(u64, u64), Vec<(u64, u64)>> = BTreeMap::new();
+    for e in events.iter().filter(|e| e["ph"] == "X") {
+        let start = cycles(&e["ts"]);
+        let track = (e["pid"].as_u64().unwrap(), e["tid"].as_u64().unwrap());
+        tracks
+            .entry(track)
+            .or_default()
+            .push((start, start + cycles(&e["dur"])));
+    }
+    let mut found = Vec::new();
+    for (track, mut spans) in tracks {
+        spans.sort_by_key(|&(start, end)| (start, Reverse(end)));
+        let mut around: Vec<u64> = Vec::new();
+        for (start, end) in spans {
+            while around.last().is_some_and(|&outer| outer <= start) {
+                around.pop();
+            }
+            if let Some(&outer) = around.last().filter(|&&outer| end > outer) {
+                found.push(format!(
+                    "track {track:?}: [{start}, {end}) crosses the end {outer} of an event around it"
+                ));
+            }
+            around.push(end);
+        }
+    }
+    found
+}
+
 /// Exit code 2 and one stderr line naming every needle.
 fn assert_refused(run: &Run, needles: &[&str]) {
     assert_eq!(run.code, 2, "{}", run.stderr);
@@ -75,8 +115,8 @@ fn a_trace_of_a_tiny_step_has_events_in_its_window_only() {
     assert!(tasks > 0, "no core task in the window");
     for e in &spans {
         // 1 cycle = 1 ns: ts and dur in microseconds.
-        let start = (e["ts"].as_f64().unwrap() * 1000.0).round() as u64;
-        let dur = (e["dur"].as_f64().unwrap() * 1000.0).round() as u64;
+        let start = cycles(&e["ts"]);
+        let dur = cycles(&e["dur"]);
         assert!(
             start < 6000 && start + dur.max(1) > 2000,
             "{e} outside 2000..6000"
@@ -95,6 +135,14 @@ fn a_trace_of_a_tiny_step_has_events_in_its_window_only() {
         .filter(|e| e["name"] == "process_name")
         .count();
     assert!((1..=6).contains(&names), "{names} PEs named");
+    // On every track the events nest, so Perfetto shows them all, though the window's fabric
+    // ops overlap (a PE needs a second lane for them).
+    let overlaps = partial_overlaps(events);
+    assert!(overlaps.is_empty(), "{overlaps:#?}");
+    assert!(
+        events.iter().any(|e| e["args"]["name"] == "fabric ops 2"),
+        "no PE had two fabric ops in flight at once"
+    );
 }
 
 #[test]

@@ -1,11 +1,19 @@
 //! Execution traces of a chosen rectangle and cycle window, written as Chrome / Perfetto trace
 //! JSON.
 //!
-//! One process per PE (named by its coordinates) with three tracks: the core's tasks, the
-//! router's forwards, and the core's asynchronous fabric operations. Timestamps are cycles shown
-//! as nanoseconds (`ts = cycle / 1000` microseconds), written as exact decimals so the same run
-//! gives the same bytes.
+//! One process per PE (named by its coordinates) with three kinds of track: the core's tasks,
+//! the router's forwards, and the core's asynchronous fabric operations. Timestamps are cycles
+//! shown as nanoseconds (`ts = cycle / 1000` microseconds), written as exact decimals so the same
+//! run gives the same bytes. It is not the recorder (the engine pushes the events) nor a reader.
+//!
+//! Key design decision: complete (`"X"`) events on one track must nest, or Perfetto drops the
+//! ones that partially overlap. Tasks never overlap and forwards overlap only as identical
+//! cycles, but a PE's fabric operations run side by side, so they are laid out on as many lanes
+//! ("fabric ops", "fabric ops 2", ...) as needed: greedy interval partitioning in start order,
+//! each operation on the first lane whose last operation ended at or before its start. The
+//! lanes depend on the events only, so the bytes stay the same for any thread count.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use crate::geometry::{Coord, PortSet};
@@ -99,11 +107,13 @@ pub struct Trace {
 
 const CORE_TRACK: u32 = 0;
 const ROUTER_TRACK: u32 = 1;
+/// The first lane of the fabric operations; lane `k` is track `ASYNC_TRACK + k`.
 const ASYNC_TRACK: u32 = 2;
 
 impl Trace {
     /// The trace as Chrome trace-event JSON (readable by Perfetto and `chrome://tracing`).
     pub fn to_chrome_json(&self) -> String {
+        let lanes = AsyncLanes::lay_out(&self.events);
         let mut pes: Vec<Coord> = self.events.iter().map(event_pe).collect();
         pes.sort_by_key(|c| (c.y, c.x));
         pes.dedup();
@@ -117,27 +127,104 @@ impl Trace {
             out.push_str(&line);
         };
         for pe in &pes {
-            let pid = pid(*pe);
-            emit(format!(
-                "{{\"ph\":\"M\",\"pid\":{pid},\"name\":\"process_name\",\"args\":{{\"name\":\"PE ({}, {})\"}}}}",
-                pe.x, pe.y
-            ));
-            for (tid, name) in [
-                (CORE_TRACK, "core"),
-                (ROUTER_TRACK, "router"),
-                (ASYNC_TRACK, "fabric ops"),
-            ] {
-                emit(format!(
-                    "{{\"ph\":\"M\",\"pid\":{pid},\"tid\":{tid},\"name\":\"thread_name\",\"args\":{{\"name\":\"{name}\"}}}}"
-                ));
+            for line in pe_metadata(*pe, lanes.count(*pe)) {
+                emit(line);
             }
         }
-        for event in &self.events {
-            emit(event_json(event));
+        for (event, lane) in self.events.iter().zip(&lanes.lane_of) {
+            emit(event_json(event, *lane));
         }
         out.push_str("\n]}\n");
         out
     }
+}
+
+/// The lane of each asynchronous fabric operation, per PE.
+struct AsyncLanes {
+    /// Per event, in the trace's order: its lane (0 for tasks and forwards).
+    lane_of: Vec<u32>,
+    /// Per PE with fabric operations: how many lanes they take.
+    lanes_per_pe: BTreeMap<Coord, u32>,
+}
+
+impl AsyncLanes {
+    /// Greedy interval partitioning of each PE's operations, taken in start order (ties in the
+    /// trace's order): an operation goes on the first lane whose last operation ended at or
+    /// before its start, else on a new lane. No two operations on a lane overlap, and (for
+    /// operations of a cycle or more) the lanes are as few as the most in flight at once.
+    fn lay_out(events: &[TraceEvent]) -> AsyncLanes {
+        let mut order: Vec<(Coord, u64, usize, u64)> = events
+            .iter()
+            .enumerate()
+            .filter_map(|(index, event)| match *event {
+                TraceEvent::Async { pe, start, end, .. } => {
+                    Some((pe, start, index, end.max(start)))
+                }
+                _ => None,
+            })
+            .collect();
+        order.sort_unstable();
+        let mut lane_of = vec![0; events.len()];
+        let mut lane_ends: BTreeMap<Coord, Vec<u64>> = BTreeMap::new();
+        for (pe, start, index, end) in order {
+            let lane = place(lane_ends.entry(pe).or_default(), start, end);
+            if let Some(slot) = lane_of.get_mut(index) {
+                *slot = lane;
+            }
+        }
+        let lanes_per_pe = lane_ends
+            .into_iter()
+            .map(|(pe, ends)| (pe, ends.len() as u32))
+            .collect();
+        AsyncLanes {
+            lane_of,
+            lanes_per_pe,
+        }
+    }
+
+    /// The lanes `pe`'s fabric operations take (at least one, so every PE shows the track).
+    fn count(&self, pe: Coord) -> u32 {
+        self.lanes_per_pe.get(&pe).copied().unwrap_or(0).max(1)
+    }
+}
+
+/// Puts `[start, end)` on the first lane (given by the cycle its last operation ends) free at
+/// `start`, opening a new lane if none is; returns the lane.
+fn place(lane_ends: &mut Vec<u64>, start: u64, end: u64) -> u32 {
+    if let Some((lane, last)) = lane_ends
+        .iter_mut()
+        .enumerate()
+        .find(|(_, last)| **last <= start)
+    {
+        *last = end;
+        return lane as u32;
+    }
+    lane_ends.push(end);
+    (lane_ends.len() - 1) as u32
+}
+
+/// The metadata naming `pe`'s process and its tracks: core, router, and `async_lanes` lanes of
+/// fabric operations ("fabric ops", "fabric ops 2", ...).
+fn pe_metadata(pe: Coord, async_lanes: u32) -> Vec<String> {
+    let pid = pid(pe);
+    let mut lines = vec![format!(
+        "{{\"ph\":\"M\",\"pid\":{pid},\"name\":\"process_name\",\"args\":{{\"name\":\"PE ({}, {})\"}}}}",
+        pe.x, pe.y
+    )];
+    let mut tracks = vec![
+        (CORE_TRACK, "core".to_string()),
+        (ROUTER_TRACK, "router".to_string()),
+        (ASYNC_TRACK, "fabric ops".to_string()),
+    ];
+    tracks.extend(
+        (1..async_lanes).map(|lane| (ASYNC_TRACK + lane, format!("fabric ops {}", lane + 1))),
+    );
+    for (tid, name) in tracks {
+        lines.push(format!(
+            "{{\"ph\":\"M\",\"pid\":{pid},\"tid\":{tid},\"name\":\"thread_name\",\"args\":{{\"name\":\"{name}\"}}}}"
+        ));
+    }
+    lines
 }
 
 fn event_pe(event: &TraceEvent) -> Coord {
@@ -173,7 +260,8 @@ fn escape(s: &str) -> String {
     out
 }
 
-fn event_json(event: &TraceEvent) -> String {
+/// One event as a complete event; `async_lane` places a fabric operation (see [`AsyncLanes`]).
+fn event_json(event: &TraceEvent, async_lane: u32) -> String {
     match *event {
         TraceEvent::Task {
             pe,
@@ -206,8 +294,9 @@ fn event_json(event: &TraceEvent) -> String {
             start,
             end,
         } => format!(
-            "{{\"ph\":\"X\",\"pid\":{},\"tid\":{ASYNC_TRACK},\"name\":\"{}\",\"ts\":{},\"dur\":{}}}",
+            "{{\"ph\":\"X\",\"pid\":{},\"tid\":{},\"name\":\"{}\",\"ts\":{},\"dur\":{}}}",
             pid(pe),
+            ASYNC_TRACK + async_lane,
             escape(name),
             micros(start),
             micros(end.saturating_sub(start))
@@ -285,5 +374,107 @@ mod tests {
         assert_eq!(task["ts"].as_f64().unwrap(), 0.005);
         assert_eq!(task["dur"].as_f64().unwrap(), 0.012);
         assert_eq!(events[5]["name"], "color 3 -> {RAMP, SOUTH}");
+    }
+
+    fn fabric_op(x: u32, name: &'static str, start: u64, end: u64) -> TraceEvent {
+        TraceEvent::Async {
+            pe: Coord::new(x, 0),
+            name,
+            start,
+            end,
+        }
+    }
+
+    /// `(pid, tid, name)`: of an event, or of a thread.
+    type OnTrack = (u64, u64, String);
+
+    /// The complete events, and the thread names.
+    fn tracks(trace: &Trace) -> (Vec<OnTrack>, Vec<OnTrack>) {
+        let v: serde_json::Value = serde_json::from_str(&trace.to_chrome_json()).unwrap();
+        let key = |e: &serde_json::Value, name: &serde_json::Value| {
+            (
+                e["pid"].as_u64().unwrap(),
+                e["tid"].as_u64().unwrap(),
+                name.as_str().unwrap().to_string(),
+            )
+        };
+        let events = v["traceEvents"].as_array().unwrap();
+        let spans = events
+            .iter()
+            .filter(|e| e["ph"] == "X")
+            .map(|e| key(e, &e["name"]))
+            .collect();
+        let threads = events
+            .iter()
+            .filter(|e| e["name"] == "thread_name")
+            .map(|e| key(e, &e["args"]["name"]))
+            .collect();
+        (spans, threads)
+    }
+
+    #[test]
+    fn overlapping_fabric_ops_go_on_the_first_free_lane() {
+        // PE (0, 0): a [0, 10) opens lane 0; b [5, 15) starts before a ends: lane 1; c [10, 20)
+        // starts as a ends: lane 0 again (now busy to 20); d [12, 14): lane 0 busy to 20, lane
+        // 1 to 15, so lane 2. PE (1, 0): e [3, 4) has lane 0 of its own. The core task stays
+        // on track 0. Lane k is track 2 + k.
+        let events = vec![
+            fabric_op(0, "a", 0, 10),
+            fabric_op(1, "e", 3, 4),
+            TraceEvent::Task {
+                pe: Coord::new(0, 0),
+                name: "t",
+                start: 4,
+                cycles: 2,
+            },
+            fabric_op(0, "b", 5, 15),
+            fabric_op(0, "c", 10, 20),
+            fabric_op(0, "d", 12, 14),
+        ];
+        let window = TraceWindow {
+            origin: Coord::new(0, 0),
+            width: 2,
+            height: 1,
+            start: 0,
+            end: 99,
+        };
+        let expected_spans = [
+            (0, 2, "a"),
+            (1, 2, "e"),
+            (0, 0, "t"),
+            (0, 3, "b"),
+            (0, 2, "c"),
+            (0, 4, "d"),
+        ];
+        let expected_threads = [
+            (0, 0, "core"),
+            (0, 1, "router"),
+            (0, 2, "fabric ops"),
+            (0, 3, "fabric ops 2"),
+            (0, 4, "fabric ops 3"),
+            (1, 0, "core"),
+            (1, 1, "router"),
+            (1, 2, "fabric ops"),
+        ];
+        let owned = |v: &[(u64, u64, &str)]| -> Vec<OnTrack> {
+            v.iter().map(|&(p, t, n)| (p, t, n.to_string())).collect()
+        };
+        let in_order = Trace {
+            window,
+            events: events.clone(),
+        };
+        let (spans, threads) = tracks(&in_order);
+        assert_eq!(spans, owned(&expected_spans));
+        assert_eq!(threads, owned(&expected_threads));
+
+        // The lanes follow the start cycles, not the order the events are listed in.
+        let reversed = Trace {
+            window,
+            events: events.into_iter().rev().collect(),
+        };
+        let (mut spans, threads) = tracks(&reversed);
+        spans.reverse();
+        assert_eq!(spans, owned(&expected_spans));
+        assert_eq!(threads, owned(&expected_threads));
     }
 }
