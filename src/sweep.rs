@@ -22,8 +22,8 @@ use crate::model::SparseKind;
 use crate::model::{GptConfig, GptParams};
 use crate::reference::Batch;
 use crate::runtime::{
-    CostInputs, Fidelity, GradientSet, RuntimeError, StepCost, StepInputs, StepMode, StepReport,
-    cost_step, simulate_step,
+    CostInputs, Fidelity, GradientSet, ReferenceCheck, RuntimeError, StepCost, StepInputs,
+    StepMode, StepReport, check_against_reference, cost_step, simulate_step,
 };
 use crate::sparsity::{self, Mask, ModelMasks, SparsityError};
 use crate::utilisation::{self, Heatmap, LayerKernels};
@@ -42,6 +42,9 @@ pub struct SweepPoint {
     /// The gap between the FLOP and the cycle reduction against the dense step, by cause
     /// (all zero at sparsity 0).
     pub gap: GapBreakdown,
+    /// The exact fidelity's loss and gradients against the CPU reference's (`None` without
+    /// numerics, or at the fast fidelity, whose numerics are the reference's).
+    pub check: Option<ReferenceCheck>,
 }
 
 impl SweepPoint {
@@ -239,6 +242,7 @@ fn run_point(
         fidelity: setup.fidelity,
         numerics: setup.numerics,
     };
+    let mut check = None;
     let step = match setup.params {
         Some(weights) => {
             let mut params = weights.clone();
@@ -254,7 +258,11 @@ fn run_point(
                 prompt: None,
                 gradients: GradientSet::All,
             };
-            simulate_step(inputs, mode)?
+            let step = simulate_step(inputs, mode)?;
+            if let (Some(fabric), Fidelity::Exact) = (&step.numerics, mode.fidelity) {
+                check = Some(check_against_reference(inputs, fabric)?);
+            }
+            step
         }
         None if mode.numerics || mode.fidelity == Fidelity::Exact => {
             return Err(SweepError::NeedsWeights);
@@ -301,6 +309,7 @@ fn run_point(
     Ok(SweepPoint {
         sparsity,
         loss: step.numerics.map(|n| n.loss),
+        check,
         flops: executed,
         cost: step.cost,
         parts,

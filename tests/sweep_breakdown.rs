@@ -53,6 +53,47 @@ fn sweep_of(
     run_sweep(&setup, sparsities).unwrap()
 }
 
+/// An exact sweep with numerics checks every point against the CPU reference: the check's loss
+/// error is the distance of the point's loss from the reference's, computed here on the same
+/// masks, and every point is within the tests' tolerance.
+#[test]
+fn an_exact_sweep_checks_every_point_against_the_reference() {
+    use wafersim::reference;
+    use wafersim::sparsity::ModelMasks;
+    let config = GptConfig::preset("tiny").unwrap();
+    let params = init_params(&config, 4);
+    let tokens = (0..16u32).map(|i| (i * 7 + 4) % 256).collect();
+    let batch = Batch::new(&config, 2, 8, tokens).unwrap();
+    let fabric = FabricConfig::rectangle(4, 4).unwrap();
+    let setup = SweepSetup {
+        config: &config,
+        params: Some(&params),
+        batch: &batch,
+        fabric: &fabric,
+        precision: Precision::F32,
+        seed: 4,
+        fidelity: Fidelity::Exact,
+        numerics: true,
+    };
+    let sweep = run_sweep(&setup, &[0.0, 0.5]).unwrap();
+    for point in &sweep.points {
+        let check = point.check.as_ref().expect("exact with numerics");
+        let masks = ModelMasks::random(&config, point.sparsity, 4).unwrap();
+        let mut pruned = params.clone();
+        masks.apply(&mut pruned).unwrap();
+        let (want, _) = reference::loss_and_grads(&config, &pruned, &masks, &batch).unwrap();
+        let want = f64::from(want);
+        let rel = (point.loss.unwrap() - want).abs() / want;
+        assert!(
+            (check.loss_error - rel).abs() <= 1e-12,
+            "{check:?} vs {rel}"
+        );
+        assert!(check.within(), "sparsity {}: {check:?}", point.sparsity);
+    }
+    let costed = sweep_of(Fidelity::Fast, (4, 4), (2, 8), 4, &[0.5]);
+    assert!(costed.points.iter().all(|p| p.check.is_none()));
+}
+
 /// `|a - b|` within `1e-9` of `scale` (the sums are of a few hundred f64 terms).
 fn close(a: f64, b: f64, scale: f64) -> bool {
     (a - b).abs() <= 1e-9 * scale.max(1.0)

@@ -9,17 +9,18 @@ use anyhow::Context;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
+use wafersim_kernels::Precision;
 
 use super::fit::AttentionFit;
 use super::progress::Progress;
-use super::{bad_input, guard, load_fabric};
+use super::{bad_input, checked, guard, load_fabric};
 use crate::breakdown::Causes;
 use crate::compile::{CompileError, plan_step};
 use crate::model::checkpoint::stage_bytes;
 use crate::model::{GptConfig, load_checkpoint};
 use crate::plot::{PLOT_FILES, sweep_plots};
 use crate::reference::Batch;
-use crate::runtime::Fidelity;
+use crate::runtime::{Fidelity, ReferenceCheck};
 use crate::sweep::{
     Sweep, SweepPoint, SweepSetup, run_sweep_with, slowest_layer_heatmap, step_count,
 };
@@ -278,11 +279,46 @@ fn print_table(
         // The dense row names no cause: no padding after its last column.
         outln!("{}", row.trim_end())?;
     }
+    print_checks(sweep, p.precision)?;
     let verb = match sweep.fidelity {
         crate::runtime::Fidelity::Exact => "simulated",
         crate::runtime::Fidelity::Fast => "costed",
     };
     eprintln!("\n({verb} in {wall:.1} s)");
+    Ok(())
+}
+
+/// The exact fidelity's numerics against the CPU reference's: the largest distances over the
+/// sparsities in one line, and a warning for each sparsity beyond the tests' tolerance.
+fn print_checks(sweep: &Sweep, precision: Precision) -> anyhow::Result<()> {
+    let checked: Vec<(f64, &ReferenceCheck)> = (sweep.points.iter())
+        .filter_map(|p| p.check.as_ref().map(|c| (p.sparsity, c)))
+        .collect();
+    let Some(&(_, first)) = checked.first() else {
+        return Ok(());
+    };
+    let loss = checked
+        .iter()
+        .map(|(_, c)| c.loss_error)
+        .fold(0.0, f64::max);
+    let (at, worst) = checked.iter().fold((0.0, first), |(at, worst), &(s, c)| {
+        if c.gradient_error > worst.gradient_error {
+            (s, c)
+        } else {
+            (at, worst)
+        }
+    });
+    outln!(
+        "\nchecked against the CPU reference: losses within {loss:.1e}, gradients within {:.1e} (relative L2 per tensor, floored at {:.0e} of the gradient's norm; worst {} at sparsity {at})",
+        worst.gradient_error,
+        worst.tolerance.floor,
+        worst.worst_gradient
+    )?;
+    for (s, c) in &checked {
+        if let Some(warning) = checked::warning(c, precision) {
+            eprintln!("{warning} (sparsity {s})");
+        }
+    }
     Ok(())
 }
 
@@ -361,7 +397,7 @@ fn causes_json(causes: &Causes) -> serde_json::Value {
 fn point_json(sweep: &Sweep, point: &SweepPoint) -> serde_json::Value {
     let gap = &point.gap;
     json!({
-        "sparsity": point.sparsity, "loss": point.loss, "matmul_flops": point.flops,
+        "sparsity": point.sparsity, "loss": point.loss, "reference_check": point.check.as_ref().map(checked::json), "matmul_flops": point.flops,
         "flop_reduction": sweep.flop_reduction(point), "cycles": point.cost.cycles(),
         "dense_cycles": sweep.dense.cost.cycles(), "cycle_reduction": sweep.cycle_reduction(point),
         "gap": {
