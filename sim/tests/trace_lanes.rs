@@ -2,9 +2,9 @@
 //! track's complete events nest (Perfetto drops ones that partially overlap), and no fabric
 //! operation is lost by spreading them over lanes.
 
-use std::cmp::Reverse;
-use std::collections::BTreeMap;
+mod common;
 
+use common::trace_nesting::partial_overlaps;
 use serde_json::Value;
 use wafersim_sim::*;
 
@@ -43,43 +43,6 @@ fn overlapping_sends() -> Executed {
         ..RunOptions::default()
     };
     Simulator::new(p).unwrap().run(options).unwrap()
-}
-
-/// Microseconds with nanosecond decimals (1 cycle = 1 ns) back to cycles.
-fn cycles(micros: &Value) -> u64 {
-    (micros.as_f64().unwrap() * 1000.0).round() as u64
-}
-
-/// Every partial overlap among the complete events of one `(pid, tid)` track. Sorted by start
-/// (longer first on ties), each event must end at or before the start of the next one it does
-/// not contain; a stack holds the ends of the events around the current one.
-fn partial_overlaps(events: &[Value]) -> Vec<String> {
-    let mut tracks: BTreeMap<(u64, u64), Vec<(u64, u64)>> = BTreeMap::new();
-    for e in events.iter().filter(|e| e["ph"] == "X") {
-        let start = cycles(&e["ts"]);
-        let track = (e["pid"].as_u64().unwrap(), e["tid"].as_u64().unwrap());
-        tracks
-            .entry(track)
-            .or_default()
-            .push((start, start + cycles(&e["dur"])));
-    }
-    let mut found = Vec::new();
-    for (track, mut spans) in tracks {
-        spans.sort_by_key(|&(start, end)| (start, Reverse(end)));
-        let mut around: Vec<u64> = Vec::new();
-        for (start, end) in spans {
-            while around.last().is_some_and(|&outer| outer <= start) {
-                around.pop();
-            }
-            if let Some(&outer) = around.last().filter(|&&outer| end > outer) {
-                found.push(format!(
-                    "track {track:?}: [{start}, {end}) crosses the end {outer} of an event around it"
-                ));
-            }
-            around.push(end);
-        }
-    }
-    found
 }
 
 #[test]
