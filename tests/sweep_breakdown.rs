@@ -6,7 +6,7 @@
 use proptest::prelude::*;
 use wafersim::breakdown::Causes;
 use wafersim::model::SparseKind;
-use wafersim::model::{GptConfig, init_params};
+use wafersim::model::{GptConfig, GptParams, init_params};
 use wafersim::reference::Batch;
 use wafersim::runtime::Fidelity;
 use wafersim::sparsity::{Mask, stream_of};
@@ -29,28 +29,53 @@ fn sweep(
 fn sweep_of(
     fidelity: Fidelity,
     fabric: (u32, u32),
-    (b, seq): (usize, usize),
+    shape: (usize, usize),
     seed: u64,
     sparsities: &[f64],
 ) -> Sweep {
-    let config = GptConfig::preset("tiny").unwrap();
-    let params = init_params(&config, seed);
-    let tokens = (0..(b * seq) as u32)
-        .map(|i| (i * 7 + seed as u32) % 256)
-        .collect();
-    let batch = Batch::new(&config, b, seq, tokens).unwrap();
-    let fabric = FabricConfig::rectangle(fabric.0, fabric.1).unwrap();
-    let setup = SweepSetup {
-        config: &config,
-        params: Some(&params),
-        batch: &batch,
-        fabric: &fabric,
-        precision: Precision::F32,
-        seed,
-        fidelity,
-        numerics: false,
-    };
-    run_sweep(&setup, sparsities).unwrap()
+    let tiny = Tiny::new(fabric, shape, seed);
+    run_sweep(&tiny.setup(fidelity, false), sparsities).unwrap()
+}
+
+/// The tiny model with weights and masks from `seed`, `sequences x seq` tokens, a fabric.
+struct Tiny {
+    config: GptConfig,
+    params: GptParams,
+    batch: Batch,
+    fabric: FabricConfig,
+    seed: u64,
+}
+
+impl Tiny {
+    fn new((width, height): (u32, u32), (b, seq): (usize, usize), seed: u64) -> Self {
+        let config = GptConfig::preset("tiny").unwrap();
+        let params = init_params(&config, seed);
+        let tokens = (0..(b * seq) as u32)
+            .map(|i| (i * 7 + seed as u32) % 256)
+            .collect();
+        let batch = Batch::new(&config, b, seq, tokens).unwrap();
+        let fabric = FabricConfig::rectangle(width, height).unwrap();
+        Tiny {
+            config,
+            params,
+            batch,
+            fabric,
+            seed,
+        }
+    }
+
+    fn setup(&self, fidelity: Fidelity, numerics: bool) -> SweepSetup<'_> {
+        SweepSetup {
+            config: &self.config,
+            params: Some(&self.params),
+            batch: &self.batch,
+            fabric: &self.fabric,
+            precision: Precision::F32,
+            seed: self.seed,
+            fidelity,
+            numerics,
+        }
+    }
 }
 
 /// An exact sweep with numerics checks every point against the CPU reference: the check's loss
@@ -60,28 +85,15 @@ fn sweep_of(
 fn an_exact_sweep_checks_every_point_against_the_reference() {
     use wafersim::reference;
     use wafersim::sparsity::ModelMasks;
-    let config = GptConfig::preset("tiny").unwrap();
-    let params = init_params(&config, 4);
-    let tokens = (0..16u32).map(|i| (i * 7 + 4) % 256).collect();
-    let batch = Batch::new(&config, 2, 8, tokens).unwrap();
-    let fabric = FabricConfig::rectangle(4, 4).unwrap();
-    let setup = SweepSetup {
-        config: &config,
-        params: Some(&params),
-        batch: &batch,
-        fabric: &fabric,
-        precision: Precision::F32,
-        seed: 4,
-        fidelity: Fidelity::Exact,
-        numerics: true,
-    };
-    let sweep = run_sweep(&setup, &[0.0, 0.5]).unwrap();
+    let tiny = Tiny::new((4, 4), (2, 8), 4);
+    let sweep = run_sweep(&tiny.setup(Fidelity::Exact, true), &[0.0, 0.5]).unwrap();
     for point in &sweep.points {
         let check = point.check.as_ref().expect("exact with numerics");
-        let masks = ModelMasks::random(&config, point.sparsity, 4).unwrap();
-        let mut pruned = params.clone();
+        let masks = ModelMasks::random(&tiny.config, point.sparsity, 4).unwrap();
+        let mut pruned = tiny.params.clone();
         masks.apply(&mut pruned).unwrap();
-        let (want, _) = reference::loss_and_grads(&config, &pruned, &masks, &batch).unwrap();
+        let (want, _) =
+            reference::loss_and_grads(&tiny.config, &pruned, &masks, &tiny.batch).unwrap();
         let want = f64::from(want);
         let rel = (point.loss.unwrap() - want).abs() / want;
         assert!(
@@ -151,20 +163,9 @@ fn exact_sweep_causes_add_up_to_the_gap() {
 
 #[test]
 fn the_exact_heatmap_reruns_the_slowest_layers_kernels_as_the_step_ran_them() {
-    let config = GptConfig::preset("tiny").unwrap();
-    let params = init_params(&config, 5);
-    let batch = Batch::new(&config, 1, 8, (0..8).map(|i| i * 31 % 256).collect()).unwrap();
-    let fabric = FabricConfig::rectangle(8, 8).unwrap();
-    let setup = SweepSetup {
-        config: &config,
-        params: Some(&params),
-        batch: &batch,
-        fabric: &fabric,
-        precision: Precision::F32,
-        seed: 5,
-        fidelity: Fidelity::Exact,
-        numerics: false,
-    };
+    let tiny = Tiny::new((8, 8), (1, 8), 5);
+    let (params, fabric) = (&tiny.params, &tiny.fabric);
+    let setup = tiny.setup(Fidelity::Exact, false);
     let s = run_sweep(&setup, &[0.9]).unwrap();
     let point = &s.points[0];
     let map = slowest_layer_heatmap(&setup, &s, point).unwrap().unwrap();
@@ -195,7 +196,7 @@ fn the_exact_heatmap_reruns_the_slowest_layers_kernels_as_the_step_ran_them() {
         masks: &masks,
         sparsity: 0.9,
         plan: &s.plan,
-        fabric: &fabric,
+        fabric,
     };
     let fast = layer_heatmap(&kernels, &point.cost, Fidelity::Fast).unwrap();
     let rel = |a: f64, b: f64| (a - b).abs() / b;
@@ -224,22 +225,9 @@ fn two_identical_passes_double_every_cause() {
             "{name}: {a} then {b}"
         );
     }
-    let config = GptConfig::preset("tiny").unwrap();
     let map = |s: &Sweep, b: usize| {
-        let params = init_params(&config, 3);
-        let tokens = (0..(b * 64) as u32).map(|i| (i * 7 + 3) % 256).collect();
-        let batch = Batch::new(&config, b, 64, tokens).unwrap();
-        let fabric = FabricConfig::rectangle(8, 8).unwrap();
-        let setup = SweepSetup {
-            config: &config,
-            params: Some(&params),
-            batch: &batch,
-            fabric: &fabric,
-            precision: Precision::F32,
-            seed: 3,
-            fidelity: Fidelity::Fast,
-            numerics: false,
-        };
+        let tiny = Tiny::new((8, 8), (b, 64), 3);
+        let setup = tiny.setup(Fidelity::Fast, false);
         slowest_layer_heatmap(&setup, s, &s.points[1])
             .unwrap()
             .unwrap()
