@@ -422,12 +422,22 @@ fn prompt_tuning_saves_its_vectors_and_step_loads_them() {
     use wafersim::reference::{self, Batch};
     let tmp = tempfile::tempdir().unwrap();
     let tokens = tokens_file(tmp.path());
-    let tune = |out: &Path, steps: &str, extra: &[&str]| {
+    let prompt_tune = |out: &Path, steps: &str, extra: &[&str]| {
         let mut args = train_args(&tokens, out, steps);
-        args.extend(["--model", "tiny", "--phase", "prompt-tune"]);
-        args.extend(["--prompt-len", "4", "--fidelity", "fast", "--lr", "0.01"]);
+        args.extend([
+            "--model",
+            "tiny",
+            "--phase",
+            "prompt-tune",
+            "--fidelity",
+            "fast",
+        ]);
         args.extend(extra);
         wafersim(&args)
+    };
+    let tune = |out: &Path, steps: &str, extra: &[&str]| {
+        let args = [&["--prompt-len", "4", "--lr", "0.01"], extra].concat();
+        prompt_tune(out, steps, &args)
     };
     let out = tmp.path().join("prompt");
     let (code, stderr) = tune(&out, "3", &[]);
@@ -474,31 +484,12 @@ fn prompt_tuning_saves_its_vectors_and_step_loads_them() {
     // --prompt-len is refused.
     let saved_prompt = out.join("prompt.safetensors");
     let resumed = tmp.path().join("resumed");
-    let mut args = train_args(&tokens, &resumed, "1");
-    args.extend([
-        "--model",
-        "tiny",
-        "--phase",
-        "prompt-tune",
-        "--fidelity",
-        "fast",
-    ]);
-    args.extend(["--prompt", path_str(&saved_prompt)]);
-    let (code, stderr) = wafersim(&args);
+    let (code, stderr) = prompt_tune(&resumed, "1", &["--prompt", path_str(&saved_prompt)]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(json(&resumed.join("train.json"))["prompt"]["len"], 4);
     let other = tmp.path().join("other");
-    let mut args = train_args(&tokens, &other, "1");
-    args.extend([
-        "--model",
-        "tiny",
-        "--phase",
-        "prompt-tune",
-        "--fidelity",
-        "fast",
-    ]);
-    args.extend(["--prompt", path_str(&saved_prompt), "--prompt-len", "5"]);
-    let (code, stderr) = wafersim(&args);
+    let with_len = ["--prompt", path_str(&saved_prompt), "--prompt-len", "5"];
+    let (code, stderr) = prompt_tune(&other, "1", &with_len);
     assert_eq!(code, 2, "{stderr}");
     assert!(
         stderr.contains("the --prompt file holds 4 vectors"),
