@@ -21,7 +21,7 @@ use crate::compile::{CompileError, StepPlan, plan_step};
 use crate::model::{Block, GptConfig, GptParams, LayerNorm, Linear, Matrix};
 use crate::reference::Batch;
 use crate::runtime::{
-    Fidelity, GradientSet, RuntimeError, StepCost, StepInputs, StepMode, simulate_step,
+    Fidelity, GradientSet, LossScale, RuntimeError, StepCost, StepInputs, StepMode, simulate_step,
 };
 use crate::sparsity::{ModelMasks, SparsityError};
 
@@ -192,6 +192,7 @@ impl Costing<'_> {
             dense_baseline: false,
             prompt,
             gradients,
+            loss_scale: LossScale::Auto,
         };
         let mode = StepMode {
             fidelity: Fidelity::Fast,

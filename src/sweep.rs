@@ -22,8 +22,8 @@ use crate::model::SparseKind;
 use crate::model::{GptConfig, GptParams};
 use crate::reference::Batch;
 use crate::runtime::{
-    CostInputs, Fidelity, GradientSet, ReferenceCheck, RuntimeError, StepCost, StepInputs,
-    StepMode, StepReport, check_against_reference, cost_step, simulate_step,
+    CostInputs, Fidelity, GradientSet, LossScale, ReferenceCheck, RuntimeError, StepCost,
+    StepInputs, StepMode, StepReport, check_against_reference, cost_step, simulate_step,
 };
 use crate::sparsity::{self, Mask, ModelMasks, SparsityError};
 use crate::utilisation::{self, Heatmap, LayerKernels};
@@ -78,6 +78,8 @@ pub struct Sweep {
     pub dense: SweepPoint,
     /// One point per requested sparsity, sparsity 0 first if it was requested.
     pub points: Vec<SweepPoint>,
+    /// The power of two the exact steps scaled their loss by (`None`: fast fidelity).
+    pub loss_scale: Option<f32>,
 }
 
 impl Sweep {
@@ -132,6 +134,8 @@ pub struct SweepSetup<'a> {
     pub fidelity: Fidelity,
     /// Compute each step's loss (fast: on the CPU reference).
     pub numerics: bool,
+    /// Loss scaling of the exact steps.
+    pub loss_scale: LossScale,
 }
 
 /// Runs the steps of every sparsity in `sparsities` and the dense baseline.
@@ -176,11 +180,14 @@ pub fn run_sweep_with(
     if !sparsities.contains(&0.0) {
         points.remove(0);
     }
+    let loss_scale =
+        (setup.fidelity == Fidelity::Exact).then(|| setup.loss_scale.of_step(&plan, 0));
     Ok(Sweep {
         plan,
         fidelity: setup.fidelity,
         dense,
         points,
+        loss_scale,
     })
 }
 
@@ -257,6 +264,7 @@ fn run_point(
                 dense_baseline: false,
                 prompt: None,
                 gradients: GradientSet::All,
+                loss_scale: setup.loss_scale,
             };
             let step = simulate_step(inputs, mode)?;
             if let (Some(fabric), Fidelity::Exact) = (&step.numerics, mode.fidelity) {

@@ -301,3 +301,40 @@ fn an_unwritable_folder_exits_1_and_keeps_the_old_checkpoint() {
     }
     fs::set_permissions(&ckpt, fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+/// A prompt step whose results are not finite (one MLP weight of 1e30 overflows the forward
+/// pass) fails like any other step: exit 1 and nothing written, rather than NaN files.
+#[test]
+fn a_prompt_step_with_non_finite_results_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = init_tiny(tmp.path(), "ckpt", "1");
+    rewrite_weights(&ckpt, |t| {
+        let c_fc = t
+            .iter_mut()
+            .find(|(n, _, _)| n == "transformer.h.0.mlp.c_fc.weight")
+            .unwrap();
+        c_fc.2[0] = 1e30;
+    });
+    let prompt = tmp.path().join("prompt.safetensors");
+    let values = vec![0.01f32; 4 * 64];
+    write_safetensors_atomic(&prompt, &[("prompt".into(), vec![4, 64], &values[..])]).unwrap();
+    let out = tmp.path().join("out");
+    let run = wafersim(&[
+        "step",
+        "--checkpoint",
+        path_str(&ckpt),
+        "--prompt",
+        path_str(&prompt),
+        "--fabric",
+        "8x8",
+        "--batch",
+        "1",
+        "--seq",
+        "8",
+        "--no-dense-baseline",
+        "--out",
+        path_str(&out),
+    ]);
+    assert_fails(&run, 1, &["non-finite", "nothing was written"]);
+    assert!(!out.exists());
+}

@@ -380,6 +380,8 @@ fn the_saved_gradients_are_the_references_for_the_saved_weights() {
     );
     assert_eq!(check["worst_gradient"], worst.1.as_str());
     assert_eq!(check["within_tolerance"], true);
+    // fp32 scales nothing by default.
+    assert_eq!(f64_at(&report(&out), "/loss_scale"), 1.0);
     for kind in SparseKind::ALL {
         assert!(masks.get(0, kind).is_some_and(|m| m.nnz() * 4 == m.numel()));
     }
@@ -627,6 +629,19 @@ fn bad_numbers_are_refused() {
             &["--batch", "2", "--seq", "8", &format!("--lr={lr}")],
             2,
             &["--lr", "AdamW lr"],
+        );
+    }
+    for scale in ["1000", "0", "-4", "33554432", "auto2"] {
+        fails_without_output(
+            &[
+                "--batch",
+                "2",
+                "--seq",
+                "8",
+                &format!("--loss-scale={scale}"),
+            ],
+            2,
+            &["--loss-scale", "power of two from 1 to 16777216"],
         );
     }
     fails_without_output(&["--batch", "0", "--seq", "8"], 2, &["batch size is 0"]);

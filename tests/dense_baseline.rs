@@ -10,7 +10,9 @@ use wafersim::flops::Phase;
 use wafersim::gemm::{GemmSpec, run_gemm};
 use wafersim::model::{GptConfig, init_params};
 use wafersim::reference::Batch;
-use wafersim::runtime::{Fidelity, GradientSet, OpRecord, StepInputs, StepRun, run_step};
+use wafersim::runtime::{
+    Fidelity, GradientSet, LossScale, OpRecord, StepInputs, StepRun, run_step,
+};
 use wafersim::sparsity::ModelMasks;
 use wafersim_kernels::{Precision, Region, StreamMatmul, StreamedMatrix};
 use wafersim_sim::{FabricConfig, RunOptions, events_processed};
@@ -48,6 +50,7 @@ fn tiny_step(layers: usize, sparsity: f64, dense_baseline: bool) -> StepRun {
         dense_baseline,
         prompt: None,
         gradients: GradientSet::All,
+        loss_scale: LossScale::Auto,
     })
     .unwrap()
 }

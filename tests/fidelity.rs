@@ -9,7 +9,9 @@ use wafersim::flops::Phase;
 use wafersim::gemm::{GemmReport, GemmSpec, run_gemm};
 use wafersim::model::{GptConfig, init_params};
 use wafersim::reference::Batch;
-use wafersim::runtime::{Fidelity, GradientSet, StepInputs, StepMode, StepReport, simulate_step};
+use wafersim::runtime::{
+    Fidelity, GradientSet, LossScale, StepInputs, StepMode, StepReport, simulate_step,
+};
 use wafersim::sparsity::ModelMasks;
 use wafersim_kernels::{Precision, Region};
 use wafersim_sim::FabricConfig;
@@ -170,6 +172,7 @@ fn step_row(sparsity: f64, fabric: (u32, u32), precision: Precision) -> Row {
         dense_baseline: true,
         prompt: None,
         gradients: GradientSet::All,
+        loss_scale: LossScale::Auto,
     };
     let run = |fidelity| -> StepReport {
         let mode = StepMode {
@@ -262,6 +265,7 @@ fn fast_numerics_are_the_reference_and_can_be_left_out() {
         dense_baseline: false,
         prompt: None,
         gradients: GradientSet::All,
+        loss_scale: LossScale::Auto,
     };
     let mode = |numerics| StepMode {
         fidelity: Fidelity::Fast,

@@ -13,8 +13,8 @@ use wafersim::compile::{StepPlan, plan_step};
 use wafersim::model::{GptConfig, GptParams, init_params};
 use wafersim::reference::{self, Batch};
 use wafersim::runtime::{
-    CostInputs, Fidelity, GradientSet, StepCost, StepInputs, StepMode, cost_step, run_step,
-    simulate_step,
+    CostInputs, Fidelity, GradientSet, LossScale, StepCost, StepInputs, StepMode, cost_step,
+    run_step, simulate_step,
 };
 use wafersim::sparsity::ModelMasks;
 use wafersim_kernels::{Attention, AttentionShape, Precision};
@@ -84,6 +84,7 @@ impl Tiny {
             dense_baseline: false,
             prompt: None,
             gradients: GradientSet::All,
+            loss_scale: LossScale::Auto,
         }
     }
 

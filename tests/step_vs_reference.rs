@@ -6,7 +6,7 @@ use wafersim::compile::plan_step;
 use wafersim::flops::{self, FlopOptions, NnzSource, StepShape};
 use wafersim::model::{GptConfig, GptParams, init_params};
 use wafersim::reference::{self, Batch};
-use wafersim::runtime::{GradientSet, StepInputs, run_step};
+use wafersim::runtime::{GradientSet, LossScale, StepInputs, run_step};
 use wafersim::sparsity::ModelMasks;
 use wafersim_kernels::Precision;
 use wafersim_sim::FabricConfig;
@@ -60,6 +60,7 @@ fn check(
         dense_baseline: false,
         prompt: None,
         gradients: GradientSet::All,
+        loss_scale: LossScale::Auto,
     };
     let step = run_step(inputs).unwrap();
     let (loss, grads) = reference::loss_and_grads(&config, &params, &masks, &batch).unwrap();

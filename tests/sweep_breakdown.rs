@@ -8,7 +8,7 @@ use wafersim::breakdown::Causes;
 use wafersim::model::SparseKind;
 use wafersim::model::{GptConfig, GptParams, init_params};
 use wafersim::reference::Batch;
-use wafersim::runtime::Fidelity;
+use wafersim::runtime::{Fidelity, LossScale};
 use wafersim::sparsity::{Mask, stream_of};
 use wafersim::sweep::{Sweep, SweepSetup, run_sweep, slowest_layer_heatmap};
 use wafersim::utilisation::{LayerKernels, layer_heatmap};
@@ -74,6 +74,7 @@ impl Tiny {
             seed: self.seed,
             fidelity,
             numerics,
+            loss_scale: LossScale::Auto,
         }
     }
 }

@@ -366,7 +366,7 @@ fn an_exact_prompt_step_equals_the_reference_and_changes_no_weight() {
 /// reference's prompt gradient.
 #[test]
 fn an_exact_prompt_step_computes_no_frozen_gradient() {
-    use wafersim::runtime::{GradientSet, StepInputs, StepMode, simulate_step};
+    use wafersim::runtime::{GradientSet, LossScale, StepInputs, StepMode, simulate_step};
     let PromptCase {
         config,
         fabric,
@@ -387,6 +387,7 @@ fn an_exact_prompt_step_computes_no_frozen_gradient() {
         dense_baseline: false,
         prompt: Some(&prompt),
         gradients: GradientSet::PromptOnly,
+        loss_scale: LossScale::Auto,
     };
     let mode = StepMode {
         fidelity: Fidelity::Exact,

@@ -33,6 +33,15 @@
 //!
 //! `dZ` overwrites `Z` in place and stays on the wafer for the LM-head backward; `run` reads it.
 //!
+//! # Loss scaling
+//!
+//! With a `loss_scale` `L` the weights are `L / N` instead of `1 / N`: the fabric computes `L`
+//! times the loss and its gradient, at the same cost. A backward pass that stores its gradients
+//! in fp16 then keeps them out of fp16's subnormals (the mean over `N` tokens shrinks every
+//! gradient by `N`); the host divides the gradients it reads back by `L`. `L` is a power of two,
+//! so every `f32` value is exactly `L` times the unscaled one: `run` divides the loss back and
+//! returns it unscaled, and `dZ` is exactly `L` times the unscaled `dZ`.
+//!
 //! # Color plan
 //!
 //! | color | use |
@@ -101,6 +110,9 @@ pub struct SoftmaxCrossEntropy<'a> {
     pub vocab: usize,
     /// `Z`, `T x V` row-major (on the wafer in the region layout before cycle 0).
     pub logits: &'a [f32],
+    /// A power of two `L`: the fabric computes `L` times the loss and its gradient (loss
+    /// scaling, module doc); 1 for the plain loss. The returned loss is unscaled, `dZ` is not.
+    pub loss_scale: f32,
 }
 
 /// How the logits are cut.
@@ -117,7 +129,7 @@ pub struct CrossEntropyPlan {
 /// The loss, the gradient and what they cost.
 #[derive(Clone, Debug)]
 pub struct CrossEntropyRun {
-    /// The mean loss, as the fabric computed it in `f32`.
+    /// The mean loss, as the fabric computed it in `f32` (divided back by the loss scale).
     pub loss: f64,
     /// `dZ`, `T x V` row-major.
     pub dz: Vec<f32>,
@@ -150,6 +162,7 @@ struct PeShape {
     t_len: u32,
     /// Features `V_c`.
     v_len: u32,
+    /// The weight of a predicted position, `L / N`.
     inv_n: f32,
 }
 
@@ -204,6 +217,12 @@ impl SoftmaxCrossEntropy<'_> {
             return shape(format!(
                 "the logits have {} values, expected {t} x {v}",
                 self.logits.len()
+            ));
+        }
+        if !is_power_of_two(self.loss_scale) {
+            return shape(format!(
+                "a loss scale of {} is not a power of two (only those scale every value exactly)",
+                self.loss_scale
             ));
         }
         if let Some((i, id)) = self
@@ -287,7 +306,7 @@ impl SoftmaxCrossEntropy<'_> {
             });
         };
         Ok(CrossEntropyRun {
-            loss: f64::from(loss.f32()),
+            loss: f64::from(loss.f32()) / f64::from(self.loss_scale),
             dz,
             plan,
             stats: executed.stats,
@@ -318,7 +337,7 @@ impl SoftmaxCrossEntropy<'_> {
             cols: self.region.cols as usize,
             t_len: tokens.len() as u32,
             v_len: features.len() as u32,
-            inv_n: 1.0 / plan.predicted as f32,
+            inv_n: (1.0 / plan.predicted as f32) * self.loss_scale,
         };
         let targets: Vec<f32> = tokens
             .clone()
@@ -502,6 +521,11 @@ fn gradient(ctx: &mut TaskCtx<'_>, shape: &PeShape, bufs: &Buffers) {
             ctx.store(at, d - shape.inv_n);
         }
     }
+}
+
+/// Whether `x` is `2^k` for an integer `k` (positive, finite, no mantissa bits).
+fn is_power_of_two(x: f32) -> bool {
+    x.is_normal() && x > 0.0 && x.to_bits() & 0x007f_ffff == 0
 }
 
 /// The analytic cycle count of [`SoftmaxCrossEntropy::estimate_cycles`]: the steps of the

@@ -84,6 +84,7 @@ fn loss_and_gradient_match_the_cpu_on_every_layout() {
             unscored_prefix: 0,
             vocab: V,
             logits: &z,
+            loss_scale: 1.0,
         };
         let run = kernel.run(&config, RunOptions::default()).unwrap();
         let loss_err = (run.loss - want_loss).abs() / want_loss.abs();
@@ -143,6 +144,7 @@ fn a_hand_worked_case_with_logits_too_big_for_a_plain_exp() {
             unscored_prefix: 0,
             vocab: 2,
             logits: &z,
+            loss_scale: 1.0,
         };
         let run = kernel
             .run(
@@ -175,6 +177,7 @@ fn bad_inputs_and_tiles_too_big_are_refused() {
         unscored_prefix: 0,
         vocab: V,
         logits: &z,
+        loss_scale: 1.0,
     };
     assert_eq!(
         kernel.plan(&config).unwrap_err().to_string(),
@@ -203,6 +206,7 @@ fn bad_inputs_and_tiles_too_big_are_refused() {
         unscored_prefix: 0,
         vocab: 60,
         logits: &z,
+        loss_scale: 1.0,
     };
     let err = big
         .plan(&FabricConfig::rectangle(1, 1).unwrap())
@@ -228,6 +232,7 @@ fn the_estimate_tracks_bigger_shapes() {
             unscored_prefix: 0,
             vocab: v,
             logits: &z,
+            loss_scale: 1.0,
         };
         let run = kernel.run(&config, RunOptions::default()).unwrap();
         let (want_loss, want_dz) = cpu(&ids, s, v, &z);
@@ -271,6 +276,7 @@ fn an_unscored_prefix_leaves_its_positions_out_of_the_loss() {
         unscored_prefix: prefix,
         vocab: V,
         logits: &z,
+        loss_scale: 1.0,
     };
     let run = kernel.run(&config, RunOptions::default()).unwrap();
     assert_eq!(run.plan.predicted, 4);
@@ -299,4 +305,50 @@ fn an_unscored_prefix_leaves_its_positions_out_of_the_loss() {
             .to_string()
             .contains("no scored position")
     );
+}
+
+/// Loss scaling by a power of two scales every `f32` value exactly (no value here is near the
+/// ends of `f32`'s range): `dZ` is `L` times the unscaled run's, bit for bit, the loss comes back
+/// the same, and the run costs the same cycles. A scale that is not a power of two is refused.
+#[test]
+fn a_power_of_two_loss_scale_scales_the_gradient_exactly_at_the_same_cost() {
+    let z: Vec<f32> = (0..IDS.len() * V).map(|i| 8.0 * value(i, 11)).collect();
+    let config = FabricConfig::rectangle(3, 2).unwrap();
+    let plain = SoftmaxCrossEntropy {
+        region: Region::at_origin(3, 2),
+        ids: &IDS,
+        seq_len: S,
+        unscored_prefix: 0,
+        vocab: V,
+        logits: &z,
+        loss_scale: 1.0,
+    };
+    let unscaled = plain.run(&config, RunOptions::default()).unwrap();
+    for scale in [2.0f32, 1024.0, 65536.0] {
+        let scaled = SoftmaxCrossEntropy {
+            loss_scale: scale,
+            ..plain
+        }
+        .run(&config, RunOptions::default())
+        .unwrap();
+        assert_eq!(
+            scaled.loss.to_bits(),
+            unscaled.loss.to_bits(),
+            "scale {scale}"
+        );
+        for (s, u) in scaled.dz.iter().zip(&unscaled.dz) {
+            assert_eq!(s.to_bits(), (u * scale).to_bits(), "scale {scale}");
+        }
+        assert_eq!(scaled.stats.cycles, unscaled.stats.cycles);
+    }
+    for bad in [1000.0f32, 0.0, -2.0, f32::INFINITY] {
+        let err = SoftmaxCrossEntropy {
+            loss_scale: bad,
+            ..plain
+        }
+        .plan(&config)
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("is not a power of two"), "{bad}: {err}");
+    }
 }

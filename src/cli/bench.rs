@@ -27,7 +27,7 @@ use super::{bad_input, check_threads, guard, write_json};
 use crate::compile::plan_step;
 use crate::model::{GptConfig, init_params};
 use crate::reference::{Batch, products};
-use crate::runtime::{GradientSet, StepInputs, run_step};
+use crate::runtime::{GradientSet, LossScale, StepInputs, run_step};
 use crate::sparsity::ModelMasks;
 
 /// Arguments of `wafersim bench`.
@@ -407,6 +407,7 @@ fn step(sparsity: f64) -> anyhow::Result<Sample> {
         dense_baseline: false,
         prompt: None,
         gradients: GradientSet::All,
+        loss_scale: LossScale::Auto,
     };
     let events_before = wafersim_sim::events_processed();
     let started = Instant::now();

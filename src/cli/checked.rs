@@ -8,6 +8,15 @@ use wafersim_kernels::Precision;
 
 use crate::runtime::ReferenceCheck;
 
+/// The storage type as the summaries' headers name it: `fp16 (loss scale 128)` when the step
+/// scaled its loss (`--loss-scale`), the type alone otherwise.
+pub(crate) fn dtype_label(precision: Precision, loss_scale: Option<f32>) -> String {
+    match loss_scale {
+        Some(scale) if scale != 1.0 => format!("{} (loss scale {scale})", precision.name()),
+        _ => precision.name().to_string(),
+    }
+}
+
 /// `checked against the CPU reference: loss within .., gradients within .. (..)`.
 pub(crate) fn summary(check: &ReferenceCheck) -> String {
     format!(

@@ -24,8 +24,9 @@ use crate::model::checkpoint::{
 use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::{AdamState, AdamW, Batch};
 use crate::runtime::{
-    CostInputs, Fidelity, GradientSet, Numerics, OpRecord, ReferenceCheck, RuntimeError, StepHooks,
-    StepInputs, StepMode, StepReport, check_against_reference, cost_step, simulate_step_with,
+    CostInputs, Fidelity, GradientSet, LossScale, Numerics, OpRecord, ReferenceCheck, RuntimeError,
+    StepHooks, StepInputs, StepMode, StepReport, check_against_reference, cost_step,
+    simulate_step_with,
 };
 use crate::sparsity::{self, ModelMasks};
 use crate::tune::{self, RegionChoice, RegionSearch};
@@ -67,6 +68,12 @@ pub struct Args {
     /// AdamW learning rate.
     #[arg(long, default_value_t = 6e-4, allow_hyphen_values = true)]
     lr: f64,
+    /// Loss scaling at the exact fidelity: the loss is multiplied by this power of two on the
+    /// fabric and the gradients divided by it on the host, so that fp16 keeps small gradients;
+    /// `auto` is the largest power of two not above the positions a pass predicts for fp16, and
+    /// 1 for fp32.
+    #[arg(long, value_name = "auto|L", default_value = "auto", value_parser = parse_loss_scale)]
+    pub(super) loss_scale: LossScale,
     /// Skip timing the dense baseline (one more simulation of each weight shape's products
     /// streaming every weight; a dense model's step is its own baseline and costs none).
     #[arg(long)]
@@ -163,7 +170,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 dense_baseline: !args.no_dense_baseline,
                 prompt: setup.prompt.as_ref(),
                 gradients,
+                loss_scale: args.loss_scale,
             };
+            let loss_scale =
+                (mode.fidelity == Fidelity::Exact).then(|| inputs.resolved_loss_scale());
             simulate_step_with(inputs, mode, hooks).and_then(|(report, trace)| {
                 // The fast fidelity's numerics are the reference's own.
                 let check = match (&report.numerics, mode.fidelity) {
@@ -172,7 +182,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     }
                     _ => None,
                 };
-                Ok((report, trace, check))
+                Ok((report, trace, check, loss_scale))
             })
         }
         None => {
@@ -192,12 +202,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     numerics: None,
                     cost,
                 };
-                (report, None, None)
+                (report, None, None, None)
             })
         }
     };
     drop(progress);
-    let (step, recorded, check) = run?;
+    let (step, recorded, check, loss_scale) = run?;
     let wall = started.elapsed().as_secs_f64();
     // A prompt step computes no weight gradient.
     let flops = analytic_flops(&setup, &masks)?.of_step(setup.prompt.is_none());
@@ -211,7 +221,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The weights the step ran with, and (not for a prompt step: the model is frozen) the
     // updated ones.
     let written = match (&step.numerics, &params) {
-        (Some(_), Some(params)) if setup.prompt.is_some() => Some((params, None)),
+        (Some(numerics), Some(params)) if setup.prompt.is_some() => {
+            check_prompt_results(numerics)?;
+            Some((params, None))
+        }
         (Some(numerics), Some(params)) => {
             let mut updated = params.clone();
             opt.step(
@@ -237,6 +250,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
         attention,
         check: check.as_ref(),
+        loss_scale,
     };
     // The files first: a terminal or pipe that goes away while the summary prints loses nothing.
     let written = written.as_ref().map(|(w, u)| (*w, u.as_ref()));
@@ -425,14 +439,31 @@ const OUTPUT_FILES: [&str; 4] = [
 
 /// A NaN or infinite loss, gradient or updated weight is an error, never a reported number.
 fn check_results(numerics: &Numerics, updated: &GptParams) -> anyhow::Result<()> {
+    check_loss(numerics)?;
+    guard::check_finite("the gradients", &numerics.grads)?;
+    guard::check_finite("the updated weights (is --lr too large?)", updated)
+}
+
+/// [`check_results`] for a prompt step: the loss and the prompt's gradient (nothing is updated).
+fn check_prompt_results(numerics: &Numerics) -> anyhow::Result<()> {
+    check_loss(numerics)?;
+    let values = numerics.prompt_grad.iter().flat_map(|g| &g.data);
+    if let Some((index, value)) = values.enumerate().find(|(_, v)| !v.is_finite()) {
+        anyhow::bail!(
+            "the prompt's gradient has a non-finite value ({value}) at flat index {index}; nothing was written"
+        );
+    }
+    Ok(())
+}
+
+fn check_loss(numerics: &Numerics) -> anyhow::Result<()> {
     if !numerics.loss.is_finite() {
         anyhow::bail!(
             "the loss is {} (non-finite): nothing was written; with --dtype fp16, activations may overflow",
             numerics.loss
         );
     }
-    guard::check_finite("the gradients", &numerics.grads)?;
-    guard::check_finite("the updated weights (is --lr too large?)", updated)
+    Ok(())
 }
 
 struct Summary<'a> {
@@ -455,6 +486,8 @@ struct Summary<'a> {
     attention: AttentionFit,
     /// The exact fidelity's loss and gradients against the CPU reference's.
     check: Option<&'a ReferenceCheck>,
+    /// The power of two the exact fidelity scaled the loss by (`--loss-scale`).
+    loss_scale: Option<f32>,
 }
 
 /// What one block (or the embedding and head, `layer: None`) cost and saved.
@@ -567,13 +600,13 @@ fn print_summary(s: &Summary<'_>) -> anyhow::Result<()> {
     } else {
         format!("{} tokens", p.seq)
     };
+    let dtype = checked::dtype_label(p.precision, s.loss_scale);
     outln!(
-        "step: {} layers x {}, batch {} x {positions}, sparsity {:.4}, {} on {} ({} x {} PEs), region {} x {}, {} fidelity",
+        "step: {} layers x {}, batch {} x {positions}, sparsity {:.4}, {dtype} on {} ({} x {} PEs), region {} x {}, {} fidelity",
         c.n_layer,
         c.n_embd,
         p.batch,
         s.masks.sparsity(),
-        p.precision.name(),
         s.fabric.name,
         s.fabric.width,
         s.fabric.height,
@@ -878,6 +911,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         "units": {
             "cycles": "fabric clock cycles", "flops": "floating-point operations (1 FMAC = 2)",
             "loss": "nats per predicted token (null: not computed)", "seconds": "at the fabric clock",
+            "loss_scale": "the power of two the exact fidelity multiplied the loss by before its backward pass and divided the gradients by (null: fast fidelity)",
             "reference_check": "the exact fidelity's loss (relative error) and gradients (largest relative L2 distance of a tensor, against the larger of the tensor's norm and floor x the whole gradient's norm) against the CPU reference's, with the tolerance tests hold them to (null: fast fidelity or no numerics)",
             "busy_cycles": "summed over the region (null: not simulated)",
             "flops_counted": "flops.analytic_* and flops.non_matmul: of the operations the step runs (a prompt step computes no weight gradient)",
@@ -902,6 +936,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         "layers": layers_json(s),
         "loss": s.step.numerics.as_ref().map(|n| n.loss),
         "reference_check": s.check.map(checked::json),
+        "loss_scale": s.loss_scale,
         "flops": {
             "analytic_matmul_sparse": s.flops.matmul_sparse,
             "analytic_matmul_dense": s.flops.matmul_dense,
@@ -924,4 +959,20 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         "ops": ops,
         "host": { "wall_seconds": wall },
     })
+}
+
+/// `auto`, or a power of two from 1 to `2^24`, as `--loss-scale` takes it.
+pub(super) fn parse_loss_scale(text: &str) -> Result<LossScale, String> {
+    if text == "auto" {
+        return Ok(LossScale::Auto);
+    }
+    let max = 1u32 << LossScale::MAX_EXPONENT;
+    match text.parse::<u32>() {
+        Ok(value) if value.is_power_of_two() && value <= max => {
+            Ok(LossScale::Power(value.trailing_zeros() as u8))
+        }
+        _ => Err(format!(
+            "expected auto or a power of two from 1 to {max} (1, 2, 4, ..., 1024, ...)"
+        )),
+    }
 }

@@ -20,7 +20,7 @@ use crate::model::checkpoint::stage_bytes;
 use crate::model::{GptConfig, load_checkpoint};
 use crate::plot::{PLOT_FILES, sweep_plots};
 use crate::reference::Batch;
-use crate::runtime::{Fidelity, ReferenceCheck};
+use crate::runtime::{Fidelity, LossScale, ReferenceCheck};
 use crate::sweep::{
     Sweep, SweepPoint, SweepSetup, run_sweep_with, slowest_layer_heatmap, step_count,
 };
@@ -59,6 +59,9 @@ pub struct Args {
     /// Storage precision of activations and streamed weights in the matmuls.
     #[arg(long, value_enum, default_value = "fp32")]
     dtype: super::gemm::DtypeArg,
+    /// Loss scaling of the exact steps' backward pass (as `wafersim step --loss-scale`).
+    #[arg(long, value_name = "auto|L", default_value = "auto", value_parser = super::step::parse_loss_scale)]
+    loss_scale: LossScale,
     /// Seed of the weights, masks and tokens.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -139,6 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         fidelity,
         numerics,
+        loss_scale: args.loss_scale,
     };
     let started = Instant::now();
     let progress = Progress::new(Some(step_count(&sparsities) as u64), "steps");
@@ -226,13 +230,13 @@ fn print_table(
     wall: f64,
 ) -> anyhow::Result<()> {
     let p = &sweep.plan;
+    let dtype = checked::dtype_label(p.precision, sweep.loss_scale);
     outln!(
-        "training step of a {} x {} GPT, batch {} x {} tokens, {} on {} ({} x {} PEs at {} MHz), region {} x {}, {} fidelity",
+        "training step of a {} x {} GPT, batch {} x {} tokens, {dtype} on {} ({} x {} PEs at {} MHz), region {} x {}, {} fidelity",
         config.n_layer,
         config.n_embd,
         p.batch,
         p.seq,
-        p.precision.name(),
         fabric.name,
         fabric.width,
         fabric.height,
@@ -301,13 +305,15 @@ fn print_checks(sweep: &Sweep, precision: Precision) -> anyhow::Result<()> {
         .iter()
         .map(|(_, c)| c.loss_error)
         .fold(0.0, f64::max);
-    let (at, worst) = checked.iter().fold((0.0, first), |(at, worst), &(s, c)| {
-        if c.gradient_error > worst.gradient_error {
-            (s, c)
-        } else {
-            (at, worst)
-        }
-    });
+    let (at, worst) = checked
+        .iter()
+        .fold((checked[0].0, first), |(at, worst), &(s, c)| {
+            if c.gradient_error > worst.gradient_error {
+                (s, c)
+            } else {
+                (at, worst)
+            }
+        });
     outln!(
         "\nchecked against the CPU reference: losses within {loss:.1e}, gradients within {:.1e} (relative L2 per tensor, floored at {:.0e} of the gradient's norm; worst {} at sparsity {at})",
         worst.gradient_error,
@@ -441,11 +447,13 @@ fn write_outputs(
             "gap.by_cause_reduction": "x; the five add up to gap.reduction",
             "step_cycles_by_part": "cycles of the step in the breakdown's parts (absolute, not a gap); per_nonzero_overhead holds the whole per-entry work",
             "by_op": "cycles per operation name, summed over layers and phases",
+            "loss_scale": "the power of two the exact steps multiplied the loss by before their backward pass and divided the gradients by (null: fast fidelity)",
+            "runs[].reference_check": "the exact step's loss and gradients against the CPU reference's, as in step's report.json (null: fast fidelity or no numerics)",
         },
         // What ran, with the key names of `step`'s report.json.
         "model": { "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions },
         "fabric": { "name": f.name, "width": f.width, "height": f.height, "clock_mhz": f.clock_mhz },
-        "dtype": p.precision.name(), "seed": setup.seed,
+        "dtype": p.precision.name(), "loss_scale": sweep.loss_scale, "seed": setup.seed,
         "batch": p.batch, "seq": p.seq, "region": { "cols": p.region.cols, "rows": p.region.rows, "attention": attention },
         "runs": runs,
     });

@@ -89,9 +89,13 @@ pub fn compare(fabric: &Numerics, reference: &Numerics, tolerance: Tolerance) ->
     };
     let whole = norm(pairs.iter().flat_map(|(_, _, w)| w.iter().copied()));
     let floor = tolerance.floor * whole;
+    // A NaN distance (a non-finite value on either side) counts as the worst there is.
     let (gradient_error, worst_gradient) = pairs
         .iter()
-        .map(|(name, got, want)| (relative_l2(got, want, floor), name))
+        .map(|(name, got, want)| {
+            let e = relative_l2(got, want, floor);
+            (if e.is_nan() { f64::INFINITY } else { e }, name)
+        })
         .fold((0.0, String::new()), |worst, (e, name)| {
             if e > worst.0 {
                 (e, name.clone())
@@ -180,6 +184,26 @@ mod tests {
         );
         assert_eq!((same.loss_error, same.gradient_error), (0.0, 0.0));
         assert!(same.within());
+    }
+
+    #[test]
+    fn a_non_finite_gradient_is_the_worst_and_outside_the_tolerance() {
+        // wte is off by 1e-3 relative everywhere; ln_f.bias holds a NaN on the fabric: its
+        // distance is NaN, which must not read as "no error".
+        let config = GptConfig::preset("tiny").unwrap();
+        let mut want = GptParams::zeros(&config);
+        want.wte.data.iter_mut().for_each(|v| *v = 1.0);
+        let mut got = want.clone();
+        got.wte.data.iter_mut().for_each(|v| *v = 1.001);
+        got.ln_f.beta[3] = f32::NAN;
+        let check = compare(
+            &numerics(1.0, got),
+            &numerics(1.0, want),
+            Tolerance::of(Precision::F16),
+        );
+        assert_eq!(check.gradient_error, f64::INFINITY);
+        assert_eq!(check.worst_gradient, "ln_f.bias");
+        assert!(!check.within());
     }
 
     #[test]

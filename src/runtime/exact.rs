@@ -56,6 +56,9 @@ pub(crate) struct ExactEngine<'a> {
     /// on any value (no instruction's cost or branch reads one), so the baseline of a shape is
     /// simulated once per step: q, k, v and the attention projection of every layer share one.
     pub baselines: HashMap<(Phase, usize, usize), u64>,
+    /// The power of two the loss kernel scales the loss and its gradient by (`LossScale`): every
+    /// gradient is this many times the true one until [`ExactEngine::unscale_gradients`].
+    pub loss_scale: f32,
 }
 
 /// A trace of a window of the step: kernel runs are traced in their own cycles and placed at
@@ -106,7 +109,8 @@ impl StepTrace {
 }
 
 impl<'a> ExactEngine<'a> {
-    pub(crate) fn new(inputs: StepInputs<'a>) -> Self {
+    /// The engine of one pass, its loss scaled by `loss_scale` (a power of two).
+    pub(crate) fn new(inputs: StepInputs<'a>, loss_scale: f32) -> Self {
         let sparse = inputs
             .params
             .blocks
@@ -135,6 +139,22 @@ impl<'a> ExactEngine<'a> {
             trace: None,
             streaming: inputs.plan.streaming_fabric(inputs.fabric),
             baselines: HashMap::new(),
+            loss_scale,
+        }
+    }
+
+    /// Divides the gradients read back by the loss scale (exact: a power of two).
+    pub(crate) fn unscale_gradients(&mut self, loss_scale: f32) {
+        let inverse = 1.0 / loss_scale;
+        let prompt = self.prompt_grad.as_mut().map(|g| &mut g.data[..]);
+        for values in self
+            .grads
+            .tensors_mut()
+            .into_iter()
+            .map(|(_, g)| g)
+            .chain(prompt)
+        {
+            values.iter_mut().for_each(|v| *v *= inverse);
         }
     }
 

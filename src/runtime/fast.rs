@@ -543,6 +543,7 @@ impl Engine for FastEngine<'_> {
             unscored_prefix: self.seqs.unscored_prefix,
             vocab: logits.features,
             logits: NO_DATA,
+            loss_scale: 1.0,
         };
         Ok((*logits, self.cost(kernel.estimate_cycles(self.fabric()))))
     }
@@ -664,6 +665,7 @@ mod tests {
                 unscored_prefix: 0,
                 vocab: features,
                 logits,
+                loss_scale: 1.0,
             };
             kernel.estimate_cycles(&fabric)
         };

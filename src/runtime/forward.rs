@@ -192,6 +192,7 @@ impl ExactEngine<'_> {
             unscored_prefix: self.seqs.unscored_prefix,
             vocab: logits.features,
             logits: &logits.data,
+            loss_scale: self.loss_scale,
         };
         let run = kernel.run(self.fabric(), self.options())?;
         self.loss = run.loss;

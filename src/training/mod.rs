@@ -28,7 +28,7 @@ use crate::compile::StepPlan;
 use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::{AdamState, AdamW, Batch, ReferenceError};
 use crate::runtime::{
-    Fidelity, GradientSet, ReferenceCheck, RuntimeError, StepCost, StepInputs, StepMode,
+    Fidelity, GradientSet, LossScale, ReferenceCheck, RuntimeError, StepCost, StepInputs, StepMode,
     check_against_reference, simulate_step,
 };
 use crate::sparsity::ModelMasks;
@@ -195,6 +195,7 @@ impl Trainer {
             dense_baseline: false,
             prompt: self.prompt.as_ref().map(|p| &p.vectors),
             gradients: self.gradients(),
+            loss_scale: LossScale::Auto,
         }
     }
 
