@@ -6,7 +6,9 @@
 //! kernel instances on fabric regions, the host side of weight streaming, reports and the CLI.
 //!
 //! Dependencies point one way, `wafersim -> wafersim-kernels -> wafersim-sim`: nothing below
-//! this crate knows what a transformer is. See `ARCHITECTURE.md` for the map.
+//! this crate knows what GPT is (the kernels are operations such as attention, LayerNorm and
+//! weight-streamed products, with no model around them; the simulator knows only PEs, wavelets
+//! and tasks). See `ARCHITECTURE.md` for the map.
 
 pub mod breakdown;
 pub mod cli;

@@ -111,7 +111,7 @@ pub fn pruned_count(numel: usize, sparsity: f64) -> usize {
 /// smallest decides): a matrix without weights has nothing to stream, and no per-layer ratio.
 pub fn check_keeps_weights(config: &GptConfig, sparsity: f64) -> Result<(), SparsityError> {
     for kind in SparseKind::ALL {
-        let (rows, cols) = weight_shape(config, kind);
+        let (rows, cols) = kind.shape(config);
         if pruned_count(rows * cols, sparsity) == rows * cols {
             return Err(SparsityError::PrunesEverything {
                 sparsity,
@@ -402,7 +402,7 @@ impl ModelMasks {
         let layers = (0..config.n_layer)
             .map(|_| {
                 SparseKind::ALL.map(|kind| {
-                    let (rows, cols) = weight_shape(config, kind);
+                    let (rows, cols) = kind.shape(config);
                     Mask::dense(rows, cols)
                 })
             })
@@ -422,7 +422,7 @@ impl ModelMasks {
             .into_par_iter()
             .map(|layer| {
                 SparseKind::ALL.map(|kind| {
-                    let (rows, cols) = weight_shape(config, kind);
+                    let (rows, cols) = kind.shape(config);
                     Mask::random_validated(rows, cols, sparsity, seed, stream_of(layer, kind))
                 })
             })
@@ -532,16 +532,6 @@ impl ModelMasks {
             }
         }
         Ok(())
-    }
-}
-
-/// `(rows, cols)` of the weight of `kind` (`[in, out]`).
-pub(crate) fn weight_shape(config: &GptConfig, kind: SparseKind) -> (usize, usize) {
-    let (d, f) = (config.n_embd, config.n_inner);
-    match kind {
-        SparseKind::Q | SparseKind::K | SparseKind::V | SparseKind::AttnProj => (d, d),
-        SparseKind::Fc => (d, f),
-        SparseKind::FcProj => (f, d),
     }
 }
 

@@ -208,7 +208,7 @@ pub fn slowest_layer_heatmap(
     let masks = SparseKind::ALL
         .iter()
         .map(|&kind| {
-            let (rows, cols) = sparsity::weight_shape(setup.config, kind);
+            let (rows, cols) = kind.shape(setup.config);
             let stream = sparsity::stream_of(layer, kind);
             Mask::random(rows, cols, point.sparsity, setup.seed, stream)
         })

@@ -271,15 +271,10 @@ pub fn linear_flops(tokens: u64, k: u64, n: u64, nnz: u64) -> Result<[u64; 3], F
     Ok([per_phase; 3])
 }
 
-/// `(in, out)` of a sparsifiable matrix: `[d, d]` for Q, K, V and the attention output, `[d, d_ffn]`
-/// for fc, `[d_ffn, d]` for fc_proj.
-pub fn matrix_shape(config: &GptConfig, kind: SparseKind) -> (u64, u64) {
-    let (d, f) = (config.n_embd as u64, config.n_inner as u64);
-    match kind {
-        SparseKind::Q | SparseKind::K | SparseKind::V | SparseKind::AttnProj => (d, d),
-        SparseKind::Fc => (d, f),
-        SparseKind::FcProj => (f, d),
-    }
+/// `(in, out)` of a sparsifiable matrix ([`SparseKind::shape`]) as counts.
+fn matrix_shape(config: &GptConfig, kind: SparseKind) -> (u64, u64) {
+    let (rows, cols) = kind.shape(config);
+    (rows as u64, cols as u64)
 }
 
 /// The number of nonzeros of every sparsified matrix, per layer, in [`SparseKind::ALL`] order.

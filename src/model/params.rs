@@ -116,6 +116,17 @@ impl SparseKind {
         self as usize
     }
 
+    /// `(in, out)` of the matrix in a model of `config`: `[d, d]` for Q, K, V and the attention
+    /// output, `[d, d_ffn]` for fc, `[d_ffn, d]` for fc_proj.
+    pub fn shape(self, config: &GptConfig) -> (usize, usize) {
+        let (d, f) = (config.n_embd, config.n_inner);
+        match self {
+            SparseKind::Q | SparseKind::K | SparseKind::V | SparseKind::AttnProj => (d, d),
+            SparseKind::Fc => (d, f),
+            SparseKind::FcProj => (f, d),
+        }
+    }
+
     /// A short name used in reports (`q`, `k`, `v`, `attn_proj`, `fc`, `fc_proj`).
     pub fn name(self) -> &'static str {
         match self {

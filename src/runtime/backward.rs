@@ -8,7 +8,7 @@ use wafersim_kernels::{
     EmbeddingBackward, GeluBackward, KernelError, LayerNormBackward, StreamedMatrix, WeightGrad,
 };
 
-use super::exact::{Act, ExactEngine};
+use super::exact::{Act, Baseline, ExactEngine};
 use super::forward::Normed;
 use super::walk::{Cost, Ln, Weight};
 use crate::flops::Phase;
@@ -45,16 +45,11 @@ impl ExactEngine<'_> {
         let run = kernel.run(&self.streaming, self.options())?;
         // The kernel reads only the pattern's positions: one that keeps every entry is the
         // dense baseline's own.
-        let (k, n) = (pattern.rows(), pattern.cols());
-        let key = (Phase::WeightGrad, k, n);
-        let timed = matches!(weight, Weight::Linear { .. })
-            && self.inputs.dense_baseline
-            && !pattern.keeps_every_entry();
-        let dense_cycles = match (timed, self.baselines.get(&key)) {
-            (false, _) => run.stats.cycles,
-            (true, Some(&cycles)) => cycles,
-            (true, None) => {
-                let all = StreamedMatrix::from_dense(k, n, &vec![0.0; k * n], None);
+        let key = (Phase::WeightGrad, pattern.rows(), pattern.cols());
+        let dense_cycles = match self.baseline(weight, &pattern, key) {
+            Baseline::Itself => run.stats.cycles,
+            Baseline::Known(cycles) => cycles,
+            Baseline::Run(all) => {
                 let dense = WeightGrad {
                     pattern: &all,
                     ..kernel

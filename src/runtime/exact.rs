@@ -61,6 +61,17 @@ pub(crate) struct ExactEngine<'a> {
     pub loss_scale: f32,
 }
 
+/// The dense baseline of a weight-streamed kernel (see [`ExactEngine::baselines`]).
+pub(crate) enum Baseline {
+    /// The kernel streams every weight already (or nothing is timed): its own cycles.
+    Itself,
+    /// A kernel of the same phase and shape was timed before.
+    Known(u64),
+    /// To be timed on this pattern, keeping every entry (zeros: the cycles read no value), and
+    /// remembered in [`ExactEngine::baselines`].
+    Run(StreamedMatrix),
+}
+
 /// A trace of a window of the step: kernel runs are traced in their own cycles and placed at
 /// the cycle of the step they started at (kernels run one after another).
 pub(crate) struct StepTrace {
@@ -140,6 +151,28 @@ impl<'a> ExactEngine<'a> {
             streaming: inputs.plan.streaming_fabric(inputs.fabric),
             baselines: HashMap::new(),
             loss_scale,
+        }
+    }
+
+    /// How the dense baseline of a weight-streamed kernel of `weight` streaming `streamed` is
+    /// timed (`key`: its phase and shape).
+    pub(crate) fn baseline(
+        &self,
+        weight: Weight,
+        streamed: &StreamedMatrix,
+        key: (Phase, usize, usize),
+    ) -> Baseline {
+        let sparse = matches!(weight, Weight::Linear { .. }) && !streamed.keeps_every_entry();
+        if !(sparse && self.inputs.dense_baseline) {
+            return Baseline::Itself;
+        }
+        match self.baselines.get(&key) {
+            Some(&cycles) => Baseline::Known(cycles),
+            None => {
+                let (rows, cols) = (streamed.rows(), streamed.cols());
+                let every = StreamedMatrix::from_dense(rows, cols, &vec![0.0; rows * cols], None);
+                Baseline::Run(every)
+            }
         }
     }
 

@@ -9,7 +9,7 @@ use wafersim_kernels::{
     SoftmaxCrossEntropy, StreamMatmul, StreamedMatrix,
 };
 
-use super::exact::{Act, ExactEngine};
+use super::exact::{Act, Baseline, ExactEngine};
 use super::walk::{Cost, Ln, Weight};
 use crate::flops::Phase;
 use crate::model::Linear;
@@ -78,31 +78,17 @@ impl ExactEngine<'_> {
     }
 
     /// The streamed form of `weight` for `phase` (`[in, out]` forward, its transpose for the
-    /// input gradient), its bias, and (for a sparse weight) every entry of it for the dense
-    /// baseline.
-    fn streamed(
-        &self,
-        weight: Weight,
-        phase: Phase,
-    ) -> (
-        Cow<'_, StreamedMatrix>,
-        Option<&[f32]>,
-        Option<StreamedMatrix>,
-    ) {
+    /// input gradient) and its bias.
+    fn streamed(&self, weight: Weight, phase: Phase) -> (Cow<'_, StreamedMatrix>, Option<&[f32]>) {
         let forward = phase == Phase::Forward;
         match weight {
             Weight::Linear { layer, kind } => {
                 let lin: &Linear = self.inputs.params.blocks[layer].linear(kind);
                 let w = &self.sparse[layer][kind.index()];
-                // A matrix that keeps every weight is its own dense baseline.
-                let all = (self.inputs.dense_baseline && !w.keeps_every_entry()).then(|| {
-                    let m = &lin.weight;
-                    StreamedMatrix::from_dense(m.rows, m.cols, &m.data, None)
-                });
                 if forward {
-                    (Cow::Borrowed(w), Some(&lin.bias[..]), all)
+                    (Cow::Borrowed(w), Some(&lin.bias[..]))
                 } else {
-                    (Cow::Owned(w.transpose()), None, all.map(|a| a.transpose()))
+                    (Cow::Owned(w.transpose()), None)
                 }
             }
             Weight::Head => {
@@ -110,7 +96,7 @@ impl ExactEngine<'_> {
                 let wte = &self.inputs.params.wte;
                 let head = StreamedMatrix::from_dense(wte.rows, wte.cols, &wte.data, None);
                 let head = if forward { head.transpose() } else { head };
-                (Cow::Owned(head), None, None)
+                (Cow::Owned(head), None)
             }
         }
     }
@@ -123,7 +109,7 @@ impl ExactEngine<'_> {
         phase: Phase,
         x: &Act,
     ) -> Result<(Act, Cost), KernelError> {
-        let (w, bias, all) = self.streamed(weight, phase);
+        let (w, bias) = self.streamed(weight, phase);
         let (key, features) = ((phase, w.rows(), w.cols()), w.cols());
         let kernel = StreamMatmul {
             region: self.region(),
@@ -134,11 +120,11 @@ impl ExactEngine<'_> {
             precision: self.precision(),
         };
         let run = kernel.run(&self.streaming, self.options())?;
-        let dense_cycles = match (&all, self.baselines.get(&key)) {
-            (None, _) => run.stats.cycles,
-            (Some(_), Some(&cycles)) => cycles,
-            (Some(all), None) => {
-                let dense = StreamMatmul { w: all, ..kernel };
+        let dense_cycles = match self.baseline(weight, &w, key) {
+            Baseline::Itself => run.stats.cycles,
+            Baseline::Known(cycles) => cycles,
+            Baseline::Run(all) => {
+                let dense = StreamMatmul { w: &all, ..kernel };
                 let cycles = dense.run(&self.streaming, self.options())?.stats.cycles;
                 self.baselines.insert(key, cycles);
                 cycles
