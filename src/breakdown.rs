@@ -184,8 +184,12 @@ pub enum BreakdownError {
     },
     #[error("the dense step has no matmul FLOPs")]
     NoFlops,
-    #[error("{records} records are not the same number for each of {passes} passes")]
-    Passes { records: usize, passes: usize },
+    #[error("{op} ran in pass {pass}, but the step's plan has {passes} passes")]
+    Pass {
+        op: String,
+        pass: usize,
+        passes: usize,
+    },
 }
 
 /// One step's cycles, FLOPs and the split of its weight-streamed kernels.
@@ -276,21 +280,13 @@ pub struct StepKernels<'a> {
 /// The split of every weight-streamed kernel of `cost` (a step run with `kernels`), per record.
 /// The kernels' shapes are the runtime's: forward `x W + b` (`K x N`), input gradient
 /// `dy W^T` (no bias), weight gradient over the pattern with the bias gradient, each on its
-/// pass's region and tokens and with the SRAM the resident activations leave (the records of a
-/// step of several passes are the passes' in order, the same number each). The kept-entry
+/// pass's region and tokens and with the SRAM the resident activations leave. The kept-entry
 /// counts of one matrix at a time are held, so memory stays at one matrix's counts.
 pub fn step_parts(
     kernels: &StepKernels<'_>,
     cost: &StepCost,
 ) -> Result<Vec<Option<KernelParts>>, BreakdownError> {
     let passes = kernels.plan.passes();
-    let per_pass = cost.records.len() / passes.len().max(1);
-    if per_pass * passes.len() != cost.records.len() {
-        return Err(BreakdownError::Passes {
-            records: cost.records.len(),
-            passes: passes.len(),
-        });
-    }
     let mut at: HashMap<(usize, usize), Vec<usize>> = HashMap::new();
     for (i, r) in cost.records.iter().enumerate() {
         if let (true, Some(layer), [OpKind::Linear(kind)]) = (r.op.sparse, r.op.layer, r.op.matmuls)
@@ -313,7 +309,14 @@ pub fn step_parts(
         let mut counts: HashMap<usize, MatrixCounts> = HashMap::new();
         for &i in &at[&key] {
             let record = &cost.records[i];
-            let plan = &passes[i / per_pass.max(1)].plan;
+            let plan = &passes
+                .get(record.pass)
+                .ok_or_else(|| BreakdownError::Pass {
+                    op: record.op.label(),
+                    pass: record.pass,
+                    passes: passes.len(),
+                })?
+                .plan;
             let cols = plan.region.cols as usize;
             let counts = counts
                 .entry(cols)
@@ -408,6 +411,7 @@ mod tests {
         };
         OpRecord {
             op,
+            pass: 0,
             cycles,
             dense_cycles: cycles,
             fmacs,

@@ -116,10 +116,8 @@ pub fn layer_heatmap(
         }
     }
     if fidelity == Fidelity::Fast {
-        let first_pass = cost.records.len() / kernels.plan.pass_count().max(1);
-        map.cycles = cost.records[..first_pass]
-            .iter()
-            .filter(|r| r.op.sparse && r.op.layer == Some(layer))
+        map.cycles = (cost.records.iter())
+            .filter(|r| r.pass == 0 && r.op.sparse && r.op.layer == Some(layer))
             .map(|r| r.cycles)
             .sum();
     }
@@ -262,6 +260,7 @@ mod tests {
     fn record(layer: usize, cycles: u64) -> OpRecord {
         OpRecord {
             op: Op::plain(Some(layer), "gelu", Phase::Forward),
+            pass: 0,
             cycles,
             dense_cycles: cycles,
             fmacs: 0,

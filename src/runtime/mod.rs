@@ -365,7 +365,7 @@ fn run_exact(
         cost: StepCost::default(),
     };
     let mut trace = hooks.trace.map(exact::StepTrace::new);
-    for (pass, batch) in passes {
+    for (index, (pass, batch)) in passes.into_iter().enumerate() {
         let pass_inputs = StepInputs {
             batch: &batch,
             plan: &pass.plan,
@@ -373,7 +373,7 @@ fn run_exact(
         };
         let mut engine = exact::ExactEngine::new(pass_inputs, loss_scale);
         engine.trace = trace.take().map(std::cell::RefCell::new);
-        let cost = walk::walk(&mut engine, pass_inputs.costing(), hooks.progress)?;
+        let cost = walk::walk(&mut engine, pass_inputs.costing(), index, hooks.progress)?;
         trace = engine.trace.take().map(std::cell::RefCell::into_inner);
         engine.unscale_gradients(loss_scale);
         run.cost.records.extend(cost.records);
@@ -454,7 +454,7 @@ fn cost_step_with(
     let passes = passes(inputs)?;
     let mut cost = StepCost::default();
     let mut engine: Option<fast::FastEngine<'_>> = None;
-    for (pass, batch) in &passes {
+    for (index, (pass, batch)) in passes.iter().enumerate() {
         let pass_inputs = CostInputs {
             batch,
             plan: &pass.plan,
@@ -468,7 +468,7 @@ fn cost_step_with(
             _ => engine.insert(fast::FastEngine::new(pass_inputs)),
         };
         cost.records
-            .extend(walk::walk(engine, pass_inputs, on_record)?.records);
+            .extend(walk::walk(engine, pass_inputs, index, on_record)?.records);
     }
     Ok(cost)
 }

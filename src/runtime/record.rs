@@ -84,6 +84,8 @@ impl Op {
 #[derive(Clone, Debug, PartialEq)]
 pub struct OpRecord {
     pub op: Op,
+    /// The pass of the step that ran it (`StepPlan::passes`; 0 for a step of one pass).
+    pub pass: usize,
     pub cycles: u64,
     /// The same kernel streaming every weight (equal to `cycles` unless `op.sparse`).
     pub dense_cycles: u64,

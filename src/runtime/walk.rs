@@ -154,16 +154,18 @@ struct Head<E: Engine> {
 /// Called after every kernel run with its record.
 pub(crate) type OnRecord<'a> = Option<&'a dyn Fn(&OpRecord)>;
 
-/// Walks the whole step on `engine`: its operation records in execution order (each handed to
-/// `on_record` as it is made).
+/// Walks the whole step (pass `pass` of it) on `engine`: its operation records in execution
+/// order (each handed to `on_record` as it is made).
 pub(crate) fn walk<E: Engine>(
     engine: &mut E,
     inputs: CostInputs<'_>,
+    pass: usize,
     on_record: OnRecord<'_>,
 ) -> Result<StepCost, RuntimeError> {
     let mut walk = Walk {
         engine,
         inputs,
+        pass,
         cost: StepCost::default(),
         on_record,
     };
@@ -175,6 +177,7 @@ pub(crate) fn walk<E: Engine>(
 struct Walk<'a, E: Engine> {
     engine: &'a mut E,
     inputs: CostInputs<'a>,
+    pass: usize,
     cost: StepCost,
     on_record: OnRecord<'a>,
 }
@@ -205,6 +208,7 @@ impl<E: Engine> Walk<'_, E> {
         };
         self.cost.push(OpRecord {
             op,
+            pass: self.pass,
             cycles: cost.cycles,
             dense_cycles: cost.dense_cycles,
             fmacs,
