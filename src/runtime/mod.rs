@@ -49,7 +49,7 @@ use wafersim_sim::{FabricConfig, Trace, TraceWindow};
 
 use crate::compile::{Pass, StepPlan};
 use crate::model::{GptConfig, GptParams, Matrix};
-use crate::reference::{self, Batch, ReferenceError};
+use crate::reference::{self, Batch, BatchError, ReferenceError};
 use crate::sparsity::ModelMasks;
 
 /// What costing a step needs: shapes, masks and token ids, no weights (the fast engine reads
@@ -319,12 +319,13 @@ pub enum RuntimeError {
         "the exact fidelity cannot recompute the attention probabilities (its attention backward reads stored ones), and even one sequence of {seq} tokens cannot keep them; use --fidelity fast, shorter sequences or a bigger fabric"
     )]
     Recompute { seq: usize },
-    #[error("pass {pass} (sequences {first}..{end}): {reason}")]
+    #[error("pass {pass} (sequences {first}..{end}): {source}")]
     Pass {
         pass: usize,
         first: usize,
         end: usize,
-        reason: String,
+        #[source]
+        source: BatchError,
     },
 }
 
@@ -426,12 +427,12 @@ fn passes(inputs: CostInputs<'_>) -> Result<Vec<(Pass, Batch)>, RuntimeError> {
                 .unwrap_or_default()
                 .to_vec();
             let batch =
-                Batch::new(inputs.config, pass.sequences.len(), seq, tokens).map_err(|e| {
+                Batch::new(inputs.config, pass.sequences.len(), seq, tokens).map_err(|source| {
                     RuntimeError::Pass {
                         pass: p,
                         first: pass.sequences.start,
                         end: pass.sequences.end,
-                        reason: e.to_string(),
+                        source,
                     }
                 })?;
             Ok((pass, batch))
