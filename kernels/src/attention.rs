@@ -212,24 +212,6 @@ impl AttentionShape {
         self.features.checked_div(self.heads).unwrap_or(0)
     }
 
-    /// Multiply-adds of one full product over every sequence and head: `B heads S^2 hd`.
-    pub fn product_fmacs(&self) -> u64 {
-        let s = self.seq_len as u64;
-        [self.batch, self.heads, self.head_dim()]
-            .iter()
-            .fold(s.saturating_mul(s), |acc, &x| acc.saturating_mul(x as u64))
-    }
-
-    /// FMACs the forward executes: `Q K^T` and `P V`.
-    pub fn forward_fmacs(&self) -> u64 {
-        2 * self.product_fmacs()
-    }
-
-    /// FMACs the backward executes: `dO V^T`, `dS K`, `dS^T Q`, `P^T dO`.
-    pub fn backward_fmacs(&self) -> u64 {
-        4 * self.product_fmacs()
-    }
-
     /// Entries of the probabilities, `[batch][head][query][key]`.
     pub fn probs_len(&self) -> usize {
         [self.heads, self.seq_len, self.seq_len]
