@@ -780,9 +780,9 @@ impl Attention<'_> {
         })
     }
 
-    /// Cycles the forward takes by the analytic formula (module doc, "Cost"); 0 for a shape
-    /// the region refuses.
-    pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
+    /// Cycles the forward takes by the analytic formula (module doc, "Cost"), or why the region
+    /// refuses the shape.
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
         self.estimate(config, Pass::Forward)
     }
 
@@ -793,20 +793,18 @@ impl Attention<'_> {
     /// scale, the causal mask, the subtraction of the kept log-sum-exp and the `exp`:
     /// `p = exp(scale s - lse)`. It does not count V's half of the gather, the context product
     /// `P V`, or the row max, row sum, reciprocals and normalisation the forward needs to find
-    /// the statistics. 0 for a shape the region refuses.
+    /// the statistics. An error when the region refuses the shape.
     ///
     /// No kernel runs this pass (the exact engine's backward reads stored probabilities), so it
     /// is not validated against the exact engine; its terms are the forward's, which are.
     /// Like [`Attention::estimate_cycles`] it does not check that the probabilities fit the SRAM.
-    pub fn estimate_recompute_cycles(&self, config: &FabricConfig) -> u64 {
+    pub fn estimate_recompute_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
         self.estimate(config, Pass::Recompute)
     }
 
-    fn estimate(&self, config: &FabricConfig, pass: Pass) -> u64 {
-        match geometry(KERNEL, config, self.region, &self.shape) {
-            Ok(g) => cost::total(config, &g, pass),
-            Err(_) => 0,
-        }
+    fn estimate(&self, config: &FabricConfig, pass: Pass) -> Result<u64, KernelError> {
+        let g = geometry(KERNEL, config, self.region, &self.shape)?;
+        Ok(cost::total(config, &g, pass))
     }
 
     /// Buffers, routes and tasks of PE (c, r).
@@ -953,13 +951,11 @@ impl AttentionBackward<'_> {
         })
     }
 
-    /// Cycles the backward takes by the analytic formula (module doc, "Cost"); 0 for a shape
-    /// the region refuses.
-    pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
-        match geometry(BACKWARD_KERNEL, config, self.region, &self.shape) {
-            Ok(g) => cost::total(config, &g, Pass::Backward),
-            Err(_) => 0,
-        }
+    /// Cycles the backward takes by the analytic formula (module doc, "Cost"), or why the
+    /// region refuses the shape.
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
+        let g = geometry(BACKWARD_KERNEL, config, self.region, &self.shape)?;
+        Ok(cost::total(config, &g, Pass::Backward))
     }
 
     /// Buffers, routes and tasks of PE (c, r).

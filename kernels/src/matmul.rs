@@ -236,15 +236,13 @@ impl StreamMatmul<'_> {
         self.shape().plan(config)
     }
 
-    /// The cycles of a run by the formula in the module doc (0 if the product cannot be
-    /// planned: [`Self::plan`] says why).
-    pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
+    /// The cycles of a run by the formula in the module doc, or why the product cannot be
+    /// planned.
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
         let shape = self.shape();
-        let Ok(plan) = shape.plan(config) else {
-            return 0;
-        };
+        let plan = shape.plan(config)?;
         let load = StreamLoad::of_matrix(self.w, plan.input.features, &plan.chunks);
-        shape.estimate_cycles(config, &plan, &load)
+        Ok(shape.estimate_cycles(config, &plan, &load))
     }
 
     /// The program and the buffers holding `Y`.

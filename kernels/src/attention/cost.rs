@@ -340,8 +340,8 @@ mod tests {
         };
         let c = FabricConfig::wse2();
         (
-            attention.estimate_cycles(&c),
-            attention.estimate_recompute_cycles(&c),
+            attention.estimate_cycles(&c).unwrap(),
+            attention.estimate_recompute_cycles(&c).unwrap(),
         )
     }
 
