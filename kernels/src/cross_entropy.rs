@@ -583,7 +583,7 @@ impl Estimate<'_> {
     fn sum_phase(&self) -> u64 {
         let simd = &self.config.simd;
         let (t, v) = (self.t, self.v);
-        let exp = self.issue() + u64::from(self.config.exp_cycles_per_element) * t * v;
+        let exp = self.config.transcendental_cycles(t * v);
         let local = v * self.vector(t, simd.arith_f32)
             + exp
             + self.vector(t, simd.mov_f32)

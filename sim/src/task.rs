@@ -434,8 +434,7 @@ impl TaskCtx<'_> {
             return;
         }
         if self.elementwise(op, dst, a, None, |_, x, _| f(x)) {
-            self.cycles += u64::from(self.config.issue_cycles)
-                + u64::from(dst.len) * u64::from(self.config.exp_cycles_per_element);
+            self.cycles += self.config.transcendental_cycles(u64::from(dst.len));
             self.stats.vector_elements += u64::from(dst.len);
         }
     }
