@@ -53,7 +53,7 @@
 //! # Cost
 //!
 //! Non-matmul only: `max`, `sub`, `exp`, `add`, `mul`, `sum`, scalar loads and stores, no
-//! `fmac`/`fma`/`dot` (the FMAC count is 0). The PE has no logarithm or reciprocal instruction,
+//! `fmac`/`dot` (the FMAC count is 0). The PE has no logarithm or reciprocal instruction,
 //! so `ln s` and `1/s` (one per token) are software routines ([`TaskCtx::ln`],
 //! [`TaskCtx::recip`]), charged `exp_cycles_per_element` cycles each, like one element of exp.
 //! [`SoftmaxCrossEntropy::estimate_cycles`] adds up the steps on the critical path for the

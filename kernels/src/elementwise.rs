@@ -28,7 +28,7 @@
 //! exact, not an approximation: there is nothing to overlap or wait for
 //! ([`Gelu::estimate_cycles`] and friends return it).
 //!
-//! No FMAC instructions (`fmac`, `fma`, `dot`): this is non-matmul work, so it must not count in
+//! No FMAC instructions (`fmac`, `dot`): this is non-matmul work, so it must not count in
 //! `stats.total.fmacs`; only `mul`, `add`, `scale`, `add_scalar` and `tanh` are used.
 //!
 //! Numerics: f32 throughout; `sqrt(2/pi)` and the other constants are computed in f64 and rounded

@@ -59,7 +59,7 @@
 //! every hop through a PE adds `2a + h` (router to core and back, one link), and the bottom PE's
 //! ramp carries the column's `T F_max` values at one per cycle.
 //!
-//! Neither executes an FMAC (no `fmac`/`fma`/`dot`): the only arithmetic is the add inside the
+//! Neither executes an FMAC (no `fmac`/`dot`): the only arithmetic is the add inside the
 //! forward receive, `T F` non-matmul FLOPs (the FLOP convention counts the lookup as free).
 //!
 //! What it is not: no table lives on the wafer (the host streams rows of `E` and `P`, one per

@@ -107,7 +107,7 @@
 //! the same cycle (backward; a few cycles), and rows whose smaller tiles are not on the
 //! critical path.
 //!
-//! No FMAC instructions (`fmac`, `fma`, `dot`): this is non-matmul work and must not count in
+//! No FMAC instructions (`fmac`, `dot`): this is non-matmul work and must not count in
 //! `stats.total.fmacs`. Products are `mul`/`scale`, sums `add`/`sum`.
 
 use wafersim_sim::{

@@ -23,7 +23,7 @@
 //!
 //! What it is not: not pipelined across hops (a chunked variant would be, at the price of a task
 //! per chunk), and not a general reduction: max only. It does no arithmetic that the FLOP
-//! convention counts as matmul work (no `fmac`/`fma`/`dot`).
+//! convention counts as matmul work (no `fmac`/`dot`).
 
 use wafersim_sim::{BuildError, Color, Program, RecvMode, TaskCtx, TaskId, Then, VecRef};
 

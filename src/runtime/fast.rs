@@ -136,10 +136,10 @@ fn matrix_loads(inputs: &CostInputs<'_>, fabric: &FabricConfig, mask: &Mask) -> 
     }
 }
 
-/// The step's shapes and kept-entry loads.
 /// A weight-streamed kernel streaming every weight: phase, `k`, `n`, and whether it adds a bias.
 type DenseKey = (Phase, usize, usize, bool);
 
+/// The step's shapes and kept-entry loads.
 pub(crate) struct FastEngine<'a> {
     inputs: CostInputs<'a>,
     /// The fabric as the weight-streamed kernels see it (the SRAM the resident activations
