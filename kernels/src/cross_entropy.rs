@@ -31,7 +31,8 @@
 //!    [`crate::chain::ColumnChain`] that leaves the fabric's south edge: the host receives the mean
 //!    loss as one `f32`, computed entirely on the fabric, and widens it to `f64`.
 //!
-//! `dZ` overwrites `Z` in place and stays on the wafer for the LM-head backward; `run` reads it.
+//! `dZ` overwrites `Z` in place and stays on the wafer for the backward of the product that made
+//! `Z`; `run` reads it.
 //!
 //! # Loss scaling
 //!
@@ -103,8 +104,9 @@ pub struct SoftmaxCrossEntropy<'a> {
     /// Tokens per sequence `S` (at least 2, so that something is predicted).
     pub seq_len: usize,
     /// The first positions of each sequence whose predictions are not scored (weight 0, like
-    /// the last position): rows placed in front of the tokens, such as learned prompt vectors,
-    /// whose next "token" is not a target. 0 for plain next-token prediction; below `S - 1`.
+    /// the last position): rows placed in front of the tokens that are not tokens themselves
+    /// (inputs given as vectors), whose next "token" is not a target. 0 for plain next-token
+    /// prediction; below `S - 1`.
     pub unscored_prefix: usize,
     /// Size `V` of the feature axis the softmax runs over.
     pub vocab: usize,
