@@ -150,6 +150,7 @@ use wafersim_sim::{
     Stats, TaskId, Then, VecRef,
 };
 
+use crate::chain::ChainColors;
 use crate::check_region;
 use crate::error::KernelError;
 use crate::join::{self, ARMS, Join};
@@ -166,16 +167,16 @@ pub const KERNEL: &str = "attention";
 pub const BACKWARD_KERNEL: &str = "attention_backward";
 
 const GATHER: VerticalChain = VerticalChain {
-    south: [Color(0), Color(1)],
-    north: [Color(2), Color(3)],
+    south: ChainColors([Color(0), Color(1)]),
+    north: ChainColors([Color(2), Color(3)]),
 };
 const REDUCE: VerticalChain = VerticalChain {
-    south: [Color(4), Color(5)],
-    north: [Color(6), Color(7)],
+    south: ChainColors([Color(4), Color(5)]),
+    north: ChainColors([Color(6), Color(7)]),
 };
 const SUMS: GroupAllReduce = GroupAllReduce {
-    east: [Color(8), Color(9)],
-    west: [Color(10), Color(11)],
+    east: ChainColors([Color(8), Color(9)]),
+    west: ChainColors([Color(10), Color(11)]),
 };
 /// Colors the kernel routes on: `0..COLORS`.
 pub const COLORS: u8 = crate::colors_used(

@@ -75,7 +75,7 @@ use wafersim_sim::{
     VecRef,
 };
 
-use crate::chain::{ColumnChain, RowAllReduce};
+use crate::chain::{ChainColors, ColumnChain, RowAllReduce};
 use crate::check_region;
 use crate::error::KernelError;
 use crate::join::{self, Join};
@@ -86,11 +86,11 @@ use crate::rowmax::{RowMax, RowMaxAllReduce};
 pub const KERNEL: &str = "softmax_cross_entropy";
 
 const ROW: RowMaxAllReduce = RowMaxAllReduce {
-    east: [Color(0), Color(1)],
+    east: ChainColors([Color(0), Color(1)]),
     broadcast: Color(2),
 };
 const LOSS: ColumnChain = ColumnChain {
-    south: [Color(3), Color(4)],
+    south: ChainColors([Color(3), Color(4)]),
 };
 /// Colors the kernel routes on: `0..COLORS`.
 pub const COLORS: u8 = crate::colors_used(&[ROW.east, LOSS.south], &[ROW.broadcast]);

@@ -115,7 +115,7 @@ use wafersim_sim::{
     SinkId, Stats, TaskCtx, TaskId, Then, VecRef, Wavelet,
 };
 
-use crate::chain::{ColumnChain, RowAllReduce, feed_column_from_north};
+use crate::chain::{ChainColors, ColumnChain, RowAllReduce, feed_column_from_north};
 use crate::check_region;
 use crate::error::KernelError;
 use crate::join::{self, ARMS, Join};
@@ -129,11 +129,11 @@ pub const KERNEL_BACKWARD: &str = "layernorm_backward";
 
 const PARAMS: Color = Color(0);
 const ROW: RowAllReduce = RowAllReduce {
-    east: [Color(1), Color(2)],
+    east: ChainColors([Color(1), Color(2)]),
     broadcast: Color(3),
 };
 const COLUMN: ColumnChain = ColumnChain {
-    south: [Color(4), Color(5)],
+    south: ChainColors([Color(4), Color(5)]),
 };
 /// Colors the kernel routes on: `0..COLORS`.
 pub const COLORS: u8 = crate::colors_used(&[ROW.east, COLUMN.south], &[PARAMS, ROW.broadcast]);

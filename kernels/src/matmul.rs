@@ -53,7 +53,7 @@ use wafersim_sim::{
     Buf, Color, DType, FabricConfig, Program, RunOptions, Simulator, Stats, TaskId, VecRef, Wavelet,
 };
 
-use crate::chain::{RowChain, feed_column_from_north};
+use crate::chain::{ChainColors, RowChain, feed_column_from_north};
 use crate::error::KernelError;
 use crate::join::{self, ARMS, Join};
 use crate::layout::{Region, Split, Tiling};
@@ -68,8 +68,8 @@ pub const KERNEL: &str = "stream_matmul";
 
 const WEIGHTS: Color = Color(0);
 const ROW: RowChain = RowChain {
-    east: [Color(1), Color(2)],
-    west: [Color(3), Color(4)],
+    east: ChainColors([Color(1), Color(2)]),
+    west: ChainColors([Color(3), Color(4)]),
 };
 /// Colors the kernel routes on: `0..COLORS`.
 pub const COLORS: u8 = crate::colors_used(&[ROW.east, ROW.west], &[WEIGHTS]);
