@@ -86,7 +86,7 @@ impl Case {
         };
         let fabric = self.fabric(1);
         let run = kernel.run(&fabric, RunOptions::default()).ok()?;
-        Some((run.stats.cycles, kernel.estimate_cycles(&fabric)))
+        Some((run.stats.cycles, kernel.estimate_cycles(&fabric).ok()?))
     }
 
     /// `(exact, estimate)` of the weight gradient, `None` if it does not fit.
@@ -106,7 +106,7 @@ impl Case {
         };
         let fabric = self.fabric(2);
         let run = kernel.run(&fabric, RunOptions::default()).ok()?;
-        Some((run.stats.cycles, kernel.estimate_cycles(&fabric)))
+        Some((run.stats.cycles, kernel.estimate_cycles(&fabric).ok()?))
     }
 }
 

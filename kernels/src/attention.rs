@@ -150,6 +150,7 @@ use wafersim_sim::{
     Stats, TaskId, Then, VecRef,
 };
 
+use crate::chain::ChainColors;
 use crate::check_region;
 use crate::error::KernelError;
 use crate::join::{self, ARMS, Join};
@@ -166,16 +167,16 @@ pub const KERNEL: &str = "attention";
 pub const BACKWARD_KERNEL: &str = "attention_backward";
 
 const GATHER: VerticalChain = VerticalChain {
-    south: [Color(0), Color(1)],
-    north: [Color(2), Color(3)],
+    south: ChainColors([Color(0), Color(1)]),
+    north: ChainColors([Color(2), Color(3)]),
 };
 const REDUCE: VerticalChain = VerticalChain {
-    south: [Color(4), Color(5)],
-    north: [Color(6), Color(7)],
+    south: ChainColors([Color(4), Color(5)]),
+    north: ChainColors([Color(6), Color(7)]),
 };
 const SUMS: GroupAllReduce = GroupAllReduce {
-    east: [Color(8), Color(9)],
-    west: [Color(10), Color(11)],
+    east: ChainColors([Color(8), Color(9)]),
+    west: ChainColors([Color(10), Color(11)]),
 };
 /// Colors the kernel routes on: `0..COLORS`.
 pub const COLORS: u8 = crate::colors_used(
@@ -210,24 +211,6 @@ impl AttentionShape {
     /// Features per head (0 without heads).
     pub fn head_dim(&self) -> usize {
         self.features.checked_div(self.heads).unwrap_or(0)
-    }
-
-    /// Multiply-adds of one full product over every sequence and head: `B heads S^2 hd`.
-    pub fn product_fmacs(&self) -> u64 {
-        let s = self.seq_len as u64;
-        [self.batch, self.heads, self.head_dim()]
-            .iter()
-            .fold(s.saturating_mul(s), |acc, &x| acc.saturating_mul(x as u64))
-    }
-
-    /// FMACs the forward executes: `Q K^T` and `P V`.
-    pub fn forward_fmacs(&self) -> u64 {
-        2 * self.product_fmacs()
-    }
-
-    /// FMACs the backward executes: `dO V^T`, `dS K`, `dS^T Q`, `P^T dO`.
-    pub fn backward_fmacs(&self) -> u64 {
-        4 * self.product_fmacs()
     }
 
     /// Entries of the probabilities, `[batch][head][query][key]`.
@@ -798,9 +781,9 @@ impl Attention<'_> {
         })
     }
 
-    /// Cycles the forward takes by the analytic formula (module doc, "Cost"); 0 for a shape
-    /// the region refuses.
-    pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
+    /// Cycles the forward takes by the analytic formula (module doc, "Cost"), or why the region
+    /// refuses the shape.
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
         self.estimate(config, Pass::Forward)
     }
 
@@ -811,20 +794,18 @@ impl Attention<'_> {
     /// scale, the causal mask, the subtraction of the kept log-sum-exp and the `exp`:
     /// `p = exp(scale s - lse)`. It does not count V's half of the gather, the context product
     /// `P V`, or the row max, row sum, reciprocals and normalisation the forward needs to find
-    /// the statistics. 0 for a shape the region refuses.
+    /// the statistics. An error when the region refuses the shape.
     ///
     /// No kernel runs this pass (the exact engine's backward reads stored probabilities), so it
     /// is not validated against the exact engine; its terms are the forward's, which are.
     /// Like [`Attention::estimate_cycles`] it does not check that the probabilities fit the SRAM.
-    pub fn estimate_recompute_cycles(&self, config: &FabricConfig) -> u64 {
+    pub fn estimate_recompute_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
         self.estimate(config, Pass::Recompute)
     }
 
-    fn estimate(&self, config: &FabricConfig, pass: Pass) -> u64 {
-        match geometry(KERNEL, config, self.region, &self.shape) {
-            Ok(g) => cost::total(config, &g, pass),
-            Err(_) => 0,
-        }
+    fn estimate(&self, config: &FabricConfig, pass: Pass) -> Result<u64, KernelError> {
+        let g = geometry(KERNEL, config, self.region, &self.shape)?;
+        Ok(cost::total(config, &g, pass))
     }
 
     /// Buffers, routes and tasks of PE (c, r).
@@ -971,13 +952,11 @@ impl AttentionBackward<'_> {
         })
     }
 
-    /// Cycles the backward takes by the analytic formula (module doc, "Cost"); 0 for a shape
-    /// the region refuses.
-    pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
-        match geometry(BACKWARD_KERNEL, config, self.region, &self.shape) {
-            Ok(g) => cost::total(config, &g, Pass::Backward),
-            Err(_) => 0,
-        }
+    /// Cycles the backward takes by the analytic formula (module doc, "Cost"), or why the
+    /// region refuses the shape.
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
+        let g = geometry(BACKWARD_KERNEL, config, self.region, &self.shape)?;
+        Ok(cost::total(config, &g, Pass::Backward))
     }
 
     /// Buffers, routes and tasks of PE (c, r).

@@ -1,10 +1,10 @@
 //! Collectives along the rows and columns of a region, built as chains of neighbouring PEs.
 //!
-//! A chain alternates two colors per direction (PE column `c` sends east on `east[c % 2]` and
-//! receives from the west on the other), so each PE's input and output of one direction are
-//! different colors and every route is a plain one-in, one-out route. The plans below return the
-//! [`Op`]s one PE issues; because operations of one color run in issue order, issuing the plans
-//! of every PE at once pipelines the whole collective.
+//! A chain alternates two colors per direction ([`ChainColors`]: PE column `c` sends east on
+//! `east.out(c)` and receives from the west on `east.inp(c)`, the other one), so each PE's input
+//! and output of one direction are different colors and every route is a plain one-in, one-out
+//! route. The plans below return the [`Op`]s one PE issues; because operations of one color run
+//! in issue order, issuing the plans of every PE at once pipelines the whole collective.
 //!
 //! - [`RowChain::reduce_scatter`]: the partial sums of each owner's segment flow east (from the
 //!   PEs west of the owner) and west (from the PEs east of it) and are added on the way;
@@ -23,30 +23,32 @@ use wafersim_sim::{BuildError, Color, Port, PortSet, Program, RecvMode, VecRef};
 use crate::join::{Op, OpSource};
 use crate::layout::Region;
 
+/// The two colors one direction of a chain alternates: the PE at position `i` along the chain
+/// sends on `self.0[i % 2]` and receives from its predecessor on the other, so each PE's input
+/// and output of one direction are different colors and every route is one-in, one-out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainColors(pub [Color; 2]);
+
+impl ChainColors {
+    /// The color the PE at position `i` sends on.
+    pub fn out(&self, i: usize) -> Color {
+        self.0[i % 2]
+    }
+
+    /// The color the PE at position `i` receives on: its predecessor's output.
+    pub fn inp(&self, i: usize) -> Color {
+        self.0[(i + 1) % 2]
+    }
+}
+
 /// The colors of the east- and west-bound chains of a row.
 #[derive(Clone, Copy, Debug)]
 pub struct RowChain {
-    pub east: [Color; 2],
-    pub west: [Color; 2],
+    pub east: ChainColors,
+    pub west: ChainColors,
 }
 
 impl RowChain {
-    fn east_out(&self, c: usize) -> Color {
-        self.east[c % 2]
-    }
-
-    fn east_in(&self, c: usize) -> Color {
-        self.east[(c + 1) % 2]
-    }
-
-    fn west_out(&self, c: usize) -> Color {
-        self.west[c % 2]
-    }
-
-    fn west_in(&self, c: usize) -> Color {
-        self.west[(c + 1) % 2]
-    }
-
     /// The routes of region column `c`, row `r`.
     pub fn install(
         &self,
@@ -58,12 +60,12 @@ impl RowChain {
         let pe = region.pe(c, r);
         let cu = c as usize;
         if c + 1 < region.cols {
-            p.route(pe, self.east_out(cu), Port::Ramp, Port::East)?;
-            p.route(pe, self.west_in(cu), Port::East, Port::Ramp)?;
+            p.route(pe, self.east.out(cu), Port::Ramp, Port::East)?;
+            p.route(pe, self.west.inp(cu), Port::East, Port::Ramp)?;
         }
         if c > 0 {
-            p.route(pe, self.east_in(cu), Port::West, Port::Ramp)?;
-            p.route(pe, self.west_out(cu), Port::Ramp, Port::West)?;
+            p.route(pe, self.east.inp(cu), Port::West, Port::Ramp)?;
+            p.route(pe, self.west.out(cu), Port::Ramp, Port::West)?;
         }
         Ok(())
     }
@@ -126,33 +128,33 @@ impl RowChain {
         if b > c {
             let op = match c {
                 0 => Op::Send {
-                    out: self.east_out(c),
+                    out: self.east.out(c),
                     src: partial,
                 },
                 _ => Op::RecvAddSend {
-                    inp: self.east_in(c),
+                    inp: self.east.inp(c),
                     local: partial,
-                    out: self.east_out(c),
+                    out: self.east.out(c),
                 },
             };
             [Some(op), None]
         } else if b < c {
             let op = if c + 1 == cols {
                 Op::Send {
-                    out: self.west_out(c),
+                    out: self.west.out(c),
                     src: partial,
                 }
             } else {
                 Op::RecvAddSend {
-                    inp: self.west_in(c),
+                    inp: self.west.inp(c),
                     local: partial,
-                    out: self.west_out(c),
+                    out: self.west.out(c),
                 }
             };
             [Some(op), None]
         } else {
-            let from_west = (c > 0).then(|| add_into(self.east_in(c)));
-            let from_east = (c + 1 < cols).then(|| add_into(self.west_in(c)));
+            let from_west = (c > 0).then(|| add_into(self.east.inp(c)));
+            let from_east = (c + 1 < cols).then(|| add_into(self.west.inp(c)));
             match (from_west, from_east) {
                 (None, east) => [east, None],
                 both => [both.0, both.1],
@@ -175,42 +177,42 @@ impl RowChain {
             debug_assert!(b < c);
             ops.push(if c + 1 == cols {
                 Op::Recv {
-                    inp: self.east_in(c),
+                    inp: self.east.inp(c),
                     dst,
                     mode: RecvMode::Store,
                 }
             } else {
                 Op::RecvStoreSend {
-                    inp: self.east_in(c),
+                    inp: self.east.inp(c),
                     dst,
-                    out: self.east_out(c),
+                    out: self.east.out(c),
                 }
             });
         }
         if c + 1 < cols {
             ops.push(Op::Send {
-                out: self.east_out(c),
+                out: self.east.out(c),
                 src: own,
             });
         }
         for &(_, dst) in segments.iter().rev().filter(|(b, _)| *b > c) {
             ops.push(if c == 0 {
                 Op::Recv {
-                    inp: self.west_in(c),
+                    inp: self.west.inp(c),
                     dst,
                     mode: RecvMode::Store,
                 }
             } else {
                 Op::RecvStoreSend {
-                    inp: self.west_in(c),
+                    inp: self.west.inp(c),
                     dst,
-                    out: self.west_out(c),
+                    out: self.west.out(c),
                 }
             });
         }
         if c > 0 {
             ops.push(Op::Send {
-                out: self.west_out(c),
+                out: self.west.out(c),
                 src: own,
             });
         }
@@ -221,7 +223,7 @@ impl RowChain {
 /// The colors of a row all-reduce: an east-bound summing chain and a west-bound multicast.
 #[derive(Clone, Copy, Debug)]
 pub struct RowAllReduce {
-    pub east: [Color; 2],
+    pub east: ChainColors,
     pub broadcast: Color,
 }
 
@@ -240,7 +242,7 @@ impl RowAllReduce {
             return Ok(());
         }
         if c + 1 < region.cols {
-            p.route(pe, self.east[cu % 2], Port::Ramp, Port::East)?;
+            p.route(pe, self.east.out(cu), Port::Ramp, Port::East)?;
             let tx = if c > 0 {
                 PortSet::of(&[Port::Ramp, Port::West])
             } else {
@@ -251,14 +253,14 @@ impl RowAllReduce {
             p.route(pe, self.broadcast, Port::Ramp, Port::West)?;
         }
         if c > 0 {
-            p.route(pe, self.east[(cu + 1) % 2], Port::West, Port::Ramp)?;
+            p.route(pe, self.east.inp(cu), Port::West, Port::Ramp)?;
         }
         Ok(())
     }
 
     /// Phase 1 at column `c`: sum `v` eastward; the last column ends with the row's total.
     pub fn reduce_ops(&self, c: usize, cols: usize, v: VecRef) -> Vec<Op> {
-        let (out, inp) = (self.east[c % 2], self.east[(c + 1) % 2]);
+        let (out, inp) = (self.east.out(c), self.east.inp(c));
         match (c, c + 1 == cols) {
             (_, true) if cols == 1 => vec![],
             (0, _) => vec![Op::Send { out, src: v }],
@@ -294,18 +296,10 @@ impl RowAllReduce {
 /// The colors of a south-bound chain down a column, ending off the fabric's south edge.
 #[derive(Clone, Copy, Debug)]
 pub struct ColumnChain {
-    pub south: [Color; 2],
+    pub south: ChainColors,
 }
 
 impl ColumnChain {
-    fn out(&self, r: usize) -> Color {
-        self.south[r % 2]
-    }
-
-    fn inp(&self, r: usize) -> Color {
-        self.south[(r + 1) % 2]
-    }
-
     /// The routes of region column `c`, row `r`; the last row's output continues through the PEs
     /// below the region to the fabric's south edge.
     pub fn install(
@@ -316,9 +310,9 @@ impl ColumnChain {
         r: u32,
     ) -> Result<(), BuildError> {
         let pe = region.pe(c, r);
-        p.route(pe, self.out(r as usize), Port::Ramp, Port::South)?;
+        p.route(pe, self.south.out(r as usize), Port::Ramp, Port::South)?;
         if r > 0 {
-            p.route(pe, self.inp(r as usize), Port::North, Port::Ramp)?;
+            p.route(pe, self.south.inp(r as usize), Port::North, Port::Ramp)?;
         }
         Ok(())
     }
@@ -331,7 +325,7 @@ impl ColumnChain {
         region: Region,
         c: u32,
     ) -> Result<wafersim_sim::SinkId, BuildError> {
-        let color = self.out(region.rows as usize - 1);
+        let color = self.south.out(region.rows as usize - 1);
         let bottom = p.config().height;
         let x = region.origin.x + c;
         for y in region.origin.y + region.rows..bottom {
@@ -349,14 +343,14 @@ impl ColumnChain {
     pub fn reduce_south(&self, r: usize, v: VecRef) -> Op {
         if r == 0 {
             Op::Send {
-                out: self.out(r),
+                out: self.south.out(r),
                 src: v,
             }
         } else {
             Op::RecvAddSend {
-                inp: self.inp(r),
+                inp: self.south.inp(r),
                 local: v,
-                out: self.out(r),
+                out: self.south.out(r),
             }
         }
     }
@@ -452,8 +446,8 @@ mod tests {
     use super::*;
 
     const ROW: RowChain = RowChain {
-        east: [Color(1), Color(2)],
-        west: [Color(3), Color(4)],
+        east: ChainColors([Color(1), Color(2)]),
+        west: ChainColors([Color(3), Color(4)]),
     };
 
     fn buffer() -> Buf {

@@ -31,7 +31,8 @@
 //!    [`crate::chain::ColumnChain`] that leaves the fabric's south edge: the host receives the mean
 //!    loss as one `f32`, computed entirely on the fabric, and widens it to `f64`.
 //!
-//! `dZ` overwrites `Z` in place and stays on the wafer for the LM-head backward; `run` reads it.
+//! `dZ` overwrites `Z` in place and stays on the wafer for the backward of the product that made
+//! `Z`; `run` reads it.
 //!
 //! # Loss scaling
 //!
@@ -53,7 +54,7 @@
 //! # Cost
 //!
 //! Non-matmul only: `max`, `sub`, `exp`, `add`, `mul`, `sum`, scalar loads and stores, no
-//! `fmac`/`fma`/`dot` (the FMAC count is 0). The PE has no logarithm or reciprocal instruction,
+//! `fmac`/`dot` (the FMAC count is 0). The PE has no logarithm or reciprocal instruction,
 //! so `ln s` and `1/s` (one per token) are software routines ([`TaskCtx::ln`],
 //! [`TaskCtx::recip`]), charged `exp_cycles_per_element` cycles each, like one element of exp.
 //! [`SoftmaxCrossEntropy::estimate_cycles`] adds up the steps on the critical path for the
@@ -74,7 +75,7 @@ use wafersim_sim::{
     VecRef,
 };
 
-use crate::chain::{ColumnChain, RowAllReduce};
+use crate::chain::{ChainColors, ColumnChain, RowAllReduce};
 use crate::check_region;
 use crate::error::KernelError;
 use crate::join::{self, Join};
@@ -85,11 +86,11 @@ use crate::rowmax::{RowMax, RowMaxAllReduce};
 pub const KERNEL: &str = "softmax_cross_entropy";
 
 const ROW: RowMaxAllReduce = RowMaxAllReduce {
-    east: [Color(0), Color(1)],
+    east: ChainColors([Color(0), Color(1)]),
     broadcast: Color(2),
 };
 const LOSS: ColumnChain = ColumnChain {
-    south: [Color(3), Color(4)],
+    south: ChainColors([Color(3), Color(4)]),
 };
 /// Colors the kernel routes on: `0..COLORS`.
 pub const COLORS: u8 = crate::colors_used(&[ROW.east, LOSS.south], &[ROW.broadcast]);
@@ -103,8 +104,9 @@ pub struct SoftmaxCrossEntropy<'a> {
     /// Tokens per sequence `S` (at least 2, so that something is predicted).
     pub seq_len: usize,
     /// The first positions of each sequence whose predictions are not scored (weight 0, like
-    /// the last position): rows placed in front of the tokens, such as learned prompt vectors,
-    /// whose next "token" is not a target. 0 for plain next-token prediction; below `S - 1`.
+    /// the last position): rows placed in front of the tokens that are not tokens themselves
+    /// (inputs given as vectors), whose next "token" is not a target. 0 for plain next-token
+    /// prediction; below `S - 1`.
     pub unscored_prefix: usize,
     /// Size `V` of the feature axis the softmax runs over.
     pub vocab: usize,
@@ -583,7 +585,7 @@ impl Estimate<'_> {
     fn sum_phase(&self) -> u64 {
         let simd = &self.config.simd;
         let (t, v) = (self.t, self.v);
-        let exp = self.issue() + u64::from(self.config.exp_cycles_per_element) * t * v;
+        let exp = self.config.transcendental_cycles(t * v);
         let local = v * self.vector(t, simd.arith_f32)
             + exp
             + self.vector(t, simd.mov_f32)

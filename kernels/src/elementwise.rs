@@ -8,8 +8,8 @@
 //!   `th = tanh(sqrt(2/pi) (x + 0.044715 x^3))`. It recomputes `th` from `x` (the forward's
 //!   input stays on the wafer) rather than keeping the forward's output.
 //! - [`ResidualAdd`]: `z = a + b`. Its backward needs no kernel: `dA = dB = dZ` is the same
-//!   buffer handed on, and where a residual stream forks, the gradients meeting there are summed
-//!   by this same kernel (`dX = dZ + dBranch`).
+//!   buffer handed on, and where a value forks into a branch and a skip connection, the
+//!   gradients meeting there are summed by this same kernel (`dX = dZ + dBranch`).
 //!
 //! What they are not: bias adds (the matmul adds its bias), fused kernels, or f16 kernels.
 //!
@@ -28,7 +28,7 @@
 //! exact, not an approximation: there is nothing to overlap or wait for
 //! ([`Gelu::estimate_cycles`] and friends return it).
 //!
-//! No FMAC instructions (`fmac`, `fma`, `dot`): this is non-matmul work, so it must not count in
+//! No FMAC instructions (`fmac`, `dot`): this is non-matmul work, so it must not count in
 //! `stats.total.fmacs`; only `mul`, `add`, `scale`, `add_scalar` and `tanh` are used.
 //!
 //! Numerics: f32 throughout; `sqrt(2/pi)` and the other constants are computed in f64 and rounded
@@ -50,7 +50,7 @@ pub const GELU_BACKWARD: &str = "gelu_backward";
 /// Name of the residual add kernel.
 pub const RESIDUAL_ADD: &str = "residual_add";
 
-/// The cubic coefficient of GPT-2's GELU.
+/// The cubic coefficient of the tanh form of GELU.
 const GELU_C: f64 = 0.044_715;
 
 /// `sqrt(2 / pi)`.

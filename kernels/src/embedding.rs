@@ -59,7 +59,7 @@
 //! every hop through a PE adds `2a + h` (router to core and back, one link), and the bottom PE's
 //! ramp carries the column's `T F_max` values at one per cycle.
 //!
-//! Neither executes an FMAC (no `fmac`/`fma`/`dot`): the only arithmetic is the add inside the
+//! Neither executes an FMAC (no `fmac`/`dot`): the only arithmetic is the add inside the
 //! forward receive, `T F` non-matmul FLOPs (the FLOP convention counts the lookup as free).
 //!
 //! What it is not: no table lives on the wafer (the host streams rows of `E` and `P`, one per
@@ -71,7 +71,7 @@ use wafersim_sim::{
     Stats, TaskCtx, Then, VecRef, Wavelet,
 };
 
-use crate::chain::{ColumnChain, feed_column_from_north};
+use crate::chain::{ChainColors, ColumnChain, feed_column_from_north};
 use crate::check_region;
 use crate::error::KernelError;
 use crate::layout::{Region, Tiling};
@@ -83,7 +83,7 @@ pub const BACKWARD_KERNEL: &str = "embedding_backward";
 
 const VALUES: Color = Color(0);
 const OUT: ColumnChain = ColumnChain {
-    south: [Color(1), Color(2)],
+    south: ChainColors([Color(1), Color(2)]),
 };
 /// Colors the kernel routes on: `0..COLORS`.
 pub const COLORS: u8 = crate::colors_used(&[OUT.south], &[VALUES]);
@@ -511,7 +511,7 @@ impl EmbeddingBackward<'_> {
         let dx = p.alloc_f32(pe, "dx0", &t.tile(self.dx, cu, ru))?;
         let scratch = alloc_scratch(p, pe, plan)?;
         OUT.install(p, region, c, r)?;
-        let (out, inp) = (OUT.south[ru % 2], OUT.south[(ru + 1) % 2]);
+        let (out, inp) = (OUT.south.out(ru), OUT.south.inp(ru));
         let forwards = EmbeddingShape::pieces(EmbeddingShape::above(t, cu, ru), scratch);
         let start = p.local_task(pe, "stream_out", move |ctx: &mut TaskCtx<'_>| {
             for &piece in &forwards {

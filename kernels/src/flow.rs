@@ -16,10 +16,12 @@
 //!   round-robin, each at half rate, and the meeting point travels with the streams, so a
 //!   crossing costs about the two streams' wavelets together rather than the longer one's.
 //!
-//! What it is not: exact. The crossing terms were shaped on runs of the exact engine with equal
-//! issue times (the constants are named where they are used); buffer slack and the round-robin
-//! order of individual wavelets are otherwise not modelled. `docs/fidelity.md` lists the
-//! measured agreement, and where it is worse (rows of more than eight columns).
+//! What it is not: exact. The buffers between cores are a count of wavelets (`hop_slack`, and the
+//! back-pressure of `hold_back`), not queues. The crossing terms were shaped on runs of the exact
+//! engine with equal issue times, the slack's weight on rows whose first columns hold one input
+//! feature more (the constants are named where they are used); the round-robin order of
+//! individual wavelets is not modelled. `docs/fidelity.md` lists the measured agreement, and
+//! where it is worse (rows of more than eight columns).
 
 use wafersim_sim::FabricConfig;
 

@@ -49,11 +49,12 @@ pub const fn max_colors(counts: &[u8]) -> u8 {
 }
 
 /// One more than the highest of a kernel's colors: its chains' pairs and its single colors.
-const fn colors_used(pairs: &[[Color; 2]], singles: &[Color]) -> u8 {
+const fn colors_used(pairs: &[chain::ChainColors], singles: &[Color]) -> u8 {
     let mut most = 0;
     let mut i = 0;
     while i < pairs.len() {
-        most = max_colors(&[most, pairs[i][0].0 + 1, pairs[i][1].0 + 1]);
+        let [a, b] = pairs[i].0;
+        most = max_colors(&[most, a.0 + 1, b.0 + 1]);
         i += 1;
     }
     let mut i = 0;

@@ -53,7 +53,7 @@ use wafersim_sim::{
     Buf, Color, DType, FabricConfig, Program, RunOptions, Simulator, Stats, TaskId, VecRef, Wavelet,
 };
 
-use crate::chain::{RowChain, feed_column_from_north};
+use crate::chain::{ChainColors, RowChain, feed_column_from_north};
 use crate::error::KernelError;
 use crate::join::{self, ARMS, Join};
 use crate::layout::{Region, Split, Tiling};
@@ -68,8 +68,8 @@ pub const KERNEL: &str = "stream_matmul";
 
 const WEIGHTS: Color = Color(0);
 const ROW: RowChain = RowChain {
-    east: [Color(1), Color(2)],
-    west: [Color(3), Color(4)],
+    east: ChainColors([Color(1), Color(2)]),
+    west: ChainColors([Color(3), Color(4)]),
 };
 /// Colors the kernel routes on: `0..COLORS`.
 pub const COLORS: u8 = crate::colors_used(&[ROW.east, ROW.west], &[WEIGHTS]);
@@ -236,15 +236,13 @@ impl StreamMatmul<'_> {
         self.shape().plan(config)
     }
 
-    /// The cycles of a run by the formula in the module doc (0 if the product cannot be
-    /// planned: [`Self::plan`] says why).
-    pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
+    /// The cycles of a run by the formula in the module doc, or why the product cannot be
+    /// planned.
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
         let shape = self.shape();
-        let Ok(plan) = shape.plan(config) else {
-            return 0;
-        };
+        let plan = shape.plan(config)?;
         let load = StreamLoad::of_matrix(self.w, plan.input.features, &plan.chunks);
-        shape.estimate_cycles(config, &plan, &load)
+        Ok(shape.estimate_cycles(config, &plan, &load))
     }
 
     /// The program and the buffers holding `Y`.

@@ -11,7 +11,7 @@
 //! all its groups it activates the task it was given.
 //!
 //! Routes: an east-bound and a west-bound chain, each alternating two colors by column parity
-//! (column `c` sends east on `east[c % 2]`), installed only between two columns of one group.
+//! (column `c` sends east on `east.out(c)`), installed only between two columns of one group.
 //! Because a column's features are contiguous, at most one group spans any two neighbouring
 //! columns, so every link carries at most one group's wavelets in each direction and the groups
 //! of a row run at the same time without sharing a link.
@@ -32,9 +32,10 @@
 use std::ops::Range;
 
 use wafersim_sim::{
-    Buf, BuildError, Color, Coord, DType, Port, Program, RecvMode, TaskCtx, TaskId, Then, VecRef,
+    Buf, BuildError, Coord, DType, Port, Program, RecvMode, TaskCtx, TaskId, Then, VecRef,
 };
 
+use crate::chain::ChainColors;
 use crate::join::Op;
 use crate::layout::Region;
 
@@ -42,9 +43,9 @@ use crate::layout::Region;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupAllReduce {
     /// Colors of the east-bound chain, alternating by column parity.
-    pub east: [Color; 2],
+    pub east: ChainColors,
     /// Colors of the west-bound chain, alternating by column parity.
-    pub west: [Color; 2],
+    pub west: ChainColors,
 }
 
 /// A vector one PE sums with a group of columns.
@@ -102,22 +103,6 @@ fn count_down(ctx: &mut TaskCtx<'_>, pending: Option<Buf>, done: TaskId) {
 }
 
 impl GroupAllReduce {
-    fn east_out(&self, c: usize) -> Color {
-        self.east[c % 2]
-    }
-
-    fn east_in(&self, c: usize) -> Color {
-        self.east[(c + 1) % 2]
-    }
-
-    fn west_out(&self, c: usize) -> Color {
-        self.west[c % 2]
-    }
-
-    fn west_in(&self, c: usize) -> Color {
-        self.west[(c + 1) % 2]
-    }
-
     /// The routes of region column `c`, row `r`, which takes part in `members`: links to the
     /// eastern (western) neighbour when a group holds it too.
     pub fn install(
@@ -130,12 +115,12 @@ impl GroupAllReduce {
         let pe = region.pe(c, r);
         let cu = c as usize;
         if members.iter().any(|m| m.group.contains(&(cu + 1))) {
-            p.route(pe, self.east_out(cu), Port::Ramp, Port::East)?;
-            p.route(pe, self.west_in(cu), Port::East, Port::Ramp)?;
+            p.route(pe, self.east.out(cu), Port::Ramp, Port::East)?;
+            p.route(pe, self.west.inp(cu), Port::East, Port::Ramp)?;
         }
         if members.iter().any(|m| m.group.start < cu) {
-            p.route(pe, self.east_in(cu), Port::West, Port::Ramp)?;
-            p.route(pe, self.west_out(cu), Port::Ramp, Port::West)?;
+            p.route(pe, self.east.inp(cu), Port::West, Port::Ramp)?;
+            p.route(pe, self.west.out(cu), Port::Ramp, Port::West)?;
         }
         Ok(())
     }
@@ -179,7 +164,7 @@ impl GroupAllReduce {
                 }
                 Position::Last => {
                     let back = Op::Send {
-                        out: self.west_out(c),
+                        out: self.west.out(c),
                         src: x,
                     };
                     let turn = p.local_task(pe, "group_total", move |ctx| {
@@ -187,7 +172,7 @@ impl GroupAllReduce {
                         count_down(ctx, pending, done);
                     })?;
                     let total = Op::Recv {
-                        inp: self.east_in(c),
+                        inp: self.east.inp(c),
                         dst: x,
                         mode: RecvMode::Add,
                     };
@@ -205,16 +190,16 @@ impl GroupAllReduce {
 
     fn send_east(&self, c: usize, x: VecRef) -> Op {
         Op::Send {
-            out: self.east_out(c),
+            out: self.east.out(c),
             src: x,
         }
     }
 
     fn add_east(&self, c: usize, x: VecRef) -> Op {
         Op::RecvAddSend {
-            inp: self.east_in(c),
+            inp: self.east.inp(c),
             local: x,
-            out: self.east_out(c),
+            out: self.east.out(c),
         }
     }
 
@@ -222,13 +207,13 @@ impl GroupAllReduce {
     fn total_from_east(&self, c: usize, x: VecRef, forward: bool) -> Op {
         if forward {
             Op::RecvStoreSend {
-                inp: self.west_in(c),
+                inp: self.west.inp(c),
                 dst: x,
-                out: self.west_out(c),
+                out: self.west.out(c),
             }
         } else {
             Op::Recv {
-                inp: self.west_in(c),
+                inp: self.west.inp(c),
                 dst: x,
                 mode: RecvMode::Store,
             }
@@ -261,11 +246,11 @@ impl GroupPart {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wafersim_sim::{FabricConfig, RunOptions, Simulator};
+    use wafersim_sim::{Color, FabricConfig, RunOptions, Simulator};
 
     const SUMS: GroupAllReduce = GroupAllReduce {
-        east: [Color(1), Color(2)],
-        west: [Color(3), Color(4)],
+        east: ChainColors([Color(1), Color(2)]),
+        west: ChainColors([Color(3), Color(4)]),
     };
 
     /// The groups of the head holding each column's features: `features` split over `cols`
@@ -357,7 +342,7 @@ mod tests {
         assert_eq!(groups, vec![vec![0..2], vec![0..2], vec![2..4], vec![2..4]]);
         let stats = check(&groups, 2);
         // Column 1 sends nothing east: its group ends there.
-        let east1 = stats.link(Coord::new(1, 0), SUMS.east[1], Port::East);
+        let east1 = stats.link(Coord::new(1, 0), SUMS.east.out(1), Port::East);
         assert_eq!(east1, 0);
         // 1 head of 6 over 3 columns, one row.
         check(&head_groups(6, 3, 6), 1);

@@ -23,17 +23,17 @@
 //!
 //! What it is not: not pipelined across hops (a chunked variant would be, at the price of a task
 //! per chunk), and not a general reduction: max only. It does no arithmetic that the FLOP
-//! convention counts as matmul work (no `fmac`/`fma`/`dot`).
+//! convention counts as matmul work (no `fmac`/`dot`).
 
 use wafersim_sim::{BuildError, Color, Program, RecvMode, TaskCtx, TaskId, Then, VecRef};
 
-use crate::chain::RowAllReduce;
+use crate::chain::{ChainColors, RowAllReduce};
 use crate::layout::Region;
 
 /// The colors of a row max all-reduce (the routes of a [`RowAllReduce`] on the same colors).
 #[derive(Clone, Copy, Debug)]
 pub struct RowMaxAllReduce {
-    pub east: [Color; 2],
+    pub east: ChainColors,
     pub broadcast: Color,
 }
 
@@ -100,27 +100,19 @@ impl RowMaxAllReduce {
 }
 
 impl RowMax {
-    fn east_out(&self) -> Color {
-        self.colors.east[self.c % 2]
-    }
-
-    fn east_in(&self) -> Color {
-        self.colors.east[(self.c + 1) % 2]
-    }
-
     /// Starts the all-reduce on this PE; `v` must hold this PE's values.
     pub fn start(&self, ctx: &mut TaskCtx<'_>) {
         if self.cols == 1 {
             ctx.activate(self.done);
         } else if let Some((step, scratch)) = self.step {
             ctx.recv(
-                self.east_in(),
+                self.colors.east.inp(self.c),
                 scratch,
                 RecvMode::Store,
                 Then::Activate(step),
             );
         } else {
-            ctx.send(self.east_out(), self.v, Then::Nothing);
+            ctx.send(self.colors.east.out(self.c), self.v, Then::Nothing);
             self.await_broadcast(ctx);
         }
     }
@@ -132,7 +124,7 @@ impl RowMax {
             ctx.send(self.colors.broadcast, self.v, Then::Nothing);
             ctx.activate(self.done);
         } else {
-            ctx.send(self.east_out(), self.v, Then::Nothing);
+            ctx.send(self.colors.east.out(self.c), self.v, Then::Nothing);
             self.await_broadcast(ctx);
         }
     }

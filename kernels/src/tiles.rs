@@ -74,5 +74,5 @@ pub(crate) fn mov(config: &FabricConfig, len: usize) -> u64 {
 
 /// Cycles of one transcendental (`exp`, `tanh`) over `len` elements.
 pub(crate) fn transcendental(config: &FabricConfig, len: usize) -> u64 {
-    u64::from(config.issue_cycles) + len as u64 * u64::from(config.exp_cycles_per_element)
+    config.transcendental_cycles(len as u64)
 }

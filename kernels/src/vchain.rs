@@ -18,15 +18,16 @@
 //! color run in issue order (sim/src/task.rs).
 //!
 //! Key design decisions: as the row chains, each direction alternates two colors by row parity
-//! (row `r` sends south on `south[r % 2]` and receives from the north on the other), so every
-//! route is a plain one-in, one-out route. And the returned ops interleave the two directions:
+//! (row `r` sends south on `south.out(r)` and receives from the north on `south.inp(r)`), so
+//! every route is a plain one-in, one-out route. And the returned ops interleave the two directions:
 //! a core's async ops share its one ramp, and the earlier-issued op wins it each cycle, so
 //! issuing all of one direction first would starve the other and serialise the two chains.
 
 use std::ops::Range;
 
-use wafersim_sim::{BuildError, Color, Port, Program, RecvMode, VecRef};
+use wafersim_sim::{BuildError, Port, Program, RecvMode, VecRef};
 
+use crate::chain::ChainColors;
 use crate::join::Op;
 use crate::layout::Region;
 
@@ -34,9 +35,9 @@ use crate::layout::Region;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VerticalChain {
     /// Colors of the south-bound chain, alternating by row parity.
-    pub south: [Color; 2],
+    pub south: ChainColors,
     /// Colors of the north-bound chain, alternating by row parity.
-    pub north: [Color; 2],
+    pub north: ChainColors,
 }
 
 /// Another row's segment as one PE sees it in a collective.
@@ -68,22 +69,6 @@ fn interleave(a: Vec<Op>, b: Vec<Op>) -> Vec<Op> {
 }
 
 impl VerticalChain {
-    fn south_out(&self, r: usize) -> Color {
-        self.south[r % 2]
-    }
-
-    fn south_in(&self, r: usize) -> Color {
-        self.south[(r + 1) % 2]
-    }
-
-    fn north_out(&self, r: usize) -> Color {
-        self.north[r % 2]
-    }
-
-    fn north_in(&self, r: usize) -> Color {
-        self.north[(r + 1) % 2]
-    }
-
     /// The routes of region column `c`, row `r` (none on a one-row region).
     pub fn install(
         &self,
@@ -95,12 +80,12 @@ impl VerticalChain {
         let pe = region.pe(c, r);
         let ru = r as usize;
         if r + 1 < region.rows {
-            p.route(pe, self.south_out(ru), Port::Ramp, Port::South)?;
-            p.route(pe, self.north_in(ru), Port::South, Port::Ramp)?;
+            p.route(pe, self.south.out(ru), Port::Ramp, Port::South)?;
+            p.route(pe, self.north.inp(ru), Port::South, Port::Ramp)?;
         }
         if r > 0 {
-            p.route(pe, self.south_in(ru), Port::North, Port::Ramp)?;
-            p.route(pe, self.north_out(ru), Port::Ramp, Port::North)?;
+            p.route(pe, self.south.inp(ru), Port::North, Port::Ramp)?;
+            p.route(pe, self.north.out(ru), Port::Ramp, Port::North)?;
         }
         Ok(())
     }
@@ -119,13 +104,13 @@ impl VerticalChain {
         for p in parts.iter().filter(|p| p.owner < r) {
             south.push(if p.reach.contains(&(r + 1)) {
                 Op::RecvStoreSend {
-                    inp: self.south_in(r),
+                    inp: self.south.inp(r),
                     dst: p.data,
-                    out: self.south_out(r),
+                    out: self.south.out(r),
                 }
             } else {
                 Op::Recv {
-                    inp: self.south_in(r),
+                    inp: self.south.inp(r),
                     dst: p.data,
                     mode: RecvMode::Store,
                 }
@@ -133,7 +118,7 @@ impl VerticalChain {
         }
         if own_reach.contains(&(r + 1)) {
             south.push(Op::Send {
-                out: self.south_out(r),
+                out: self.south.out(r),
                 src: own,
             });
         }
@@ -141,13 +126,13 @@ impl VerticalChain {
         for p in parts.iter().rev().filter(|p| p.owner > r) {
             north.push(if reaches_north_of(&p.reach, r) {
                 Op::RecvStoreSend {
-                    inp: self.north_in(r),
+                    inp: self.north.inp(r),
                     dst: p.data,
-                    out: self.north_out(r),
+                    out: self.north.out(r),
                 }
             } else {
                 Op::Recv {
-                    inp: self.north_in(r),
+                    inp: self.north.inp(r),
                     dst: p.data,
                     mode: RecvMode::Store,
                 }
@@ -155,7 +140,7 @@ impl VerticalChain {
         }
         if reaches_north_of(&own_reach, r) {
             north.push(Op::Send {
-                out: self.north_out(r),
+                out: self.north.out(r),
                 src: own,
             });
         }
@@ -172,20 +157,20 @@ impl VerticalChain {
         for p in parts.iter().filter(|p| p.owner < r) {
             north.push(if p.reach.contains(&(r + 1)) {
                 Op::RecvAddSend {
-                    inp: self.north_in(r),
+                    inp: self.north.inp(r),
                     local: p.data,
-                    out: self.north_out(r),
+                    out: self.north.out(r),
                 }
             } else {
                 Op::Send {
-                    out: self.north_out(r),
+                    out: self.north.out(r),
                     src: p.data,
                 }
             });
         }
         if own_reach.contains(&(r + 1)) {
             north.push(Op::Recv {
-                inp: self.north_in(r),
+                inp: self.north.inp(r),
                 dst: result,
                 mode: RecvMode::Add,
             });
@@ -193,7 +178,7 @@ impl VerticalChain {
         let mut south = Vec::new();
         if reaches_north_of(&own_reach, r) {
             south.push(Op::Recv {
-                inp: self.south_in(r),
+                inp: self.south.inp(r),
                 dst: result,
                 mode: RecvMode::Add,
             });
@@ -201,13 +186,13 @@ impl VerticalChain {
         for p in parts.iter().filter(|p| p.owner > r) {
             south.push(if reaches_north_of(&p.reach, r) {
                 Op::RecvAddSend {
-                    inp: self.south_in(r),
+                    inp: self.south.inp(r),
                     local: p.data,
-                    out: self.south_out(r),
+                    out: self.south.out(r),
                 }
             } else {
                 Op::Send {
-                    out: self.south_out(r),
+                    out: self.south.out(r),
                     src: p.data,
                 }
             });
@@ -220,15 +205,17 @@ impl VerticalChain {
 mod tests {
     use super::*;
     use crate::join::{self, Join};
-    use wafersim_sim::{Buf, Coord, DType, FabricConfig, RunOptions, Simulator, TaskId, Then};
+    use wafersim_sim::{
+        Buf, Color, Coord, DType, FabricConfig, RunOptions, Simulator, TaskId, Then,
+    };
 
     const GATHER: VerticalChain = VerticalChain {
-        south: [Color(1), Color(2)],
-        north: [Color(3), Color(4)],
+        south: ChainColors([Color(1), Color(2)]),
+        north: ChainColors([Color(3), Color(4)]),
     };
     const REDUCE: VerticalChain = VerticalChain {
-        south: [Color(5), Color(6)],
-        north: [Color(7), Color(8)],
+        south: ChainColors([Color(5), Color(6)]),
+        north: ChainColors([Color(7), Color(8)]),
     };
 
     /// Row `b`'s segment has `b + 1` elements, so segments differ in length.
@@ -380,8 +367,12 @@ mod tests {
         }
         // Row 2's segment never travels past rows 1 and 3: row 0's south output carries only
         // its own 1 element, row 4's north output only its own 5.
-        let south0 = run.stats.link(placed[0].pe, GATHER.south[0], Port::South);
-        let north4 = run.stats.link(placed[4].pe, GATHER.north[0], Port::North);
+        let south0 = run
+            .stats
+            .link(placed[0].pe, GATHER.south.out(0), Port::South);
+        let north4 = run
+            .stats
+            .link(placed[4].pe, GATHER.north.out(4), Port::North);
         assert_eq!((south0, north4), (1, 5));
     }
 }

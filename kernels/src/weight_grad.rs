@@ -43,7 +43,7 @@ use wafersim_sim::{
     TaskId, VecRef, Wavelet,
 };
 
-use crate::chain::{ColumnChain, RowChain, feed_column_from_north};
+use crate::chain::{ChainColors, ColumnChain, RowChain, feed_column_from_north};
 use crate::error::KernelError;
 use crate::join::{self, ARMS, Join};
 use crate::layout::{Region, Split, Tiling};
@@ -58,11 +58,11 @@ pub const KERNEL: &str = "weight_grad";
 
 const PATTERN: Color = Color(0);
 const ROW: RowChain = RowChain {
-    east: [Color(1), Color(2)],
-    west: [Color(3), Color(4)],
+    east: ChainColors([Color(1), Color(2)]),
+    west: ChainColors([Color(3), Color(4)]),
 };
 const COLUMN: ColumnChain = ColumnChain {
-    south: [Color(5), Color(6)],
+    south: ChainColors([Color(5), Color(6)]),
 };
 /// Colors the kernel routes on: `0..COLORS`.
 pub const COLORS: u8 = crate::colors_used(&[ROW.east, ROW.west, COLUMN.south], &[PATTERN]);
@@ -235,15 +235,13 @@ impl WeightGrad<'_> {
         self.shape().plan(config)
     }
 
-    /// The cycles of a run by the formula in the module doc (0 if the gradient cannot be
-    /// planned: [`Self::plan`] says why).
-    pub fn estimate_cycles(&self, config: &FabricConfig) -> u64 {
+    /// The cycles of a run by the formula in the module doc, or why the gradient cannot be
+    /// planned.
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
         let shape = self.shape();
-        let Ok(plan) = shape.plan(config) else {
-            return 0;
-        };
+        let plan = shape.plan(config)?;
         let load = StreamLoad::of_matrix(self.pattern, plan.input.features, &plan.chunks);
-        shape.estimate_cycles(config, &plan, &load)
+        Ok(shape.estimate_cycles(config, &plan, &load))
     }
 
     /// The program, the plan and the sink below each PE column.

@@ -1,6 +1,6 @@
 //! The row and column collectives, each run on its own and checked value by value.
 
-use wafersim_kernels::chain::{ColumnChain, RowAllReduce, RowChain};
+use wafersim_kernels::chain::{ChainColors, ColumnChain, RowAllReduce, RowChain};
 use wafersim_kernels::join::{self, Join};
 use wafersim_kernels::layout::Region;
 use wafersim_sim::*;
@@ -15,7 +15,7 @@ fn row_all_reduce_leaves_the_total_everywhere() {
     for cols in [1u32, 2, 3, 6] {
         let region = Region::at_origin(cols, 1);
         let ar = RowAllReduce {
-            east: [Color(1), Color(2)],
+            east: ChainColors([Color(1), Color(2)]),
             broadcast: Color(3),
         };
         let mut p = Program::new(config(cols, 1)).unwrap();
@@ -71,8 +71,8 @@ fn row_reduce_scatter_and_all_gather() {
     let cols = 3u32;
     let region = Region::at_origin(cols, 1);
     let chain = RowChain {
-        east: [Color(1), Color(2)],
-        west: [Color(3), Color(4)],
+        east: ChainColors([Color(1), Color(2)]),
+        west: ChainColors([Color(3), Color(4)]),
     };
     let mut p = Program::new(config(cols, 1)).unwrap();
     let mut outs = Vec::new();
@@ -126,7 +126,7 @@ fn column_reduce_leaves_through_the_south_edge() {
     let rows = 4u32;
     let region = Region::at_origin(1, rows);
     let chain = ColumnChain {
-        south: [Color(5), Color(6)],
+        south: ChainColors([Color(5), Color(6)]),
     };
     let mut p = Program::new(config(1, rows + 2)).unwrap();
     let sink = chain.install_exit(&mut p, region, 0).unwrap();

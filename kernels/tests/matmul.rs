@@ -173,7 +173,7 @@ fn exact_and_estimate(kernel: &StreamMatmul<'_>, config: &FabricConfig) -> (u64,
         .unwrap()
         .stats
         .cycles;
-    let estimate = kernel.estimate_cycles(config);
+    let estimate = kernel.estimate_cycles(config).unwrap();
     (exact, estimate, estimate as f64 / exact as f64 - 1.0)
 }
 

@@ -1,5 +1,6 @@
 //! The row max all-reduce on its own: every PE of each row ends with the row's element-wise max.
 
+use wafersim_kernels::chain::ChainColors;
 use wafersim_kernels::layout::Region;
 use wafersim_kernels::rowmax::RowMaxAllReduce;
 use wafersim_sim::*;
@@ -21,7 +22,7 @@ fn every_pe_of_a_row_ends_with_the_row_maximum() {
         let rows = 2;
         let region = Region::at_origin(cols, rows);
         let max = RowMaxAllReduce {
-            east: [Color(4), Color(5)],
+            east: ChainColors([Color(4), Color(5)]),
             broadcast: Color(6),
         };
         let mut p = Program::new(FabricConfig::rectangle(cols, rows).unwrap()).unwrap();

@@ -167,7 +167,7 @@ fn the_cost_formula_agrees_with_the_exact_engine() {
                     .unwrap()
                     .stats
                     .cycles;
-                let estimate = kernel.estimate_cycles(&config);
+                let estimate = kernel.estimate_cycles(&config).unwrap();
                 let error = estimate as f64 / exact as f64 - 1.0;
                 worst = worst.max(error.abs());
                 eprintln!(

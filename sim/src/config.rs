@@ -105,6 +105,13 @@ impl FabricConfig {
         u64::from(self.issue_cycles) + len.div_ceil(u64::from(width.max(1)))
     }
 
+    /// Cycles of one transcendental instruction (`exp`, `tanh`) over `len` elements:
+    /// `issue_cycles + len x exp_cycles_per_element`. The engine charges exactly this, and the
+    /// kernels' cost formulas call it.
+    pub fn transcendental_cycles(&self, len: u64) -> u64 {
+        u64::from(self.issue_cycles) + len * u64::from(self.exp_cycles_per_element)
+    }
+
     /// Cycles of one scalar routine the PE has no instruction for (reciprocal, `1/sqrt`, `ln`):
     /// done in software, priced like one element of `exp` (`exp_cycles_per_element`). The engine
     /// charges exactly this ([`crate::TaskCtx::recip`] and its siblings), and the kernels' cost

@@ -157,7 +157,7 @@ impl Sram {
         self.buffers.shrink_to_fit();
     }
 
-    /// Adds a buffer holding `init` (`f32`) or `init16` (`f16`); the caller checked capacity.
+    /// Adds an `f32` buffer holding `init`; the caller checked capacity.
     pub fn push_f32(&mut self, name: &'static str, init: &[f32]) -> Buf {
         let start = self.f32s.len();
         // Exactly what is asked: grown by doubling, a PE's arena would briefly hold up to twice
@@ -167,6 +167,7 @@ impl Sram {
         self.add_meta(name, DType::F32, start, init.len())
     }
 
+    /// Adds an `f16` buffer holding `init`; the caller checked capacity.
     pub fn push_f16(&mut self, name: &'static str, init: &[f16]) -> Buf {
         let start = self.f16s.len();
         self.f16s.reserve_exact(init.len());

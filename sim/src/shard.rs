@@ -1201,7 +1201,6 @@ fn execute_body(
     t: u64,
 ) -> (u64, Option<String>) {
     let Pe {
-        coord,
         sram,
         task_states,
         ops,
@@ -1213,7 +1212,6 @@ fn execute_body(
     } = pe;
     let mut ctx = TaskCtx {
         config,
-        coord: *coord,
         now: t,
         cycles: 0,
         wavelet,

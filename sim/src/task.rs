@@ -26,7 +26,6 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use crate::config::FabricConfig;
-use crate::geometry::Coord;
 use crate::memory::{DType, Sram, VecRef};
 use crate::oplist::{self, FabricOp, LazyOps, OpList};
 use crate::program::{TaskId, Then};
@@ -156,7 +155,6 @@ fn find_queue(table: &[(Color, u32)], color: Color) -> Option<u32> {
 /// What a running task sees of its PE: the instruction set.
 pub struct TaskCtx<'a> {
     pub(crate) config: &'a FabricConfig,
-    pub(crate) coord: Coord,
     pub(crate) now: u64,
     pub(crate) cycles: u64,
     pub(crate) wavelet: Option<Wavelet>,
@@ -172,11 +170,6 @@ pub struct TaskCtx<'a> {
 }
 
 impl TaskCtx<'_> {
-    /// This PE's position.
-    pub fn coord(&self) -> Coord {
-        self.coord
-    }
-
     /// The payload that triggered this data task (a local task gets an error and `0`).
     pub fn wavelet(&mut self) -> Wavelet {
         match self.wavelet {
@@ -352,21 +345,6 @@ impl TaskCtx<'_> {
         self.charge_vector(dst.len, width);
     }
 
-    /// `dst += a * b` element-wise. Counts `len` FMACs.
-    pub fn fma(&mut self, dst: VecRef, a: VecRef, b: VecRef) {
-        if a.dtype() != b.dtype() {
-            self.fail("fma: the two factors must have one type".into());
-            return;
-        }
-        let Some(width) = self.fmac_width("fma", dst.dtype(), a.dtype()) else {
-            return;
-        };
-        if self.elementwise("fma", dst, a, Some(b), |d, x, y| d + x * y) {
-            self.stats.fmacs += u64::from(dst.len);
-            self.charge_vector(dst.len, width);
-        }
-    }
-
     fn arith(&mut self, op: &str, dst: VecRef, a: VecRef, b: VecRef, f: fn(f32, f32) -> f32) {
         if !self.require_same_type(op, dst, &[a, b]) {
             return;
@@ -456,8 +434,7 @@ impl TaskCtx<'_> {
             return;
         }
         if self.elementwise(op, dst, a, None, |_, x, _| f(x)) {
-            self.cycles += u64::from(self.config.issue_cycles)
-                + u64::from(dst.len) * u64::from(self.config.exp_cycles_per_element);
+            self.cycles += self.config.transcendental_cycles(u64::from(dst.len));
             self.stats.vector_elements += u64::from(dst.len);
         }
     }
@@ -522,18 +499,6 @@ impl TaskCtx<'_> {
         self.stats.fmacs += u64::from(a.len);
         self.charge_vector(a.len, width);
         total
-    }
-
-    /// The largest element of `a` (`-inf` if empty).
-    pub fn max_reduce(&mut self, a: VecRef) -> f32 {
-        let Some(ra) = self.checked("max_reduce", a) else {
-            return 0.0;
-        };
-        let m = (0..a.len as usize).fold(f32::NEG_INFINITY, |m, k| {
-            m.max(self.get(a.dtype(), ra.start + k))
-        });
-        self.charge_vector(a.len, self.config.simd.max);
-        m
     }
 
     /// Element 0 of `v`, as a scalar load (one issue).
@@ -672,31 +637,6 @@ impl TaskCtx<'_> {
     /// the sparse form with the element's position in `src` as index.
     pub fn send(&mut self, color: Color, src: VecRef, then: Then) {
         self.issue(FabricOp::Send { out: color, src }, then);
-    }
-
-    /// Sends the given wavelets on `color` (for payloads the task builds itself).
-    pub fn send_wavelets(&mut self, color: Color, wavelets: Vec<Wavelet>, then: Then) {
-        let Some(q) = self.queue_of("send", color, true) else {
-            return;
-        };
-        self.take_up_all();
-        let start_at = self.charge_issue();
-        self.ops.push(AsyncOp {
-            len: wavelets.len() as u32,
-            kind: AsyncKind::Send { wavelets },
-            in_queue: None,
-            out_queue: Some(q),
-            in_color: None,
-            out_color: Some(color),
-            done: 0,
-            start_at,
-            next_at: start_at,
-            stalled_since: None,
-            then,
-            issued_by: self.name,
-            list_index: oplist::NOT_LISTED,
-            untaken_before: 0,
-        });
     }
 
     /// Receives `dst.len` wavelets of `color` into `dst` (stored or added, as `f32` payloads, or
