@@ -280,11 +280,7 @@ impl<'a> FastEngine<'a> {
         let c = self.inputs.config;
         match weight {
             Weight::Linear { layer, kind } => {
-                let (rows, cols) = match kind {
-                    SparseKind::Fc => (c.n_embd, c.n_inner),
-                    SparseKind::FcProj => (c.n_inner, c.n_embd),
-                    _ => (c.n_embd, c.n_embd),
-                };
+                let (rows, cols) = kind.shape(c);
                 (rows, cols, Some((layer, kind)))
             }
             Weight::Head => (c.n_embd, c.vocab_size, None),
