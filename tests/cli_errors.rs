@@ -579,6 +579,34 @@ fn a_fabric_with_too_few_colors_is_refused_at_either_fidelity() {
         2,
         &step_needles,
     );
+    // With --seq, recipe plans the step itself: the same fabric, the same verdict (it was exit
+    // code 1, unnamed, before one rule served every command: robustness audit 7, item 8).
+    let with_seq = ["--sparsity", "0.5", "--seq", "16", "--fabric", s(&eleven)];
+    assert_fails(&[&recipe[..], &with_seq].concat(), 2, &step_needles);
+    let tokens = tmp.path().join("tokens.json");
+    fs::write(&tokens, serde_json::to_string(&vec![1u32; 64]).unwrap()).unwrap();
+    let out = tmp.path().join("out-train");
+    let train = [
+        "train",
+        "--model",
+        "tiny",
+        "--phase",
+        "dense-finetune",
+        "--steps",
+        "1",
+        "--batch",
+        "1",
+        "--seq",
+        "8",
+        "--tokens",
+        s(&tokens),
+        "--out",
+        s(&out),
+        "--fabric",
+        s(&eleven),
+    ];
+    assert_fails(&train, 2, &step_needles);
+    assert!(!out.exists());
     // Eleven colors are enough for one layer; six are not.
     let six = tmp.path().join("six.toml");
     fs::write(&six, "base = \"16x16\"\ncolors = 6\n").unwrap();
@@ -979,6 +1007,69 @@ fn a_step_that_does_not_fit_is_a_run_failure_and_writes_nothing() {
     assert_fails(&args, 1, &["does not fit", "49152"]);
     assert!(!out.exists());
     assert_fails(&["sweep", "--fabric", "1x1"], 1, &["does not fit"]);
+    let recipe = [
+        "recipe",
+        "--model",
+        "tiny",
+        "--pretrain-tokens",
+        "1000",
+        "--sparsity",
+        "0.5",
+    ];
+    assert_fails(
+        &[&recipe[..], &["--seq", "16", "--fabric", "1x1"]].concat(),
+        1,
+        &["does not fit"],
+    );
+    let tokens = tmp.path().join("tokens.json");
+    fs::write(&tokens, serde_json::to_string(&vec![1u32; 64]).unwrap()).unwrap();
+    let train = [
+        "train",
+        "--model",
+        "tiny",
+        "--phase",
+        "dense-finetune",
+        "--steps",
+        "1",
+        "--batch",
+        "1",
+        "--seq",
+        "8",
+        "--tokens",
+        s(&tokens),
+        "--out",
+        s(&out),
+        "--fabric",
+        "1x1",
+    ];
+    assert_fails(&train, 1, &["does not fit"]);
+    assert!(!out.exists());
+}
+
+/// `sweep --losses` asks the fast fidelity for losses; the exact fidelity computes them anyway,
+/// so the flag there is refused rather than silently ignored, as `--trace` is at the fast
+/// fidelity (robustness audit 7, item 7).
+#[test]
+fn a_fast_only_flag_at_the_exact_fidelity_is_refused() {
+    let sweep = [
+        "sweep",
+        "--fabric",
+        "4x4",
+        "--batch",
+        "1",
+        "--seq",
+        "8",
+        "--sparsity",
+        "0",
+    ];
+    let run = assert_fails(
+        &[&sweep[..], &["--losses"]].concat(),
+        2,
+        &["--losses", "only with --fidelity fast"],
+    );
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+    let fast = wafersim(&[&sweep[..], &["--losses", "--fidelity", "fast"]].concat());
+    assert_eq!(fast.code, 0, "{}", fast.stderr);
 }
 
 #[test]
@@ -1086,6 +1177,42 @@ fn thread_counts_out_of_range_are_refused() {
         &["bench", "--cases", "gemm256", "--threads", "1,300"],
         2,
         &["--threads", "300 is not between 1 and 256"],
+    );
+}
+
+/// `--threads` before `bench` is bench's list of thread counts, as after it (both helps say so);
+/// given in both places, one would be dropped without a word, so that is refused before anything
+/// runs (robustness audit 7, item 6).
+#[test]
+fn bench_thread_counts_given_twice_are_refused() {
+    let run = assert_fails(
+        &[
+            "--threads",
+            "2",
+            "bench",
+            "--threads",
+            "1,4",
+            "--cases",
+            "gemm256",
+        ],
+        2,
+        &["--threads", "given both before and after `bench`"],
+    );
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+    let help = |args: &[&str]| {
+        let run = wafersim(args);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        run.stdout.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    let global = help(&["--help"]);
+    assert!(
+        global.contains("For `bench`: the thread counts to measure"),
+        "{global}"
+    );
+    let bench = help(&["bench", "--help"]);
+    assert!(
+        bench.contains("`wafersim --threads 4 bench` measures 4 threads alone"),
+        "{bench}"
     );
 }
 

@@ -223,3 +223,98 @@ fn a_trace_neither_replaces_an_output_nor_comes_back_empty_silently() {
     );
     assert!(late.exists());
 }
+
+/// A window whose PE-cycles overflow 64 bits (4 x 4 PEs x 2^60 cycles = 2^64, which wraps to 0)
+/// is refused like any window over the cap, before the step runs (robustness audit 7, item 1).
+#[test]
+fn a_window_too_large_for_64_bits_is_refused_before_the_step_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let trace = tmp.path().join("t.json");
+    let run = step(
+        &out,
+        &[
+            "--trace",
+            trace.to_str().unwrap(),
+            "--trace-region",
+            "0,0,4,4",
+            "--trace-cycles",
+            "0..1152921504606846976",
+        ],
+    );
+    assert_refused(
+        &run,
+        &[
+            "--trace-region/--trace-cycles",
+            "18446744073709551616 PE-cycles, more than 200000000",
+        ],
+    );
+    assert!(!trace.exists() && !out.exists(), "nothing ran");
+}
+
+/// A trace that cannot be written fails the step with nothing of it written: the trace is staged
+/// with the other outputs (robustness audit 7, item 4). `/dev/full` takes no byte, and stays the
+/// device it was (a rename over it would have replaced it).
+#[test]
+fn a_trace_that_cannot_be_written_leaves_every_output_as_it_was() {
+    let full = Path::new("/dev/full");
+    if !full.exists() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let window = ["--trace-region", "0,0,1,1", "--trace-cycles", "0..100"];
+    let run = step(&out, &[&["--trace", "/dev/full"][..], &window].concat());
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{:?}", run.stderr);
+    assert!(
+        lines[0].starts_with("error: writing the trace /dev/full") && lines[0].contains("space"),
+        "{}",
+        lines[0]
+    );
+    assert!(!out.exists(), "report.json and the weights were written");
+    let kind = std::fs::metadata(full).unwrap().file_type();
+    assert!(!kind.is_file(), "/dev/full was replaced by a file");
+
+    // An existing trace and the outputs of an earlier step stay as they were.
+    let trace = tmp.path().join("t.json");
+    let first = step(
+        &out,
+        &[&["--trace", trace.to_str().unwrap()][..], &window].concat(),
+    );
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let (report, old_trace) = (
+        std::fs::read(out.join("report.json")).unwrap(),
+        std::fs::read(&trace).unwrap(),
+    );
+    let again = step(&out, &[&["--trace", "/dev/full"][..], &window].concat());
+    assert_eq!(again.code, 1, "{}", again.stderr);
+    assert_eq!(std::fs::read(out.join("report.json")).unwrap(), report);
+    assert_eq!(std::fs::read(&trace).unwrap(), old_trace);
+}
+
+/// `--out new --trace new/t.json`: the step creates `new`, so the trace may go into it
+/// (robustness audit 7, item 4).
+#[test]
+fn a_trace_may_go_into_the_out_folder_the_step_creates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("new");
+    let trace = out.join("t.json");
+    let window = ["--trace-region", "0,0,1,1", "--trace-cycles", "0..100"];
+    let run = step(
+        &out,
+        &[&["--trace", trace.to_str().unwrap()][..], &window].concat(),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    assert!(v["traceEvents"].as_array().is_some_and(|e| !e.is_empty()));
+    assert!(out.join("report.json").exists());
+    // A folder nobody creates is still refused.
+    let elsewhere = tmp.path().join("missing").join("t.json");
+    let run = step(
+        &tmp.path().join("out2"),
+        &[&["--trace", elsewhere.to_str().unwrap()][..], &window].concat(),
+    );
+    assert_refused(&run, &["--trace", "missing", "does not exist"]);
+}

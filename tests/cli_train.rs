@@ -647,3 +647,193 @@ fn the_same_seed_writes_the_same_bytes() {
         );
     }
 }
+
+/// The names in `dir` and below, sorted, as paths relative to it.
+fn tree(dir: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.strip_prefix(dir).unwrap().display().to_string();
+        if path.is_dir() {
+            names.extend(tree(&path).into_iter().map(|n| format!("{name}/{n}")));
+        }
+        names.push(name);
+    }
+    names.sort();
+    names
+}
+
+/// A file or folder in the way of anything the run writes (the checkpoint, its files, the prompt,
+/// a `step-K/` that `--save-every` will write) is refused before the first step, with exit code
+/// 2 and nothing created (robustness audit 7, item 2). Before, it was found after the steps ran.
+#[test]
+fn anything_in_the_way_of_a_checkpoint_is_refused_before_the_first_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens_file(tmp.path());
+    let file = |p: &Path| fs::write(p, "in the way").unwrap();
+    let folder = |p: &Path| fs::create_dir_all(p).unwrap();
+    type Obstacle<'a> = (&'a str, &'a dyn Fn(&Path), &'a str, &'a [&'a str]);
+    let dense: &[&str] = &["--phase", "dense-finetune", "--save-every", "2"];
+    let prompt: &[&str] = &["--phase", "prompt-tune"];
+    let cases: [Obstacle<'_>; 7] = [
+        ("checkpoint", &file, "checkpoint is not a folder", dense),
+        (
+            "checkpoint/model.safetensors",
+            &folder,
+            "model.safetensors is a folder",
+            dense,
+        ),
+        (
+            "checkpoint/config.json",
+            &folder,
+            "config.json is a folder",
+            dense,
+        ),
+        (
+            "prompt.safetensors",
+            &folder,
+            "prompt.safetensors is a folder",
+            prompt,
+        ),
+        (
+            "checkpoint/prompt.safetensors",
+            &folder,
+            "prompt.safetensors is a folder",
+            prompt,
+        ),
+        // --steps 5 --save-every 2 writes step-2/ and step-4/.
+        ("step-4", &file, "step-4 is not a folder", dense),
+        (
+            "step-2/config.json",
+            &folder,
+            "config.json is a folder",
+            dense,
+        ),
+    ];
+    for (i, (obstacle, make, needle, extra)) in cases.into_iter().enumerate() {
+        let out = tmp.path().join(format!("out-{i}"));
+        fs::create_dir(&out).unwrap();
+        make(&out.join(obstacle));
+        let before = tree(&out);
+        let mut args = train_args(&tokens, &out, "5");
+        args.extend(["--model", "tiny", "--fidelity", "fast"]);
+        args.extend(extra);
+        let (code, stderr) = wafersim(&args);
+        assert_eq!(code, 2, "{obstacle}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{obstacle}: nothing may run: {stderr}");
+        assert!(lines[0].starts_with("error: --out "), "{}", lines[0]);
+        assert!(lines[0].contains(needle), "{obstacle}: {}", lines[0]);
+        assert_eq!(tree(&out), before, "{obstacle}: something was created");
+    }
+    // What the run does not write is no obstacle: the last step's `step-5` (its checkpoint is
+    // `checkpoint/`), a step --save-every skips, a prompt outside prompt tuning.
+    let out = tmp.path().join("free");
+    for name in ["step-5", "step-3", "prompt.safetensors"] {
+        folder(&out.join(name).join("model.safetensors"));
+    }
+    let mut args = fast_finetune_args(&tokens, &out, "5");
+    args.extend(["--save-every", "2"]);
+    let (code, stderr) = wafersim(&args);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+/// `--save-every` writes no `step-N/` at the last step, and says so in its help; `step-K/`
+/// folders of an earlier, longer run in the same `--out` (and the prompt files of an earlier
+/// prompt-tuning run) are named on stderr, as `step` names its stale files (robustness audit 7,
+/// item 3).
+#[test]
+fn what_an_earlier_longer_run_left_in_out_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens_file(tmp.path());
+    let out = tmp.path().join("out");
+    let mut long = train_args(&tokens, &out, "7");
+    long.extend([
+        "--model",
+        "tiny",
+        "--phase",
+        "prompt-tune",
+        "--fidelity",
+        "fast",
+    ]);
+    long.extend(["--save-every", "2"]);
+    let (code, stderr) = wafersim(&long);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("note:"), "{stderr}");
+    let mut short = fast_finetune_args(&tokens, &out, "4");
+    short.extend(["--save-every", "2"]);
+    let (code, stderr) = wafersim(&short);
+    assert_eq!(code, 0, "{stderr}");
+    let notes: Vec<String> = stderr
+        .lines()
+        .filter(|l| l.starts_with("note:"))
+        .map(|l| l.replace(path_str(&out), "OUT"))
+        .collect();
+    // The short run wrote step-2/ and checkpoint/ (its last step, 4); the long one step-2/,
+    // step-4/, step-6/ and prompts in each and in OUT.
+    let stale = |p: &str| format!("note: {p} is from an earlier run (this run did not write it)");
+    assert_eq!(
+        notes,
+        [
+            stale("OUT/step-4"),
+            stale("OUT/step-6"),
+            stale("OUT/prompt.safetensors"),
+            stale("OUT/checkpoint/prompt.safetensors"),
+            stale("OUT/step-2/prompt.safetensors"),
+        ],
+        "{stderr}"
+    );
+    let help = Command::new(env!("CARGO_BIN_EXE_wafersim"))
+        .args(["train", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        help.contains("none at the last step, whose checkpoint is `checkpoint/`"),
+        "{help}"
+    );
+}
+
+/// A checkpoint whose gradients overflow (an MLP input weight scaled by 1e21: its pre-activations
+/// reach 1e20, whose square overflows f32 in GELU's derivative, so the backward pass is NaN while
+/// the loss stays finite) is refused naming the gradient, not blamed on the learning rate
+/// (robustness audit 7, item 5).
+#[test]
+fn non_finite_gradients_are_named_as_gradients() {
+    use wafersim::model::checkpoint::save_checkpoint;
+    use wafersim::model::{GptConfig, init_params};
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens_file(tmp.path());
+    let config = GptConfig::preset("tiny").unwrap();
+    let mut params = init_params(&config, 0);
+    for w in &mut params.blocks[1].fc.weight.data {
+        *w *= 1e21;
+    }
+    let ckpt = tmp.path().join("ckpt");
+    fs::create_dir(&ckpt).unwrap();
+    save_checkpoint(&ckpt, &config, &params).unwrap();
+    let out = tmp.path().join("out");
+    for (phase, gradient) in [
+        ("dense-finetune", "the gradient of `"),
+        ("prompt-tune", "the gradient of the prompt"),
+    ] {
+        let mut args = train_args(&tokens, &out, "1");
+        args.extend(["--checkpoint", path_str(&ckpt), "--phase", phase]);
+        let (code, stderr) = wafersim(&args);
+        assert_eq!(code, 1, "{stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(lines[0].starts_with("error: step 1: "), "{}", lines[0]);
+        assert!(lines[0].contains(gradient), "{}", lines[0]);
+        assert!(
+            lines[0].contains("is not finite (NaN at flat index"),
+            "{}",
+            lines[0]
+        );
+        assert!(!lines[0].contains("--lr"), "{}", lines[0]);
+        assert!(!out.exists());
+    }
+}

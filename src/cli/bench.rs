@@ -11,6 +11,7 @@
 //!
 //! Not a test: nothing here asserts a speed. See `docs/performance.md` for measurements.
 
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
@@ -36,7 +37,8 @@ pub struct Args {
     /// Workloads, comma-separated [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     cases: Vec<Case>,
-    /// Thread counts to measure, comma-separated.
+    /// Thread counts to measure, comma-separated. Given before `bench` it means the same:
+    /// `wafersim --threads 4 bench` measures 4 threads alone; given in both places it is refused.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
     /// Runs per case and thread count (the median host time is reported).
@@ -109,6 +111,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         outln!("{}", sample_json(&sample))?;
         return Ok(());
     }
+    if threads_given_twice(std::env::args_os().skip(1)) {
+        return Err(bad_input(
+            "--threads",
+            anyhow::anyhow!(
+                "given both before and after `bench`: give the thread counts to measure once (`wafersim bench --threads 1,2`)"
+            ),
+        ));
+    }
     if args.repeat == 0 {
         return Err(bad_input(
             "--repeat",
@@ -141,6 +151,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Whether the command line `args` (without the program name) gives `--threads` both before the
+/// `bench` subcommand (the global flag) and after it (bench's list). The global flag and bench's
+/// list share their name, so clap hands bench one of them and drops the other without a word;
+/// only the command line as typed tells them apart.
+fn threads_given_twice(args: impl IntoIterator<Item = OsString>) -> bool {
+    let is_threads =
+        |a: &OsStr| a == "--threads" || a.to_str().is_some_and(|a| a.starts_with("--threads="));
+    let mut args = args.into_iter();
+    let mut before = false;
+    while let Some(arg) = args.next() {
+        if arg == "bench" {
+            break;
+        }
+        if is_threads(&arg) {
+            before = true;
+            if arg == "--threads" {
+                args.next();
+            }
+        }
+    }
+    before && args.any(|a| is_threads(&a))
 }
 
 fn print_machine() -> anyhow::Result<()> {
@@ -470,6 +503,18 @@ impl Fnv {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_before_and_after_bench_are_told_apart() {
+        let given = |line: &str| threads_given_twice(line.split(' ').map(OsString::from));
+        assert!(given("--threads 2 bench --threads 1,4"));
+        assert!(given("--threads=2 bench --threads=1"));
+        assert!(!given("--threads 2 bench"));
+        assert!(!given("bench --threads 1,2"));
+        // A value that reads "bench" is the global flag's, not the subcommand.
+        assert!(!given("--threads bench bench --cases gemm256"));
+        assert!(!given("bench --cases gemm256"));
+    }
 
     #[test]
     fn fnv_matches_the_published_test_vectors() {

@@ -11,7 +11,12 @@
 //! - Results: a non-finite loss, gradient or updated weight is refused (exit code 1, naming the
 //!   tensor) rather than written as `null` in JSON or as a checkpoint our own reader refuses.
 //! - Writing several files: all are staged (written and synced beside their targets) before any
-//!   is renamed into place, so a failure leaves every old file as it was.
+//!   is renamed into place, so a failure leaves every old file as it was. A target that is a
+//!   device or a FIFO (`/dev/null`) is written in place instead (renaming over it would replace
+//!   the device), still before any staged file is renamed.
+//! - Stale outputs: a file or folder an earlier run left in an output folder and this run did not
+//!   write is named on stderr, never silently left beside the new ones.
+//! - Planning errors: which [`CompileError`]s are the input's fault ([`plan_error`]).
 //!
 //! Not here: argument parsing and the checks of the libraries (configs, checkpoints, masks),
 //! which return their own typed errors.
@@ -19,7 +24,8 @@
 use std::path::{Path, PathBuf};
 
 use super::bad_input;
-use crate::model::checkpoint::{Staged, hf_named_tensors};
+use crate::compile::CompileError;
+use crate::model::checkpoint::{Staged, hf_named_tensors, stage_bytes};
 use crate::model::{GptConfig, GptParams};
 use crate::reference::BatchError;
 
@@ -59,7 +65,7 @@ fn check_writable_folder(flag: &str, dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The output file `path` (given with `flag`) can be written: it is not a folder and its folder
-/// accepts new files.
+/// accepts new files (or it is a device or FIFO, written in place: see [`stage_output`]).
 pub fn check_output_file(flag: &str, path: &Path) -> anyhow::Result<()> {
     if path.is_dir() {
         return Err(bad_input(
@@ -67,7 +73,41 @@ pub fn check_output_file(flag: &str, path: &Path) -> anyhow::Result<()> {
             anyhow::anyhow!("it is a folder, not a file"),
         ));
     }
+    if is_special_file(path) {
+        return Ok(());
+    }
     check_writable_folder(flag, folder_of(path))
+}
+
+/// [`check_output_file`] for a file that may go into `out`, an output folder the run creates
+/// when it does not exist (its parent checked by [`check_output_folder`]): while `out` does not
+/// exist, a file directly in it is accepted.
+pub fn check_output_file_in(flag: &str, path: &Path, out: &Path) -> anyhow::Result<()> {
+    if !out.exists() && same_folder(folder_of(path), out) {
+        return Ok(());
+    }
+    check_output_file(flag, path)
+}
+
+/// `a` and `b` name the same folder, compared after resolving `.`, `..` and links where they
+/// exist (a folder that does not exist yet by its parent's resolved path and its name).
+pub fn same_folder(a: &Path, b: &Path) -> bool {
+    resolved(a) == resolved(b)
+}
+
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(path) = path.canonicalize() {
+        return path;
+    }
+    match (path.file_name(), folder_of(path).canonicalize()) {
+        (Some(name), Ok(parent)) => parent.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// An existing target that is neither a regular file nor a folder: a device or a FIFO.
+fn is_special_file(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir())
 }
 
 /// The output folder `dir` (given with `flag`) can receive the files `names`: it is a writable
@@ -84,6 +124,20 @@ pub fn check_output_folder(flag: &str, dir: &Path, names: &[&str]) -> anyhow::Re
         )),
         None => Ok(()),
     }
+}
+
+/// [`check_output_folder`] for the folder `sub` inside the output folder `dir`: nothing to check
+/// while `dir` does not exist (the run creates both).
+pub fn check_output_subfolder(
+    flag: &str,
+    dir: &Path,
+    sub: &str,
+    names: &[&str],
+) -> anyhow::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    check_output_folder(flag, &dir.join(sub), names)
 }
 
 /// Checks a batch shape given by flags (`flag`) before its tokens are drawn: `batch >= 1`,
@@ -211,6 +265,41 @@ pub fn write_all(
     result
 }
 
+/// Stages `bytes` for the output file `path`, to be committed by [`write_all`]. A target that is a
+/// device or a FIFO (`/dev/null`, `/dev/stdout`) cannot be replaced by a rename without replacing
+/// the device itself, so it is written in place now (`None`): a failure to write it still comes
+/// before any staged file is committed.
+pub fn stage_output(path: &Path, bytes: &[u8]) -> anyhow::Result<Option<Staged>> {
+    if is_special_file(path) {
+        std::fs::write(path, bytes)?;
+        return Ok(None);
+    }
+    Ok(Some(stage_bytes(path, bytes)?))
+}
+
+/// Names on stderr a file or folder that an earlier run left in an output folder and this run
+/// did not write: it is left as it was, beside this run's outputs.
+pub fn note_stale(path: &Path) {
+    eprintln!(
+        "note: {} is from an earlier run (this run did not write it)",
+        path.display()
+    );
+}
+
+/// A step that cannot be planned, as an error with its exit code: a model that does not fit the
+/// fabric is a run failure (exit code 1: the inputs are valid, the machine is too small, and
+/// `recipe` searches for the longest sequence that fits); a fabric with too few colors, or a
+/// shape with no PE column or no token to place, is bad input (exit code 2). Every variant is
+/// named, so a new one has to be classed here.
+pub fn plan_error(e: CompileError) -> anyhow::Error {
+    match e {
+        e @ CompileError::DoesNotFit { .. } => anyhow::Error::new(e),
+        e @ (CompileError::NoRegion { .. } | CompileError::TooFewColors { .. }) => {
+            bad_input("--fabric", e)
+        }
+    }
+}
+
 fn commit_all(staged: Vec<Staged>) -> anyhow::Result<()> {
     for file in staged {
         let target: PathBuf = file.target().to_path_buf();
@@ -267,6 +356,84 @@ mod tests {
         assert!(check_host_memory("x", None).is_err());
         assert!(check_host_memory("x", Some(u64::MAX)).is_err() || available_memory().is_none());
         assert!(check_host_memory("x", Some(1)).is_ok());
+    }
+
+    #[test]
+    fn a_plan_that_does_not_fit_fails_the_run_and_a_malformed_one_is_bad_input() {
+        let does_not_fit = CompileError::DoesNotFit {
+            needed: 2,
+            per_layer: 1,
+            layers: 1,
+            head: 1,
+            working: 1,
+            available: 1,
+        };
+        assert!(!is_bad_input(&plan_error(does_not_fit)));
+        let colors = CompileError::TooFewColors {
+            needed: 12,
+            available: 11,
+        };
+        let no_region = CompileError::NoRegion {
+            reason: "the batch has no token".into(),
+        };
+        for e in [colors, no_region] {
+            let err = plan_error(e);
+            assert!(is_bad_input(&err), "{err:#}");
+            assert!(format!("{err:#}").starts_with("--fabric: "), "{err:#}");
+        }
+    }
+
+    #[test]
+    fn a_file_may_go_into_an_output_folder_not_yet_created() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("new");
+        // The same folder spelt another way still counts.
+        let dotted = tmp.path().join(".").join("new").join("t.json");
+        assert!(check_output_file_in("--trace", &out.join("t.json"), &out).is_ok());
+        assert!(check_output_file_in("--trace", &dotted, &out).is_ok());
+        let other = tmp.path().join("other").join("t.json");
+        let err = check_output_file_in("--trace", &other, &out).unwrap_err();
+        assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
+        // Once the folder exists, it is checked as any other.
+        std::fs::create_dir_all(out.join("t.json")).unwrap();
+        let err = check_output_file_in("--trace", &out.join("t.json"), &out).unwrap_err();
+        assert!(format!("{err:#}").contains("is a folder"), "{err:#}");
+        assert!(same_folder(&out, &tmp.path().join("new/../new")));
+        assert!(!same_folder(&out, tmp.path()));
+    }
+
+    #[test]
+    fn a_subfolder_is_checked_only_inside_an_existing_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        assert!(check_output_subfolder("--out", &out, "checkpoint", &["m"]).is_ok());
+        std::fs::create_dir(&out).unwrap();
+        assert!(check_output_subfolder("--out", &out, "checkpoint", &["m"]).is_ok());
+        std::fs::write(out.join("checkpoint"), "a file").unwrap();
+        let err = check_output_subfolder("--out", &out, "checkpoint", &["m"]).unwrap_err();
+        assert!(is_bad_input(&err));
+        assert!(format!("{err:#}").contains("is not a folder"), "{err:#}");
+        std::fs::remove_file(out.join("checkpoint")).unwrap();
+        std::fs::create_dir_all(out.join("checkpoint/m")).unwrap();
+        let err = check_output_subfolder("--out", &out, "checkpoint", &["m"]).unwrap_err();
+        assert!(format!("{err:#}").contains("m is a folder"), "{err:#}");
+    }
+
+    #[test]
+    fn a_device_is_written_in_place_and_a_file_only_when_committed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("t.json");
+        std::fs::write(&file, "old").unwrap();
+        let staged = stage_output(&file, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "old");
+        commit_all(staged.into_iter().collect()).unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "new");
+        let null = Path::new("/dev/null");
+        if null.exists() {
+            assert!(check_output_file("--trace", null).is_ok());
+            assert!(stage_output(null, b"x").unwrap().is_none());
+            assert!(is_special_file(null), "still the device");
+        }
     }
 
     #[test]

@@ -40,7 +40,8 @@ mod train;
 #[command(name = "wafersim", version, about, propagate_version = true)]
 struct Cli {
     /// Host threads for the simulation and sweeps [default: RAYON_NUM_THREADS, else one per
-    /// core]. Results are the same bytes for any count.
+    /// core]. Results are the same bytes for any count. For `bench`: the thread counts to measure
+    /// (as `bench --threads`).
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
     #[command(subcommand)]

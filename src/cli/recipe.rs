@@ -107,7 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             seq
         }
         None => longest_fitting_seq(&config, args.batch, &fabric)
-            .map_err(|e| bad_input("--fabric", e))?
+            .map_err(guard::plan_error)?
             .ok_or_else(|| {
                 anyhow::anyhow!(
                     "no step of {} sequence(s) of {} fits {}: use a bigger fabric",
@@ -138,6 +138,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let cost = recipe_cost(&config, &fabric, &spec, args.seed).map_err(|e| match e {
         e @ RecipeError::PromptTooLong { .. } => bad_input("--prompt-len", e),
+        RecipeError::Compile(e) => guard::plan_error(e),
         e => anyhow::Error::new(e),
     })?;
     let clock_hz = f64::from(fabric.clock_mhz) * 1e6;

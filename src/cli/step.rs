@@ -9,13 +9,13 @@ use clap::ArgGroup;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
-use wafersim_sim::FabricConfig;
+use wafersim_sim::{FabricConfig, Trace};
 
 use super::fit::AttentionFit;
 use super::progress::Progress;
-use super::trace::{self, TraceFlags};
+use super::trace::{self, TraceFlags, TraceRequest};
 use super::{bad_input, checked, guard, load_fabric};
-use crate::compile::{CompileError, StepPlan, plan_step};
+use crate::compile::{StepPlan, plan_step};
 use crate::flops::{self, FlopOptions, NnzSource, StepShape};
 use crate::model::checkpoint::{
     CONFIG_FILE, WEIGHTS_FILE, hf_named_tensors, read_config, read_params, stage_bytes,
@@ -111,6 +111,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         path: args.trace.as_deref(),
         region: args.trace_region.as_deref(),
         cycles: args.trace_cycles.as_deref(),
+        out: &args.out,
     };
     let traced = trace::request(&trace_flags, &setup.fabric, args.fidelity.fidelity())?;
     let mode = StepMode {
@@ -145,7 +146,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         allow_recompute: mode.fidelity == Fidelity::Fast,
         prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
         gradients,
-    })?;
+    })
+    .map_err(guard::plan_error)?;
     setup.plan = search.plan.clone();
     let attention = AttentionFit::of(&setup.config, &setup.plan, &setup.fabric);
     attention.refuse_if_exact(mode.fidelity)?;
@@ -254,19 +256,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     // The files first: a terminal or pipe that goes away while the summary prints loses nothing.
     let written = written.as_ref().map(|(w, u)| (*w, u.as_ref()));
-    let files = write_outputs(&args.out, &summary, written, args.seed, wall)?;
+    let trace = traced.as_ref().zip(recorded.as_ref());
+    let files = write_outputs(&args.out, &summary, written, trace, (args.seed, wall))?;
     note_stale_outputs(&args.out, &files);
-    if let (Some(request), Some(trace)) = (&traced, &recorded) {
-        trace::write(request, trace)?;
-        if trace.events.is_empty() {
-            eprintln!(
-                "warning: the trace {} holds no event: nothing happened on the traced PEs in cycles {}..{} (the step took {} cycles)",
-                request.path.display(),
-                request.window.start,
-                request.window.end,
-                step.cost.cycles()
-            );
-        }
+    if let Some((request, trace)) = trace
+        && trace.events.is_empty()
+    {
+        eprintln!(
+            "warning: the trace {} holds no event: nothing happened on the traced PEs in cycles {}..{} (the step took {} cycles)",
+            request.path.display(),
+            request.window.start,
+            request.window.end,
+            step.cost.cycles()
+        );
     }
     print_summary(&summary)?;
     Ok(())
@@ -302,13 +304,8 @@ impl Setup {
         let positions = batch.seq + prompt.as_ref().map_or(0, |p| p.rows);
         guard::check_batch_shape("--prompt", &config, batch.batch, positions)?;
         let precision = args.dtype.precision();
-        let plan =
-            plan_step(&config, batch.batch, positions, &fabric, precision).map_err(
-                |e| match e {
-                    e @ CompileError::DoesNotFit { .. } => anyhow::Error::new(e),
-                    e => bad_input("--fabric", e),
-                },
-            )?;
+        let plan = plan_step(&config, batch.batch, positions, &fabric, precision)
+            .map_err(guard::plan_error)?;
         if plan.recompute_attention && args.fidelity.fidelity() == Fidelity::Exact {
             return Err(RuntimeError::Recompute { seq: plan.seq }.into());
         }
@@ -412,11 +409,7 @@ fn check_trace_path(trace: &Path, out: &Path) -> anyhow::Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    };
-    if written && same(folder, out) {
+    if written && guard::same_folder(folder, out) {
         return Err(bad_input(
             format!("--trace {}", trace.display()),
             anyhow::anyhow!("--out writes a file of that name there"),
@@ -750,22 +743,20 @@ fn print_search(s: &Summary<'_>) -> anyhow::Result<()> {
 fn note_stale_outputs(dir: &Path, written: &[&str]) {
     for name in OUTPUT_FILES.iter().chain([&PROMPT_GRAD_FILE]) {
         if !written.contains(name) && dir.join(name).exists() {
-            eprintln!(
-                "note: {} is from an earlier run (this run did not write it)",
-                dir.join(name).display()
-            );
+            guard::note_stale(&dir.join(name));
         }
     }
 }
 
-/// Writes the output files: all are staged beside their targets before any is moved into place
-/// (see [`guard::write_all`]), so an error leaves the folder as it was. Returns their names.
+/// Writes the output files and the trace, if any: all are staged beside their targets before any
+/// is moved into place (see [`guard::write_all`]), so an error leaves the folder and the trace as
+/// they were. Returns the names of the files in `dir`.
 fn write_outputs(
     dir: &Path,
     s: &Summary<'_>,
     weights_and_updated: Option<(&GptParams, Option<&GptParams>)>,
-    seed: u64,
-    wall: f64,
+    trace: Option<(&TraceRequest, &Trace)>,
+    (seed, wall): (u64, f64),
 ) -> anyhow::Result<Vec<&'static str>> {
     let [report_file, weights_file, grads_file, updated_file] = OUTPUT_FILES;
     let mut names = vec![report_file];
@@ -780,6 +771,9 @@ fn write_outputs(
             }
         }
         let mut staged = Vec::new();
+        if let Some((request, trace)) = trace {
+            staged.extend(trace::stage(request, trace)?);
+        }
         if let Some(grad) = s
             .step
             .numerics

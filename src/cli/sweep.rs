@@ -15,7 +15,7 @@ use super::fit::AttentionFit;
 use super::progress::Progress;
 use super::{bad_input, checked, guard, load_fabric};
 use crate::breakdown::Causes;
-use crate::compile::{CompileError, plan_step};
+use crate::compile::plan_step;
 use crate::model::checkpoint::stage_bytes;
 use crate::model::{GptConfig, load_checkpoint};
 use crate::plot::{PLOT_FILES, sweep_plots};
@@ -74,7 +74,7 @@ pub struct Args {
     no_numerics: bool,
     /// With --fidelity fast: also compute each step's loss on the CPU reference (slow and
     /// memory-hungry for big models, so off by default; without it a preset's weights are never
-    /// drawn).
+    /// drawn). Refused at the exact fidelity, which computes every loss (unless --no-numerics).
     #[arg(long, conflicts_with = "no_numerics")]
     losses: bool,
     /// Also write sweep.csv, sweep.json (schema wafersim.sweep/v2) and the SVG plots
@@ -86,6 +86,15 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Everything about the inputs is checked before anything large is allocated or simulated.
     let fabric = load_fabric(&args.fabric)?;
+    let fidelity = args.fidelity.fidelity();
+    if args.losses && fidelity == Fidelity::Exact {
+        return Err(bad_input(
+            "--losses",
+            anyhow::anyhow!(
+                "only with --fidelity fast (the exact fidelity computes every loss; --no-numerics turns them off)"
+            ),
+        ));
+    }
     let sparsities = parse_list(&args.sparsity)?;
     let (config, checkpoint_params) = match &args.checkpoint {
         Some(dir) => {
@@ -105,8 +114,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let what = "--batch/--seq";
     guard::check_batch_shape(what, &config, args.batch, args.seq)?;
     let precision = args.dtype.precision();
-    let plan = plan_step(&config, args.batch, args.seq, &fabric, precision).map_err(plan_error)?;
-    let fidelity = args.fidelity.fidelity();
+    let plan =
+        plan_step(&config, args.batch, args.seq, &fabric, precision).map_err(guard::plan_error)?;
     if let Some(warning) = super::unvalidated_timing_warning(&fabric, fidelity) {
         eprintln!("{warning}");
     }
@@ -153,7 +162,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let sweep = run_sweep_with(&setup, &sparsities, &on_step);
     drop(progress);
     let sweep = sweep.map_err(|e| match e {
-        crate::sweep::SweepError::Compile(e) => plan_error(e),
+        crate::sweep::SweepError::Compile(e) => guard::plan_error(e),
         e => anyhow::Error::new(e),
     })?;
     check_losses(&sweep)?;
@@ -180,17 +189,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// The files `--out` receives.
 const OUTPUT_FILES: [&str; 2] = ["sweep.csv", "sweep.json"];
-
-/// A step that does not fit is a failure (exit code 1); a fabric with no region or too few
-/// colors is bad input.
-fn plan_error(e: CompileError) -> anyhow::Error {
-    match e {
-        e @ (CompileError::NoRegion { .. } | CompileError::TooFewColors { .. }) => {
-            bad_input("--fabric", e)
-        }
-        e => anyhow::Error::new(e),
-    }
-}
 
 /// A NaN or infinite loss is an error, never a reported number.
 fn check_losses(sweep: &Sweep) -> anyhow::Result<()> {

@@ -1,15 +1,17 @@
 //! `wafersim step --trace PATH --trace-region X,Y,W,H --trace-cycles A..B`: the options that ask
 //! for a Chrome / Perfetto trace of a window of the step, checked before anything runs, and the
-//! writing of the trace.
+//! staging of the trace (it is moved into place with the step's other outputs, or not at all).
 //!
 //! What this is not: the recording. The exact engine records the window kernel run by kernel run
 //! (`runtime::StepHooks::trace`); the simulator writes the JSON (`wafersim_sim::Trace`).
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use wafersim_sim::{Coord, FabricConfig, Trace, TraceWindow};
 
 use super::{bad_input, guard};
+use crate::model::checkpoint::Staged;
 use crate::runtime::Fidelity;
 
 /// The largest window, in PEs times cycles: beyond it the events would not fit a reasonable
@@ -28,6 +30,9 @@ pub struct TraceFlags<'a> {
     pub path: Option<&'a Path>,
     pub region: Option<&'a str>,
     pub cycles: Option<&'a str>,
+    /// The step's `--out` folder, created by the step if it does not exist: the trace may go
+    /// into it.
+    pub out: &'a Path,
 }
 
 /// Checks the trace flags against the fabric and the fidelity: `None` without `--trace`.
@@ -60,8 +65,9 @@ pub fn request(
         .map_err(|e| bad_input(format!("--trace-region {region}"), anyhow::anyhow!(e)))?;
     let (start, end) = parse_cycles(cycles)
         .map_err(|e| bad_input(format!("--trace-cycles {cycles}"), anyhow::anyhow!(e)))?;
-    let size = u64::from(width) * u64::from(height) * (end - start);
-    if size > MAX_PE_CYCLES {
+    // Exact in 128 bits: (2^32 - 1)^2 (2^64 - 1) < 2^128, so no window can wrap past the cap.
+    let size = u128::from(width) * u128::from(height) * u128::from(end - start);
+    if size > u128::from(MAX_PE_CYCLES) {
         return Err(bad_input(
             "--trace-region/--trace-cycles",
             anyhow::anyhow!(
@@ -70,7 +76,7 @@ pub fn request(
             ),
         ));
     }
-    guard::check_output_file("--trace", path)?;
+    guard::check_output_file_in("--trace", path, flags.out)?;
     let window = TraceWindow {
         origin,
         width,
@@ -130,11 +136,13 @@ pub fn parse_cycles(text: &str) -> Result<(u64, u64), String> {
     Ok((a, b))
 }
 
-/// Writes `trace` as Chrome trace-event JSON to the requested path.
-pub fn write(request: &TraceRequest, trace: &Trace) -> anyhow::Result<()> {
+/// Stages `trace` as Chrome trace-event JSON for the requested path, to be moved into place with
+/// the step's other outputs by [`guard::write_all`] (a device such as `/dev/null` is written at
+/// once: see [`guard::stage_output`]).
+pub fn stage(request: &TraceRequest, trace: &Trace) -> anyhow::Result<Option<Staged>> {
     let path = &request.path;
-    std::fs::write(path, trace.to_chrome_json())
-        .map_err(|e| anyhow::anyhow!("writing the trace {}: {e}", path.display()))
+    guard::stage_output(path, trace.to_chrome_json().as_bytes())
+        .with_context(|| format!("writing the trace {}", path.display()))
 }
 
 #[cfg(test)]
@@ -186,6 +194,7 @@ mod tests {
             path: Some(&path),
             region: Some("0,0,2,2"),
             cycles: Some("10..20"),
+            out: tmp.path(),
         };
         let got = request(&flags, &fabric(), Fidelity::Exact)
             .unwrap()
@@ -205,7 +214,67 @@ mod tests {
             path: None,
             region: None,
             cycles: None,
+            out: tmp.path(),
         };
         assert_eq!(request(&none, &fabric(), Fidelity::Fast).unwrap(), None);
+    }
+
+    #[test]
+    fn a_window_whose_size_overflows_64_bits_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("t.json");
+        // 8 x 4 PEs x 2^59 cycles = 2^64 PE-cycles: 0 in wrapping u64 arithmetic.
+        let flags = TraceFlags {
+            path: Some(&path),
+            region: Some("0,0,8,4"),
+            cycles: Some("0..576460752303423488"),
+            out: tmp.path(),
+        };
+        let err = request(&flags, &fabric(), Fidelity::Exact).unwrap_err();
+        assert!(is_bad_input(&err), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("is 18446744073709551616 PE-cycles, more than 200000000"),
+            "{err:#}"
+        );
+        // The largest window there is: (2^32 - 1)^2 PEs over 2^64 - 1 cycles, still exact.
+        let widest = FabricConfig {
+            width: u32::MAX,
+            height: u32::MAX,
+            ..fabric()
+        };
+        let flags = TraceFlags {
+            region: Some("0,0,4294967295,4294967295"),
+            cycles: Some("0..18446744073709551615"),
+            ..flags
+        };
+        let err = request(&flags, &widest, Fidelity::Exact).unwrap_err();
+        let size = "340282366762482138434845932253270245375"; // (2^32 - 1)^2 (2^64 - 1)
+        assert!(format!("{err:#}").contains(size), "{err:#}");
+    }
+
+    #[test]
+    fn a_trace_may_go_into_the_out_folder_the_step_creates() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("new");
+        let inside = out.join("t.json");
+        let flags = TraceFlags {
+            path: Some(&inside),
+            region: Some("0,0,1,1"),
+            cycles: Some("0..10"),
+            out: &out,
+        };
+        assert!(request(&flags, &fabric(), Fidelity::Exact).is_ok());
+        // Another folder that does not exist is still refused.
+        let elsewhere = tmp.path().join("other").join("t.json");
+        let flags = TraceFlags {
+            path: Some(&elsewhere),
+            ..flags
+        };
+        let err = request(&flags, &fabric(), Fidelity::Exact).unwrap_err();
+        assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
+    }
+
+    fn is_bad_input(err: &anyhow::Error) -> bool {
+        err.downcast_ref::<super::super::BadInput>().is_some()
     }
 }

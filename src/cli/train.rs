@@ -22,7 +22,7 @@ use wafersim_sim::FabricConfig;
 
 use super::fit::AttentionFit;
 use super::{bad_input, checked, guard, load_fabric};
-use crate::compile::{CompileError, StepPlan, plan_step};
+use crate::compile::{StepPlan, plan_step};
 use crate::flops::{self, FlopOptions, NnzSource, StepShape};
 use crate::model::checkpoint::{
     CONFIG_FILE, Staged, WEIGHTS_FILE, hf_named_tensors, read_config, read_params, stage_bytes,
@@ -90,7 +90,9 @@ pub struct Args {
     /// Seed of the initial weights, the masks and the batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Also write a checkpoint (and the logs so far) every K steps, to `step-K/`.
+    /// Also write a checkpoint (and the logs so far) every K steps, to `step-K/`; none at the
+    /// last step, whose checkpoint is `checkpoint/` (a `step-K/` of an earlier run that this run
+    /// does not write is named on stderr).
     #[arg(long, value_name = "K")]
     save_every: Option<u64>,
     /// Output folder.
@@ -170,6 +172,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let savings = prompt_savings(&trainer, shape, &setup, &args)?;
     let mut log = Vec::new();
+    let mut saved = Vec::new();
     while trainer.steps < args.steps && !stop.load(Ordering::SeqCst) {
         let batch = sampler
             .next_batch(&setup.corpus, &setup.config)
@@ -186,11 +189,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 eprintln!("{warning}");
             }
         }
-        if args.save_every.is_some_and(|k| record.step % k == 0) && record.step < args.steps {
-            let dir = args.out.join(format!("step-{}", record.step));
+        if saves_at(&args, record.step) {
+            let dir = args.out.join(step_dir(record.step));
             let mut run = Finished::new(&setup, &args, &trainer, &log, started, false);
             run.savings = savings.clone();
             write_outputs(&args.out, &dir, &run)?;
+            saved.push(record.step);
         }
     }
     let interrupted = trainer.steps < args.steps;
@@ -198,8 +202,91 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     run.savings = savings;
     // The files first: a terminal or pipe that goes away while the summary prints loses nothing.
     write_outputs(&args.out, &args.out.join(CHECKPOINT_DIR), &run)?;
+    note_stale_outputs(&args.out, setup.phase, &saved);
     print_summary(&run)?;
     Ok(())
+}
+
+/// Whether `--save-every` writes `step-{step}/`: every K steps, but not at the last, whose
+/// checkpoint is `checkpoint/`.
+fn saves_at(args: &Args, step: u64) -> bool {
+    args.save_every.is_some_and(|k| step.is_multiple_of(k)) && step < args.steps
+}
+
+/// The folder of `--save-every`'s checkpoint at `step`.
+fn step_dir(step: u64) -> String {
+    format!("step-{step}")
+}
+
+/// The `step-K/` folders (or files of such a name) in `out`, by step, in step order.
+fn step_dirs(out: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let step = name.to_str()?.strip_prefix("step-")?.parse().ok()?;
+            // `step-01` is no name this run writes, and not an earlier run's either.
+            (step_dir(step).as_str() == name).then(|| (step, entry.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The files a checkpoint folder of this phase receives.
+fn checkpoint_files(phase: TrainPhase) -> Vec<&'static str> {
+    let mut names = vec![WEIGHTS_FILE, CONFIG_FILE];
+    if phase == TrainPhase::PromptTune {
+        names.push(PROMPT_FILE);
+    }
+    names
+}
+
+/// Every path the run will write, checked before it starts (see [`guard`]): the logs and, for
+/// prompt tuning, the prompt in `--out`; `checkpoint/` and the `step-K/` folders `--save-every`
+/// will write, with their files. A `step-K/` that does not exist yet needs nothing more than
+/// `--out`; one that does is checked as `checkpoint/` is.
+fn check_outputs(args: &Args, phase: TrainPhase) -> anyhow::Result<()> {
+    let mut logs = LOG_FILES.to_vec();
+    if phase == TrainPhase::PromptTune {
+        logs.push(PROMPT_FILE);
+    }
+    guard::check_output_folder("--out", &args.out, &logs)?;
+    let files = checkpoint_files(phase);
+    guard::check_output_subfolder("--out", &args.out, CHECKPOINT_DIR, &files)?;
+    for (step, dir) in step_dirs(&args.out) {
+        if saves_at(args, step) {
+            guard::check_output_folder("--out", &dir, &files)?;
+        }
+    }
+    Ok(())
+}
+
+/// Names on stderr what an earlier run left in `out` and this one did not write: `step-K/`
+/// folders other than this run's (`saved`), and, when this run is not prompt tuning, the prompt
+/// files of an earlier prompt-tuning run in `out` and beside the models this run wrote.
+fn note_stale_outputs(out: &Path, phase: TrainPhase, saved: &[u64]) {
+    for (step, dir) in step_dirs(out) {
+        if !saved.contains(&step) {
+            guard::note_stale(&dir);
+        }
+    }
+    if phase == TrainPhase::PromptTune {
+        return;
+    }
+    let checkpoints = saved.iter().map(|&step| step_dir(step));
+    let folders = [String::new(), CHECKPOINT_DIR.to_string()]
+        .into_iter()
+        .chain(checkpoints);
+    for folder in folders {
+        let prompt = out.join(folder).join(PROMPT_FILE);
+        if prompt.exists() {
+            guard::note_stale(&prompt);
+        }
+    }
 }
 
 /// A run no longer than its warm-up never reaches the cosine decay (nor, when shorter, the
@@ -285,18 +372,14 @@ impl Setup {
         let positions = args.seq.saturating_add(prompt_len);
         let what = "--seq + the prompt's vectors";
         guard::check_batch_shape(what, &config, args.batch, positions)?;
-        let plan = plan_step(&config, args.batch, positions, &fabric, Precision::F32).map_err(
-            |e| match e {
-                e @ CompileError::DoesNotFit { .. } => anyhow::Error::new(e),
-                e => bad_input("--fabric", e),
-            },
-        )?;
+        let plan = plan_step(&config, args.batch, positions, &fabric, Precision::F32)
+            .map_err(guard::plan_error)?;
         let attention = AttentionFit::of(&config, &plan, &fabric);
         attention.refuse_if_exact(args.fidelity.fidelity())?;
         if let Some(warning) = attention.warning() {
             eprintln!("{warning}");
         }
-        guard::check_output_folder("--out", &args.out, &LOG_FILES)?;
+        check_outputs(args, phase)?;
         Ok(Setup {
             phase,
             fabric,
@@ -501,33 +584,43 @@ fn print_summary(run: &Finished<'_>) -> anyhow::Result<()> {
 }
 
 /// Stages the logs in `out` and the checkpoint in `checkpoint` (with the prompt, if any, in both),
-/// then moves them all into place (see [`guard::write_all`]).
+/// then moves them all into place (see [`guard::write_all`]). A `checkpoint` folder created here
+/// is removed again if staging fails.
 fn write_outputs(out: &Path, checkpoint: &Path, run: &Finished<'_>) -> anyhow::Result<()> {
     guard::write_all(out, |out| {
+        let created = !checkpoint.exists();
         std::fs::create_dir_all(checkpoint)
             .with_context(|| format!("creating {}", checkpoint.display()))?;
-        let mut staged = stage_checkpoint(checkpoint, &run.setup.config, &run.trainer.params)?;
-        if let Some(prompt) = &run.trainer.prompt {
-            let v = &prompt.vectors;
-            let tensors = [("prompt".to_string(), vec![v.rows, v.cols], &v.data[..])];
-            // The latest prompt in `out`, and each checkpoint's own beside its model.
-            for path in [out.join(PROMPT_FILE), checkpoint.join(PROMPT_FILE)] {
-                staged.push(
-                    stage_f32_safetensors(&path, &tensors)
-                        .with_context(|| format!("writing {}", path.display()))?,
-                );
-            }
+        let staged = stage_outputs(out, checkpoint, run);
+        if staged.is_err() && created {
+            let _ = std::fs::remove_dir(checkpoint);
         }
-        let [csv, json_file, svg] = LOG_FILES;
-        staged.push(stage_text(&out.join(csv), &csv_text(run.log))?);
-        let report = super::json_text(&report_json(run, checkpoint))?;
-        staged.push(stage_text(&out.join(json_file), &report)?);
-        staged.push(stage_text(
-            &out.join(svg),
-            &crate::plot::loss_svg(run.log, &format!("{} loss", run.setup.phase.name()))?,
-        )?);
-        Ok(staged)
+        staged
     })
+}
+
+fn stage_outputs(out: &Path, checkpoint: &Path, run: &Finished<'_>) -> anyhow::Result<Vec<Staged>> {
+    let mut staged = stage_checkpoint(checkpoint, &run.setup.config, &run.trainer.params)?;
+    if let Some(prompt) = &run.trainer.prompt {
+        let v = &prompt.vectors;
+        let tensors = [("prompt".to_string(), vec![v.rows, v.cols], &v.data[..])];
+        // The latest prompt in `out`, and each checkpoint's own beside its model.
+        for path in [out.join(PROMPT_FILE), checkpoint.join(PROMPT_FILE)] {
+            staged.push(
+                stage_f32_safetensors(&path, &tensors)
+                    .with_context(|| format!("writing {}", path.display()))?,
+            );
+        }
+    }
+    let [csv, json_file, svg] = LOG_FILES;
+    staged.push(stage_text(&out.join(csv), &csv_text(run.log))?);
+    let report = super::json_text(&report_json(run, checkpoint))?;
+    staged.push(stage_text(&out.join(json_file), &report)?);
+    staged.push(stage_text(
+        &out.join(svg),
+        &crate::plot::loss_svg(run.log, &format!("{} loss", run.setup.phase.name()))?,
+    )?);
+    Ok(staged)
 }
 
 fn stage_text(path: &Path, text: &str) -> anyhow::Result<Staged> {

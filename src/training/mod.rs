@@ -76,10 +76,25 @@ pub enum TrainError {
     },
     #[error("step {step}: the step computed no loss or gradients")]
     NoNumerics { step: u64 },
+    /// The loss or a gradient overflowed: the weights and the data, not the learning rate, are
+    /// what the step computed them from.
     #[error(
-        "step {step}: {what} is not finite ({value}); lower --lr or check the data (nothing of this step was kept)"
+        "step {step}: {what} is not finite ({value}{at}): the step overflows f32 with these weights and this data (nothing of this step was kept)",
+        at = index.map_or(String::new(), |i| format!(" at flat index {i}"))
     )]
-    NonFinite { step: u64, what: String, value: f64 },
+    NonFiniteStep {
+        step: u64,
+        /// `the loss`, or the gradient of a named tensor.
+        what: String,
+        value: f64,
+        /// Where in the tensor (a gradient).
+        index: Option<usize>,
+    },
+    /// The update of finite gradients overflowed: the learning rate is too large.
+    #[error(
+        "step {step}: {what} is not finite ({value}); lower --lr (nothing of this step was kept)"
+    )]
+    NonFiniteUpdate { step: u64, what: String, value: f64 },
 }
 
 /// One line of `train.csv`: what one optimizer step computed and cost.
@@ -234,7 +249,7 @@ impl Trainer {
         let report =
             simulate_step(inputs, mode).map_err(|source| TrainError::Step { step, source })?;
         let numerics = report.numerics.ok_or(TrainError::NoNumerics { step })?;
-        check_finite(step, "the loss", numerics.loss)?;
+        check_loss_finite(step, numerics.loss)?;
         if step == 1 && shape.fidelity == Fidelity::Exact {
             let check = check_against_reference(inputs, &numerics)
                 .map_err(|source| TrainError::Step { step, source })?;
@@ -244,6 +259,7 @@ impl Trainer {
             let grad = numerics
                 .prompt_grad
                 .ok_or(TrainError::NoNumerics { step })?;
+            check_gradient_finite(step, "the prompt", &grad.data)?;
             let mut next = prompt.clone();
             AdamW::new(lr)
                 .step_tensor(
@@ -256,7 +272,7 @@ impl Trainer {
                 )
                 .map_err(|source| TrainError::Optimizer { step, source })?;
             if let Some(v) = next.vectors.data.iter().find(|v| !v.is_finite()) {
-                return Err(TrainError::NonFinite {
+                return Err(TrainError::NonFiniteUpdate {
                     step,
                     what: "an updated prompt vector".into(),
                     value: f64::from(*v),
@@ -265,6 +281,9 @@ impl Trainer {
             self.prompt = Some(next);
             self.steps = step;
             return Ok(record(step, numerics.loss, lr, &report.cost));
+        }
+        for (name, values) in numerics.grads.tensors() {
+            check_gradient_finite(step, &format!("`{name}`"), values)?;
         }
         let mut params = self.params.clone();
         let mut adam = self.adam.clone();
@@ -289,22 +308,37 @@ fn record(step: u64, loss: f64, lr: f64, cost: &StepCost) -> StepRecord {
     }
 }
 
-fn check_finite(step: u64, what: &str, value: f64) -> Result<(), TrainError> {
-    if value.is_finite() {
+fn check_loss_finite(step: u64, loss: f64) -> Result<(), TrainError> {
+    if loss.is_finite() {
         Ok(())
     } else {
-        Err(TrainError::NonFinite {
+        Err(TrainError::NonFiniteStep {
             step,
-            what: what.into(),
-            value,
+            what: "the loss".into(),
+            value: loss,
+            index: None,
         })
+    }
+}
+
+/// The gradient of `tensor` (named for the message) holds no NaN or infinity: checked before the
+/// update, so that an overflow in the step is not blamed on the learning rate.
+fn check_gradient_finite(step: u64, tensor: &str, grad: &[f32]) -> Result<(), TrainError> {
+    match grad.iter().enumerate().find(|(_, g)| !g.is_finite()) {
+        Some((index, value)) => Err(TrainError::NonFiniteStep {
+            step,
+            what: format!("the gradient of {tensor}"),
+            value: f64::from(*value),
+            index: Some(index),
+        }),
+        None => Ok(()),
     }
 }
 
 fn check_params_finite(step: u64, params: &GptParams) -> Result<(), TrainError> {
     for (name, values) in params.tensors() {
         if let Some(v) = values.iter().find(|v| !v.is_finite()) {
-            return Err(TrainError::NonFinite {
+            return Err(TrainError::NonFiniteUpdate {
                 step,
                 what: format!("updated weight `{name}`"),
                 value: f64::from(*v),
