@@ -1287,3 +1287,38 @@ fn recipe_flags_are_named() {
         &["--pretrain-tokens", "0.5 tokens: expected a whole number"],
     );
 }
+
+/// `--json` to a FIFO (as `/dev/stdout` often is) writes into it: a rename of a temporary file
+/// over the target, as for regular files, would replace the FIFO (or a device) by a file. The
+/// test holds the FIFO open for reading and writing, so the command's open does not wait for a
+/// reader, and reads what was written only once the FIFO is known to be still there.
+#[cfg(unix)]
+#[test]
+fn json_to_a_fifo_is_written_into_it() {
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("figures.json");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let mut pipe = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let run = wafersim(&[
+        "flops",
+        "--model",
+        "tiny",
+        "--sparsity",
+        "0",
+        "--json",
+        s(&fifo),
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let kind = fs::symlink_metadata(&fifo).unwrap().file_type();
+    assert!(kind.is_fifo(), "the FIFO was replaced by a file");
+    let mut head = [0u8; 2];
+    pipe.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"{\n");
+}

@@ -134,10 +134,16 @@ pub fn unvalidated_timing_warning(
     })
 }
 
-/// Writes `value` as pretty JSON to `path`, atomically (a failure leaves no partial file).
+/// Writes `value` as pretty JSON to `path`, atomically (a failure leaves no partial file); a
+/// device or FIFO (`/dev/stdout`) is written in place, since a rename would replace it.
 pub fn write_json(path: &std::path::Path, value: &serde_json::Value) -> anyhow::Result<()> {
-    crate::model::checkpoint::write_file_atomic(path, json_text(value)?.as_bytes())
-        .map_err(|e| anyhow::Error::new(e).context(format!("writing {}", path.display())))
+    let text = json_text(value)?;
+    let written = if guard::is_special_file(path) {
+        std::fs::write(path, text).map_err(anyhow::Error::new)
+    } else {
+        crate::model::checkpoint::write_file_atomic(path, text.as_bytes()).map_err(Into::into)
+    };
+    anyhow::Context::with_context(written, || format!("writing {}", path.display()))
 }
 
 /// `value` as pretty JSON with a final newline.
