@@ -346,7 +346,7 @@ fn report_json(r: &GemmReport, fabric: &wafersim_sim::FabricConfig) -> Value {
         "m": s.tokens, "k": s.k, "n": s.n, "sparsity": s.sparsity, "nnz": r.nnz,
         "dtype": s.precision.name(),
         "seed": s.seed,
-        "fabric": { "name": fabric.name, "width": fabric.width, "height": fabric.height, "clock_mhz": fabric.clock_mhz },
+        "fabric": super::fabric_json(fabric),
         "region": { "cols": r.region.cols, "rows": r.region.rows },
         "cycles": c,
         "dense_cycles": d,

@@ -146,6 +146,16 @@ pub fn write_json(path: &std::path::Path, value: &serde_json::Value) -> anyhow::
     anyhow::Context::with_context(written, || format!("writing {}", path.display()))
 }
 
+/// The reports' `model` object: the shape of the GPT.
+pub fn model_json(c: &crate::model::GptConfig) -> serde_json::Value {
+    serde_json::json!({ "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions })
+}
+
+/// The reports' `fabric` object: its name, size and clock.
+pub fn fabric_json(f: &wafersim_sim::FabricConfig) -> serde_json::Value {
+    serde_json::json!({ "name": f.name, "width": f.width, "height": f.height, "clock_mhz": f.clock_mhz })
+}
+
 /// `value` as pretty JSON with a final newline.
 pub fn json_text(value: &serde_json::Value) -> anyhow::Result<String> {
     Ok(serde_json::to_string_pretty(value)? + "\n")

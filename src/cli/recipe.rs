@@ -261,7 +261,7 @@ fn report_json(
             "step_flops": "step_flops and step_cycles: of one step of the phase; null for a phase without tokens (no step runs)",
         },
         "model": args.model,
-        "fabric": { "name": fabric.name, "width": fabric.width, "height": fabric.height, "clock_mhz": fabric.clock_mhz },
+        "fabric": super::fabric_json(fabric),
         "step": { "batch": spec.batch, "seq": spec.seq, "prompt_len": spec.prompt_len, "region": { "cols": cost.plan.region.cols, "rows": cost.plan.region.rows, "attention": attention } },
         "sparsity": spec.sparsity,
         "sparse": side(&cost.sparse),

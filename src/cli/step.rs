@@ -914,9 +914,9 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
             "micro_batch": "sequences per pass; weight gradients accumulate over the passes",
             "layers": "per block (layer null: embedding, final LayerNorm, head and loss); efficiency = realised / ideal speedup, null without the dense baseline",
         },
-        "model": { "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions },
+        "model": super::model_json(c),
         "batch": p.batch, "seq": p.seq, "prompt_len": s.prompt_len, "sparsity": s.masks.sparsity(), "dtype": p.precision.name(), "seed": seed,
-        "fabric": { "name": s.fabric.name, "width": s.fabric.width, "height": s.fabric.height, "clock_mhz": s.fabric.clock_mhz },
+        "fabric": super::fabric_json(s.fabric),
         "region": {
             "cols": p.region.cols, "rows": p.region.rows, "resident_bytes_per_pe": p.resident_bytes,
             "attention": s.attention.json(),

@@ -449,8 +449,8 @@ fn write_outputs(
             "runs[].reference_check": "the exact step's loss and gradients against the CPU reference's, as in step's report.json (null: fast fidelity or no numerics)",
         },
         // What ran, with the key names of `step`'s report.json.
-        "model": { "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner, "vocab_size": c.vocab_size, "n_positions": c.n_positions },
-        "fabric": { "name": f.name, "width": f.width, "height": f.height, "clock_mhz": f.clock_mhz },
+        "model": super::model_json(c),
+        "fabric": super::fabric_json(f),
         "dtype": p.precision.name(), "loss_scale": sweep.loss_scale, "seed": setup.seed,
         "batch": p.batch, "seq": p.seq, "region": { "cols": p.region.cols, "rows": p.region.rows, "attention": attention },
         "runs": runs,
