@@ -168,6 +168,7 @@ fn a_step_writes_four_files_that_agree() {
     check_cycles(&r);
     check_loss(&r);
     check_host_is_the_only_wall_time(&r);
+    check_passes(&r);
 
     let weights = params(&out, "weights.safetensors");
     let grads = params(&out, "grads.safetensors");
@@ -257,6 +258,22 @@ fn check_loss(r: &Value) {
         "loss {loss} is not near ln 256 = {}",
         256f64.ln()
     );
+}
+
+/// On 2 x 2 PEs the two sequences run as two passes (`passes.count`): each pass is the whole
+/// schedule, so the operations of pass 1 are those of pass 0, in the same order, after them.
+fn check_passes(r: &Value) {
+    assert_eq!(u64_at(r, "/passes/count"), 2);
+    let ops = r["ops"].as_array().unwrap();
+    let (first, second) = ops.split_at(ops.len() / 2);
+    let names = |ops: &[Value]| -> Vec<String> {
+        ops.iter()
+            .map(|o| format!("{} {} {}", o["layer"], o["op"], o["phase"]))
+            .collect()
+    };
+    assert!(first.iter().all(|o| o["pass"] == 0));
+    assert!(second.iter().all(|o| o["pass"] == 1));
+    assert_eq!(names(first), names(second));
 }
 
 fn check_host_is_the_only_wall_time(r: &Value) {

@@ -893,7 +893,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         .iter()
         .map(|r| {
             json!({
-                "layer": r.op.layer, "op": r.op.name, "phase": r.op.phase.name(),
+                "layer": r.op.layer, "op": r.op.name, "phase": r.op.phase.name(), "pass": r.pass,
                 "cycles": r.cycles, "dense_cycles": s.dense_json(r.dense_cycles),
                 "flops_executed": 2 * r.fmacs, "busy_cycles": r.busy_cycles, "router_forwards": r.router_forwards,
             })
@@ -911,7 +911,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
             "flops_counted": "flops.analytic_* and flops.non_matmul: of the operations the step runs (a prompt step computes no weight gradient)",
             "flops_executed": "per op: executed by the fabric (exact fidelity) or the analytic count (fast: nothing runs); flops.executed_matmul is null at the fast fidelity",
             "tokens_per_second": "tokens of the step per second at the fabric clock (a prompt step: positions, its prompt vectors included)",
-            "micro_batch": "sequences per pass; weight gradients accumulate over the passes",
+            "micro_batch": "sequences per pass; weight gradients accumulate over the passes (ops[].pass: the pass that ran the operation, from 0)",
             "layers": "per block (layer null: embedding, final LayerNorm, head and loss); efficiency = realised / ideal speedup, null without the dense baseline",
         },
         "model": super::model_json(c),
