@@ -837,3 +837,36 @@ fn non_finite_gradients_are_named_as_gradients() {
         assert!(!out.exists());
     }
 }
+
+/// `train --dtype fp16` streams fp16 and scales the loss: with one sequence of 16 tokens per
+/// step, 15 positions are predicted, so `auto` is 8 (the largest power of two not above 15).
+/// The first step's gradients stay within the fp16 tolerance of the CPU reference (2e-2), the
+/// run is recorded as fp16 with its scale, and a scale that is not a power of two is refused.
+#[test]
+fn an_fp16_run_scales_its_loss_and_records_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens_file(tmp.path());
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "--model", "tiny", "--phase", "sparse-pretrain"];
+        args.extend(["--tokens", path_str(&tokens), "--out", path_str(out)]);
+        args.extend([
+            "--steps", "2", "--batch", "1", "--seq", "16", "--fabric", "8x8",
+        ]);
+        args.extend(extra);
+        wafersim(&args)
+    };
+    let out = tmp.path().join("out");
+    let (code, stderr) = run(&out, &["--sparsity", "0.5", "--dtype", "fp16"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let report = json(&out.join("train.json"));
+    assert_eq!(report["dtype"], "fp16");
+    assert_eq!(report["loss_scale"], 8.0);
+    let check = &report["reference_check"];
+    assert_eq!(check["within_tolerance"], true);
+    assert!(check["gradient_relative_l2"].as_f64().unwrap() < 2e-2);
+
+    let (code, stderr) = run(&tmp.path().join("bad"), &["--loss-scale", "3"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--loss-scale"), "{stderr}");
+}

@@ -6,7 +6,7 @@
 use wafersim::compile::plan_step;
 use wafersim::model::{GptConfig, GptParams, SparseKind, init_params};
 use wafersim::reference::{self, Batch};
-use wafersim::runtime::Fidelity;
+use wafersim::runtime::{Fidelity, LossScale};
 use wafersim::sparsity::ModelMasks;
 use wafersim::training::{Corpus, LrSchedule, RunShape, Sampler, TrainPhase, Trainer};
 use wafersim_kernels::Precision;
@@ -72,6 +72,7 @@ fn run(
         fabric,
         plan: &plan,
         fidelity,
+        loss_scale: LossScale::Auto,
     };
     let schedule = LrSchedule {
         peak: 3e-3,
@@ -299,6 +300,7 @@ fn an_exact_prompt_step_equals_the_reference_and_changes_no_weight() {
         fabric: &fabric,
         plan: &plan,
         fidelity: Fidelity::Exact,
+        loss_scale: LossScale::Auto,
     };
     let schedule = LrSchedule {
         peak: 1e-2,
@@ -445,6 +447,7 @@ fn prompt_tuning_lowers_the_loss_on_new_data() {
         fabric: &fabric,
         plan: &plan,
         fidelity: Fidelity::Fast,
+        loss_scale: LossScale::Auto,
     };
     let schedule = LrSchedule {
         peak: 3e-2,

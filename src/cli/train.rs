@@ -17,7 +17,6 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::ArgGroup;
 use serde_json::{Value, json};
-use wafersim_kernels::Precision;
 use wafersim_sim::FabricConfig;
 
 use super::fit::AttentionFit;
@@ -30,6 +29,7 @@ use crate::model::checkpoint::{
 };
 use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::AdamW;
+use crate::runtime::{Fidelity, LossScale};
 use crate::sparsity::{self, ModelMasks};
 use crate::training::{Corpus, LrSchedule, RunShape, Sampler, StepRecord, TrainPhase, Trainer};
 
@@ -87,6 +87,13 @@ pub struct Args {
     /// How cycles are obtained (fast: the loss and gradients come from the CPU reference).
     #[arg(long, value_enum, default_value = "exact")]
     fidelity: super::gemm::FidelityArg,
+    /// Storage precision of activations and streamed weights in the matmuls (the weights and
+    /// AdamW's state stay f32 on the host).
+    #[arg(long, value_enum, default_value = "fp32")]
+    dtype: super::gemm::DtypeArg,
+    /// Loss scaling of the exact steps' backward pass (as `wafersim step --loss-scale`).
+    #[arg(long, value_name = "auto|L", default_value = "auto", value_parser = super::step::parse_loss_scale)]
+    loss_scale: LossScale,
     /// Seed of the initial weights, the masks and the batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -168,6 +175,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fabric: &setup.fabric,
         plan: &setup.plan,
         fidelity: args.fidelity.fidelity(),
+        loss_scale: args.loss_scale,
     };
     let started = Instant::now();
     let savings = prompt_savings(&trainer, shape, &setup, &args)?;
@@ -372,8 +380,14 @@ impl Setup {
         let positions = args.seq.saturating_add(prompt_len);
         let what = "--seq + the prompt's vectors";
         guard::check_batch_shape(what, &config, args.batch, positions)?;
-        let plan = plan_step(&config, args.batch, positions, &fabric, Precision::F32)
-            .map_err(guard::plan_error)?;
+        let plan = plan_step(
+            &config,
+            args.batch,
+            positions,
+            &fabric,
+            args.dtype.precision(),
+        )
+        .map_err(guard::plan_error)?;
         let attention = AttentionFit::of(&config, &plan, &fabric);
         attention.refuse_if_exact(args.fidelity.fidelity())?;
         if let Some(warning) = attention.warning() {
@@ -545,6 +559,13 @@ impl<'a> Finished<'a> {
         self.log.iter().map(|r| r.cycles).sum()
     }
 
+    /// The power of two the exact steps scaled their loss by (`None`: fast fidelity).
+    fn loss_scale(&self) -> Option<f32> {
+        let exact = self.args.fidelity.fidelity() == Fidelity::Exact;
+        let setup = self.setup;
+        exact.then(|| (self.args.loss_scale).of_step(&setup.plan, setup.prompt_len))
+    }
+
     fn seconds(&self) -> f64 {
         self.total_cycles() as f64 / (f64::from(self.setup.fabric.clock_mhz) * 1e6)
     }
@@ -554,9 +575,10 @@ fn print_summary(run: &Finished<'_>) -> anyhow::Result<()> {
     let (first, last) = (run.log.first(), run.log.last());
     let loss = |r: Option<&StepRecord>| r.map_or(f64::NAN, |r| r.loss);
     outln!(
-        "{}, {} fidelity: {} of {} steps{}, loss {:.4} -> {:.4} (ln vocab {:.4})",
+        "{}, {} fidelity, {}: {} of {} steps{}, loss {:.4} -> {:.4} (ln vocab {:.4})",
         run.setup.phase.name(),
         run.args.fidelity.fidelity().name(),
+        checked::dtype_label(run.setup.plan.precision, run.loss_scale()),
         run.log.len(),
         run.args.steps,
         if run.interrupted {
@@ -669,6 +691,7 @@ fn report_json(run: &Finished<'_>, checkpoint: &Path) -> Value {
             "loss": "nats per predicted token", "flops": "matmul floating-point operations (1 FMAC = 2)",
             "cycles": "fabric clock cycles", "seconds": "at the fabric clock",
             "reference_check": "the first step's loss and gradients against the CPU reference's (exact fidelity; null at the fast one)",
+            "loss_scale": "the power of two the exact steps multiplied the loss by before their backward pass and divided the gradients by (null: fast fidelity)",
         },
         "phase": setup.phase.name(),
         "fidelity": args.fidelity.fidelity().name(),
@@ -676,6 +699,7 @@ fn report_json(run: &Finished<'_>, checkpoint: &Path) -> Value {
         "fabric": super::fabric_json(&setup.fabric),
         "region": { "cols": setup.plan.region.cols, "rows": setup.plan.region.rows },
         "batch": args.batch, "seq": args.seq, "seed": args.seed,
+        "dtype": setup.plan.precision.name(), "loss_scale": run.loss_scale(),
         "sparsity": run.trainer.masks.sparsity(),
         "lr": { "peak": args.lr, "warmup": args.warmup, "schedule": "linear warm-up, cosine to peak/10" },
         "tokens_file": { "path": args.tokens.display().to_string(), "windows": setup.corpus.windows(), "tokens": setup.corpus.tokens() },

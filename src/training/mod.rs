@@ -119,6 +119,8 @@ pub struct RunShape<'a> {
     pub fabric: &'a FabricConfig,
     pub plan: &'a StepPlan,
     pub fidelity: Fidelity,
+    /// Loss scaling of the exact steps' backward pass (`LossScale::Auto`: none in fp32).
+    pub loss_scale: LossScale,
 }
 
 /// A training run in progress: the weights, masks and optimizer state.
@@ -210,7 +212,7 @@ impl Trainer {
             dense_baseline: false,
             prompt: self.prompt.as_ref().map(|p| &p.vectors),
             gradients: self.gradients(),
-            loss_scale: LossScale::Auto,
+            loss_scale: shape.loss_scale,
         }
     }
 
