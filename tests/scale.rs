@@ -13,8 +13,8 @@ use wafersim::compile::{StepPlan, plan_step};
 use wafersim::model::{GptConfig, GptParams, init_params};
 use wafersim::reference::{self, Batch};
 use wafersim::runtime::{
-    CostInputs, Fidelity, GradientSet, LossScale, StepCost, StepInputs, StepMode, cost_step,
-    run_step, simulate_step,
+    CostInputs, Fidelity, GradientSet, LossScale, OpRecord, StepCost, StepInputs, StepMode,
+    cost_step, run_step, simulate_step,
 };
 use wafersim::sparsity::ModelMasks;
 use wafersim_kernels::{Attention, AttentionShape, Precision};
@@ -97,7 +97,7 @@ impl Tiny {
 }
 
 /// Three sequences in passes of one: the records are those of three one-sequence steps, in
-/// order, and the cycles their sum.
+/// order (each marked with its pass), and the cycles their sum.
 #[test]
 fn a_step_in_passes_costs_the_sum_of_its_passes() {
     let t = tiny(3, 16);
@@ -108,7 +108,13 @@ fn a_step_in_passes_costs_the_sum_of_its_passes() {
     let one = plan.passes().remove(0).plan;
     assert_eq!(one.batch, 1);
     let parts: Vec<StepCost> = (0..3).map(|i| t.cost(&one, &t.sequence(i))).collect();
-    let concatenated: Vec<_> = parts.iter().flat_map(|c| c.records.clone()).collect();
+    let concatenated: Vec<_> = (parts.iter().enumerate())
+        .flat_map(|(pass, c)| {
+            c.records
+                .iter()
+                .map(move |r| OpRecord { pass, ..r.clone() })
+        })
+        .collect();
     assert_eq!(whole.records, concatenated);
     assert_eq!(
         whole.cycles(),
