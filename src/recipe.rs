@@ -197,6 +197,7 @@ impl Costing<'_> {
         let mode = StepMode {
             fidelity: Fidelity::Fast,
             numerics: false,
+            check: false,
         };
         Ok(simulate_step(inputs, mode)?.cost)
     }

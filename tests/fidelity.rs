@@ -178,6 +178,7 @@ fn step_row(sparsity: f64, fabric: (u32, u32), precision: Precision) -> Row {
         let mode = StepMode {
             fidelity,
             numerics: false,
+            check: false,
         };
         simulate_step(inputs, mode).unwrap()
     };
@@ -270,6 +271,7 @@ fn fast_numerics_are_the_reference_and_can_be_left_out() {
     let mode = |numerics| StepMode {
         fidelity: Fidelity::Fast,
         numerics,
+        check: false,
     };
     let with = simulate_step(inputs, mode(true)).unwrap();
     let numerics = with.numerics.expect("asked for");

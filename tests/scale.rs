@@ -236,6 +236,7 @@ fn the_exact_engine_refuses_to_recompute_attention() {
     let mode = StepMode {
         fidelity: Fidelity::Exact,
         numerics: false,
+        check: false,
     };
     let err = simulate_step(t.inputs(&plan), mode)
         .unwrap_err()

@@ -394,6 +394,7 @@ fn an_exact_prompt_step_computes_no_frozen_gradient() {
     let mode = StepMode {
         fidelity: Fidelity::Exact,
         numerics: true,
+        check: false,
     };
     let numerics = simulate_step(inputs, mode).unwrap().numerics.unwrap();
     let zeros = |v: &[f32]| v.iter().all(|&g| g == 0.0);

@@ -25,8 +25,7 @@ use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::{AdamState, AdamW, Batch};
 use crate::runtime::{
     CostInputs, Fidelity, GradientSet, LossScale, Numerics, OpRecord, ReferenceCheck, RuntimeError,
-    StepHooks, StepInputs, StepMode, StepReport, check_against_reference, cost_step,
-    simulate_step_with,
+    StepHooks, StepInputs, StepMode, StepReport, cost_step, simulate_step_with,
 };
 use crate::sparsity::{self, ModelMasks};
 use crate::tune::{self, RegionChoice, RegionSearch};
@@ -117,6 +116,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mode = StepMode {
         fidelity: args.fidelity.fidelity(),
         numerics: !args.no_numerics,
+        check: true,
     };
     if let Some(warning) = super::unvalidated_timing_warning(&setup.fabric, mode.fidelity) {
         eprintln!("{warning}");
@@ -176,16 +176,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             let loss_scale =
                 (mode.fidelity == Fidelity::Exact).then(|| inputs.resolved_loss_scale());
-            simulate_step_with(inputs, mode, hooks).and_then(|(report, trace)| {
-                // The fast fidelity's numerics are the reference's own.
-                let check = match (&report.numerics, mode.fidelity) {
-                    (Some(fabric), Fidelity::Exact) => {
-                        Some(check_against_reference(inputs, fabric)?)
-                    }
-                    _ => None,
-                };
-                Ok((report, trace, check, loss_scale))
-            })
+            simulate_step_with(inputs, mode, hooks)
+                .map(|(report, trace)| (report, trace, loss_scale))
         }
         None => {
             let inputs = CostInputs {
@@ -198,18 +190,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
                 gradients,
             };
-            cost_step(inputs).map(|cost| {
-                let report = StepReport {
-                    fidelity: mode.fidelity,
-                    numerics: None,
-                    cost,
-                };
-                (report, None, None, None)
-            })
+            cost_step(inputs).map(|cost| (StepReport::costed(mode.fidelity, cost), None, None))
         }
     };
     drop(progress);
-    let (step, recorded, check, loss_scale) = run?;
+    let (step, recorded, loss_scale) = run?;
     let wall = started.elapsed().as_secs_f64();
     // A prompt step computes no weight gradient.
     let flops = analytic_flops(&setup, &masks)?.of_step(setup.prompt.is_none());
@@ -251,7 +236,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dense_timed: !args.no_dense_baseline,
         prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
         attention,
-        check: check.as_ref(),
+        check: step.check.as_ref(),
         loss_scale,
     };
     // The files first: a terminal or pipe that goes away while the summary prints loses nothing.

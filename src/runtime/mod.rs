@@ -260,6 +260,10 @@ pub struct StepMode {
     /// Compute the loss and the gradients (the exact engine computes them anyway; the fast one
     /// asks the CPU reference).
     pub numerics: bool,
+    /// Also measure an exact step's numerics against the CPU reference
+    /// ([`check_against_reference`]; nothing to measure at the fast fidelity, whose numerics
+    /// are the reference's, or without numerics).
+    pub check: bool,
 }
 
 /// What a step computed and cost, on the exact engine.
@@ -293,6 +297,20 @@ pub struct StepReport {
     /// From the fabric (exact) or the CPU reference (fast); `None` if not asked for.
     pub numerics: Option<Numerics>,
     pub cost: StepCost,
+    /// The exact numerics against the CPU reference's, when [`StepMode::check`] asked for it.
+    pub check: Option<ReferenceCheck>,
+}
+
+impl StepReport {
+    /// A step costed from shapes alone ([`cost_step`]): no numerics, nothing checked.
+    pub fn costed(fidelity: Fidelity, cost: StepCost) -> Self {
+        StepReport {
+            fidelity,
+            numerics: None,
+            cost,
+            check: None,
+        }
+    }
 }
 
 /// What can stop a step.
@@ -511,10 +529,17 @@ pub fn simulate_step_with(
             (cost, numerics)
         }
     };
+    let check = match &numerics {
+        Some(fabric) if mode.check && mode.fidelity == Fidelity::Exact => {
+            Some(check_against_reference(inputs, fabric)?)
+        }
+        _ => None,
+    };
     let report = StepReport {
         fidelity: mode.fidelity,
         numerics,
         cost,
+        check,
     };
     Ok((report, trace))
 }

@@ -29,7 +29,7 @@ use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::{AdamState, AdamW, Batch, ReferenceError};
 use crate::runtime::{
     Fidelity, GradientSet, LossScale, ReferenceCheck, RuntimeError, StepCost, StepInputs, StepMode,
-    check_against_reference, simulate_step,
+    simulate_step,
 };
 use crate::sparsity::ModelMasks;
 
@@ -226,6 +226,7 @@ impl Trainer {
         let mode = StepMode {
             fidelity: shape.fidelity,
             numerics: false,
+            check: false,
         };
         let run = self.inputs(shape, batch);
         let all = StepInputs {
@@ -247,16 +248,15 @@ impl Trainer {
         let mode = StepMode {
             fidelity: shape.fidelity,
             numerics: true,
+            check: step == 1,
         };
         let report =
             simulate_step(inputs, mode).map_err(|source| TrainError::Step { step, source })?;
+        if report.check.is_some() {
+            self.first_check = report.check;
+        }
         let numerics = report.numerics.ok_or(TrainError::NoNumerics { step })?;
         check_loss_finite(step, numerics.loss)?;
-        if step == 1 && shape.fidelity == Fidelity::Exact {
-            let check = check_against_reference(inputs, &numerics)
-                .map_err(|source| TrainError::Step { step, source })?;
-            self.first_check = Some(check);
-        }
         if let Some(prompt) = &self.prompt {
             let grad = numerics
                 .prompt_grad
