@@ -556,6 +556,26 @@ fn bad_fabric_files_name_the_file_and_the_field() {
     );
 }
 
+/// A one-step dense fine-tuning of `tiny` on `fabric` (a token file written into `dir`) fails
+/// with `code` and `needles` and leaves no `out`.
+fn one_train_step_fails(dir: &Path, fabric: &str, code: i32, needles: &[&str]) {
+    let tokens = dir.join("tokens.json");
+    fs::write(&tokens, serde_json::to_string(&vec![1u32; 64]).unwrap()).unwrap();
+    let out = dir.join("out-train");
+    let args = [
+        "train",
+        "--model",
+        "tiny",
+        "--phase",
+        "dense-finetune",
+        "--steps",
+        "1",
+    ];
+    let shape = ["--batch", "1", "--seq", "8", "--fabric", fabric];
+    let paths = ["--tokens", s(&tokens), "--out", s(&out)];
+    assert_fails(&[&args[..], &shape, &paths].concat(), code, needles);
+    assert!(!out.exists());
+}
 #[test]
 fn a_fabric_with_too_few_colors_is_refused_at_either_fidelity() {
     // The attention routes on colors 0-11 (K/V gather 0-3, dK/dV reduction 4-7, head sums
@@ -583,30 +603,7 @@ fn a_fabric_with_too_few_colors_is_refused_at_either_fidelity() {
     // code 1, unnamed, before one rule served every command: robustness audit 7, item 8).
     let with_seq = ["--sparsity", "0.5", "--seq", "16", "--fabric", s(&eleven)];
     assert_fails(&[&recipe[..], &with_seq].concat(), 2, &step_needles);
-    let tokens = tmp.path().join("tokens.json");
-    fs::write(&tokens, serde_json::to_string(&vec![1u32; 64]).unwrap()).unwrap();
-    let out = tmp.path().join("out-train");
-    let train = [
-        "train",
-        "--model",
-        "tiny",
-        "--phase",
-        "dense-finetune",
-        "--steps",
-        "1",
-        "--batch",
-        "1",
-        "--seq",
-        "8",
-        "--tokens",
-        s(&tokens),
-        "--out",
-        s(&out),
-        "--fabric",
-        s(&eleven),
-    ];
-    assert_fails(&train, 2, &step_needles);
-    assert!(!out.exists());
+    one_train_step_fails(tmp.path(), s(&eleven), 2, &step_needles);
     // Eleven colors are enough for one layer; six are not.
     let six = tmp.path().join("six.toml");
     fs::write(&six, "base = \"16x16\"\ncolors = 6\n").unwrap();
@@ -1021,29 +1018,7 @@ fn a_step_that_does_not_fit_is_a_run_failure_and_writes_nothing() {
         1,
         &["does not fit"],
     );
-    let tokens = tmp.path().join("tokens.json");
-    fs::write(&tokens, serde_json::to_string(&vec![1u32; 64]).unwrap()).unwrap();
-    let train = [
-        "train",
-        "--model",
-        "tiny",
-        "--phase",
-        "dense-finetune",
-        "--steps",
-        "1",
-        "--batch",
-        "1",
-        "--seq",
-        "8",
-        "--tokens",
-        s(&tokens),
-        "--out",
-        s(&out),
-        "--fabric",
-        "1x1",
-    ];
-    assert_fails(&train, 1, &["does not fit"]);
-    assert!(!out.exists());
+    one_train_step_fails(tmp.path(), "1x1", 1, &["does not fit"]);
 }
 
 /// `sweep --losses` asks the fast fidelity for losses; the exact fidelity computes them anyway,
