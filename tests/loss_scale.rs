@@ -3,7 +3,7 @@
 //! subnormals, which the CPU reference shows.
 
 use wafersim::compile::plan_step;
-use wafersim::model::{GptConfig, GptParams, init_params};
+use wafersim::model::{GptConfig, GptParams, Matrix, init_params};
 use wafersim::reference::Batch;
 use wafersim::runtime::{
     GradientSet, LossScale, Numerics, StepInputs, StepRun, check_against_reference, run_step,
@@ -114,4 +114,44 @@ fn auto_scaling_keeps_fp16_gradients_out_of_the_subnormals() {
     assert!(unscaled > 5e-3, "unscaled: {unscaled:e}");
     assert!(scaled < 1.5e-3, "scaled: {scaled:e}");
     assert!(loss_error < 1e-5, "loss: {loss_error:e}");
+}
+
+/// A prompt-tuning step in fp16 scales its loss too, and the prompt's gradient comes back
+/// unscaled: 4 prompt vectors in front of 2 sequences of 16 tokens predict 2 x 16 = 32
+/// positions in one pass, so `auto` is 32; the prompt's gradient measured 2.6e-4 from the CPU
+/// reference (left scaled, it would be 32 times the true one: an error of 31).
+#[test]
+fn a_prompt_step_unscales_the_prompt_gradient() {
+    let tiny = Tiny::new(2, 16, 8);
+    let values = (0..4 * 64).map(|i| 0.02 * ((i % 7) as f32 - 3.0)).collect();
+    let prompt = Matrix {
+        rows: 4,
+        cols: 64,
+        data: values,
+    };
+    let (b, s) = (tiny.batch.batch, tiny.batch.seq);
+    let plan = plan_step(&tiny.config, b, s + 4, &tiny.fabric, Precision::F16).unwrap();
+    let inputs = StepInputs {
+        config: &tiny.config,
+        params: &tiny.params,
+        masks: &tiny.masks,
+        batch: &tiny.batch,
+        fabric: &tiny.fabric,
+        plan: &plan,
+        dense_baseline: false,
+        prompt: Some(&prompt),
+        gradients: GradientSet::PromptOnly,
+        loss_scale: LossScale::Auto,
+    };
+    assert_eq!(plan.pass_count(), 1);
+    assert_eq!(inputs.resolved_loss_scale(), 32.0);
+    let run = run_step(inputs).unwrap();
+    let numerics = Numerics {
+        loss: run.loss,
+        grads: run.grads,
+        prompt_grad: run.prompt_grad,
+    };
+    let check = check_against_reference(inputs, &numerics).unwrap();
+    assert_eq!(check.worst_gradient, "prompt");
+    assert!(check.gradient_error < 2e-3, "{:e}", check.gradient_error);
 }

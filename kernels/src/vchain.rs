@@ -19,9 +19,10 @@
 //!
 //! Key design decisions: as the row chains, each direction alternates two colors by row parity
 //! (row `r` sends south on `south.out(r)` and receives from the north on `south.inp(r)`), so
-//! every route is a plain one-in, one-out route. And the returned ops interleave the two directions:
-//! a core's async ops share its one ramp, and the earlier-issued op wins it each cycle, so
-//! issuing all of one direction first would starve the other and serialise the two chains.
+//! every route is a plain one-in, one-out route. And the returned ops interleave the two
+//! directions: a core's async ops share its one ramp, and the earlier-issued op wins it each
+//! cycle, so issuing all of one direction first would starve the other and serialise the two
+//! chains.
 
 use std::ops::Range;
 

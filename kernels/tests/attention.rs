@@ -275,6 +275,9 @@ fn shapes_the_region_cannot_split_are_refused() {
     );
     let err = attention(1, 5, 12).plan(&config).unwrap_err().to_string();
     assert_eq!(err, "attention: 12 features do not split into 5 heads");
+    // The cost formula refuses what the plan refuses, with the same words.
+    let estimate = attention(1, 5, 12).estimate_cycles(&config).unwrap_err();
+    assert_eq!(estimate.to_string(), err);
     let err = attention(4, 4, 12);
     let short = AttentionBackward {
         region: err.region,

@@ -106,7 +106,7 @@ fn resolved(path: &Path) -> PathBuf {
 }
 
 /// An existing target that is neither a regular file nor a folder: a device or a FIFO.
-pub(crate) fn is_special_file(path: &Path) -> bool {
+fn is_special_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir())
 }
 

@@ -40,8 +40,8 @@ mod train;
 #[command(name = "wafersim", version, about, propagate_version = true)]
 struct Cli {
     /// Host threads for the simulation and sweeps [default: RAYON_NUM_THREADS, else one per
-    /// core]. Results are the same bytes for any count. For `bench`: the thread counts to measure
-    /// (as `bench --threads`).
+    /// core]. Results are the same bytes for any count. For `bench`: the one thread count to
+    /// measure (`bench --threads` takes a list).
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -138,11 +138,10 @@ pub fn unvalidated_timing_warning(
 /// device or FIFO (`/dev/stdout`) is written in place, since a rename would replace it.
 pub fn write_json(path: &std::path::Path, value: &serde_json::Value) -> anyhow::Result<()> {
     let text = json_text(value)?;
-    let written = if guard::is_special_file(path) {
-        std::fs::write(path, text).map_err(anyhow::Error::new)
-    } else {
-        crate::model::checkpoint::write_file_atomic(path, text.as_bytes()).map_err(Into::into)
-    };
+    let written = guard::stage_output(path, text.as_bytes()).and_then(|staged| match staged {
+        Some(staged) => Ok(staged.commit()?),
+        None => Ok(()),
+    });
     anyhow::Context::with_context(written, || format!("writing {}", path.display()))
 }
 

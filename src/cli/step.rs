@@ -69,8 +69,8 @@ pub struct Args {
     lr: f64,
     /// Loss scaling at the exact fidelity: the loss is multiplied by this power of two on the
     /// fabric and the gradients divided by it on the host, so that fp16 keeps small gradients;
-    /// `auto` is the largest power of two not above the positions a pass predicts for fp16, and
-    /// 1 for fp32.
+    /// `auto` is the largest power of two not above the positions the smallest pass predicts
+    /// for fp16, and 1 for fp32.
     #[arg(long, value_name = "auto|L", default_value = "auto", value_parser = parse_loss_scale)]
     pub(super) loss_scale: LossScale,
     /// Skip timing the dense baseline (one more simulation of each weight shape's products
@@ -418,7 +418,10 @@ const OUTPUT_FILES: [&str; 4] = [
 /// A NaN or infinite loss, gradient or updated weight is an error, never a reported number.
 fn check_results(numerics: &Numerics, updated: &GptParams) -> anyhow::Result<()> {
     check_loss(numerics)?;
-    guard::check_finite("the gradients", &numerics.grads)?;
+    guard::check_finite(
+        "the gradients (with --dtype fp16, a smaller --loss-scale may help)",
+        &numerics.grads,
+    )?;
     guard::check_finite("the updated weights (is --lr too large?)", updated)
 }
 

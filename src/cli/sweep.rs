@@ -165,7 +165,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         crate::sweep::SweepError::Compile(e) => guard::plan_error(e),
         e => anyhow::Error::new(e),
     })?;
-    check_losses(&sweep)?;
+    check_results(&sweep)?;
     let simulated = started.elapsed().as_secs_f64();
     // The files first: a terminal or pipe that goes away while the table prints loses nothing.
     if let Some(dir) = &args.out {
@@ -190,18 +190,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// The files `--out` receives.
 const OUTPUT_FILES: [&str; 2] = ["sweep.csv", "sweep.json"];
 
-/// A NaN or infinite loss is an error, never a reported number.
-fn check_losses(sweep: &Sweep) -> anyhow::Result<()> {
-    let non_finite = sweep
-        .points
-        .iter()
-        .find_map(|p| p.loss.filter(|l| !l.is_finite()).map(|l| (p.sparsity, l)));
-    match non_finite {
-        Some((sparsity, loss)) => anyhow::bail!(
-            "the loss at sparsity {sparsity} is {loss} (non-finite): nothing was written; with --dtype fp16, activations may overflow"
-        ),
-        None => Ok(()),
+/// A NaN or infinite loss or gradient is an error, never a reported number.
+fn check_results(sweep: &Sweep) -> anyhow::Result<()> {
+    for point in std::iter::once(&sweep.dense).chain(&sweep.points) {
+        let sparsity = point.sparsity;
+        if let Some(loss) = point.loss.filter(|l| !l.is_finite()) {
+            anyhow::bail!(
+                "the loss at sparsity {sparsity} is {loss} (non-finite): nothing was written; with --dtype fp16, activations may overflow"
+            );
+        }
+        if let Some(check) = (point.check.as_ref()).filter(|c| !c.gradient_error.is_finite()) {
+            anyhow::bail!(
+                "the gradient of `{}` at sparsity {sparsity} is not finite (on the fabric or in the CPU reference): nothing was written; with --dtype fp16, a smaller --loss-scale may help",
+                check.worst_gradient
+            );
+        }
     }
+    Ok(())
 }
 
 /// The sparsities of `--sparsity`, in ascending order (the table, CSV and plots read as a curve);

@@ -177,8 +177,8 @@ impl<'a> ExactEngine<'a> {
     }
 
     /// Divides the gradients read back by the loss scale (exact: a power of two).
-    pub(crate) fn unscale_gradients(&mut self, loss_scale: f32) {
-        let inverse = 1.0 / loss_scale;
+    pub(crate) fn unscale_gradients(&mut self) {
+        let inverse = 1.0 / self.loss_scale;
         let prompt = self.prompt_grad.as_mut().map(|g| &mut g.data[..]);
         for values in self
             .grads

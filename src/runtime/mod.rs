@@ -144,7 +144,7 @@ pub struct StepInputs<'a> {
 /// fall into the subnormals (2^-24 to 2^-14), where they keep few bits or none: measured on the
 /// tiny model with 16 x 16 tokens on 8 x 8 PEs, the worst gradient tensor is 9.4e-3 from the CPU
 /// reference unscaled and 1.0e-3 scaled (`tests/loss_scale.rs`). In `f32` a power of two
-/// changes no bit of the result.
+/// changes no bit of the result while no value nears the ends of `f32`'s range.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LossScale {
     /// fp32: none (1). fp16: the largest power of two not above the positions the smallest pass
@@ -157,7 +157,8 @@ pub enum LossScale {
 }
 
 impl LossScale {
-    /// The largest exponent: `2^24`, beyond which fp16 gradients would overflow for any model.
+    /// The largest exponent the command line accepts (`2^24`). Whether a scale overflows fp16
+    /// depends on the positions it offsets (the logits' gradient is about `L / N`).
     pub const MAX_EXPONENT: u8 = 24;
 
     /// The scale of a step planned as `plan` (for `prompt_len` prompt vectors and then the
@@ -394,7 +395,7 @@ fn run_exact(
         engine.trace = trace.take().map(std::cell::RefCell::new);
         let cost = walk::walk(&mut engine, pass_inputs.costing(), index, hooks.progress)?;
         trace = engine.trace.take().map(std::cell::RefCell::into_inner);
-        engine.unscale_gradients(loss_scale);
+        engine.unscale_gradients();
         run.cost.records.extend(cost.records);
         if single {
             run.loss = engine.loss;

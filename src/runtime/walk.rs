@@ -3,8 +3,9 @@
 //! [`super::fast`] costs it by its formula).
 //!
 //! Key design decision: the order of operations, which activation feeds which kernel, the
-//! operation records and the per-operation FLOP check live here and nowhere else, so the two fidelities cannot
-//! drift apart: they produce the same [`OpRecord`]s, the same operations in the same order.
+//! operation records and the per-operation FLOP check live here and nowhere else, so the two
+//! fidelities cannot drift apart: they produce the same [`OpRecord`]s, the same operations in
+//! the same order.
 //! What an engine does with a kernel (and what an activation is to it) is its own business.
 //!
 //! What this is not: a kernel launcher. It knows which kernel comes next and what it reads, not

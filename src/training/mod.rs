@@ -76,10 +76,10 @@ pub enum TrainError {
     },
     #[error("step {step}: the step computed no loss or gradients")]
     NoNumerics { step: u64 },
-    /// The loss or a gradient overflowed: the weights and the data, not the learning rate, are
-    /// what the step computed them from.
+    /// The loss or a gradient overflowed: the step computed them from the weights (updated by the
+    /// earlier steps) and the data, in the run's precision and with its loss scale.
     #[error(
-        "step {step}: {what} is not finite ({value}{at}): the step overflows f32 with these weights and this data (nothing of this step was kept)",
+        "step {step}: {what} is not finite ({value}{at}): the step overflowed with these weights and this data (nothing of this step was kept; with --dtype fp16 a smaller --loss-scale may help, after earlier steps a smaller --lr)",
         at = index.map_or(String::new(), |i| format!(" at flat index {i}"))
     )]
     NonFiniteStep {
