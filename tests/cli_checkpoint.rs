@@ -338,3 +338,36 @@ fn a_prompt_step_with_non_finite_results_writes_nothing() {
     assert_fails(&run, 1, &["non-finite", "nothing was written"]);
     assert!(!out.exists());
 }
+
+/// A sweep whose gradients overflow (one MLP matrix scaled by 1e21: the loss stays finite, the
+/// gradients do not) fails and writes nothing, rather than `null` distances in `sweep.json`.
+#[test]
+fn a_sweep_with_non_finite_gradients_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = init_tiny(tmp.path(), "ckpt", "1");
+    rewrite_weights(&ckpt, |t| {
+        let c_fc = t
+            .iter_mut()
+            .find(|(n, _, _)| n == "transformer.h.1.mlp.c_fc.weight")
+            .unwrap();
+        c_fc.2.iter_mut().for_each(|w| *w *= 1e21);
+    });
+    let out = tmp.path().join("out");
+    let run = wafersim(&[
+        "sweep",
+        "--checkpoint",
+        path_str(&ckpt),
+        "--sparsity",
+        "0.5",
+        "--batch",
+        "1",
+        "--seq",
+        "8",
+        "--fabric",
+        "8x8",
+        "--out",
+        path_str(&out),
+    ]);
+    assert_fails(&run, 1, &["not finite", "nothing was written"]);
+    assert!(!out.exists());
+}
