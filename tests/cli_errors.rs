@@ -1181,7 +1181,7 @@ fn bench_thread_counts_given_twice_are_refused() {
     };
     let global = help(&["--help"]);
     assert!(
-        global.contains("For `bench`: the thread counts to measure"),
+        global.contains("For `bench`: the one thread count to measure"),
         "{global}"
     );
     let bench = help(&["bench", "--help"]);
