@@ -3,70 +3,40 @@
 //! subnormals, which the CPU reference shows.
 
 use wafersim::compile::plan_step;
-use wafersim::model::{GptConfig, GptParams, Matrix, init_params};
-use wafersim::reference::Batch;
+use wafersim::model::Matrix;
 use wafersim::runtime::{
-    GradientSet, LossScale, Numerics, StepInputs, StepRun, check_against_reference, run_step,
+    Fidelity, GradientSet, LossScale, StepInputs, StepMode, StepReport, simulate_step,
 };
-use wafersim::sparsity::ModelMasks;
 use wafersim_kernels::Precision;
-use wafersim_sim::FabricConfig;
 
-struct Tiny {
-    config: GptConfig,
-    params: GptParams,
-    masks: ModelMasks,
-    batch: Batch,
-    fabric: FabricConfig,
+#[path = "common/tiny.rs"]
+mod tiny;
+use tiny::{Tiny, tiny};
+
+/// The step at `precision` with `loss_scale`: its report (checked against the CPU reference)
+/// and the scale it resolved to.
+fn step(t: &Tiny, precision: Precision, loss_scale: LossScale) -> (StepReport, f32) {
+    let (b, s) = (t.batch.batch, t.batch.seq);
+    let plan = plan_step(&t.config, b, s, &t.fabric, precision).unwrap();
+    let inputs = StepInputs {
+        loss_scale,
+        ..t.inputs(&plan)
+    };
+    let mode = StepMode {
+        fidelity: Fidelity::Exact,
+        numerics: true,
+        check: true,
+    };
+    (
+        simulate_step(inputs, mode).unwrap(),
+        inputs.resolved_loss_scale(),
+    )
 }
 
-impl Tiny {
-    fn new(batch: usize, seq: usize, fabric: u32) -> Self {
-        let config = GptConfig::preset("tiny").unwrap();
-        let mut params = init_params(&config, 3);
-        let masks = ModelMasks::random(&config, 0.5, 5).unwrap();
-        masks.apply(&mut params).unwrap();
-        let tokens = (0..batch * seq)
-            .map(|i| ((i * 37 + 11) % config.vocab_size) as u32)
-            .collect();
-        let batch = Batch::new(&config, batch, seq, tokens).unwrap();
-        let fabric = FabricConfig::rectangle(fabric, fabric).unwrap();
-        Tiny {
-            config,
-            params,
-            masks,
-            batch,
-            fabric,
-        }
-    }
-
-    /// The step at `precision` with `loss_scale`: its run, the scale it resolved to, and its
-    /// numerics against the CPU reference's (loss error, worst gradient error).
-    fn step(&self, precision: Precision, loss_scale: LossScale) -> (StepRun, f32, (f64, f64)) {
-        let (b, s) = (self.batch.batch, self.batch.seq);
-        let plan = plan_step(&self.config, b, s, &self.fabric, precision).unwrap();
-        let inputs = StepInputs {
-            config: &self.config,
-            params: &self.params,
-            masks: &self.masks,
-            batch: &self.batch,
-            fabric: &self.fabric,
-            plan: &plan,
-            dense_baseline: false,
-            prompt: None,
-            gradients: GradientSet::All,
-            loss_scale,
-        };
-        let run = run_step(inputs).unwrap();
-        let numerics = Numerics {
-            loss: run.loss,
-            grads: run.grads.clone(),
-            prompt_grad: None,
-        };
-        let check = check_against_reference(inputs, &numerics).unwrap();
-        let scale = inputs.resolved_loss_scale();
-        (run, scale, (check.loss_error, check.gradient_error))
-    }
+/// The loss's and the worst gradient tensor's distance from the CPU reference.
+fn errors(report: &StepReport) -> (f64, f64) {
+    let check = report.check.as_ref().unwrap();
+    (check.loss_error, check.gradient_error)
 }
 
 /// In f32 no value of the tiny step comes near the ends of the range, so scaling the loss by
@@ -74,26 +44,25 @@ impl Tiny {
 /// bit; the cycles do not depend on the values at all. `Auto` is no scaling in fp32.
 #[test]
 fn a_power_of_two_changes_no_bit_of_an_fp32_step() {
-    let tiny = Tiny::new(2, 16, 8);
-    let (plain, plain_scale, _) = tiny.step(Precision::F32, LossScale::Auto);
-    let (scaled, scale, _) = tiny.step(Precision::F32, LossScale::Power(10));
+    let t = tiny(2, 16);
+    let (plain, plain_scale) = step(&t, Precision::F32, LossScale::Auto);
+    let (scaled, scale) = step(&t, Precision::F32, LossScale::Power(10));
     assert_eq!((plain_scale, scale), (1.0, 1024.0));
-    assert_eq!(plain.loss.to_bits(), scaled.loss.to_bits());
-    for ((name, p), (_, s)) in plain
-        .grads
-        .tensors()
-        .into_iter()
-        .zip(scaled.grads.tensors())
-    {
+    let (plain_numerics, scaled_numerics) = (
+        plain.numerics.as_ref().unwrap(),
+        scaled.numerics.as_ref().unwrap(),
+    );
+    assert_eq!(
+        plain_numerics.loss.to_bits(),
+        scaled_numerics.loss.to_bits()
+    );
+    let pairs = plain_numerics.grads.tensors().into_iter();
+    for ((name, p), (_, s)) in pairs.zip(scaled_numerics.grads.tensors()) {
         let same = p.iter().zip(s).all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(same, "{name} differs");
     }
-    let cycles = |run: &StepRun| {
-        run.cost
-            .records
-            .iter()
-            .map(|r| r.cycles)
-            .collect::<Vec<_>>()
+    let cycles = |report: &StepReport| -> Vec<u64> {
+        report.cost.records.iter().map(|r| r.cycles).collect()
     };
     assert_eq!(cycles(&plain), cycles(&scaled));
 }
@@ -107,10 +76,11 @@ fn a_power_of_two_changes_no_bit_of_an_fp32_step() {
 /// fp16 (2^-11 = 4.9e-4) gives. The loss is computed in f32 either way.
 #[test]
 fn auto_scaling_keeps_fp16_gradients_out_of_the_subnormals() {
-    let tiny = Tiny::new(16, 16, 8);
-    let (_, none, (_, unscaled)) = tiny.step(Precision::F16, LossScale::Power(0));
-    let (_, auto, (loss_error, scaled)) = tiny.step(Precision::F16, LossScale::Auto);
+    let t = tiny(16, 16);
+    let (unscaled, none) = step(&t, Precision::F16, LossScale::Power(0));
+    let (scaled, auto) = step(&t, Precision::F16, LossScale::Auto);
     assert_eq!((none, auto), (1.0, 32.0));
+    let ((_, unscaled), (loss_error, scaled)) = (errors(&unscaled), errors(&scaled));
     assert!(unscaled > 5e-3, "unscaled: {unscaled:e}");
     assert!(scaled < 1.5e-3, "scaled: {scaled:e}");
     assert!(loss_error < 1e-5, "loss: {loss_error:e}");
@@ -122,36 +92,29 @@ fn auto_scaling_keeps_fp16_gradients_out_of_the_subnormals() {
 /// reference (left scaled, it would be 32 times the true one: an error of 31).
 #[test]
 fn a_prompt_step_unscales_the_prompt_gradient() {
-    let tiny = Tiny::new(2, 16, 8);
+    let t = tiny(2, 16);
     let values = (0..4 * 64).map(|i| 0.02 * ((i % 7) as f32 - 3.0)).collect();
     let prompt = Matrix {
         rows: 4,
         cols: 64,
         data: values,
     };
-    let (b, s) = (tiny.batch.batch, tiny.batch.seq);
-    let plan = plan_step(&tiny.config, b, s + 4, &tiny.fabric, Precision::F16).unwrap();
+    let (b, s) = (t.batch.batch, t.batch.seq);
+    let plan = plan_step(&t.config, b, s + 4, &t.fabric, Precision::F16).unwrap();
     let inputs = StepInputs {
-        config: &tiny.config,
-        params: &tiny.params,
-        masks: &tiny.masks,
-        batch: &tiny.batch,
-        fabric: &tiny.fabric,
-        plan: &plan,
-        dense_baseline: false,
         prompt: Some(&prompt),
         gradients: GradientSet::PromptOnly,
-        loss_scale: LossScale::Auto,
+        ..t.inputs(&plan)
     };
     assert_eq!(plan.pass_count(), 1);
     assert_eq!(inputs.resolved_loss_scale(), 32.0);
-    let run = run_step(inputs).unwrap();
-    let numerics = Numerics {
-        loss: run.loss,
-        grads: run.grads,
-        prompt_grad: run.prompt_grad,
+    let mode = StepMode {
+        fidelity: Fidelity::Exact,
+        numerics: true,
+        check: true,
     };
-    let check = check_against_reference(inputs, &numerics).unwrap();
+    let report = simulate_step(inputs, mode).unwrap();
+    let check = report.check.unwrap();
     assert_eq!(check.worst_gradient, "prompt");
     assert!(check.gradient_error < 2e-3, "{:e}", check.gradient_error);
 }

@@ -10,42 +10,16 @@ use std::process::Command;
 
 use serde_json::Value;
 use wafersim::compile::{StepPlan, plan_step};
-use wafersim::model::{GptConfig, GptParams, init_params};
 use wafersim::reference::{self, Batch};
 use wafersim::runtime::{
-    CostInputs, Fidelity, GradientSet, LossScale, OpRecord, StepCost, StepInputs, StepMode,
-    cost_step, run_step, simulate_step,
+    CostInputs, Fidelity, GradientSet, OpRecord, StepCost, StepMode, cost_step, run_step,
+    simulate_step,
 };
-use wafersim::sparsity::ModelMasks;
 use wafersim_kernels::{Attention, AttentionShape, Precision};
-use wafersim_sim::FabricConfig;
 
-struct Tiny {
-    config: GptConfig,
-    params: GptParams,
-    masks: ModelMasks,
-    batch: Batch,
-    fabric: FabricConfig,
-}
-
-fn tiny(batch: usize, seq: usize) -> Tiny {
-    let config = GptConfig::preset("tiny").unwrap();
-    let mut params = init_params(&config, 3);
-    let masks = ModelMasks::random(&config, 0.5, 5).unwrap();
-    masks.apply(&mut params).unwrap();
-    let tokens = (0..batch * seq)
-        .map(|i| ((i * 37 + 11) % config.vocab_size) as u32)
-        .collect();
-    let batch = Batch::new(&config, batch, seq, tokens).unwrap();
-    let fabric = FabricConfig::rectangle(8, 8).unwrap();
-    Tiny {
-        config,
-        params,
-        masks,
-        batch,
-        fabric,
-    }
-}
+#[path = "common/tiny.rs"]
+mod tiny;
+use tiny::{Tiny, tiny};
 
 impl Tiny {
     fn plan(&self) -> StepPlan {
@@ -71,21 +45,6 @@ impl Tiny {
             gradients: GradientSet::All,
         })
         .unwrap()
-    }
-
-    fn inputs<'a>(&'a self, plan: &'a StepPlan) -> StepInputs<'a> {
-        StepInputs {
-            config: &self.config,
-            params: &self.params,
-            masks: &self.masks,
-            batch: &self.batch,
-            fabric: &self.fabric,
-            plan,
-            dense_baseline: false,
-            prompt: None,
-            gradients: GradientSet::All,
-            loss_scale: LossScale::Auto,
-        }
     }
 
     /// Sequence `i` of the batch alone.
