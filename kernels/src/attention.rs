@@ -139,9 +139,14 @@
 //! streamed in blocks; the gather finishes before any compute starts; the softmax of a head
 //! over several columns is repeated on each of them, not split among them.
 
+mod blocked;
+mod blocks;
 mod cost;
 mod geometry;
+mod online;
 mod pe;
+
+pub use blocked::{BLOCKED_KERNEL, BlockedAttention, BlockedAttentionRun, BlockedPlan};
 
 use std::ops::Range;
 

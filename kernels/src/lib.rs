@@ -74,7 +74,7 @@ pub use embedding::{
 
 pub use attention::{
     Attention, AttentionBackward, AttentionGrads, AttentionMemory, AttentionPlan, AttentionRun,
-    AttentionShape,
+    AttentionShape, BlockedAttention, BlockedAttentionRun, BlockedPlan,
 };
 pub use error::KernelError;
 pub use layernorm::{

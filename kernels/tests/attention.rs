@@ -589,3 +589,148 @@ fn a_training_steps_shape_on_4_and_16_columns() {
     check(2, 32, 4, 64, 4, 16, 0.25);
     check(2, 32, 4, 64, 16, 16, 0.25);
 }
+
+/// The softmax statistics per `[batch][head][query]` in f64: the maximum of the scaled scores of
+/// the keys the query sees, and the sum of their `exp(score - maximum)`.
+fn cpu_statistics(s: &AttentionShape, q: &[f32], k: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let (seq, heads, f) = (s.seq_len, s.heads, s.features);
+    let hd = f / heads;
+    let (mut max, mut sum) = (Vec::new(), Vec::new());
+    for b in 0..s.batch {
+        for h in 0..heads {
+            for i in 0..seq {
+                let scores: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        f64::from(s.scale) * head_dot(q, b * seq + i, k, b * seq + j, f, h, hd)
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                max.push(m);
+                sum.push(scores.iter().map(|x| (x - m).exp()).sum());
+            }
+        }
+    }
+    (max, sum)
+}
+
+/// Runs the blocked forward with every block size from one row to all of them and checks `O`
+/// and the statistics against the f64 computation, the FMACs against the unblocked count, and
+/// the plan's SRAM against what the programs allocated.
+fn check_blocked(batch: usize, seq: usize, heads: usize, f: usize, cols: u32, rows: u32) {
+    let shape = AttentionShape {
+        batch,
+        seq_len: seq,
+        heads,
+        features: f,
+        scale: 1.0 / ((f / heads) as f32).sqrt(),
+    };
+    let t = batch * seq;
+    let (q, k, v) = (tensor(t * f, 1), tensor(t * f, 2), tensor(t * f, 3));
+    let config = FabricConfig::rectangle(cols, rows).unwrap();
+    let want = cpu(&shape, &q, &k, &v, &vec![0.0; t * f]);
+    let (want_max, want_sum) = cpu_statistics(&shape, &q, &k);
+    let product = (batch * heads * seq * seq * (f / heads)) as u64;
+    for block_rows in 1..=rows as usize {
+        let name = format!(
+            "B {batch} S {seq} heads {heads} F {f} on {cols}x{rows}, {block_rows} rows per block"
+        );
+        let blocked = BlockedAttention {
+            region: Region::at_origin(cols, rows),
+            shape,
+            block_rows,
+            q: &q,
+            k: &k,
+            v: &v,
+        };
+        let run = blocked.run(&config, RunOptions::default()).unwrap();
+        for (what, got, want) in [
+            ("O", &run.out, &want.out),
+            ("max", &run.max, &want_max),
+            ("sum", &run.sum, &want_sum),
+        ] {
+            let err = max_rel_error(got, want);
+            eprintln!("{name}: {what} relative error {err:.1e}");
+            assert!(err < 1e-5, "{name}: {what} error {err}");
+        }
+        assert_eq!(run.fmacs(), 2 * product, "{name}: FMACs");
+        assert_eq!(run.runs.len(), run.plan.runs, "{name}");
+        let fullest = run.runs.iter().map(fullest_pe).max().unwrap();
+        assert_eq!(run.plan.sram_bytes, fullest, "{name}");
+    }
+}
+
+#[test]
+fn blocked_forward_on_one_pe_and_on_rows_that_split_sequences() {
+    check_blocked(1, 4, 1, 4, 1, 1);
+    // 14 tokens over 3 rows (5, 5, 4): row 1 holds both sequences.
+    check_blocked(2, 7, 2, 8, 1, 3);
+    // 30 tokens over 7 rows (5, 5, 4, 4, 4, 4, 4), 3 sequences of 10: rows 1, 4 start
+    // sequences inside their tiles, so their runs count from the previous sequence's window and
+    // some runs bring a segment keys that are not contiguous.
+    check_blocked(3, 10, 2, 8, 2, 7);
+}
+
+#[test]
+fn blocked_forward_with_heads_over_several_columns() {
+    // 3 heads of 4 over 5 columns (3, 3, 2, 2, 2 features): every head is summed over two or
+    // three columns, and column 1 takes part in two groups.
+    check_blocked(2, 6, 3, 12, 5, 4);
+    // Two heads of 6 on 4 columns, 2 sequences of 9 over 4 rows.
+    check_blocked(2, 9, 2, 12, 4, 4);
+}
+
+#[test]
+fn blocked_forward_fits_where_the_window_does_not() {
+    // One sequence of 256 tokens, one head of 8 features, on 2 x 8 PEs of 16 KiB: 32 tokens
+    // and 4 features per PE. The unblocked forward needs Q, K, V, O (4 x 4 x 32 = 512), a
+    // window of 2 x 4 x 256 = 2,048, probabilities 256 x 32 = 8,192, two softmax rows of 32 and
+    // a counter: 10,817 elements, 43,268 B. In blocks of one row: the tiles 512, statistics
+    // 2 x 32, a window of 2 x 4 x 32 = 256, scores of 32 keys x 32 tokens = 1,024, rows
+    // 3 x 32, a counter: 1,953 elements, 7,812 B.
+    let shape = AttentionShape {
+        batch: 1,
+        seq_len: 256,
+        heads: 1,
+        features: 8,
+        scale: 1.0 / 8f32.sqrt(),
+    };
+    let mut config = FabricConfig::rectangle(2, 8).unwrap();
+    config.sram_bytes = 16 * 1024;
+    let region = Region::at_origin(2, 8);
+    let (q, k, v) = (tensor(256 * 8, 1), tensor(256 * 8, 2), tensor(256 * 8, 3));
+    let unblocked = Attention {
+        region,
+        shape,
+        q: &q,
+        k: &k,
+        v: &v,
+    };
+    match unblocked.plan(&config) {
+        Err(KernelError::DoesNotFit { needed, .. }) => assert_eq!(needed, 43_268),
+        other => panic!("the unblocked forward should not fit: {other:?}"),
+    }
+    let blocked = BlockedAttention {
+        region,
+        shape,
+        block_rows: 1,
+        q: &q,
+        k: &k,
+        v: &v,
+    };
+    assert_eq!(blocked.plan(&config).unwrap().sram_bytes, 7_812);
+    let run = blocked.run(&config, RunOptions::default()).unwrap();
+    let want = cpu(&shape, &q, &k, &v, &vec![0.0; 256 * 8]);
+    let err = max_rel_error(&run.out, &want.out);
+    assert!(err < 1e-5, "O error {err}");
+    assert_eq!(run.plan.runs, 8);
+    // Two rows per block need 2 x 4 x 64 + 64 x 32 more: still within 16 KiB; all 8 rows in
+    // one block need the whole window and 256 scores per token, and do not fit.
+    let wide = BlockedAttention {
+        block_rows: 8,
+        ..blocked
+    };
+    assert!(matches!(
+        wide.plan(&config),
+        Err(KernelError::DoesNotFit { .. })
+    ));
+}

@@ -28,6 +28,11 @@ pub(super) struct KeyAt {
 }
 
 impl KeyAt {
+    /// Token `off` of a row slot of `rows` tokens at window offset `base`.
+    pub fn new(base: u32, rows: u32, off: u32) -> Self {
+        KeyAt { base, rows, off }
+    }
+
     /// Window offset of local feature `f` of the key's K.
     pub fn k(self, f: u32) -> u32 {
         self.base + f * self.rows + self.off

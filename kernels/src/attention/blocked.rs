@@ -1,0 +1,514 @@
+//! The blocked forward: causal multi-head attention whose working set is one block of keys,
+//! whatever the sequence length (FlashAttention's schedule on the fabric).
+//!
+//! The unblocked forward ([`super::Attention`]) keeps on every PE the K and V of whole sequences
+//! (its window) and the probabilities of every key; at a few thousand tokens that is several
+//! times a PE's SRAM. Here the window is cut into key blocks of at most `block_rows` region rows
+//! ([`super::blocks`]) and the kernel runs once per block: each run gathers its block's K and V
+//! down the columns (the same chains as the unblocked gather, restricted to the block's rows),
+//! computes the scores of its keys (summed over the columns of a head that spans several, as
+//! before), and folds them into a running maximum and sum per token and head, rescaling the
+//! output accumulated so far ([`super::online`]). A PE's last run divides its output by the sum.
+//! The running maximum and sum are the softmax statistics a backward pass recomputes the
+//! probabilities from: `p_j = exp(scale s_j - m) / l`.
+//!
+//! Between runs, the output tile and the statistics stay where they are (the host carries them
+//! from one simulated run to the next, as it carries every kernel's outputs to the next kernel);
+//! the Q, K and V tiles are resident throughout.
+//!
+//! What it is not: no backward yet, and no overlap between runs (each run starts when the
+//! previous one has ended on every PE: the cycles of the runs add up; a kernel that gathered
+//! block `k + 1` while computing block `k` would hide part of each gather, with twice the
+//! window). Every key of a sequence is computed, future ones included, as the unblocked kernel
+//! and PyTorch eager do: the FMACs executed are exactly the unblocked forward's.
+//!
+//! Memory per PE (f32 elements, `n` tokens, `F_c` features, `H_c` local heads, longest segment
+//! `L`, the most tokens `W_k` and scores `A_k` of one head in any run): Q, K, V, O tiles
+//! `4 F_c n`, statistics `2 H_c n`, block window `2 F_c W_k`, scores `H_c A_k`, rows `2 L + n`,
+//! one join counter and a group counter when the PE takes part in two groups.
+
+use wafersim_sim::{
+    Buf, BuildError, Coord, DType, Executed, FabricConfig, Program, RunOptions, Simulator, Stats,
+    TaskCtx, TaskId, VecRef,
+};
+
+use super::blocks::RunWork;
+use super::online::{self, OnlineBufs};
+use super::{
+    AttentionShape, ColumnFacts, GATHER, Geometry, SUMS, check_lengths, geometry, read, region_pes,
+};
+use crate::error::KernelError;
+use crate::join::{self, ARMS, Join};
+use crate::layout::Region;
+use crate::rowgroup::Member;
+use crate::vchain::Part;
+
+/// Name of the blocked forward kernel in errors and reports.
+pub const BLOCKED_KERNEL: &str = "attention_blocked";
+
+/// The blocked forward to run.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockedAttention<'a> {
+    pub region: Region,
+    pub shape: AttentionShape,
+    /// Region rows per key block (at least 1): the larger, the fewer runs and the more SRAM.
+    pub block_rows: usize,
+    /// `Q`, `K`, `V`: `T x F` row-major.
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+}
+
+/// How the blocked forward is cut over a region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockedPlan {
+    /// Region rows per key block.
+    pub block_rows: usize,
+    /// Kernel runs, one per key block.
+    pub runs: usize,
+    /// SRAM used by the fullest PE in its fullest run, in bytes.
+    pub sram_bytes: u64,
+}
+
+/// The blocked forward's results.
+#[derive(Clone, Debug)]
+pub struct BlockedAttentionRun {
+    /// `O`, `T x F` row-major.
+    pub out: Vec<f32>,
+    /// The softmax statistics per `[batch][head][query]`: the maximum of the scaled scores and
+    /// the sum of `exp(scaled score - maximum)` over the keys the query sees.
+    pub max: Vec<f32>,
+    pub sum: Vec<f32>,
+    pub plan: BlockedPlan,
+    /// Each run's measurements, in order.
+    pub runs: Vec<Stats>,
+}
+
+impl BlockedAttentionRun {
+    /// Cycles of the whole forward: the runs one after the other.
+    pub fn cycles(&self) -> u64 {
+        self.runs.iter().map(|s| s.cycles).sum()
+    }
+
+    /// Multiply-adds of every run.
+    pub fn fmacs(&self) -> u64 {
+        self.runs.iter().map(|s| s.total.fmacs).sum()
+    }
+}
+
+/// What a PE carries from one run to the next: its output tile and its statistics.
+#[derive(Clone, Debug)]
+struct Carried {
+    out: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+/// Where one PE keeps what it carries, in one run's program.
+#[derive(Clone, Copy, Debug)]
+struct CarriedBufs {
+    pe: Coord,
+    out: Buf,
+    max: Buf,
+    sum: Buf,
+}
+
+impl BlockedAttention<'_> {
+    fn checked(&self, config: &FabricConfig) -> Result<Geometry, KernelError> {
+        let g = geometry(BLOCKED_KERNEL, config, self.region, &self.shape)?;
+        if self.block_rows == 0 {
+            return Err(KernelError::Shape {
+                kernel: BLOCKED_KERNEL,
+                reason: "block_rows must be at least 1".into(),
+            });
+        }
+        let lengths = [
+            ("Q", self.q.len()),
+            ("K", self.k.len()),
+            ("V", self.v.len()),
+        ];
+        let want = self.shape.tokens().saturating_mul(self.shape.features);
+        check_lengths(BLOCKED_KERNEL, &lengths, want, "tokens x features")?;
+        Ok(g)
+    }
+
+    /// Checks the shapes and that every PE's buffers fit its SRAM in every run.
+    pub fn plan(&self, config: &FabricConfig) -> Result<BlockedPlan, KernelError> {
+        let g = self.checked(config)?;
+        plan(config, &g, self.block_rows)
+    }
+
+    /// Runs every block and reads back `O` and the softmax statistics.
+    pub fn run(
+        &self,
+        config: &FabricConfig,
+        options: RunOptions,
+    ) -> Result<BlockedAttentionRun, KernelError> {
+        let g = self.checked(config)?;
+        let plan = plan(config, &g, self.block_rows)?;
+        let mut carried: Vec<Carried> = region_pes(self.region)
+            .map(|(c, r)| start_state(&g, c as usize, r as usize))
+            .collect();
+        let mut runs = Vec::with_capacity(plan.runs);
+        for k in 0..plan.runs {
+            let (program, placed) = self.build_run(config, &g, k, &carried)?;
+            let executed = Simulator::new(program)?.run(options)?;
+            for (state, bufs) in carried.iter_mut().zip(&placed) {
+                if let Some(bufs) = bufs {
+                    *state = read_carried(&executed, bufs);
+                }
+            }
+            runs.push(executed.stats);
+        }
+        Ok(self.results(&g, plan, &carried, runs))
+    }
+
+    /// Run `k`'s program, and for each PE (row by row) where it keeps what it carries, if the
+    /// run gives it any work.
+    fn build_run(
+        &self,
+        config: &FabricConfig,
+        g: &Geometry,
+        k: usize,
+        carried: &[Carried],
+    ) -> Result<(Program, Vec<Option<CarriedBufs>>), KernelError> {
+        let mut p = Program::new(config.clone())?;
+        let mut placed = Vec::with_capacity(carried.len());
+        for ((c, r), state) in region_pes(self.region).zip(carried) {
+            let (cu, ru) = (c as usize, r as usize);
+            // Every PE keeps its column's chain routes, so that an active row's routes never
+            // end at an idle one's router.
+            GATHER.install(&mut p, self.region, c, r)?;
+            placed.push(if g.run_window(ru, k, self.block_rows).is_empty() {
+                None
+            } else {
+                Some(self.place_pe(&mut p, g, (cu, ru), k, state)?)
+            });
+        }
+        Ok((p, placed))
+    }
+
+    /// Buffers, routes and tasks of PE (c, r) in run `k`.
+    fn place_pe(
+        &self,
+        p: &mut Program,
+        g: &Geometry,
+        (c, r): (usize, usize),
+        k: usize,
+        state: &Carried,
+    ) -> Result<CarriedBufs, KernelError> {
+        let pe = self.region.pe(c as u32, r as u32);
+        let tile = |m: &[f32]| g.tiling.tile(m, c, r);
+        let work = g.run_work(c, r, k, self.block_rows, self.shape.scale);
+        let (heads, longest) = (work.heads.len(), work.longest as usize);
+        let tiles = KvTiles {
+            k: p.alloc_f32(pe, "k", &tile(self.k))?,
+            v: p.alloc_f32(pe, "v", &tile(self.v))?,
+        };
+        let bufs = OnlineBufs {
+            q: p.alloc_f32(pe, "q", &tile(self.q))?,
+            out: p.alloc_f32(pe, "out", &state.out)?,
+            window: p.alloc_zeros(
+                pe,
+                "kv_block",
+                DType::F32,
+                g.run_window_len(c, r, k, self.block_rows),
+            )?,
+            scores: p.alloc_zeros(pe, "scores", DType::F32, heads * work.head_scores as usize)?,
+            max: p.alloc_f32(pe, "run_max", &state.max)?,
+            sum: p.alloc_f32(pe, "run_sum", &state.sum)?,
+            new_max: p.alloc_zeros(pe, "new_max", DType::F32, longest)?,
+            run_sum: p.alloc_zeros(pe, "block_sum", DType::F32, longest)?,
+            rescale: p.alloc_zeros(pe, "rescale", DType::F32, work.n as usize)?,
+        };
+        let members = members(&work, bufs.scores);
+        SUMS.install(p, self.region, (c as u32, r as u32), &members)?;
+
+        let sums = if members.is_empty() {
+            None
+        } else {
+            let rest = work.clone();
+            let task = p.local_task(pe, "attention_blocked_shared", move |ctx| {
+                online::shared_rest(ctx, &rest, &bufs);
+                finish(ctx, &rest, &bufs);
+            })?;
+            Some(SUMS.place(p, pe, c, &members, task)?)
+        };
+        let compute_id = TaskId(p.next_task_id(pe)?.0 + ARMS as u16);
+        let join = Join::place(p, pe, compute_id)?;
+        let last_task = sums.is_none();
+        let compute = p.local_task(pe, "attention_blocked", move |ctx| {
+            online::shared_scores(ctx, &work, &bufs);
+            if let Some(part) = &sums {
+                part.issue(ctx);
+            }
+            online::whole(ctx, &work, &bufs);
+            if last_task {
+                finish(ctx, &work, &bufs);
+            }
+        })?;
+        debug_assert_eq!(compute, compute_id);
+        let own = self.own_slot(g, (c, r), k, tiles, bufs.window);
+        let gather = BlockGather {
+            k,
+            block_rows: self.block_rows,
+            own,
+            window: bufs.window,
+        };
+        let start = gather.place(p, pe, g, (c, r), join)?;
+        p.activate(pe, start)?;
+        Ok(CarriedBufs {
+            pe,
+            out: bufs.out,
+            max: bufs.max,
+            sum: bufs.sum,
+        })
+    }
+
+    /// If row `r` is gathered in run `k`: its K and V tiles and where they go in the block
+    /// window.
+    fn own_slot(
+        &self,
+        g: &Geometry,
+        (c, r): (usize, usize),
+        k: usize,
+        tiles: KvTiles,
+        window: Buf,
+    ) -> Option<OwnSlot> {
+        if g.run_of(r, self.block_rows) != k {
+            return None;
+        }
+        let at = g.run_slot(c, r, k, self.block_rows, r);
+        let half = g.slot_len(c, r) / 2;
+        Some(OwnSlot {
+            k: tiles.k,
+            v: tiles.v,
+            k_at: window.slice(at, half),
+            v_at: window.slice(at + half, half),
+            slot: window.slice(at, 2 * half),
+        })
+    }
+
+    /// `O` and the statistics in the host's layouts.
+    fn results(
+        &self,
+        g: &Geometry,
+        plan: BlockedPlan,
+        carried: &[Carried],
+        runs: Vec<Stats>,
+    ) -> BlockedAttentionRun {
+        let s = &self.shape;
+        let mut out = vec![0.0; s.tokens() * s.features];
+        let statistics = s.batch * s.heads * s.seq_len;
+        let (mut max, mut sum) = (vec![0.0; statistics], vec![0.0; statistics]);
+        for ((c, r), state) in region_pes(self.region).zip(carried) {
+            let (c, r) = (c as usize, r as usize);
+            g.tiling.untile(&state.out, &mut out, c, r);
+            let tokens = g.tokens(r);
+            let heads = g.local_heads(c);
+            // A head over several columns has the same statistics on each: read its first.
+            for (i, head) in heads.iter().enumerate() {
+                if head.group.start != c {
+                    continue;
+                }
+                for (t, token) in tokens.clone().enumerate() {
+                    let (sequence, pos) = (token / s.seq_len, token % s.seq_len);
+                    let at = (sequence * s.heads + head.head as usize) * s.seq_len + pos;
+                    max[at] = state.max[i * tokens.len() + t];
+                    sum[at] = state.sum[i * tokens.len() + t];
+                }
+            }
+        }
+        BlockedAttentionRun {
+            out,
+            max,
+            sum,
+            plan,
+            runs,
+        }
+    }
+}
+
+/// A PE's state before its first run: output zero, maximum `f32::MIN`, sum zero.
+fn start_state(g: &Geometry, c: usize, r: usize) -> Carried {
+    let statistics = g.local_heads(c).len() * g.n(r);
+    Carried {
+        out: vec![0.0; g.fc(c) * g.n(r)],
+        max: vec![f32::MIN; statistics],
+        sum: vec![0.0; statistics],
+    }
+}
+
+fn read_carried(executed: &Executed, b: &CarriedBufs) -> Carried {
+    Carried {
+        out: read(executed, b.pe, b.out),
+        max: read(executed, b.pe, b.max),
+        sum: read(executed, b.pe, b.sum),
+    }
+}
+
+/// The PE's last run normalises its output after its last update.
+fn finish(ctx: &mut TaskCtx<'_>, w: &RunWork, b: &OnlineBufs) {
+    if w.last {
+        online::normalise(ctx, w, b);
+    }
+}
+
+/// The shared heads' score blocks of `scores` as members of their column groups.
+fn members(w: &RunWork, scores: Buf) -> Vec<Member> {
+    w.shared_heads()
+        .map(|(i, head)| Member {
+            group: head.group.clone(),
+            data: scores.slice(i * w.head_scores, w.head_scores),
+        })
+        .collect()
+}
+
+/// A row's own K and V when its run comes: the tiles and their slot in the block window
+/// (`[K tile | V tile]`).
+#[derive(Clone, Copy, Debug)]
+struct OwnSlot {
+    k: Buf,
+    v: Buf,
+    k_at: VecRef,
+    v_at: VecRef,
+    slot: VecRef,
+}
+
+/// The K and V tiles every PE keeps for the whole forward.
+#[derive(Clone, Copy, Debug)]
+struct KvTiles {
+    k: Buf,
+    v: Buf,
+}
+
+/// One PE's part of run `k`'s gather.
+#[derive(Clone, Copy, Debug)]
+struct BlockGather {
+    k: usize,
+    block_rows: usize,
+    own: Option<OwnSlot>,
+    window: Buf,
+}
+
+impl BlockGather {
+    /// The task that copies the PE's own K and V into the block window (in its own run) and
+    /// starts the run's gather; the join activates the compute task when it is done.
+    fn place(
+        self,
+        p: &mut Program,
+        pe: Coord,
+        g: &Geometry,
+        (c, r): (usize, usize),
+        join: Join,
+    ) -> Result<TaskId, BuildError> {
+        let BlockGather {
+            k,
+            block_rows,
+            own,
+            window,
+        } = self;
+        let parts: Vec<Part> = g
+            .run_window(r, k, block_rows)
+            .into_iter()
+            .filter(|&b| b != r)
+            .map(|b| Part {
+                owner: b,
+                reach: g.reach(b),
+                data: window.slice(g.run_slot(c, r, k, block_rows, b), g.slot_len(c, b)),
+            })
+            .collect();
+        // A row not gathered in this run sends nothing: its reach is itself.
+        let (reach, sent) = match own {
+            Some(own) => (g.reach(r), own.slot),
+            None => (r..r + 1, window.slice(0, 0)),
+        };
+        p.local_task(pe, "gather_kv_block", move |ctx| {
+            if let Some(own) = own {
+                ctx.mov(own.k_at, own.k.all());
+                ctx.mov(own.v_at, own.v.all());
+            }
+            let ops = GATHER.all_gather(r, &parts, sent, reach.clone());
+            join::issue(ctx, &ops, &join);
+        })
+    }
+}
+
+/// What the SRAM of a PE depends on in its row, in one run.
+#[derive(Clone, Copy, Debug)]
+struct RunRowFacts {
+    n: u64,
+    /// Tokens of the run's block window.
+    window: u64,
+    /// Scores of one head.
+    scores: u64,
+    longest: u64,
+}
+
+impl RunRowFacts {
+    fn of(g: &Geometry, r: usize, k: usize, block_rows: usize) -> Self {
+        let window: usize = g.run_window(r, k, block_rows).iter().map(|&b| g.n(b)).sum();
+        RunRowFacts {
+            n: g.n(r) as u64,
+            window: window as u64,
+            scores: u64::from(g.run_work(0, r, k, block_rows, 1.0).head_scores),
+            longest: g.longest_segment(r) as u64,
+        }
+    }
+}
+
+/// One PE's f32 elements in one run: Q, K, V, O tiles, the statistics, the block window, the
+/// scores, two rows of the longest segment and one of the tokens, and the counters.
+fn run_elements(col: ColumnFacts, row: RunRowFacts) -> u64 {
+    col.fc * (4 * row.n + 2 * row.window)
+        + col.heads * (2 * row.n + row.scores)
+        + 2 * row.longest
+        + row.n
+        + 1
+        + col.counter
+}
+
+/// The plan, if the fullest PE fits its SRAM in every run.
+fn plan(
+    config: &FabricConfig,
+    g: &Geometry,
+    block_rows: usize,
+) -> Result<BlockedPlan, KernelError> {
+    let columns: Vec<ColumnFacts> = (0..g.cols).map(|c| ColumnFacts::of(g, c)).collect();
+    // (elements, column, row, run), the first in (row, run, column) order among equals.
+    let mut worst = (0, 0, 0, 0);
+    for r in 0..g.rows {
+        for k in 0..=g.last_run(r, block_rows) {
+            if g.run_window(r, k, block_rows).is_empty() {
+                continue;
+            }
+            let row = RunRowFacts::of(g, r, k, block_rows);
+            for (c, &col) in columns.iter().enumerate() {
+                let elements = run_elements(col, row);
+                if elements > worst.0 {
+                    worst = (elements, c, r, k);
+                }
+            }
+        }
+    }
+    let (elements, c, r, k) = worst;
+    let (needed, available) = (4 * elements, u64::from(config.sram_bytes));
+    if needed > available {
+        let row = RunRowFacts::of(g, r, k, block_rows);
+        return Err(KernelError::DoesNotFit {
+            kernel: BLOCKED_KERNEL,
+            needed,
+            available,
+            what: format!(
+                "PE column {c}, row {r}, run {k}: a key block of {} tokens, {} scores per head",
+                row.window, row.scores
+            ),
+            hint: format!("use fewer than {block_rows} region rows per key block"),
+        });
+    }
+    Ok(BlockedPlan {
+        block_rows,
+        runs: g.runs(block_rows),
+        sram_bytes: needed,
+    })
+}
