@@ -140,13 +140,18 @@
 //! over several columns is repeated on each of them, not split among them.
 
 mod blocked;
+mod blocked_backward;
 mod blocks;
 mod cost;
 mod geometry;
 mod online;
+mod online_backward;
 mod pe;
 
 pub use blocked::{BLOCKED_KERNEL, BlockedAttention, BlockedAttentionRun, BlockedPlan};
+pub use blocked_backward::{
+    BLOCKED_BACKWARD_KERNEL, BlockedAttentionBackward, BlockedAttentionGrads,
+};
 
 use std::ops::Range;
 

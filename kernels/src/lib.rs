@@ -74,7 +74,8 @@ pub use embedding::{
 
 pub use attention::{
     Attention, AttentionBackward, AttentionGrads, AttentionMemory, AttentionPlan, AttentionRun,
-    AttentionShape, BlockedAttention, BlockedAttentionRun, BlockedPlan,
+    AttentionShape, BlockedAttention, BlockedAttentionBackward, BlockedAttentionGrads,
+    BlockedAttentionRun, BlockedPlan,
 };
 pub use error::KernelError;
 pub use layernorm::{

@@ -613,9 +613,9 @@ fn cpu_statistics(s: &AttentionShape, q: &[f32], k: &[f32]) -> (Vec<f64>, Vec<f6
     (max, sum)
 }
 
-/// Runs the blocked forward with every block size from one row to all of them and checks `O`
-/// and the statistics against the f64 computation, the FMACs against the unblocked count, and
-/// the plan's SRAM against what the programs allocated.
+/// Runs the blocked forward and backward with every block size from one row to all of them and
+/// checks `O`, the statistics and the gradients against the f64 computation, the FMACs against
+/// the unblocked counts, and the plans' SRAM against what the programs allocated.
 fn check_blocked(batch: usize, seq: usize, heads: usize, f: usize, cols: u32, rows: u32) {
     let shape = AttentionShape {
         batch,
@@ -625,9 +625,14 @@ fn check_blocked(batch: usize, seq: usize, heads: usize, f: usize, cols: u32, ro
         scale: 1.0 / ((f / heads) as f32).sqrt(),
     };
     let t = batch * seq;
-    let (q, k, v) = (tensor(t * f, 1), tensor(t * f, 2), tensor(t * f, 3));
+    let (q, k, v, d_out) = (
+        tensor(t * f, 1),
+        tensor(t * f, 2),
+        tensor(t * f, 3),
+        tensor(t * f, 4),
+    );
     let config = FabricConfig::rectangle(cols, rows).unwrap();
-    let want = cpu(&shape, &q, &k, &v, &vec![0.0; t * f]);
+    let want = cpu(&shape, &q, &k, &v, &d_out);
     let (want_max, want_sum) = cpu_statistics(&shape, &q, &k);
     let product = (batch * heads * seq * seq * (f / heads)) as u64;
     for block_rows in 1..=rows as usize {
@@ -656,6 +661,38 @@ fn check_blocked(batch: usize, seq: usize, heads: usize, f: usize, cols: u32, ro
         assert_eq!(run.runs.len(), run.plan.runs, "{name}");
         let fullest = run.runs.iter().map(fullest_pe).max().unwrap();
         assert_eq!(run.plan.sram_bytes, fullest, "{name}");
+
+        let backward = BlockedAttentionBackward {
+            region: Region::at_origin(cols, rows),
+            shape,
+            block_rows,
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &run.out,
+            d_out: &d_out,
+            max: &run.max,
+            sum: &run.sum,
+        };
+        let grads = backward.run(&config, RunOptions::default()).unwrap();
+        for (what, got, want) in [
+            ("dQ", &grads.dq, &want.dq),
+            ("dK", &grads.dk, &want.dk),
+            ("dV", &grads.dv, &want.dv),
+        ] {
+            let err = max_rel_error(got, want);
+            eprintln!("{name}: {what} relative error {err:.1e}");
+            assert!(err < 1e-5, "{name}: {what} error {err}");
+        }
+        // The unblocked backward's four products and the recomputed scores.
+        assert_eq!(grads.fmacs(), 5 * product, "{name}: backward FMACs");
+        assert_eq!(
+            grads.runs.len(),
+            run.plan.runs + 1,
+            "{name}: prelude and runs"
+        );
+        let fullest = grads.runs.iter().map(fullest_pe).max().unwrap();
+        assert_eq!(grads.sram_bytes, fullest, "{name}: backward SRAM");
     }
 }
 
@@ -723,6 +760,38 @@ fn blocked_forward_fits_where_the_window_does_not() {
     let err = max_rel_error(&run.out, &want.out);
     assert!(err < 1e-5, "O error {err}");
     assert_eq!(run.plan.runs, 8);
+    // The backward in blocks of one row: Q, K, V, dO tiles 512, block window and partial dK, dV
+    // 4 x 4 x 32 = 512, dQ, dK, dV 3 x 4 x 32 = 384, statistics 3 x 32, scores and dP
+    // 2 x 1,024, a counter: 3,553 elements, 14,212 B. The unblocked backward needs 29,633
+    // elements, 118,532 B: its tiles 4 x 128 + 3 x 128, the probabilities and the dP of the head
+    // (shared by both columns) 2 x 8,192, the window and partial dK, dV 2 x 2,048, dS and its
+    // rows 256 x 32 + 64, a counter.
+    let d_out = tensor(256 * 8, 4);
+    let backward = BlockedAttentionBackward {
+        region,
+        shape,
+        block_rows: 1,
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &run.out,
+        d_out: &d_out,
+        max: &run.max,
+        sum: &run.sum,
+    };
+    assert_eq!(backward.plan(&config).unwrap(), 14_212);
+    let grads = backward.run(&config, RunOptions::default()).unwrap();
+    let want = cpu(&shape, &q, &k, &v, &d_out);
+    for (what, got, want) in [
+        ("dQ", &grads.dq, &want.dq),
+        ("dK", &grads.dk, &want.dk),
+        ("dV", &grads.dv, &want.dv),
+    ] {
+        let err = max_rel_error(got, want);
+        assert!(err < 1e-5, "{what} error {err}");
+    }
+    let unblocked_backward = shape.memory(&config, region).unwrap().backward_bytes;
+    assert_eq!(unblocked_backward, 118_532);
     // Two rows per block need 2 x 4 x 64 + 64 x 32 more: still within 16 KiB; all 8 rows in
     // one block need the whole window and 256 scores per token, and do not fit.
     let wide = BlockedAttention {

@@ -248,13 +248,7 @@ impl BlockedAttention<'_> {
             }
         })?;
         debug_assert_eq!(compute, compute_id);
-        let own = self.own_slot(g, (c, r), k, tiles, bufs.window);
-        let gather = BlockGather {
-            k,
-            block_rows: self.block_rows,
-            own,
-            window: bufs.window,
-        };
+        let gather = BlockGather::new(g, (c, r), k, self.block_rows, tiles, bufs.window);
         let start = gather.place(p, pe, g, (c, r), join)?;
         p.activate(pe, start)?;
         Ok(CarriedBufs {
@@ -262,30 +256,6 @@ impl BlockedAttention<'_> {
             out: bufs.out,
             max: bufs.max,
             sum: bufs.sum,
-        })
-    }
-
-    /// If row `r` is gathered in run `k`: its K and V tiles and where they go in the block
-    /// window.
-    fn own_slot(
-        &self,
-        g: &Geometry,
-        (c, r): (usize, usize),
-        k: usize,
-        tiles: KvTiles,
-        window: Buf,
-    ) -> Option<OwnSlot> {
-        if g.run_of(r, self.block_rows) != k {
-            return None;
-        }
-        let at = g.run_slot(c, r, k, self.block_rows, r);
-        let half = g.slot_len(c, r) / 2;
-        Some(OwnSlot {
-            k: tiles.k,
-            v: tiles.v,
-            k_at: window.slice(at, half),
-            v_at: window.slice(at + half, half),
-            slot: window.slice(at, 2 * half),
         })
     }
 
@@ -304,18 +274,16 @@ impl BlockedAttention<'_> {
         for ((c, r), state) in region_pes(self.region).zip(carried) {
             let (c, r) = (c as usize, r as usize);
             g.tiling.untile(&state.out, &mut out, c, r);
-            let tokens = g.tokens(r);
-            let heads = g.local_heads(c);
+            let indices = g.statistics_indices(c, r);
+            let per_head = g.n(r);
             // A head over several columns has the same statistics on each: read its first.
-            for (i, head) in heads.iter().enumerate() {
+            for (i, head) in g.local_heads(c).iter().enumerate() {
                 if head.group.start != c {
                     continue;
                 }
-                for (t, token) in tokens.clone().enumerate() {
-                    let (sequence, pos) = (token / s.seq_len, token % s.seq_len);
-                    let at = (sequence * s.heads + head.head as usize) * s.seq_len + pos;
-                    max[at] = state.max[i * tokens.len() + t];
-                    sum[at] = state.sum[i * tokens.len() + t];
+                for at in i * per_head..(i + 1) * per_head {
+                    max[indices[at]] = state.max[at];
+                    sum[indices[at]] = state.sum[at];
                 }
             }
         }
@@ -375,16 +343,16 @@ struct OwnSlot {
     slot: VecRef,
 }
 
-/// The K and V tiles every PE keeps for the whole forward.
+/// The K and V tiles every PE keeps for the whole pass.
 #[derive(Clone, Copy, Debug)]
-struct KvTiles {
-    k: Buf,
-    v: Buf,
+pub(super) struct KvTiles {
+    pub k: Buf,
+    pub v: Buf,
 }
 
 /// One PE's part of run `k`'s gather.
 #[derive(Clone, Copy, Debug)]
-struct BlockGather {
+pub(super) struct BlockGather {
     k: usize,
     block_rows: usize,
     own: Option<OwnSlot>,
@@ -392,9 +360,38 @@ struct BlockGather {
 }
 
 impl BlockGather {
+    /// PE (c, r)'s part of run `k`'s gather into `window`; `tiles` are sent if the row is
+    /// gathered in this run.
+    pub(super) fn new(
+        g: &Geometry,
+        (c, r): (usize, usize),
+        k: usize,
+        block_rows: usize,
+        tiles: KvTiles,
+        window: Buf,
+    ) -> Self {
+        let own = (g.run_of(r, block_rows) == k).then(|| {
+            let at = g.run_slot(c, r, k, block_rows, r);
+            let half = g.slot_len(c, r) / 2;
+            OwnSlot {
+                k: tiles.k,
+                v: tiles.v,
+                k_at: window.slice(at, half),
+                v_at: window.slice(at + half, half),
+                slot: window.slice(at, 2 * half),
+            }
+        });
+        BlockGather {
+            k,
+            block_rows,
+            own,
+            window,
+        }
+    }
+
     /// The task that copies the PE's own K and V into the block window (in its own run) and
     /// starts the run's gather; the join activates the compute task when it is done.
-    fn place(
+    pub(super) fn place(
         self,
         p: &mut Program,
         pe: Coord,

@@ -131,6 +131,19 @@ impl Geometry {
             .sum()
     }
 
+    /// For each of PE (c, r)'s softmax statistics (per local head, per token: `[head][token]`),
+    /// its index in the host's `[batch][head][query]` array.
+    pub fn statistics_indices(&self, c: usize, r: usize) -> Vec<usize> {
+        let mut out = Vec::new();
+        for head in self.local_heads(c) {
+            for token in self.tokens(r) {
+                let (sequence, pos) = (token / self.seq, token % self.seq);
+                out.push((sequence * self.heads + head.head as usize) * self.seq + pos);
+            }
+        }
+        out
+    }
+
     /// Everything PE (c, r)'s compute needs in run `k`.
     pub fn run_work(&self, c: usize, r: usize, k: usize, block_rows: usize, scale: f32) -> RunWork {
         let owners = self.run_window(r, k, block_rows);
