@@ -141,6 +141,7 @@
 
 mod blocked;
 mod blocked_backward;
+mod blocked_memory;
 mod blocks;
 mod cost;
 mod geometry;
@@ -152,6 +153,7 @@ pub use blocked::{BLOCKED_KERNEL, BlockedAttention, BlockedAttentionRun, Blocked
 pub use blocked_backward::{
     BLOCKED_BACKWARD_KERNEL, BlockedAttentionBackward, BlockedAttentionGrads,
 };
+pub use blocked_memory::BlockedMemory;
 
 use std::ops::Range;
 
@@ -437,7 +439,7 @@ fn check_lengths(
 }
 
 /// What the SRAM of a PE depends on in its column.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ColumnFacts {
     /// Features.
     fc: u64,

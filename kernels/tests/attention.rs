@@ -693,6 +693,11 @@ fn check_blocked(batch: usize, seq: usize, heads: usize, f: usize, cols: u32, ro
         );
         let fullest = grads.runs.iter().map(fullest_pe).max().unwrap();
         assert_eq!(grads.sram_bytes, fullest, "{name}: backward SRAM");
+        // The shape-only count agrees with what the programs allocated.
+        let region = Region::at_origin(cols, rows);
+        let memory = shape.blocked_memory(&config, region, block_rows).unwrap();
+        assert_eq!(memory.forward_bytes, run.plan.sram_bytes, "{name}");
+        assert_eq!(memory.backward_bytes, grads.sram_bytes, "{name}");
     }
 }
 
@@ -792,6 +797,19 @@ fn blocked_forward_fits_where_the_window_does_not() {
     }
     let unblocked_backward = shape.memory(&config, region).unwrap().backward_bytes;
     assert_eq!(unblocked_backward, 118_532);
+    // Beyond the tiles and statistics a step keeps, the backward's blocks of one row hold dO,
+    // dQ, dK, dV (4 x 128), the block window and partial dK, dV (512), D (32), the scores and
+    // dP (2,048) and a counter: 3,105 elements, 12,420 B. Two rows per block: window and
+    // partial 4 x 4 x 64 = 1,024, scores and dP 2 x 64 x 32 = 4,096: 5,665 elements, 22,660 B;
+    // three rows: 1,536 and 6,144, 8,225 elements, 32,900 B.
+    let memory = shape.blocked_memory(&config, region, 1).unwrap();
+    assert_eq!(memory.scratch_bytes, 12_420);
+    let largest = |bytes| shape.largest_block_rows(&config, region, bytes).unwrap();
+    assert_eq!(largest(12_419), None);
+    assert_eq!(largest(12_420), Some(1));
+    assert_eq!(largest(22_660), Some(2));
+    assert_eq!(largest(32_899), Some(2));
+    assert_eq!(largest(32_900), Some(3));
     // Two rows per block need 2 x 4 x 64 + 64 x 32 more: still within 16 KiB; all 8 rows in
     // one block need the whole window and 256 scores per token, and do not fit.
     let wide = BlockedAttention {

@@ -32,6 +32,7 @@ use wafersim_sim::{
     TaskCtx, TaskId, VecRef,
 };
 
+use super::blocked_memory::{self as memory, RowSizes};
 use super::blocks::RunWork;
 use super::online::{self, OnlineBufs};
 use super::{
@@ -431,40 +432,6 @@ impl BlockGather {
     }
 }
 
-/// What the SRAM of a PE depends on in its row, in one run.
-#[derive(Clone, Copy, Debug)]
-struct RunRowFacts {
-    n: u64,
-    /// Tokens of the run's block window.
-    window: u64,
-    /// Scores of one head.
-    scores: u64,
-    longest: u64,
-}
-
-impl RunRowFacts {
-    fn of(g: &Geometry, r: usize, k: usize, block_rows: usize) -> Self {
-        let window: usize = g.run_window(r, k, block_rows).iter().map(|&b| g.n(b)).sum();
-        RunRowFacts {
-            n: g.n(r) as u64,
-            window: window as u64,
-            scores: u64::from(g.run_work(0, r, k, block_rows, 1.0).head_scores),
-            longest: g.longest_segment(r) as u64,
-        }
-    }
-}
-
-/// One PE's f32 elements in one run: Q, K, V, O tiles, the statistics, the block window, the
-/// scores, two rows of the longest segment and one of the tokens, and the counters.
-fn run_elements(col: ColumnFacts, row: RunRowFacts) -> u64 {
-    col.fc * (4 * row.n + 2 * row.window)
-        + col.heads * (2 * row.n + row.scores)
-        + 2 * row.longest
-        + row.n
-        + 1
-        + col.counter
-}
-
 /// The plan, if the fullest PE fits its SRAM in every run.
 fn plan(
     config: &FabricConfig,
@@ -476,12 +443,13 @@ fn plan(
     let mut worst = (0, 0, 0, 0);
     for r in 0..g.rows {
         for k in 0..=g.last_run(r, block_rows) {
-            if g.run_window(r, k, block_rows).is_empty() {
+            let sizes = g.run_sizes(r, k, block_rows);
+            if sizes.window == 0 {
                 continue;
             }
-            let row = RunRowFacts::of(g, r, k, block_rows);
+            let row = RowSizes::of(g, r, sizes);
             for (c, &col) in columns.iter().enumerate() {
-                let elements = run_elements(col, row);
+                let elements = memory::forward(col, row).total;
                 if elements > worst.0 {
                     worst = (elements, c, r, k);
                 }
@@ -491,14 +459,14 @@ fn plan(
     let (elements, c, r, k) = worst;
     let (needed, available) = (4 * elements, u64::from(config.sram_bytes));
     if needed > available {
-        let row = RunRowFacts::of(g, r, k, block_rows);
+        let sizes = g.run_sizes(r, k, block_rows);
         return Err(KernelError::DoesNotFit {
             kernel: BLOCKED_KERNEL,
             needed,
             available,
             what: format!(
                 "PE column {c}, row {r}, run {k}: a key block of {} tokens, {} scores per head",
-                row.window, row.scores
+                sizes.window, sizes.head_scores
             ),
             hint: format!("use fewer than {block_rows} region rows per key block"),
         });

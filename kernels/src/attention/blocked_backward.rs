@@ -27,6 +27,7 @@ use wafersim_sim::{
 };
 
 use super::blocked::{BlockGather, KvTiles};
+use super::blocked_memory::{self as memory, RowSizes};
 use super::online_backward::{self as online, BackwardRunBufs, PreludeBufs};
 use super::{
     AttentionShape, ColumnFacts, GATHER, Geometry, REDUCE, SUMS, check_lengths, geometry, read,
@@ -410,39 +411,24 @@ impl BlockReduce {
     }
 }
 
-/// One PE's f32 elements in one block run (see the module doc), given its run's block window
-/// tokens `window` and one head's scores `scores`.
-fn run_elements(col: ColumnFacts, n: u64, window: u64, scores: u64) -> u64 {
-    col.fc * (4 * n + 4 * window + n + 2 * n) + col.heads * (3 * n + 2 * scores) + 1 + col.counter
-}
-
-/// The prelude's f32 elements on a PE.
-fn prelude_elements(col: ColumnFacts, n: u64) -> u64 {
-    col.fc * 2 * n + col.heads * 2 * n + n + col.counter
-}
-
 /// The fullest PE's bytes over the prelude and the runs, if it fits its SRAM.
 fn plan(config: &FabricConfig, g: &Geometry, block_rows: usize) -> Result<u64, KernelError> {
     let columns: Vec<ColumnFacts> = (0..g.cols).map(|c| ColumnFacts::of(g, c)).collect();
     // (elements, column, row, run; None for the prelude).
     let mut worst: (u64, usize, usize, Option<usize>) = (0, 0, 0, None);
     for r in 0..g.rows {
-        let n = g.n(r) as u64;
         let mut row_runs = vec![(None, None)];
         for k in 0..=g.last_run(r, block_rows) {
-            let owners = g.run_window(r, k, block_rows);
-            if owners.is_empty() {
-                continue;
+            let sizes = g.run_sizes(r, k, block_rows);
+            if sizes.window > 0 {
+                row_runs.push((Some(k), Some(RowSizes::of(g, r, sizes))));
             }
-            let window: usize = owners.iter().map(|&b| g.n(b)).sum();
-            let scores = g.run_work(0, r, k, block_rows, 1.0).head_scores;
-            row_runs.push((Some(k), Some((window as u64, u64::from(scores)))));
         }
-        for (k, facts) in row_runs {
+        for (k, row) in row_runs {
             for (c, &col) in columns.iter().enumerate() {
-                let elements = match facts {
-                    None => prelude_elements(col, n),
-                    Some((window, scores)) => run_elements(col, n, window, scores),
+                let elements = match row {
+                    None => memory::prelude(col, g.n(r) as u64).total,
+                    Some(row) => memory::backward(col, row).total,
                 };
                 if elements > worst.0 {
                     worst = (elements, c, r, k);

@@ -68,6 +68,15 @@ pub(super) struct RunWork {
     pub last: bool,
 }
 
+/// A row's sizes in one run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct RunSizes {
+    /// Tokens of the block window.
+    pub window: usize,
+    /// Scores of one head (`sum of keys x len` over the segments).
+    pub head_scores: usize,
+}
+
 impl RunWork {
     /// The local heads shared with other columns, with their index among the local heads.
     pub fn shared_heads(&self) -> impl Iterator<Item = (u32, &LocalHead)> {
@@ -142,6 +151,35 @@ impl Geometry {
             }
         }
         out
+    }
+
+    /// Row `r`'s sizes in run `k`, counted without building its key tables: the tokens of its
+    /// block window and the scores of one head.
+    pub fn run_sizes(&self, r: usize, k: usize, block_rows: usize) -> RunSizes {
+        let owners = self.run_window(r, k, block_rows);
+        let window = owners.iter().map(|&b| self.n(b)).sum();
+        let head_scores = self
+            .segments(r)
+            .iter()
+            .map(|seg| {
+                let s = seg.sequence as usize;
+                let sequence = s * self.seq..(s + 1) * self.seq;
+                let keys: usize = owners
+                    .iter()
+                    .map(|&b| {
+                        let t = self.tokens(b);
+                        t.end
+                            .min(sequence.end)
+                            .saturating_sub(t.start.max(sequence.start))
+                    })
+                    .sum();
+                keys * seg.len as usize
+            })
+            .sum();
+        RunSizes {
+            window,
+            head_scores,
+        }
     }
 
     /// Everything PE (c, r)'s compute needs in run `k`.
@@ -230,6 +268,13 @@ mod tests {
                     g.window(r).collect::<Vec<_>>(),
                     "row {r}, B {block_rows}"
                 );
+                for k in 0..g.runs(block_rows) {
+                    let sizes = g.run_sizes(r, k, block_rows);
+                    let work = g.run_work(1, r, k, block_rows, 1.0);
+                    assert_eq!(sizes.head_scores, work.head_scores as usize);
+                    let window = g.run_window_len(1, r, k, block_rows);
+                    assert_eq!(2 * g.fc(1) * sizes.window, window);
+                }
                 for seg in g.segments(r) {
                     let mut positions: Vec<u32> = (0..g.runs(block_rows))
                         .flat_map(|k| g.run_work(1, r, k, block_rows, 1.0).segments)
