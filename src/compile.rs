@@ -21,13 +21,14 @@
 //! one pass, weight gradients accumulated over the passes on the host; a step costs the sum of
 //! its passes), the largest micro-batch that fits. Where even one sequence cannot keep its
 //! attention probabilities (`seq` floats per token and head), only their softmax statistics are
-//! kept (one log-sum-exp per token and head) and the probabilities are recomputed in the
-//! backward pass, as FlashAttention does; the fast fidelity costs that recompute, the exact one
-//! refuses it (its attention backward reads stored probabilities). Where the attention's K/V
-//! window (a whole sequence per PE) does not fit even then, the plan is made without counting
-//! it and says so ([`StepPlan::attention_fits`]): the fast fidelity costs it with a warning and
-//! the exact one refuses it. A step whose resident activations do not fit is refused, naming
-//! the bytes needed and available and what to change.
+//! kept (a maximum and a sum per token and head) and the attention runs as the blocked kernels
+//! (`wafersim_kernels::BlockedAttention`, FlashAttention's schedule): key blocks of
+//! [`StepPlan::attention_block_rows`] region rows, the most whose working set fits beside the
+//! resident activations, the probabilities recomputed block by block in the backward pass.
+//! Where not even blocks of one row fit, the plan is made without counting the attention and
+//! says so ([`StepPlan::attention_fits`]): the fast fidelity costs it with a warning and the
+//! exact one refuses it. A step whose resident activations do not fit is refused, naming the
+//! bytes needed and available and what to change.
 //!
 //! The region's shape can be limited ([`plan_step_within`]): `crate::tune` costs a few
 //! limited shapes with the fast fidelity and keeps the fastest.
@@ -36,9 +37,9 @@
 //! re-laid out).
 
 use wafersim_kernels::{
-    AttentionMemory, AttentionShape, Gelu, GeluBackward, KernelError, LayerNorm, LayerNormBackward,
-    MatmulShape, Precision, Region, ResidualAdd, SoftmaxCrossEntropy, Split, WeightGradShape,
-    attention, cross_entropy, embedding, layernorm, matmul, max_colors, weight_grad,
+    AttentionShape, Gelu, GeluBackward, KernelError, LayerNorm, LayerNormBackward, MatmulShape,
+    Precision, Region, ResidualAdd, SoftmaxCrossEntropy, Split, WeightGradShape, attention,
+    cross_entropy, embedding, layernorm, matmul, max_colors, weight_grad,
 };
 use wafersim_sim::FabricConfig;
 
@@ -69,8 +70,12 @@ pub struct StepPlan {
     pub resident_bytes: u64,
     /// Sequences per pass through the fabric; the last pass takes what is left.
     pub micro_batch: usize,
-    /// Only the softmax statistics are kept; the backward pass recomputes the probabilities.
+    /// Only the softmax statistics are kept (a maximum and a sum per token and head): the
+    /// attention runs as the blocked kernels, whose backward recomputes the probabilities.
     pub recompute_attention: bool,
+    /// Region rows per key block of the blocked attention kernels (the most that fit; 0 when
+    /// the probabilities are kept and the unblocked kernels run).
+    pub attention_block_rows: usize,
     /// The region of the last pass when it has fewer sequences than `micro_batch`.
     pub last_region: Region,
     /// SRAM a PE has left for the weight-streamed kernels' tiles and partial sums once the
@@ -186,6 +191,8 @@ struct Fit {
     working: u64,
     /// What the attention kernels hold beyond the resident activations (0 when not counted).
     attention: u64,
+    /// Rows per key block of the blocked kernels (0 when the probabilities are kept).
+    block_rows: usize,
 }
 
 /// How a pass of `sequences` sequences is placed: the region limit, the precision, whether
@@ -214,19 +221,23 @@ fn fit(
 ) -> Result<Fit, CompileError> {
     let tokens = sequences * seq;
     let region = choose_region(config, tokens, place.limit)?;
-    let kept = if place.recompute { 1 } else { seq };
+    let kept = if place.recompute { 2 } else { seq };
     let (per_layer, head) = resident_bytes(config, kept, region, tokens);
     let needed = per_layer * config.n_layer as u64 + head;
     let streaming = streaming_minimum(config, region, tokens, place.precision, fabric);
     let working = streaming.max(dense_kernels_maximum(config, region, tokens));
-    let resident_fit = needed + working <= u64::from(fabric.sram_bytes);
-    // Counted only where it can decide (it takes a pass over the region's PEs).
-    let attention = if place.count_attention && resident_fit {
-        attention_shape(config, sequences, seq)
-            .memory(fabric, region)
-            .map_or(0, |m| m.beyond_resident(!place.recompute))
-    } else {
-        0
+    let available = u64::from(fabric.sram_bytes);
+    let resident_fit = needed + working <= available;
+    let shape = attention_shape(config, sequences, seq);
+    // Counted only where it can decide (it takes a pass over the region's PEs). A region the
+    // attention refuses counts nothing here: the step reports the kernel's error itself.
+    let (attention, block_rows) = match (place.count_attention && resident_fit, place.recompute) {
+        (false, recompute) => (0, usize::from(recompute)),
+        (true, false) => {
+            let memory = shape.memory(fabric, region);
+            (memory.map_or(0, |m| m.scratch_bytes), 0)
+        }
+        (true, true) => blocked_attention(&shape, fabric, region, available - needed),
     };
     Ok(Fit {
         region,
@@ -235,7 +246,29 @@ fn fit(
         needed,
         working,
         attention,
+        block_rows,
     })
+}
+
+/// The blocked attention's key block on `region` with `spare` bytes beside the resident
+/// activations: `(its scratch bytes, rows per block)`, the most rows that fit, or one row (and
+/// its scratch, more than `spare`) if none does.
+fn blocked_attention(
+    shape: &AttentionShape,
+    fabric: &FabricConfig,
+    region: Region,
+    spare: u64,
+) -> (u64, usize) {
+    let scratch = |rows| {
+        shape
+            .blocked_memory(fabric, region, rows)
+            .map_or(0, |m| m.scratch_bytes)
+    };
+    match shape.largest_block_rows(fabric, region, spare) {
+        Ok(Some(rows)) => (scratch(rows), rows),
+        Ok(None) => (scratch(1), 1),
+        Err(_) => (0, 1),
+    }
 }
 
 /// The attention of `config` over a batch of `batch` sequences of `seq` tokens.
@@ -254,14 +287,45 @@ pub(crate) fn attention_shape(config: &GptConfig, batch: usize, seq: usize) -> A
     }
 }
 
-/// The SRAM the attention kernels need on the fullest PE of a full pass of `plan` (an error
-/// when the region refuses them: the step then reports that itself).
+/// The SRAM the attention kernels of `plan` need on the fullest PE of a full pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionBytes {
+    pub forward: u64,
+    pub backward: u64,
+    /// What the kernels hold beyond the activations the step keeps resident.
+    pub beyond_resident: u64,
+    /// Rows per key block of the blocked kernels (`None`: the unblocked kernels, probabilities
+    /// kept).
+    pub block_rows: Option<usize>,
+}
+
+/// The SRAM the attention kernels of `plan` need on the fullest PE of a full pass: the
+/// unblocked kernels' where the plan keeps the probabilities, the blocked kernels' (with the
+/// plan's key blocks) where it keeps the statistics. An error when the region refuses them
+/// (the step then reports that itself).
 pub fn attention_memory(
     config: &GptConfig,
     plan: &StepPlan,
     fabric: &FabricConfig,
-) -> Result<AttentionMemory, KernelError> {
-    attention_shape(config, plan.micro_batch, plan.seq).memory(fabric, plan.region)
+) -> Result<AttentionBytes, KernelError> {
+    let shape = attention_shape(config, plan.micro_batch, plan.seq);
+    if plan.recompute_attention {
+        let rows = plan.attention_block_rows;
+        let m = shape.blocked_memory(fabric, plan.region, rows)?;
+        return Ok(AttentionBytes {
+            forward: m.forward_bytes,
+            backward: m.backward_bytes,
+            beyond_resident: m.scratch_bytes,
+            block_rows: Some(rows),
+        });
+    }
+    let m = shape.memory(fabric, plan.region)?;
+    Ok(AttentionBytes {
+        forward: m.forward_bytes,
+        backward: m.backward_bytes,
+        beyond_resident: m.scratch_bytes,
+        block_rows: None,
+    })
 }
 
 /// The largest of the small dense kernels' buffers on the fullest PE of `region` (LayerNorm and
@@ -386,6 +450,7 @@ pub fn plan_step_within(
                 resident_bytes: full.needed,
                 micro_batch,
                 recompute_attention: recompute,
+                attention_block_rows: full.block_rows,
                 last_region,
                 kernel_sram_bytes: (available - full.needed) as u32,
                 attention_fits: count_attention,
@@ -455,7 +520,8 @@ fn choose_region(
 /// (LayerNorm inputs), both LayerNorm outputs (inputs of the matmuls' weight gradients), Q, K, V
 /// and the attention context, the FFN pre-activation and its GELU: `8 d + 2 d_ffn` features
 /// over the columns, two LayerNorm statistics each, and `per_head` floats of attention per head
-/// the column touches (the `seq` probabilities, or one log-sum-exp when they are recomputed).
+/// the column touches (the `seq` probabilities, or the softmax's maximum and sum when they are
+/// recomputed).
 /// The head keeps the final LayerNorm's input and output and the logits.
 fn resident_bytes(
     config: &GptConfig,

@@ -133,8 +133,6 @@ pub struct RegionSearch<'a> {
     pub batch: &'a Batch,
     pub fabric: &'a FabricConfig,
     pub precision: Precision,
-    /// Whether a plan may recompute the attention (not for the exact fidelity).
-    pub allow_recompute: bool,
     /// Prompt vectors in front of every sequence (they take positions like tokens).
     pub prompt_len: usize,
     /// Which gradients the step computes.
@@ -220,14 +218,7 @@ fn trial(search: RegionSearch<'_>, limit: RegionLimit) -> RegionTrial {
         search.precision,
         limit,
     )
-    .map_err(|e| e.to_string())
-    .and_then(|plan| {
-        if plan.recompute_attention && !search.allow_recompute {
-            Err("needs the attention recomputed".to_string())
-        } else {
-            Ok(plan)
-        }
-    });
+    .map_err(|e| e.to_string());
     let operations = plan
         .as_ref()
         .ok()
@@ -296,7 +287,6 @@ mod tests {
             batch,
             fabric,
             precision: Precision::F32,
-            allow_recompute: true,
             prompt_len: 0,
             gradients: GradientSet::All,
         }

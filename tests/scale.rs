@@ -1,21 +1,22 @@
 //! Full-wafer scale (issue 5): steps cut into passes of a micro-batch, attention recomputed in
 //! the backward pass, and costing without weights. What is asserted: a step costs the sum of its
-//! passes; the exact engine's gradients accumulated over passes are the whole batch's; the
-//! recompute costs one recompute estimate per layer (below a forward attention) and is refused
-//! by the exact engine; a fast step without numerics writes the report only, with its passes
-//! and tokens per second.
+//! passes; the exact engine's gradients accumulated over passes are the whole batch's; a plan
+//! that keeps only the softmax statistics runs the blocked attention (costed by its formulas,
+//! run exactly against the CPU reference); a fast step without numerics writes the report
+//! only, with its passes and tokens per second.
 
 use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
 use wafersim::compile::{StepPlan, plan_step};
+use wafersim::flops::Phase;
 use wafersim::reference::{self, Batch};
 use wafersim::runtime::{
     CostInputs, Fidelity, GradientSet, OpRecord, StepCost, StepMode, cost_step, run_step,
     simulate_step,
 };
-use wafersim_kernels::{Attention, AttentionShape, Precision};
+use wafersim_kernels::{AttentionShape, BlockedAttention, BlockedAttentionBackward, Precision};
 
 #[path = "common/tiny.rs"]
 mod tiny;
@@ -120,91 +121,107 @@ fn gradients_accumulated_over_passes_are_the_whole_batch_gradients() {
     }
 }
 
-/// Recomputing the attention adds, per layer, one `attention_recompute` record just before the
-/// attention backward, costed as the recompute (`Attention::estimate_recompute_cycles`: K
-/// gathered, scores, `exp(s - lse)`, no context product), below the forward attention; nothing
-/// else changes.
+/// A plan that keeps only the softmax statistics runs the blocked attention kernels: on the fast
+/// engine each layer's attention records are the blocked kernels' formulas (forward, and the
+/// backward with its prelude and recompute), with the same FLOPs as a plan that keeps the
+/// probabilities; no other record changes.
 #[test]
-fn recomputing_attention_adds_one_recompute_per_layer_below_a_forward_attention() {
+fn keeping_the_statistics_costs_the_blocked_attention_and_nothing_else_changes() {
     let t = tiny(2, 16);
     let kept = t.plan();
-    let recomputed = StepPlan {
+    let blocked = StepPlan {
         recompute_attention: true,
+        attention_block_rows: 2,
         ..kept.clone()
     };
-    let (a, b) = (t.cost(&kept, &t.batch), t.cost(&recomputed, &t.batch));
-    let extra: Vec<_> = b
-        .records
-        .iter()
-        .filter(|r| r.op.name == "attention_recompute")
-        .collect();
-    assert_eq!(extra.len(), t.config.n_layer);
-    let forward_attention = a
-        .records
-        .iter()
-        .find(|r| r.op.name == "attention")
-        .unwrap()
-        .cycles;
-    // One pass of the whole batch: the kernel over the plan's region and both sequences.
-    assert_eq!(recomputed.micro_batch, 2);
-    let kernel = Attention {
-        region: recomputed.region,
-        shape: AttentionShape {
-            batch: 2,
-            seq_len: 16,
-            heads: t.config.n_head,
-            features: t.config.n_embd,
-            scale: 1.0,
-        },
+    let (a, b) = (t.cost(&kept, &t.batch), t.cost(&blocked, &t.batch));
+    assert_eq!(a.records.len(), b.records.len());
+    // One pass of the whole batch: the kernels over the plan's region and both sequences.
+    assert_eq!(blocked.micro_batch, 2);
+    let shape = AttentionShape {
+        batch: 2,
+        seq_len: 16,
+        heads: t.config.n_head,
+        features: t.config.n_embd,
+        scale: 1.0,
+    };
+    let forward = BlockedAttention {
+        region: blocked.region,
+        shape,
+        block_rows: 2,
         q: &[],
         k: &[],
         v: &[],
     };
-    assert_eq!(
-        kernel.estimate_cycles(&t.fabric).unwrap(),
-        forward_attention
-    );
-    let recompute = kernel.estimate_recompute_cycles(&t.fabric).unwrap();
-    assert!(0 < recompute && recompute < forward_attention);
-    assert!(extra.iter().all(|r| r.cycles == recompute));
-    assert_eq!(b.cycles(), a.cycles() + t.config.n_layer as u64 * recompute);
-    let others: Vec<_> = b
-        .records
-        .iter()
-        .filter(|r| r.op.name != "attention_recompute")
-        .cloned()
-        .collect();
-    assert_eq!(others, a.records);
-    // Where it sits: right before the attention backward of its layer.
-    let at = b
-        .records
-        .iter()
-        .position(|r| r.op.name == "attention_recompute")
-        .unwrap();
-    assert_eq!(b.records[at + 1].op.name, "attention");
-    assert_eq!(b.records[at + 1].op.layer, b.records[at].op.layer);
+    let backward = BlockedAttentionBackward {
+        region: blocked.region,
+        shape,
+        block_rows: 2,
+        q: &[],
+        k: &[],
+        v: &[],
+        out: &[],
+        d_out: &[],
+        max: &[],
+        sum: &[],
+    };
+    let forward = forward.estimate_cycles(&t.fabric).unwrap();
+    let backward = backward.estimate_cycles(&t.fabric).unwrap();
+    for (x, y) in a.records.iter().zip(&b.records) {
+        assert_eq!(x.op, y.op);
+        assert_eq!(x.fmacs, y.fmacs, "{:?}", x.op);
+        if x.op.name == "attention" {
+            let want = if x.op.phase == Phase::Forward {
+                forward
+            } else {
+                backward
+            };
+            assert_eq!(y.cycles, want, "{:?}", y.op);
+        } else {
+            assert_eq!(x, y);
+        }
+    }
 }
 
+/// The exact engine runs the blocked attention where the plan keeps only the statistics: the
+/// loss and every gradient agree with the CPU reference, with key blocks of one row and of
+/// three (each attention executes the kept plan's FMACs, its backward the recompute's `Q K^T`
+/// besides, which `simulate_step` checks), and the attention costs what its kernels' runs
+/// cost.
 #[test]
-fn the_exact_engine_refuses_to_recompute_attention() {
-    let t = tiny(1, 8);
-    let plan = StepPlan {
-        recompute_attention: true,
-        ..t.plan()
-    };
+fn the_exact_engine_runs_the_blocked_attention_where_the_statistics_are_kept() {
+    let t = tiny(2, 8);
+    let kept = t.plan();
     let mode = StepMode {
         fidelity: Fidelity::Exact,
-        numerics: false,
-        check: false,
+        numerics: true,
+        check: true,
     };
-    let err = simulate_step(t.inputs(&plan), mode)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.starts_with("the exact fidelity cannot recompute the attention probabilities"),
-        "{err}"
-    );
-    assert!(err.contains("use --fidelity fast"), "{err}");
+    let probabilities = simulate_step(t.inputs(&kept), mode).unwrap();
+    for rows in [1, 3] {
+        let plan = StepPlan {
+            recompute_attention: true,
+            attention_block_rows: rows,
+            ..kept.clone()
+        };
+        let report = simulate_step(t.inputs(&plan), mode).unwrap();
+        let check = report.check.as_ref().unwrap();
+        assert!(check.within(), "{rows} rows per block: {check:?}");
+        // As close as the unblocked kernels come: the worst tensor is K's bias, whose true
+        // gradient is 0 (a softmax ignores a constant added to a query's scores), so its
+        // distance is rounding measured against the floor.
+        let unblocked = probabilities.check.as_ref().unwrap();
+        eprintln!("{rows} rows per block: {check:?}, unblocked {unblocked:?}");
+        assert!(check.loss_error < 1e-6, "{check:?}");
+        assert!(
+            check.gradient_error < 3.0 * unblocked.gradient_error,
+            "{check:?}"
+        );
+        let fmacs = |r: &wafersim::runtime::StepReport| -> Vec<u64> {
+            r.cost.records.iter().map(|r| r.fmacs).collect()
+        };
+        assert_eq!(fmacs(&report), fmacs(&probabilities));
+    }
 }
 
 fn wafersim(args: &[&str]) -> (i32, String, String) {

@@ -647,7 +647,7 @@ fn check_blocked(batch: usize, seq: usize, heads: usize, f: usize, cols: u32, ro
             k: &k,
             v: &v,
         };
-        let run = blocked.run(&config, RunOptions::default()).unwrap();
+        let run = blocked.run(&config, &mut RunOptions::default()).unwrap();
         for (what, got, want) in [
             ("O", &run.out, &want.out),
             ("max", &run.max, &want_max),
@@ -674,7 +674,7 @@ fn check_blocked(batch: usize, seq: usize, heads: usize, f: usize, cols: u32, ro
             max: &run.max,
             sum: &run.sum,
         };
-        let grads = backward.run(&config, RunOptions::default()).unwrap();
+        let grads = backward.run(&config, &mut RunOptions::default()).unwrap();
         for (what, got, want) in [
             ("dQ", &grads.dq, &want.dq),
             ("dK", &grads.dk, &want.dk),
@@ -760,7 +760,7 @@ fn blocked_forward_fits_where_the_window_does_not() {
         v: &v,
     };
     assert_eq!(blocked.plan(&config).unwrap().sram_bytes, 7_812);
-    let run = blocked.run(&config, RunOptions::default()).unwrap();
+    let run = blocked.run(&config, &mut RunOptions::default()).unwrap();
     let want = cpu(&shape, &q, &k, &v, &vec![0.0; 256 * 8]);
     let err = max_rel_error(&run.out, &want.out);
     assert!(err < 1e-5, "O error {err}");
@@ -785,7 +785,7 @@ fn blocked_forward_fits_where_the_window_does_not() {
         sum: &run.sum,
     };
     assert_eq!(backward.plan(&config).unwrap(), 14_212);
-    let grads = backward.run(&config, RunOptions::default()).unwrap();
+    let grads = backward.run(&config, &mut RunOptions::default()).unwrap();
     let want = cpu(&shape, &q, &k, &v, &d_out);
     for (what, got, want) in [
         ("dQ", &grads.dq, &want.dq),

@@ -7,10 +7,9 @@
 //! the kernels' own count, `AttentionShape::memory`).
 
 use serde_json::{Value, json};
-use wafersim_kernels::AttentionMemory;
 use wafersim_sim::FabricConfig;
 
-use crate::compile::{StepPlan, attention_memory};
+use crate::compile::{AttentionBytes, StepPlan, attention_memory};
 use crate::model::GptConfig;
 use crate::runtime::Fidelity;
 
@@ -19,10 +18,8 @@ use crate::runtime::Fidelity;
 pub struct AttentionFit {
     /// On the fullest PE of a full pass (`None` where the region refuses the kernels: the step
     /// reports that itself).
-    memory: Option<AttentionMemory>,
+    memory: Option<AttentionBytes>,
     fits: bool,
-    /// The plan keeps the probabilities (else the backward recomputes them into scratch).
-    probs_kept: bool,
     /// Bytes of activations a PE keeps for the backward pass.
     resident_bytes: u64,
     sram_bytes: u32,
@@ -33,7 +30,6 @@ impl AttentionFit {
         AttentionFit {
             memory: attention_memory(config, plan, fabric).ok(),
             fits: plan.attention_fits,
-            probs_kept: !plan.recompute_attention,
             resident_bytes: plan.resident_bytes,
             sram_bytes: fabric.sram_bytes,
         }
@@ -42,13 +38,13 @@ impl AttentionFit {
     /// What is wrong, when the kernels do not fit (`None` when they do).
     fn overflow(&self) -> Option<String> {
         let m = self.memory.filter(|_| !self.fits)?;
+        let held = match m.block_rows {
+            None => "each PE keeps K and V of whole sequences for its features, and the probabilities of its heads".to_string(),
+            Some(rows) => format!("each PE keeps K and V and the scores of its heads for a key block of {rows} region rows, the least the blocked kernels take"),
+        };
         Some(format!(
-            "attention does not fit the PEs' SRAM: on the fullest PE its kernels need {} B (forward) and {} B (backward), of which {} B come on top of the {} B of activations kept for the backward pass, of {} B (each PE keeps K and V of whole sequences for its features, and the probabilities of its heads)",
-            m.forward_bytes,
-            m.backward_bytes,
-            m.beyond_resident(self.probs_kept),
-            self.resident_bytes,
-            self.sram_bytes
+            "attention does not fit the PEs' SRAM: on the fullest PE its kernels need {} B (forward) and {} B (backward), of which {} B come on top of the {} B of activations kept for the backward pass, of {} B ({held})",
+            m.forward, m.backward, m.beyond_resident, self.resident_bytes, self.sram_bytes
         ))
     }
 
@@ -76,8 +72,9 @@ impl AttentionFit {
     pub fn json(&self) -> Value {
         self.memory.map_or(Value::Null, |m| {
             json!({
-                "forward_bytes_per_pe": m.forward_bytes, "backward_bytes_per_pe": m.backward_bytes,
-                "beyond_resident_bytes_per_pe": m.beyond_resident(self.probs_kept),
+                "forward_bytes_per_pe": m.forward, "backward_bytes_per_pe": m.backward,
+                "beyond_resident_bytes_per_pe": m.beyond_resident,
+                "blocked": m.block_rows.is_some(), "block_rows": m.block_rows,
                 "fits": self.fits,
             })
         })

@@ -24,8 +24,8 @@ use crate::model::checkpoint::{
 use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::{AdamState, AdamW, Batch};
 use crate::runtime::{
-    CostInputs, Fidelity, GradientSet, LossScale, Numerics, OpRecord, ReferenceCheck, RuntimeError,
-    StepHooks, StepInputs, StepMode, StepReport, cost_step, simulate_step_with,
+    CostInputs, Fidelity, GradientSet, LossScale, Numerics, OpRecord, ReferenceCheck, StepHooks,
+    StepInputs, StepMode, StepReport, cost_step, simulate_step_with,
 };
 use crate::sparsity::{self, ModelMasks};
 use crate::tune::{self, RegionChoice, RegionSearch};
@@ -143,7 +143,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         batch: &setup.batch,
         fabric: &setup.fabric,
         precision: setup.plan.precision,
-        allow_recompute: mode.fidelity == Fidelity::Fast,
         prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
         gradients,
     })
@@ -291,9 +290,6 @@ impl Setup {
         let precision = args.dtype.precision();
         let plan = plan_step(&config, batch.batch, positions, &fabric, precision)
             .map_err(guard::plan_error)?;
-        if plan.recompute_attention && args.fidelity.fidelity() == Fidelity::Exact {
-            return Err(RuntimeError::Recompute { seq: plan.seq }.into());
-        }
         guard::check_output_folder("--out", &args.out, &OUTPUT_FILES)?;
         guard::check_output_folder("--out", &args.out, &[PROMPT_GRAD_FILE])?;
         if let Some(trace) = &args.trace {
@@ -550,8 +546,8 @@ impl Summary<'_> {
         self.plan.tokens() as f64 / self.seconds()
     }
 
-    /// FLOPs of the attention recomputed in the backward passes, as costed (the scores
-    /// `Q K^T` again, no context product: `2 B S^2 d` per layer); 0 when nothing is.
+    /// FLOPs of the attention recomputed in the backward passes (the blocked backward's scores
+    /// `Q K^T` again: `2 B S^2 d` per layer, beyond the FLOP convention's); 0 when nothing is.
     fn recompute_flops(&self) -> u64 {
         if !self.plan.recompute_attention {
             return 0;
@@ -608,9 +604,12 @@ fn print_summary(s: &Summary<'_>) -> anyhow::Result<()> {
         p.micro_batch,
         p.micro_batch * p.seq,
         if p.recompute_attention {
-            "recomputed in the backward pass (softmax statistics kept)"
+            format!(
+                "recomputed in the backward pass (softmax statistics kept; blocked kernels, key blocks of {} rows)",
+                p.attention_block_rows
+            )
         } else {
-            "kept for the backward pass"
+            "kept for the backward pass".to_string()
         },
         s.tokens_per_second(),
         s.fabric.clock_mhz
@@ -911,7 +910,8 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         },
         "passes": {
             "count": p.pass_count(), "micro_batch": p.micro_batch, "tokens_per_pass": p.micro_batch * p.seq,
-            "attention_recomputed": p.recompute_attention, "recompute_flops": s.recompute_flops(),
+            "attention_recomputed": p.recompute_attention, "attention_block_rows": p.attention_block_rows,
+            "recompute_flops": s.recompute_flops(),
         },
         "tokens_per_second": s.tokens_per_second(),
         "region_search": search_json(s.search),

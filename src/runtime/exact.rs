@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use wafersim_kernels::StreamedMatrix;
 use wafersim_sim::{FabricConfig, RunOptions, Stats, Trace, TraceEvent, TraceWindow};
 
+use super::attention::Kept;
 use super::forward::Normed;
 use super::walk::{Cost, Engine, Launched, Ln, Weight};
 use super::{Sequences, StepInputs};
@@ -262,7 +263,7 @@ pub(crate) fn measured(stats: &Stats, dense_cycles: u64) -> Cost {
 impl Engine for ExactEngine<'_> {
     type Act = Act;
     type Normed = Normed;
-    type Probs = Vec<f32>;
+    type Probs = Kept;
 
     fn output(normed: &Normed) -> &Act {
         &normed.y
@@ -284,32 +285,19 @@ impl Engine for ExactEngine<'_> {
         Ok(((), self.masked_weight_grad(weight, x, dy)?))
     }
 
-    fn attention(&mut self, _layer: usize, q: &Act, k: &Act, v: &Act) -> Launched<(Act, Vec<f32>)> {
+    fn attention(&mut self, _layer: usize, q: &Act, k: &Act, v: &Act) -> Launched<(Act, Kept)> {
         self.attention_forward(q, k, v)
-    }
-
-    /// Never reached: [`super::run_step`] refuses a plan that recomputes the attention.
-    fn attention_recompute(
-        &mut self,
-        _layer: usize,
-        _q: &Act,
-        _k: &Act,
-        _v: &Act,
-    ) -> Launched<Vec<f32>> {
-        Err(wafersim_kernels::KernelError::Shape {
-            kernel: "attention",
-            reason: "the exact engine keeps the probabilities and cannot recompute them".into(),
-        })
     }
 
     fn attention_backward(
         &mut self,
         _layer: usize,
         qkv: [&Act; 3],
-        probs: &Vec<f32>,
+        kept: &Kept,
+        ctx: &Act,
         d_ctx: &Act,
     ) -> Launched<[Act; 3]> {
-        self.attention_grads(qkv, probs, d_ctx)
+        self.attention_grads(qkv, kept, ctx, d_ctx)
     }
 
     fn add(&mut self, a: &Act, b: &Act) -> Launched<Act> {

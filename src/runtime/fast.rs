@@ -25,9 +25,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 use wafersim_kernels::{
-    Attention, AttentionBackward, EmbeddingBackward, EmbeddingForward, EmbeddingShape, Gelu,
-    GeluBackward, LayerNorm, LayerNormBackward, MatmulShape, Region, ResidualAdd,
-    SoftmaxCrossEntropy, Split, StreamLoad, WeightGradShape,
+    Attention, AttentionBackward, BlockedAttention, BlockedAttentionBackward, EmbeddingBackward,
+    EmbeddingForward, EmbeddingShape, Gelu, GeluBackward, LayerNorm, LayerNormBackward,
+    MatmulShape, Region, ResidualAdd, SoftmaxCrossEntropy, Split, StreamLoad, WeightGradShape,
 };
 use wafersim_sim::FabricConfig;
 
@@ -151,9 +151,8 @@ pub(crate) struct FastEngine<'a> {
     /// same in every layer, so costed once (the formulas take most of a large step's costing
     /// time). The bias is part of the kernel: the head (no bias) may share the FFN's shape.
     dense: RefCell<HashMap<DenseKey, u64>>,
-    /// Cycles of the attention forward kernel, backward kernel and recompute, in that order:
-    /// the same in every layer.
-    attention: [Option<u64>; 3],
+    /// Cycles of the attention forward and backward kernels: the same in every layer.
+    attention: [Option<u64>; 2],
     /// `(cycles, dense cycles)` of each sparse matrix's kernels, by `(layer, kind, phase)`:
     /// every pass of one plan streams the same kept entries.
     sparse: HashMap<(usize, SparseKind, Phase), (u64, u64)>,
@@ -177,7 +176,7 @@ impl<'a> FastEngine<'a> {
             streaming,
             loads,
             dense: RefCell::new(HashMap::new()),
-            attention: [None; 3],
+            attention: [None; 2],
             sparse: HashMap::new(),
             seqs: inputs.sequences(),
         }
@@ -252,6 +251,19 @@ impl<'a> FastEngine<'a> {
 
     /// The forward attention over the plan's region and sequences, without data (for its
     /// formulas).
+    /// The blocked forward of the plan (shapes only).
+    fn blocked_attention(&self) -> BlockedAttention<'static> {
+        let unblocked = self.attention_kernel();
+        BlockedAttention {
+            region: unblocked.region,
+            shape: unblocked.shape,
+            block_rows: self.inputs.plan.attention_block_rows,
+            q: NO_DATA,
+            k: NO_DATA,
+            v: NO_DATA,
+        }
+    }
+
     fn attention_kernel(&self) -> Attention<'static> {
         Attention {
             region: self.region(),
@@ -432,6 +444,8 @@ impl Engine for FastEngine<'_> {
         Ok(((), cost))
     }
 
+    /// The unblocked forward, or the blocked one where the plan keeps only the softmax
+    /// statistics. The same in every layer, so costed once.
     fn attention(
         &mut self,
         _layer: usize,
@@ -441,42 +455,43 @@ impl Engine for FastEngine<'_> {
     ) -> Launched<(Shape, ())> {
         let cycles = match self.attention[0] {
             Some(cycles) => cycles,
+            None if self.inputs.plan.recompute_attention => {
+                self.blocked_attention().estimate_cycles(self.fabric())?
+            }
             None => self.attention_kernel().estimate_cycles(self.fabric())?,
         };
         self.attention[0] = Some(cycles);
         Ok(((*q, ()), self.cost(cycles)))
     }
 
-    /// Costed as what it computes (`Attention::estimate_recompute_cycles`): K gathered, the
-    /// scores, and the probabilities from the kept log-sum-exp, `exp(scale s - lse)`; neither
-    /// the context product nor the softmax's row max and sum. The same in every layer, so
-    /// costed once, like the forward.
-    fn attention_recompute(
-        &mut self,
-        _layer: usize,
-        _q: &Shape,
-        _k: &Shape,
-        _v: &Shape,
-    ) -> Launched<()> {
-        let cycles = match self.attention[2] {
-            Some(cycles) => cycles,
-            None => self
-                .attention_kernel()
-                .estimate_recompute_cycles(self.fabric())?,
-        };
-        self.attention[2] = Some(cycles);
-        Ok(((), self.cost(cycles)))
-    }
-
+    /// The unblocked backward from the kept probabilities, or the blocked one (its prelude and
+    /// runs, the probabilities recomputed) from the statistics.
     fn attention_backward(
         &mut self,
         _layer: usize,
         qkv: [&Shape; 3],
-        _probs: &(),
+        _kept: &(),
+        _ctx: &Shape,
         _d_ctx: &Shape,
     ) -> Launched<[Shape; 3]> {
         let cycles = match self.attention[1] {
             Some(cycles) => cycles,
+            None if self.inputs.plan.recompute_attention => {
+                let forward = self.blocked_attention();
+                let kernel = BlockedAttentionBackward {
+                    region: forward.region,
+                    shape: forward.shape,
+                    block_rows: forward.block_rows,
+                    q: NO_DATA,
+                    k: NO_DATA,
+                    v: NO_DATA,
+                    out: NO_DATA,
+                    d_out: NO_DATA,
+                    max: NO_DATA,
+                    sum: NO_DATA,
+                };
+                kernel.estimate_cycles(self.fabric())?
+            }
             None => {
                 let kernel = AttentionBackward {
                     region: self.region(),

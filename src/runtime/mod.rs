@@ -16,9 +16,10 @@
 //! A step runs as the plan's passes ([`crate::compile::StepPlan::passes`]): each pass is the
 //! whole schedule over its own sequences, its records appended in order; the weight gradients
 //! (and the loss) of the passes are summed, weighted by their share of the predicted tokens, as
-//! a host accumulating gradients over micro-batches does. With the attention recomputed, the
-//! backward pass of each block first reruns the attention's scores and softmax
-//! (`attention_recompute`); only the fast fidelity can cost that ([`RuntimeError::Recompute`]).
+//! a host accumulating gradients over micro-batches does. Where the plan keeps only the
+//! attention's softmax statistics, the attention runs as the blocked kernels, whose backward
+//! recomputes the probabilities block by block (its executed FMACs include that recompute's
+//! `Q K^T`, checked and then recorded apart from the FLOP convention's).
 //!
 //! Cycles of a step are the sum of its kernels' cycles: kernels do not overlap. For the dense
 //! baseline, the kernels of the six sparse matrices are timed a second time streaming every
@@ -334,10 +335,6 @@ pub enum RuntimeError {
     Reference(#[from] ReferenceError),
     #[error("a trace needs the exact fidelity (the fast one simulates no wavelet)")]
     TraceNeedsExact,
-    #[error(
-        "the exact fidelity cannot recompute the attention probabilities (its attention backward reads stored ones), and even one sequence of {seq} tokens cannot keep them; use --fidelity fast, shorter sequences or a bigger fabric"
-    )]
-    Recompute { seq: usize },
     #[error("pass {pass} (sequences {first}..{end}): {source}")]
     Pass {
         pass: usize,
@@ -369,11 +366,6 @@ fn run_exact(
     inputs: StepInputs<'_>,
     hooks: StepHooks<'_>,
 ) -> Result<(StepRun, Option<Trace>), RuntimeError> {
-    if inputs.plan.recompute_attention {
-        return Err(RuntimeError::Recompute {
-            seq: inputs.plan.seq,
-        });
-    }
     let passes = passes(inputs.costing())?;
     let single = passes.len() == 1;
     let loss_scale = inputs.resolved_loss_scale();

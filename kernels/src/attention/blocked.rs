@@ -28,8 +28,8 @@
 //! one join counter and a group counter when the PE takes part in two groups.
 
 use wafersim_sim::{
-    Buf, BuildError, Coord, DType, Executed, FabricConfig, Program, RunOptions, Simulator, Stats,
-    TaskCtx, TaskId, VecRef,
+    Buf, BuildError, Coord, DType, Executed, FabricConfig, Program, Simulator, Stats, TaskCtx,
+    TaskId, VecRef,
 };
 
 use super::blocked_memory::{self as memory, RowSizes};
@@ -42,6 +42,7 @@ use crate::error::KernelError;
 use crate::join::{self, ARMS, Join};
 use crate::layout::Region;
 use crate::rowgroup::Member;
+use crate::runs::Runs;
 use crate::vchain::Part;
 
 /// Name of the blocked forward kernel in errors and reports.
@@ -133,17 +134,26 @@ impl BlockedAttention<'_> {
         Ok(g)
     }
 
+    // TEMP-STUB: replaced by the cost formula before merging.
+    pub fn estimate_cycles(&self, _c: &FabricConfig) -> Result<u64, KernelError> {
+        Err(KernelError::Shape {
+            kernel: BLOCKED_KERNEL,
+            reason: "TEMP".into(),
+        })
+    }
+
     /// Checks the shapes and that every PE's buffers fit its SRAM in every run.
     pub fn plan(&self, config: &FabricConfig) -> Result<BlockedPlan, KernelError> {
         let g = self.checked(config)?;
         plan(config, &g, self.block_rows)
     }
 
-    /// Runs every block and reads back `O` and the softmax statistics.
+    /// Runs every block (`observer` gives each run's options and sees its measurements) and
+    /// reads back `O` and the softmax statistics.
     pub fn run(
         &self,
         config: &FabricConfig,
-        options: RunOptions,
+        observer: &mut impl Runs,
     ) -> Result<BlockedAttentionRun, KernelError> {
         let g = self.checked(config)?;
         let plan = plan(config, &g, self.block_rows)?;
@@ -153,7 +163,8 @@ impl BlockedAttention<'_> {
         let mut runs = Vec::with_capacity(plan.runs);
         for k in 0..plan.runs {
             let (program, placed) = self.build_run(config, &g, k, &carried)?;
-            let executed = Simulator::new(program)?.run(options)?;
+            let executed = Simulator::new(program)?.run(observer.next())?;
+            observer.finished(&executed.stats);
             for (state, bufs) in carried.iter_mut().zip(&placed) {
                 if let Some(bufs) = bufs {
                     *state = read_carried(&executed, bufs);

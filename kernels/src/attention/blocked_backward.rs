@@ -22,8 +22,7 @@
 //! `2 F_c n`, `D` and the sums `2 H_c n`, a row `n` and the counters.
 
 use wafersim_sim::{
-    Buf, Coord, DType, FabricConfig, Program, RunOptions, Simulator, Stats, TaskCtx, TaskId, Then,
-    VecRef,
+    Buf, Coord, DType, FabricConfig, Program, Simulator, Stats, TaskCtx, TaskId, Then, VecRef,
 };
 
 use super::blocked::{BlockGather, KvTiles};
@@ -37,6 +36,7 @@ use crate::error::KernelError;
 use crate::join::{ARMS, Join};
 use crate::layout::Region;
 use crate::rowgroup::Member;
+use crate::runs::Runs;
 use crate::vchain::Part;
 
 /// Name of the blocked backward kernel in errors and reports.
@@ -129,6 +129,14 @@ impl BlockedAttentionBackward<'_> {
         Ok(g)
     }
 
+    // TEMP-STUB: replaced by the cost formula before merging.
+    pub fn estimate_cycles(&self, _c: &FabricConfig) -> Result<u64, KernelError> {
+        Err(KernelError::Shape {
+            kernel: BLOCKED_BACKWARD_KERNEL,
+            reason: "TEMP".into(),
+        })
+    }
+
     /// Checks the shapes and that every PE's buffers fit its SRAM in every run; the fullest
     /// PE's bytes.
     pub fn plan(&self, config: &FabricConfig) -> Result<u64, KernelError> {
@@ -136,20 +144,22 @@ impl BlockedAttentionBackward<'_> {
         plan(config, &g, self.block_rows)
     }
 
-    /// Runs the prelude and every block, and reads back dQ, dK, dV.
+    /// Runs the prelude and every block (`observer` gives each run's options and sees its
+    /// measurements), and reads back dQ, dK, dV.
     pub fn run(
         &self,
         config: &FabricConfig,
-        options: RunOptions,
+        observer: &mut impl Runs,
     ) -> Result<BlockedAttentionGrads, KernelError> {
         let g = self.checked(config)?;
         let sram_bytes = plan(config, &g, self.block_rows)?;
         let mut runs = Vec::new();
-        let (mut carried, prelude) = self.prelude(config, &g, options)?;
+        let (mut carried, prelude) = self.prelude(config, &g, observer)?;
         runs.push(prelude);
         for k in 0..g.runs(self.block_rows) {
             let (program, placed) = self.build_run(config, &g, k, &carried)?;
-            let executed = Simulator::new(program)?.run(options)?;
+            let executed = Simulator::new(program)?.run(observer.next())?;
+            observer.finished(&executed.stats);
             for (state, bufs) in carried.iter_mut().zip(&placed) {
                 if let Some(bufs) = bufs {
                     state.dq = read(&executed, bufs.pe, bufs.dq);
@@ -189,14 +199,15 @@ impl BlockedAttentionBackward<'_> {
         &self,
         config: &FabricConfig,
         g: &Geometry,
-        options: RunOptions,
+        observer: &mut impl Runs,
     ) -> Result<(Vec<Carried>, Stats), KernelError> {
         let mut p = Program::new(config.clone())?;
         let mut placed = Vec::new();
         for (c, r) in region_pes(self.region) {
             placed.push(self.place_prelude(&mut p, g, (c as usize, r as usize))?);
         }
-        let executed = Simulator::new(p)?.run(options)?;
+        let executed = Simulator::new(p)?.run(observer.next())?;
+        observer.finished(&executed.stats);
         let carried = region_pes(self.region)
             .zip(&placed)
             .map(|((c, r), &(pe, bufs))| {
