@@ -621,34 +621,47 @@ mod tests {
     }
 
     #[test]
-    fn mediswift_xl_on_wse2_recomputes_attention_in_passes_of_three_sequences() {
+    fn mediswift_xl_on_wse2_runs_blocked_attention_in_passes_of_three_sequences() {
         let xl = GptConfig::preset("mediswift-xl").unwrap();
         let plan = plan_step(&xl, 8, 2048, &FabricConfig::wse2(), Precision::F32).unwrap();
         // Region 750 columns x 994 rows; per column 3 of d = 2048 (750 x 2 + 548), 11 of
         // d_ffn = 8192 (750 x 10 + 692), 68 of the vocabulary 50257 (750 x 67 + 7), and up to
         // 2 heads of 128. Keeping probabilities, one sequence (3 tokens per row) needs
         // 4 x 3 x (8 x 3 + 2 x 11 + 4 + 2 x 2048) = 49,752 bytes per layer: more than the
-        // 49,152 of a PE before anything else. With one log-sum-exp per head instead, per
-        // token and layer 8 x 3 + 2 x 11 + 4 + 2 = 52 floats and for the head
-        // 2 x 3 + 2 + 68 = 76: 4 t (24 x 52 + 76) = 5,296 t bytes with t tokens per row.
+        // 49,152 of a PE before anything else. With the softmax's maximum and sum per head
+        // instead, per token and layer 8 x 3 + 2 x 11 + 4 + 2 x 2 = 54 floats and for the head
+        // 2 x 3 + 2 + 68 = 76: 4 t (24 x 54 + 76) = 5,488 t bytes with t tokens per row.
         // The streamed kernels need at least, with t tokens per row, the largest of (fp32)
         // the head's product 4t (3 + 68) + 4 x 68 + 4 + 4t = 288 t + 276 and its weight
         // gradient 4t (3 + 68) + 4 x 68 + 8 + 4t + 4 x 3 = 288 t + 292 (either way round).
-        // Four sequences (8192 tokens, t = 9: 994 x 8 + 240): 47,664 + 2,884 = 50,548, too
-        // many; three (6144 tokens, t = 7: 994 x 6 + 180): 37,072 + 2,308 = 39,380.
+        // Four sequences (8192 tokens, t = 9: 994 x 8 + 240): 49,392 + 2,884 = 52,276, too
+        // many; three (6144 tokens, t = 7: 994 x 6 + 180): 38,416 + 2,308 = 40,724.
+        let wse2 = FabricConfig::wse2();
         assert_eq!(plan.region, Region::at_origin(750, 994));
         assert!(plan.recompute_attention);
         assert_eq!((plan.micro_batch, plan.pass_count()), (3, 3));
-        assert_eq!(plan.resident_bytes, 37_072);
-        assert_eq!(plan.kernel_sram_bytes, 49_152 - 37_072);
+        assert_eq!(plan.resident_bytes, 38_416);
+        assert_eq!(plan.kernel_sram_bytes, 49_152 - 38_416);
         let sizes: Vec<usize> = plan.passes().iter().map(|p| p.sequences.len()).collect();
         assert_eq!(sizes, vec![3, 3, 2]);
-        // The attention's K/V window alone is 2 x 3 features x 4,098 tokens (two sequences meet
-        // on a row) = 98,352 bytes: no micro-batch fits it, so the plan is made without it.
-        assert!(!plan.attention_fits);
-        let one = plan_step(&xl, 1, 2048, &FabricConfig::wse2(), Precision::F32).unwrap();
-        // One sequence: 5,296 x 3 = 15,888 bytes.
-        assert_eq!((one.micro_batch, one.resident_bytes), (1, 15_888));
+        // The unblocked attention's K/V window alone would be 2 x 3 features x 4,098 tokens
+        // (two sequences meet on a row) = 98,352 bytes; the blocked kernels take the most rows
+        // per key block whose buffers beyond the resident activations fit the 10,736 bytes
+        // left (by the kernels' own count, which their tests hold to the simulator's).
+        assert!(plan.attention_fits);
+        let shape = attention_shape(&xl, 3, 2048);
+        let scratch = |rows| {
+            shape
+                .blocked_memory(&wse2, plan.region, rows)
+                .unwrap()
+                .scratch_bytes
+        };
+        let rows = plan.attention_block_rows;
+        assert!(scratch(rows) <= 10_736 && scratch(rows + 1) > 10_736);
+        assert_eq!(rows, 8);
+        let one = plan_step(&xl, 1, 2048, &wse2, Precision::F32).unwrap();
+        // One sequence: 5,488 x 3 = 16,464 bytes.
+        assert_eq!((one.micro_batch, one.resident_bytes), (1, 16_464));
     }
 
     #[test]
@@ -683,17 +696,20 @@ mod tests {
         // sequences: 4 features, 16 FFN features, 16 vocabulary entries and 1 head per column.
         // Per token and layer 8 x 4 + 2 x 16 + 4 + 8 = 76 floats, the head 2 x 4 + 2 + 16 = 26.
         // Two sequences (16 tokens, 1 per row): 4 x (2 x 76 + 26) = 712 bytes; three (24
-        // tokens, 2 per row) 1,424. With 1,000 bytes: passes of 2, 2, 1 sequences, the last on
-        // 8 rows.
+        // tokens, 2 per row) 1,424. Beside them the attention backward's buffers (on top of the
+        // probabilities and tiles) for one token per row: dO, dQ, dK, dV 4 x 4, the window of
+        // the sequence's 8 tokens and its partial dK, dV 2 x 2 x 4 x 8, dS and its rows
+        // 8 + 2, the shared head's dP 8, a counter: 163 elements, 652 bytes. With 1,400 bytes:
+        // passes of 2, 2, 1 sequences (712 + 652 = 1,364), the last on 8 rows.
         let plan = plan_step(
             &tiny,
             5,
             8,
-            &fabric_with_sram(16, 16, 1_000),
+            &fabric_with_sram(16, 16, 1_400),
             Precision::F32,
         )
         .unwrap();
-        assert!(!plan.recompute_attention);
+        assert!(!plan.recompute_attention && plan.attention_fits);
         assert_eq!((plan.micro_batch, plan.pass_count()), (2, 3));
         assert_eq!(plan.resident_bytes, 712);
         let passes = plan.passes();
@@ -719,55 +735,58 @@ mod tests {
         let tiny = GptConfig::preset("tiny").unwrap();
         // 64-token sequences on 16 x 16, 4 tokens per row each: per layer and token
         // 8 x 4 + 2 x 16 + 4 = 68 floats besides attention. Keeping the 64 probabilities of one
-        // head: 4 x 4 x (2 x (68 + 64) + 26) = 4,640 bytes; with one statistic:
-        // 4 x 4 x (2 x 69 + 26) = 2,624. The largest kernel working set beside them is the GELU
+        // head: 4 x 4 x (2 x (68 + 64) + 26) = 4,640 bytes; with two statistics:
+        // 4 x 4 x (2 x 70 + 26) = 2,656. The largest kernel working set beside them is the GELU
         // backward's: X, dY, dX and a scratch tile of 4 tokens x 16 of the 256 hidden features,
         // 4 x 4 x 64 = 1,024 bytes (the streamed kernels need at most 424: the weight gradient
         // of c_fc, X 4 x 4 and dY 4 x 16 tiles (4 x 80), 16 bias slots, a counter pair (8) and
-        // one column (4 x 4 gathered + 4 x 4 slots): 320 + 64 + 8 + 32).
-        let short = plan_step(
-            &tiny,
-            2,
-            64,
-            &fabric_with_sram(16, 16, 3_647),
-            Precision::F32,
-        );
-        assert!(short.is_err(), "2,624 + 1,024 = 3,648 bytes");
-        let recompute = plan_step(
-            &tiny,
-            2,
-            64,
-            &fabric_with_sram(16, 16, 3_648),
-            Precision::F32,
-        )
-        .unwrap();
-        assert!(recompute.recompute_attention);
+        // one column (4 x 4 gathered + 4 x 4 slots): 320 + 64 + 8 + 32). The blocked attention
+        // in key blocks of one row needs less than that: its backward holds dO, dQ, dK, dV
+        // (4 x 4 x 4), the block window and partial dK, dV (4 x 4 x 4), D (4), the scores and
+        // dP of one row's 4 keys for 4 tokens (2 x 16) and a counter: 165 elements, 660 bytes.
+        let plan = |sram| {
+            plan_step(
+                &tiny,
+                2,
+                64,
+                &fabric_with_sram(16, 16, sram),
+                Precision::F32,
+            )
+        };
+        assert!(plan(3_679).is_err(), "2,656 + 1,024 = 3,680 bytes");
+        let recompute = plan(3_680).unwrap();
+        assert!(recompute.recompute_attention && recompute.attention_fits);
         assert_eq!(
             (recompute.micro_batch, recompute.resident_bytes),
-            (1, 2_624)
+            (1, 2_656)
         );
-        let just_short = plan_step(
-            &tiny,
-            2,
-            64,
-            &fabric_with_sram(16, 16, 5_663),
-            Precision::F32,
-        )
-        .unwrap();
+        let shape = attention_shape(&tiny, 1, 64);
+        let region = recompute.region;
+        let fabric = fabric_with_sram(16, 16, 3_680);
+        let scratch = |rows| {
+            shape
+                .blocked_memory(&fabric, region, rows)
+                .unwrap()
+                .scratch_bytes
+        };
+        assert_eq!(scratch(1), 660);
+        let rows = recompute.attention_block_rows;
         assert!(
-            just_short.recompute_attention,
-            "4,640 + 1,024 = 5,664 bytes"
+            scratch(rows) <= 1_024 && scratch(rows + 1) > 1_024,
+            "{rows}"
         );
-        let keep = plan_step(
-            &tiny,
-            2,
-            64,
-            &fabric_with_sram(16, 16, 5_664),
-            Precision::F32,
-        )
-        .unwrap();
-        assert!(!keep.recompute_attention);
+        // Keeping the probabilities takes room for the unblocked backward's buffers beyond
+        // them too: dO, dQ, dK, dV (4 x 16), the window of the sequence's 64 tokens and its
+        // partial dK, dV (2 x 2 x 4 x 64), dS and its rows (64 x 4 + 8), the dP of the head
+        // (shared by 4 columns: 4 x 64), a counter: 1,609 elements, 6,436 bytes. Short of
+        // 4,640 + 6,436 = 11,076, the blocked kernels run (their attention fits; the
+        // unblocked one would not).
+        let just_short = plan(11_075).unwrap();
+        assert!(just_short.recompute_attention && just_short.attention_fits);
+        let keep = plan(11_076).unwrap();
+        assert!(!keep.recompute_attention && keep.attention_fits);
         assert_eq!((keep.micro_batch, keep.resident_bytes), (1, 4_640));
+        assert_eq!(keep.attention_block_rows, 0);
     }
 
     /// The attention's K/V gather (0-3), dK/dV reduction (4-7) and head sums (8-11) use the most
@@ -782,8 +801,8 @@ mod tests {
         let xl = GptConfig::preset("mediswift-xl").unwrap();
         // 100 x 100 PEs: per column 21 of d, 82 of d_ffn, 503 of the vocabulary, 2 heads; 21
         // tokens per row. Even one sequence with the attention recomputed:
-        // 4 x 21 x (8 x 21 + 2 x 82 + 4 + 2) = 28,392 bytes per layer, the head
-        // 4 x 21 x (2 x 21 + 2 + 503) = 45,948: 24 x 28,392 + 45,948 = 727,356. The head's
+        // 4 x 21 x (8 x 21 + 2 x 82 + 4 + 2 x 2) = 28,560 bytes per layer, the head
+        // 4 x 21 x (2 x 21 + 2 + 503) = 45,948: 24 x 28,560 + 45,948 = 731,388. The head's
         // weight gradient needs 4 x 21 x (21 + 503) + 4 x 503 + 8 + 4 x 21 + 4 x 21 = 46,204.
         let fabric = FabricConfig::rectangle(100, 100).unwrap();
         let err = plan_step(&xl, 1, 2048, &fabric, Precision::F32)
@@ -791,12 +810,12 @@ mod tests {
             .to_string();
         assert!(
             err.starts_with(
-                "the model does not fit the fabric: even one sequence per pass with the attention recomputed, each PE must keep 727356 bytes"
+                "the model does not fit the fabric: even one sequence per pass with the attention recomputed, each PE must keep 731388 bytes"
             ),
             "{err}"
         );
         assert!(
-            err.contains("(28392 per layer x 24 layers + 45948 for the head) and the largest kernel's working set needs 46204 more, but it has 49152; use a bigger fabric or shorter sequences"),
+            err.contains("(28560 per layer x 24 layers + 45948 for the head) and the largest kernel's working set needs 46204 more, but it has 49152; use a bigger fabric or shorter sequences"),
             "{err}"
         );
     }

@@ -1049,15 +1049,30 @@ fn a_fast_only_flag_at_the_exact_fidelity_is_refused() {
 
 #[test]
 fn a_sweep_whose_attention_overflows_the_sram_is_refused_exactly_and_flagged_when_costed() {
-    // tiny with 2 x 64 tokens on 1 x 64: the backward attention needs 71,700 bytes per PE
-    // (worked out in tests/cli_step.rs, `LONG_ATTENTION`).
-    let long = ["sweep", "--batch", "2", "--seq", "64", "--fabric", "1x64"];
+    // tiny with one sequence of 64 tokens on one PE of 891,392 bytes: even in key blocks of
+    // one row the attention backward needs 263,172 bytes beside the 629,248 kept (worked out
+    // in tests/cli_step.rs, `ONE_PE`).
+    let tmp = tempfile::tempdir().unwrap();
+    let fabric = tmp.path().join("one.json");
+    fs::write(
+        &fabric,
+        r#"{"name": "one", "width": 1, "height": 1, "sram_bytes": 891392}"#,
+    )
+    .unwrap();
+    let long = [
+        "sweep",
+        "--batch",
+        "1",
+        "--seq",
+        "64",
+        "--fabric",
+        s(&fabric),
+    ];
     let needles = [
         "attention does not fit",
-        "71700 B (backward), of which 68116 B come on top of the 23632 B of activations kept for the backward pass, of 49152 B",
+        "314372 B (backward), of which 263172 B come on top of the 629248 B of activations kept for the backward pass, of 891392 B",
     ];
     assert_fails(&long, 1, &needles);
-    let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let fast = [
         &long[..],
@@ -1075,7 +1090,10 @@ fn a_sweep_whose_attention_overflows_the_sram_is_refused_exactly_and_flagged_whe
     );
     let json: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
-    assert_eq!(json["region"]["attention"]["backward_bytes_per_pe"], 71_700);
+    assert_eq!(
+        json["region"]["attention"]["backward_bytes_per_pe"],
+        314_372
+    );
     assert_eq!(json["region"]["attention"]["fits"], false);
 }
 

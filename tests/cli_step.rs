@@ -483,61 +483,64 @@ fn tokens_file(json: &str) -> (tempfile::TempDir, PathBuf) {
 #[test]
 fn a_model_too_big_for_the_fabric_is_refused_with_bytes() {
     // tiny on 2 x 2 with 2 x 64 tokens: 2 columns (divide the 4 heads), 2 rows. Even one
-    // sequence per pass (32 tokens per row) with one softmax statistic per head instead of the
-    // probabilities: per layer and token 8 x 32 + 2 x 128 + 4 + 2 heads x 1 = 518 floats, per
-    // layer 4 x 32 x 518 = 66,304 bytes; the head 4 x 32 x (2 x 32 + 2 + 128) = 24,832; in all
-    // 2 x 66,304 + 24,832 = 157,440 against 48 KiB = 49,152.
+    // sequence per pass (32 tokens per row) with two softmax statistics per head instead of
+    // the probabilities: per layer and token 8 x 32 + 2 x 128 + 4 + 2 heads x 2 = 520 floats,
+    // per layer 4 x 32 x 520 = 66,560 bytes; the head 4 x 32 x (2 x 32 + 2 + 128) = 24,832; in
+    // all 2 x 66,560 + 24,832 = 157,952 against 48 KiB = 49,152.
     fails_without_output(
         &["--batch", "2", "--seq", "64", "--fabric", "2x2"],
         1,
-        &["does not fit", "157440 bytes", "has 49152"],
+        &["does not fit", "157952 bytes", "has 49152"],
     );
 }
 
-/// tiny (64 features, 4 heads of 16) with 2 x 64 tokens on a 1 x 64 fabric: one column of all
-/// 64 features, 2 tokens per row, each sequence on 32 whole rows, so each PE's window is its
-/// sequence's 64 tokens. Forward f32s: Q, K, V, O tiles 4 x 64 x 2 = 512, window 2 x 64 x 64 =
-/// 8,192, probabilities 4 heads x 2 x 64 = 512, softmax rows 2 x 2, the join counter 1: 9,221,
-/// 36,884 bytes. Backward: the 512 of the tiles, the 512 probabilities, window and partial
-/// dK/dV 16,384, dS 64 x 2 and rows 2 x 2 = 132, dQ, dK, dV tiles 384, the counter 1: 17,925,
-/// 71,700 bytes, more than 48 KiB = 49,152. Of that, all but the Q, K, V tiles and the
-/// probabilities (which the step keeps anyway) comes on top of the kept activations: dO 128 +
-/// 16,384 + 132 + 384 + 1 = 17,029 f32, 68,116 bytes, beside 23,632 kept (`compile.rs`: per
-/// token and layer 8 x 64 + 2 x 256 + 4 + 4 x 64 = 1,284 floats, for the head 386, 2 tokens
-/// per row: 4 x 2 x (2 x 1,284 + 386)). One sequence per pass keeps 1 token per row but the
-/// same 64-token window: no micro-batch fits.
-const LONG_ATTENTION: [&str; 6] = ["--batch", "2", "--seq", "64", "--fabric", "1x64"];
+/// One PE of 891,392 bytes (`ONE_PE`): tiny (64 features, 4 heads of 16, 256 FFN features and
+/// vocabulary) with one sequence of 64 tokens, all on the one PE. It keeps for the backward pass
+/// (two softmax statistics per head; the probabilities, 64 per head, would not fit) per token
+/// and layer 8 x 64 + 2 x 256 + 4 + 4 x 2 = 1,036 floats and for the head 2 x 64 + 2 + 256 =
+/// 386: 4 x 64 x (2 x 1,036 + 386) = 629,248 bytes, and the GELU backward's X, dY, dX and a
+/// scratch tile (4 x 64 x 256 f32, 262,144 bytes) fit beside them, exactly. The blocked attention
+/// cannot be cut below one region row, the whole sequence here. Its forward: Q, K, V, O tiles
+/// 4 x 64 x 64 = 16,384, statistics 2 x 4 x 64 = 512, the block window 2 x 64 x 64 = 8,192, the
+/// scores 4 heads x 64 keys x 64 tokens = 16,384, rows 2 x 64 + 64, a counter: 41,665 f32,
+/// 166,660 bytes. Its backward: Q, K, V, dO, dQ, dK, dV tiles 7 x 4,096 = 28,672, statistics
+/// and D 3 x 256, window and partial dK, dV 16,384, scores and dP 32,768, a counter: 78,593 f32,
+/// 314,372 bytes, of which all but the Q, K, V tiles and the statistics come on top of the kept
+/// activations: 65,793 f32, 263,172 bytes, 1,028 more than the GELU's.
+const ONE_PE: &str = r#"{"name": "one", "width": 1, "height": 1, "sram_bytes": 891392}"#;
+const LONG_ATTENTION: [&str; 4] = ["--batch", "1", "--seq", "64"];
 
 #[test]
 fn an_attention_too_big_for_the_sram_is_refused_exactly_and_flagged_when_costed() {
-    fails_without_output(
-        &LONG_ATTENTION,
-        1,
-        &[
-            "attention does not fit",
-            "36884 B (forward) and 71700 B (backward), of which 68116 B come on top of the 23632 B",
-        ],
-    );
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("out");
+    let fabric = tmp.path().join("one.json");
+    fs::write(&fabric, ONE_PE).unwrap();
     let mut args = LONG_ATTENTION.to_vec();
+    args.extend_from_slice(&["--fabric", path_str(&fabric)]);
+    let needles = [
+        "attention does not fit",
+        "166660 B (forward) and 314372 B (backward), of which 263172 B come on top of the 629248 B",
+    ];
+    fails_without_output(&args, 1, &needles);
+    let out = tmp.path().join("out");
     args.extend_from_slice(&["--fidelity", "fast", "--no-numerics"]);
     let run = step(&out, &args);
     let warning = only_warning(&run);
-    assert!(
-        warning.contains("36884 B (forward) and 71700 B (backward), of which 68116 B"),
-        "{warning}"
-    );
+    assert!(warning.contains(needles[1]), "{warning}");
     let r = report(&out);
-    assert_eq!(u64_at(&r, "/region/attention/forward_bytes_per_pe"), 36_884);
+    assert_eq!(
+        u64_at(&r, "/region/attention/forward_bytes_per_pe"),
+        166_660
+    );
     assert_eq!(
         u64_at(&r, "/region/attention/backward_bytes_per_pe"),
-        71_700
+        314_372
     );
     assert_eq!(
         u64_at(&r, "/region/attention/beyond_resident_bytes_per_pe"),
-        68_116
+        263_172
     );
+    assert_eq!(u64_at(&r, "/region/attention/block_rows"), 1);
     assert_eq!(
         r.pointer("/region/attention/fits"),
         Some(&Value::Bool(false))
@@ -574,9 +577,9 @@ fn the_fast_fidelity_warns_on_latencies_its_formulas_were_not_checked_on() {
 fn a_huge_model_is_refused_before_its_weights_exist() {
     // 1.3 B parameters would take ~24 s and 6 GB to initialise; the fit check comes first.
     // Region 100 x 100: 21 tokens per row; per column 21 of d, 82 of d_ffn, 503 of the
-    // vocabulary and up to 2 heads, one softmax statistic each (recomputed attention): per
-    // layer 4 * 21 * (8 * 21 + 2 * 82 + 4 + 2) = 28,392 bytes; the head
-    // 4 * 21 * (2 * 21 + 2 + 503) = 45,948: 24 * 28,392 + 45,948 = 727,356.
+    // vocabulary and up to 2 heads, two softmax statistics each (recomputed attention): per
+    // layer 4 * 21 * (8 * 21 + 2 * 82 + 4 + 2 * 2) = 28,560 bytes; the head
+    // 4 * 21 * (2 * 21 + 2 + 503) = 45,948: 24 * 28,560 + 45,948 = 731,388.
     let started = Instant::now();
     fails_without_output(
         &[
@@ -590,7 +593,7 @@ fn a_huge_model_is_refused_before_its_weights_exist() {
             "2048",
         ],
         1,
-        &["does not fit", "727356 bytes", "has 49152"],
+        &["does not fit", "731388 bytes", "has 49152"],
     );
     assert!(started.elapsed() < Duration::from_secs(10));
 }

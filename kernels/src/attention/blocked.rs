@@ -453,8 +453,7 @@ fn plan(
     // (elements, column, row, run), the first in (row, run, column) order among equals.
     let mut worst = (0, 0, 0, 0);
     for r in 0..g.rows {
-        for k in 0..=g.last_run(r, block_rows) {
-            let sizes = g.run_sizes(r, k, block_rows);
+        for (k, sizes) in g.runs_sizes(r, block_rows).into_iter().enumerate() {
             if sizes.window == 0 {
                 continue;
             }

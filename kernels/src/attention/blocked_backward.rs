@@ -429,8 +429,7 @@ fn plan(config: &FabricConfig, g: &Geometry, block_rows: usize) -> Result<u64, K
     let mut worst: (u64, usize, usize, Option<usize>) = (0, 0, 0, None);
     for r in 0..g.rows {
         let mut row_runs = vec![(None, None)];
-        for k in 0..=g.last_run(r, block_rows) {
-            let sizes = g.run_sizes(r, k, block_rows);
+        for (k, sizes) in g.runs_sizes(r, block_rows).into_iter().enumerate() {
             if sizes.window > 0 {
                 row_runs.push((Some(k), Some(RowSizes::of(g, r, sizes))));
             }

@@ -126,8 +126,7 @@ fn fullest_runs(g: &Geometry, block_rows: usize) -> (u64, u64, u64) {
     let columns = distinct_columns(g);
     let mut most = (0, 0, 0);
     for r in 0..g.rows {
-        for k in 0..=g.last_run(r, block_rows) {
-            let sizes = g.run_sizes(r, k, block_rows);
+        for sizes in g.runs_sizes(r, block_rows) {
             if sizes.window == 0 {
                 continue;
             }

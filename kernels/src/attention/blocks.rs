@@ -156,30 +156,38 @@ impl Geometry {
     /// Row `r`'s sizes in run `k`, counted without building its key tables: the tokens of its
     /// block window and the scores of one head.
     pub fn run_sizes(&self, r: usize, k: usize, block_rows: usize) -> RunSizes {
-        let owners = self.run_window(r, k, block_rows);
-        let window = owners.iter().map(|&b| self.n(b)).sum();
-        let head_scores = self
-            .segments(r)
-            .iter()
-            .map(|seg| {
-                let s = seg.sequence as usize;
-                let sequence = s * self.seq..(s + 1) * self.seq;
-                let keys: usize = owners
-                    .iter()
-                    .map(|&b| {
-                        let t = self.tokens(b);
-                        t.end
-                            .min(sequence.end)
-                            .saturating_sub(t.start.max(sequence.start))
-                    })
-                    .sum();
-                keys * seg.len as usize
+        self.runs_sizes(r, block_rows)
+            .get(k)
+            .copied()
+            .unwrap_or(RunSizes {
+                window: 0,
+                head_scores: 0,
             })
-            .sum();
-        RunSizes {
-            window,
-            head_scores,
+    }
+
+    /// Row `r`'s sizes in each of its runs (index = run, up to its last), in one pass over its
+    /// window.
+    pub fn runs_sizes(&self, r: usize, block_rows: usize) -> Vec<RunSizes> {
+        let empty = RunSizes {
+            window: 0,
+            head_scores: 0,
+        };
+        let mut sizes = vec![empty; self.last_run(r, block_rows) + 1];
+        let segments = self.segments(r);
+        for b in self.window(r) {
+            let run = &mut sizes[self.run_of(b, block_rows)];
+            let t = self.tokens(b);
+            run.window += t.len();
+            for seg in &segments {
+                let s = seg.sequence as usize;
+                let keys = t
+                    .end
+                    .min((s + 1) * self.seq)
+                    .saturating_sub(t.start.max(s * self.seq));
+                run.head_scores += keys * seg.len as usize;
+            }
         }
+        sizes
     }
 
     /// Everything PE (c, r)'s compute needs in run `k`.
