@@ -132,12 +132,15 @@
 //! features per column, sequences longer than 93 tokens (forward) or 45 (backward) do not fit
 //! 48 KiB, whatever the rows; more columns shrink `F_c` but not the probabilities, which every
 //! column of a head keeps whole. A shape that does not fit is refused with
-//! [`KernelError::DoesNotFit`] naming the fullest PE and its bytes; longer sequences would need
-//! the keys streamed in blocks (flash-attention style), which this kernel does not do.
+//! [`KernelError::DoesNotFit`] naming the fullest PE and its bytes. Longer sequences take the
+//! blocked kernels ([`BlockedAttention`], [`BlockedAttentionBackward`]): the same placement, K
+//! and V gathered one key block of region rows at a time, an online softmax, the probabilities
+//! recomputed block by block in the backward (FlashAttention's schedule), so a PE holds one
+//! block whatever the sequence length.
 //!
-//! What this is not: no dropout, no attention bias, no cross-attention, no fp16; K and V are not
-//! streamed in blocks; the gather finishes before any compute starts; the softmax of a head
-//! over several columns is repeated on each of them, not split among them.
+//! What this is not: no dropout, no attention bias, no cross-attention, no fp16; the gather
+//! finishes before any compute starts; the softmax of a head over several columns is repeated
+//! on each of them, not split among them.
 
 mod blocked;
 mod blocked_backward;

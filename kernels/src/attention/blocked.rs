@@ -134,14 +134,6 @@ impl BlockedAttention<'_> {
         Ok(g)
     }
 
-    // TEMP-STUB: replaced by the cost formula before merging.
-    pub fn estimate_cycles(&self, _c: &FabricConfig) -> Result<u64, KernelError> {
-        Err(KernelError::Shape {
-            kernel: BLOCKED_KERNEL,
-            reason: "TEMP".into(),
-        })
-    }
-
     /// Checks the shapes and that every PE's buffers fit its SRAM in every run.
     pub fn plan(&self, config: &FabricConfig) -> Result<BlockedPlan, KernelError> {
         let g = self.checked(config)?;
