@@ -140,6 +140,7 @@
 //! over several columns is repeated on each of them, not split among them.
 
 mod blocked;
+mod blocked_cost;
 mod blocks;
 mod cost;
 mod geometry;

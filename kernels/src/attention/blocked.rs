@@ -32,6 +32,7 @@ use wafersim_sim::{
     TaskCtx, TaskId, VecRef,
 };
 
+use super::blocked_cost;
 use super::blocks::RunWork;
 use super::online::{self, OnlineBufs};
 use super::{
@@ -114,7 +115,8 @@ struct CarriedBufs {
 }
 
 impl BlockedAttention<'_> {
-    fn checked(&self, config: &FabricConfig) -> Result<Geometry, KernelError> {
+    /// The cut, if the region takes the shape and the blocks have rows.
+    fn blocked_geometry(&self, config: &FabricConfig) -> Result<Geometry, KernelError> {
         let g = geometry(BLOCKED_KERNEL, config, self.region, &self.shape)?;
         if self.block_rows == 0 {
             return Err(KernelError::Shape {
@@ -122,6 +124,11 @@ impl BlockedAttention<'_> {
                 reason: "block_rows must be at least 1".into(),
             });
         }
+        Ok(g)
+    }
+
+    fn checked(&self, config: &FabricConfig) -> Result<Geometry, KernelError> {
+        let g = self.blocked_geometry(config)?;
         let lengths = [
             ("Q", self.q.len()),
             ("K", self.k.len()),
@@ -136,6 +143,15 @@ impl BlockedAttention<'_> {
     pub fn plan(&self, config: &FabricConfig) -> Result<BlockedPlan, KernelError> {
         let g = self.checked(config)?;
         plan(config, &g, self.block_rows)
+    }
+
+    /// Cycles of the whole blocked forward (every run, one after the other) by the analytic
+    /// formula (`blocked_cost.rs`), without simulating, or why the region refuses the shape or
+    /// the block size. Like [`super::Attention::estimate_cycles`] it needs no data and does not
+    /// check that the buffers fit the SRAM ([`BlockedAttention::plan`] does).
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
+        let g = self.blocked_geometry(config)?;
+        Ok(blocked_cost::total(config, &g, self.block_rows))
     }
 
     /// Runs every block and reads back `O` and the softmax statistics.

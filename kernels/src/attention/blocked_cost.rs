@@ -1,0 +1,293 @@
+//! The analytic cycle formula of the blocked forward ([`super::BlockedAttention`]): its runs one
+//! after the other, each the unblocked gather restricted to the run's owner rows, then the
+//! slowest row's compute on the unblocked kernel's per-row timeline, with the instructions of
+//! `online.rs` (scores, online update, context, normalisation) summed in closed form.
+//!
+//! Per run `k`, in the widest column:
+//!
+//! 1. the gather: the task switch and the copy of the PE's own K and V (as the unblocked
+//!    gather's start), then the busiest core's ramp over the slots of the run's owners only
+//!    (rows `b` with `run_of(b) = k`: every other row of its window it takes in, what it
+//!    forwards and its own slot once per direction its reach goes), plus one store-and-forward
+//!    hop per row of the longest reach among those owners;
+//! 2. the compute of each row with keys in the run, on `cost::timeline`: per local head of `d`
+//!    features and segment of `L` tokens meeting `J` of the run's keys, the scores
+//!    `d J (issue + issue + ceil(L / fmac_f32))`, the update (scale of the `J L` block, the mask
+//!    `fill` of each future key, the new maximum, the rescale factor and its `exp`, the
+//!    subtraction and `exp` of the block, the run's sum, the running sum's rescale and add) and
+//!    the context (`d` rescales of the output row, then a load and an AXPY per key and feature).
+//!    A head over several columns sums its `m = sum J L` partial scores along the row, as in the
+//!    unblocked forward. In a row's last run, its last task adds the normalisation: one load,
+//!    reciprocal and store per token and local head, one multiply of `n` tokens per feature.
+//!
+//! What it is not: a simulation. Besides what the unblocked formula ignores (the join tasks,
+//! contention beyond the busiest core's ramp, the skew between columns and rows finishing their
+//! gathers: every row starts its compute when the run's slowest gather is done), it assumes the
+//! PE's own copy in every run (only the owners of a run copy; the others start their gather a
+//! copy earlier) and that an empty run (no row gathered) costs nothing.
+//!
+//! Key design decision: every fact is computed once per row (one pass over its window's tokens,
+//! sorted into runs) or once per column. A PE's cost in a run is linear in its heads' features,
+//! so a (row, run) is summed up in a few per-head and per-feature terms and each column costs a
+//! handful of multiplications: on the full wafer (750 x 994 PEs, 20 runs) that is 15 million
+//! such evaluations, and no per-(PE, run, key) loop.
+
+use std::ops::Range;
+
+use wafersim_sim::FabricConfig;
+
+use super::cost::{
+    PeCompute, collective_cycles, gather_start, mask_key, owner_flows, product, reciprocals,
+    timeline, vector,
+};
+use super::geometry::{Geometry, Segment};
+
+/// K and V: the tiles a run gathers per row.
+const KV_TILES: u64 = 2;
+
+/// The whole blocked forward: every run's gather and slowest row, added up (`block_rows >= 1`).
+pub(super) fn total(c: &FabricConfig, g: &Geometry, block_rows: usize) -> u64 {
+    let runs_of: Vec<usize> = (0..g.rows).map(|b| g.run_of(b, block_rows)).collect();
+    let windows: Vec<Range<usize>> = (0..g.rows).map(|r| g.window(r)).collect();
+    let gathers = run_gathers(c, g, &runs_of, &windows);
+    let computes = run_computes(c, g, &runs_of, &windows, gathers.len());
+    gathers.iter().zip(&computes).map(|(a, b)| a + b).sum()
+}
+
+/// Each run's gather: the unblocked gather's start, the busiest core's ramp over the run's
+/// owners' slots and a hop per row of the run's longest reach.
+fn run_gathers(
+    c: &FabricConfig,
+    g: &Geometry,
+    runs_of: &[usize],
+    windows: &[Range<usize>],
+) -> Vec<u64> {
+    let runs = runs_of.iter().max().map_or(0, |k| k + 1);
+    let mut span = vec![1; runs];
+    for (&k, window) in runs_of.iter().zip(windows) {
+        span[k] = span[k].max(window.len());
+    }
+    let mut busiest = vec![0u64; runs];
+    let mut flows = vec![(0u64, 0u64); runs];
+    for (r, window) in windows.iter().enumerate() {
+        flows.fill((0, 0));
+        for b in window.clone() {
+            let slot = KV_TILES * (g.fc(0) * g.n(b)) as u64;
+            let (inp, out) = owner_flows(slot, r, b, &windows[b]);
+            let run = &mut flows[runs_of[b]];
+            *run = (run.0 + inp, run.1 + out);
+        }
+        for (most, &(inp, out)) in busiest.iter_mut().zip(&flows) {
+            *most = (*most).max(inp.max(out));
+        }
+    }
+    let start = gather_start(c, g, KV_TILES);
+    busiest
+        .iter()
+        .zip(&span)
+        .map(|(&ramp, &span)| start + collective_cycles(c, ramp, span))
+        .collect()
+}
+
+/// Each run's slowest row: for every row, its PEs' tasks in each run it has keys in, on the
+/// unblocked forward's timeline.
+fn run_computes(
+    c: &FabricConfig,
+    g: &Geometry,
+    runs_of: &[usize],
+    windows: &[Range<usize>],
+    runs: usize,
+) -> Vec<u64> {
+    let columns: Vec<ColumnHeads> = (0..g.cols).map(|col| ColumnHeads::of(g, col)).collect();
+    let groups: Vec<Range<usize>> = (0..g.heads)
+        .map(|h| g.head_columns(h))
+        .filter(|group| group.len() > 1)
+        .collect();
+    let mut slowest = vec![0u64; runs];
+    let mut pes = Vec::with_capacity(g.cols);
+    for (r, window) in windows.iter().enumerate() {
+        let keys = RowKeys::of(c, g, r, window, runs_of);
+        let normalise = Normalise::of(c, g.n(r));
+        for (k, most) in slowest.iter_mut().enumerate().take(keys.runs) {
+            let Some(run) = keys.run_row(c, k) else {
+                continue;
+            };
+            let last = (k + 1 == keys.runs).then_some(normalise);
+            pes.clear();
+            pes.extend(columns.iter().map(|col| col.compute(c, &run, last)));
+            *most = (*most).max(timeline(c, &pes, &groups, run.head_scores));
+        }
+    }
+    slowest
+}
+
+/// The heads with features on one column, by whether other columns share them.
+#[derive(Clone, Copy, Debug, Default)]
+struct ColumnHeads {
+    shared: u64,
+    shared_dims: u64,
+    whole: u64,
+    whole_dims: u64,
+}
+
+impl ColumnHeads {
+    fn of(g: &Geometry, col: usize) -> Self {
+        let mut heads = ColumnHeads::default();
+        for h in g.local_heads(col) {
+            let dims = u64::from(h.dims);
+            if h.shared() {
+                heads.shared += 1;
+                heads.shared_dims += dims;
+            } else {
+                heads.whole += 1;
+                heads.whole_dims += dims;
+            }
+        }
+        heads
+    }
+
+    /// The PE's tasks in one run (`last`: the normalisation, in the PE's last run), in the
+    /// order `online.rs` and the kernel run them: the task switch, the shared heads' partial
+    /// scores and the issue of their sums (a send and a receive each), the whole heads; then,
+    /// if it has shared heads, a second task with their update and context. The normalisation
+    /// ends the last task.
+    fn compute(self, c: &FabricConfig, run: &RunRow, last: Option<Normalise>) -> PeCompute {
+        let switch = u64::from(c.task_switch_cycles);
+        let normalise = last.map_or(0, |n| {
+            n.per_head * (self.shared + self.whole)
+                + n.per_feature * (self.shared_dims + self.whole_dims)
+        });
+        let whole = self.whole_dims * (run.scores + run.context) + self.whole * run.update;
+        if self.shared == 0 {
+            return PeCompute {
+                to_sums: switch,
+                whole: whole + normalise,
+                shared_rest: 0,
+                shared: false,
+            };
+        }
+        PeCompute {
+            to_sums: switch
+                + self.shared_dims * run.scores
+                + 2 * self.shared * u64::from(c.issue_cycles),
+            whole,
+            shared_rest: switch
+                + self.shared * run.update
+                + self.shared_dims * run.context
+                + normalise,
+            shared: true,
+        }
+    }
+}
+
+/// The last run's normalisation of a row of `n` tokens: per local head a load, a reciprocal and
+/// a store per token; per feature one multiply of the output row.
+#[derive(Clone, Copy, Debug)]
+struct Normalise {
+    per_head: u64,
+    per_feature: u64,
+}
+
+impl Normalise {
+    fn of(c: &FabricConfig, n: usize) -> Self {
+        Normalise {
+            per_head: reciprocals(c, n),
+            per_feature: vector(c, n, c.simd.arith_f32),
+        }
+    }
+}
+
+/// One row's compute in one run, per local head apart from its width.
+#[derive(Clone, Copy, Debug, Default)]
+struct RunRow {
+    /// Per feature of a head on the PE: the scores (a load and an AXPY per key and segment).
+    scores: u64,
+    /// Per feature: the context (the output row's rescale, a load and an AXPY per key).
+    context: u64,
+    /// Per head: the online update of every segment, masks included.
+    update: u64,
+    /// Elements of one head's scores: what a head over several columns sums.
+    head_scores: u64,
+}
+
+/// The keys each of a row's segments meets in each run, from one pass over its window.
+struct RowKeys {
+    segments: Vec<Segment>,
+    /// Runs that bring the row keys (its last run is `runs - 1`).
+    runs: usize,
+    /// `[run][segment]`: the keys of the segment's sequence the run brings, and the cycles of
+    /// their masks.
+    keys: Vec<(usize, u64)>,
+}
+
+impl RowKeys {
+    fn of(
+        c: &FabricConfig,
+        g: &Geometry,
+        r: usize,
+        window: &Range<usize>,
+        runs_of: &[usize],
+    ) -> Self {
+        let segments = g.segments(r);
+        let runs = window.clone().map(|b| runs_of[b] + 1).max().unwrap_or(0);
+        let mut keys = vec![(0, 0); runs * segments.len()];
+        let first_sequence = segments.first().map_or(0, |s| s.sequence as usize);
+        for b in window.clone() {
+            let row = runs_of[b] * segments.len();
+            for token in g.tokens(b) {
+                let (sequence, pos) = (token / g.seq, token % g.seq);
+                let Some(i) = sequence.checked_sub(first_sequence) else {
+                    continue;
+                };
+                let Some(seg) = segments.get(i) else {
+                    continue;
+                };
+                let (first, len) = (seg.first_pos as usize, seg.len as usize);
+                let entry = &mut keys[row + i];
+                *entry = (entry.0 + 1, entry.1 + mask_key(c, pos, first, len));
+            }
+        }
+        RowKeys {
+            segments,
+            runs,
+            keys,
+        }
+    }
+
+    /// Run `k`'s compute terms, if it brings the row any key.
+    fn run_row(&self, c: &FabricConfig, k: usize) -> Option<RunRow> {
+        let at = k * self.segments.len();
+        let keys = self.keys.get(at..at + self.segments.len())?;
+        let mut run = RunRow::default();
+        for (seg, &(count, mask)) in self.segments.iter().zip(keys) {
+            if count == 0 {
+                continue;
+            }
+            let len = seg.len as usize;
+            let per_feature = product(c, count, 1, len);
+            run.scores += per_feature;
+            run.context += vector(c, len, c.simd.arith_f32) + per_feature;
+            run.update += online_update(c, count, len) + mask;
+            run.head_scores += (count * len) as u64;
+        }
+        (run.head_scores > 0).then_some(run)
+    }
+}
+
+/// `online.rs`'s update of one head and segment of `len` tokens meeting `keys` keys, but the
+/// masks: scale the block; the new maximum (a move, a max per further key, a max with the
+/// running one); the rescale factor (a subtraction, its `exp`) and the maximum's move; the
+/// subtraction of the maximum from each key's row and the block's `exp`; the run's sum (a move
+/// and an add per further key); the running sum's multiply by the factor and the add of the
+/// run's sum.
+fn online_update(c: &FabricConfig, keys: usize, len: usize) -> u64 {
+    let s = &c.simd;
+    let row = |width: u32| vector(c, len, width);
+    let count = keys as u64;
+    let scale = vector(c, keys * len, s.arith_f32);
+    let max = row(s.mov_f32) + count * row(s.max);
+    let rescale = row(s.arith_f32) + c.transcendental_cycles(len as u64) + row(s.mov_f32);
+    let exps = count * row(s.arith_f32) + c.transcendental_cycles((keys * len) as u64);
+    let sum = row(s.mov_f32) + (count - 1) * row(s.arith_f32) + 2 * row(s.arith_f32);
+    scale + max + rescale + exps + sum
+}
