@@ -754,6 +754,11 @@ fn blocked_forward_of_longer_sequences() {
     // 2 sequences of 40 over 10 rows of 8: each sequence spans 5 rows, so blocks of 1 to 4
     // rows leave the last run of each window short and blocks of 5 or more take it whole.
     check_blocked(2, 40, 1, 8, 1, 10);
+    // One sequence of 32 over 16 rows of 2 tokens, one head of 64 on one column: the gather
+    // outweighs the compute (a slot of 2 x 64 x 2 = 256 wavelets per row against 2 x 64 x
+    // (1 + 1 + 2) cycles of products per key row), and with more rows per block the two
+    // chains of a column share more of each core's ramp.
+    check_blocked(1, 32, 1, 64, 1, 16);
 }
 
 #[test]

@@ -37,7 +37,7 @@ use std::ops::Range;
 use wafersim_sim::FabricConfig;
 
 use super::cost::{
-    PeCompute, collective_cycles, gather_start, mask_key, owner_flows, product, reciprocals,
+    PeCompute, collective_cycles, gather_start, mask_key, owner_sends, product, reciprocals,
     timeline, vector,
 };
 use super::geometry::{Geometry, Segment};
@@ -54,8 +54,8 @@ pub(super) fn total(c: &FabricConfig, g: &Geometry, block_rows: usize) -> u64 {
     gathers.iter().zip(&computes).map(|(a, b)| a + b).sum()
 }
 
-/// Each run's gather: the unblocked gather's start, the busiest core's ramp over the run's
-/// owners' slots and a hop per row of the run's longest reach.
+/// Each run's gather: the unblocked gather's start, the ramps of the run's column chains
+/// ([`chains_ramp`]) and a hop per row of the run's longest reach.
 fn run_gathers(
     c: &FabricConfig,
     g: &Geometry,
@@ -67,26 +67,122 @@ fn run_gathers(
     for (&k, window) in runs_of.iter().zip(windows) {
         span[k] = span[k].max(window.len());
     }
-    let mut busiest = vec![0u64; runs];
-    let mut flows = vec![(0u64, 0u64); runs];
+    // `[run][row]`: what each core moves in each run.
+    let mut moves = vec![vec![RowMoves::default(); g.rows]; runs];
     for (r, window) in windows.iter().enumerate() {
-        flows.fill((0, 0));
         for b in window.clone() {
             let slot = KV_TILES * (g.fc(0) * g.n(b)) as u64;
-            let (inp, out) = owner_flows(slot, r, b, &windows[b]);
-            let run = &mut flows[runs_of[b]];
-            *run = (run.0 + inp, run.1 + out);
-        }
-        for (most, &(inp, out)) in busiest.iter_mut().zip(&flows) {
-            *most = (*most).max(inp.max(out));
+            let (south, north) = owner_sends(slot, r, b, &windows[b]);
+            let row = &mut moves[runs_of[b]][r];
+            if b == r {
+                row.south_own += south;
+                row.north_own += north;
+            } else {
+                row.inp += slot;
+                row.south_on += south;
+                row.north_on += north;
+            }
         }
     }
     let start = gather_start(c, g, KV_TILES);
-    busiest
+    moves
         .iter()
         .zip(&span)
-        .map(|(&ramp, &span)| start + collective_cycles(c, ramp, span))
+        .map(|(rows, &span)| start + collective_cycles(c, chains_ramp(rows), span))
         .collect()
+}
+
+/// What one row's core moves in one run's gather, in wavelets: the slots it takes in, the
+/// slots it passes on southwards and northwards, and its own slot sent each way.
+#[derive(Clone, Copy, Debug, Default)]
+struct RowMoves {
+    inp: u64,
+    south_on: u64,
+    south_own: u64,
+    north_on: u64,
+    north_own: u64,
+}
+
+/// Cycles for a core to push `work` wavelets through its ramp from cycle `start`, the other
+/// direction's chain taking every other cycle until cycle `other` (the two chains' operations
+/// share the ramp round robin), all of them after.
+fn shared_ramp(start: u64, work: u64, other: u64) -> u64 {
+    let shared = other.saturating_sub(start);
+    if 2 * work <= shared {
+        start + 2 * work
+    } else {
+        start + work + shared / 2
+    }
+}
+
+/// The ramps of one column's two chains (`rows`: what each row's core moves), until the last
+/// wavelet has left its last core: each row sends south what it passes on, once the row north of
+/// it has sent it (the chain is a pipeline), then its own slot; and the same northwards. While
+/// both directions have wavelets to send, each gets every other cycle of the core's ramp. So a
+/// row's southward sends end at the later of (its southward wavelets at the shared rate while
+/// its northward chain lasts) and (the northern row's southward end, then its own slot), and
+/// symmetrically; solved by sweeping the rows south then north until nothing moves (every end
+/// only grows with the others). With the chains of a whole sequence's rows this is about 1.5
+/// slots per row where the busiest core's wavelets alone (`max(in, out)`) are one. At least the
+/// wavelets any core takes in (its ramp from the router carries one per cycle).
+fn chains_ramp(rows: &[RowMoves]) -> u64 {
+    let n = rows.len();
+    let (mut south, mut north) = (vec![0u64; n], vec![0u64; n]);
+    // Every sweep fixes at least one more row's ends; `n + 1` sweeps bound the loop.
+    for _ in 0..=n {
+        let mut moved = false;
+        for r in 0..n {
+            let previous = r.checked_sub(1).map_or(0, |p| south[p]);
+            let end = direction_end(rows[r].south(), rows[r].north(), previous, north[r]);
+            moved |= end != south[r];
+            south[r] = end;
+        }
+        for r in (0..n).rev() {
+            let previous = north.get(r + 1).copied().unwrap_or(0);
+            let end = direction_end(rows[r].north(), rows[r].south(), previous, south[r]);
+            moved |= end != north[r];
+            north[r] = end;
+        }
+        if !moved {
+            break;
+        }
+    }
+    let received = rows.iter().map(|row| row.inp).max().unwrap_or(0);
+    let sent = south.iter().chain(&north).copied().max().unwrap_or(0);
+    sent.max(received)
+}
+
+impl RowMoves {
+    /// `(passed on, own)` southwards.
+    fn south(&self) -> (u64, u64) {
+        (self.south_on, self.south_own)
+    }
+
+    /// `(passed on, own)` northwards.
+    fn north(&self) -> (u64, u64) {
+        (self.north_on, self.north_own)
+    }
+}
+
+/// When a row's sends in one direction end: `(on, own)` its wavelets passed on and its own,
+/// `(other_on, other_own)` the other direction's, `previous` when the upstream row's sends in
+/// this direction end, `other_end` when this row's sends the other way end.
+fn direction_end(
+    (on, own): (u64, u64),
+    (other_on, other_own): (u64, u64),
+    previous: u64,
+    other_end: u64,
+) -> u64 {
+    if on + own == 0 {
+        return 0;
+    }
+    let other = if other_on + other_own > 0 {
+        other_end
+    } else {
+        0
+    };
+    let after_upstream = if on > 0 { previous } else { 0 };
+    shared_ramp(0, on + own, other).max(shared_ramp(after_upstream, own, other))
 }
 
 /// Each run's slowest row: for every row, its PEs' tasks in each run it has keys in, on the

@@ -290,12 +290,21 @@ fn gather_flows(g: &Geometry, col: usize, r: usize, tiles: u64) -> (u64, u64) {
 /// What row `r`'s core moves of owner row `b`'s slot of `slot` wavelets (`b` in its window,
 /// `reach` the rows `b`'s slot goes to): `(wavelets in, wavelets out)`. It takes the slot in
 /// unless it is its own, and sends it on once per direction the reach goes on past `r`.
-pub(super) fn owner_flows(slot: u64, r: usize, b: usize, reach: &Range<usize>) -> (u64, u64) {
+fn owner_flows(slot: u64, r: usize, b: usize, reach: &Range<usize>) -> (u64, u64) {
     let inp = if b != r { slot } else { 0 };
+    let (south, north) = owner_sends(slot, r, b, reach);
+    (inp, south + north)
+}
+
+/// What row `r`'s core sends of owner row `b`'s slot of `slot` wavelets (`b` in its window,
+/// `reach` the rows `b`'s slot goes to): `(south, north)`, the slot once per direction the
+/// reach goes on past `r` (from the north southwards, from the south northwards, its own both
+/// ways).
+pub(super) fn owner_sends(slot: u64, r: usize, b: usize, reach: &Range<usize>) -> (u64, u64) {
     let goes_on = |next: Option<usize>| next.is_some_and(|x| reach.contains(&x));
-    let (south, north) = (Some(r + 1), r.checked_sub(1));
-    let onward = (b <= r && goes_on(south)) as u64 + (b >= r && goes_on(north)) as u64;
-    (inp, onward * slot)
+    let south = b <= r && goes_on(Some(r + 1));
+    let north = b >= r && goes_on(r.checked_sub(1));
+    (u64::from(south) * slot, u64::from(north) * slot)
 }
 
 /// A collective over the column chains: the busiest core's ramp (`flows` gives each row's
