@@ -138,8 +138,11 @@ fn shared_ramp(start: u64, work: u64, other: u64) -> u64 {
 fn chains_ramp(rows: &[RowMoves]) -> u64 {
     let n = rows.len();
     let (mut south, mut north) = (vec![0u64; n], vec![0u64; n]);
-    // Every sweep fixes at least one more row's ends; `n + 1` sweeps bound the loop.
-    for _ in 0..=n {
+    // Every end only grows, and is bounded. The ends of a row whose two directions share its
+    // ramp to the last wavelet approach theirs geometrically (each sweep quarters the gap), so
+    // the loop stops when nothing moves, within `n + 64` sweeps (the tested shapes and the
+    // wse2 one take at most 7).
+    for _ in 0..n + 64 {
         let mut moved = false;
         for r in 0..n {
             let previous = r.checked_sub(1).map_or(0, |p| south[p]);
@@ -396,4 +399,102 @@ fn online_update(c: &FabricConfig, keys: usize, len: usize) -> u64 {
     let exps = count * row(s.arith_f32) + c.transcendental_cycles((keys * len) as u64);
     let sum = row(s.mov_f32) + (count - 1) * row(s.arith_f32) + 2 * row(s.arith_f32);
     scale + max + rescale + exps + sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{AttentionShape, BlockedAttention};
+    use crate::layout::Region;
+
+    // Prices on `rectangle` fabrics (the `wse2` ones): a vector instruction of `len` elements
+    // costs `1 + ceil(len / width)` (fp32 move and add 2 per cycle, max and FMAC 1), a scalar
+    // load or store 1, a reciprocal 4, a task switch 3, `exp` `1 + 4 len`.
+
+    /// One sequence of 4 tokens, one head of 4 features, on one PE: one run.
+    ///
+    /// Gather: a task switch and the copies of K and V (`vector(16, 2) = 9` each): 21; nothing
+    /// to send. Compute: the task switch 3; scores, per feature 4 keys x (1 + vector(4, 1) = 5)
+    /// = 24, 96 for the 4 features; context, per feature `vector(4, 2) = 3` and 24: 108; the
+    /// update: scale `vector(16, 2) = 9`, mask (keys 1-3 over 1, 2, 3 tokens) `2 + 2 + 3 = 7`,
+    /// maximum `3 + 4 x 5 = 23`, rescale factor `3 + (1 + 16) + 3 = 23`, the block's
+    /// subtraction and `exp` `4 x 3 + (1 + 64) = 77`, the sums `3 + 3 x 3 + 2 x 3 = 18`: 157;
+    /// the normalisation, `4 x (1 + 4 + 1) = 24` reciprocals and `4 x 3` multiplies: 36.
+    /// `21 + 3 + 96 + 108 + 157 + 36 = 421`, the exact engine's count too.
+    #[test]
+    fn one_pe_by_hand() {
+        let blocked = BlockedAttention {
+            region: Region::at_origin(1, 1),
+            shape: AttentionShape {
+                batch: 1,
+                seq_len: 4,
+                heads: 1,
+                features: 4,
+                scale: 0.5,
+            },
+            block_rows: 1,
+            q: &[],
+            k: &[],
+            v: &[],
+        };
+        let config = FabricConfig::rectangle(1, 1).unwrap();
+        assert_eq!(blocked.estimate_cycles(&config).unwrap(), 421);
+    }
+
+    /// Three rows each owning a slot of 100 wavelets that every row wants. The middle row
+    /// passes row 0's slot south and row 2's north and sends its own both ways: 400 wavelets
+    /// through one ramp, shared by the two chains to the end, so 400 cycles, where the busiest
+    /// core's count alone (`max(in, out)`) is 400 too; the sweeps approach it from below by
+    /// halves (200, 350, 387, 396, 399) and stop at 399. With only the middle row's slot (a
+    /// run owning one row), it sends 100 each way over the shared ramp: 200 (199).
+    #[test]
+    fn the_two_chains_share_each_cores_ramp() {
+        let end = |south_own, north_own| RowMoves {
+            inp: 200,
+            south_own,
+            north_own,
+            ..RowMoves::default()
+        };
+        let middle = RowMoves {
+            inp: 200,
+            south_on: 100,
+            south_own: 100,
+            north_on: 100,
+            north_own: 100,
+        };
+        assert_eq!(chains_ramp(&[end(100, 0), middle, end(0, 100)]), 399);
+        let owner = RowMoves {
+            south_own: 100,
+            north_own: 100,
+            ..RowMoves::default()
+        };
+        let receiver = RowMoves {
+            inp: 100,
+            ..RowMoves::default()
+        };
+        assert_eq!(chains_ramp(&[receiver, owner, receiver]), 199);
+    }
+
+    /// Sixteen rows each owning a slot of 256 wavelets wanted by all: the middle rows pass on
+    /// 15 slots and send their own both ways (17 slots, what the busiest core's count gives),
+    /// but the two chains stall each other. Row 1 can send its own slot south only after row
+    /// 0's, sharing its ramp with the 14 slots it passes north; row 2 after rows 0 and 1's; and
+    /// so on: the southward chain leaves row 14 after `1.5 x 16 - 1 = 23` slots, 5,888 cycles
+    /// (the same two-chain model written separately as a short Python iteration gives 23 slots
+    /// for 16 rows, `1.5 R - 1` for every even `R` from 4 to 32; the exact engine's gather on
+    /// such a column, less its start and hops, took 6,150 cycles).
+    #[test]
+    fn a_whole_sequences_chains_take_about_one_and_a_half_slots_per_row() {
+        let rows = 16;
+        let moves: Vec<RowMoves> = (0..rows)
+            .map(|r| RowMoves {
+                inp: 256 * (rows - 1),
+                south_on: if r + 1 < rows { 256 * r } else { 0 },
+                south_own: if r + 1 < rows { 256 } else { 0 },
+                north_on: if r > 0 { 256 * (rows - 1 - r) } else { 0 },
+                north_own: if r > 0 { 256 } else { 0 },
+            })
+            .collect();
+        assert_eq!(chains_ramp(&moves), 23 * 256);
+    }
 }
