@@ -234,34 +234,46 @@ pub(super) fn row_compute(c: &FabricConfig, g: &Geometry, r: usize, pass: Pass) 
     let pes: Vec<PeCompute> = (0..g.cols)
         .map(|col| pe_compute(c, g, &row, &g.local_heads(col), pass))
         .collect();
-    let groups: Vec<Range<usize>> = (0..g.heads).map(|h| g.head_columns(h)).collect();
+    let groups: Vec<Group> = (0..g.heads)
+        .map(|h| {
+            let columns = g.head_columns(h);
+            Group {
+                columns: columns.len(),
+                pes: columns,
+            }
+        })
+        .collect();
     timeline(c, &pes, &groups, g.head_block_len(r) as u64)
 }
 
-/// A row's compute from its PEs' tasks (`pes`, one per column) and the column groups of its
-/// heads, whose `m` partial sums each travel east along the group and back west: each PE's
-/// first task; for every group of several columns, the chain east once every column has issued
-/// its sums, the turnaround task on the last column once its core is free, the chain back west;
-/// each PE's second task once its groups' totals are back.
-pub(super) fn timeline(
-    c: &FabricConfig,
-    pes: &[PeCompute],
-    groups: &[Range<usize>],
-    m: u64,
-) -> u64 {
+/// A head's column group on a row's timeline: the entries of the row's PEs it spans (its
+/// columns, or fewer where equal neighbouring columns stand for each other) and how many
+/// columns its sums' chains cross.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Group {
+    pub pes: Range<usize>,
+    pub columns: usize,
+}
+
+/// A row's compute from its PEs' tasks (`pes`: one per column, or one per run of equal
+/// columns) and the column groups of its heads, whose `m` partial sums each travel east along
+/// the group and back west: each PE's first task; for every group of several columns, the chain
+/// east once every column has issued its sums, the turnaround task on the last column once its
+/// core is free, the chain back west; each PE's second task once its groups' totals are back.
+pub(super) fn timeline(c: &FabricConfig, pes: &[PeCompute], groups: &[Group], m: u64) -> u64 {
     let first_task_end = |pe: &PeCompute| pe.to_sums + pe.whole;
     let mut totals_back = vec![0u64; pes.len()];
     for group in groups {
-        if group.len() < 2 {
+        if group.columns < 2 {
             continue;
         }
-        let chain = m + (group.len() as u64 - 1) * hop(c);
-        let ready = group.clone().map(|col| pes[col].to_sums).max().unwrap_or(0);
-        let last = group.end - 1;
+        let chain = m + (group.columns as u64 - 1) * hop(c);
+        let ready = group.pes.clone().map(|i| pes[i].to_sums).max().unwrap_or(0);
+        let last = group.pes.end - 1;
         let turn = (ready + chain).max(first_task_end(&pes[last]));
         let back = turn + u64::from(c.task_switch_cycles) + 3 * scalar(c) + chain;
-        for col in group.clone() {
-            totals_back[col] = totals_back[col].max(back);
+        for i in group.pes.clone() {
+            totals_back[i] = totals_back[i].max(back);
         }
     }
     pes.iter()
