@@ -39,10 +39,10 @@
 //! sorted into runs) or once per column. A PE's cost in a run is linear in its heads' features,
 //! so a (row, run) is summed up in four terms (per feature before and after the sums, per head,
 //! the sums' length), and neighbouring columns holding the same widths of the same heads are
-//! one entry of the row's timeline (about three per head on the wafer, not 750 columns): no loop
-//! per (PE, run, key), nor per (column, run). On the full wse2 rectangle (750 x 994 PEs, 3
-//! sequences of 2048 tokens, 16 heads of 128, blocks of 16 rows: 22 runs) the estimate takes
-//! about 20 ms (190 ms with one timeline entry per column, for the same cycles).
+//! one entry of the row's timeline: no loop per (PE, run, key), nor per (column, run). On the
+//! full wse2 rectangle (750 x 994 PEs, 3 sequences of 2048 tokens, 16 heads of 128, blocks of 16
+//! rows: 22 runs, 25 timeline entries per row) the estimate takes about 20 ms (190 ms with one
+//! timeline entry per column, for the same cycles).
 
 use std::ops::Range;
 
