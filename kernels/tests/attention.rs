@@ -754,10 +754,11 @@ fn blocked_forward_of_longer_sequences() {
     // 2 sequences of 40 over 10 rows of 8: each sequence spans 5 rows, so blocks of 1 to 4
     // rows leave the last run of each window short and blocks of 5 or more take it whole.
     check_blocked(2, 40, 1, 8, 1, 10);
-    // One sequence of 32 over 16 rows of 2 tokens, one head of 64 on one column: the gather
-    // outweighs the compute (a slot of 2 x 64 x 2 = 256 wavelets per row against 2 x 64 x
-    // (1 + 1 + 2) cycles of products per key row), and with more rows per block the two
-    // chains of a column share more of each core's ramp.
+    // One sequence of 32 over 16 rows of 2 tokens, one head of 64 on one column: a heavy
+    // gather (a slot of 2 x 64 x 2 = 256 wavelets per row, against 2 keys x 64 features x
+    // (1 + 1 + 2) = 512 cycles per product and owner row), whose two chains share more of
+    // each core's ramp the more rows a block has: counting the busiest core's wavelets alone,
+    // the estimate fell to 0.94 of the exact cycles at 6 rows per block.
     check_blocked(1, 32, 1, 64, 1, 16);
 }
 
