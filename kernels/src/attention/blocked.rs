@@ -22,17 +22,16 @@
 //! window). Every key of a sequence is computed, future ones included, as the unblocked kernel
 //! and PyTorch eager do: the FMACs executed are exactly the unblocked forward's.
 //!
-//! Cost: [`BlockedAttention::estimate_cycles`] adds up, per run, the gather of the run's owner
-//! rows (the copy of the PE's own K and V, the two column chains sharing each core's ramp, a hop
-//! per row of the longest reach) and the slowest row's compute (the scores, the online update
-//! and the context of the run's keys, per local head and segment, with the group sums of heads
-//! over several columns between the PE's two tasks, and the normalisation in the row's last
-//! run), as `blocked_cost.rs` details. It ignores the join tasks, the skew between rows
-//! finishing their gathers (each run's compute starts after its slowest gather) and empty runs,
-//! and does not check the SRAM. Measured against the exact engine in
-//! `kernels/tests/attention.rs` (every block size from one row to all of them, on 11 shapes,
-//! 61 configurations), the estimate is within 0.989 to 1.041 of the runs' cycles; the test
-//! asserts 6 %.
+//! Cost: [`BlockedAttention::estimate_cycles`] adds up the runs, each ending with its last row:
+//! the row's part of the gather of the run's owner rows (the copy of the PE's own K and V, the
+//! two column chains sharing each core's ramp, a hop per row to its farthest owner), then its
+//! compute (the scores, the online update and the context of the run's keys, per local head and
+//! segment, with the group sums of heads over several columns between the PE's two tasks, and
+//! the normalisation in the row's last run), as `blocked_cost.rs` details. It ignores the join
+//! tasks, the skew between a row's columns and empty runs, and does not check the SRAM.
+//! Measured against the exact engine in `kernels/tests/attention.rs` (every block size from one
+//! row to all of them, on 11 shapes, 61 configurations), the estimate is within 0.989 to 1.012
+//! of the runs' cycles; the test asserts 6 %.
 //!
 //! Memory per PE (f32 elements, `n` tokens, `F_c` features, `H_c` local heads, longest segment
 //! `L`, the most tokens `W_k` and scores `A_k` of one head in any run): Q, K, V, O tiles

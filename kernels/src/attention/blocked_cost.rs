@@ -1,23 +1,24 @@
 //! The analytic cycle formula of the blocked forward ([`super::BlockedAttention`]): its runs one
-//! after the other, each the unblocked gather restricted to the run's owner rows, then the
-//! slowest row's compute on the unblocked kernel's per-row timeline (`cost::timeline`), with the
-//! instructions of `online.rs` (scores, online update, context, normalisation) summed in closed
-//! form.
+//! after the other, each ending when its last row does: the row's part of the unblocked gather
+//! restricted to the run's owner rows, then its compute on the unblocked kernel's per-row
+//! timeline (`cost::timeline`), with the instructions of `online.rs` (scores, online update,
+//! context, normalisation) summed in closed form.
 //!
-//! Per run `k`, in the widest column:
+//! Per run `k` and row `r`, in the widest column:
 //!
 //! 1. the gather, as the unblocked one but over the slots of the run's owners only (rows `b`
 //!    with `run_of(b) = k`; their reaches are the unblocked gather's): the task switch and the
-//!    copy of the PE's own K and V, then the ramps of the column's two chains, then one
-//!    store-and-forward hop per row of the longest reach among the owners. The ramps: each core
-//!    sends south the slots it passes on (once the core north of it has sent them: the chain is
-//!    a pipeline) and then its own, and north likewise; while both directions have wavelets to
+//!    copy of the PE's own K and V, then the row's part of the ramps of the column's two chains,
+//!    then one store-and-forward hop per row to its farthest owner. The ramps: each core sends
+//!    south the slots it passes on (once the core north of it has sent them: the chain is a
+//!    pipeline) and then its own, and north likewise; while both directions have wavelets to
 //!    send they take every other cycle of its ramp (the engine serves a core's operations round
-//!    robin). The last send's end, solved over the rows (`chains_ramp`), or the most wavelets
-//!    any core takes in, if more. Where a run's owners are a whole sequence's `R` rows (the
-//!    unblocked gather) this comes to about `1.5 R` slots against the `R + 1` of the busiest
+//!    robin). Row `r`'s part ends with the later of its own sends and the sends of the
+//!    neighbours it receives from, solved over the rows (`chains_ramp`), and no earlier than the
+//!    wavelets it takes in. Where a run's owners are a whole sequence's `R` rows (the unblocked
+//!    gather) the last send ends after about `1.5 R` slots, against the `R + 1` of the busiest
 //!    core's wavelets alone, which is what the unblocked formula counts;
-//! 2. the compute of each row with keys in the run: per local head of `d` features and segment
+//! 2. the compute of row `r` if the run brings it keys: per local head of `d` features and segment
 //!    of `L` tokens meeting `J` of the run's keys, the scores `d J (issue + issue + ceil(L /
 //!    fmac_f32))`, the online update (the scale of the `J L` block, the mask `fill` of each of
 //!    those keys after the segment's first token, the new maximum, the rescale factor and its
@@ -29,11 +30,12 @@
 //!    reciprocal and a store per token and local head, a multiply of the `n` tokens per feature.
 //!
 //! What it is not: a simulation. Like the unblocked formula it ignores the join tasks, the
-//! ramp from the router beyond the wavelets a core takes in, and the skew between rows: every
-//! row starts its compute when the run's slowest gather is done (so a run whose slowest compute
-//! is on a row whose gather ended early is overestimated, by up to 4 % on the tested shapes).
-//! It counts the copy of a PE's own K and V in every run (only a run's owners copy), and nothing
-//! for a run that gathers no row. It does not check that the buffers fit the SRAM.
+//! ramp from the router beyond the wavelets a core takes in, and the skew between the columns of
+//! a row (the widest column's gather stands for all of them). It counts the copy of a PE's own
+//! K and V in every run (only a run's owners copy), and nothing for a run that gathers no row.
+//! It does not check that the buffers fit the SRAM. Unlike the unblocked formula, each row
+//! starts its compute when its own gather ends, not the slowest: with every row waiting for the
+//! slowest, the tested shapes came out up to 4 % over.
 //!
 //! Key design decision: every fact is computed once per row (one pass over its window's tokens,
 //! sorted into runs) or once per column. A PE's cost in a run is linear in its heads' features,
@@ -57,28 +59,25 @@ use super::geometry::{Geometry, LocalHead, Segment};
 /// K and V: the tiles a run gathers per row.
 const KV_TILES: u64 = 2;
 
-/// The whole blocked forward: every run's gather and slowest row, added up (`block_rows >= 1`).
+/// The whole blocked forward: every run's end (its last row's gather and compute), added up
+/// (`block_rows >= 1`).
 pub(super) fn total(c: &FabricConfig, g: &Geometry, block_rows: usize) -> u64 {
     let runs_of: Vec<usize> = (0..g.rows).map(|b| g.run_of(b, block_rows)).collect();
     let windows: Vec<Range<usize>> = (0..g.rows).map(|r| g.window(r)).collect();
     let gathers = run_gathers(c, g, &runs_of, &windows);
-    let computes = run_computes(c, g, &runs_of, &windows, gathers.len());
-    gathers.iter().zip(&computes).map(|(a, b)| a + b).sum()
+    run_ends(c, g, &runs_of, &windows, &gathers).iter().sum()
 }
 
-/// Each run's gather: the unblocked gather's start, the ramps of the run's column chains
-/// ([`chains_ramp`]) and a hop per row of the run's longest reach.
+/// `[run][row]`: when each row's gather ends in each run: the unblocked gather's start, the
+/// row's part of the ramps of the run's column chains ([`chains_ramp`]) and a hop per row to its
+/// farthest owner (none for a row the run gives nothing).
 fn run_gathers(
     c: &FabricConfig,
     g: &Geometry,
     runs_of: &[usize],
     windows: &[Range<usize>],
-) -> Vec<u64> {
+) -> Vec<Vec<u64>> {
     let runs = runs_of.iter().max().map_or(0, |k| k + 1);
-    let mut span = vec![1; runs];
-    for (&k, window) in runs_of.iter().zip(windows) {
-        span[k] = span[k].max(window.len());
-    }
     // `[run][row]`: what each core moves in each run.
     let mut moves = vec![vec![RowMoves::default(); g.rows]; runs];
     for (r, window) in windows.iter().enumerate() {
@@ -93,21 +92,33 @@ fn run_gathers(
                 row.inp += slot;
                 row.south_on += south;
                 row.north_on += north;
+                row.from_north |= b < r;
+                row.from_south |= b > r;
+                row.farthest = row.farthest.max(b.abs_diff(r));
             }
         }
     }
     let start = gather_start(c, g, KV_TILES);
     moves
         .iter()
-        .zip(&span)
-        .map(|(rows, &span)| start + collective_cycles(c, chains_ramp(rows), span))
+        .map(|rows| {
+            let ends = chains_ramp(rows);
+            rows.iter()
+                .zip(ends)
+                .map(|(row, end)| start + collective_cycles(c, end, row.farthest + 1))
+                .collect()
+        })
         .collect()
 }
 
-/// What one row's core moves in one run's gather, in wavelets: the slots it takes in, the
-/// slots it passes on southwards and northwards, and its own slot sent each way.
+/// What one row's core moves in one run's gather: whether it takes in slots from the north and
+/// from the south, how many rows away its farthest owner is, and in wavelets the slots it takes
+/// in, those it passes on southwards and northwards, and its own slot sent each way.
 #[derive(Clone, Copy, Debug, Default)]
 struct RowMoves {
+    from_north: bool,
+    from_south: bool,
+    farthest: usize,
     inp: u64,
     south_on: u64,
     south_own: u64,
@@ -127,17 +138,19 @@ fn shared_ramp(start: u64, work: u64, other: u64) -> u64 {
     }
 }
 
-/// The ramps of one column's two chains (`rows`: what each row's core moves), until the last
-/// wavelet has left its last core: each row sends south what it passes on, once the row north of
-/// it has sent it (the chain is a pipeline), then its own slot; and the same northwards. While
-/// both directions have wavelets to send, each gets every other cycle of the core's ramp. So a
-/// row's southward sends end at the later of (its southward wavelets at the shared rate while
-/// its northward chain lasts) and (the northern row's southward end, then its own slot), and
-/// symmetrically; solved by sweeping the rows south then north until nothing moves (every end
-/// only grows with the others). With the chains of a whole sequence's rows this is about 1.5
-/// slots per row where the busiest core's wavelets alone (`max(in, out)`) are one. At least the
-/// wavelets any core takes in (its ramp from the router carries one per cycle).
-fn chains_ramp(rows: &[RowMoves]) -> u64 {
+/// The ramps of one column's two chains (`rows`: what each row's core moves): for each row, when
+/// it has sent and received its last wavelet, hops aside. Each row sends south what it passes
+/// on, once the row north of it has sent it (the chain is a pipeline), then its own slot; and
+/// the same northwards. While both directions have wavelets to send, each gets every other cycle
+/// of the core's ramp. So a row's southward sends end at the later of (its southward wavelets at
+/// the shared rate while its northward chain lasts) and (the northern row's southward end, then
+/// its own slot), and symmetrically; solved by sweeping the rows south then north until nothing
+/// moves (every end only grows with the others). A row has received everything when the
+/// neighbours it receives from have sent their last, and no earlier than one cycle per wavelet
+/// it takes in (its ramp from the router carries one per cycle). With the chains of a whole
+/// sequence's rows the last send ends after about 1.5 slots per row, where the busiest core's
+/// wavelets alone (`max(in, out)`) are one.
+fn chains_ramp(rows: &[RowMoves]) -> Vec<u64> {
     let n = rows.len();
     let (mut south, mut north) = (vec![0u64; n], vec![0u64; n]);
     // Every end only grows, and is bounded. The ends of a row whose two directions share its
@@ -162,9 +175,16 @@ fn chains_ramp(rows: &[RowMoves]) -> u64 {
             break;
         }
     }
-    let received = rows.iter().map(|row| row.inp).max().unwrap_or(0);
-    let sent = south.iter().chain(&north).copied().max().unwrap_or(0);
-    sent.max(received)
+    (0..n)
+        .map(|r| {
+            let from_north = r.checked_sub(1).filter(|_| rows[r].from_north);
+            let from_south = Some(r + 1).filter(|_| rows[r].from_south);
+            let arrived = from_north
+                .map_or(0, |p| south[p])
+                .max(from_south.and_then(|p| north.get(p).copied()).unwrap_or(0));
+            south[r].max(north[r]).max(arrived).max(rows[r].inp)
+        })
+        .collect()
 }
 
 impl RowMoves {
@@ -200,17 +220,20 @@ fn direction_end(
     shared_ramp(0, on + own, other).max(shared_ramp(after_upstream, own, other))
 }
 
-/// Each run's slowest row: for every row, its PEs' tasks in each run it has keys in, on the
-/// unblocked forward's timeline.
-fn run_computes(
+/// Each run's end: the latest over the rows of its gather's end (`gathers`, `[run][row]`) and,
+/// if the run brings it keys, its PEs' tasks after it, on the unblocked forward's timeline.
+fn run_ends(
     c: &FabricConfig,
     g: &Geometry,
     runs_of: &[usize],
     windows: &[Range<usize>],
-    runs: usize,
+    gathers: &[Vec<u64>],
 ) -> Vec<u64> {
     let (columns, groups) = merged_columns(g);
-    let mut slowest = vec![0u64; runs];
+    let mut slowest: Vec<u64> = gathers
+        .iter()
+        .map(|rows| rows.iter().copied().max().unwrap_or(0))
+        .collect();
     let mut pes = Vec::with_capacity(g.cols);
     for (r, window) in windows.iter().enumerate() {
         let keys = RowKeys::of(c, g, r, window, runs_of);
@@ -222,7 +245,8 @@ fn run_computes(
             let last = (k + 1 == keys.runs).then_some(normalise);
             pes.clear();
             pes.extend(columns.iter().map(|col| col.compute(c, &run, last)));
-            *most = (*most).max(timeline(c, &pes, &groups, run.head_scores));
+            let gathered = gathers[k][r];
+            *most = (*most).max(gathered + timeline(c, &pes, &groups, run.head_scores));
         }
     }
     slowest
@@ -466,38 +490,43 @@ mod tests {
         assert_eq!(blocked.estimate_cycles(&config).unwrap(), 421);
     }
 
+    /// What row `r` of `rows` moves in a gather where the rows `owners` each send a slot of
+    /// `slot` wavelets to every row.
+    fn everyone_wants(r: usize, rows: usize, owners: Range<usize>, slot: u64) -> RowMoves {
+        let mut moves = RowMoves::default();
+        for b in owners {
+            let (south, north) = owner_sends(slot, r, b, &(0..rows));
+            if b == r {
+                (moves.south_own, moves.north_own) = (south, north);
+            } else {
+                moves.inp += slot;
+                moves.south_on += south;
+                moves.north_on += north;
+                moves.from_north |= b < r;
+                moves.from_south |= b > r;
+                moves.farthest = moves.farthest.max(b.abs_diff(r));
+            }
+        }
+        moves
+    }
+
     /// Three rows each owning a slot of 100 wavelets that every row wants. The middle row
     /// passes row 0's slot south and row 2's north and sends its own both ways: 400 wavelets
     /// through one ramp, shared by the two chains to the end, so 400 cycles, where the busiest
     /// core's count alone (`max(in, out)`) is 400 too; the sweeps approach it from below by
-    /// halves (200, 350, 387, 396, 399) and stop at 399. With only the middle row's slot (a
-    /// run owning one row), it sends 100 each way over the shared ramp: 200 (199).
+    /// halves (200, 350, 387, 396, 399) and stop at 399, when the end rows have it too. With only
+    /// the middle row's slot (a run owning one row), it sends 100 each way over the shared ramp:
+    /// 200 (199).
     #[test]
     fn the_two_chains_share_each_cores_ramp() {
-        let end = |south_own, north_own| RowMoves {
-            inp: 200,
-            south_own,
-            north_own,
-            ..RowMoves::default()
-        };
-        let middle = RowMoves {
-            inp: 200,
-            south_on: 100,
-            south_own: 100,
-            north_on: 100,
-            north_own: 100,
-        };
-        assert_eq!(chains_ramp(&[end(100, 0), middle, end(0, 100)]), 399);
-        let owner = RowMoves {
-            south_own: 100,
-            north_own: 100,
-            ..RowMoves::default()
-        };
-        let receiver = RowMoves {
-            inp: 100,
-            ..RowMoves::default()
-        };
-        assert_eq!(chains_ramp(&[receiver, owner, receiver]), 199);
+        let all: Vec<RowMoves> = (0..3).map(|r| everyone_wants(r, 3, 0..3, 100)).collect();
+        assert_eq!(
+            (all[1].south_on, all[1].south_own, all[1].inp),
+            (100, 100, 200)
+        );
+        assert_eq!(chains_ramp(&all), vec![399; 3]);
+        let middle: Vec<RowMoves> = (0..3).map(|r| everyone_wants(r, 3, 1..2, 100)).collect();
+        assert_eq!(chains_ramp(&middle), vec![199; 3]);
     }
 
     /// Sixteen rows each owning a slot of 256 wavelets wanted by all: the middle rows pass on
@@ -512,14 +541,8 @@ mod tests {
     fn a_whole_sequences_chains_take_about_one_and_a_half_slots_per_row() {
         let rows = 16;
         let moves: Vec<RowMoves> = (0..rows)
-            .map(|r| RowMoves {
-                inp: 256 * (rows - 1),
-                south_on: if r + 1 < rows { 256 * r } else { 0 },
-                south_own: if r + 1 < rows { 256 } else { 0 },
-                north_on: if r > 0 { 256 * (rows - 1 - r) } else { 0 },
-                north_own: if r > 0 { 256 } else { 0 },
-            })
+            .map(|r| everyone_wants(r, rows, 0..rows, 256))
             .collect();
-        assert_eq!(chains_ramp(&moves), 23 * 256);
+        assert_eq!(chains_ramp(&moves).iter().max(), Some(&(23 * 256)));
     }
 }
