@@ -683,6 +683,10 @@ fn blocked_forward_with_heads_over_several_columns() {
     check_blocked(2, 6, 3, 12, 5, 4);
     // Two heads of 6 on 4 columns, 2 sequences of 9 over 4 rows.
     check_blocked(2, 9, 2, 12, 4, 4);
+    // Two heads of 20 on 3 columns of 14, 13, 13 features: head 0 on columns 0-1, head 1 on
+    // 1-2, so column 1 ends one group and starts the other; 2 sequences of 20 over 5 rows of 8
+    // tokens, row 2 holding the end of one and the start of the other.
+    check_blocked(2, 20, 2, 40, 3, 5);
 }
 
 #[test]
