@@ -192,11 +192,21 @@ impl Geometry {
 
     /// Everything PE (c, r)'s compute needs in run `k`.
     pub fn run_work(&self, c: usize, r: usize, k: usize, block_rows: usize, scale: f32) -> RunWork {
-        let owners = self.run_window(r, k, block_rows);
+        // Each owner with its slot's offset in the block window (`run_slot`, summed once).
+        let mut at = 0;
+        let owners: Vec<(usize, u32)> = self
+            .run_window(r, k, block_rows)
+            .into_iter()
+            .map(|b| {
+                let base = at;
+                at += self.slot_len(c, b);
+                (b, base)
+            })
+            .collect();
         let mut segments = Vec::new();
         let mut scores_at = 0;
         for seg in self.segments(r) {
-            let keys = self.run_keys(c, r, k, block_rows, &owners, seg.sequence as usize);
+            let keys = self.run_keys(&owners, seg.sequence as usize);
             if keys.is_empty() {
                 continue;
             }
@@ -223,22 +233,13 @@ impl Geometry {
         }
     }
 
-    /// The keys of sequence `s` in `owners` (run `k` of row `r`), where they sit in column `c`'s
-    /// block window.
-    fn run_keys(
-        &self,
-        c: usize,
-        r: usize,
-        k: usize,
-        block_rows: usize,
-        owners: &[usize],
-        s: usize,
-    ) -> Vec<RunKey> {
+    /// The keys of sequence `s` in `owners` (a run's owner rows with their slots' offsets in
+    /// the PE's block window), where they sit in that window.
+    fn run_keys(&self, owners: &[(usize, u32)], s: usize) -> Vec<RunKey> {
         let sequence = s * self.seq..(s + 1) * self.seq;
         let mut keys = Vec::new();
-        for &b in owners {
+        for &(b, base) in owners {
             let tokens = self.tokens(b);
-            let base = self.run_slot(c, r, k, block_rows, b);
             let rows = tokens.len() as u32;
             for (off, token) in tokens.enumerate() {
                 if sequence.contains(&token) {
