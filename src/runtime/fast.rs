@@ -251,6 +251,16 @@ impl<'a> FastEngine<'a> {
 
     /// The forward attention over the plan's region and sequences, without data (for its
     /// formulas).
+    fn attention_kernel(&self) -> Attention<'static> {
+        Attention {
+            region: self.region(),
+            shape: attention_shape(self.inputs.config, self.inputs.batch.batch, self.seqs.seq),
+            q: NO_DATA,
+            k: NO_DATA,
+            v: NO_DATA,
+        }
+    }
+
     /// The blocked forward of the plan (shapes only).
     fn blocked_attention(&self) -> BlockedAttention<'static> {
         let unblocked = self.attention_kernel();
@@ -258,16 +268,6 @@ impl<'a> FastEngine<'a> {
             region: unblocked.region,
             shape: unblocked.shape,
             block_rows: self.inputs.plan.attention_block_rows,
-            q: NO_DATA,
-            k: NO_DATA,
-            v: NO_DATA,
-        }
-    }
-
-    fn attention_kernel(&self) -> Attention<'static> {
-        Attention {
-            region: self.region(),
-            shape: attention_shape(self.inputs.config, self.inputs.batch.batch, self.seqs.seq),
             q: NO_DATA,
             k: NO_DATA,
             v: NO_DATA,
