@@ -353,7 +353,10 @@ pub fn read_state_tensors(
     let mut groups: BTreeMap<&'static str, Vec<(String, TensorView<'_>)>> = BTreeMap::new();
     let prompt = phase == TrainPhase::PromptTune;
     let masked = phase == TrainPhase::SparsePretrain;
-    for (name, view) in file.tensors() {
+    let mut stored = file.tensors();
+    // By name, so that the first of several wrong tensors named is the same on every read.
+    stored.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, view) in stored {
         // `exp_avg_sq.` before `exp_avg.`: the longer prefix first.
         let prefix = [V_PREFIX, M_PREFIX, MASK_PREFIX]
             .into_iter()
@@ -383,8 +386,9 @@ pub fn read_state_tensors(
     } else {
         let m = moments_of(path, M_PREFIX, m, config)?;
         let v = moments_of(path, V_PREFIX, v, config)?;
-        for (name, values) in v.tensors() {
-            shapes.non_negative(&format!("{V_PREFIX}{name}"), values)?;
+        // Under the file's names and flat indices (Q, K, V packed).
+        for (name, _, values) in hf_named_tensors(&v) {
+            shapes.non_negative(&format!("{V_PREFIX}{name}"), &values)?;
         }
         Some((m, v))
     };
