@@ -85,14 +85,13 @@ pub enum StateError {
         name: String,
         phase: &'static str,
     },
-    #[error("{}: tensor `{name}` is {got_dtype} {got:?}, expected {dtype} {expected:?}", .path.display())]
+    #[error("{}: tensor `{name}` is {got}, expected {expected}", .path.display())]
     Shape {
         path: PathBuf,
         name: String,
-        got_dtype: String,
-        got: Vec<usize>,
-        dtype: &'static str,
-        expected: Vec<usize>,
+        /// Dtype and shape, `U8 [64, 64]`.
+        got: String,
+        expected: String,
     },
     #[error("{}: tensor `{name}` has a non-finite value ({value}) at flat index {index}", .path.display())]
     NonFinite {
@@ -456,10 +455,8 @@ impl TensorCheck<'_> {
             return Err(StateError::Shape {
                 path: self.path.to_path_buf(),
                 name: name.into(),
-                got_dtype: format!("{:?}", view.dtype()),
-                got: view.shape().to_vec(),
-                dtype: if dtype == Dtype::BOOL { "BOOL" } else { "F32" },
-                expected: shape.to_vec(),
+                got: format!("{:?} {:?}", view.dtype(), view.shape()),
+                expected: format!("{dtype:?} {shape:?}"),
             });
         }
         Ok(view)
@@ -559,5 +556,298 @@ impl TensorCheck<'_> {
             got: name.clone(),
             reason: e.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Matrix, init_params};
+    use crate::sparsity::ModelMasks;
+    use crate::training::{LrSchedule, PromptVectors};
+
+    fn tiny() -> GptConfig {
+        GptConfig::preset("tiny").unwrap()
+    }
+
+    fn schedule() -> LrSchedule {
+        LrSchedule {
+            peak: 1e-3,
+            warmup: 1,
+            total: 10,
+        }
+    }
+
+    /// Moments with a distinct value everywhere (second moments made non-negative).
+    fn moments(config: &GptConfig) -> (GptParams, GptParams) {
+        let m = init_params(config, 1);
+        let mut v = init_params(config, 2);
+        for (_, t) in v.tensors_mut() {
+            t.iter_mut().for_each(|x| *x = x.abs());
+        }
+        (m, v)
+    }
+
+    fn bits(p: &GptParams) -> Vec<u32> {
+        p.tensors()
+            .iter()
+            .flat_map(|(_, t)| t.iter().map(|x| x.to_bits()))
+            .collect()
+    }
+
+    fn path() -> PathBuf {
+        PathBuf::from("ckpt/train_state.safetensors")
+    }
+
+    #[test]
+    fn a_sparse_runs_moments_and_masks_round_trip_bit_for_bit() {
+        let config = tiny();
+        let masks = ModelMasks::random(&config, 0.5, 7).unwrap();
+        let (m, v) = moments(&config);
+        let trainer = Trainer::resume(
+            TrainPhase::SparsePretrain,
+            init_params(&config, 0),
+            masks.clone(),
+            schedule(),
+            Some((m.clone(), v.clone())),
+            None,
+            3,
+        );
+        assert_eq!(trainer.adam().t, 3);
+        let bytes = state_tensor_bytes(&trainer, &path()).unwrap();
+        let back =
+            read_state_tensors(&path(), &bytes, &config, TrainPhase::SparsePretrain, 0).unwrap();
+        let (m2, v2) = back.moments.unwrap();
+        assert_eq!((bits(&m2), bits(&v2)), (bits(&m), bits(&v)));
+        assert_eq!(back.masks.unwrap(), masks.layers());
+        assert!(back.prompt_moments.is_none());
+        // 2 x 28 moment tensors (2 + 2 x 12 + 2 per set, Q | K | V packed) and 2 x 6 masks.
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(file.len(), 2 * 28 + 12);
+        // The same state, the same bytes.
+        assert_eq!(bytes, state_tensor_bytes(&trainer, &path()).unwrap());
+    }
+
+    #[test]
+    fn a_prompt_runs_state_is_the_prompts_moments_alone() {
+        let config = tiny();
+        let vectors = Matrix {
+            rows: 2,
+            cols: 64,
+            data: (0..128).map(|i| i as f32 / 128.0).collect(),
+        };
+        let m: Vec<f32> = (0..128).map(|i| (i as f32 - 64.0) * 1e-3).collect();
+        let v: Vec<f32> = (0..128).map(|i| i as f32 * 1e-6).collect();
+        let prompt = PromptVectors::with_moments(vectors.clone(), m.clone(), v.clone()).unwrap();
+        assert!(PromptVectors::with_moments(vectors, m.clone(), vec![0.0; 3]).is_none());
+        let params = init_params(&config, 0);
+        let masks = ModelMasks::from_params_zeros(&params);
+        let trainer = Trainer::resume(
+            TrainPhase::PromptTune,
+            params,
+            masks,
+            schedule(),
+            None,
+            Some(prompt),
+            2,
+        );
+        let bytes = state_tensor_bytes(&trainer, &path()).unwrap();
+        let names: Vec<String> = SafeTensors::deserialize(&bytes)
+            .unwrap()
+            .names()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        let back = read_state_tensors(&path(), &bytes, &config, TrainPhase::PromptTune, 2).unwrap();
+        assert_eq!(back.prompt_moments, Some((m, v)));
+        assert!(back.moments.is_none() && back.masks.is_none());
+        // Read for another prompt length, or as another phase: refused, naming the tensor.
+        let err = read_state_tensors(&path(), &bytes, &config, TrainPhase::PromptTune, 3)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "ckpt/train_state.safetensors: tensor `exp_avg.prompt` is F32 [2, 64], expected F32 [3, 64]"
+        );
+        let err =
+            read_state_tensors(&path(), &bytes, &config, TrainPhase::DenseFinetune, 0).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StateError::Moments {
+                    prefix: "exp_avg.",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    /// Tensors as (name, dtype, shape, bytes), serialised.
+    fn file_of(tensors: &[RawTensor]) -> Vec<u8> {
+        serialise(tensors, &path()).unwrap()
+    }
+
+    #[test]
+    fn bad_prompt_moments_are_named_with_their_index() {
+        let config = tiny();
+        let mut m = vec![0.0f32; 64];
+        m[9] = f32::INFINITY;
+        let mut v = vec![0.0f32; 64];
+        v[63] = -2.5;
+        let ok = vec![0.0f32; 64];
+        let read = |tensors: &[RawTensor]| {
+            read_state_tensors(
+                &path(),
+                &file_of(tensors),
+                &config,
+                TrainPhase::PromptTune,
+                1,
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        let t = |name: &str, values: &[f32]| {
+            (name.to_string(), Dtype::F32, vec![1, 64], f32_bytes(values))
+        };
+        assert_eq!(
+            read(&[t("exp_avg.prompt", &m), t("exp_avg_sq.prompt", &ok)]),
+            "ckpt/train_state.safetensors: tensor `exp_avg.prompt` has a non-finite value (inf) at flat index 9"
+        );
+        assert_eq!(
+            read(&[t("exp_avg.prompt", &ok), t("exp_avg_sq.prompt", &v)]),
+            "ckpt/train_state.safetensors: tensor `exp_avg_sq.prompt` has a negative second moment (-2.5) at flat index 63"
+        );
+        assert_eq!(
+            read(&[t("exp_avg.prompt", &ok)]),
+            "ckpt/train_state.safetensors: missing tensor `exp_avg_sq.prompt`"
+        );
+        let mask = (
+            "mask.h.0.q".to_string(),
+            Dtype::BOOL,
+            vec![64, 64],
+            vec![1; 4096],
+        );
+        assert_eq!(
+            read(&[t("exp_avg.prompt", &ok), t("exp_avg_sq.prompt", &ok), mask]),
+            "ckpt/train_state.safetensors: unexpected tensor `mask.h.0.q` (not part of a prompt-tune run's state)"
+        );
+        assert_eq!(
+            read_state_tensors(
+                &path(),
+                b"not safetensors",
+                &config,
+                TrainPhase::PromptTune,
+                1
+            )
+            .unwrap_err()
+            .to_string()
+            .split(':')
+            .take(2)
+            .collect::<Vec<_>>(),
+            [
+                "ckpt/train_state.safetensors",
+                " not a valid safetensors file"
+            ]
+        );
+    }
+
+    fn state() -> TrainState {
+        let record = |step, loss| StepRecord {
+            step,
+            loss,
+            lr: 0.1 + 0.2,
+            flops: 13_369_344,
+            cycles: 353_166,
+        };
+        TrainState {
+            schema: SCHEMA.into(),
+            phase: "dense-finetune".into(),
+            steps_done: 2,
+            schedule: ScheduleState {
+                peak: 0.1 + 0.2,
+                warmup: 1,
+                total: 5,
+            },
+            batch: 2,
+            seq: 16,
+            seed: u64::MAX,
+            sampler: SamplerState {
+                seed: u64::MAX,
+                batches_drawn: 2,
+            },
+            tokens: TokensState {
+                digest: digest_text(0x0123_4567_89ab_cdef),
+                windows: 56,
+                tokens: 896,
+            },
+            fidelity: "fast".into(),
+            dtype: "fp32".into(),
+            loss_scale: "auto".into(),
+            fabric: FabricConfig::from_spec("8x8").unwrap(),
+            prompt_len: 0,
+            sparsity: 0.0,
+            optimizer: OptimizerState {
+                name: "AdamW".into(),
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                t: 2,
+            },
+            log: vec![record(1, 5.542840003967285), record(2, 1.0 / 3.0)],
+            reference_check: None,
+        }
+    }
+
+    #[test]
+    fn the_json_round_trips_every_float_exactly() {
+        // 0.1 + 0.2 = 0.30000000000000004 and 1/3 need all 17 digits back: the schedule and the
+        // log are recomputed and rewritten from them.
+        let state = state();
+        let text = state.to_json().unwrap();
+        assert!(
+            text.contains("\"digest\": \"fnv1a64:0123456789abcdef\""),
+            "{text}"
+        );
+        let back = TrainState::from_json(&path(), &text).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(back.schedule.peak.to_bits(), (0.1f64 + 0.2).to_bits());
+        assert_eq!(back.to_json().unwrap(), text);
+        assert_eq!(
+            back.train_phase(&path()).unwrap(),
+            TrainPhase::DenseFinetune
+        );
+    }
+
+    #[test]
+    fn bad_json_is_named_by_file_and_field() {
+        let p = PathBuf::from("ckpt/train_state.json");
+        let text = state().to_json().unwrap();
+        let err = |text: &str| TrainState::from_json(&p, text).unwrap_err().to_string();
+        assert_eq!(
+            err(&text.replace("train-state/v1", "train-state/v2")),
+            "ckpt/train_state.json: schema is \"wafersim.train-state/v2\", expected \"wafersim.train-state/v1\""
+        );
+        assert_eq!(
+            err("{}"),
+            "ckpt/train_state.json: schema is missing, expected \"wafersim.train-state/v1\""
+        );
+        assert!(err("[1,").starts_with("ckpt/train_state.json: not JSON: "));
+        assert_eq!(
+            err(&text.replace("\"batch\": 2,", "")),
+            "ckpt/train_state.json: missing field `batch`"
+        );
+        assert!(
+            err(&text.replace("\"batch\": 2,", "\"batch\": 2, \"colour\": 1,"))
+                .starts_with("ckpt/train_state.json: unknown field `colour`"),
+        );
+        let mut bad = state();
+        bad.phase = "pretrain".into();
+        assert_eq!(
+            bad.train_phase(&p).unwrap_err().to_string(),
+            "ckpt/train_state.json: `phase` is \"pretrain\", expected sparse-pretrain, dense-finetune or prompt-tune"
+        );
     }
 }
