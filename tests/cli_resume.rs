@@ -492,3 +492,59 @@ fn bad_state_files_are_named_on_one_line() {
         &["unexpected tensor `mask.h.0.attn_proj` (not part of a dense-finetune run's state)"],
     );
 }
+
+/// The case `--resume` exists for: a run stopped with Ctrl-C writes its state in `checkpoint/`,
+/// and resuming from it finishes the run with the bytes of a run that was never stopped.
+#[cfg(unix)]
+#[test]
+fn a_run_stopped_by_ctrl_c_resumes_to_the_same_bytes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens_file(tmp.path(), "tokens.json", SENTENCE);
+    // Exact steps (a few tenths of a second each): the signal lands long before the last one.
+    let extra = [SPARSE, &["--fidelity", "exact"]].concat();
+    let stopped = tmp.path().join("stopped");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wafersim"))
+        .args(new_run(&tokens, &stopped, "4", &extra))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("step 1/") {
+            break;
+        }
+    }
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{rest:?}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&read(stopped.join("checkpoint/train_state.json"))).unwrap();
+    let done = state["steps_done"].as_u64().unwrap();
+    assert!((1..4).contains(&done), "stopped after {done} of 4 steps");
+    // Resumed in place, into the same --out.
+    let stderr = run_ok(&[
+        "train".into(),
+        "--resume".into(),
+        path_str(&stopped.join("checkpoint")).into(),
+        "--tokens".into(),
+        path_str(&tokens).into(),
+        "--out".into(),
+        path_str(&stopped).into(),
+    ]);
+    assert!(stderr.contains("step 4/4"), "{stderr}");
+    let straight = tmp.path().join("straight");
+    run_ok(&new_run(&tokens, &straight, "4", &extra));
+    for file in compared_files(false) {
+        assert!(
+            read(straight.join(file)) == read(stopped.join(file)),
+            "{file} differs after Ctrl-C and --resume"
+        );
+    }
+}
