@@ -4,7 +4,8 @@
 //! Masks travel with the checkpoint as its zero pattern: a sparse pre-training run writes its
 //! pruned weights as exact zeros, and a run started from that checkpoint without `--sparsity`
 //! takes every zero of a sparsified matrix as pruned (a kept weight reaching exactly 0.0 in f32
-//! under AdamW is not a practical concern). Nothing else is needed to continue with the same mask.
+//! under AdamW is not a practical concern). Nothing else is needed to start a new run with the
+//! same mask; a resumed run reads the masks its state stores.
 //!
 //! Ctrl-C (SIGINT), SIGTERM or SIGHUP sets a flag; the run ends after the step in progress and
 //! writes everything, as at the end of a full run (`train.json` says `"interrupted": true`).
