@@ -409,6 +409,14 @@ fn bad_state_files_are_named_on_one_line() {
         &["train_state.json: invalid type: string \"16\", expected usize"],
     );
     case(
+        "fabric",
+        &|d| {
+            let text = fs::read_to_string(json(d)).unwrap();
+            fs::write(json(d), text.replace("\"width\": 8,", "\"width\": 0,")).unwrap();
+        },
+        &["train_state.json: `fabric`: ", "width", "0 is outside 1..="],
+    );
+    case(
         "nan",
         &|d| {
             edit_tensors(d, |name, _, _, data| {

@@ -460,6 +460,10 @@ impl Settings {
         };
         let loss_scale = super::step::parse_loss_scale(&state.loss_scale)
             .map_err(|reason| field("loss_scale", &state.loss_scale, &reason))?;
+        state.fabric.validate().map_err(|e| {
+            let what = format!("{}: `fabric`", path.display());
+            bad_input(resume(), anyhow::Error::new(e).context(what))
+        })?;
         let settings = Self {
             phase,
             steps: state.schedule.total,
@@ -640,7 +644,8 @@ impl Resumed {
             _ => None,
         };
         if setup.run.phase == TrainPhase::PromptTune && prompt.is_none() {
-            anyhow::bail!("{}: the prompt and its moments do not match", self.flag());
+            let why = "the prompt vectors and their moments differ in size";
+            return Err(bad_input(self.flag(), anyhow::anyhow!(why)));
         }
         let trainer = Trainer::resume(
             setup.run.phase,
