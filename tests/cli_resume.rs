@@ -111,10 +111,13 @@ fn assert_the_law(phase: &[&str], fidelity: &str, plain: bool) {
     let report: serde_json::Value =
         serde_json::from_slice(&read(resumed.join("train.json"))).unwrap();
     assert_eq!(report["resumed_from"]["step"], 2);
+    let fp16 = phase.contains(&"fp16");
+    assert_eq!(report["dtype"], if fp16 { "fp16" } else { "fp32" });
     assert_eq!(report["steps"]["done"], 4);
     if fidelity == "exact" {
         // The first step's reference check travels with the state.
         assert_eq!(report["reference_check"]["within_tolerance"], true);
+        assert_eq!(report["loss_scale"], if fp16 { 8.0 } else { 1.0 });
     }
     if !plain {
         return;
@@ -183,9 +186,11 @@ fn the_law_sparse_pretrain_fast() {
     assert_the_law(SPARSE, "fast", true);
 }
 
+/// At the exact fidelity in fp16 with a loss scale of 8: the dtype and the scale are the run's.
 #[test]
-fn the_law_sparse_pretrain_exact() {
-    assert_the_law(SPARSE, "exact", false);
+fn the_law_sparse_pretrain_exact_fp16() {
+    let fp16 = [SPARSE, &["--dtype", "fp16", "--loss-scale", "8"]].concat();
+    assert_the_law(&fp16, "exact", false);
 }
 
 #[test]
@@ -319,6 +324,13 @@ fn contradicting_flags_are_refused_on_one_line() {
     ];
     let r = wafersim(&resume_args(&step1, &tokens, &out, &same));
     assert_eq!(r.code, 0, "{}", r.stderr);
+    // In place, with --save-every: the run's own earlier step-1/ is no stale output, and the
+    // rewritten step-2/ and checkpoint/ are the bytes they were.
+    let before = read(run.join("checkpoint/train_state.safetensors"));
+    let r = wafersim(&resume_args(&step1, &tokens, &run, &["--save-every", "1"]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("note:"), "{}", r.stderr);
+    assert!(read(run.join("checkpoint/train_state.safetensors")) == before);
     assert!(
         read(out.join("checkpoint/model.safetensors"))
             == read(run.join("checkpoint/model.safetensors"))

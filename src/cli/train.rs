@@ -196,7 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let savings = prompt_savings(&trainer, shape, &setup)?;
-    let mut saved = Vec::new();
+    let mut saved = earlier_saves(&args.out, setup.resumed.as_ref());
     while trainer.steps < settings.steps && !stop.load(Ordering::SeqCst) {
         let batch = sampler
             .next_batch(&setup.corpus, &setup.config)
@@ -314,6 +314,27 @@ fn check_outputs(args: &Args, run: &Settings) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `step-K/` folders in `out` that the run `--resume` continues wrote before it stopped,
+/// when it is resumed in place (its checkpoint folder lies in `out`): those up to its step.
+fn earlier_saves(out: &Path, resumed: Option<&Resumed>) -> Vec<u64> {
+    let Some(resumed) = resumed else {
+        return Vec::new();
+    };
+    let parent = match resumed.dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !guard::same_folder(parent, out) {
+        return Vec::new();
+    }
+    let done = resumed.state.steps_done;
+    step_dirs(out)
+        .into_iter()
+        .map(|(step, _)| step)
+        .filter(|&step| step <= done)
+        .collect()
 }
 
 /// Names on stderr what an earlier run left in `out` and this one did not write: `step-K/`
