@@ -455,6 +455,13 @@ impl ModelMasks {
         Self { sparsity, layers }
     }
 
+    /// Masks given whole (a resumed run's, read back from its state), with the sparsity the run
+    /// recorded for them. Their shapes are checked against the weights where they are used
+    /// ([`ModelMasks::check_matches`]).
+    pub fn from_layers(sparsity: f64, layers: Vec<[Mask; 6]>) -> Self {
+        Self { sparsity, layers }
+    }
+
     /// The requested sparsity (or the measured one, for [`ModelMasks::from_params_zeros`]).
     pub fn sparsity(&self) -> f64 {
         self.sparsity

@@ -60,7 +60,13 @@ pub fn initial_prompt(
 
 /// Reads the `prompt` tensor `[P, d]` of a safetensors file.
 pub fn read_prompt(path: &Path, d: usize) -> anyhow::Result<Matrix> {
-    let what = || format!("--prompt {}", path.display());
+    read_prompt_for("--prompt", path, d)
+}
+
+/// [`read_prompt`] of a file that `flag` leads to (errors name it: `--prompt PATH`, or
+/// `--resume DIR/prompt.safetensors`).
+pub fn read_prompt_for(flag: &str, path: &Path, d: usize) -> anyhow::Result<Matrix> {
+    let what = || format!("{flag} {}", path.display());
     let bytes = std::fs::read(path).map_err(|e| bad_input(what(), e))?;
     let file = SafeTensors::deserialize(&bytes).map_err(|e| bad_input(what(), e))?;
     let tensor = file

@@ -4,10 +4,19 @@
 //! Masks travel with the checkpoint as its zero pattern: a sparse pre-training run writes its
 //! pruned weights as exact zeros, and a run started from that checkpoint without `--sparsity`
 //! takes every zero of a sparsified matrix as pruned (a kept weight reaching exactly 0.0 in f32
-//! under AdamW is not a practical concern). Nothing else is needed to continue with the same mask.
+//! under AdamW is not a practical concern). Nothing else is needed to start a new run with the
+//! same mask; a resumed run reads the masks its state stores.
 //!
 //! Ctrl-C (SIGINT), SIGTERM or SIGHUP sets a flag; the run ends after the step in progress and
 //! writes everything, as at the end of a full run (`train.json` says `"interrupted": true`).
+//!
+//! Every checkpoint (`checkpoint/`, `step-K/`) also holds the run's state
+//! ([`crate::training::state`]), and `--resume DIR` continues the run from it: the same phase,
+//! schedule, batch order, seed, dtype, loss scale, fabric and fidelity, AdamW's moments and step
+//! count, to the same bytes as a run that never stopped. The flags that define the run may be
+//! given with `--resume` only with the values it already has (`--steps` is the run's total, not
+//! more steps); those that only start a run (`--model`, `--checkpoint`, `--sparsity`,
+//! `--prompt`, `--prompt-init`) are refused.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,36 +40,55 @@ use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::AdamW;
 use crate::runtime::{Fidelity, LossScale};
 use crate::sparsity::{self, ModelMasks};
-use crate::training::{Corpus, LrSchedule, RunShape, Sampler, StepRecord, TrainPhase, Trainer};
+use crate::training::state::{
+    self, OptimizerState, STATE_JSON, STATE_TENSORS, SamplerState, ScheduleState, StateTensors,
+    TokensState, TrainState,
+};
+use crate::training::{
+    Corpus, LrSchedule, PromptVectors, RunShape, Sampler, StepRecord, TrainPhase, Trainer,
+};
+use wafersim_kernels::Precision;
 
 /// Arguments of `wafersim train`.
 #[derive(clap::Args)]
-#[command(group(ArgGroup::new("source").args(["model", "checkpoint"]).required(true)))]
+#[command(group(ArgGroup::new("source").args(["model", "checkpoint", "resume"]).required(true)))]
 pub struct Args {
     /// A built-in model preset, initialised from --seed.
     #[arg(long, value_name = "PRESET")]
     model: Option<String>,
-    /// A Hugging Face GPT-2 checkpoint folder (config.json + model.safetensors).
+    /// A Hugging Face GPT-2 checkpoint folder (config.json + model.safetensors): a new run from
+    /// its weights (AdamW, the schedule and the batch order start afresh).
     #[arg(long, value_name = "DIR")]
     checkpoint: Option<PathBuf>,
-    /// The token file: a JSON array of token-id sequences, or one flat array of token ids.
+    /// Continue the run whose checkpoint DIR is (`checkpoint/` or a `step-K/` of a run, with
+    /// its train_state.json): its settings, optimizer state, schedule and batch order. Flags
+    /// that define the run may be repeated only with the same values.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// The token file: a JSON array of token-id sequences, or one flat array of token ids (with
+    /// --resume: the run's own file, checked by its digest).
     #[arg(long, value_name = "PATH")]
     tokens: PathBuf,
-    /// Optimizer steps to run.
-    #[arg(long, value_name = "N")]
-    steps: u64,
+    /// Optimizer steps of the whole run (with --resume: its total, the same as before).
+    #[arg(long, value_name = "N", required_unless_present = "resume")]
+    steps: Option<u64>,
     /// Sequences per step.
-    #[arg(long, value_name = "B")]
-    batch: usize,
+    #[arg(long, value_name = "B", required_unless_present = "resume")]
+    batch: Option<usize>,
     /// Tokens per sequence (windows of the token file).
-    #[arg(long, value_name = "S")]
-    seq: usize,
+    #[arg(long, value_name = "S", required_unless_present = "resume")]
+    seq: Option<usize>,
     /// Which phase of the recipe.
-    #[arg(long, value_enum)]
-    phase: PhaseArg,
+    #[arg(long, value_enum, required_unless_present = "resume")]
+    phase: Option<PhaseArg>,
     /// sparse-pretrain: fraction of each sparsified matrix pruned (drawn from --seed) [default:
     /// the checkpoint's zeros].
-    #[arg(long, value_name = "S", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "S",
+        allow_hyphen_values = true,
+        conflicts_with = "resume"
+    )]
     sparsity: Option<f64>,
     /// prompt-tune: learned prompt vectors in front of every sequence [default: 8, or the
     /// --prompt file's].
@@ -68,35 +96,38 @@ pub struct Args {
     prompt_len: Option<usize>,
     /// prompt-tune: start from the embeddings of the data's first P token ids, or random
     /// [default: data].
-    #[arg(long, value_enum, conflicts_with = "prompt")]
+    #[arg(long, value_enum, conflicts_with_all = ["prompt", "resume"])]
     prompt_init: Option<PromptInit>,
     /// prompt-tune: start from the prompt vectors of this file (a `prompt.safetensors` written by
     /// an earlier run) instead of --prompt-init.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "resume")]
     prompt: Option<PathBuf>,
-    /// Peak AdamW learning rate.
-    #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
-    lr: f64,
+    /// Peak AdamW learning rate [default: 1e-3].
+    #[arg(long, allow_hyphen_values = true)]
+    lr: Option<f64>,
     /// Steps of linear warm-up before the cosine decay (a run of no more steps than this ends
-    /// during warm-up, with a warning).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    warmup: u64,
-    /// The machine: wse2, wse3, WxH, or a .toml/.json file.
-    #[arg(long, value_name = "FABRIC")]
-    fabric: String,
-    /// How cycles are obtained (fast: the loss and gradients come from the CPU reference).
-    #[arg(long, value_enum, default_value = "exact")]
-    fidelity: super::gemm::FidelityArg,
+    /// during warm-up, with a warning) [default: 0].
+    #[arg(long, value_name = "N")]
+    warmup: Option<u64>,
+    /// The machine: wse2, wse3, WxH, or a .toml/.json file (with --resume: the run's own, which
+    /// its state holds).
+    #[arg(long, value_name = "FABRIC", required_unless_present = "resume")]
+    fabric: Option<String>,
+    /// How cycles are obtained (fast: the loss and gradients come from the CPU reference)
+    /// [default: exact].
+    #[arg(long, value_enum)]
+    fidelity: Option<super::gemm::FidelityArg>,
     /// Storage precision of activations and streamed weights in the matmuls (the weights and
-    /// AdamW's state stay f32 on the host).
-    #[arg(long, value_enum, default_value = "fp32")]
-    dtype: super::gemm::DtypeArg,
-    /// Loss scaling of the exact steps' backward pass (as `wafersim step --loss-scale`).
-    #[arg(long, value_name = "auto|L", default_value = "auto", value_parser = super::step::parse_loss_scale)]
-    loss_scale: LossScale,
-    /// Seed of the initial weights, the masks and the batch order.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// AdamW's state stay f32 on the host) [default: fp32].
+    #[arg(long, value_enum)]
+    dtype: Option<super::gemm::DtypeArg>,
+    /// Loss scaling of the exact steps' backward pass (as `wafersim step --loss-scale`)
+    /// [default: auto].
+    #[arg(long, value_name = "auto|L", value_parser = super::step::parse_loss_scale)]
+    loss_scale: Option<LossScale>,
+    /// Seed of the initial weights, the masks and the batch order [default: 0].
+    #[arg(long)]
+    seed: Option<u64>,
     /// Also write a checkpoint (and the logs so far) every K steps, to `step-K/`; none at the
     /// last step, whose checkpoint is `checkpoint/` (a `step-K/` of an earlier run that this run
     /// does not write is named on stderr).
@@ -138,57 +169,42 @@ const PROMPT_FILE: &str = "prompt.safetensors";
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let setup = Setup::check(&args)?;
-    if let Some(warning) =
-        super::unvalidated_timing_warning(&setup.fabric, args.fidelity.fidelity())
-    {
+    let settings = &setup.run;
+    if let Some(warning) = super::unvalidated_timing_warning(&settings.fabric, settings.fidelity) {
         eprintln!("{warning}");
     }
-    let (params, masks) = load_weights(&args, &setup)?;
-    let schedule = LrSchedule {
-        peak: args.lr,
-        warmup: args.warmup,
-        total: args.steps,
-    };
+    let schedule = settings.schedule();
     if let Some(warning) = warm_up_warning(&schedule) {
         eprintln!("{warning}");
     }
-    let mut trainer = match setup.phase {
-        TrainPhase::PromptTune => {
-            let prompt = match &setup.prompt_file {
-                Some(vectors) => vectors.clone(),
-                None => super::prompt::initial_prompt(
-                    args.prompt_init == Some(PromptInit::Random),
-                    &setup.corpus,
-                    &params,
-                    setup.prompt_len,
-                    args.seed,
-                )?,
-            };
-            Trainer::prompt_tuning(params, masks, prompt, schedule)
+    let (mut trainer, mut sampler, mut log) = match &setup.resumed {
+        Some(resumed) => resumed.continue_run(&setup, schedule)?,
+        None => {
+            let (params, masks) = load_weights(&args, &setup)?;
+            let trainer = new_trainer(&args, &setup, params, masks, schedule)?;
+            let sampler = Sampler::new(&setup.corpus, settings.batch, settings.seed);
+            (trainer, sampler, Vec::new())
         }
-        _ => Trainer::new(setup.phase, params, masks, schedule),
     };
-    let mut sampler = Sampler::new(&setup.corpus, args.batch, args.seed);
     let stop = stop_flag();
     let shape = RunShape {
         config: &setup.config,
-        fabric: &setup.fabric,
+        fabric: &settings.fabric,
         plan: &setup.plan,
-        fidelity: args.fidelity.fidelity(),
-        loss_scale: args.loss_scale,
+        fidelity: settings.fidelity,
+        loss_scale: settings.loss_scale,
     };
     let started = Instant::now();
-    let savings = prompt_savings(&trainer, shape, &setup, &args)?;
-    let mut log = Vec::new();
-    let mut saved = Vec::new();
-    while trainer.steps < args.steps && !stop.load(Ordering::SeqCst) {
+    let savings = prompt_savings(&trainer, shape, &setup)?;
+    let mut saved = earlier_saves(&args.out, setup.resumed.as_ref());
+    while trainer.steps < settings.steps && !stop.load(Ordering::SeqCst) {
         let batch = sampler
             .next_batch(&setup.corpus, &setup.config)
             .map_err(|e| bad_input(format!("--tokens {}", args.tokens.display()), e))?;
         let record = trainer.step(shape, &batch)?;
         eprintln!(
             "step {}/{}: loss {:.4}, lr {:.3e}, {} cycles",
-            record.step, args.steps, record.loss, record.lr, record.cycles
+            record.step, settings.steps, record.loss, record.lr, record.cycles
         );
         log.push(record);
         if let (1, Some(check)) = (record.step, &trainer.first_check) {
@@ -197,28 +213,54 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 eprintln!("{warning}");
             }
         }
-        if saves_at(&args, record.step) {
+        if saves_at(&args, settings.steps, record.step) {
             let dir = args.out.join(step_dir(record.step));
             let mut run = Finished::new(&setup, &args, &trainer, &log, started, false);
             run.savings = savings.clone();
+            run.batches_drawn = sampler.drawn();
             write_outputs(&args.out, &dir, &run)?;
             saved.push(record.step);
         }
     }
-    let interrupted = trainer.steps < args.steps;
+    let interrupted = trainer.steps < settings.steps;
     let mut run = Finished::new(&setup, &args, &trainer, &log, started, interrupted);
     run.savings = savings;
+    run.batches_drawn = sampler.drawn();
     // The files first: a terminal or pipe that goes away while the summary prints loses nothing.
     write_outputs(&args.out, &args.out.join(CHECKPOINT_DIR), &run)?;
-    note_stale_outputs(&args.out, setup.phase, &saved);
+    note_stale_outputs(&args.out, settings.phase, &saved);
     print_summary(&run)?;
     Ok(())
 }
 
-/// Whether `--save-every` writes `step-{step}/`: every K steps, but not at the last, whose
-/// checkpoint is `checkpoint/`.
-fn saves_at(args: &Args, step: u64) -> bool {
-    args.save_every.is_some_and(|k| step.is_multiple_of(k)) && step < args.steps
+/// A new run's trainer: the phase's, with prompt vectors for prompt tuning.
+fn new_trainer(
+    args: &Args,
+    setup: &Setup,
+    params: GptParams,
+    masks: ModelMasks,
+    schedule: LrSchedule,
+) -> anyhow::Result<Trainer> {
+    if setup.run.phase != TrainPhase::PromptTune {
+        return Ok(Trainer::new(setup.run.phase, params, masks, schedule));
+    }
+    let prompt = match &setup.prompt_file {
+        Some(vectors) => vectors.clone(),
+        None => super::prompt::initial_prompt(
+            args.prompt_init == Some(PromptInit::Random),
+            &setup.corpus,
+            &params,
+            setup.prompt_len,
+            setup.run.seed,
+        )?,
+    };
+    Ok(Trainer::prompt_tuning(params, masks, prompt, schedule))
+}
+
+/// Whether `--save-every` writes `step-{step}/` in a run of `steps` steps: every K steps, but
+/// not at the last, whose checkpoint is `checkpoint/`.
+fn saves_at(args: &Args, steps: u64, step: u64) -> bool {
+    args.save_every.is_some_and(|k| step.is_multiple_of(k)) && step < steps
 }
 
 /// The folder of `--save-every`'s checkpoint at `step`.
@@ -244,9 +286,10 @@ fn step_dirs(out: &Path) -> Vec<(u64, PathBuf)> {
     found
 }
 
-/// The files a checkpoint folder of this phase receives.
+/// The files a checkpoint folder of this phase receives: the model, the run's state and, for
+/// prompt tuning, the prompt.
 fn checkpoint_files(phase: TrainPhase) -> Vec<&'static str> {
-    let mut names = vec![WEIGHTS_FILE, CONFIG_FILE];
+    let mut names = vec![WEIGHTS_FILE, CONFIG_FILE, STATE_JSON, STATE_TENSORS];
     if phase == TrainPhase::PromptTune {
         names.push(PROMPT_FILE);
     }
@@ -257,20 +300,41 @@ fn checkpoint_files(phase: TrainPhase) -> Vec<&'static str> {
 /// prompt tuning, the prompt in `--out`; `checkpoint/` and the `step-K/` folders `--save-every`
 /// will write, with their files. A `step-K/` that does not exist yet needs nothing more than
 /// `--out`; one that does is checked as `checkpoint/` is.
-fn check_outputs(args: &Args, phase: TrainPhase) -> anyhow::Result<()> {
+fn check_outputs(args: &Args, run: &Settings) -> anyhow::Result<()> {
     let mut logs = LOG_FILES.to_vec();
-    if phase == TrainPhase::PromptTune {
+    if run.phase == TrainPhase::PromptTune {
         logs.push(PROMPT_FILE);
     }
     guard::check_output_folder("--out", &args.out, &logs)?;
-    let files = checkpoint_files(phase);
+    let files = checkpoint_files(run.phase);
     guard::check_output_subfolder("--out", &args.out, CHECKPOINT_DIR, &files)?;
     for (step, dir) in step_dirs(&args.out) {
-        if saves_at(args, step) {
+        if saves_at(args, run.steps, step) {
             guard::check_output_folder("--out", &dir, &files)?;
         }
     }
     Ok(())
+}
+
+/// The `step-K/` folders in `out` that the run `--resume` continues wrote before it stopped,
+/// when it is resumed in place (its checkpoint folder lies in `out`): those up to its step.
+fn earlier_saves(out: &Path, resumed: Option<&Resumed>) -> Vec<u64> {
+    let Some(resumed) = resumed else {
+        return Vec::new();
+    };
+    let parent = match resumed.dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !guard::same_folder(parent, out) {
+        return Vec::new();
+    }
+    let done = resumed.state.steps_done;
+    step_dirs(out)
+        .into_iter()
+        .map(|(step, _)| step)
+        .filter(|&step| step <= done)
+        .collect()
 }
 
 /// Names on stderr what an earlier run left in `out` and this one did not write: `step-K/`
@@ -316,12 +380,11 @@ fn prompt_savings(
     trainer: &Trainer,
     shape: RunShape<'_>,
     setup: &Setup,
-    args: &Args,
 ) -> anyhow::Result<Option<Value>> {
-    if setup.phase != TrainPhase::PromptTune {
+    if setup.run.phase != TrainPhase::PromptTune {
         return Ok(None);
     }
-    let batch = Sampler::new(&setup.corpus, args.batch, args.seed)
+    let batch = Sampler::new(&setup.corpus, setup.run.batch, setup.run.seed)
         .next_batch(&setup.corpus, &setup.config)
         .map_err(|e| bad_input("--tokens", e))?;
     let (all, run) = trainer.cost_with_all_gradients(shape, &batch)?;
@@ -347,67 +410,454 @@ fn stop_flag() -> Arc<AtomicBool> {
     flag
 }
 
+/// The peak learning rate of a new run without `--lr`.
+const DEFAULT_LR: f64 = 1e-3;
+
+/// What defines a run: a new run's flags with their defaults, or the state of the run `--resume`
+/// continues.
+struct Settings {
+    phase: TrainPhase,
+    /// The run's total steps.
+    steps: u64,
+    batch: usize,
+    seq: usize,
+    lr: f64,
+    warmup: u64,
+    fidelity: Fidelity,
+    precision: Precision,
+    loss_scale: LossScale,
+    seed: u64,
+    fabric: FabricConfig,
+}
+
+impl Settings {
+    /// A new run's settings: the flags, defaults where absent.
+    fn from_flags(args: &Args) -> anyhow::Result<Self> {
+        let required =
+            |flag: &str| bad_input(flag, anyhow::anyhow!("is required without --resume"));
+        let fabric = args.fabric.as_deref().ok_or_else(|| required("--fabric"))?;
+        Ok(Self {
+            phase: args.phase.ok_or_else(|| required("--phase"))?.phase(),
+            steps: args.steps.ok_or_else(|| required("--steps"))?,
+            batch: args.batch.ok_or_else(|| required("--batch"))?,
+            seq: args.seq.ok_or_else(|| required("--seq"))?,
+            lr: args.lr.unwrap_or(DEFAULT_LR),
+            warmup: args.warmup.unwrap_or(0),
+            fidelity: args.fidelity.map_or(Fidelity::Exact, |f| f.fidelity()),
+            precision: args.dtype.map_or(Precision::F32, |d| d.precision()),
+            loss_scale: args.loss_scale.unwrap_or(LossScale::Auto),
+            seed: args.seed.unwrap_or(0),
+            fabric: load_fabric(fabric)?,
+        })
+    }
+
+    /// The settings of the run `state` (in `dir`) records; every flag given must agree.
+    fn from_state(state: &TrainState, dir: &Path, args: &Args) -> anyhow::Result<Self> {
+        let path = dir.join(STATE_JSON);
+        let resume = || format!("--resume {}", dir.display());
+        let field = |field: &'static str, got: &str, reason: &str| {
+            bad_input(
+                resume(),
+                state::StateError::Field {
+                    path: path.clone(),
+                    field,
+                    got: format!("{got:?}"),
+                    reason: reason.into(),
+                },
+            )
+        };
+        let phase = state
+            .train_phase(&path)
+            .map_err(|e| bad_input(resume(), e))?;
+        let fidelity = match state.fidelity.as_str() {
+            "exact" => Fidelity::Exact,
+            "fast" => Fidelity::Fast,
+            other => return Err(field("fidelity", other, "expected exact or fast")),
+        };
+        let precision = match state.dtype.as_str() {
+            "fp32" => Precision::F32,
+            "fp16" => Precision::F16,
+            other => return Err(field("dtype", other, "expected fp32 or fp16")),
+        };
+        let loss_scale = super::step::parse_loss_scale(&state.loss_scale)
+            .map_err(|reason| field("loss_scale", &state.loss_scale, &reason))?;
+        state.fabric.validate().map_err(|e| {
+            let what = format!("{}: `fabric`", path.display());
+            bad_input(resume(), anyhow::Error::new(e).context(what))
+        })?;
+        let settings = Self {
+            phase,
+            steps: state.schedule.total,
+            batch: state.batch,
+            seq: state.seq,
+            lr: state.schedule.peak,
+            warmup: state.schedule.warmup,
+            fidelity,
+            precision,
+            loss_scale,
+            seed: state.seed,
+            fabric: state.fabric.clone(),
+        };
+        settings.check_agrees(args, &path)?;
+        Ok(settings)
+    }
+
+    /// Every run-defining flag given with `--resume` has the run's value (`path`: its state).
+    fn check_agrees(&self, args: &Args, path: &Path) -> anyhow::Result<()> {
+        let state = path.display();
+        if let Some(steps) = args.steps.filter(|&s| s != self.steps) {
+            return Err(bad_input(
+                "--steps",
+                anyhow::anyhow!(
+                    "{steps}, but the resumed run has {} steps in all ({state}): --steps is the run's total, on which its cosine decay ends; a longer run would change the rates of the steps already taken (start a new run with --checkpoint to train on)",
+                    self.steps
+                ),
+            ));
+        }
+        let name = |p: TrainPhase| p.name();
+        agree(
+            "--phase",
+            args.phase.map(|p| name(p.phase())),
+            name(self.phase),
+            path,
+        )?;
+        agree("--batch", args.batch, self.batch, path)?;
+        agree("--seq", args.seq, self.seq, path)?;
+        agree("--lr", args.lr, self.lr, path)?;
+        agree("--warmup", args.warmup, self.warmup, path)?;
+        agree("--seed", args.seed, self.seed, path)?;
+        let fidelity = args.fidelity.map(|f| f.fidelity().name());
+        agree("--fidelity", fidelity, self.fidelity.name(), path)?;
+        let dtype = args.dtype.map(|d| d.precision().name());
+        agree("--dtype", dtype, self.precision.name(), path)?;
+        let scale = args.loss_scale.map(loss_scale_text);
+        agree(
+            "--loss-scale",
+            scale,
+            loss_scale_text(self.loss_scale),
+            path,
+        )?;
+        if let Some(spec) = &args.fabric
+            && load_fabric(spec)? != self.fabric
+        {
+            return Err(bad_input(
+                "--fabric",
+                anyhow::anyhow!(
+                    "{spec} is not the resumed run's fabric, whose config {state} holds; omit --fabric"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn schedule(&self) -> LrSchedule {
+        LrSchedule {
+            peak: self.lr,
+            warmup: self.warmup,
+            total: self.steps,
+        }
+    }
+}
+
+/// A flag given with `--resume` (`given`) has the resumed run's value (`saved`, from the state
+/// file `path`).
+fn agree<T: PartialEq + std::fmt::Display>(
+    flag: &str,
+    given: Option<T>,
+    saved: T,
+    path: &Path,
+) -> anyhow::Result<()> {
+    match given {
+        Some(given) if given != saved => Err(bad_input(
+            flag,
+            anyhow::anyhow!(
+                "{given} contradicts the resumed run's {saved} ({}); omit it or give the same",
+                path.display()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `--loss-scale` as the command line spells it.
+fn loss_scale_text(scale: LossScale) -> String {
+    match scale {
+        LossScale::Auto => "auto".into(),
+        LossScale::Power(e) => (1u64 << e).to_string(),
+    }
+}
+
+/// The run `--resume` continues: its checkpoint folder and state.
+struct Resumed {
+    dir: PathBuf,
+    state: TrainState,
+}
+
+impl Resumed {
+    fn flag(&self) -> String {
+        format!("--resume {}", self.dir.display())
+    }
+
+    /// Reads the state of the checkpoint `dir` and checks it is consistent and not finished.
+    fn read(dir: &Path) -> anyhow::Result<Self> {
+        let flag = || format!("--resume {}", dir.display());
+        let state = TrainState::read(dir).map_err(|e| bad_input(flag(), e))?;
+        let path = dir.join(STATE_JSON);
+        let done = state.steps_done;
+        let steps: Vec<u64> = state.log.iter().map(|r| r.step).collect();
+        let inconsistent = state.sampler.batches_drawn != done
+            || state.optimizer.t != done
+            || state.sampler.seed != state.seed
+            || steps != (1..=done).collect::<Vec<u64>>();
+        if inconsistent {
+            return Err(bad_input(
+                flag(),
+                anyhow::anyhow!(
+                    "{}: steps_done {done}, sampler.batches_drawn {}, optimizer.t {} and the log's {} steps do not agree (and sampler.seed must be seed)",
+                    path.display(),
+                    state.sampler.batches_drawn,
+                    state.optimizer.t,
+                    steps.len()
+                ),
+            ));
+        }
+        check_optimizer(&state.optimizer, &path).map_err(|e| bad_input(flag(), e))?;
+        if done >= state.schedule.total {
+            return Err(bad_input(
+                flag(),
+                anyhow::anyhow!(
+                    "the run is complete ({done} of {} steps, {}): nothing to resume (start a new run with --checkpoint to train on)",
+                    state.schedule.total,
+                    path.display()
+                ),
+            ));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            state,
+        })
+    }
+
+    /// The trainer, sampler and log of the run as they were after its last step: the weights,
+    /// the prompt, the moments and the masks of the checkpoint.
+    fn continue_run(
+        &self,
+        setup: &Setup,
+        schedule: LrSchedule,
+    ) -> anyhow::Result<(Trainer, Sampler, Vec<StepRecord>)> {
+        let mut params = read_params(&self.dir.join(WEIGHTS_FILE), &setup.config)
+            .map_err(|e| bad_input(self.flag(), e))?;
+        let mut tensors = self.tensors(setup)?;
+        let masks = match setup.run.phase {
+            TrainPhase::SparsePretrain => {
+                let layers = tensors.masks.take().unwrap_or_default();
+                ModelMasks::from_layers(self.state.sparsity, layers)
+            }
+            TrainPhase::DenseFinetune => ModelMasks::dense(&setup.config),
+            // The model is frozen: its zeros are the masks they were.
+            TrainPhase::PromptTune => ModelMasks::from_params_zeros(&params),
+        };
+        masks
+            .apply(&mut params)
+            .map_err(|e| bad_input(self.flag(), e))?;
+        let prompt = match (&setup.prompt_file, tensors.prompt_moments) {
+            (Some(vectors), Some((m, v))) => PromptVectors::with_moments(vectors.clone(), m, v),
+            _ => None,
+        };
+        if setup.run.phase == TrainPhase::PromptTune && prompt.is_none() {
+            let why = "the prompt vectors and their moments differ in size";
+            return Err(bad_input(self.flag(), anyhow::anyhow!(why)));
+        }
+        let trainer = Trainer::resume(
+            setup.run.phase,
+            params,
+            masks,
+            schedule,
+            tensors.moments,
+            prompt,
+            self.state.steps_done,
+        );
+        let mut sampler = Sampler::new(&setup.corpus, setup.run.batch, setup.run.seed);
+        sampler.skip(self.state.sampler.batches_drawn);
+        Ok((trainer, sampler, self.state.log.clone()))
+    }
+
+    /// The moments (and masks) of `train_state.safetensors`, checked against the model.
+    fn tensors(&self, setup: &Setup) -> anyhow::Result<StateTensors> {
+        let path = self.dir.join(STATE_TENSORS);
+        let bytes = std::fs::read(&path).map_err(|source| {
+            bad_input(
+                self.flag(),
+                state::StateError::Read {
+                    path: path.clone(),
+                    source,
+                },
+            )
+        })?;
+        state::read_state_tensors(
+            &path,
+            &bytes,
+            &setup.config,
+            setup.run.phase,
+            setup.prompt_len,
+        )
+        .map_err(|e| bad_input(self.flag(), e))
+    }
+
+    /// The token file is the run's: the same digest.
+    fn check_corpus(&self, corpus: &Corpus, tokens: &Path) -> anyhow::Result<()> {
+        let digest = state::digest_text(corpus.digest());
+        if digest == self.state.tokens.digest {
+            return Ok(());
+        }
+        Err(bad_input(
+            format!("--tokens {}", tokens.display()),
+            anyhow::anyhow!(
+                "not the resumed run's token file: digest {digest}, {} windows, but the run read {} ({} windows; {})",
+                corpus.windows(),
+                self.state.tokens.digest,
+                self.state.tokens.windows,
+                self.dir.join(STATE_JSON).display()
+            ),
+        ))
+    }
+}
+
+/// The optimizer the state names is the one `train` runs: AdamW with its fixed settings.
+fn check_optimizer(saved: &OptimizerState, path: &Path) -> Result<(), state::StateError> {
+    let ours = AdamW::new(DEFAULT_LR);
+    let fields = [
+        ("optimizer.beta1", saved.beta1, ours.beta1),
+        ("optimizer.beta2", saved.beta2, ours.beta2),
+        ("optimizer.eps", saved.eps, ours.eps),
+        (
+            "optimizer.weight_decay",
+            saved.weight_decay,
+            ours.weight_decay,
+        ),
+    ];
+    let bad = fields.iter().find(|(_, got, want)| got != want);
+    match (saved.name.as_str(), bad) {
+        ("AdamW", None) => Ok(()),
+        (name, None) => Err(state::StateError::Field {
+            path: path.to_path_buf(),
+            field: "optimizer.name",
+            got: format!("{name:?}"),
+            reason: "expected \"AdamW\"".into(),
+        }),
+        (_, Some(&(field, got, want))) => Err(state::StateError::Field {
+            path: path.to_path_buf(),
+            field,
+            got: got.to_string(),
+            reason: format!("train runs AdamW with {want}"),
+        }),
+    }
+}
+
 /// Everything checked before any weight is drawn or read and before the output folder exists.
 struct Setup {
-    phase: TrainPhase,
-    fabric: FabricConfig,
+    run: Settings,
     config: GptConfig,
     corpus: Corpus,
     plan: StepPlan,
     /// Prompt vectors in front of every sequence (0 outside prompt-tune).
     prompt_len: usize,
-    /// The vectors of `--prompt`, read once.
+    /// The vectors of `--prompt` (or of the resumed checkpoint), read once.
     prompt_file: Option<Matrix>,
+    /// The run `--resume` continues.
+    resumed: Option<Resumed>,
 }
 
 impl Setup {
     fn check(args: &Args) -> anyhow::Result<Self> {
-        let phase = args.phase.phase();
-        let fabric = load_fabric(&args.fabric)?;
+        let resumed = args.resume.as_deref().map(Resumed::read).transpose()?;
+        let run = match &resumed {
+            Some(r) => Settings::from_state(&r.state, &r.dir, args)?,
+            None => Settings::from_flags(args)?,
+        };
         let config = load_config(args)?;
-        check_flags(args, phase)?;
-        guard::check_batch_shape("--batch/--seq", &config, args.batch, args.seq)?;
-        let corpus = read_corpus(&args.tokens, args.seq, &config)?;
-        let prompt_file = match &args.prompt {
-            Some(path) => Some(super::prompt::read_prompt(path, config.n_embd)?),
-            None => None,
+        check_flags(args, &run)?;
+        guard::check_batch_shape("--batch/--seq", &config, run.batch, run.seq)?;
+        let corpus = read_corpus(&args.tokens, run.seq, &config)?;
+        if let Some(r) = &resumed {
+            r.check_corpus(&corpus, &args.tokens)?;
+        }
+        let prompt_file = match (&resumed, &args.prompt) {
+            (Some(r), _) if run.phase == TrainPhase::PromptTune => {
+                let path = r.dir.join(PROMPT_FILE);
+                Some(super::prompt::read_prompt_for(
+                    &r.flag(),
+                    &path,
+                    config.n_embd,
+                )?)
+            }
+            (None, Some(path)) => Some(super::prompt::read_prompt(path, config.n_embd)?),
+            _ => None,
         };
-        let prompt_len = if phase == TrainPhase::PromptTune {
-            prompt_len(args.prompt_len, prompt_file.as_ref())?
-        } else {
-            0
+        let prompt_len = match (&resumed, run.phase) {
+            (_, TrainPhase::SparsePretrain | TrainPhase::DenseFinetune) => 0,
+            (Some(r), TrainPhase::PromptTune) => {
+                resumed_prompt_len(r, args.prompt_len, prompt_file.as_ref())?
+            }
+            (None, TrainPhase::PromptTune) => prompt_len(args.prompt_len, prompt_file.as_ref())?,
         };
-        let positions = args.seq.saturating_add(prompt_len);
+        let positions = run.seq.saturating_add(prompt_len);
         let what = "--seq + the prompt's vectors";
-        guard::check_batch_shape(what, &config, args.batch, positions)?;
-        let plan = plan_step(
-            &config,
-            args.batch,
-            positions,
-            &fabric,
-            args.dtype.precision(),
-        )
-        .map_err(guard::plan_error)?;
-        let attention = AttentionFit::of(&config, &plan, &fabric);
-        attention.refuse_if_exact(args.fidelity.fidelity())?;
+        guard::check_batch_shape(what, &config, run.batch, positions)?;
+        let plan = plan_step(&config, run.batch, positions, &run.fabric, run.precision)
+            .map_err(guard::plan_error)?;
+        let attention = AttentionFit::of(&config, &plan, &run.fabric);
+        attention.refuse_if_exact(run.fidelity)?;
         if let Some(warning) = attention.warning() {
             eprintln!("{warning}");
         }
-        check_outputs(args, phase)?;
+        check_outputs(args, &run)?;
         Ok(Setup {
-            phase,
-            fabric,
+            run,
             config,
             corpus,
             plan,
             prompt_len,
             prompt_file,
+            resumed,
         })
     }
 }
 
-fn check_flags(args: &Args, phase: TrainPhase) -> anyhow::Result<()> {
-    if args.steps == 0 {
+/// The prompt length of a resumed prompt-tuning run: the state's, which the checkpoint's
+/// prompt file and `--prompt-len` (if given) must match.
+fn resumed_prompt_len(
+    resumed: &Resumed,
+    given: Option<usize>,
+    file: Option<&Matrix>,
+) -> anyhow::Result<usize> {
+    let saved = resumed.state.prompt_len;
+    let rows = file.map_or(0, |m| m.rows);
+    if rows != saved {
+        return Err(bad_input(
+            resumed.flag(),
+            anyhow::anyhow!(
+                "{} holds {rows} prompt vectors but {} says {saved}",
+                resumed.dir.join(PROMPT_FILE).display(),
+                resumed.dir.join(STATE_JSON).display()
+            ),
+        ));
+    }
+    match given {
+        Some(given) if given != saved => Err(bad_input(
+            "--prompt-len",
+            anyhow::anyhow!(
+                "{given} contradicts the resumed run's {saved} ({}); omit it or give the same",
+                resumed.dir.join(STATE_JSON).display()
+            ),
+        )),
+        _ => Ok(saved),
+    }
+}
+
+fn check_flags(args: &Args, run: &Settings) -> anyhow::Result<()> {
+    let phase = run.phase;
+    if run.steps == 0 {
         return Err(bad_input("--steps", anyhow::anyhow!("must be at least 1")));
     }
     if args.save_every == Some(0) {
@@ -416,14 +866,16 @@ fn check_flags(args: &Args, phase: TrainPhase) -> anyhow::Result<()> {
             anyhow::anyhow!("must be at least 1"),
         ));
     }
-    AdamW::new(args.lr)
+    AdamW::new(run.lr)
         .validate()
         .map_err(|e| bad_input("--lr", e))?;
     match (phase, args.sparsity) {
         (TrainPhase::SparsePretrain, Some(s)) => {
             sparsity::validate(s).map_err(|e| bad_input("--sparsity", e))?;
         }
-        (TrainPhase::SparsePretrain, None) if args.checkpoint.is_none() => {
+        (TrainPhase::SparsePretrain, None)
+            if args.checkpoint.is_none() && args.resume.is_none() =>
+        {
             return Err(bad_input(
                 "--sparsity",
                 anyhow::anyhow!("sparse-pretrain from a preset needs --sparsity"),
@@ -481,6 +933,10 @@ fn prompt_len(given: Option<usize>, file: Option<&Matrix>) -> anyhow::Result<usi
 }
 
 fn load_config(args: &Args) -> anyhow::Result<GptConfig> {
+    if let Some(dir) = &args.resume {
+        let flag = format!("--resume {}", dir.display());
+        return read_config(&dir.join(CONFIG_FILE)).map_err(|e| bad_input(flag, e));
+    }
     if let Some(dir) = &args.checkpoint {
         return read_config(&dir.join(CONFIG_FILE)).map_err(|e| bad_input("--checkpoint", e));
     }
@@ -494,20 +950,21 @@ fn read_corpus(path: &Path, seq: usize, config: &GptConfig) -> anyhow::Result<Co
     Corpus::from_json(&text, seq, config).map_err(|e| bad_input(what(), e))
 }
 
-/// The starting weights (pruned entries zeroed) and the masks of the phase.
+/// A new run's starting weights (pruned entries zeroed) and the masks of the phase.
 fn load_weights(args: &Args, setup: &Setup) -> anyhow::Result<(GptParams, ModelMasks)> {
     let config = &setup.config;
+    let seed = setup.run.seed;
     let mut params = match &args.checkpoint {
         Some(dir) => read_params(&dir.join(WEIGHTS_FILE), config)
             .map_err(|e| bad_input("--checkpoint", e))?,
-        None => guard::seeded_params(config, args.seed)?,
+        None => guard::seeded_params(config, seed)?,
     };
-    let masks = match (setup.phase, args.sparsity) {
+    let masks = match (setup.run.phase, args.sparsity) {
         (TrainPhase::SparsePretrain, Some(s)) => {
             if args.checkpoint.is_some() {
                 guard::note_new_masks_over_zeros(&params, " (omit --sparsity to keep them)");
             }
-            ModelMasks::random(config, s, args.seed).map_err(|e| bad_input("--sparsity", e))?
+            ModelMasks::random(config, s, seed).map_err(|e| bad_input("--sparsity", e))?
         }
         (TrainPhase::SparsePretrain | TrainPhase::PromptTune, _) => {
             ModelMasks::from_params_zeros(&params)
@@ -529,6 +986,8 @@ struct Finished<'a> {
     wall: f64,
     interrupted: bool,
     savings: Option<Value>,
+    /// Batches the sampler has drawn (a resumed run replays them).
+    batches_drawn: u64,
 }
 
 impl<'a> Finished<'a> {
@@ -548,6 +1007,7 @@ impl<'a> Finished<'a> {
             wall: started.elapsed().as_secs_f64(),
             interrupted,
             savings: None,
+            batches_drawn: trainer.steps,
         }
     }
 
@@ -561,13 +1021,67 @@ impl<'a> Finished<'a> {
 
     /// The power of two the exact steps scaled their loss by (`None`: fast fidelity).
     fn loss_scale(&self) -> Option<f32> {
-        let exact = self.args.fidelity.fidelity() == Fidelity::Exact;
         let setup = self.setup;
-        exact.then(|| (self.args.loss_scale).of_step(&setup.plan, setup.prompt_len))
+        let exact = setup.run.fidelity == Fidelity::Exact;
+        exact.then(|| setup.run.loss_scale.of_step(&setup.plan, setup.prompt_len))
     }
 
     fn seconds(&self) -> f64 {
-        self.total_cycles() as f64 / (f64::from(self.setup.fabric.clock_mhz) * 1e6)
+        self.total_cycles() as f64 / (f64::from(self.setup.run.fabric.clock_mhz) * 1e6)
+    }
+
+    /// The first step's reference check as JSON: this run's, or the resumed run's.
+    fn reference_check(&self) -> Option<Value> {
+        let resumed = self.setup.resumed.as_ref();
+        match &self.trainer.first_check {
+            Some(check) => Some(checked::json(check)),
+            None => resumed.and_then(|r| r.state.reference_check.clone()),
+        }
+    }
+
+    /// The run's state after its last step, for `--resume`.
+    fn train_state(&self) -> TrainState {
+        let (setup, trainer) = (self.setup, self.trainer);
+        let run = &setup.run;
+        let adam = AdamW::new(run.lr);
+        TrainState {
+            schema: state::SCHEMA.into(),
+            phase: run.phase.name().into(),
+            steps_done: trainer.steps,
+            schedule: ScheduleState {
+                peak: run.lr,
+                warmup: run.warmup,
+                total: run.steps,
+            },
+            batch: run.batch,
+            seq: run.seq,
+            seed: run.seed,
+            sampler: SamplerState {
+                seed: run.seed,
+                batches_drawn: self.batches_drawn,
+            },
+            tokens: TokensState {
+                digest: state::digest_text(setup.corpus.digest()),
+                windows: setup.corpus.windows(),
+                tokens: setup.corpus.tokens(),
+            },
+            fidelity: run.fidelity.name().into(),
+            dtype: run.precision.name().into(),
+            loss_scale: loss_scale_text(run.loss_scale),
+            fabric: run.fabric.clone(),
+            prompt_len: setup.prompt_len,
+            sparsity: trainer.masks.sparsity(),
+            optimizer: OptimizerState {
+                name: "AdamW".into(),
+                beta1: adam.beta1,
+                beta2: adam.beta2,
+                eps: adam.eps,
+                weight_decay: adam.weight_decay,
+                t: trainer.steps,
+            },
+            log: self.log.to_vec(),
+            reference_check: self.reference_check(),
+        }
     }
 }
 
@@ -576,11 +1090,11 @@ fn print_summary(run: &Finished<'_>) -> anyhow::Result<()> {
     let loss = |r: Option<&StepRecord>| r.map_or(f64::NAN, |r| r.loss);
     outln!(
         "{}, {} fidelity, {}: {} of {} steps{}, loss {:.4} -> {:.4} (ln vocab {:.4})",
-        run.setup.phase.name(),
-        run.args.fidelity.fidelity().name(),
+        run.setup.run.phase.name(),
+        run.setup.run.fidelity.name(),
         checked::dtype_label(run.setup.plan.precision, run.loss_scale()),
         run.log.len(),
-        run.args.steps,
+        run.setup.run.steps,
         if run.interrupted {
             " (interrupted)"
         } else {
@@ -590,7 +1104,7 @@ fn print_summary(run: &Finished<'_>) -> anyhow::Result<()> {
         loss(last),
         (run.setup.config.vocab_size as f64).ln()
     )?;
-    let counted = match run.args.fidelity.fidelity() {
+    let counted = match run.setup.run.fidelity {
         crate::runtime::Fidelity::Exact => "executed",
         crate::runtime::Fidelity::Fast => "counted",
     };
@@ -599,7 +1113,7 @@ fn print_summary(run: &Finished<'_>) -> anyhow::Result<()> {
         run.total_flops(),
         run.total_cycles(),
         run.seconds(),
-        run.setup.fabric.clock_mhz,
+        run.setup.run.fabric.clock_mhz,
         run.wall
     )?;
     Ok(())
@@ -634,15 +1148,30 @@ fn stage_outputs(out: &Path, checkpoint: &Path, run: &Finished<'_>) -> anyhow::R
             );
         }
     }
+    staged.extend(stage_state(checkpoint, run)?);
     let [csv, json_file, svg] = LOG_FILES;
     staged.push(stage_text(&out.join(csv), &csv_text(run.log))?);
     let report = super::json_text(&report_json(run, checkpoint))?;
     staged.push(stage_text(&out.join(json_file), &report)?);
     staged.push(stage_text(
         &out.join(svg),
-        &crate::plot::loss_svg(run.log, &format!("{} loss", run.setup.phase.name()))?,
+        &crate::plot::loss_svg(run.log, &format!("{} loss", run.setup.run.phase.name()))?,
     )?);
     Ok(staged)
+}
+
+/// The run's state (`train_state.json`, `train_state.safetensors`), staged in `checkpoint`.
+fn stage_state(checkpoint: &Path, run: &Finished<'_>) -> anyhow::Result<[Staged; 2]> {
+    let json_path = checkpoint.join(STATE_JSON);
+    let text = run
+        .train_state()
+        .to_json()
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let tensors_path = checkpoint.join(STATE_TENSORS);
+    let bytes = state::state_tensor_bytes(run.trainer, &tensors_path)?;
+    let tensors = stage_bytes(&tensors_path, &bytes)
+        .with_context(|| format!("writing {}", tensors_path.display()))?;
+    Ok([stage_text(&json_path, &text)?, tensors])
 }
 
 fn stage_text(path: &Path, text: &str) -> anyhow::Result<Staged> {
@@ -679,7 +1208,7 @@ fn csv_text(log: &[StepRecord]) -> String {
 }
 
 fn report_json(run: &Finished<'_>, checkpoint: &Path) -> Value {
-    let (setup, args) = (run.setup, run.args);
+    let (setup, args, settings) = (run.setup, run.args, &run.setup.run);
     let c = &setup.config;
     let losses: Vec<f64> = run.log.iter().map(|r| r.loss).collect();
     let tail = &losses[losses.len().saturating_sub(10)..];
@@ -693,19 +1222,22 @@ fn report_json(run: &Finished<'_>, checkpoint: &Path) -> Value {
             "reference_check": "the first step's loss and gradients against the CPU reference's (exact fidelity; null at the fast one)",
             "loss_scale": "the power of two the exact steps multiplied the loss by before their backward pass and divided the gradients by (null: fast fidelity)",
         },
-        "phase": setup.phase.name(),
-        "fidelity": args.fidelity.fidelity().name(),
+        "phase": settings.phase.name(),
+        "fidelity": settings.fidelity.name(),
         "model": super::model_json(c),
-        "fabric": super::fabric_json(&setup.fabric),
+        "fabric": super::fabric_json(&settings.fabric),
         "region": { "cols": setup.plan.region.cols, "rows": setup.plan.region.rows },
-        "batch": args.batch, "seq": args.seq, "seed": args.seed,
+        "batch": settings.batch, "seq": settings.seq, "seed": settings.seed,
         "dtype": setup.plan.precision.name(), "loss_scale": run.loss_scale(),
         "sparsity": run.trainer.masks.sparsity(),
-        "lr": { "peak": args.lr, "warmup": args.warmup, "schedule": "linear warm-up, cosine to peak/10" },
+        "lr": { "peak": settings.lr, "warmup": settings.warmup, "schedule": "linear warm-up, cosine to peak/10" },
         "tokens_file": { "path": args.tokens.display().to_string(), "windows": setup.corpus.windows(), "tokens": setup.corpus.tokens() },
-        "steps": { "requested": args.steps, "done": steps },
+        "steps": { "requested": settings.steps, "done": steps },
         "interrupted": run.interrupted,
-        "tokens_trained": steps * (args.batch * args.seq) as u64,
+        "resumed_from": setup.resumed.as_ref().map(|r| json!({
+            "checkpoint": r.dir.display().to_string(), "step": r.state.steps_done,
+        })),
+        "tokens_trained": steps * (settings.batch * settings.seq) as u64,
         "loss": {
             "first": losses.first(), "last": losses.last(),
             "min": losses.iter().copied().reduce(f64::min),
@@ -719,7 +1251,7 @@ fn report_json(run: &Finished<'_>, checkpoint: &Path) -> Value {
             "seconds": run.seconds(),
         },
         "checkpoint": checkpoint.display().to_string(),
-        "reference_check": run.trainer.first_check.as_ref().map(checked::json),
+        "reference_check": run.reference_check(),
         "prompt": run.trainer.prompt.as_ref().map(|p| json!({
             "len": p.vectors.rows, "file": PROMPT_FILE, "savings": run.savings,
         })),
@@ -736,6 +1268,6 @@ fn dense_step_flops(setup: &Setup) -> anyhow::Result<u64> {
     };
     let nnz = NnzSource::dense(&setup.config);
     let report = flops::step_flops(&setup.config, shape, &nnz, FlopOptions::default())?;
-    let weight_gradients = setup.phase != TrainPhase::PromptTune;
+    let weight_gradients = setup.run.phase != TrainPhase::PromptTune;
     Ok(report.of_step(weight_gradients).matmul_dense)
 }

@@ -10,6 +10,11 @@
 //! when one runs out. The same file, seed, `B` and `S` give the same batches, step for step, on
 //! any machine.
 //!
+//! A corpus has a digest ([`Corpus::digest`]: FNV-1a, 64 bits, written out below, over each
+//! sequence's length and ids) that a resumed run compares to tell the same data from other data,
+//! however the JSON is laid out. A sampler can be put back where it was by replaying the batches
+//! it drew ([`Sampler::skip`]).
+//!
 //! What it is not: a tokenizer or a streaming reader; the whole file is read into memory (its
 //! size is checked by the caller).
 
@@ -61,6 +66,30 @@ pub struct Corpus {
     tokens: Vec<u32>,
     /// Every token id of the file in file order (for the prompt's initialisation).
     first: Vec<u32>,
+    /// [`Corpus::digest`].
+    digest: u64,
+}
+
+/// FNV-1a, 64 bits (offset basis 0xcbf29ce484222325, prime 0x100000001b3), over `bytes`,
+/// continuing from `hash`.
+fn fnv1a64(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The digest of token sequences: FNV-1a 64 over, for each sequence in order, its length as a
+/// little-endian `u64` and then its ids as little-endian `u32`s.
+pub fn sequences_digest(rows: &[Vec<u32>]) -> u64 {
+    rows.iter().fold(FNV_OFFSET, |hash, ids| {
+        let hash = fnv1a64(hash, &(ids.len() as u64).to_le_bytes());
+        ids.iter()
+            .fold(hash, |hash, id| fnv1a64(hash, &id.to_le_bytes()))
+    })
 }
 
 /// Where an element of a token file is.
@@ -184,6 +213,7 @@ impl Corpus {
             seq,
             tokens,
             first: rows.iter().flatten().copied().take(1 << 16).collect(),
+            digest: sequences_digest(rows),
         })
     }
 
@@ -207,6 +237,12 @@ impl Corpus {
         &self.first[..n.min(self.first.len())]
     }
 
+    /// The digest of the file's sequences ([`sequences_digest`]): the same for the same ids in
+    /// the same sequences, whatever the JSON's layout.
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
     fn window(&self, i: usize) -> &[u32] {
         &self.tokens[i * self.seq..(i + 1) * self.seq]
     }
@@ -219,6 +255,8 @@ pub struct Sampler {
     order: Vec<usize>,
     cursor: usize,
     batch: usize,
+    /// Batches drawn so far.
+    drawn: u64,
 }
 
 impl Sampler {
@@ -233,7 +271,35 @@ impl Sampler {
             order,
             cursor: 0,
             batch,
+            drawn: 0,
         }
+    }
+
+    /// Batches drawn so far (by [`Sampler::next_batch`] and [`Sampler::skip`]).
+    pub fn drawn(&self) -> u64 {
+        self.drawn
+    }
+
+    /// Moves on by `batches` batches without building them: afterwards the sampler is where
+    /// it would be after `batches` calls of [`Sampler::next_batch`] (a resumed run's sampler).
+    pub fn skip(&mut self, batches: u64) {
+        for _ in 0..batches {
+            for _ in 0..self.batch {
+                self.next_window();
+            }
+            self.drawn += 1;
+        }
+    }
+
+    /// The index of the next window; a new permutation starts whenever the windows run out.
+    fn next_window(&mut self) -> usize {
+        if self.cursor == self.order.len() {
+            self.order.shuffle(&mut self.rng);
+            self.cursor = 0;
+        }
+        let window = self.order.get(self.cursor).copied().unwrap_or(0);
+        self.cursor += 1;
+        window
     }
 
     /// The next batch; a new permutation starts whenever the windows run out.
@@ -244,13 +310,10 @@ impl Sampler {
     ) -> Result<Batch, CorpusError> {
         let mut tokens = Vec::with_capacity(self.batch * corpus.seq);
         for _ in 0..self.batch {
-            if self.cursor == self.order.len() {
-                self.order.shuffle(&mut self.rng);
-                self.cursor = 0;
-            }
-            tokens.extend_from_slice(corpus.window(self.order[self.cursor]));
-            self.cursor += 1;
+            let window = self.next_window();
+            tokens.extend_from_slice(corpus.window(window));
         }
+        self.drawn += 1;
         Ok(Batch::new(config, self.batch, corpus.seq, tokens)?)
     }
 }
@@ -340,5 +403,46 @@ mod tests {
             Sampler::new(&c, 5, 7).next_batch(&c, &config).unwrap()
         );
         assert_ne!(again, other);
+    }
+
+    #[test]
+    fn a_skipped_sampler_draws_what_a_drawing_one_draws_next() {
+        let config = tiny();
+        let ids: Vec<u32> = (0..14).collect();
+        let c = Corpus::from_sequences(&[ids], 2, &config).unwrap();
+        // 7 windows, 3 per batch: 5 batches cross two epoch boundaries (after 7 and 14 windows).
+        let mut drawing = Sampler::new(&c, 3, 11);
+        for _ in 0..5 {
+            drawing.next_batch(&c, &config).unwrap();
+        }
+        let mut skipped = Sampler::new(&c, 3, 11);
+        skipped.skip(5);
+        assert_eq!((drawing.drawn(), skipped.drawn()), (5, 5));
+        for _ in 0..4 {
+            assert_eq!(
+                drawing.next_batch(&c, &config).unwrap(),
+                skipped.next_batch(&c, &config).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn the_digest_is_fnv1a_of_lengths_and_ids_whatever_the_layout() {
+        // FNV-1a 64 of the empty input is the offset basis; of the single byte 0x61 ("a") it is
+        // 0xaf63dc4c8601ec8c (the published test vector).
+        assert_eq!(fnv1a64(FNV_OFFSET, b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(FNV_OFFSET, b"a"), 0xaf63_dc4c_8601_ec8c);
+        // One sequence [1, 2]: the bytes 02 00.. (u64 2), 01 00 00 00, 02 00 00 00.
+        let mut bytes = 2u64.to_le_bytes().to_vec();
+        bytes.extend([1, 0, 0, 0, 2, 0, 0, 0]);
+        assert_eq!(sequences_digest(&[vec![1, 2]]), fnv1a64(FNV_OFFSET, &bytes));
+        let flat = Corpus::from_json("[1, 2, 3, 4]", 2, &tiny()).unwrap();
+        let nested = Corpus::from_json("[[1,2,3,4]]", 2, &tiny()).unwrap();
+        let split = Corpus::from_json("[[1,2],[3,4]]", 2, &tiny()).unwrap();
+        let other = Corpus::from_json("[1, 2, 3, 5]", 2, &tiny()).unwrap();
+        assert_eq!(flat.digest(), nested.digest());
+        // The same windows at S = 2, but not at S = 3: other sequences are another file.
+        assert_ne!(flat.digest(), split.digest());
+        assert_ne!(flat.digest(), other.digest());
     }
 }

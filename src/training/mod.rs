@@ -16,11 +16,17 @@
 //! step runs with [`GradientSet::PromptOnly`], so the fabric runs no weight-gradient kernel, and
 //! only the vectors are updated (AdamW, no weight decay).
 //!
-//! What it is not: a data loader, a tokenizer or a checkpoint writer (the CLI writes the files);
-//! the optimizer state is not saved, so a continued run restarts AdamW's moments.
+//! A run can be continued where it stopped: [`state`] is what a checkpoint holds beside its
+//! weights (AdamW's moments and step count, the schedule, the sampler's position, the phase, the
+//! loss scale, the log so far), and [`Trainer::resume`] rebuilds the run from it, so that the
+//! continued run computes the same bytes as one that never stopped.
+//!
+//! What it is not: a data loader, a tokenizer or a checkpoint writer (the CLI stages and writes
+//! the files; [`state`] gives their contents and reads them back).
 
 pub mod corpus;
 pub mod schedule;
+pub mod state;
 
 use wafersim_sim::FabricConfig;
 
@@ -99,7 +105,8 @@ pub enum TrainError {
 }
 
 /// One line of `train.csv`: what one optimizer step computed and cost.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StepRecord {
     /// 1-based step number.
     pub step: u64,
@@ -160,6 +167,18 @@ impl PromptVectors {
             v: vec![0.0; n],
         }
     }
+
+    /// Vectors with the moments of an earlier run (`None` unless both have one value per
+    /// element of `vectors`).
+    pub fn with_moments(vectors: Matrix, m: Vec<f32>, v: Vec<f32>) -> Option<Self> {
+        let n = vectors.data.len();
+        (m.len() == n && v.len() == n).then_some(Self { vectors, m, v })
+    }
+
+    /// AdamW's first and second moments of the vectors.
+    pub fn moments(&self) -> (&[f32], &[f32]) {
+        (&self.m, &self.v)
+    }
 }
 
 impl Trainer {
@@ -192,6 +211,35 @@ impl Trainer {
         let mut trainer = Self::new(TrainPhase::PromptTune, params, masks, schedule);
         trainer.prompt = Some(PromptVectors::new(prompt));
         trainer
+    }
+
+    /// A run continued after `steps` steps: its weights, masks, schedule, AdamW's moments (of
+    /// the model, or, for prompt tuning, in `prompt`) as they were after its last step. The next
+    /// step is step `steps + 1`, at the schedule's rate for it, with AdamW's bias correction at
+    /// `t = steps + 1`.
+    pub fn resume(
+        phase: TrainPhase,
+        params: GptParams,
+        masks: ModelMasks,
+        schedule: LrSchedule,
+        moments: Option<(GptParams, GptParams)>,
+        prompt: Option<PromptVectors>,
+        steps: u64,
+    ) -> Self {
+        let mut trainer = Self::new(phase, params, masks, schedule);
+        if let Some((m, v)) = moments {
+            trainer.adam = AdamState { m, v, t: steps };
+        }
+        trainer.adam.t = steps;
+        trainer.prompt = prompt;
+        trainer.steps = steps;
+        trainer
+    }
+
+    /// AdamW's state of the model's parameters (zero moments in prompt tuning: the model is
+    /// frozen).
+    pub fn adam(&self) -> &AdamState {
+        &self.adam
     }
 
     /// Which gradients this run's steps compute.

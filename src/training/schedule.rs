@@ -18,8 +18,9 @@
 //!   when `W = N`) and the decay never starts ([`LrSchedule::ends_during_warm_up`]; `wafersim
 //!   train` warns).
 //!
-//! What it is not: a scheduler with restarts or per-group rates, or one that resumes: a run
-//! started from a checkpoint starts its schedule again at step 0.
+//! What it is not: a scheduler with restarts or per-group rates. The rate is a function of the
+//! step alone, so a resumed run (`train --resume`) continues the schedule by its step count; a
+//! new run from a checkpoint (`train --checkpoint`) starts its own at step 0.
 
 /// A warm-up-then-cosine schedule.
 #[derive(Clone, Copy, Debug, PartialEq)]
