@@ -26,6 +26,7 @@ use wafersim_sim::{
 };
 
 use super::blocked::{BlockGather, KvTiles};
+use super::blocked_backward_cost;
 use super::blocked_memory::{self as memory, RowSizes};
 use super::online_backward::{self as online, BackwardRunBufs, PreludeBufs};
 use super::{
@@ -104,7 +105,8 @@ struct GradBufs {
 }
 
 impl BlockedAttentionBackward<'_> {
-    fn checked(&self, config: &FabricConfig) -> Result<Geometry, KernelError> {
+    /// The cut, if the region takes the shape and the blocks have rows.
+    fn blocked_geometry(&self, config: &FabricConfig) -> Result<Geometry, KernelError> {
         let kernel = BLOCKED_BACKWARD_KERNEL;
         let g = geometry(kernel, config, self.region, &self.shape)?;
         if self.block_rows == 0 {
@@ -113,6 +115,12 @@ impl BlockedAttentionBackward<'_> {
                 reason: "block_rows must be at least 1".into(),
             });
         }
+        Ok(g)
+    }
+
+    fn checked(&self, config: &FabricConfig) -> Result<Geometry, KernelError> {
+        let kernel = BLOCKED_BACKWARD_KERNEL;
+        let g = self.blocked_geometry(config)?;
         let tensors = [
             ("Q", self.q.len()),
             ("K", self.k.len()),
@@ -129,12 +137,13 @@ impl BlockedAttentionBackward<'_> {
         Ok(g)
     }
 
-    // TEMP-STUB: replaced by the cost formula before merging.
-    pub fn estimate_cycles(&self, _c: &FabricConfig) -> Result<u64, KernelError> {
-        Err(KernelError::Shape {
-            kernel: BLOCKED_BACKWARD_KERNEL,
-            reason: "TEMP".into(),
-        })
+    /// The cycles [`BlockedAttentionBackward::run`] would take (the prelude and every run),
+    /// from the analytic formula (`blocked_backward_cost.rs`), without simulating. Like
+    /// [`super::BlockedAttention::estimate_cycles`] it needs no data and does not check that the
+    /// buffers fit the SRAM ([`BlockedAttentionBackward::plan`] does).
+    pub fn estimate_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
+        let g = self.blocked_geometry(config)?;
+        Ok(blocked_backward_cost::total(config, &g, self.block_rows))
     }
 
     /// Checks the shapes and that every PE's buffers fit its SRAM in every run; the fullest
