@@ -101,7 +101,7 @@ fn within(name: &str, estimate: u64, exact: u64) {
     eprintln!("{name}: estimate {estimate} exact {exact} cycles (ratio {ratio:.3})");
     // The module doc's claim: within 6 % on every shape tested here.
     assert!(
-        std::env::var("WITHIN_SOFT").is_ok() || (0.94..=1.06).contains(&ratio),
+        (0.94..=1.06).contains(&ratio),
         "{name}: estimate {estimate} vs exact {exact}"
     );
 }

@@ -45,9 +45,7 @@ use wafersim_sim::FabricConfig;
 use super::blocked_cost::{
     ColumnHeads, KV_TILES, RowKeys, RowMoves, chains_ramp, merged_columns, run_gathers,
 };
-use super::cost::{
-    PeCompute, collective_cycles, product, reciprocals, scalar, timeline, vector,
-};
+use super::cost::{PeCompute, collective_cycles, product, reciprocals, scalar, timeline, vector};
 use super::geometry::Geometry;
 
 /// The whole blocked backward: the prelude and every run's end, added up (`block_rows >= 1`).
@@ -244,7 +242,10 @@ fn run_pe(c: &FabricConfig, col: ColumnHeads, run: &BackwardRun, reduce: ReduceI
             + col.shared_dims * run.products
             + 2 * col.shared * u64::from(c.issue_cycles),
         whole,
-        shared_rest: switch + col.shared_dims * run.gradients + col.shared * run.elementwise + issue,
+        shared_rest: switch
+            + col.shared_dims * run.gradients
+            + col.shared * run.elementwise
+            + issue,
         shared: true,
     }
 }
@@ -260,12 +261,12 @@ fn reduce_moves(g: &Geometry, runs_of: &[usize], windows: &[Range<usize>]) -> Ve
         for b in window.clone() {
             let slot = KV_TILES * (g.fc(0) * g.n(b)) as u64;
             let reach = &windows[b];
-            let (beyond_south, beyond_north) =
-                (reach.contains(&(r + 1)), r > 0 && reach.start < r);
+            let (beyond_south, beyond_north) = (reach.contains(&(r + 1)), r > 0 && reach.start < r);
             let row = &mut moves[runs_of[b]][r];
             row.farthest = row.farthest.max(b.abs_diff(r));
             if b == r {
                 row.inp += slot * (u64::from(beyond_south) + u64::from(beyond_north));
+                row.north_last_in = slot * u64::from(beyond_south);
                 row.from_south |= beyond_south;
                 row.from_north |= beyond_north;
             } else if b < r && beyond_south {

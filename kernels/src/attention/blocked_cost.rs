@@ -128,6 +128,9 @@ pub(super) struct RowMoves {
     pub south_own: u64,
     pub north_on: u64,
     pub north_own: u64,
+    /// Wavelets taken in from the south after everything the row passes north (in the
+    /// reduce-scatter, its own sums from the rows south of it; 0 in the gather).
+    pub north_last_in: u64,
 }
 
 /// Cycles for a core to push `work` wavelets through its ramp from cycle `start`, the other
@@ -176,7 +179,10 @@ pub(super) fn chains_ramp(rows: &[RowMoves], north_own_first: bool) -> Vec<u64> 
             south[r] = end;
         }
         for r in (0..n).rev() {
-            let previous = north.get(r + 1).copied().unwrap_or(0);
+            // What the row passes on comes before what it takes in last.
+            let previous = north
+                .get(r + 1)
+                .map_or(0, |end| end.saturating_sub(rows[r].north_last_in));
             let end = direction_end(rows[r].north(), rows[r].south(), previous, south[r])
                 .after(rows[r].start, north_own_first);
             moved |= end != north[r];
@@ -185,6 +191,9 @@ pub(super) fn chains_ramp(rows: &[RowMoves], north_own_first: bool) -> Vec<u64> 
         if !moved {
             break;
         }
+    }
+    if north_own_first {
+        back_pressure_north(rows, &south, &mut north);
     }
     (0..n)
         .map(|r| {
@@ -199,6 +208,28 @@ pub(super) fn chains_ramp(rows: &[RowMoves], north_own_first: bool) -> Vec<u64> 
                 .max(rows[r].start + rows[r].inp)
         })
         .collect()
+}
+
+/// The reduce-scatter's northward chain flows into the rows that own its sums, where it meets
+/// the southward one: a row passing sums north sends them only as fast as the row north of it
+/// takes them in, and that row takes its own sums last (after what it passes on), so a row's
+/// northward sends end no earlier than the northern row's, then its own sums at the shared rate
+/// of the row's ramp. One sweep northwards after the two chains' ends are solved: the stall
+/// comes from the owners' rows, where both chains share the ramps, back through the rows that
+/// only pass the sums on.
+fn back_pressure_north(rows: &[RowMoves], south: &[u64], north: &mut [u64]) {
+    for r in 1..rows.len() {
+        let downstream = &rows[r - 1];
+        if downstream.north_on == 0 || north[r] == 0 {
+            continue;
+        }
+        let other = if rows[r].south_on + rows[r].south_own > 0 {
+            south[r]
+        } else {
+            0
+        };
+        north[r] = north[r].max(shared_ramp(north[r - 1], downstream.north_last_in, other));
+    }
 }
 
 impl RowMoves {
