@@ -37,6 +37,12 @@
 //! starts its compute when its own gather ends, not the slowest: with every row waiting for the
 //! slowest, the tested shapes came out up to 4 % over.
 //!
+//! The backward's formula (`blocked_backward_cost.rs`) reuses the gather, the merged columns,
+//! the keys per run and the chain model, which also solves its reduce-scatter: the same chains
+//! with a start per row, the northward chain's own sums first, and the northward chain's
+//! stall behind the rows that own the sums (`back_pressure_north`), which the gather, flowing
+//! out of its owners, does not have.
+//!
 //! Key design decision: every fact is computed once per row (one pass over its window's tokens,
 //! sorted into runs) or once per column. A PE's cost in a run is linear in its heads' features,
 //! so a (row, run) is summed up in four terms (per feature before and after the sums, per head,
