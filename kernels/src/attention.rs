@@ -144,6 +144,7 @@
 
 mod blocked;
 mod blocked_backward;
+mod blocked_backward_cost;
 mod blocked_cost;
 mod blocked_memory;
 mod blocks;

@@ -615,8 +615,8 @@ fn cpu_statistics(s: &AttentionShape, q: &[f32], k: &[f32]) -> (Vec<f64>, Vec<f6
 
 /// Runs the blocked forward and backward with every block size from one row to all of them and
 /// checks `O`, the statistics and the gradients against the f64 computation, the FMACs against
-/// the unblocked counts, the plans' SRAM against what the programs allocated, and the forward's
-/// cost formula against the cycles of its runs (within 6 %, as the unblocked kernels').
+/// the unblocked counts, the plans' SRAM against what the programs allocated, and both cost
+/// formulas against the cycles of their runs (within 6 %, as the unblocked kernels').
 fn check_blocked(batch: usize, seq: usize, heads: usize, f: usize, cols: u32, rows: u32) {
     let shape = AttentionShape {
         batch,
@@ -699,6 +699,11 @@ fn check_blocked(batch: usize, seq: usize, heads: usize, f: usize, cols: u32, ro
         );
         let fullest = grads.runs.iter().map(fullest_pe).max().unwrap();
         assert_eq!(grads.sram_bytes, fullest, "{name}: backward SRAM");
+        within(
+            &format!("{name}, backward"),
+            backward.estimate_cycles(&config).unwrap(),
+            grads.cycles(),
+        );
         // The shape-only count agrees with what the programs allocated.
         let region = Region::at_origin(cols, rows);
         let memory = shape.blocked_memory(&config, region, block_rows).unwrap();
@@ -810,6 +815,11 @@ fn blocked_forward_fits_where_the_window_does_not() {
         let err = max_rel_error(got, want);
         assert!(err < 1e-5, "{what} error {err}");
     }
+    within(
+        "S 256 on 2x8, blocks of one row, backward",
+        backward.estimate_cycles(&config).unwrap(),
+        grads.cycles(),
+    );
     let unblocked_backward = shape.memory(&config, region).unwrap().backward_bytes;
     assert_eq!(unblocked_backward, 118_532);
     // Beyond the tiles and statistics a step keeps, the backward's blocks of one row hold dO,
@@ -891,4 +901,24 @@ fn the_blocked_estimate_of_a_wafer_scale_shape_is_quick() {
     let took = started.elapsed();
     eprintln!("wse2, 3 x 2048 tokens, blocks of 16 rows: {estimate} cycles in {took:?}");
     assert!(estimate > 110_592, "{estimate}");
+    // The backward on the same cut: per key and feature, row 0's column 0 loads K and V and
+    // runs the scores' and dP's AXPYs of 7 tokens (2 x 9), dQ's load and AXPY (9), and the dots
+    // of 7 and stores of dK and dV (2 x 9): 45 cycles, 2048 x 3 x 45 = 276,480 in all.
+    let backward = BlockedAttentionBackward {
+        region: Region::at_origin(750, 994),
+        shape,
+        block_rows: 16,
+        q: &[],
+        k: &[],
+        v: &[],
+        out: &[],
+        d_out: &[],
+        max: &[],
+        sum: &[],
+    };
+    let started = std::time::Instant::now();
+    let estimate = backward.estimate_cycles(&config).unwrap();
+    let took = started.elapsed();
+    eprintln!("wse2, 3 x 2048 tokens, blocks of 16 rows, backward: {estimate} cycles in {took:?}");
+    assert!(estimate > 276_480, "{estimate}");
 }

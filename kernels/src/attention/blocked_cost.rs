@@ -37,6 +37,12 @@
 //! starts its compute when its own gather ends, not the slowest: with every row waiting for the
 //! slowest, the tested shapes came out up to 4 % over.
 //!
+//! The backward's formula (`blocked_backward_cost.rs`) reuses the gather, the merged columns,
+//! the keys per run and the chain model, which also solves its reduce-scatter: the same chains
+//! with a start per row, the northward chain's own sums first, and the northward chain's
+//! stall behind the rows that own the sums (`back_pressure_north`), which the gather, flowing
+//! out of its owners, does not have.
+//!
 //! Key design decision: every fact is computed once per row (one pass over its window's tokens,
 //! sorted into runs) or once per column. A PE's cost in a run is linear in its heads' features,
 //! so a (row, run) is summed up in four terms (per feature before and after the sums, per head,
@@ -57,7 +63,7 @@ use super::cost::{
 use super::geometry::{Geometry, LocalHead, Segment};
 
 /// K and V: the tiles a run gathers per row.
-const KV_TILES: u64 = 2;
+pub(super) const KV_TILES: u64 = 2;
 
 /// The whole blocked forward: every run's end (its last row's gather and compute), added up
 /// (`block_rows >= 1`).
@@ -71,7 +77,7 @@ pub(super) fn total(c: &FabricConfig, g: &Geometry, block_rows: usize) -> u64 {
 /// `[run][row]`: when each row's gather ends in each run: the unblocked gather's start, the
 /// row's part of the ramps of the run's column chains ([`chains_ramp`]) and a hop per row to its
 /// farthest owner (none for a row the run gives nothing).
-fn run_gathers(
+pub(super) fn run_gathers(
     c: &FabricConfig,
     g: &Geometry,
     runs_of: &[usize],
@@ -102,7 +108,7 @@ fn run_gathers(
     moves
         .iter()
         .map(|rows| {
-            let ends = chains_ramp(rows);
+            let ends = chains_ramp(rows, false);
             rows.iter()
                 .zip(ends)
                 .map(|(row, end)| start + collective_cycles(c, end, row.farthest + 1))
@@ -111,19 +117,26 @@ fn run_gathers(
         .collect()
 }
 
-/// What one row's core moves in one run's gather: whether it takes in slots from the north and
-/// from the south, how many rows away its farthest owner is, and in wavelets the slots it takes
-/// in, those it passes on southwards and northwards, and its own slot sent each way.
+/// What one row's core moves in one run's collective over a column (the gather, or the
+/// backward's reduce-scatter): when it issues its operations, whether it takes in wavelets from
+/// the north and from the south, how many rows away its farthest owner is, and in wavelets what
+/// it takes in, what it passes on southwards and northwards (what it must first receive from
+/// upstream), and what it starts itself each way (its own slot in the gather; in the
+/// reduce-scatter its partial sums of the owners whose reach starts or ends with it).
 #[derive(Clone, Copy, Debug, Default)]
-struct RowMoves {
-    from_north: bool,
-    from_south: bool,
-    farthest: usize,
-    inp: u64,
-    south_on: u64,
-    south_own: u64,
-    north_on: u64,
-    north_own: u64,
+pub(super) struct RowMoves {
+    pub start: u64,
+    pub from_north: bool,
+    pub from_south: bool,
+    pub farthest: usize,
+    pub inp: u64,
+    pub south_on: u64,
+    pub south_own: u64,
+    pub north_on: u64,
+    pub north_own: u64,
+    /// Wavelets taken in from the south after everything the row passes north (in the
+    /// reduce-scatter, its own sums from the rows south of it; 0 in the gather).
+    pub north_last_in: u64,
 }
 
 /// Cycles for a core to push `work` wavelets through its ramp from cycle `start`, the other
@@ -150,7 +163,12 @@ fn shared_ramp(start: u64, work: u64, other: u64) -> u64 {
 /// it takes in (its ramp from the router carries one per cycle). With the chains of a whole
 /// sequence's rows the last send ends after about 1.5 slots per row, where the busiest core's
 /// wavelets alone (`max(in, out)`) are one.
-fn chains_ramp(rows: &[RowMoves]) -> Vec<u64> {
+///
+/// Each row starts at its `start` (0 in the gather; its compute's end in the reduce-scatter).
+/// `north_own_first`: the northward chain sends what the row starts itself before what it
+/// passes on (the reduce-scatter, whose northward operations go by owner from the north: the
+/// owners whose reach ends at the row first); otherwise after, as the gather's own slot.
+pub(super) fn chains_ramp(rows: &[RowMoves], north_own_first: bool) -> Vec<u64> {
     let n = rows.len();
     let (mut south, mut north) = (vec![0u64; n], vec![0u64; n]);
     // Every end only grows, and is bounded. The ends of a row whose two directions share its
@@ -161,19 +179,27 @@ fn chains_ramp(rows: &[RowMoves]) -> Vec<u64> {
         let mut moved = false;
         for r in 0..n {
             let previous = r.checked_sub(1).map_or(0, |p| south[p]);
-            let end = direction_end(rows[r].south(), rows[r].north(), previous, north[r]);
+            let end = direction_end(rows[r].south(), rows[r].north(), previous, north[r])
+                .after(rows[r].start, false);
             moved |= end != south[r];
             south[r] = end;
         }
         for r in (0..n).rev() {
-            let previous = north.get(r + 1).copied().unwrap_or(0);
-            let end = direction_end(rows[r].north(), rows[r].south(), previous, south[r]);
+            // What the row passes on comes before what it takes in last.
+            let previous = north
+                .get(r + 1)
+                .map_or(0, |end| end.saturating_sub(rows[r].north_last_in));
+            let end = direction_end(rows[r].north(), rows[r].south(), previous, south[r])
+                .after(rows[r].start, north_own_first);
             moved |= end != north[r];
             north[r] = end;
         }
         if !moved {
             break;
         }
+    }
+    if north_own_first {
+        back_pressure_north(rows, &south, &mut north);
     }
     (0..n)
         .map(|r| {
@@ -182,9 +208,34 @@ fn chains_ramp(rows: &[RowMoves]) -> Vec<u64> {
             let arrived = from_north
                 .map_or(0, |p| south[p])
                 .max(from_south.and_then(|p| north.get(p).copied()).unwrap_or(0));
-            south[r].max(north[r]).max(arrived).max(rows[r].inp)
+            south[r]
+                .max(north[r])
+                .max(arrived)
+                .max(rows[r].start + rows[r].inp)
         })
         .collect()
+}
+
+/// The reduce-scatter's northward chain flows into the rows that own its sums, where it meets
+/// the southward one: a row passing sums north sends them only as fast as the row north of it
+/// takes them in, and that row takes its own sums last (after what it passes on), so a row's
+/// northward sends end no earlier than the northern row's, then its own sums at the shared rate
+/// of the row's ramp. One sweep northwards after the two chains' ends are solved: the stall
+/// comes from the owners' rows, where both chains share the ramps, back through the rows that
+/// only pass the sums on.
+fn back_pressure_north(rows: &[RowMoves], south: &[u64], north: &mut [u64]) {
+    for r in 1..rows.len() {
+        let downstream = &rows[r - 1];
+        if downstream.north_on == 0 || north[r] == 0 {
+            continue;
+        }
+        let other = if rows[r].south_on + rows[r].south_own > 0 {
+            south[r]
+        } else {
+            0
+        };
+        north[r] = north[r].max(shared_ramp(north[r - 1], downstream.north_last_in, other));
+    }
 }
 
 impl RowMoves {
@@ -199,6 +250,16 @@ impl RowMoves {
     }
 }
 
+/// One direction of one row's sends, before its start time is known: `(on, own)` its wavelets
+/// passed on and its own, `other` when the row's sends the other way end (0 if it has none),
+/// `upstream` when the upstream row's sends in this direction end (0 if nothing is passed on).
+struct Direction {
+    on: u64,
+    own: u64,
+    other: u64,
+    upstream: u64,
+}
+
 /// When a row's sends in one direction end: `(on, own)` its wavelets passed on and its own,
 /// `(other_on, other_own)` the other direction's, `previous` when the upstream row's sends in
 /// this direction end, `other_end` when this row's sends the other way end.
@@ -207,17 +268,34 @@ fn direction_end(
     (other_on, other_own): (u64, u64),
     previous: u64,
     other_end: u64,
-) -> u64 {
-    if on + own == 0 {
-        return 0;
+) -> Direction {
+    Direction {
+        on,
+        own,
+        other: if other_on + other_own > 0 {
+            other_end
+        } else {
+            0
+        },
+        upstream: if on > 0 { previous } else { 0 },
     }
-    let other = if other_on + other_own > 0 {
-        other_end
-    } else {
-        0
-    };
-    let after_upstream = if on > 0 { previous } else { 0 };
-    shared_ramp(0, on + own, other).max(shared_ramp(after_upstream, own, other))
+}
+
+impl Direction {
+    /// The end for a row starting at `start`: every wavelet at the shared rate from the start,
+    /// and no earlier than the upstream row's end (what is passed on is received first); its
+    /// own sends wait for that too unless they go first (`own_first`). 0 if it sends nothing.
+    fn after(&self, start: u64, own_first: bool) -> u64 {
+        if self.on + self.own == 0 {
+            return 0;
+        }
+        let all = shared_ramp(start, self.on + self.own, self.other).max(self.upstream);
+        if own_first {
+            all
+        } else {
+            all.max(shared_ramp(start.max(self.upstream), self.own, self.other))
+        }
+    }
 }
 
 /// Each run's end: the latest over the rows of its gather's end (`gathers`, `[run][row]`) and,
@@ -255,7 +333,7 @@ fn run_ends(
 /// The row's columns, neighbours holding the same features of the same heads merged into one
 /// entry (a run costs them the same, and the timeline's maxima do not see repeats), and the
 /// groups of the heads over several columns, over those entries.
-fn merged_columns(g: &Geometry) -> (Vec<ColumnHeads>, Vec<Group>) {
+pub(super) fn merged_columns(g: &Geometry) -> (Vec<ColumnHeads>, Vec<Group>) {
     let (mut entries, mut entry_of) = (Vec::new(), Vec::with_capacity(g.cols));
     let mut previous: Option<Vec<LocalHead>> = None;
     for col in 0..g.cols {
@@ -281,11 +359,11 @@ fn merged_columns(g: &Geometry) -> (Vec<ColumnHeads>, Vec<Group>) {
 
 /// The heads with features on one column, by whether other columns share them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct ColumnHeads {
-    shared: u64,
-    shared_dims: u64,
-    whole: u64,
-    whole_dims: u64,
+pub(super) struct ColumnHeads {
+    pub shared: u64,
+    pub shared_dims: u64,
+    pub whole: u64,
+    pub whole_dims: u64,
 }
 
 impl ColumnHeads {
@@ -369,17 +447,17 @@ struct RunRow {
 }
 
 /// The keys each of a row's segments meets in each run, from one pass over its window.
-struct RowKeys {
+pub(super) struct RowKeys {
     segments: Vec<Segment>,
     /// Runs that bring the row keys (its last run is `runs - 1`).
-    runs: usize,
+    pub runs: usize,
     /// `[run][segment]`: the keys of the segment's sequence the run brings, and the cycles of
     /// their masks.
     keys: Vec<(usize, u64)>,
 }
 
 impl RowKeys {
-    fn of(
+    pub(super) fn of(
         c: &FabricConfig,
         g: &Geometry,
         r: usize,
@@ -412,16 +490,21 @@ impl RowKeys {
         }
     }
 
+    /// The segments run `k` brings keys to: `(tokens, keys, cycles of the keys' masks)`.
+    pub(super) fn run_segments(&self, k: usize) -> impl Iterator<Item = (usize, usize, u64)> {
+        let at = k * self.segments.len();
+        let keys = self.keys.get(at..at + self.segments.len()).unwrap_or(&[]);
+        self.segments
+            .iter()
+            .zip(keys)
+            .filter(|(_, (count, _))| *count > 0)
+            .map(|(seg, &(count, mask))| (seg.len as usize, count, mask))
+    }
+
     /// Run `k`'s compute terms, if it brings the row any key.
     fn run_row(&self, c: &FabricConfig, k: usize) -> Option<RunRow> {
-        let at = k * self.segments.len();
-        let keys = self.keys.get(at..at + self.segments.len())?;
         let mut run = RunRow::default();
-        for (seg, &(count, mask)) in self.segments.iter().zip(keys) {
-            if count == 0 {
-                continue;
-            }
-            let len = seg.len as usize;
+        for (len, count, mask) in self.run_segments(k) {
             let per_feature = product(c, count, 1, len);
             run.scores += per_feature;
             run.context += vector(c, len, c.simd.arith_f32) + per_feature;
@@ -524,9 +607,9 @@ mod tests {
             (all[1].south_on, all[1].south_own, all[1].inp),
             (100, 100, 200)
         );
-        assert_eq!(chains_ramp(&all), vec![399; 3]);
+        assert_eq!(chains_ramp(&all, false), vec![399; 3]);
         let middle: Vec<RowMoves> = (0..3).map(|r| everyone_wants(r, 3, 1..2, 100)).collect();
-        assert_eq!(chains_ramp(&middle), vec![199; 3]);
+        assert_eq!(chains_ramp(&middle, false), vec![199; 3]);
     }
 
     /// Sixteen rows each owning a slot of 256 wavelets wanted by all: the middle rows pass on
@@ -543,6 +626,6 @@ mod tests {
         let moves: Vec<RowMoves> = (0..rows)
             .map(|r| everyone_wants(r, rows, 0..rows, 256))
             .collect();
-        assert_eq!(chains_ramp(&moves).iter().max(), Some(&(23 * 256)));
+        assert_eq!(chains_ramp(&moves, false).iter().max(), Some(&(23 * 256)));
     }
 }
