@@ -102,15 +102,6 @@
 //!    done. With whole heads only this is the first task alone, as before;
 //! 3. backward only: the reduce-scatter, which moves the gather's wavelets the other way round.
 //!
-//! [`Attention::estimate_recompute_cycles`] costs a pass no kernel here runs: the probabilities
-//! recomputed in a backward pass from Q, K and the kept log-sum-exp (FlashAttention's recipe,
-//! which the compiler picks when the probabilities do not fit). It is the forward's formula with
-//! three things taken out: V's half of the gather (its copy into the window and its wavelets),
-//! the context product, and the softmax's statistics (the row max, the row sum, the reciprocals
-//! and the normalising multiply: with the log-sum-exp kept, `p = exp(scale s - lse)` costs the
-//! scale, the mask, one subtraction per key row and the `exp`). The scores and, for heads over
-//! several columns, their group sums stay: the probabilities need full scores.
-//!
 //! The products dominate: about `2 S F_c (n_r + 2)` cycles per PE forward and twice that
 //! backward, against `2 F_c W` wavelets of gather and `2 S n_r` per shared head of group sums,
 //! so widening the region divides the products by the columns until the sums (which do not
@@ -253,20 +244,6 @@ pub struct AttentionMemory {
     /// The most either kernel holds beyond its Q, K, V (and O) tiles and the probabilities: what
     /// a step that keeps those for the backward pass needs on top of them (fullest PE).
     pub scratch_bytes: u64,
-    /// The same with the probabilities: what a step that recomputes them needs (fullest PE).
-    pub scratch_and_probs_bytes: u64,
-}
-
-impl AttentionMemory {
-    /// Bytes the kernels add to what a step keeps resident: the scratch, and the probabilities
-    /// too when the step does not keep them (it recomputes them for the backward).
-    pub fn beyond_resident(&self, probs_kept: bool) -> u64 {
-        if probs_kept {
-            self.scratch_bytes
-        } else {
-            self.scratch_and_probs_bytes
-        }
-    }
 }
 
 impl AttentionShape {
@@ -279,29 +256,23 @@ impl AttentionShape {
     ) -> Result<AttentionMemory, KernelError> {
         let g = geometry(KERNEL, config, region, self)?;
         let columns: Vec<ColumnFacts> = (0..g.cols).map(|c| ColumnFacts::of(&g, c)).collect();
-        let mut most = [0; 4];
+        let mut most = [0; 3];
         for r in 0..g.rows {
             let row = RowFacts::of(&g, r);
             for &col in &columns {
                 let (forward, backward) = (forward_parts(col, row), backward_parts(col, row));
                 let scratch = forward.scratch.max(backward.scratch);
-                let pe = [
-                    forward.total(),
-                    backward.total(),
-                    scratch,
-                    scratch + forward.probs,
-                ];
+                let pe = [forward.total(), backward.total(), scratch];
                 for (m, x) in most.iter_mut().zip(pe) {
                     *m = (*m).max(x);
                 }
             }
         }
-        let [forward, backward, scratch, scratch_and_probs] = most.map(|elements| 4 * elements);
+        let [forward, backward, scratch] = most.map(|elements| 4 * elements);
         Ok(AttentionMemory {
             forward_bytes: forward,
             backward_bytes: backward,
             scratch_bytes: scratch,
-            scratch_and_probs_bytes: scratch_and_probs,
         })
     }
 }
@@ -802,22 +773,6 @@ impl Attention<'_> {
     /// refuses the shape.
     pub fn estimate_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
         self.estimate(config, Pass::Forward)
-    }
-
-    /// Cycles a backward pass spends recomputing these probabilities from `Q`, `K` and the
-    /// softmax statistics the forward kept (one log-sum-exp per token and head), by the forward's
-    /// formula (module doc, "Cost") with what the recompute does not do taken out. It counts
-    /// the all-gather of K alone, the scores `Q K^T` with their group sums, and per score the
-    /// scale, the causal mask, the subtraction of the kept log-sum-exp and the `exp`:
-    /// `p = exp(scale s - lse)`. It does not count V's half of the gather, the context product
-    /// `P V`, or the row max, row sum, reciprocals and normalisation the forward needs to find
-    /// the statistics. An error when the region refuses the shape.
-    ///
-    /// No kernel runs this pass (the exact engine's backward reads stored probabilities), so it
-    /// is not validated against the exact engine; its terms are the forward's, which are.
-    /// Like [`Attention::estimate_cycles`] it does not check that the probabilities fit the SRAM.
-    pub fn estimate_recompute_cycles(&self, config: &FabricConfig) -> Result<u64, KernelError> {
-        self.estimate(config, Pass::Recompute)
     }
 
     fn estimate(&self, config: &FabricConfig, pass: Pass) -> Result<u64, KernelError> {

@@ -493,13 +493,12 @@ fn the_longest_sequence_that_fits_one_head_of_64_per_column() {
     };
     // Beyond the Q, K, V (and O) tiles and the probabilities, the backward holds the most:
     // dO, dQ, dK, dV (4 x 64), window and partials (4 x 64 x S), dS (S), two rows and the
-    // counter: 4 (259 + 257 S) bytes; with the probabilities (S) 4 (259 + 258 S).
+    // counter: 4 (259 + 257 S) bytes.
     for seq in [45, 94] {
         let want = AttentionMemory {
             forward_bytes: 4 * (259 + 129 * seq as u64),
             backward_bytes: 4 * (451 + 258 * seq as u64),
             scratch_bytes: 4 * (259 + 257 * seq as u64),
-            scratch_and_probs_bytes: 4 * (259 + 258 * seq as u64),
         };
         assert_eq!(memory(seq as usize).unwrap(), want, "S {seq}");
     }

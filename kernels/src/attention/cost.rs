@@ -6,11 +6,8 @@
 //! Key design decision: the compute terms mirror the instruction sequences of `pe.rs` one for
 //! one, so a change there shows up as a gap in the estimate-versus-exact test.
 //!
-//! Three passes are costed: the forward and backward kernels that run on the simulator, and the
-//! recompute of the probabilities a backward pass needs when only the softmax statistics were
-//! kept ([`Pass::Recompute`]). No kernel runs that recompute, so its formula is the forward's
-//! with the terms it does not need taken out (the V half of the gather, the context product, the
-//! softmax's row max, row sum, reciprocals and normalisation), each term shared with the forward.
+//! Two passes are costed, the forward and backward kernels; the blocked kernels' formulas
+//! (`blocked_cost.rs`, `blocked_backward_cost.rs`) share this file's timeline and terms.
 //!
 //! What it is not: a simulation. It ignores the join tasks (a few cycles per PE), contention
 //! beyond the busiest core's ramp, and the skew between columns finishing their gathers at
@@ -104,30 +101,21 @@ fn softmax_grad(c: &FabricConfig, seq: usize, len: usize) -> u64 {
 pub(super) enum Pass {
     Forward,
     Backward,
-    /// The probabilities again from Q, K and the kept log-sum-exp: the forward's geometry and
-    /// scores, `p = exp(scale s - lse)` (masked), no context product; only K is gathered.
-    Recompute,
 }
 
 impl Pass {
     /// Products after the scores (or dP) are summed: the context (forward); dQ, dK and dV
-    /// (backward); none (recompute).
+    /// (backward).
     fn products_after_sum(self) -> u64 {
         match self {
             Pass::Forward => 1,
             Pass::Backward => 3,
-            Pass::Recompute => 0,
-        }
-    }
-
-    /// Tiles of each row the all-gather moves: K and V, or K alone for the recompute.
-    fn gathered_tiles(self) -> u64 {
-        match self {
-            Pass::Forward | Pass::Backward => 2,
-            Pass::Recompute => 1,
         }
     }
 }
+
+/// Tiles of each row the all-gather moves: K and V.
+const GATHERED_TILES: u64 = 2;
 
 /// Per segment of a row: the instructions that do not depend on a head's width, and its length.
 struct RowCosts {
@@ -143,9 +131,6 @@ impl RowCosts {
                 let (len, first) = (seg.len as usize, seg.first_pos as usize);
                 match pass {
                     Pass::Forward => (len, softmax(c, g.seq, len, first), 0),
-                    Pass::Recompute => {
-                        (len, probabilities_from_statistics(c, g.seq, len, first), 0)
-                    }
                     Pass::Backward => (
                         len,
                         softmax_grad(c, g.seq, len),
@@ -158,7 +143,7 @@ impl RowCosts {
     }
 
     /// The partial products a head of `dims` features runs before its sums are needed: the
-    /// scores (forward, recompute), or the fill and dP (backward), over every segment.
+    /// scores (forward), or the fill and dP (backward), over every segment.
     fn before_sum(&self, c: &FabricConfig, seq: usize, dims: usize) -> u64 {
         self.segments
             .iter()
@@ -167,7 +152,7 @@ impl RowCosts {
     }
 
     /// What follows: softmax and context (forward), the softmax gradient, dQ and the partial
-    /// dK, dV (backward), or the probabilities from the kept statistics (recompute).
+    /// dK, dV (backward).
     fn after_sum(&self, c: &FabricConfig, seq: usize, dims: usize, pass: Pass) -> u64 {
         let products = pass.products_after_sum();
         self.segments
@@ -347,13 +332,12 @@ pub(super) fn gather_start(c: &FabricConfig, g: &Geometry, tiles: u64) -> u64 {
     u64::from(c.task_switch_cycles) + tiles * copy
 }
 
-/// The all-gather of `pass`'s tiles (K and V, or K alone), and the task that starts it
-/// (copying them into the window), in the widest column.
-pub(super) fn gather(c: &FabricConfig, g: &Geometry, pass: Pass) -> u64 {
-    let tiles = pass.gathered_tiles();
-    gather_start(c, g, tiles)
+/// The all-gather of K and V, and the task that starts it (copying them into the window), in
+/// the widest column.
+pub(super) fn gather(c: &FabricConfig, g: &Geometry) -> u64 {
+    gather_start(c, g, GATHERED_TILES)
         + collective(c, g, |r| {
-            let (inp, out) = gather_flows(g, 0, r, tiles);
+            let (inp, out) = gather_flows(g, 0, r, GATHERED_TILES);
             inp.max(out)
         })
 }
@@ -363,14 +347,12 @@ pub(super) fn reduce(c: &FabricConfig, g: &Geometry) -> u64 {
     let start = vector(c, g.slot_len(0, 0) as usize, c.simd.mov_f32);
     start
         + collective(c, g, |r| {
-            let (out, inp) = gather_flows(g, 0, r, Pass::Backward.gathered_tiles());
+            let (out, inp) = gather_flows(g, 0, r, GATHERED_TILES);
             inp.max(out)
         })
 }
 
-/// The whole pass: gather, the slowest row's compute, and the backward's reduce-scatter. The
-/// recompute is the forward without the V half of the gather, the context product and the
-/// softmax's statistics (`softmax_statistics`): every term it keeps is the forward's own.
+/// The whole pass: gather, the slowest row's compute, and the backward's reduce-scatter.
 pub(super) fn total(c: &FabricConfig, g: &Geometry, pass: Pass) -> u64 {
     let compute = (0..g.rows)
         .map(|r| row_compute(c, g, r, pass))
@@ -381,7 +363,7 @@ pub(super) fn total(c: &FabricConfig, g: &Geometry, pass: Pass) -> u64 {
     } else {
         0
     };
-    gather(c, g, pass) + compute + reduce
+    gather(c, g) + compute + reduce
 }
 
 #[cfg(test)]
@@ -391,9 +373,9 @@ mod tests {
     use crate::attention::{Attention, AttentionShape};
     use crate::layout::Region;
 
-    /// `(forward, recompute)` estimates of one sequence of 4 tokens, one head of 2 features, on
+    /// The forward's estimate of one sequence of 4 tokens, one head of 2 features, on
     /// `cols x rows` PEs of the `wse2` machine.
-    fn estimates(cols: u32, rows: u32) -> (u64, u64) {
+    fn forward(cols: u32, rows: u32) -> u64 {
         let attention = Attention {
             region: Region::at_origin(cols, rows),
             shape: AttentionShape {
@@ -407,11 +389,7 @@ mod tests {
             k: &[],
             v: &[],
         };
-        let c = FabricConfig::wse2();
-        (
-            attention.estimate_cycles(&c).unwrap(),
-            attention.estimate_recompute_cycles(&c).unwrap(),
-        )
+        attention.estimate_cycles(&FabricConfig::wse2()).unwrap()
     }
 
     // Prices on `wse2`: a vector instruction of `len` elements costs `1 + ceil(len / width)`
@@ -419,52 +397,40 @@ mod tests {
     // (software) 4, a task switch 3, `exp` 4 cycles per element after its issue; a hop between cores
     // `1 + 2 x 2 + 1 = 6`.
 
-    /// One PE (S = 4, one segment of 4 tokens from position 0, F_c = 2, the head whole). The
-    /// recompute drops:
-    /// - V's copy into the window: `vector(2 x 4 = 8, mov 2) = 1 + 4 = 5` (one PE: nothing to
-    ///   send, no hops);
-    /// - the context product: `S d (load + vector(4, fmac 1)) = 4 x 2 x (1 + 5) = 48`;
-    /// - the statistics: max `vector(4, mov) + 3 vector(4, max) = 3 + 3 x 5 = 18`, sum
-    ///   `vector(4, mov) + 3 vector(4, add) = 3 + 3 x 3 = 12`, reciprocals `4 x (2 + 4) = 24`,
-    ///   normalise `4 vector(4, mul) = 4 x 3 = 12`: 66.
-    ///
-    /// What both keep: the start task 3, K's copy 5, the scores 48, and the probabilities from
-    /// the statistics: scale `vector(16, 2) = 9`, mask `vector(1) + vector(2) + vector(3) =
-    /// 2 + 2 + 3 = 7`, subtract `4 vector(4, 2) = 12`, exp `1 + 16 x 4 = 65`: 93. So the
-    /// recompute is `3 + 5 + 3 + 48 + 93 = 152` (start, K copy, task switch, scores,
-    /// probabilities) and the forward `152 + 5 + 48 + 66 = 271`.
+    /// One PE (S = 4, one segment of 4 tokens from position 0, F_c = 2, the head whole): the
+    /// start task 3 and the copies of K and V into the window `2 vector(2 x 4 = 8, mov 2) =
+    /// 2 x 5` (one PE: nothing to send, no hops); the compute task's switch 3; the scores and the
+    /// context, each `S d (load + vector(4, fmac 1)) = 4 x 2 x (1 + 5) = 48`; the probabilities
+    /// from the statistics: scale `vector(16, 2) = 9`, mask `vector(1) + vector(2) + vector(3) =
+    /// 2 + 2 + 3 = 7`, subtract `4 vector(4, 2) = 12`, exp `1 + 16 x 4 = 65`: 93; the statistics:
+    /// max `vector(4, mov) + 3 vector(4, max) = 3 + 3 x 5 = 18`, sum `vector(4, mov) +
+    /// 3 vector(4, add) = 3 + 3 x 3 = 12`, reciprocals `4 x (2 + 4) = 24`, normalise
+    /// `4 vector(4, mul) = 4 x 3 = 12`: 66. In all `3 + 10 + 3 + 96 + 93 + 66 = 271`.
     #[test]
-    fn the_recompute_is_the_forward_without_v_the_context_and_the_statistics_on_one_pe() {
-        let (forward, recompute) = estimates(1, 1);
-        let (v_gather, context, statistics) = (5, 48, 66);
-        assert_eq!(recompute, forward - v_gather - context - statistics);
-        assert_eq!((forward, recompute), (271, 152));
+    fn the_forward_on_one_pe_by_hand() {
+        assert_eq!(forward(1, 1), 271);
     }
 
     /// 2 x 2 PEs: the head's 2 features over 2 columns (one each, so the head is shared and its
     /// scores summed along each row), 2 tokens per row, both rows in one sequence (each row's
-    /// window and reach is both rows). The slowest row is row 0 (its mask is longest) in both.
+    /// window and reach is both rows). The slowest row is row 0 (its mask is longest).
     ///
     /// Gather (column 0, F_c = 1, n = 2): each row receives the other's slot and sends its own
-    /// one way, a slot being `tiles x 1 x 2` wavelets, plus one hop of 6; started by copying
-    /// `tiles` tiles of 2 (`vector(2, mov) = 2` each) after a task switch of 3. K and V:
-    /// `3 + 2 x 2 + 4 + 6 = 17`; K alone: `3 + 2 + 2 + 6 = 13`. Dropped: 4.
+    /// one way, a slot being `2 x 1 x 2` wavelets, plus one hop of 6; started by copying 2
+    /// tiles of 2 (`vector(2, mov) = 2` each) after a task switch of 3: `3 + 2 x 2 + 4 + 6 =
+    /// 17`.
     ///
     /// Row 0: partial scores `4 x 1 x (1 + vector(2, fmac) = 3) = 16`, after the task switch and
     /// before 2 issues: the sums are issued at `3 + 16 + 2 = 21`. They travel east in
     /// `m + (g - 1) hop = S n + 6 = 14`, the turnaround task takes `3 + 3`, and 14 back west: at
     /// 55 both columns have the full scores. Then the second task: a task switch 3 and the
     /// probabilities from the statistics: scale `vector(8, 2) = 5`, mask (keys 1..3 over 1, 2,
-    /// 2 tokens) `2 + 2 + 2 = 6`, subtract `4 vector(2, 2) = 8`, exp `1 + 8 x 4 = 33`: 52. The
-    /// forward adds the context, a load and an AXPY per key and feature, `4 x 1 x (1 + 3) =
-    /// 16`, and the statistics: max `2 + 3 x 3 = 11`, sum `2 + 3 x 2 = 8`, reciprocals
-    /// `2 x (2 + 4) = 12`, normalise `4 x 2 = 8`: 39. Recompute `13 + 55 + 3 + 52 = 123`;
-    /// forward `123 + 4 + 16 + 39 = 182`.
+    /// 2 tokens) `2 + 2 + 2 = 6`, subtract `4 vector(2, 2) = 8`, exp `1 + 8 x 4 = 33`: 52; the
+    /// context, a load and an AXPY per key and feature, `4 x 1 x (1 + 3) = 16`, and the
+    /// statistics: max `2 + 3 x 3 = 11`, sum `2 + 3 x 2 = 8`, reciprocals `2 x (2 + 4) = 12`,
+    /// normalise `4 x 2 = 8`: 39. In all `17 + 55 + 3 + 52 + 16 + 39 = 182`.
     #[test]
-    fn the_recompute_keeps_the_group_sums_of_a_head_over_two_columns() {
-        let (forward, recompute) = estimates(2, 2);
-        let (v_gather, context, statistics) = (4, 16, 39);
-        assert_eq!(recompute, forward - v_gather - context - statistics);
-        assert_eq!((forward, recompute), (182, 123));
+    fn the_forward_with_the_group_sums_of_a_head_over_two_columns_by_hand() {
+        assert_eq!(forward(2, 2), 182);
     }
 }
