@@ -47,9 +47,9 @@ fn softmax(c: &FabricConfig, seq: usize, len: usize, first: usize) -> u64 {
     probabilities_from_statistics(c, seq, len, first) + softmax_statistics(c, seq, len)
 }
 
-/// What turns the scores into probabilities given one statistic per token to subtract: scale,
-/// mask the future keys, subtract (the row max in the forward, the kept log-sum-exp in the
-/// recompute) from each key's row, exponentiate the block.
+/// What turns the scores into probabilities given one statistic per token to subtract (the
+/// row max): scale, mask the future keys, subtract it from each key's row, exponentiate the
+/// block.
 fn probabilities_from_statistics(c: &FabricConfig, seq: usize, len: usize, first: usize) -> u64 {
     let s = &c.simd;
     let mask: u64 = (first + 1..seq).map(|j| mask_key(c, j, first, len)).sum();
@@ -74,8 +74,7 @@ pub(super) fn reciprocals(c: &FabricConfig, len: usize) -> u64 {
 }
 
 /// What the forward adds to find and apply the statistics itself: the row max, the row sum of
-/// the exponentials, one reciprocal per token, and the multiply by it of each key's row. A
-/// recompute from the kept log-sum-exp (`p = exp(s - lse)`) needs none of it.
+/// the exponentials, one reciprocal per token, and the multiply by it of each key's row.
 fn softmax_statistics(c: &FabricConfig, seq: usize, len: usize) -> u64 {
     let s = &c.simd;
     let rows = seq as u64;
