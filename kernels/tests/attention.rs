@@ -712,7 +712,7 @@ fn check_blocked(batch: usize, seq: usize, heads: usize, f: usize, cols: u32, ro
 }
 
 #[test]
-fn blocked_forward_on_one_pe_and_on_rows_that_split_sequences() {
+fn blocked_attention_on_one_pe_and_on_rows_that_split_sequences() {
     check_blocked(1, 4, 1, 4, 1, 1);
     // 14 tokens over 3 rows (5, 5, 4): row 1 holds both sequences.
     check_blocked(2, 7, 2, 8, 1, 3);
@@ -723,7 +723,7 @@ fn blocked_forward_on_one_pe_and_on_rows_that_split_sequences() {
 }
 
 #[test]
-fn blocked_forward_with_heads_over_several_columns() {
+fn blocked_attention_with_heads_over_several_columns() {
     // 3 heads of 4 over 5 columns (3, 3, 2, 2, 2 features): every head is summed over two or
     // three columns, and column 1 takes part in two groups.
     check_blocked(2, 6, 3, 12, 5, 4);
@@ -736,7 +736,7 @@ fn blocked_forward_with_heads_over_several_columns() {
 }
 
 #[test]
-fn blocked_forward_fits_where_the_window_does_not() {
+fn blocked_attention_fits_where_the_window_does_not() {
     // One sequence of 256 tokens, one head of 8 features, on 2 x 8 PEs of 16 KiB: 32 tokens
     // and 4 features per PE. The unblocked forward needs Q, K, V, O (4 x 4 x 32 = 512), a
     // window of 2 x 4 x 256 = 2,048, probabilities 256 x 32 = 8,192, two softmax rows of 32 and
@@ -847,7 +847,7 @@ fn blocked_forward_fits_where_the_window_does_not() {
 }
 
 #[test]
-fn blocked_forward_of_longer_sequences() {
+fn blocked_attention_of_longer_sequences() {
     // One sequence of 64 tokens, 2 heads of 8 on 2 x 8 PEs (8 tokens per row): from 8 runs of
     // one row to one run of all 8.
     check_blocked(1, 64, 2, 16, 2, 8);
@@ -863,7 +863,7 @@ fn blocked_forward_of_longer_sequences() {
 }
 
 #[test]
-fn blocked_forward_with_several_segments_per_row_and_heads_over_three_columns() {
+fn blocked_attention_with_several_segments_per_row_and_heads_over_three_columns() {
     // 6 sequences of 5 over 4 rows (8, 8, 7, 7 tokens): every row holds parts of two or three
     // sequences. 2 heads of 6 over 6 columns of 2 features: each head summed over 3 columns.
     check_blocked(6, 5, 2, 12, 6, 4);

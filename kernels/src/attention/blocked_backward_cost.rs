@@ -52,7 +52,7 @@ use std::ops::Range;
 use wafersim_sim::FabricConfig;
 
 use super::blocked_cost::{
-    ColumnHeads, KV_TILES, RowKeys, RowMoves, chains_ramp, merged_columns, run_gathers,
+    ColumnHeads, HeadCosts, KV_TILES, RowKeys, RowMoves, chains_ramp, merged_columns, run_gathers,
 };
 use super::cost::{PeCompute, collective_cycles, product, reciprocals, scalar, timeline, vector};
 use super::geometry::Geometry;
@@ -235,28 +235,13 @@ fn probabilities_and_ds(c: &FabricConfig, keys: usize, len: usize) -> u64 {
 /// receive each), the whole heads; then, with shared heads, a second task with their
 /// gradients. The reduce-scatter's issue ends the last task.
 fn run_pe(c: &FabricConfig, col: ColumnHeads, run: &BackwardRun, reduce: ReduceIssue) -> PeCompute {
-    let switch = u64::from(c.task_switch_cycles);
-    let issue = reduce.cycles(c, col.shared_dims + col.whole_dims);
-    let whole = col.whole_dims * (run.products + run.gradients) + col.whole * run.elementwise;
-    if col.shared == 0 {
-        return PeCompute {
-            to_sums: switch,
-            whole: whole + issue,
-            shared_rest: 0,
-            shared: false,
-        };
-    }
-    PeCompute {
-        to_sums: switch
-            + col.shared_dims * run.products
-            + 2 * col.shared * u64::from(c.issue_cycles),
-        whole,
-        shared_rest: switch
-            + col.shared_dims * run.gradients
-            + col.shared * run.elementwise
-            + issue,
-        shared: true,
-    }
+    let costs = HeadCosts {
+        before_sums: run.products,
+        after_sums: run.gradients,
+        per_head: run.elementwise,
+        tail: reduce.cycles(c, col.shared_dims + col.whole_dims),
+    };
+    col.tasks(c, costs)
 }
 
 /// `[run][row]`: what each row's core moves in each run's reduce-scatter, in the widest column:

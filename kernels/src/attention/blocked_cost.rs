@@ -357,6 +357,17 @@ pub(super) fn merged_columns(g: &Geometry) -> (Vec<ColumnHeads>, Vec<Group>) {
     (entries, groups)
 }
 
+/// What a PE's heads cost in one run: per feature before the group sums (the products a shared
+/// head sums), per feature after them, per head after them (the element-wise work), and what
+/// ends the last task.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct HeadCosts {
+    pub before_sums: u64,
+    pub after_sums: u64,
+    pub per_head: u64,
+    pub tail: u64,
+}
+
 /// The heads with features on one column, by whether other columns share them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct ColumnHeads {
@@ -388,29 +399,45 @@ impl ColumnHeads {
     /// if it has shared heads, a second task with their update and context. The normalisation
     /// ends the last task.
     fn compute(self, c: &FabricConfig, run: &RunRow, last: Option<Normalise>) -> PeCompute {
-        let switch = u64::from(c.task_switch_cycles);
         let normalise = last.map_or(0, |n| {
             n.per_head * (self.shared + self.whole)
                 + n.per_feature * (self.shared_dims + self.whole_dims)
         });
-        let whole = self.whole_dims * (run.scores + run.context) + self.whole * run.update;
+        let costs = HeadCosts {
+            before_sums: run.scores,
+            after_sums: run.context,
+            per_head: run.update,
+            tail: normalise,
+        };
+        self.tasks(c, costs)
+    }
+
+    /// The PE's tasks given its heads' costs: the task switch, the shared heads' work before
+    /// their sums and the issue of the sums (a send and a receive each), the whole heads; then,
+    /// if it has shared heads, a second task with the rest of theirs. `tail` ends the last task.
+    pub(super) fn tasks(self, c: &FabricConfig, costs: HeadCosts) -> PeCompute {
+        let switch = u64::from(c.task_switch_cycles);
+        let HeadCosts {
+            before_sums,
+            after_sums,
+            per_head,
+            tail,
+        } = costs;
+        let whole = self.whole_dims * (before_sums + after_sums) + self.whole * per_head;
         if self.shared == 0 {
             return PeCompute {
                 to_sums: switch,
-                whole: whole + normalise,
+                whole: whole + tail,
                 shared_rest: 0,
                 shared: false,
             };
         }
         PeCompute {
             to_sums: switch
-                + self.shared_dims * run.scores
+                + self.shared_dims * before_sums
                 + 2 * self.shared * u64::from(c.issue_cycles),
             whole,
-            shared_rest: switch
-                + self.shared * run.update
-                + self.shared_dims * run.context
-                + normalise,
+            shared_rest: switch + self.shared * per_head + self.shared_dims * after_sums + tail,
             shared: true,
         }
     }
