@@ -19,12 +19,14 @@
 //! probabilities already resident (its K/V window, gradients, dS). Key design
 //! decision: the batch is cut into passes of `micro_batch` sequences (forward and backward of
 //! one pass, weight gradients accumulated over the passes on the host; a step costs the sum of
-//! its passes), the largest micro-batch that fits. Where even one sequence cannot keep its
-//! attention probabilities (`seq` floats per token and head), only their softmax statistics are
-//! kept (a maximum and a sum per token and head) and the attention runs as the blocked kernels
+//! its passes), the largest micro-batch that fits. The attention either keeps its probabilities
+//! (`seq` floats per token and head) for the unblocked kernels, or only their softmax statistics
+//! (a maximum and a sum per token and head) and runs as the blocked kernels
 //! (`wafersim_kernels::BlockedAttention`, FlashAttention's schedule): key blocks of
 //! [`StepPlan::attention_block_rows`] region rows, the most whose working set fits beside the
-//! resident activations, the probabilities recomputed block by block in the backward pass.
+//! resident activations, the probabilities recomputed block by block in the backward pass. Of
+//! the two, the plan takes the one that fits more sequences per pass (fewer passes, each
+//! streaming every weight once more), the probabilities on a tie.
 //! Where not even blocks of one row fit, the plan is made without counting the attention and
 //! says so ([`StepPlan::attention_fits`]): the fast fidelity costs it with a warning and the
 //! exact one refuses it. A step whose resident activations do not fit is refused, naming the
@@ -394,9 +396,10 @@ fn streaming_minimum(
 }
 
 /// Picks the step's micro-batch, whether attention is recomputed and the region, and checks
-/// that the resident activations fit: the largest micro-batch that keeps the probabilities, or
-/// if not even one sequence can, the largest that keeps only their statistics; both first with
-/// the attention kernels' buffers counted, then (if neither fits) without.
+/// that the resident activations fit: the largest micro-batch that keeps the probabilities and
+/// the largest that keeps only their statistics (the blocked attention), both with the attention
+/// kernels' buffers counted, and of the two the one with fewer passes (the probabilities on a
+/// tie); if neither fits, the same without counting the attention.
 pub fn plan_step(
     config: &GptConfig,
     batch: usize,
@@ -427,35 +430,56 @@ pub fn plan_step_within(
         rows: limit.rows.min(fabric.height as usize),
     };
     let available = u64::from(fabric.sram_bytes);
-    let tiers = [(true, false), (true, true), (false, false), (false, true)];
-    for (count_attention, recompute) in tiers {
-        let place = Placement {
-            limit,
-            precision,
-            recompute,
-            count_attention,
-        };
-        if let Some((micro_batch, full)) = largest_fitting(config, (batch, seq), fabric, place)? {
-            let last = batch % micro_batch;
-            let last_region = if last == 0 {
-                full.region
-            } else {
-                fit(config, (last, seq), fabric, place)?.region
-            };
-            return Ok(StepPlan {
-                region: full.region,
-                batch,
-                seq,
-                precision,
-                resident_bytes: full.needed,
-                micro_batch,
-                recompute_attention: recompute,
-                attention_block_rows: full.block_rows,
-                last_region,
-                kernel_sram_bytes: (available - full.needed) as u32,
-                attention_fits: count_attention,
-            });
+    let placement = |count_attention, recompute| Placement {
+        limit,
+        precision,
+        recompute,
+        count_attention,
+    };
+    let fitting = |place| largest_fitting(config, (batch, seq), fabric, place);
+    // With the attention placed: the probabilities kept, or the blocked kernels, whichever
+    // takes fewer passes (each streams every weight once more); the probabilities on a tie.
+    // Without it (it fits neither way), the same order.
+    let (kept, blocked) = (placement(true, false), placement(true, true));
+    let passes = |micro_batch: usize| batch.div_ceil(micro_batch);
+    let placed = match (fitting(kept)?, fitting(blocked)?) {
+        (Some(k), Some(b)) if passes(b.0) < passes(k.0) => Some((blocked, b)),
+        (Some(k), _) => Some((kept, k)),
+        (None, b) => b.map(|b| (blocked, b)),
+    };
+    let placed = match placed {
+        Some(placed) => Some(placed),
+        None => {
+            let mut unplaced = None;
+            for place in [placement(false, false), placement(false, true)] {
+                if let Some(found) = fitting(place)? {
+                    unplaced = Some((place, found));
+                    break;
+                }
+            }
+            unplaced
         }
+    };
+    if let Some((place, (micro_batch, full))) = placed {
+        let last = batch % micro_batch;
+        let last_region = if last == 0 {
+            full.region
+        } else {
+            fit(config, (last, seq), fabric, place)?.region
+        };
+        return Ok(StepPlan {
+            region: full.region,
+            batch,
+            seq,
+            precision,
+            resident_bytes: full.needed,
+            micro_batch,
+            recompute_attention: place.recompute,
+            attention_block_rows: full.block_rows,
+            last_region,
+            kernel_sram_bytes: (available - full.needed) as u32,
+            attention_fits: place.count_attention,
+        });
     }
     let place = Placement {
         limit,
@@ -665,7 +689,7 @@ mod tests {
     }
 
     #[test]
-    fn the_micro_batch_leaves_room_for_the_attention_kernels() {
+    fn the_micro_batch_leaves_room_for_the_attention_kernels_and_the_fewest_passes_win() {
         let tiny = GptConfig::preset("tiny").unwrap();
         // Tiny on one column of 32 PEs with 32-token sequences: all 64 features, 256 FFN
         // features, the 256-entry vocabulary and the 4 heads on the column; m sequences put
@@ -676,17 +700,39 @@ mod tests {
         // 8,192), dS and two rows (32 n + 2 n), dQ, dK, dV (192 n) and a counter: 4 (8,193 +
         // 290 n) bytes. One sequence: 10,792 + 33,932 = 44,724 fits 49,152; two: 21,584 +
         // 35,092 = 56,676 do not, though their resident 21,584 alone would.
-        let plan = |sram| plan_step(&tiny, 4, 32, &fabric_with_sram(1, 32, sram), Precision::F32);
-        let small = plan(49_152).unwrap();
-        assert_eq!(small.region, Region::at_origin(1, 32));
-        assert_eq!((small.micro_batch, small.resident_bytes), (1, 10_792));
-        assert!(small.attention_fits && !small.recompute_attention);
+        let kept = |sram| {
+            let fabric = fabric_with_sram(1, 32, sram);
+            let place = Placement {
+                limit: RegionLimit::fabric(&fabric),
+                precision: Precision::F32,
+                recompute: false,
+                count_attention: true,
+            };
+            let (micro_batch, fit) = largest_fitting(&tiny, (4, 32), &fabric, place)
+                .unwrap()
+                .unwrap();
+            (micro_batch, fit.needed)
+        };
+        assert_eq!(kept(49_152), (1, 10_792));
         // With 56,676 bytes two sequences fit; four (n = 4: 43,168 + 37,412) do not.
-        let larger = plan(56_676).unwrap();
-        assert_eq!((larger.micro_batch, larger.resident_bytes), (2, 21_584));
-        assert!(larger.attention_fits);
-        let less = plan(56_675).unwrap();
-        assert_eq!(less.micro_batch, 1);
+        assert_eq!(kept(56_676), (2, 21_584));
+        assert_eq!(kept(56_675), (1, 10_792));
+        // The blocked attention, keeping the softmax's maximum and sum instead of the 32
+        // probabilities (1,036 floats per token and layer: 9,832 n bytes), fits three sequences
+        // per pass in 49,152 bytes (29,496 kept; four, 39,328, leave less than the GELU
+        // backward's 4 x 4 x 4 x 256 = 16,384): fewer passes than one sequence each, so the
+        // plan runs it.
+        let plan = plan_step(
+            &tiny,
+            4,
+            32,
+            &fabric_with_sram(1, 32, 49_152),
+            Precision::F32,
+        );
+        let plan = plan.unwrap();
+        assert_eq!(plan.region, Region::at_origin(1, 32));
+        assert!(plan.recompute_attention && plan.attention_fits);
+        assert_eq!((plan.micro_batch, plan.resident_bytes), (3, 29_496));
     }
 
     #[test]
@@ -744,10 +790,11 @@ mod tests {
         // in key blocks of one row needs less than that: its backward holds dO, dQ, dK, dV
         // (4 x 4 x 4), the block window and partial dK, dV (4 x 4 x 4), D (4), the scores and
         // dP of one row's 4 keys for 4 tokens (2 x 16) and a counter: 165 elements, 660 bytes.
+        // One sequence, so both ways take one pass and the probabilities are kept when they fit.
         let plan = |sram| {
             plan_step(
                 &tiny,
-                2,
+                1,
                 64,
                 &fabric_with_sram(16, 16, sram),
                 Precision::F32,

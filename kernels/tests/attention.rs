@@ -844,6 +844,19 @@ fn blocked_attention_fits_where_the_window_does_not() {
         wide.plan(&config),
         Err(KernelError::DoesNotFit { .. })
     ));
+    // On 4,000-byte PEs not even blocks of one row fit: the error says what else to change.
+    let mut tiny_sram = config.clone();
+    tiny_sram.sram_bytes = 4_000;
+    match blocked.plan(&tiny_sram) {
+        Err(KernelError::DoesNotFit { needed, hint, .. }) => {
+            assert_eq!(needed, 7_812);
+            assert!(
+                hint.starts_with("even key blocks of one region row do not fit"),
+                "{hint}"
+            );
+        }
+        other => panic!("blocks of one row should not fit 4,000 bytes: {other:?}"),
+    }
 }
 
 #[test]
@@ -872,7 +885,7 @@ fn blocked_attention_with_several_segments_per_row_and_heads_over_three_columns(
 }
 
 #[test]
-fn the_blocked_estimate_of_a_wafer_scale_shape_is_quick() {
+fn the_blocked_estimates_of_a_wafer_scale_shape_exceed_their_compute_bounds() {
     // 3 sequences of 2048 tokens, 16 heads of 128 on the whole wse2 rectangle (750 x 994), in
     // blocks of 16 rows: 6144 tokens over 994 rows (180 rows of 7, then 6 each), 2048 features
     // over 750 columns (548 of 3, then 2 each). Row 0 (7 tokens of sequence 0) meets all 2048

@@ -40,7 +40,7 @@ impl AttentionFit {
         let m = self.memory.filter(|_| !self.fits)?;
         let held = match m.block_rows {
             None => "each PE keeps K and V of whole sequences for its features, and the probabilities of its heads".to_string(),
-            Some(rows) => format!("each PE keeps K and V and the scores of its heads for a key block of {rows} region rows, the least the blocked kernels take"),
+            Some(rows) => format!("each PE keeps K and V and the scores of its heads for a key block of {}, the least the blocked kernels take", super::step::rows_text(rows)),
         };
         Some(format!(
             "attention does not fit the PEs' SRAM: on the fullest PE its kernels need {} B (forward) and {} B (backward), of which {} B come on top of the {} B of activations kept for the backward pass, of {} B ({held})",

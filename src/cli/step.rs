@@ -605,8 +605,8 @@ fn print_summary(s: &Summary<'_>) -> anyhow::Result<()> {
         p.micro_batch * p.seq,
         if p.recompute_attention {
             format!(
-                "recomputed in the backward pass (softmax statistics kept; blocked kernels, key blocks of {} rows)",
-                p.attention_block_rows
+                "recomputed in the backward pass (softmax statistics kept; blocked kernels, key blocks of {})",
+                rows_text(p.attention_block_rows)
             )
         } else {
             "kept for the backward pass".to_string()
@@ -641,8 +641,12 @@ fn print_summary(s: &Summary<'_>) -> anyhow::Result<()> {
     } else {
         ""
     };
+    let recompute = match s.recompute_flops() {
+        0 => String::new(),
+        flops => format!("; the blocked attention's backward recomputed Q K^T, {flops} more"),
+    };
     outln!(
-        "matmul FLOPs: {counted}, dense {} ({:.3}x fewer){which}",
+        "matmul FLOPs: {counted}, dense {} ({:.3}x fewer){which}{recompute}",
         s.flops.matmul_dense,
         s.flops.reduction()
     )?;
@@ -896,7 +900,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
             "reference_check": "the exact fidelity's loss (relative error) and gradients (largest relative L2 distance of a tensor, against the larger of the tensor's norm and floor x the whole gradient's norm) against the CPU reference's, with the tolerance tests hold them to (null: fast fidelity or no numerics)",
             "busy_cycles": "summed over the region (null: not simulated)",
             "flops_counted": "flops.analytic_* and flops.non_matmul: of the operations the step runs (a prompt step computes no weight gradient)",
-            "flops_executed": "per op: executed by the fabric (exact fidelity) or the analytic count (fast: nothing runs); flops.executed_matmul is null at the fast fidelity",
+            "flops_executed": "per op: executed by the fabric (exact fidelity) or the analytic count (fast: nothing runs), under the FLOP convention: the blocked attention backward's recomputed Q K^T is checked but counted apart (passes.recompute_flops); flops.executed_matmul is null at the fast fidelity",
             "tokens_per_second": "tokens of the step per second at the fabric clock (a prompt step: positions, its prompt vectors included)",
             "micro_batch": "sequences per pass; weight gradients accumulate over the passes (ops[].pass: the pass that ran the operation, from 0)",
             "layers": "per block (layer null: embedding, final LayerNorm, head and loss); efficiency = realised / ideal speedup, null without the dense baseline",
@@ -956,5 +960,14 @@ pub(super) fn parse_loss_scale(text: &str) -> Result<LossScale, String> {
         _ => Err(format!(
             "expected auto or a power of two from 1 to {max} (1, 2, 4, ..., 1024, ...)"
         )),
+    }
+}
+
+/// `1 row` or `N rows`.
+pub(super) fn rows_text(rows: usize) -> String {
+    if rows == 1 {
+        "1 row".into()
+    } else {
+        format!("{rows} rows")
     }
 }

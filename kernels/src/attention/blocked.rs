@@ -16,7 +16,7 @@
 //! from one simulated run to the next, as it carries every kernel's outputs to the next kernel);
 //! the Q, K and V tiles are resident throughout.
 //!
-//! What it is not: no backward yet, and no overlap between runs (each run starts when the
+//! What it is not: the backward (`blocked_backward.rs`), and no overlap between runs (each run starts when the
 //! previous one has ended on every PE: the cycles of the runs add up; a kernel that gathered
 //! block `k + 1` while computing block `k` would hide part of each gather, with twice the
 //! window). Every key of a sequence is computed, future ones included, as the unblocked kernel
@@ -462,6 +462,18 @@ impl BlockGather {
     }
 }
 
+/// What to change when a run's buffers do not fit: fewer rows per key block, or where a block
+/// is already one row, a smaller problem per PE.
+pub(super) fn fewer_rows_hint(block_rows: usize) -> String {
+    if block_rows > 1 {
+        format!("use fewer than {block_rows} region rows per key block")
+    } else {
+        "even key blocks of one region row do not fit: use more region rows or columns (fewer \
+         tokens or features per PE) or shorter sequences"
+            .into()
+    }
+}
+
 /// The plan, if the fullest PE fits its SRAM in every run.
 fn plan(
     config: &FabricConfig,
@@ -497,7 +509,7 @@ fn plan(
                 "PE column {c}, row {r}, run {k}: a key block of {} tokens, {} scores per head",
                 sizes.window, sizes.head_scores
             ),
-            hint: format!("use fewer than {block_rows} region rows per key block"),
+            hint: fewer_rows_hint(block_rows),
         });
     }
     Ok(BlockedPlan {

@@ -40,7 +40,7 @@ use wafersim_sim::{
     Buf, Coord, DType, FabricConfig, Program, Simulator, Stats, TaskCtx, TaskId, Then, VecRef,
 };
 
-use super::blocked::{BlockGather, KvTiles};
+use super::blocked::{BlockGather, KvTiles, fewer_rows_hint};
 use super::blocked_backward_cost;
 use super::blocked_memory::{self as memory, RowSizes};
 use super::online_backward::{self as online, BackwardRunBufs, PreludeBufs};
@@ -54,6 +54,10 @@ use crate::layout::Region;
 use crate::rowgroup::Member;
 use crate::runs::Runs;
 use crate::vchain::Part;
+
+/// What to change when the prelude's buffers (which no key block size changes) do not fit.
+const PRELUDE_HINT: &str =
+    "use more region rows or columns (fewer tokens or features per PE) or shorter sequences";
 
 /// Name of the blocked backward kernel in errors and reports.
 pub const BLOCKED_BACKWARD_KERNEL: &str = "attention_blocked_backward";
@@ -479,7 +483,10 @@ fn plan(config: &FabricConfig, g: &Geometry, block_rows: usize) -> Result<u64, K
             needed,
             available,
             what: format!("PE column {c}, row {r}, {when}"),
-            hint: format!("use fewer than {block_rows} region rows per key block"),
+            hint: match k {
+                Some(_) => fewer_rows_hint(block_rows),
+                None => PRELUDE_HINT.into(),
+            },
         });
     }
     Ok(needed)

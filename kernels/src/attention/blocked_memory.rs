@@ -180,8 +180,9 @@ impl AttentionShape {
         if !fits(1)? {
             return Ok(None);
         }
-        // The scratch grows with the block (its window and scores); search the largest that
-        // fits, then make sure of it.
+        // The scratch grows with the block (its window and scores: more rows per run never
+        // shrink a run's window), so a bisection finds the largest that fits; every size it
+        // returns was itself found to fit.
         let (mut fitting, mut too_many) = (1, region.rows as usize + 1);
         while too_many - fitting > 1 {
             let mid = fitting + (too_many - fitting) / 2;

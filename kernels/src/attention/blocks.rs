@@ -3,8 +3,10 @@
 //! land in its block window, where their scores go).
 //!
 //! The blocked kernels cut each PE's window ([`Geometry::window`]) into *key blocks* of at most
-//! `block_rows` region rows, so a PE never holds more than one block of K and V, and the scores
-//! (or probabilities) of one block only. Run `k` gathers the rows whose *run*
+//! `block_rows` region rows of each sequence's rows, so a PE holds the K and V, and the scores
+//! (or probabilities), of one block per run only: `block_rows` rows, or up to about twice that
+//! for a row whose tokens end one sequence and start the next (it takes part in both
+//! sequences' runs). The SRAM counts (`runs_sizes`) use each run's real sizes. Run `k` gathers the rows whose *run*
 //! ([`Geometry::run_of`]) is `k`: a row's run counts blocks of `block_rows` rows from the first
 //! row of its own window. Every PE that keeps a row in its window receives it in that row's run,
 //! so a run's gather is the full gather ([`crate::vchain::VerticalChain::all_gather`]) restricted

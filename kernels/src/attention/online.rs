@@ -26,6 +26,7 @@ use wafersim_sim::{Buf, TaskCtx, VecRef};
 
 use super::blocks::{RunSegment, RunWork};
 use super::geometry::LocalHead;
+use super::pe::sub;
 
 /// The buffers of one run of the blocked forward on one PE.
 #[derive(Clone, Copy, Debug)]
@@ -46,15 +47,6 @@ pub(super) struct OnlineBufs {
     pub new_max: Buf,
     pub run_sum: Buf,
     pub rescale: Buf,
-}
-
-/// `len` elements of `v` from `offset`.
-fn sub(v: VecRef, offset: u32, len: u32) -> VecRef {
-    VecRef {
-        buf: v.buf,
-        offset: v.offset + offset,
-        len,
-    }
 }
 
 impl RunWork {

@@ -26,6 +26,7 @@ use wafersim_sim::{Buf, TaskCtx, VecRef};
 
 use super::blocks::{RunSegment, RunWork};
 use super::geometry::LocalHead;
+use super::pe::sub;
 
 /// The buffers of the prelude on one PE.
 #[derive(Clone, Copy, Debug)]
@@ -57,15 +58,6 @@ pub(super) struct BackwardRunBufs {
     pub work: Buf,
     /// The dQ accumulated over the runs, feature-major.
     pub dq: Buf,
-}
-
-/// `len` elements of `v` from `offset`.
-fn sub(v: VecRef, offset: u32, len: u32) -> VecRef {
-    VecRef {
-        buf: v.buf,
-        offset: v.offset + offset,
-        len,
-    }
 }
 
 /// The PE's tokens of local feature `f` in a feature-major tile of `n` tokens.

@@ -25,7 +25,7 @@ use wafersim_sim::{Buf, TaskCtx, VecRef};
 use super::geometry::{LocalHead, PeWork, Segment};
 
 /// Elements `offset .. offset + len` of `v`.
-fn sub(v: VecRef, offset: u32, len: u32) -> VecRef {
+pub(super) fn sub(v: VecRef, offset: u32, len: u32) -> VecRef {
     VecRef {
         buf: v.buf,
         offset: v.offset + offset,
