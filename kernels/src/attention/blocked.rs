@@ -101,13 +101,41 @@ pub struct BlockedAttentionRun {
 impl BlockedAttentionRun {
     /// Cycles of the whole forward: the runs one after the other.
     pub fn cycles(&self) -> u64 {
-        self.runs.iter().map(|s| s.cycles).sum()
+        run_cycles(&self.runs)
     }
 
     /// Multiply-adds of every run.
     pub fn fmacs(&self) -> u64 {
-        self.runs.iter().map(|s| s.total.fmacs).sum()
+        run_fmacs(&self.runs)
     }
+}
+
+/// Cycles of runs one after the other.
+pub(super) fn run_cycles(runs: &[Stats]) -> u64 {
+    runs.iter().map(|s| s.cycles).sum()
+}
+
+/// Multiply-adds of every run.
+pub(super) fn run_fmacs(runs: &[Stats]) -> u64 {
+    runs.iter().map(|s| s.total.fmacs).sum()
+}
+
+/// The cut of a blocked kernel, if the region takes the shape and the blocks have rows.
+pub(super) fn blocked_geometry(
+    kernel: &'static str,
+    config: &FabricConfig,
+    region: Region,
+    shape: &AttentionShape,
+    block_rows: usize,
+) -> Result<Geometry, KernelError> {
+    let g = geometry(kernel, config, region, shape)?;
+    if block_rows == 0 {
+        return Err(KernelError::Shape {
+            kernel,
+            reason: "block_rows must be at least 1".into(),
+        });
+    }
+    Ok(g)
 }
 
 /// What a PE carries from one run to the next: its output tile and its statistics.
@@ -130,14 +158,8 @@ struct CarriedBufs {
 impl BlockedAttention<'_> {
     /// The cut, if the region takes the shape and the blocks have rows.
     fn blocked_geometry(&self, config: &FabricConfig) -> Result<Geometry, KernelError> {
-        let g = geometry(BLOCKED_KERNEL, config, self.region, &self.shape)?;
-        if self.block_rows == 0 {
-            return Err(KernelError::Shape {
-                kernel: BLOCKED_KERNEL,
-                reason: "block_rows must be at least 1".into(),
-            });
-        }
-        Ok(g)
+        let (region, shape) = (self.region, &self.shape);
+        blocked_geometry(BLOCKED_KERNEL, config, region, shape, self.block_rows)
     }
 
     fn checked(&self, config: &FabricConfig) -> Result<Geometry, KernelError> {

@@ -40,13 +40,14 @@ use wafersim_sim::{
     Buf, Coord, DType, FabricConfig, Program, Simulator, Stats, TaskCtx, TaskId, Then, VecRef,
 };
 
-use super::blocked::{BlockGather, KvTiles, fewer_rows_hint};
+use super::blocked::{
+    BlockGather, KvTiles, blocked_geometry, fewer_rows_hint, run_cycles, run_fmacs,
+};
 use super::blocked_backward_cost;
 use super::blocked_memory::{self as memory, RowSizes};
 use super::online_backward::{self as online, BackwardRunBufs, PreludeBufs};
 use super::{
-    AttentionShape, ColumnFacts, GATHER, Geometry, REDUCE, SUMS, check_lengths, geometry, read,
-    region_pes,
+    AttentionShape, ColumnFacts, GATHER, Geometry, REDUCE, SUMS, check_lengths, read, region_pes,
 };
 use crate::error::KernelError;
 use crate::join::{ARMS, Join};
@@ -96,12 +97,12 @@ pub struct BlockedAttentionGrads {
 impl BlockedAttentionGrads {
     /// Cycles of the whole backward: the prelude and the runs one after the other.
     pub fn cycles(&self) -> u64 {
-        self.runs.iter().map(|s| s.cycles).sum()
+        run_cycles(&self.runs)
     }
 
     /// Multiply-adds of every run.
     pub fn fmacs(&self) -> u64 {
-        self.runs.iter().map(|s| s.total.fmacs).sum()
+        run_fmacs(&self.runs)
     }
 }
 
@@ -126,15 +127,14 @@ struct GradBufs {
 impl BlockedAttentionBackward<'_> {
     /// The cut, if the region takes the shape and the blocks have rows.
     fn blocked_geometry(&self, config: &FabricConfig) -> Result<Geometry, KernelError> {
-        let kernel = BLOCKED_BACKWARD_KERNEL;
-        let g = geometry(kernel, config, self.region, &self.shape)?;
-        if self.block_rows == 0 {
-            return Err(KernelError::Shape {
-                kernel,
-                reason: "block_rows must be at least 1".into(),
-            });
-        }
-        Ok(g)
+        let (region, shape) = (self.region, &self.shape);
+        blocked_geometry(
+            BLOCKED_BACKWARD_KERNEL,
+            config,
+            region,
+            shape,
+            self.block_rows,
+        )
     }
 
     fn checked(&self, config: &FabricConfig) -> Result<Geometry, KernelError> {

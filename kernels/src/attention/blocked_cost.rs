@@ -89,19 +89,8 @@ pub(super) fn run_gathers(
     for (r, window) in windows.iter().enumerate() {
         for b in window.clone() {
             let slot = KV_TILES * (g.fc(0) * g.n(b)) as u64;
-            let (south, north) = owner_sends(slot, r, b, &windows[b]);
-            let row = &mut moves[runs_of[b]][r];
-            if b == r {
-                row.south_own += south;
-                row.north_own += north;
-            } else {
-                row.inp += slot;
-                row.south_on += south;
-                row.north_on += north;
-                row.from_north |= b < r;
-                row.from_south |= b > r;
-                row.farthest = row.farthest.max(b.abs_diff(r));
-            }
+            let sends = owner_sends(slot, r, b, &windows[b]);
+            moves[runs_of[b]][r].gather(r, b, slot, sends);
         }
     }
     let start = gather_start(c, g, KV_TILES);
@@ -137,6 +126,24 @@ pub(super) struct RowMoves {
     /// Wavelets taken in from the south after everything the row passes north (in the
     /// reduce-scatter, its own sums from the rows south of it; 0 in the gather).
     pub north_last_in: u64,
+}
+
+impl RowMoves {
+    /// Row `r`'s part in gathering owner `b`'s slot of `slot` wavelets, of which it sends
+    /// `(south, north)`: its own sends, or one more slot taken in and passed on.
+    fn gather(&mut self, r: usize, b: usize, slot: u64, (south, north): (u64, u64)) {
+        if b == r {
+            self.south_own += south;
+            self.north_own += north;
+        } else {
+            self.inp += slot;
+            self.south_on += south;
+            self.north_on += north;
+            self.from_north |= b < r;
+            self.from_south |= b > r;
+            self.farthest = self.farthest.max(b.abs_diff(r));
+        }
+    }
 }
 
 /// Cycles for a core to push `work` wavelets through its ramp from cycle `start`, the other
@@ -605,17 +612,7 @@ mod tests {
     fn everyone_wants(r: usize, rows: usize, owners: Range<usize>, slot: u64) -> RowMoves {
         let mut moves = RowMoves::default();
         for b in owners {
-            let (south, north) = owner_sends(slot, r, b, &(0..rows));
-            if b == r {
-                (moves.south_own, moves.north_own) = (south, north);
-            } else {
-                moves.inp += slot;
-                moves.south_on += south;
-                moves.north_on += north;
-                moves.from_north |= b < r;
-                moves.from_south |= b > r;
-                moves.farthest = moves.farthest.max(b.abs_diff(r));
-            }
+            moves.gather(r, b, slot, owner_sends(slot, r, b, &(0..rows)));
         }
         moves
     }

@@ -24,7 +24,9 @@
 //! contiguous positions. The online softmax does not care in which order or grouping keys come,
 //! and the causal mask is applied per key from its position.
 
-use super::geometry::{Geometry, KeyAt, LocalHead};
+use wafersim_sim::{Buf, VecRef};
+
+use super::geometry::{Geometry, KeyAt, LocalHead, heads_where};
 
 /// One key of a segment in a run: where its K and V sit in the block window, and its position
 /// in its sequence (for the causal mask).
@@ -82,16 +84,22 @@ pub(super) struct RunSizes {
 impl RunWork {
     /// The local heads shared with other columns, with their index among the local heads.
     pub fn shared_heads(&self) -> impl Iterator<Item = (u32, &LocalHead)> {
-        self.indexed().filter(|(_, h)| h.shared())
+        heads_where(&self.heads, true)
     }
 
     /// The local heads no other column holds, with their index among the local heads.
     pub fn whole_heads(&self) -> impl Iterator<Item = (u32, &LocalHead)> {
-        self.indexed().filter(|(_, h)| !h.shared())
+        heads_where(&self.heads, false)
     }
 
-    fn indexed(&self) -> impl Iterator<Item = (u32, &LocalHead)> {
-        self.heads.iter().enumerate().map(|(i, h)| (i as u32, h))
+    /// Local feature `f` of the segment's tokens in a feature-major tile.
+    pub fn tokens(&self, tile: Buf, f: u32, seg: &RunSegment) -> VecRef {
+        tile.slice(f * self.n + seg.start, seg.len)
+    }
+
+    /// Local head `i`'s statistic of the segment's tokens (`[head][token]`).
+    pub fn statistic(&self, buf: Buf, i: u32, seg: &RunSegment) -> VecRef {
+        buf.slice(i * self.n + seg.start, seg.len)
     }
 }
 

@@ -99,17 +99,22 @@ pub(super) struct PeWork {
 impl PeWork {
     /// The local heads shared with other columns, with their index among the local heads.
     pub fn shared_heads(&self) -> impl Iterator<Item = (u32, &LocalHead)> {
-        self.indexed().filter(|(_, h)| h.shared())
+        heads_where(&self.heads, true)
     }
 
     /// The local heads no other column holds, with their index among the local heads.
     pub fn whole_heads(&self) -> impl Iterator<Item = (u32, &LocalHead)> {
-        self.indexed().filter(|(_, h)| !h.shared())
+        heads_where(&self.heads, false)
     }
+}
 
-    fn indexed(&self) -> impl Iterator<Item = (u32, &LocalHead)> {
-        self.heads.iter().enumerate().map(|(i, h)| (i as u32, h))
-    }
+/// The heads of `heads` that other columns share (or not), with their index in `heads`.
+pub(super) fn heads_where(
+    heads: &[LocalHead],
+    shared: bool,
+) -> impl Iterator<Item = (u32, &LocalHead)> {
+    let indexed = heads.iter().enumerate().map(|(i, h)| (i as u32, h));
+    indexed.filter(move |(_, h)| h.shared() == shared)
 }
 
 /// The attention problem cut over a region.

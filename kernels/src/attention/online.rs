@@ -57,16 +57,6 @@ impl RunWork {
             seg.keys.len() as u32 * seg.len,
         )
     }
-
-    /// Local feature `f` of the segment's tokens in a feature-major tile.
-    fn tokens(&self, tile: Buf, f: u32, seg: &RunSegment) -> VecRef {
-        tile.slice(f * self.n + seg.start, seg.len)
-    }
-
-    /// Local head `i`'s statistic of the segment's tokens (`[head][token]`).
-    fn statistic(&self, buf: Buf, i: u32, seg: &RunSegment) -> VecRef {
-        buf.slice(i * self.n + seg.start, seg.len)
-    }
 }
 
 /// The partial scores of the heads shared with other columns, over the PE's features.
@@ -149,14 +139,7 @@ fn update(
 ) {
     let len = seg.len;
     let row = |j: usize| sub(block, j as u32 * len, len);
-    ctx.scale(block, block, w.scale);
-    for (j, key) in seg.keys.iter().enumerate() {
-        // Token t (position first_pos + t) may not see a key at a later position.
-        if key.pos > seg.first_pos {
-            let masked = (key.pos - seg.first_pos).min(len);
-            ctx.fill(sub(block, j as u32 * len, masked), f32::NEG_INFINITY);
-        }
-    }
+    scale_and_mask(ctx, w.scale, seg, block);
     let (m, l) = (w.statistic(b.max, i, seg), w.statistic(b.sum, i, seg));
     let (new_max, rescale, run_sum) = (
         b.new_max.slice(0, len),
@@ -181,6 +164,20 @@ fn update(
     }
     ctx.mul(l, l, rescale);
     ctx.add(l, l, run_sum);
+}
+
+/// Scales a segment's `[key][token]` scores and sets those of keys in a token's future to
+/// `-inf`.
+pub(super) fn scale_and_mask(ctx: &mut TaskCtx<'_>, scale: f32, seg: &RunSegment, block: VecRef) {
+    let len = seg.len;
+    ctx.scale(block, block, scale);
+    for (j, key) in seg.keys.iter().enumerate() {
+        // Token t (position first_pos + t) may not see a key at a later position.
+        if key.pos > seg.first_pos {
+            let masked = (key.pos - seg.first_pos).min(len);
+            ctx.fill(sub(block, j as u32 * len, masked), f32::NEG_INFINITY);
+        }
+    }
 }
 
 /// `O[f, tokens] = a O[f, tokens] + sum_j p_j v_j[f]` for the head's features on the PE.

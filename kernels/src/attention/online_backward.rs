@@ -26,6 +26,7 @@ use wafersim_sim::{Buf, TaskCtx, VecRef};
 
 use super::blocks::{RunSegment, RunWork};
 use super::geometry::LocalHead;
+use super::online::scale_and_mask;
 use super::pe::sub;
 
 /// The buffers of the prelude on one PE.
@@ -111,14 +112,6 @@ impl RunWork {
     pub(super) fn head_work(&self, work: Buf, i: u32) -> VecRef {
         work.slice(2 * i * self.head_scores, 2 * self.head_scores)
     }
-
-    fn seg_tokens(&self, tile: Buf, f: u32, seg: &RunSegment) -> VecRef {
-        tile.slice(f * self.n + seg.start, seg.len)
-    }
-
-    fn seg_statistic(&self, buf: Buf, i: u32, seg: &RunSegment) -> VecRef {
-        buf.slice(i * self.n + seg.start, seg.len)
-    }
 }
 
 /// The partial scores and dP of the heads shared with other columns.
@@ -169,9 +162,9 @@ fn products(
         );
         for f in head.first..head.first + head.dims {
             let k = ctx.load(b.window.at(key.at.k(f)));
-            ctx.fmac(s_row, w.seg_tokens(b.q, f, seg), k);
+            ctx.fmac(s_row, w.tokens(b.q, f, seg), k);
             let v = ctx.load(b.window.at(key.at.v(f, w.fc)));
-            ctx.fmac(dp_row, w.seg_tokens(b.d_out, f, seg), v);
+            ctx.fmac(dp_row, w.tokens(b.d_out, f, seg), v);
         }
     }
 }
@@ -192,31 +185,25 @@ fn gradients(
     );
     let row = |block: VecRef, j: usize| sub(block, j as u32 * len, len);
     // p = exp(scale s - m) / l, 0 for a key in the token's future.
-    ctx.scale(p, p, w.scale);
-    for (j, key) in seg.keys.iter().enumerate() {
-        if key.pos > seg.first_pos {
-            let masked = (key.pos - seg.first_pos).min(len);
-            ctx.fill(sub(p, j as u32 * len, masked), f32::NEG_INFINITY);
-        }
-    }
-    let m = w.seg_statistic(b.max, i, seg);
+    scale_and_mask(ctx, w.scale, seg, p);
+    let m = w.statistic(b.max, i, seg);
     for j in 0..seg.keys.len() {
         ctx.sub(row(p, j), row(p, j), m);
     }
     ctx.exp(p, p);
-    let recip = w.seg_statistic(b.recip_sum, i, seg);
+    let recip = w.statistic(b.recip_sum, i, seg);
     for j in 0..seg.keys.len() {
         ctx.mul(row(p, j), row(p, j), recip);
     }
     // dS = p (dP - D) scale.
-    let delta = w.seg_statistic(b.delta, i, seg);
+    let delta = w.statistic(b.delta, i, seg);
     for j in 0..seg.keys.len() {
         ctx.sub(row(ds, j), row(ds, j), delta);
     }
     ctx.mul(ds, ds, p);
     ctx.scale(ds, ds, w.scale);
     for f in head.first..head.first + head.dims {
-        let dst = w.seg_tokens(b.dq, f, seg);
+        let dst = w.tokens(b.dq, f, seg);
         for (j, key) in seg.keys.iter().enumerate() {
             let k = ctx.load(b.window.at(key.at.k(f)));
             ctx.fmac(dst, row(ds, j), k);
@@ -224,9 +211,9 @@ fn gradients(
     }
     for (j, key) in seg.keys.iter().enumerate() {
         for f in head.first..head.first + head.dims {
-            let dk = ctx.dot(row(ds, j), w.seg_tokens(b.q, f, seg));
+            let dk = ctx.dot(row(ds, j), w.tokens(b.q, f, seg));
             ctx.store(b.partial.at(key.at.k(f)), dk);
-            let dv = ctx.dot(row(p, j), w.seg_tokens(b.d_out, f, seg));
+            let dv = ctx.dot(row(p, j), w.tokens(b.d_out, f, seg));
             ctx.store(b.partial.at(key.at.v(f, w.fc)), dv);
         }
     }
