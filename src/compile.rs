@@ -72,11 +72,10 @@ pub struct StepPlan {
     pub resident_bytes: u64,
     /// Sequences per pass through the fabric; the last pass takes what is left.
     pub micro_batch: usize,
-    /// Only the softmax statistics are kept (a maximum and a sum per token and head): the
-    /// attention runs as the blocked kernels, whose backward recomputes the probabilities.
-    pub recompute_attention: bool,
-    /// Region rows per key block of the blocked attention kernels (the most that fit; 0 when
-    /// the probabilities are kept and the unblocked kernels run).
+    /// Region rows per key block of the blocked attention kernels (the most that fit), which
+    /// keep only the softmax statistics (a maximum and a sum per token and head) and recompute
+    /// the probabilities in the backward pass; 0 when the probabilities are kept and the
+    /// unblocked kernels run ([`StepPlan::recompute_attention`]).
     pub attention_block_rows: usize,
     /// The region of the last pass when it has fewer sequences than `micro_batch`.
     pub last_region: Region,
@@ -99,6 +98,12 @@ pub struct Pass {
 }
 
 impl StepPlan {
+    /// Whether only the softmax statistics are kept: the attention runs as the blocked
+    /// kernels, whose backward recomputes the probabilities.
+    pub fn recompute_attention(&self) -> bool {
+        self.attention_block_rows > 0
+    }
+
     /// Tokens in the step.
     pub fn tokens(&self) -> usize {
         self.batch * self.seq
@@ -311,7 +316,7 @@ pub fn attention_memory(
     fabric: &FabricConfig,
 ) -> Result<AttentionBytes, KernelError> {
     let shape = attention_shape(config, plan.micro_batch, plan.seq);
-    if plan.recompute_attention {
+    if plan.recompute_attention() {
         let rows = plan.attention_block_rows;
         let m = shape.blocked_memory(fabric, plan.region, rows)?;
         return Ok(AttentionBytes {
@@ -474,7 +479,6 @@ pub fn plan_step_within(
             precision,
             resident_bytes: full.needed,
             micro_batch,
-            recompute_attention: place.recompute,
             attention_block_rows: full.block_rows,
             last_region,
             kernel_sram_bytes: (available - full.needed) as u32,
@@ -662,7 +666,7 @@ mod tests {
         // many; three (6144 tokens, t = 7: 994 x 6 + 180): 38,416 + 2,308 = 40,724.
         let wse2 = FabricConfig::wse2();
         assert_eq!(plan.region, Region::at_origin(750, 994));
-        assert!(plan.recompute_attention);
+        assert!(plan.recompute_attention());
         assert_eq!((plan.micro_batch, plan.pass_count()), (3, 3));
         assert_eq!(plan.resident_bytes, 38_416);
         assert_eq!(plan.kernel_sram_bytes, 49_152 - 38_416);
@@ -731,7 +735,7 @@ mod tests {
         );
         let plan = plan.unwrap();
         assert_eq!(plan.region, Region::at_origin(1, 32));
-        assert!(plan.recompute_attention && plan.attention_fits);
+        assert!(plan.recompute_attention() && plan.attention_fits);
         assert_eq!((plan.micro_batch, plan.resident_bytes), (3, 29_496));
     }
 
@@ -755,7 +759,7 @@ mod tests {
             Precision::F32,
         )
         .unwrap();
-        assert!(!plan.recompute_attention && plan.attention_fits);
+        assert!(!plan.recompute_attention() && plan.attention_fits);
         assert_eq!((plan.micro_batch, plan.pass_count()), (2, 3));
         assert_eq!(plan.resident_bytes, 712);
         let passes = plan.passes();
@@ -802,7 +806,7 @@ mod tests {
         };
         assert!(plan(3_679).is_err(), "2,656 + 1,024 = 3,680 bytes");
         let recompute = plan(3_680).unwrap();
-        assert!(recompute.recompute_attention && recompute.attention_fits);
+        assert!(recompute.recompute_attention() && recompute.attention_fits);
         assert_eq!(
             (recompute.micro_batch, recompute.resident_bytes),
             (1, 2_656)
@@ -829,9 +833,9 @@ mod tests {
         // 4,640 + 6,436 = 11,076, the blocked kernels run (their attention fits; the
         // unblocked one would not).
         let just_short = plan(11_075).unwrap();
-        assert!(just_short.recompute_attention && just_short.attention_fits);
+        assert!(just_short.recompute_attention() && just_short.attention_fits);
         let keep = plan(11_076).unwrap();
-        assert!(!keep.recompute_attention && keep.attention_fits);
+        assert!(!keep.recompute_attention() && keep.attention_fits);
         assert_eq!((keep.micro_batch, keep.resident_bytes), (1, 4_640));
         assert_eq!(keep.attention_block_rows, 0);
     }

@@ -303,7 +303,7 @@ mod tests {
         assert_eq!(longest_fitting_seq(&xl, 1, &wse2).unwrap(), Some(2048));
         let plan = plan_step(&xl, 1, 2048, &wse2, Precision::F32).unwrap();
         assert_eq!(plan.resident_bytes, 16_464);
-        assert!(plan.recompute_attention && plan.attention_fits);
+        assert!(plan.recompute_attention() && plan.attention_fits);
         let memory = crate::compile::attention_memory(&xl, &plan, &wse2).unwrap();
         assert_eq!(memory.block_rows, Some(plan.attention_block_rows));
         assert!(plan.resident_bytes + memory.beyond_resident <= 49_152);

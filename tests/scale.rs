@@ -130,7 +130,6 @@ fn keeping_the_statistics_costs_the_blocked_attention_and_nothing_else_changes()
     let t = tiny(2, 16);
     let kept = t.plan();
     let blocked = StepPlan {
-        recompute_attention: true,
         attention_block_rows: 2,
         ..kept.clone()
     };
@@ -200,7 +199,6 @@ fn the_exact_engine_runs_the_blocked_attention_where_the_statistics_are_kept() {
     let probabilities = simulate_step(t.inputs(&kept), mode).unwrap();
     for rows in [1, 3] {
         let plan = StepPlan {
-            recompute_attention: true,
             attention_block_rows: rows,
             ..kept.clone()
         };

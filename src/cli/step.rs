@@ -549,7 +549,7 @@ impl Summary<'_> {
     /// FLOPs of the attention recomputed in the backward passes (the blocked backward's scores
     /// `Q K^T` again: `2 B S^2 d` per layer, beyond the FLOP convention's); 0 when nothing is.
     fn recompute_flops(&self) -> u64 {
-        if !self.plan.recompute_attention {
+        if !self.plan.recompute_attention() {
             return 0;
         }
         let (c, p) = (self.config, self.plan);
@@ -603,7 +603,7 @@ fn print_summary(s: &Summary<'_>) -> anyhow::Result<()> {
         p.pass_count(),
         p.micro_batch,
         p.micro_batch * p.seq,
-        if p.recompute_attention {
+        if p.recompute_attention() {
             format!(
                 "recomputed in the backward pass (softmax statistics kept; blocked kernels, key blocks of {})",
                 rows_text(p.attention_block_rows)
@@ -814,7 +814,7 @@ fn search_json(search: &RegionChoice) -> Value {
             let (region, error) = match &t.plan {
                 Ok(p) => (
                     json!({"cols": p.region.cols, "rows": p.region.rows, "micro_batch": p.micro_batch,
-                        "attention_recomputed": p.recompute_attention, "attention_fits": p.attention_fits}),
+                        "attention_recomputed": p.recompute_attention(), "attention_fits": p.attention_fits}),
                     Value::Null,
                 ),
                 Err(e) => (Value::Null, json!(e)),
@@ -914,7 +914,7 @@ fn report_json(s: &Summary<'_>, seed: u64, wall: f64) -> Value {
         },
         "passes": {
             "count": p.pass_count(), "micro_batch": p.micro_batch, "tokens_per_pass": p.micro_batch * p.seq,
-            "attention_recomputed": p.recompute_attention, "attention_block_rows": p.attention_block_rows,
+            "attention_recomputed": p.recompute_attention(), "attention_block_rows": p.attention_block_rows,
             "recompute_flops": s.recompute_flops(),
         },
         "tokens_per_second": s.tokens_per_second(),

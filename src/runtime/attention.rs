@@ -73,7 +73,7 @@ impl<'a> ExactEngine<'a> {
             data,
             features: q.features,
         };
-        if plan.recompute_attention {
+        if plan.recompute_attention() {
             let kernel = BlockedAttention {
                 region: self.region(),
                 shape: self.shape(),

@@ -455,7 +455,7 @@ impl Engine for FastEngine<'_> {
     ) -> Launched<(Shape, ())> {
         let cycles = match self.attention[0] {
             Some(cycles) => cycles,
-            None if self.inputs.plan.recompute_attention => {
+            None if self.inputs.plan.recompute_attention() => {
                 self.blocked_attention().estimate_cycles(self.fabric())?
             }
             None => self.attention_kernel().estimate_cycles(self.fabric())?,
@@ -476,7 +476,7 @@ impl Engine for FastEngine<'_> {
     ) -> Launched<[Shape; 3]> {
         let cycles = match self.attention[1] {
             Some(cycles) => cycles,
-            None if self.inputs.plan.recompute_attention => {
+            None if self.inputs.plan.recompute_attention() => {
                 let forward = self.blocked_attention();
                 let kernel = BlockedAttentionBackward {
                     region: forward.region,

@@ -257,7 +257,7 @@ impl<E: Engine> Walk<'_, E> {
     /// checked with the rest but recorded apart (`StepCost`'s matmul FLOPs follow the
     /// convention; the reports add the recompute's FLOPs separately).
     fn recomputed_fmacs(&self, op: &Op) -> u64 {
-        let recomputes = self.inputs.plan.recompute_attention
+        let recomputes = self.inputs.plan.recompute_attention()
             && op.phase != Phase::Forward
             && op.matmuls.contains(&OpKind::AttnScores);
         if recomputes {
