@@ -16,7 +16,15 @@
 //! count, to the same bytes as a run that never stopped. The flags that define the run may be
 //! given with `--resume` only with the values it already has (`--steps` is the run's total, not
 //! more steps); those that only start a run (`--model`, `--checkpoint`, `--sparsity`,
-//! `--prompt`, `--prompt-init`) are refused.
+//! `--prompt`, `--prompt-init`) are refused. The state also digests the checkpoint's
+//! `model.safetensors`, and `--resume` refuses a weights file that is not the one it was
+//! written with.
+//!
+//! `--loss-scale dynamic` ([`scaling`]) skips an exact step whose loss or gradients overflow and
+//! halves the scale, doubling it again after `--loss-scale-window` clean steps; `train.csv`
+//! logs every step's scale and skip, and the state carries the scale on to a resumed run.
+
+mod scaling;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -121,10 +129,15 @@ pub struct Args {
     /// AdamW's state stay f32 on the host) [default: fp32].
     #[arg(long, value_enum)]
     dtype: Option<super::gemm::DtypeArg>,
-    /// Loss scaling of the exact steps' backward pass (as `wafersim step --loss-scale`)
-    /// [default: auto].
-    #[arg(long, value_name = "auto|L", value_parser = super::step::parse_loss_scale)]
-    loss_scale: Option<LossScale>,
+    /// Loss scaling of the exact steps' backward pass: a power of two for every step (auto or L,
+    /// as `wafersim step --loss-scale`), or dynamic (from auto's value, or from L): an
+    /// overflowing step is skipped and the scale halved, and it doubles after
+    /// --loss-scale-window clean steps [default: auto].
+    #[arg(long, value_name = "auto|L|dynamic|dynamic:L", value_parser = scaling::ScaleSetting::parse)]
+    loss_scale: Option<scaling::ScaleSetting>,
+    /// With --loss-scale dynamic: clean steps after which the scale doubles [default: 50].
+    #[arg(long, value_name = "W")]
+    loss_scale_window: Option<u64>,
     /// Seed of the initial weights, the masks and the batch order [default: 0].
     #[arg(long)]
     seed: Option<u64>,
@@ -192,7 +205,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fabric: &settings.fabric,
         plan: &setup.plan,
         fidelity: settings.fidelity,
-        loss_scale: settings.loss_scale,
+        loss_scale: settings.loss_scale.fixed(),
     };
     let started = Instant::now();
     let savings = prompt_savings(&trainer, shape, &setup)?;
@@ -201,14 +214,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let batch = sampler
             .next_batch(&setup.corpus, &setup.config)
             .map_err(|e| bad_input(format!("--tokens {}", args.tokens.display()), e))?;
+        let checked_before = trainer.first_check.is_some();
         let record = trainer.step(shape, &batch)?;
         eprintln!(
-            "step {}/{}: loss {:.4}, lr {:.3e}, {} cycles",
-            record.step, settings.steps, record.loss, record.lr, record.cycles
+            "step {}/{}: loss {:.4}, lr {:.3e}, {} cycles{}",
+            record.step,
+            settings.steps,
+            record.loss,
+            record.lr,
+            record.cycles,
+            scaling::progress_note(&record, &trainer)
         );
         log.push(record);
-        if let (1, Some(check)) = (record.step, &trainer.first_check) {
-            eprintln!("step 1 {}", checked::summary(check));
+        if let (false, Some(check)) = (checked_before, &trainer.first_check) {
+            eprintln!("step {} {}", record.step, checked::summary(check));
             if let Some(warning) = checked::warning(check, setup.plan.precision) {
                 eprintln!("{warning}");
             }
@@ -241,8 +260,16 @@ fn new_trainer(
     masks: ModelMasks,
     schedule: LrSchedule,
 ) -> anyhow::Result<Trainer> {
+    let auto = LossScale::Auto.of_step(&setup.plan, setup.prompt_len);
+    let dynamic_scale = setup
+        .run
+        .loss_scale
+        .start(auto, setup.run.loss_scale_window)
+        .map_err(|e| bad_input("--loss-scale-window", anyhow::anyhow!(e)))?;
     if setup.run.phase != TrainPhase::PromptTune {
-        return Ok(Trainer::new(setup.run.phase, params, masks, schedule));
+        let mut trainer = Trainer::new(setup.run.phase, params, masks, schedule);
+        trainer.dynamic_scale = dynamic_scale;
+        return Ok(trainer);
     }
     let prompt = match &setup.prompt_file {
         Some(vectors) => vectors.clone(),
@@ -254,7 +281,9 @@ fn new_trainer(
             setup.run.seed,
         )?,
     };
-    Ok(Trainer::prompt_tuning(params, masks, prompt, schedule))
+    let mut trainer = Trainer::prompt_tuning(params, masks, prompt, schedule);
+    trainer.dynamic_scale = dynamic_scale;
+    Ok(trainer)
 }
 
 /// Whether `--save-every` writes `step-{step}/` in a run of `steps` steps: every K steps, but
@@ -425,7 +454,9 @@ struct Settings {
     warmup: u64,
     fidelity: Fidelity,
     precision: Precision,
-    loss_scale: LossScale,
+    loss_scale: scaling::ScaleSetting,
+    /// With a dynamic scale: `--loss-scale-window` (`None`: the default).
+    loss_scale_window: Option<u64>,
     seed: u64,
     fabric: FabricConfig,
 }
@@ -445,7 +476,10 @@ impl Settings {
             warmup: args.warmup.unwrap_or(0),
             fidelity: args.fidelity.map_or(Fidelity::Exact, |f| f.fidelity()),
             precision: args.dtype.map_or(Precision::F32, |d| d.precision()),
-            loss_scale: args.loss_scale.unwrap_or(LossScale::Auto),
+            loss_scale: args
+                .loss_scale
+                .unwrap_or(scaling::ScaleSetting::Fixed(LossScale::Auto)),
+            loss_scale_window: args.loss_scale_window,
             seed: args.seed.unwrap_or(0),
             fabric: load_fabric(fabric)?,
         })
@@ -479,8 +513,21 @@ impl Settings {
             "fp16" => Precision::F16,
             other => return Err(field("dtype", other, "expected fp32 or fp16")),
         };
-        let loss_scale = super::step::parse_loss_scale(&state.loss_scale)
+        let loss_scale = scaling::ScaleSetting::parse(&state.loss_scale)
             .map_err(|reason| field("loss_scale", &state.loss_scale, &reason))?;
+        let window = match (loss_scale.is_dynamic(), &state.dynamic_loss_scale) {
+            (true, Some(dynamic)) => Some(dynamic.window),
+            (false, None) => None,
+            (true, None) => {
+                let why =
+                    "a dynamic scale needs `dynamic_loss_scale` (its window, scale and count)";
+                return Err(field("loss_scale", &state.loss_scale, why));
+            }
+            (false, Some(_)) => {
+                let why = "`dynamic_loss_scale` is there, but the scale is not dynamic";
+                return Err(field("loss_scale", &state.loss_scale, why));
+            }
+        };
         state.fabric.validate().map_err(|e| {
             let what = format!("{}: `fabric`", path.display());
             bad_input(resume(), anyhow::Error::new(e).context(what))
@@ -495,6 +542,7 @@ impl Settings {
             fidelity,
             precision,
             loss_scale,
+            loss_scale_window: window,
             seed: state.seed,
             fabric: state.fabric.clone(),
         };
@@ -530,13 +578,11 @@ impl Settings {
         agree("--fidelity", fidelity, self.fidelity.name(), path)?;
         let dtype = args.dtype.map(|d| d.precision().name());
         agree("--dtype", dtype, self.precision.name(), path)?;
-        let scale = args.loss_scale.map(loss_scale_text);
-        agree(
-            "--loss-scale",
-            scale,
-            loss_scale_text(self.loss_scale),
-            path,
-        )?;
+        let scale = args.loss_scale.map(scaling::ScaleSetting::text);
+        agree("--loss-scale", scale, self.loss_scale.text(), path)?;
+        if let Some(window) = self.loss_scale_window {
+            agree("--loss-scale-window", args.loss_scale_window, window, path)?;
+        }
         if let Some(spec) = &args.fabric
             && load_fabric(spec)? != self.fabric
         {
@@ -579,14 +625,6 @@ fn agree<T: PartialEq + std::fmt::Display>(
     }
 }
 
-/// `--loss-scale` as the command line spells it.
-fn loss_scale_text(scale: LossScale) -> String {
-    match scale {
-        LossScale::Auto => "auto".into(),
-        LossScale::Power(e) => (1u64 << e).to_string(),
-    }
-}
-
 /// The run `--resume` continues: its checkpoint folder and state.
 struct Resumed {
     dir: PathBuf,
@@ -605,15 +643,16 @@ impl Resumed {
         let path = dir.join(STATE_JSON);
         let done = state.steps_done;
         let steps: Vec<u64> = state.log.iter().map(|r| r.step).collect();
+        let skipped = state.log.iter().filter(|r| r.skipped).count() as u64;
         let inconsistent = state.sampler.batches_drawn != done
-            || state.optimizer.t != done
+            || state.optimizer.t.checked_add(skipped) != Some(done)
             || state.sampler.seed != state.seed
             || steps != (1..=done).collect::<Vec<u64>>();
         if inconsistent {
             return Err(bad_input(
                 flag(),
                 anyhow::anyhow!(
-                    "{}: steps_done {done}, sampler.batches_drawn {}, optimizer.t {} and the log's {} steps do not agree (and sampler.seed must be seed)",
+                    "{}: steps_done {done}, sampler.batches_drawn {}, optimizer.t {} (+ {skipped} skipped) and the log's {} steps do not agree (and sampler.seed must be seed)",
                     path.display(),
                     state.sampler.batches_drawn,
                     state.optimizer.t,
@@ -645,8 +684,7 @@ impl Resumed {
         setup: &Setup,
         schedule: LrSchedule,
     ) -> anyhow::Result<(Trainer, Sampler, Vec<StepRecord>)> {
-        let mut params = read_params(&self.dir.join(WEIGHTS_FILE), &setup.config)
-            .map_err(|e| bad_input(self.flag(), e))?;
+        let mut params = self.weights(&setup.config)?;
         let mut tensors = self.tensors(setup)?;
         let masks = match setup.run.phase {
             TrainPhase::SparsePretrain => {
@@ -668,7 +706,7 @@ impl Resumed {
             let why = "the prompt vectors and their moments differ in size";
             return Err(bad_input(self.flag(), anyhow::anyhow!(why)));
         }
-        let trainer = Trainer::resume(
+        let mut trainer = Trainer::resume(
             setup.run.phase,
             params,
             masks,
@@ -676,10 +714,64 @@ impl Resumed {
             tensors.moments,
             prompt,
             self.state.steps_done,
-        );
+        )
+        .with_updates(self.state.optimizer.t);
+        let path = self.dir.join(STATE_JSON);
+        trainer.dynamic_scale = match &self.state.dynamic_loss_scale {
+            Some(dynamic) => Some(
+                dynamic
+                    .to_scale(&path)
+                    .map_err(|e| bad_input(self.flag(), e))?,
+            ),
+            None => None,
+        };
         let mut sampler = Sampler::new(&setup.corpus, setup.run.batch, setup.run.seed);
         sampler.skip(self.state.sampler.batches_drawn);
-        Ok((trainer, sampler, self.state.log.clone()))
+        Ok((trainer, sampler, self.log(setup)))
+    }
+
+    /// The run's log so far; rows of a state written before the log had scales get the run's
+    /// fixed scale (at the exact fidelity), which those steps ran with.
+    fn log(&self, setup: &Setup) -> Vec<StepRecord> {
+        let mut log = self.state.log.clone();
+        let fixed = match setup.run.loss_scale {
+            scaling::ScaleSetting::Fixed(scale) if setup.run.fidelity == Fidelity::Exact => {
+                f64::from(scale.of_step(&setup.plan, setup.prompt_len))
+            }
+            _ => return log,
+        };
+        for record in log.iter_mut().filter(|r| r.loss_scale.is_none()) {
+            record.loss_scale = Some(fixed);
+        }
+        log
+    }
+
+    /// The checkpoint's weights, whose bytes must be those the state digested (a state written
+    /// before the digest existed has none to compare).
+    fn weights(&self, config: &GptConfig) -> anyhow::Result<GptParams> {
+        let path = self.dir.join(WEIGHTS_FILE);
+        let bytes = std::fs::read(&path).map_err(|source| {
+            bad_input(
+                self.flag(),
+                state::StateError::Read {
+                    path: path.clone(),
+                    source,
+                },
+            )
+        })?;
+        let digest = state::digest_text(state::bytes_digest(&bytes));
+        if let Some(saved) = self.state.weights_digest.as_ref().filter(|d| **d != digest) {
+            return Err(bad_input(
+                self.flag(),
+                anyhow::anyhow!(
+                    "{}: digest {digest}, but the run's state was written with weights of digest {saved} ({}): the weights file was replaced; resume from the run's own checkpoint, or start a new run from these weights with --checkpoint",
+                    path.display(),
+                    self.dir.join(STATE_JSON).display()
+                ),
+            ));
+        }
+        crate::model::checkpoint::params_from_safetensors(&path, &bytes, config)
+            .map_err(|e| bad_input(self.flag(), e))
     }
 
     /// The moments (and masks) of `train_state.safetensors`, checked against the model.
@@ -866,6 +958,21 @@ fn check_flags(args: &Args, run: &Settings) -> anyhow::Result<()> {
             anyhow::anyhow!("must be at least 1"),
         ));
     }
+    if args.loss_scale_window.is_some() && !run.loss_scale.is_dynamic() {
+        return Err(bad_input(
+            "--loss-scale-window",
+            anyhow::anyhow!(
+                "only --loss-scale dynamic has a window (the run's scale is {})",
+                run.loss_scale.text()
+            ),
+        ));
+    }
+    if args.loss_scale_window == Some(0) {
+        return Err(bad_input(
+            "--loss-scale-window",
+            anyhow::anyhow!("must be at least 1"),
+        ));
+    }
     AdamW::new(run.lr)
         .validate()
         .map_err(|e| bad_input("--lr", e))?;
@@ -1019,11 +1126,25 @@ impl<'a> Finished<'a> {
         self.log.iter().map(|r| r.cycles).sum()
     }
 
-    /// The power of two the exact steps scaled their loss by (`None`: fast fidelity).
+    /// The power of two the exact steps scaled their loss by: the fixed one, or with dynamic
+    /// scaling the run's first step's (its start) (`None`: fast fidelity).
     fn loss_scale(&self) -> Option<f32> {
         let setup = self.setup;
-        let exact = setup.run.fidelity == Fidelity::Exact;
-        exact.then(|| setup.run.loss_scale.of_step(&setup.plan, setup.prompt_len))
+        if setup.run.fidelity != Fidelity::Exact {
+            return None;
+        }
+        let first = self.log.first().and_then(|r| r.loss_scale);
+        let current = self.trainer.dynamic_scale.map(|d| d.scale());
+        match setup.run.loss_scale {
+            scaling::ScaleSetting::Dynamic { .. } => first.or(current).map(|s| s as f32),
+            scaling::ScaleSetting::Fixed(scale) => {
+                Some(scale.of_step(&setup.plan, setup.prompt_len))
+            }
+        }
+    }
+
+    fn skipped_steps(&self) -> u64 {
+        self.log.iter().filter(|r| r.skipped).count() as u64
     }
 
     fn seconds(&self) -> f64 {
@@ -1039,8 +1160,9 @@ impl<'a> Finished<'a> {
         }
     }
 
-    /// The run's state after its last step, for `--resume`.
-    fn train_state(&self) -> TrainState {
+    /// The run's state after its last step, for `--resume`; `weights_digest` is that of the
+    /// `model.safetensors` written beside it.
+    fn train_state(&self, weights_digest: u64) -> TrainState {
         let (setup, trainer) = (self.setup, self.trainer);
         let run = &setup.run;
         let adam = AdamW::new(run.lr);
@@ -1065,9 +1187,14 @@ impl<'a> Finished<'a> {
                 windows: setup.corpus.windows(),
                 tokens: setup.corpus.tokens(),
             },
+            weights_digest: Some(state::digest_text(weights_digest)),
             fidelity: run.fidelity.name().into(),
             dtype: run.precision.name().into(),
-            loss_scale: loss_scale_text(run.loss_scale),
+            loss_scale: run.loss_scale.text(),
+            dynamic_loss_scale: trainer
+                .dynamic_scale
+                .as_ref()
+                .map(state::DynamicScaleState::of),
             fabric: run.fabric.clone(),
             prompt_len: setup.prompt_len,
             sparsity: trainer.masks.sparsity(),
@@ -1077,7 +1204,7 @@ impl<'a> Finished<'a> {
                 beta2: adam.beta2,
                 eps: adam.eps,
                 weight_decay: adam.weight_decay,
-                t: trainer.steps,
+                t: trainer.updates(),
             },
             log: self.log.to_vec(),
             reference_check: self.reference_check(),
@@ -1088,8 +1215,12 @@ impl<'a> Finished<'a> {
 fn print_summary(run: &Finished<'_>) -> anyhow::Result<()> {
     let (first, last) = (run.log.first(), run.log.last());
     let loss = |r: Option<&StepRecord>| r.map_or(f64::NAN, |r| r.loss);
+    let skipped = match run.skipped_steps() {
+        0 if !run.setup.run.loss_scale.is_dynamic() => String::new(),
+        n => format!(" ({n} skipped by dynamic loss scaling)"),
+    };
     outln!(
-        "{}, {} fidelity, {}: {} of {} steps{}, loss {:.4} -> {:.4} (ln vocab {:.4})",
+        "{}, {} fidelity, {}: {} of {} steps{skipped}{}, loss {:.4} -> {:.4} (ln vocab {:.4})",
         run.setup.run.phase.name(),
         run.setup.run.fidelity.name(),
         checked::dtype_label(run.setup.plan.precision, run.loss_scale()),
@@ -1137,6 +1268,7 @@ fn write_outputs(out: &Path, checkpoint: &Path, run: &Finished<'_>) -> anyhow::R
 
 fn stage_outputs(out: &Path, checkpoint: &Path, run: &Finished<'_>) -> anyhow::Result<Vec<Staged>> {
     let mut staged = stage_checkpoint(checkpoint, &run.setup.config, &run.trainer.params)?;
+    let weights_digest = staged_digest(&staged[0])?;
     if let Some(prompt) = &run.trainer.prompt {
         let v = &prompt.vectors;
         let tensors = [("prompt".to_string(), vec![v.rows, v.cols], &v.data[..])];
@@ -1148,7 +1280,7 @@ fn stage_outputs(out: &Path, checkpoint: &Path, run: &Finished<'_>) -> anyhow::R
             );
         }
     }
-    staged.extend(stage_state(checkpoint, run)?);
+    staged.extend(stage_state(checkpoint, run, weights_digest)?);
     let [csv, json_file, svg] = LOG_FILES;
     staged.push(stage_text(&out.join(csv), &csv_text(run.log))?);
     let report = super::json_text(&report_json(run, checkpoint))?;
@@ -1160,11 +1292,22 @@ fn stage_outputs(out: &Path, checkpoint: &Path, run: &Finished<'_>) -> anyhow::R
     Ok(staged)
 }
 
+/// The FNV-1a digest of a staged file's bytes (those its commit puts in place).
+fn staged_digest(staged: &Staged) -> anyhow::Result<u64> {
+    let reading = || format!("digesting {}", staged.target().display());
+    let file = std::fs::File::open(staged.staged_path()).with_context(reading)?;
+    state::reader_digest(std::io::BufReader::new(file)).with_context(reading)
+}
+
 /// The run's state (`train_state.json`, `train_state.safetensors`), staged in `checkpoint`.
-fn stage_state(checkpoint: &Path, run: &Finished<'_>) -> anyhow::Result<[Staged; 2]> {
+fn stage_state(
+    checkpoint: &Path,
+    run: &Finished<'_>,
+    weights_digest: u64,
+) -> anyhow::Result<[Staged; 2]> {
     let json_path = checkpoint.join(STATE_JSON);
     let text = run
-        .train_state()
+        .train_state(weights_digest)
         .to_json()
         .with_context(|| format!("writing {}", json_path.display()))?;
     let tensors_path = checkpoint.join(STATE_TENSORS);
@@ -1195,13 +1338,20 @@ pub(crate) fn stage_checkpoint(
     Ok(vec![weights, config_file])
 }
 
-/// `step,loss,lr,flops,cycles`, one line per step.
+/// `step,loss,lr,flops,cycles,loss_scale,skipped`, one line per step (`loss_scale` empty at
+/// the fast fidelity; `skipped` 1 for a step dynamic loss scaling skipped, else 0).
 fn csv_text(log: &[StepRecord]) -> String {
-    let mut text = String::from("step,loss,lr,flops,cycles\n");
+    let mut text = String::from("step,loss,lr,flops,cycles,loss_scale,skipped\n");
     for r in log {
         text.push_str(&format!(
-            "{},{},{},{},{}\n",
-            r.step, r.loss, r.lr, r.flops, r.cycles
+            "{},{},{},{},{},{},{}\n",
+            r.step,
+            r.loss,
+            r.lr,
+            r.flops,
+            r.cycles,
+            scaling::scale_field(r),
+            u8::from(r.skipped)
         ));
     }
     text
@@ -1219,8 +1369,10 @@ fn report_json(run: &Finished<'_>, checkpoint: &Path) -> Value {
         "units": {
             "loss": "nats per predicted token", "flops": "matmul floating-point operations (1 FMAC = 2)",
             "cycles": "fabric clock cycles", "seconds": "at the fabric clock",
-            "reference_check": "the first step's loss and gradients against the CPU reference's (exact fidelity; null at the fast one)",
-            "loss_scale": "the power of two the exact steps multiplied the loss by before their backward pass and divided the gradients by (null: fast fidelity)",
+            "reference_check": "the first applied (not skipped) step's loss and gradients against the CPU reference's (exact fidelity; null at the fast one)",
+            "loss_scale": "the power of two the exact steps multiplied the loss by before their backward pass and divided the gradients by; with dynamic scaling the first step's (null: fast fidelity)",
+            "loss_scaling": "policy fixed or dynamic; window: clean steps before the scale doubles; next_scale: the scale the next step would run with; clean_steps: clean steps counted towards the window; per_step: every step's scale (as train.csv's loss_scale); skipped_steps: the steps whose loss or gradients overflowed, not applied, their batches consumed, their cycles and FLOPs counted in the totals (null: fast fidelity)",
+            "steps": "requested: the run's total; done: steps taken, skipped ones included; skipped: steps not applied (AdamW's step count is done - skipped)",
         },
         "phase": settings.phase.name(),
         "fidelity": settings.fidelity.name(),
@@ -1229,10 +1381,11 @@ fn report_json(run: &Finished<'_>, checkpoint: &Path) -> Value {
         "region": { "cols": setup.plan.region.cols, "rows": setup.plan.region.rows },
         "batch": settings.batch, "seq": settings.seq, "seed": settings.seed,
         "dtype": setup.plan.precision.name(), "loss_scale": run.loss_scale(),
+        "loss_scaling": scaling::report(settings.loss_scale, settings.fidelity == Fidelity::Exact, run.trainer, run.log),
         "sparsity": run.trainer.masks.sparsity(),
         "lr": { "peak": settings.lr, "warmup": settings.warmup, "schedule": "linear warm-up, cosine to peak/10" },
         "tokens_file": { "path": args.tokens.display().to_string(), "windows": setup.corpus.windows(), "tokens": setup.corpus.tokens() },
-        "steps": { "requested": settings.steps, "done": steps },
+        "steps": { "requested": settings.steps, "done": steps, "skipped": run.skipped_steps() },
         "interrupted": run.interrupted,
         "resumed_from": setup.resumed.as_ref().map(|r| json!({
             "checkpoint": r.dir.display().to_string(), "step": r.state.steps_done,

@@ -567,6 +567,12 @@ impl Staged {
         &self.target
     }
 
+    /// The staged temporary file, written and synced: its bytes are what [`Staged::commit`]
+    /// puts at the target (to digest them before they are moved into place).
+    pub fn staged_path(&self) -> &Path {
+        self.temp.path()
+    }
+
     /// Renames the staged file over its target (atomic within a folder) and syncs the folder.
     pub fn commit(self) -> Result<()> {
         let target = self.target;

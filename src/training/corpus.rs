@@ -72,7 +72,7 @@ pub struct Corpus {
 
 /// FNV-1a, 64 bits (offset basis 0xcbf29ce484222325, prime 0x100000001b3), over `bytes`,
 /// continuing from `hash`.
-fn fnv1a64(mut hash: u64, bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(mut hash: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
@@ -80,7 +80,8 @@ fn fnv1a64(mut hash: u64, bytes: &[u8]) -> u64 {
     hash
 }
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+/// FNV-1a's 64-bit offset basis, the hash of no bytes.
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// The digest of token sequences: FNV-1a 64 over, for each sequence in order, its length as a
 /// little-endian `u64` and then its ids as little-endian `u32`s.

@@ -21,10 +21,18 @@
 //! loss scale, the log so far), and [`Trainer::resume`] rebuilds the run from it, so that the
 //! continued run computes the same bytes as one that never stopped.
 //!
+//! With dynamic loss scaling ([`loss_scale`], [`Trainer::dynamic_scale`]) an exact step whose
+//! loss or gradients overflow is skipped instead of stopping the run: no weight, moment or prompt
+//! changes and AdamW's step count (its bias correction's `t`) stays, while the run's step count
+//! (the schedule's, the sampler's) moves on, as PyTorch's `GradScaler` skips `optimizer.step()`
+//! while the loop still calls `scheduler.step()` and draws the next batch. The skipped step cost
+//! its cycles and FLOPs: the fabric ran it.
+//!
 //! What it is not: a data loader, a tokenizer or a checkpoint writer (the CLI stages and writes
 //! the files; [`state`] gives their contents and reads them back).
 
 pub mod corpus;
+pub mod loss_scale;
 pub mod schedule;
 pub mod state;
 
@@ -34,12 +42,13 @@ use crate::compile::StepPlan;
 use crate::model::{GptConfig, GptParams, Matrix};
 use crate::reference::{AdamState, AdamW, Batch, ReferenceError};
 use crate::runtime::{
-    Fidelity, GradientSet, LossScale, ReferenceCheck, RuntimeError, StepCost, StepInputs, StepMode,
-    simulate_step,
+    Fidelity, GradientSet, LossScale, Numerics, ReferenceCheck, RuntimeError, StepCost, StepInputs,
+    StepMode, simulate_step,
 };
 use crate::sparsity::ModelMasks;
 
 pub use corpus::{Corpus, CorpusError, Sampler};
+pub use loss_scale::DynamicLossScale;
 pub use schedule::LrSchedule;
 
 /// A phase of the recipe.
@@ -97,6 +106,18 @@ pub enum TrainError {
         /// Where in the tensor (a gradient).
         index: Option<usize>,
     },
+    /// Dynamic loss scaling met an overflow at its floor, a scale of 1: nothing lower to try.
+    #[error(
+        "step {step}: {what} is not finite ({value}{at}) at loss scale 1, the floor of dynamic loss scaling: the step overflows unscaled, so the run stops rather than skip on (nothing of this step was kept{lr})",
+        at = index.map_or(String::new(), |i| format!(" at flat index {i}")),
+        lr = if *step > 1 { "; the earlier updates made these weights: a smaller --lr may help" } else { "" }
+    )]
+    OverflowAtScaleOne {
+        step: u64,
+        what: String,
+        value: f64,
+        index: Option<usize>,
+    },
     /// The update of finite gradients overflowed: the learning rate is too large.
     #[error(
         "step {step}: {what} is not finite ({value}); lower --lr (nothing of this step was kept)"
@@ -110,14 +131,58 @@ pub enum TrainError {
 pub struct StepRecord {
     /// 1-based step number.
     pub step: u64,
-    /// The loss of the batch before the update.
+    /// The loss of the batch before the update (a skipped step's may be NaN or infinite; the
+    /// state's JSON writes those as the strings `NaN`, `inf`, `-inf`).
+    #[serde(with = "loss_json")]
     pub loss: f64,
-    /// The learning rate of the update.
+    /// The learning rate of the update (of the schedule's step, if skipped).
     pub lr: f64,
     /// Matmul FLOPs executed on the fabric.
     pub flops: u64,
     /// Cycles of the step.
     pub cycles: u64,
+    /// The power of two the step scaled its loss by (exact fidelity; `None` at the fast one,
+    /// whose numerics take no scale). States written before the field existed read `None`.
+    #[serde(default)]
+    pub loss_scale: Option<f64>,
+    /// The step's loss or gradients overflowed and dynamic loss scaling skipped its update.
+    #[serde(default)]
+    pub skipped: bool,
+}
+
+/// A loss in the state's JSON: a number, or (JSON has none) `NaN`, `inf`, `-inf` as strings.
+mod loss_json {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(loss: &f64, serializer: S) -> Result<S::Ok, S::Error> {
+        match *loss {
+            l if l.is_finite() => serializer.serialize_f64(l),
+            l if l.is_nan() => serializer.serialize_str("NaN"),
+            l if l > 0.0 => serializer.serialize_str("inf"),
+            _ => serializer.serialize_str("-inf"),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Loss {
+        Number(f64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+        match Loss::deserialize(deserializer)? {
+            Loss::Number(l) => Ok(l),
+            Loss::Text(t) => match t.as_str() {
+                "NaN" => Ok(f64::NAN),
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                _ => Err(serde::de::Error::custom(format!(
+                    "loss {t:?}: expected a number, \"NaN\", \"inf\" or \"-inf\""
+                ))),
+            },
+        }
+    }
 }
 
 /// The machine and the step shape a run is fixed to.
@@ -127,7 +192,8 @@ pub struct RunShape<'a> {
     pub fabric: &'a FabricConfig,
     pub plan: &'a StepPlan,
     pub fidelity: Fidelity,
-    /// Loss scaling of the exact steps' backward pass (`LossScale::Auto`: none in fp32).
+    /// Loss scaling of the exact steps' backward pass (`LossScale::Auto`: none in fp32); a run
+    /// with dynamic loss scaling ([`Trainer::dynamic_scale`]) uses its scale instead.
     pub loss_scale: LossScale,
 }
 
@@ -143,9 +209,14 @@ pub struct Trainer {
     pub prompt: Option<PromptVectors>,
     /// Steps taken.
     pub steps: u64,
-    /// At the exact fidelity, the first step's loss and gradients against the CPU reference's
-    /// (one reference pass per run: enough to catch arithmetic that cannot represent the model).
+    /// At the exact fidelity, the first applied (not skipped) step's loss and gradients against
+    /// the CPU reference's (one reference pass per run: enough to catch arithmetic that cannot
+    /// represent the model).
     pub first_check: Option<ReferenceCheck>,
+    /// Dynamic loss scaling: the next exact step's scale, halved after an overflow (the step is
+    /// skipped) and doubled after a window of clean steps. `None`: the run's fixed scale, and an
+    /// overflow stops the run.
+    pub dynamic_scale: Option<DynamicLossScale>,
 }
 
 /// Learned prompt vectors and their optimizer state.
@@ -198,6 +269,7 @@ impl Trainer {
             first_check: None,
             prompt: None,
             steps: 0,
+            dynamic_scale: None,
         }
     }
 
@@ -216,7 +288,7 @@ impl Trainer {
     /// A run continued after `steps` steps: its weights, masks, schedule, AdamW's moments (of
     /// the model, or, for prompt tuning, in `prompt`) as they were after its last step. The next
     /// step is step `steps + 1`, at the schedule's rate for it, with AdamW's bias correction at
-    /// `t = steps + 1`.
+    /// `t = steps + 1` (a run that skipped steps sets its count with [`Trainer::with_updates`]).
     pub fn resume(
         phase: TrainPhase,
         params: GptParams,
@@ -234,6 +306,18 @@ impl Trainer {
         trainer.prompt = prompt;
         trainer.steps = steps;
         trainer
+    }
+
+    /// AdamW's step count set to `updates`, the steps that were applied: a run with dynamic loss
+    /// scaling that skipped steps has taken fewer updates than steps.
+    pub fn with_updates(mut self, updates: u64) -> Self {
+        self.adam.t = updates;
+        self
+    }
+
+    /// Updates applied so far (AdamW's `t`; below [`Trainer::steps`] by the skipped steps).
+    pub fn updates(&self) -> u64 {
+        self.adam.t
     }
 
     /// AdamW's state of the model's parameters (zero moments in prompt tuning: the model is
@@ -289,26 +373,72 @@ impl Trainer {
     }
 
     /// One optimizer step on `batch`: the step on the fabric, then AdamW on the host. On error
-    /// the weights and optimizer state are left as they were.
+    /// the weights and optimizer state are left as they were. With dynamic loss scaling, an exact
+    /// step whose loss or gradients are not finite is skipped (its record says so): the weights,
+    /// the moments, the prompt and AdamW's step count stay, the scale halves, and the run's step
+    /// count moves on; at a scale of 1 it is [`TrainError::OverflowAtScaleOne`] instead.
     pub fn step(&mut self, shape: RunShape<'_>, batch: &Batch) -> Result<StepRecord, TrainError> {
         let step = self.steps + 1;
         let lr = self.schedule.at(self.steps);
+        let exact = shape.fidelity == Fidelity::Exact;
+        let dynamic = self.dynamic_scale.filter(|_| exact);
+        let shape = RunShape {
+            loss_scale: dynamic.map_or(shape.loss_scale, |d| d.loss_scale()),
+            ..shape
+        };
         let inputs = self.inputs(shape, batch);
+        let loss_scale = exact.then(|| f64::from(inputs.resolved_loss_scale()));
         let mode = StepMode {
             fidelity: shape.fidelity,
             numerics: true,
-            check: step == 1,
+            // The first update's step: step 1, unless dynamic scaling skipped steps before it.
+            check: self.adam.t == 0 && self.first_check.is_none(),
         };
         let report =
             simulate_step(inputs, mode).map_err(|source| TrainError::Step { step, source })?;
-        if report.check.is_some() {
-            self.first_check = report.check;
-        }
         let numerics = report.numerics.ok_or(TrainError::NoNumerics { step })?;
+        let mut record = StepRecord {
+            step,
+            loss: numerics.loss,
+            lr,
+            flops: report.cost.executed_matmul_flops(),
+            cycles: report.cost.cycles(),
+            loss_scale,
+            skipped: false,
+        };
+        match (self.update(step, lr, &numerics), dynamic) {
+            (Ok(()), _) => {
+                if let Some(scale) = &mut self.dynamic_scale
+                    && exact
+                {
+                    scale.after_clean();
+                }
+                if report.check.is_some() {
+                    self.first_check = report.check;
+                }
+            }
+            (Err(overflow @ TrainError::NonFiniteStep { .. }), Some(mut scale)) => {
+                if scale.after_overflow().is_none() {
+                    return Err(at_scale_one(overflow));
+                }
+                self.dynamic_scale = Some(scale);
+                record.skipped = true;
+            }
+            (Err(e), _) => return Err(e),
+        }
+        self.steps = step;
+        Ok(record)
+    }
+
+    /// AdamW's update of the trained tensors from the step's gradients, all or nothing: checked
+    /// finite first ([`TrainError::NonFiniteStep`]), and the updated values after.
+    fn update(&mut self, step: u64, lr: f64, numerics: &Numerics) -> Result<(), TrainError> {
         check_loss_finite(step, numerics.loss)?;
+        let t = self.adam.t + 1;
         if let Some(prompt) = &self.prompt {
             let grad = numerics
                 .prompt_grad
+                .as_ref()
                 .ok_or(TrainError::NoNumerics { step })?;
             check_gradient_finite(step, "the prompt", &grad.data)?;
             let mut next = prompt.clone();
@@ -318,7 +448,7 @@ impl Trainer {
                     &grad.data,
                     &mut next.m,
                     &mut next.v,
-                    step,
+                    t,
                     false,
                 )
                 .map_err(|source| TrainError::Optimizer { step, source })?;
@@ -330,8 +460,8 @@ impl Trainer {
                 });
             }
             self.prompt = Some(next);
-            self.steps = step;
-            return Ok(record(step, numerics.loss, lr, &report.cost));
+            self.adam.t = t;
+            return Ok(());
         }
         for (name, values) in numerics.grads.tensors() {
             check_gradient_finite(step, &format!("`{name}`"), values)?;
@@ -344,18 +474,25 @@ impl Trainer {
         check_params_finite(step, &params)?;
         self.params = params;
         self.adam = adam;
-        self.steps = step;
-        Ok(record(step, numerics.loss, lr, &report.cost))
+        Ok(())
     }
 }
 
-fn record(step: u64, loss: f64, lr: f64, cost: &StepCost) -> StepRecord {
-    StepRecord {
-        step,
-        loss,
-        lr,
-        flops: cost.executed_matmul_flops(),
-        cycles: cost.cycles(),
+/// The overflow that dynamic loss scaling met at a scale of 1, as the error that stops the run.
+fn at_scale_one(overflow: TrainError) -> TrainError {
+    match overflow {
+        TrainError::NonFiniteStep {
+            step,
+            what,
+            value,
+            index,
+        } => TrainError::OverflowAtScaleOne {
+            step,
+            what,
+            value,
+            index,
+        },
+        other => other,
     }
 }
 

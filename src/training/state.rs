@@ -6,10 +6,13 @@
 //!
 //! - `train_state.json` (schema `wafersim.train-state/v1`, [`TrainState`]): the phase, the steps
 //!   taken, the learning-rate schedule (peak, warm-up, total), the batch shape, the seed and how
-//!   many batches the sampler has drawn, a digest of the token file, the fidelity, the dtype, the
-//!   loss scale, the whole fabric config, AdamW's hyperparameters and step count, the masks'
-//!   sparsity, the per-step log so far (so the continued run's `train.csv` holds every step) and
-//!   the first step's reference check.
+//!   many batches the sampler has drawn, a digest of the token file, a digest of the checkpoint's
+//!   `model.safetensors` (FNV-1a 64 of its bytes, checked on resume: the weights belong to this
+//!   state), the fidelity, the dtype, the loss scale (and, with `--loss-scale dynamic`, the
+//!   dynamic scale's window, next scale and clean-step count), the whole fabric config, AdamW's
+//!   hyperparameters and step count (the updates applied: fewer than the steps by the steps
+//!   dynamic loss scaling skipped), the masks' sparsity, the per-step log so far (so the
+//!   continued run's `train.csv` holds every step) and the first applied step's reference check.
 //! - `train_state.safetensors` ([`state_tensor_bytes`], [`read_state_tensors`]): AdamW's moments
 //!   in PyTorch's names, `exp_avg.<name>` and `exp_avg_sq.<name>`, where `<name>` is the
 //!   Hugging Face name of the weight (`exp_avg.transformer.h.0.attn.c_attn.weight`: Q, K, V
@@ -24,6 +27,12 @@
 //! the batches already drawn puts it where it was, for any run length. Floats in the JSON
 //! round-trip exactly (serde_json's `float_roundtrip`), so the schedule recomputes the same rates.
 //!
+//! Compatibility: the fields added after the schema's first version (`weights_digest`,
+//! `dynamic_loss_scale`, and the log's `loss_scale` and `skipped`) are optional with defaults
+//! (no digest to check, a fixed scale, not skipped), so the schema stays `v1` and a state
+//! written before them still resumes; a reader from before them refuses a state that has them
+//! with its unknown-field error, as it would refuse a `v2`.
+//!
 //! What it is not: a general optimizer checkpoint (one optimizer, AdamW, with fixed betas), nor a
 //! record of the machine's threads (results do not depend on them). Reading checks every file
 //! (schema, fields, tensor names, dtypes, shapes, finiteness, non-negative second moments, 0/1
@@ -37,6 +46,8 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use wafersim_sim::FabricConfig;
 
+use super::corpus::{FNV_OFFSET, fnv1a64};
+use super::loss_scale::DynamicLossScale;
 use super::{StepRecord, TrainPhase, Trainer};
 use crate::model::checkpoint::{hf_named_tensors, params_from_safetensors};
 use crate::model::{GptConfig, GptParams, ModelError, SparseKind};
@@ -166,6 +177,58 @@ pub struct OptimizerState {
     pub t: u64,
 }
 
+/// Dynamic loss scaling after the run's last step (see [`crate::training::loss_scale`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicScaleState {
+    /// Clean steps after which the scale doubles (`--loss-scale-window`).
+    pub window: u64,
+    /// The scale the next step runs with: a power of two from 1 to 2^24.
+    pub scale: u64,
+    /// Clean steps since the scale last changed (below `window`).
+    pub clean_steps: u64,
+}
+
+impl DynamicScaleState {
+    /// The state of `scale`.
+    pub fn of(scale: &DynamicLossScale) -> Self {
+        Self {
+            window: scale.window(),
+            scale: 1u64 << scale.exponent(),
+            clean_steps: scale.clean_steps(),
+        }
+    }
+
+    /// The dynamic scale this records (`path`: the state file, named in errors).
+    pub fn to_scale(&self, path: &Path) -> Result<DynamicLossScale, StateError> {
+        let field = |field: &'static str, got: u64, reason: String| StateError::Field {
+            path: path.to_path_buf(),
+            field,
+            got: got.to_string(),
+            reason,
+        };
+        if !self.scale.is_power_of_two() {
+            let reason = "expected a power of two from 1 to 16777216".to_string();
+            return Err(field("dynamic_loss_scale.scale", self.scale, reason));
+        }
+        let exponent = u8::try_from(self.scale.trailing_zeros()).unwrap_or(u8::MAX);
+        DynamicLossScale::restore(exponent, self.clean_steps, self.window).map_err(|e| {
+            use crate::training::loss_scale::DynamicScaleError as E;
+            match e {
+                E::EmptyWindow => field("dynamic_loss_scale.window", self.window, e.to_string()),
+                E::ScaleTooLarge { .. } => {
+                    field("dynamic_loss_scale.scale", self.scale, e.to_string())
+                }
+                _ => field(
+                    "dynamic_loss_scale.clean_steps",
+                    self.clean_steps,
+                    e.to_string(),
+                ),
+            }
+        })
+    }
+}
+
 /// The contents of [`STATE_JSON`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -182,12 +245,19 @@ pub struct TrainState {
     pub seed: u64,
     pub sampler: SamplerState,
     pub tokens: TokensState,
+    /// [`bytes_digest`] of the checkpoint's `model.safetensors`, as [`digest_text`] writes it
+    /// (`None` in states written before it existed: not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_digest: Option<String>,
     /// `exact` or `fast`.
     pub fidelity: String,
     /// `fp32` or `fp16`.
     pub dtype: String,
-    /// `auto` or a power of two, as `--loss-scale` takes it.
+    /// `auto`, a power of two, `dynamic` or `dynamic:L`, as `train --loss-scale` takes it.
     pub loss_scale: String,
+    /// With `dynamic`: the dynamic scale after the last step (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dynamic_loss_scale: Option<DynamicScaleState>,
     pub fabric: FabricConfig,
     /// Prompt vectors in front of every sequence (0 outside prompt tuning).
     pub prompt_len: usize,
@@ -196,7 +266,7 @@ pub struct TrainState {
     pub optimizer: OptimizerState,
     /// Every step so far, as `train.csv` logs it.
     pub log: Vec<StepRecord>,
-    /// The first step's reference check as `train.json` reports it (exact fidelity).
+    /// The first applied step's reference check as `train.json` reports it (exact fidelity).
     pub reference_check: Option<serde_json::Value>,
 }
 
@@ -259,6 +329,26 @@ impl TrainState {
 /// The `fnv1a64:` digest text of a 64-bit hash.
 pub fn digest_text(hash: u64) -> String {
     format!("fnv1a64:{hash:016x}")
+}
+
+/// FNV-1a 64 over `bytes` (the hash the token file's digest uses, over a file's bytes).
+pub fn bytes_digest(bytes: &[u8]) -> u64 {
+    fnv1a64(FNV_OFFSET, bytes)
+}
+
+/// [`bytes_digest`] of everything `reader` gives, read in blocks (a model file need not fit in
+/// memory twice).
+pub fn reader_digest(mut reader: impl std::io::Read) -> std::io::Result<u64> {
+    let mut hash = FNV_OFFSET;
+    let mut block = vec![0u8; 1 << 16];
+    loop {
+        match reader.read(&mut block) {
+            Ok(0) => return Ok(hash),
+            Ok(n) => hash = fnv1a64(hash, block.get(..n).unwrap_or_default()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// What [`read_state_tensors`] found, by phase.
@@ -760,6 +850,8 @@ mod tests {
             lr: 0.1 + 0.2,
             flops: 13_369_344,
             cycles: 353_166,
+            loss_scale: None,
+            skipped: false,
         };
         TrainState {
             schema: SCHEMA.into(),
@@ -782,9 +874,11 @@ mod tests {
                 windows: 56,
                 tokens: 896,
             },
+            weights_digest: Some(digest_text(0xfedc_ba98_7654_3210)),
             fidelity: "fast".into(),
             dtype: "fp32".into(),
             loss_scale: "auto".into(),
+            dynamic_loss_scale: None,
             fabric: FabricConfig::from_spec("8x8").unwrap(),
             prompt_len: 0,
             sparsity: 0.0,
@@ -848,6 +942,102 @@ mod tests {
         assert_eq!(
             bad.train_phase(&p).unwrap_err().to_string(),
             "ckpt/train_state.json: `phase` is \"pretrain\", expected sparse-pretrain, dense-finetune or prompt-tune"
+        );
+    }
+
+    #[test]
+    fn a_dynamic_runs_state_and_a_skipped_steps_nan_loss_round_trip() {
+        let mut state = state();
+        state.loss_scale = "dynamic:16777216".into();
+        state.dynamic_loss_scale = Some(DynamicScaleState {
+            window: 3,
+            scale: 1 << 20,
+            clean_steps: 2,
+        });
+        state.log[0].loss = f64::NAN;
+        state.log[0].skipped = true;
+        state.log[0].loss_scale = Some(16_777_216.0);
+        state.log[1].loss = f64::INFINITY;
+        state.optimizer.t = 1;
+        let text = state.to_json().unwrap();
+        assert!(text.contains("\"loss\": \"NaN\""), "{text}");
+        assert!(text.contains("\"loss\": \"inf\""), "{text}");
+        let back = TrainState::from_json(&path(), &text).unwrap();
+        assert!(back.log[0].loss.is_nan() && back.log[0].skipped);
+        assert_eq!(back.log[1].loss, f64::INFINITY);
+        assert_eq!(back.dynamic_loss_scale, state.dynamic_loss_scale);
+        assert_eq!(back.to_json().unwrap(), text);
+        let scale = back.dynamic_loss_scale.unwrap().to_scale(&path()).unwrap();
+        assert_eq!(
+            (scale.exponent(), scale.clean_steps(), scale.window()),
+            (20, 2, 3)
+        );
+        let err = TrainState::from_json(&path(), &text.replace("\"NaN\"", "\"lots\""));
+        assert!(
+            err.unwrap_err()
+                .to_string()
+                .contains("loss \"lots\": expected a number"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_state_written_before_the_optional_fields_still_reads() {
+        // No weights digest, no dynamic scale, log rows without `loss_scale` and `skipped`: the
+        // state of a run written by the first v1 writer.
+        let mut old = state();
+        old.weights_digest = None;
+        let text = old.to_json().unwrap();
+        assert!(!text.contains("weights_digest") && !text.contains("dynamic_loss_scale"));
+        let text = text
+            .replace(",\n      \"loss_scale\": null", "")
+            .replace(",\n      \"skipped\": false", "");
+        assert!(!text.contains("skipped"), "{text}");
+        let back = TrainState::from_json(&path(), &text).unwrap();
+        assert_eq!(back, old);
+    }
+
+    #[test]
+    fn the_weights_digest_is_fnv1a_of_the_files_bytes() {
+        // FNV-1a 64's published test vectors: "" is the offset basis, "a" and "foobar".
+        assert_eq!(bytes_digest(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(bytes_digest(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(bytes_digest(b"foobar"), 0x8594_4171_f739_67e8);
+        // Read in blocks of 64 KiB, the same as in one piece.
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let blocks = reader_digest(std::io::Cursor::new(&bytes)).unwrap();
+        assert_eq!(blocks, bytes_digest(&bytes));
+        assert_ne!(blocks, bytes_digest(&bytes[1..]));
+    }
+
+    #[test]
+    fn an_impossible_dynamic_scale_is_named_by_its_field() {
+        let p = PathBuf::from("ckpt/train_state.json");
+        let bad = |window, scale, clean_steps| {
+            DynamicScaleState {
+                window,
+                scale,
+                clean_steps,
+            }
+            .to_scale(&p)
+            .unwrap_err()
+            .to_string()
+        };
+        assert_eq!(
+            bad(50, 1000, 0),
+            "ckpt/train_state.json: `dynamic_loss_scale.scale` is 1000, expected a power of two from 1 to 16777216"
+        );
+        assert_eq!(
+            bad(50, 1 << 25, 0),
+            "ckpt/train_state.json: `dynamic_loss_scale.scale` is 33554432, the scale is 2^25; at most 2^24 (LossScale::MAX_EXPONENT)"
+        );
+        assert_eq!(
+            bad(0, 8, 0),
+            "ckpt/train_state.json: `dynamic_loss_scale.window` is 0, the window is 0 steps; it must be at least 1"
+        );
+        assert_eq!(
+            bad(4, 8, 4),
+            "ckpt/train_state.json: `dynamic_loss_scale.clean_steps` is 4, 4 clean steps counted, but the scale doubles after 4: the count is below the window"
         );
     }
 }
