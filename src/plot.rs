@@ -91,11 +91,11 @@ fn svg(
 pub fn loss_svg(log: &[StepRecord], title: &str) -> Result<String, PlotError> {
     const PLOT: &str = "loss.svg";
     let last_step = log.last().map_or(1, |r| r.step).max(1);
-    let (lo, hi) = log
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
-            (lo.min(r.loss), hi.max(r.loss))
-        });
+    // A step skipped by dynamic loss scaling may have a non-finite loss: not drawn.
+    let finite = || log.iter().filter(|r| r.loss.is_finite());
+    let (lo, hi) = finite().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+        (lo.min(r.loss), hi.max(r.loss))
+    });
     let (lo, hi) = if lo.is_finite() && hi > lo {
         (lo, hi)
     } else {
@@ -117,7 +117,7 @@ pub fn loss_svg(log: &[StepRecord], title: &str) -> Result<String, PlotError> {
             .draw()
             .map_err(failed(PLOT))?;
         chart
-            .draw_series(LineSeries::new(log.iter().map(|r| (r.step, r.loss)), &BLUE))
+            .draw_series(LineSeries::new(finite().map(|r| (r.step, r.loss)), &BLUE))
             .map_err(failed(PLOT))?;
         Ok(())
     })

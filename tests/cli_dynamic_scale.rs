@@ -409,3 +409,45 @@ fn scale_tensor(path: &Path, suffix: &str, factor: f32) {
         .collect();
     fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
+
+/// A state written before `weights_digest`, `dynamic_loss_scale` and the rows' `loss_scale` and
+/// `skipped` existed (the same schema, `v1`) still resumes, to the bytes of the run never
+/// stopped (whose state has the fields: the resumed run writes them again).
+#[test]
+fn a_state_without_the_newer_fields_still_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = same_windows(tmp.path());
+    let out = tmp.path().join("run");
+    let extra = ["--fidelity", "fast", "--save-every", "1"];
+    run_ok(&run_args(&tokens, &out, "3", &extra));
+    let state_path = out.join("step-1/train_state.json");
+    let mut state = json(state_path.clone());
+    let object = state.as_object_mut().unwrap();
+    assert!(object.remove("weights_digest").is_some());
+    for row in object["log"].as_array_mut().unwrap() {
+        let row = row.as_object_mut().unwrap();
+        assert!(row.remove("loss_scale").is_some() && row.remove("skipped").is_some());
+    }
+    fs::write(&state_path, serde_json::to_string_pretty(&state).unwrap()).unwrap();
+    let resumed = tmp.path().join("resumed");
+    run_ok(&[
+        "train".into(),
+        "--resume".into(),
+        path_str(&out.join("step-1")).into(),
+        "--tokens".into(),
+        path_str(&tokens).into(),
+        "--out".into(),
+        path_str(&resumed).into(),
+    ]);
+    for name in [
+        "checkpoint/model.safetensors",
+        "checkpoint/train_state.json",
+        "checkpoint/train_state.safetensors",
+        "train.csv",
+    ] {
+        assert!(
+            read(out.join(name)) == read(resumed.join(name)),
+            "{name} differs after the resume"
+        );
+    }
+}

@@ -1223,7 +1223,7 @@ fn print_summary(run: &Finished<'_>) -> anyhow::Result<()> {
         "{}, {} fidelity, {}: {} of {} steps{skipped}{}, loss {:.4} -> {:.4} (ln vocab {:.4})",
         run.setup.run.phase.name(),
         run.setup.run.fidelity.name(),
-        checked::dtype_label(run.setup.plan.precision, run.loss_scale()),
+        dtype_label(run),
         run.log.len(),
         run.setup.run.steps,
         if run.interrupted {
@@ -1248,6 +1248,19 @@ fn print_summary(run: &Finished<'_>) -> anyhow::Result<()> {
         run.wall
     )?;
     Ok(())
+}
+
+/// The summary's dtype and loss scale: the fixed scale, or a dynamic one's first and next.
+fn dtype_label(run: &Finished<'_>) -> String {
+    let precision = run.setup.plan.precision;
+    match (run.loss_scale(), run.trainer.dynamic_scale) {
+        (Some(first), Some(next)) if run.setup.run.loss_scale.is_dynamic() => format!(
+            "{} (dynamic loss scale {first} at the first step, {} next)",
+            precision.name(),
+            next.scale()
+        ),
+        (scale, _) => checked::dtype_label(precision, scale),
+    }
 }
 
 /// Stages the logs in `out` and the checkpoint in `checkpoint` (with the prompt, if any, in both),
@@ -1373,6 +1386,7 @@ fn report_json(run: &Finished<'_>, checkpoint: &Path) -> Value {
             "loss_scale": "the power of two the exact steps multiplied the loss by before their backward pass and divided the gradients by; with dynamic scaling the first step's (null: fast fidelity)",
             "loss_scaling": "policy fixed or dynamic; window: clean steps before the scale doubles; next_scale: the scale the next step would run with; clean_steps: clean steps counted towards the window; per_step: every step's scale (as train.csv's loss_scale); skipped_steps: the steps whose loss or gradients overflowed, not applied, their batches consumed, their cycles and FLOPs counted in the totals (null: fast fidelity)",
             "steps": "requested: the run's total; done: steps taken, skipped ones included; skipped: steps not applied (AdamW's step count is done - skipped)",
+            "tokens_trained": "tokens of the applied steps' batches (a skipped step's batch is drawn but trains nothing)",
         },
         "phase": settings.phase.name(),
         "fidelity": settings.fidelity.name(),
@@ -1390,7 +1404,7 @@ fn report_json(run: &Finished<'_>, checkpoint: &Path) -> Value {
         "resumed_from": setup.resumed.as_ref().map(|r| json!({
             "checkpoint": r.dir.display().to_string(), "step": r.state.steps_done,
         })),
-        "tokens_trained": steps * (settings.batch * settings.seq) as u64,
+        "tokens_trained": (steps - run.skipped_steps()) * (settings.batch * settings.seq) as u64,
         "loss": {
             "first": losses.first(), "last": losses.last(),
             "min": losses.iter().copied().reduce(f64::min),

@@ -29,7 +29,7 @@
 use crate::runtime::LossScale;
 
 /// Clean steps before the scale doubles, without `--loss-scale-window`. PyTorch's 2000 (and
-/// Megatron's or DeepSpeed's 1000) would never grow in runs of tens to thousands of steps. At 50
+/// DeepSpeed's 1000) would never grow in runs of tens to thousands of steps. At 50
 /// a scale sitting at its overflow edge skips one step in 51 (2 %), and a 200-step run can
 /// still win back four halvings.
 pub const DEFAULT_WINDOW: u64 = 50;
