@@ -94,7 +94,7 @@ pub enum TrainError {
     /// The loss or a gradient overflowed: the step computed them from the weights (updated by the
     /// earlier steps) and the data, in the run's precision and with its loss scale.
     #[error(
-        "step {step}: {what} is not finite ({value}{at}): the step overflowed with these weights and this data (nothing of this step was kept; with --dtype fp16 a smaller --loss-scale may help{lr})",
+        "step {step}: {what} is not finite ({value}{at}): the step overflowed with these weights and this data (nothing of this step was kept; with --dtype fp16 a smaller --loss-scale, or --loss-scale dynamic, may help{lr})",
         at = index.map_or(String::new(), |i| format!(" at flat index {i}")),
         lr = if *step > 1 { "; the earlier updates made these weights: a smaller --lr may too" } else { "" }
     )]
