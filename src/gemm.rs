@@ -303,7 +303,7 @@ pub fn host_bytes(spec: &GemmSpec) -> Option<u64> {
 /// The simulator's own state for one PE of a run beyond its SRAM (router buffers, tasks, held
 /// operations, wakes): about 5 KB, measured on the full-wafer gemm (8 KB per PE in all, 3 KB of
 /// it simulated SRAM; `docs/performance.md`, "Memory").
-const ENGINE_BYTES_PER_PE: u64 = 5 * 1024;
+pub(crate) const ENGINE_BYTES_PER_PE: u64 = 5 * 1024;
 
 /// Bytes of host memory an exact run takes at its peak, `None` if that overflows: the operands
 /// ([`host_bytes`]) and, for each PE of `region`, the SRAM of the fullest PE of the largest

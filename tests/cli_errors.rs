@@ -1315,3 +1315,66 @@ fn json_to_a_fifo_is_written_into_it() {
     pipe.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"{\n");
 }
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (`None` where it cannot be read).
+fn available_memory() -> Option<u64> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// An exact run of MediSwift-XL cannot fit a machine of CI's kind (24 GiB): the model's copies
+/// alone that every exact step holds, worked out by hand, are 3 x 4 B x 1,315,723,264 parameters
+/// (the weights, the fabric's gradients, the CPU reference's) = 15,788,679,168 B, 8 B x
+/// 1,207,959,552 kept weights in streaming order (dense: 24 layers x (4 d^2 + 2 d f), d = 2048,
+/// f = 8192) = 9,663,676,416 B, and the token table, 50257 x 2048 x 4 B = 411,705,344 B: 25.9 GB
+/// (training adds AdamW's moments). So `step`, `sweep` and `train` refuse it before drawing a
+/// weight (until this check, `step` grew for a minute until the kernel killed it), with exit
+/// code 1, one line naming the fast fidelity, and no output folder. On a machine with more free
+/// memory than that the runs would start, so the test says so and checks nothing.
+#[test]
+fn exact_runs_beyond_the_hosts_memory_are_refused_before_any_weight_is_drawn() {
+    let floor: u64 = 15_788_679_168 + 9_663_676_416 + 411_705_344;
+    match available_memory() {
+        Some(available) if available < floor => {}
+        other => {
+            eprintln!("skipped: {other:?} bytes available, the exact XL runs would start");
+            return;
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let tokens = tmp.path().join("tokens.json");
+    let ids: Vec<u32> = (0..512).map(|i| i * 97 % 50257).collect();
+    fs::write(&tokens, serde_json::to_string(&ids).unwrap()).unwrap();
+    let xl = ["--model", "mediswift-xl", "--fabric", "wse2"];
+    let shape = ["--batch", "1", "--seq", "128"];
+    let step = [&["step"][..], &xl, &shape, &["--out", s(&out)]].concat();
+    let sweep = [&["sweep"][..], &xl, &shape, &["--sparsity", "0.75"]].concat();
+    let train_flags = [
+        "--tokens",
+        s(&tokens),
+        "--steps",
+        "1",
+        "--phase",
+        "sparse-pretrain",
+        "--sparsity",
+        "0.75",
+        "--out",
+        s(&out),
+    ];
+    let train = [&["train"][..], &xl, &shape, &train_flags].concat();
+    for args in [step, sweep, train] {
+        assert_fails(
+            &args,
+            1,
+            &[
+                "the exact fidelity",
+                "--fidelity fast",
+                "GiB of host memory",
+            ],
+        );
+        assert!(!out.exists(), "{args:?} created its output folder");
+    }
+}

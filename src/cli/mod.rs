@@ -20,6 +20,7 @@ macro_rules! outln {
 
 mod bench;
 mod checked;
+mod exact_cost;
 mod fit;
 mod flops;
 mod gemm;

@@ -11,6 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 use wafersim_sim::{FabricConfig, Trace};
 
+use super::exact_cost::{self, ExactRun};
 use super::fit::AttentionFit;
 use super::progress::Progress;
 use super::trace::{self, TraceFlags, TraceRequest};
@@ -124,6 +125,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Costing alone (fast, no numerics) reads shapes and masks: a preset's weights are never
     // drawn (1.3 B of them would take 5 GB and most of a minute).
     let costing_only = mode.fidelity == Fidelity::Fast && !mode.numerics;
+    if mode.fidelity == Fidelity::Exact {
+        exact_memory(&args, &setup, mode.numerics)?;
+    }
     let (params, masks) = if costing_only && args.checkpoint.is_none() {
         (None, preset_masks(&args, &setup.config)?)
     } else {
@@ -150,6 +154,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     setup.plan = search.plan.clone();
     let attention = AttentionFit::of(&setup.config, &setup.plan, &setup.fabric);
     attention.refuse_if_exact(mode.fidelity)?;
+    let cost_inputs = CostInputs {
+        config: &setup.config,
+        masks: &masks,
+        batch: &setup.batch,
+        fabric: &setup.fabric,
+        plan: &setup.plan,
+        dense_baseline: !args.no_dense_baseline,
+        prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
+        gradients,
+    };
+    if mode.fidelity == Fidelity::Exact {
+        announce_long_exact_step(cost_inputs)?;
+    }
     let progress = Progress::new(None, "kernel runs");
     let on_record = |r: &OpRecord| {
         progress.inc();
@@ -179,17 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .map(|(report, trace)| (report, trace, loss_scale))
         }
         None => {
-            let inputs = CostInputs {
-                config: &setup.config,
-                masks: &masks,
-                batch: &setup.batch,
-                fabric: &setup.fabric,
-                plan: &setup.plan,
-                dense_baseline: !args.no_dense_baseline,
-                prompt_len: setup.prompt.as_ref().map_or(0, |p| p.rows),
-                gradients,
-            };
-            cost_step(inputs).map(|cost| (StepReport::costed(mode.fidelity, cost), None, None))
+            cost_step(cost_inputs).map(|cost| (StepReport::costed(mode.fidelity, cost), None, None))
         }
     };
     drop(progress);
@@ -314,6 +321,42 @@ fn load_config(args: &Args) -> anyhow::Result<GptConfig> {
 }
 
 /// The weights (pruned entries zeroed) and the masks.
+/// Refuses an exact step whose host memory floor exceeds what is available, before any weight
+/// is drawn or read ([`exact_cost`]): masks drawn from a checkpoint's zeros are not known yet
+/// and count no kept weight.
+fn exact_memory(args: &Args, setup: &Setup, checked: bool) -> anyhow::Result<()> {
+    let kept_weights = match (args.sparsity, &args.checkpoint) {
+        (Some(s), _) => exact_cost::kept_weights(&setup.config, s),
+        (None, Some(_)) => 0,
+        (None, None) => exact_cost::kept_weights(&setup.config, 0.0),
+    };
+    ExactRun {
+        config: &setup.config,
+        kept_weights,
+        pes: exact_cost::region_pes(&setup.plan),
+        checked,
+        optimizer: false,
+    }
+    .check_memory()
+}
+
+/// Says on stderr when the exact step will take long: its fast count of cycles, the dense
+/// baseline's included when the exact engine times one.
+fn announce_long_exact_step(inputs: CostInputs<'_>) -> anyhow::Result<()> {
+    let cost = cost_step(inputs)?;
+    let sparse = inputs.masks.nnz() < inputs.masks.numel();
+    let baseline = if inputs.dense_baseline && sparse {
+        cost.dense_cycles()
+    } else {
+        0
+    };
+    let pes = exact_cost::region_pes(inputs.plan);
+    if let Some(note) = exact_cost::long_run_note("the exact step", cost.cycles() + baseline, pes) {
+        eprintln!("{note}");
+    }
+    Ok(())
+}
+
 fn load_weights(args: &Args, config: &GptConfig) -> anyhow::Result<(GptParams, ModelMasks)> {
     let mut params = match &args.checkpoint {
         Some(dir) => read_params(&dir.join(WEIGHTS_FILE), config)

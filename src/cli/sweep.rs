@@ -11,19 +11,22 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use wafersim_kernels::Precision;
 
+use super::exact_cost::{self, ExactRun};
 use super::fit::AttentionFit;
 use super::progress::Progress;
 use super::{bad_input, checked, guard, load_fabric};
 use crate::breakdown::Causes;
-use crate::compile::plan_step;
+use crate::compile::{StepPlan, plan_step};
 use crate::model::checkpoint::stage_bytes;
 use crate::model::{GptConfig, load_checkpoint};
 use crate::plot::{PLOT_FILES, sweep_plots};
 use crate::reference::Batch;
-use crate::runtime::{Fidelity, LossScale, ReferenceCheck};
+use crate::runtime::{CostInputs, Fidelity, GradientSet, LossScale, ReferenceCheck, cost_step};
+use crate::sparsity::ModelMasks;
 use crate::sweep::{
     Sweep, SweepPoint, SweepSetup, run_sweep_with, slowest_layer_heatmap, step_count,
 };
+use wafersim_sim::FabricConfig;
 
 /// Arguments of `wafersim sweep`.
 #[derive(clap::Args)]
@@ -121,6 +124,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let attention = AttentionFit::of(&config, &plan, &fabric);
     attention.refuse_if_exact(fidelity)?;
+    if fidelity == Fidelity::Exact {
+        // Every sweep runs the dense step (its baseline), which keeps every weight.
+        ExactRun {
+            config: &config,
+            kept_weights: exact_cost::kept_weights(&config, 0.0),
+            pes: exact_cost::region_pes(&plan),
+            checked: !args.no_numerics,
+            optimizer: false,
+        }
+        .check_memory()?;
+    }
     if let Some(dir) = &args.out {
         let names: Vec<&str> = OUTPUT_FILES.iter().chain(&PLOT_FILES).copied().collect();
         guard::check_output_folder("--out", dir, &names)?;
@@ -137,6 +151,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Fidelity::Fast => args.losses,
     };
     let costing_only = fidelity == Fidelity::Fast && !numerics;
+    if fidelity == Fidelity::Exact {
+        announce_long_exact_sweep(&config, &batch, &fabric, &plan, step_count(&sparsities))?;
+    }
     let params = match checkpoint_params {
         Some(params) => Some(params),
         None if costing_only => None,
@@ -191,6 +208,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 const OUTPUT_FILES: [&str; 2] = ["sweep.csv", "sweep.json"];
 
 /// A NaN or infinite loss or gradient is an error, never a reported number.
+/// Says on stderr when the exact sweep will take long: `steps` steps of at most the dense
+/// step's cycles each (the fast count; a sparse step takes fewer).
+fn announce_long_exact_sweep(
+    config: &GptConfig,
+    batch: &Batch,
+    fabric: &FabricConfig,
+    plan: &StepPlan,
+    steps: usize,
+) -> anyhow::Result<()> {
+    let dense = ModelMasks::dense(config);
+    let cost = cost_step(CostInputs {
+        config,
+        masks: &dense,
+        batch,
+        fabric,
+        plan,
+        dense_baseline: false,
+        prompt_len: 0,
+        gradients: GradientSet::All,
+    })?;
+    let what = format!("the exact sweep ({steps} steps, at most the dense step's cycles each)");
+    let cycles = cost.cycles() * steps as u64;
+    if let Some(note) = exact_cost::long_run_note(&what, cycles, exact_cost::region_pes(plan)) {
+        eprintln!("{note}");
+    }
+    Ok(())
+}
+
 fn check_results(sweep: &Sweep) -> anyhow::Result<()> {
     for point in std::iter::once(&sweep.dense).chain(&sweep.points) {
         let sparsity = point.sparsity;

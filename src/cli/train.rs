@@ -36,6 +36,7 @@ use clap::ArgGroup;
 use serde_json::{Value, json};
 use wafersim_sim::FabricConfig;
 
+use super::exact_cost::{self, ExactRun};
 use super::fit::AttentionFit;
 use super::{bad_input, checked, guard, load_fabric};
 use crate::compile::{StepPlan, plan_step};
@@ -900,6 +901,23 @@ impl Setup {
             .map_err(guard::plan_error)?;
         let attention = AttentionFit::of(&config, &plan, &run.fabric);
         attention.refuse_if_exact(run.fidelity)?;
+        if run.fidelity == Fidelity::Exact {
+            // Kept weights: what a new sparse pre-training draws, every weight when fine-tuning
+            // dense, none counted where the masks come from the weights' zeros.
+            let kept_weights = match (run.phase, args.sparsity) {
+                (TrainPhase::SparsePretrain, Some(s)) => exact_cost::kept_weights(&config, s),
+                (TrainPhase::DenseFinetune, _) => exact_cost::kept_weights(&config, 0.0),
+                _ => 0,
+            };
+            ExactRun {
+                config: &config,
+                kept_weights,
+                pes: exact_cost::region_pes(&plan),
+                checked: true,
+                optimizer: true,
+            }
+            .check_memory()?;
+        }
         if let Some(warning) = attention.warning() {
             eprintln!("{warning}");
         }
