@@ -165,7 +165,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         gradients,
     };
     if mode.fidelity == Fidelity::Exact {
-        announce_long_exact_step(cost_inputs)?;
+        announce_long_exact_step(cost_inputs);
     }
     let progress = Progress::new(None, "kernel runs");
     let on_record = |r: &OpRecord| {
@@ -320,7 +320,6 @@ fn load_config(args: &Args) -> anyhow::Result<GptConfig> {
     GptConfig::preset(name).map_err(|e| bad_input("--model", e))
 }
 
-/// The weights (pruned entries zeroed) and the masks.
 /// Refuses an exact step whose host memory floor exceeds what is available, before any weight
 /// is drawn or read ([`exact_cost`]): masks drawn from a checkpoint's zeros are not known yet
 /// and count no kept weight.
@@ -341,9 +340,12 @@ fn exact_memory(args: &Args, setup: &Setup, checked: bool) -> anyhow::Result<()>
 }
 
 /// Says on stderr when the exact step will take long: its fast count of cycles, the dense
-/// baseline's included when the exact engine times one.
-fn announce_long_exact_step(inputs: CostInputs<'_>) -> anyhow::Result<()> {
-    let cost = cost_step(inputs)?;
+/// baseline's included when the exact engine times one. Says nothing if the step cannot be
+/// costed: the exact run reports why.
+fn announce_long_exact_step(inputs: CostInputs<'_>) {
+    let Ok(cost) = cost_step(inputs) else {
+        return;
+    };
     let sparse = inputs.masks.nnz() < inputs.masks.numel();
     let baseline = if inputs.dense_baseline && sparse {
         cost.dense_cycles()
@@ -354,9 +356,9 @@ fn announce_long_exact_step(inputs: CostInputs<'_>) -> anyhow::Result<()> {
     if let Some(note) = exact_cost::long_run_note("the exact step", cost.cycles() + baseline, pes) {
         eprintln!("{note}");
     }
-    Ok(())
 }
 
+/// The weights (pruned entries zeroed) and the masks.
 fn load_weights(args: &Args, config: &GptConfig) -> anyhow::Result<(GptParams, ModelMasks)> {
     let mut params = match &args.checkpoint {
         Some(dir) => read_params(&dir.join(WEIGHTS_FILE), config)

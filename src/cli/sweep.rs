@@ -10,6 +10,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use wafersim_kernels::Precision;
+use wafersim_sim::FabricConfig;
 
 use super::exact_cost::{self, ExactRun};
 use super::fit::AttentionFit;
@@ -26,7 +27,6 @@ use crate::sparsity::ModelMasks;
 use crate::sweep::{
     Sweep, SweepPoint, SweepSetup, run_sweep_with, slowest_layer_heatmap, step_count,
 };
-use wafersim_sim::FabricConfig;
 
 /// Arguments of `wafersim sweep`.
 #[derive(clap::Args)]
@@ -152,7 +152,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let costing_only = fidelity == Fidelity::Fast && !numerics;
     if fidelity == Fidelity::Exact {
-        announce_long_exact_sweep(&config, &batch, &fabric, &plan, step_count(&sparsities))?;
+        announce_long_exact_sweep(&config, &batch, &fabric, &plan, step_count(&sparsities));
     }
     let params = match checkpoint_params {
         Some(params) => Some(params),
@@ -209,16 +209,17 @@ const OUTPUT_FILES: [&str; 2] = ["sweep.csv", "sweep.json"];
 
 /// A NaN or infinite loss or gradient is an error, never a reported number.
 /// Says on stderr when the exact sweep will take long: `steps` steps of at most the dense
-/// step's cycles each (the fast count; a sparse step takes fewer).
+/// step's cycles each (the fast count; a sparse step takes fewer). Says nothing if the step
+/// cannot be costed: the sweep reports why.
 fn announce_long_exact_sweep(
     config: &GptConfig,
     batch: &Batch,
     fabric: &FabricConfig,
     plan: &StepPlan,
     steps: usize,
-) -> anyhow::Result<()> {
+) {
     let dense = ModelMasks::dense(config);
-    let cost = cost_step(CostInputs {
+    let Ok(cost) = cost_step(CostInputs {
         config,
         masks: &dense,
         batch,
@@ -227,13 +228,14 @@ fn announce_long_exact_sweep(
         dense_baseline: false,
         prompt_len: 0,
         gradients: GradientSet::All,
-    })?;
+    }) else {
+        return;
+    };
     let what = format!("the exact sweep ({steps} steps, at most the dense step's cycles each)");
     let cycles = cost.cycles() * steps as u64;
     if let Some(note) = exact_cost::long_run_note(&what, cycles, exact_cost::region_pes(plan)) {
         eprintln!("{note}");
     }
-    Ok(())
 }
 
 fn check_results(sweep: &Sweep) -> anyhow::Result<()> {
