@@ -26,7 +26,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::{assert_fails, path_str, wafersim};
+use common::{assert_fails, path_str, run_ok, wafersim};
 use serde_json::Value;
 
 /// A token file whose every window (of 16) is the same: 8 copies of one 16-token sequence.
@@ -69,13 +69,6 @@ fn run_args(tokens: &Path, out: &Path, steps: &str, extra: &[&str]) -> Vec<Strin
     args[8] = path_str(out).into();
     args.extend(extra.iter().map(|s| s.to_string()));
     args
-}
-
-fn run_ok(args: &[String]) -> String {
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let run = wafersim(&argv);
-    assert_eq!(run.code, 0, "{args:?}: {}", run.stderr);
-    run.stderr
 }
 
 fn read(path: PathBuf) -> Vec<u8> {

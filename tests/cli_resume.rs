@@ -13,7 +13,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::{assert_fails, path_str, wafersim};
+use common::{assert_fails, path_str, run_ok, wafersim};
 
 /// A token file of a repeated sentence (bytes of the tiny preset's vocabulary), and another.
 fn tokens_file(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -37,13 +37,6 @@ fn new_run(tokens: &Path, out: &Path, steps: &str, extra: &[&str]) -> Vec<String
     args[4] = path_str(out).into();
     args.extend(extra.iter().map(|s| s.to_string()));
     args
-}
-
-fn run_ok(args: &[String]) -> String {
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let run = wafersim(&argv);
-    assert_eq!(run.code, 0, "{args:?}: {}", run.stderr);
-    run.stderr
 }
 
 /// `train.csv` as rows of text (every field as written).

@@ -747,19 +747,22 @@ impl Resumed {
         log
     }
 
+    /// The bytes of the checkpoint's file `name`, with its path.
+    fn read_file(&self, name: &str) -> anyhow::Result<(PathBuf, Vec<u8>)> {
+        let path = self.dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok((path, bytes)),
+            Err(source) => Err(bad_input(
+                self.flag(),
+                state::StateError::Read { path, source },
+            )),
+        }
+    }
+
     /// The checkpoint's weights, whose bytes must be those the state digested (a state written
     /// before the digest existed has none to compare).
     fn weights(&self, config: &GptConfig) -> anyhow::Result<GptParams> {
-        let path = self.dir.join(WEIGHTS_FILE);
-        let bytes = std::fs::read(&path).map_err(|source| {
-            bad_input(
-                self.flag(),
-                state::StateError::Read {
-                    path: path.clone(),
-                    source,
-                },
-            )
-        })?;
+        let (path, bytes) = self.read_file(WEIGHTS_FILE)?;
         let digest = state::digest_text(state::bytes_digest(&bytes));
         if let Some(saved) = self.state.weights_digest.as_ref().filter(|d| **d != digest) {
             return Err(bad_input(
@@ -777,16 +780,7 @@ impl Resumed {
 
     /// The moments (and masks) of `train_state.safetensors`, checked against the model.
     fn tensors(&self, setup: &Setup) -> anyhow::Result<StateTensors> {
-        let path = self.dir.join(STATE_TENSORS);
-        let bytes = std::fs::read(&path).map_err(|source| {
-            bad_input(
-                self.flag(),
-                state::StateError::Read {
-                    path: path.clone(),
-                    source,
-                },
-            )
-        })?;
+        let (path, bytes) = self.read_file(STATE_TENSORS)?;
         state::read_state_tensors(
             &path,
             &bytes,

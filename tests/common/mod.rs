@@ -47,3 +47,12 @@ pub fn assert_fails(run: &Run, code: i32, needles: &[&str]) {
         assert!(lines[0].contains(needle), "{needle:?} not in {}", lines[0]);
     }
 }
+
+/// Runs `args`, expecting success (exit code 0); returns its stderr.
+#[track_caller]
+pub fn run_ok(args: &[String]) -> String {
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = wafersim(&argv);
+    assert_eq!(run.code, 0, "{args:?}: {}", run.stderr);
+    run.stderr
+}
