@@ -46,7 +46,7 @@ use crate::model::checkpoint::{
     stage_f32_safetensors,
 };
 use crate::model::{GptConfig, GptParams, Matrix};
-use crate::reference::AdamW;
+use crate::reference::{AdamW, Batch};
 use crate::runtime::{Fidelity, LossScale};
 use crate::sparsity::{self, ModelMasks};
 use crate::training::state::{
@@ -208,6 +208,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fidelity: settings.fidelity,
         loss_scale: settings.loss_scale.fixed(),
     };
+    if settings.fidelity == Fidelity::Exact {
+        announce_long_exact_run(&trainer, shape, &setup);
+    }
     let started = Instant::now();
     let savings = prompt_savings(&trainer, shape, &setup)?;
     let mut saved = earlier_saves(&args.out, setup.resumed.as_ref());
@@ -251,6 +254,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     note_stale_outputs(&args.out, settings.phase, &saved);
     print_summary(&run)?;
     Ok(())
+}
+
+/// Says on stderr when the run's remaining exact steps will take long, from the fast fidelity's
+/// count of one step's cycles (the tokens do not change it). Says nothing if the step cannot be
+/// costed: the first step reports why.
+fn announce_long_exact_run(trainer: &Trainer, shape: RunShape<'_>, setup: &Setup) {
+    let (batch, seq) = (setup.run.batch, setup.run.seq);
+    let Ok(tokens) = Batch::new(&setup.config, batch, seq, vec![0; batch * seq]) else {
+        return;
+    };
+    let fast = RunShape {
+        fidelity: Fidelity::Fast,
+        ..shape
+    };
+    let Ok((_, step)) = trainer.cost_with_all_gradients(fast, &tokens) else {
+        return;
+    };
+    let steps = setup.run.steps.saturating_sub(trainer.steps);
+    let what = format!("the exact run ({steps} steps)");
+    let cycles = step.cycles().saturating_mul(steps);
+    let pes = exact_cost::region_pes(&setup.plan);
+    if let Some(note) = exact_cost::long_run_note(&what, cycles, pes) {
+        eprintln!("{note}");
+    }
 }
 
 /// A new run's trainer: the phase's, with prompt vectors for prompt tuning.
