@@ -332,7 +332,7 @@ fn exact_memory(args: &Args, setup: &Setup, checked: bool) -> anyhow::Result<()>
     ExactRun {
         config: &setup.config,
         kept_weights,
-        pes: exact_cost::region_pes(&setup.plan),
+        pes: setup.plan.region.pes(),
         checked,
         optimizer: false,
     }
@@ -352,7 +352,7 @@ fn announce_long_exact_step(inputs: CostInputs<'_>) {
     } else {
         0
     };
-    let pes = exact_cost::region_pes(inputs.plan);
+    let pes = inputs.plan.region.pes();
     if let Some(note) = exact_cost::long_run_note("the exact step", cost.cycles() + baseline, pes) {
         eprintln!("{note}");
     }

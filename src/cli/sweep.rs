@@ -129,7 +129,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ExactRun {
             config: &config,
             kept_weights: exact_cost::kept_weights(&config, 0.0),
-            pes: exact_cost::region_pes(&plan),
+            pes: plan.region.pes(),
             checked: !args.no_numerics,
             optimizer: false,
         }
@@ -233,7 +233,7 @@ fn announce_long_exact_sweep(
     };
     let what = format!("the exact sweep ({steps} steps, at most the dense step's cycles each)");
     let cycles = cost.cycles() * steps as u64;
-    if let Some(note) = exact_cost::long_run_note(&what, cycles, exact_cost::region_pes(plan)) {
+    if let Some(note) = exact_cost::long_run_note(&what, cycles, plan.region.pes()) {
         eprintln!("{note}");
     }
 }

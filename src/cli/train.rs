@@ -268,13 +268,13 @@ fn announce_long_exact_run(trainer: &Trainer, shape: RunShape<'_>, setup: &Setup
         fidelity: Fidelity::Fast,
         ..shape
     };
-    let Ok((_, step)) = trainer.cost_with_all_gradients(fast, &tokens) else {
+    let Ok(step) = trainer.cost(fast, &tokens) else {
         return;
     };
     let steps = setup.run.steps.saturating_sub(trainer.steps);
     let what = format!("the exact run ({steps} steps)");
     let cycles = step.cycles().saturating_mul(steps);
-    let pes = exact_cost::region_pes(&setup.plan);
+    let pes = setup.plan.region.pes();
     if let Some(note) = exact_cost::long_run_note(&what, cycles, pes) {
         eprintln!("{note}");
     }
@@ -288,7 +288,7 @@ fn new_trainer(
     masks: ModelMasks,
     schedule: LrSchedule,
 ) -> anyhow::Result<Trainer> {
-    let auto = LossScale::Auto.of_step(&setup.plan, setup.prompt_len);
+    let auto = LossScale::Auto.exponent_of_step(&setup.plan, setup.prompt_len);
     let dynamic_scale = setup
         .run
         .loss_scale
@@ -933,7 +933,7 @@ impl Setup {
             ExactRun {
                 config: &config,
                 kept_weights,
-                pes: exact_cost::region_pes(&plan),
+                pes: plan.region.pes(),
                 checked: true,
                 optimizer: true,
             }

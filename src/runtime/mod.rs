@@ -166,23 +166,32 @@ impl LossScale {
     /// tokens of each sequence): [`LossScale::resolve`] on the positions its smallest pass
     /// predicts (every position of a sequence but the last, from the last prompt vector on).
     pub fn of_step(self, plan: &StepPlan, prompt_len: usize) -> f32 {
+        2f32.powi(i32::from(self.exponent_of_step(plan, prompt_len)))
+    }
+
+    /// The exponent of [`LossScale::of_step`]'s power of two.
+    pub fn exponent_of_step(self, plan: &StepPlan, prompt_len: usize) -> u8 {
         let unscored = prompt_len.saturating_sub(1);
         let per_sequence = plan.seq.saturating_sub(1 + unscored);
         let passes = plan.passes();
         let fewest = passes.iter().map(|p| p.sequences.len()).min().unwrap_or(0);
-        self.resolve(plan.precision, fewest * per_sequence)
+        self.resolve_exponent(plan.precision, fewest * per_sequence)
     }
 
     /// The scale of a step in `precision` whose smallest pass predicts `predicted` positions.
     pub fn resolve(self, precision: Precision, predicted: usize) -> f32 {
-        let exponent = match (self, precision) {
+        2f32.powi(i32::from(self.resolve_exponent(precision, predicted)))
+    }
+
+    /// The exponent of [`LossScale::resolve`]'s power of two.
+    fn resolve_exponent(self, precision: Precision, predicted: usize) -> u8 {
+        match (self, precision) {
             (LossScale::Power(e), _) => e.min(Self::MAX_EXPONENT),
             (LossScale::Auto, Precision::F32) => 0,
             (LossScale::Auto, Precision::F16) => {
                 predicted.max(1).ilog2().min(u32::from(Self::MAX_EXPONENT)) as u8
             }
-        };
-        2f32.powi(i32::from(exponent))
+        }
     }
 }
 

@@ -349,6 +349,11 @@ impl Trainer {
         }
     }
 
+    /// The cost of one step of this run on `batch` (no numerics, no update).
+    pub fn cost(&self, shape: RunShape<'_>, batch: &Batch) -> Result<StepCost, RuntimeError> {
+        costed(self.inputs(shape, batch), shape.fidelity)
+    }
+
     /// The cost of one step on `batch` with every gradient computed, and with this run's
     /// gradients: for prompt tuning, what skipping the frozen weights' gradients saves.
     pub fn cost_with_all_gradients(
@@ -356,20 +361,12 @@ impl Trainer {
         shape: RunShape<'_>,
         batch: &Batch,
     ) -> Result<(StepCost, StepCost), RuntimeError> {
-        let mode = StepMode {
-            fidelity: shape.fidelity,
-            numerics: false,
-            check: false,
-        };
         let run = self.inputs(shape, batch);
         let all = StepInputs {
             gradients: GradientSet::All,
             ..run
         };
-        Ok((
-            simulate_step(all, mode)?.cost,
-            simulate_step(run, mode)?.cost,
-        ))
+        Ok((costed(all, shape.fidelity)?, costed(run, shape.fidelity)?))
     }
 
     /// One optimizer step on `batch`: the step on the fabric, then AdamW on the host. On error
@@ -476,6 +473,16 @@ impl Trainer {
         self.adam = adam;
         Ok(())
     }
+}
+
+/// The cycles and FLOPs of the step `inputs` describes at `fidelity`, without its numerics.
+fn costed(inputs: StepInputs<'_>, fidelity: Fidelity) -> Result<StepCost, RuntimeError> {
+    let mode = StepMode {
+        fidelity,
+        numerics: false,
+        check: false,
+    };
+    Ok(simulate_step(inputs, mode)?.cost)
 }
 
 /// The overflow that dynamic loss scaling met at a scale of 1, as the error that stops the run.

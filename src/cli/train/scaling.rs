@@ -72,18 +72,16 @@ impl ScaleSetting {
         }
     }
 
-    /// A new dynamic run's scale: from its start, or from `auto_scale` (what `auto` resolves to
-    /// for this step), doubling after `window` clean steps. `None` for a fixed scale.
+    /// A new dynamic run's scale: from its start, or from `2^auto` (what `auto` resolves to for
+    /// this step), doubling after `window` clean steps. `None` for a fixed scale.
     pub(crate) fn start(
         self,
-        auto_scale: f32,
+        auto: u8,
         window: Option<u64>,
     ) -> Result<Option<DynamicLossScale>, String> {
         let Self::Dynamic { start } = self else {
             return Ok(None);
         };
-        // `auto` resolves to a power of two from 1 to 2^24: its exponent is its f32 exponent.
-        let auto = u8::try_from(auto_scale.log2().round() as i64).unwrap_or(0);
         let window = window.unwrap_or(DEFAULT_WINDOW);
         DynamicLossScale::new(start.unwrap_or(auto), window)
             .map(Some)
@@ -174,15 +172,15 @@ mod tests {
     #[test]
     fn a_dynamic_run_starts_where_auto_resolves_unless_told() {
         let auto = ScaleSetting::Dynamic { start: None };
-        let start = auto.start(32.0, None).unwrap().unwrap();
+        let start = auto.start(5, None).unwrap().unwrap();
         assert_eq!((start.exponent(), start.window()), (5, DEFAULT_WINDOW));
         let told = ScaleSetting::Dynamic { start: Some(24) };
-        let start = told.start(32.0, Some(3)).unwrap().unwrap();
+        let start = told.start(5, Some(3)).unwrap().unwrap();
         assert_eq!((start.scale(), start.window()), (16_777_216.0, 3));
         assert_eq!(
-            ScaleSetting::Fixed(LossScale::Auto).start(32.0, None),
+            ScaleSetting::Fixed(LossScale::Auto).start(5, None),
             Ok(None)
         );
-        assert!(auto.start(1.0, Some(0)).unwrap_err().contains("at least 1"));
+        assert!(auto.start(0, Some(0)).unwrap_err().contains("at least 1"));
     }
 }
